@@ -1,0 +1,6 @@
+//! fedward's model: a BERT sequence classifier in candle, its tokenizer, datasets,
+//! local training and evaluation, and safetensors import/export.
+
+pub mod trainer;
+
+pub use trainer::{LocalUpdate, TrainContext, TrainError, Trainer};

@@ -1,0 +1,9 @@
+//! fedward's shared vocabulary: wire protocol, tensors, training plan, config, TLS/PKI,
+//! differential-privacy math and the privacy ledger.
+//!
+//! This crate links no async runtime, no network stack and no ML framework: the agent,
+//! the coordinator and the models crate all build on it, and it depends on none of them.
+
+pub mod plan;
+pub mod tensor;
+pub mod wire;

@@ -1,0 +1,169 @@
+//! The training plan: what the consortium asks every site to do in a round.
+//!
+//! The coordinator puts a [`TrainingPlan`] into each `RoundOffer`; agents hand it to their
+//! trainer. Tensor names follow Hugging Face transformers' `BertForSequenceClassification`
+//! (`bert.embeddings.*`, `bert.encoder.layer.N.*`, `bert.pooler.*`, `classifier.*`), which
+//! is how [`Trainable`] finds the head and the top layers without knowing the model.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Which part of the model trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trainable {
+    /// The classification head: `classifier.*` and the pooler (`bert.pooler.*`).
+    Head,
+    /// The top `k` encoder layers plus the head.
+    TopLayers(u32),
+    /// Every tensor.
+    All,
+}
+
+/// A `Trainable` spec that could not be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\" or \"all\"")]
+pub struct TrainableParseError(String);
+
+impl FromStr for Trainable {
+    type Err = TrainableParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "head" => Ok(Self::Head),
+            "all" => Ok(Self::All),
+            _ => s
+                .strip_prefix("top:")
+                .and_then(|k| k.parse().ok())
+                .map(Self::TopLayers)
+                .ok_or_else(|| TrainableParseError(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Trainable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Head => f.write_str("head"),
+            Self::TopLayers(k) => write!(f, "top:{k}"),
+            Self::All => f.write_str("all"),
+        }
+    }
+}
+
+impl Trainable {
+    /// The names among `names` that train under this spec, in the order given.
+    pub fn select<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Vec<String> {
+        let n_layers = names.clone().into_iter().filter_map(encoder_layer_index).max().map_or(0, |m| m + 1);
+        names
+            .into_iter()
+            .filter(|name| match self {
+                Self::All => true,
+                Self::Head => is_head(name),
+                Self::TopLayers(k) => {
+                    is_head(name)
+                        || encoder_layer_index(name).is_some_and(|i| i + (*k as usize) >= n_layers)
+                }
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The head: the classifier and the pooler that feeds it.
+pub fn is_head(name: &str) -> bool {
+    name.starts_with("classifier.") || name.starts_with("bert.pooler.")
+}
+
+/// `N` for a tensor of `bert.encoder.layer.N.*`.
+pub fn encoder_layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("bert.encoder.layer.")?.split('.').next()?.parse().ok()
+}
+
+/// How a site's contribution is made differentially private.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PrivacyPlan {
+    /// No differential privacy (for tests and trusted pilots only).
+    Off,
+    /// DP-SGD inside local training: Poisson sampling at `sampling_rate`, per-example
+    /// gradients clipped to `clip_norm`, Gaussian noise of std `noise_multiplier * clip_norm`
+    /// on each summed step; the update is then clipped to `update_clip_norm`.
+    RecordLevel { noise_multiplier: f64, clip_norm: f64, sampling_rate: f64, update_clip_norm: f64 },
+    /// DP-FedAvg style: the update is clipped to `clip_norm` and Gaussian noise of std
+    /// `noise_multiplier * clip_norm` is added to each coordinate.
+    SiteLevel { noise_multiplier: f64, clip_norm: f64 },
+}
+
+impl PrivacyPlan {
+    /// The mode's name as written in configs and ledgers.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::RecordLevel { .. } => "record-level",
+            Self::SiteLevel { .. } => "site-level",
+        }
+    }
+}
+
+/// What a site is asked to do with the global model in one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingPlan {
+    /// Passes over the local training set (record-level DP: expected passes).
+    pub local_epochs: u32,
+    /// Mini-batch size (record-level DP: expected batch size is `sampling_rate * n`).
+    pub batch_size: u32,
+    /// Peak learning rate of AdamW.
+    pub learning_rate: f64,
+    /// Fraction of the local steps spent warming the learning rate up linearly.
+    pub warmup_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global-norm gradient clipping for non-private training (0 disables).
+    pub max_grad_norm: f64,
+    /// Tokens per example after truncation.
+    pub max_seq_len: u32,
+    /// Which part of the model trains.
+    pub trainable: Trainable,
+    /// The resolved names of the trainable tensors: exactly what an update must contain.
+    pub trainable_tensors: Vec<String>,
+    /// Seed for local shuffling, dropout and initialisation (never for DP noise).
+    pub seed: u64,
+    /// The privacy mechanism every site applies.
+    pub privacy: PrivacyPlan,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: [&str; 7] = [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+        "bert.encoder.layer.2.output.dense.bias",
+        "bert.pooler.dense.weight",
+        "classifier.bias",
+        "classifier.weight",
+    ];
+
+    #[test]
+    fn parse_and_display_round_trip() {
+        for s in ["head", "top:2", "all"] {
+            assert_eq!(s.parse::<Trainable>().unwrap().to_string(), s);
+        }
+        assert!("top:x".parse::<Trainable>().is_err());
+        assert!("everything".parse::<Trainable>().is_err());
+    }
+
+    #[test]
+    fn select_head_top_and_all() {
+        let head = Trainable::Head.select(NAMES);
+        assert_eq!(head, ["bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]);
+        let top2 = Trainable::TopLayers(2).select(NAMES);
+        assert_eq!(top2.len(), 5);
+        assert!(top2.iter().any(|n| n.starts_with("bert.encoder.layer.1.")));
+        assert!(!top2.iter().any(|n| n.starts_with("bert.encoder.layer.0.")));
+        assert_eq!(Trainable::All.select(NAMES).len(), NAMES.len());
+        assert_eq!(Trainable::TopLayers(0).select(NAMES), head);
+    }
+}

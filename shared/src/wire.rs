@@ -1,0 +1,724 @@
+//! The wire protocol between agent and coordinator: the API boundary between processes.
+//!
+//! Every exchange is one QUIC bidirectional stream opened by the agent (hospitals only
+//! dial out). A stream starts with one control [`Message`] in a length-prefixed bincode 2
+//! frame (`u32` little-endian length, then the payload, at most [`MAX_FRAME_LEN`] bytes)
+//! and gets one framed answer:
+//!
+//! | agent sends                          | coordinator answers                          |
+//! |--------------------------------------|----------------------------------------------|
+//! | `Hello`                              | `Welcome` or `Reject`                        |
+//! | `Ready`                              | `RoundOffer` (when a round opens), `Finished` or `Reject` |
+//! | `ModelRequest`                       | `Tensors` followed by raw tensor bytes, or `Reject` |
+//! | `Update` followed by raw tensor bytes| `Ack` or `Reject`                            |
+//! | `Decline`                            | `Ack`                                        |
+//!
+//! Tensors never travel inside a frame: a frame declares them ([`TensorSpec`]: name,
+//! shape, blake3 digest) and the raw little-endian f32 bytes follow, tensor after tensor
+//! in the declared order, so either side can read straight into its final buffer.
+//! This module is pure: it encodes and decodes bytes and never touches a socket.
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::TrainingPlan;
+use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSpec};
+
+/// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
+pub const ALPN: &[u8] = b"fedward/1";
+/// Version carried in `Hello`; the coordinator refuses any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hard limit on one control frame's payload.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// Hard limit on the values of one tensor a peer may declare (1 GiB of f32).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
+/// QUIC application error code the coordinator closes a refused connection with.
+pub const CLOSE_REFUSED: u32 = 0x10;
+/// QUIC application error code for a clean goodbye.
+pub const CLOSE_NORMAL: u32 = 0;
+
+/// A consortium member's identity, taken from its certificate's DNS SAN.
+///
+/// Lowercase ASCII letters, digits and `-`, 1 to 63 characters, starting with a letter or
+/// digit: a valid DNS label, so it fits a certificate unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SiteId(String);
+
+/// A site id that is not a DNS label.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid site id {0:?}: use 1-63 lowercase letters, digits or '-', not starting with '-'")]
+pub struct SiteIdError(pub String);
+
+impl SiteId {
+    pub fn new(id: impl Into<String>) -> Result<Self, SiteIdError> {
+        let id = id.into();
+        let ok = !id.is_empty()
+            && id.len() <= 63
+            && !id.starts_with('-')
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(id))
+        } else {
+            Err(SiteIdError(id))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SiteId {
+    type Error = SiteIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<SiteId> for String {
+    fn from(s: SiteId) -> Self {
+        s.0
+    }
+}
+
+impl std::str::FromStr for SiteId {
+    type Err = SiteIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl std::fmt::Display for SiteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A federated round's number; round 1 is the first trained round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RoundId(pub u64);
+
+impl std::fmt::Display for RoundId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Optional features a peer supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Capability {
+    /// Keeps the last global model and fetches only the tensors that changed.
+    ModelCache,
+    /// Can run DP-SGD inside local training.
+    RecordLevelDp,
+    /// Can clip and noise its update.
+    SiteLevelDp,
+}
+
+/// Every control message of the protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Ready(Ready),
+    RoundOffer(RoundOffer),
+    Finished(Finished),
+    ModelRequest(ModelRequest),
+    Tensors(Vec<TensorSpec>),
+    Update(UpdateHeader),
+    Decline(Decline),
+    Ack(Ack),
+    Reject(Reject),
+}
+
+impl Message {
+    /// The variant's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Welcome(_) => "welcome",
+            Self::Ready(_) => "ready",
+            Self::RoundOffer(_) => "round-offer",
+            Self::Finished(_) => "finished",
+            Self::ModelRequest(_) => "model-request",
+            Self::Tensors(_) => "tensors",
+            Self::Update(_) => "update",
+            Self::Decline(_) => "decline",
+            Self::Ack(_) => "ack",
+            Self::Reject(_) => "reject",
+        }
+    }
+}
+
+/// The agent's first message on a new connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// Free text such as `fedward-agent 0.1.0`.
+    pub software: String,
+    pub capabilities: Vec<Capability>,
+}
+
+/// The coordinator's admission of a site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The identity the coordinator read from the agent's certificate.
+    pub site: SiteId,
+    pub protocol_version: u32,
+    /// Rounds completed so far and rounds planned.
+    pub completed_rounds: u64,
+    pub total_rounds: u64,
+}
+
+/// The agent is ready for the next round; `have_model` is the digest of the global model
+/// it holds, if any.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    pub have_model: Option<Digest>,
+}
+
+/// The consortium's limits on the privacy of updates it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyPolicy {
+    /// The DP mode every update must use (`off` only when the consortium disabled DP).
+    pub mode: PrivacyMode,
+    /// Smallest noise multiplier accepted.
+    pub min_noise_multiplier: f64,
+    /// Largest clipping norm accepted (per example for record-level, per update for
+    /// site-level).
+    pub max_clip_norm: f64,
+}
+
+/// The DP mechanism a site applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PrivacyMode {
+    Off,
+    RecordLevel,
+    SiteLevel,
+}
+
+impl PrivacyMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::RecordLevel => "record-level",
+            Self::SiteLevel => "site-level",
+        }
+    }
+}
+
+impl std::fmt::Display for PrivacyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PrivacyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "record-level" => Ok(Self::RecordLevel),
+            "site-level" => Ok(Self::SiteLevel),
+            _ => Err(format!("unknown privacy mode {s:?}: expected off, record-level or site-level")),
+        }
+    }
+}
+
+/// An invitation to train one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundOffer {
+    pub round: RoundId,
+    /// Digest of the whole global model (see [`crate::tensor::manifest_digest`]).
+    pub model_digest: Digest,
+    /// Every tensor of the global model, so the agent can fetch only what changed.
+    pub manifest: Vec<TensorSpec>,
+    pub plan: TrainingPlan,
+    pub policy: PrivacyPolicy,
+    /// Seconds left before the coordinator stops waiting for updates of this round.
+    pub deadline_secs: u64,
+    pub total_rounds: u64,
+}
+
+/// The federation has run all its rounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub completed_rounds: u64,
+    pub model_digest: Digest,
+}
+
+/// Asks for the named tensors of the round's global model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRequest {
+    pub round: RoundId,
+    pub names: Vec<String>,
+}
+
+/// Aggregate figures of local training; never anything per record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalMetrics {
+    /// Mean training loss over the round's local steps.
+    pub train_loss: f64,
+    /// Local validation split figures, when the site has one.
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub val_macro_f1: Option<f64>,
+    /// Wall-clock seconds spent training.
+    pub train_secs: f64,
+}
+
+/// The DP parameters a site actually used for an update, and what it spent.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyUsed {
+    pub mode: PrivacyMode,
+    pub noise_multiplier: f64,
+    /// Per-example clip (record-level) or update clip (site-level).
+    pub clip_norm: f64,
+    /// Record-level only: Poisson sampling rate and number of noisy steps.
+    pub sampling_rate: f64,
+    pub steps: u64,
+    /// Record-level only: the bound the final update was clipped to.
+    pub update_clip_norm: f64,
+    /// The site's cumulative epsilon at `delta` after this release.
+    pub epsilon_after: f64,
+    pub delta: f64,
+}
+
+impl PrivacyUsed {
+    /// What an update without differential privacy declares.
+    pub fn off() -> Self {
+        Self {
+            mode: PrivacyMode::Off,
+            noise_multiplier: 0.0,
+            clip_norm: 0.0,
+            sampling_rate: 0.0,
+            steps: 0,
+            update_clip_norm: 0.0,
+            epsilon_after: f64::INFINITY,
+            delta: 0.0,
+        }
+    }
+}
+
+/// A site's update for a round; the raw bytes of `tensors` follow on the same stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateHeader {
+    pub round: RoundId,
+    /// Examples behind the update: the FedAvg weight.
+    pub num_examples: u64,
+    pub metrics: LocalMetrics,
+    /// The delta of every trainable tensor, in this order.
+    pub tensors: Vec<TensorSpec>,
+    pub privacy: PrivacyUsed,
+}
+
+/// Why a site does not take part in a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeclineReason {
+    /// The round would take the site past its own privacy budget.
+    BudgetExhausted,
+    /// The offered plan is outside what the site accepts.
+    PlanUnacceptable,
+    /// Local training failed.
+    TrainingFailed,
+    /// The global model does not fit the site's model.
+    ModelMismatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decline {
+    pub round: RoundId,
+    pub reason: DeclineReason,
+    /// Human-readable detail; never record data.
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub round: RoundId,
+}
+
+/// Why the coordinator refused something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    UnsupportedVersion,
+    NotEnrolled,
+    AlreadyConnected,
+    Malformed,
+    UnexpectedMessage,
+    StaleRound,
+    NotOffered,
+    DuplicateUpdate,
+    UnknownTensor,
+    MissingTensor,
+    ShapeMismatch,
+    NonFinite,
+    DigestMismatch,
+    PolicyViolation,
+    InvalidWeight,
+    TooLarge,
+    ShuttingDown,
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::UnsupportedVersion => "unsupported-version",
+            Self::NotEnrolled => "not-enrolled",
+            Self::AlreadyConnected => "already-connected",
+            Self::Malformed => "malformed",
+            Self::UnexpectedMessage => "unexpected-message",
+            Self::StaleRound => "stale-round",
+            Self::NotOffered => "not-offered",
+            Self::DuplicateUpdate => "duplicate-update",
+            Self::UnknownTensor => "unknown-tensor",
+            Self::MissingTensor => "missing-tensor",
+            Self::ShapeMismatch => "shape-mismatch",
+            Self::NonFinite => "non-finite",
+            Self::DigestMismatch => "digest-mismatch",
+            Self::PolicyViolation => "policy-violation",
+            Self::InvalidWeight => "invalid-weight",
+            Self::TooLarge => "too-large",
+            Self::ShuttingDown => "shutting-down",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+impl Reject {
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame has {0} trailing bytes after the message")]
+    Trailing(usize),
+}
+
+/// Encoding failed (only possible for messages over the frame limit).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("message of {len} bytes exceeds the {max}-byte frame limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("encode: {0}")]
+    Bincode(String),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    // Varint integers and a decode-side byte limit, so a hostile length inside a frame
+    // cannot allocate beyond the frame.
+    bincode::config::standard().with_little_endian().with_limit::<MAX_FRAME_LEN>()
+}
+
+/// Encodes a message as one frame: `u32` LE length, then the bincode payload.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
+    let payload =
+        bincode::serde::encode_to_vec(msg, bincode_config()).map_err(|e| EncodeError::Bincode(e.to_string()))?;
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(EncodeError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+    }
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Reads a frame header; fails before any allocation when the length is over the limit.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge { len, max: MAX_FRAME_LEN });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame's payload (without the length prefix).
+pub fn decode_payload(payload: &[u8]) -> Result<Message, DecodeError> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+    }
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(payload, bincode_config())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(DecodeError::Trailing(payload.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Decodes the first frame in `buf`: `Ok(None)` when more bytes are needed, else the
+/// message and the bytes it used.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(header) = buf.get(..4) else { return Ok(None) };
+    let len = frame_len([header[0], header[1], header[2], header[3]])?;
+    let Some(payload) = buf.get(4..4 + len) else { return Ok(None) };
+    Ok(Some((decode_payload(payload)?, 4 + len)))
+}
+
+/// Checks a peer's declared tensor list against the limits and returns the total number
+/// of payload bytes that follow. Call before allocating anything for the tensors.
+pub fn declared_payload_bytes(specs: &[TensorSpec], max_total_bytes: usize) -> Result<usize, TensorStreamError> {
+    let mut total = 0usize;
+    let mut seen = std::collections::HashSet::new();
+    for s in specs {
+        if !seen.insert(s.name.as_str()) {
+            return Err(TensorStreamError::DuplicateName(s.name.clone()));
+        }
+        let n = checked_element_count(&s.shape)
+            .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| TensorStreamError::TooLarge { name: s.name.clone(), shape: s.shape.clone() })?;
+        total = total.checked_add(n * 4).ok_or(TensorStreamError::TotalTooLarge { max: max_total_bytes })?;
+    }
+    if total > max_total_bytes {
+        return Err(TensorStreamError::TotalTooLarge { max: max_total_bytes });
+    }
+    Ok(total)
+}
+
+/// Why received tensor bytes were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorStreamError {
+    #[error("tensor {name} declares shape {shape:?}, over the per-tensor limit")]
+    TooLarge { name: String, shape: Vec<usize> },
+    #[error("declared tensors exceed the {max}-byte limit")]
+    TotalTooLarge { max: usize },
+    #[error("tensor {0} is declared twice")]
+    DuplicateName(String),
+    #[error("tensor {name}: digest mismatch (declared {declared}, received {actual})")]
+    DigestMismatch { name: String, declared: String, actual: String },
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+}
+
+/// A zeroed buffer for a declared tensor; the raw bytes are read straight into it via
+/// [`tensor_bytes_mut`]. Call [`declared_payload_bytes`] first.
+pub fn alloc_tensor(spec: &TensorSpec) -> Tensor {
+    Tensor::zeros(spec.shape.clone())
+}
+
+/// The tensor's storage as bytes to read little-endian f32 into (native order is fixed
+/// up by [`finish_tensor`] on big-endian hosts).
+pub fn tensor_bytes_mut(t: &mut Tensor) -> &mut [u8] {
+    bytemuck::cast_slice_mut(t.data_mut())
+}
+
+/// Completes a received tensor: fixes byte order and checks the declared digest.
+/// Non-finite values are left for the receiver's own policy.
+pub fn finish_tensor(spec: &TensorSpec, t: &mut Tensor) -> Result<(), TensorStreamError> {
+    if cfg!(target_endian = "big") {
+        for v in t.data_mut() {
+            *v = f32::from_bits(u32::from_le(v.to_bits()));
+        }
+    }
+    let actual = t.digest();
+    if actual != spec.digest {
+        return Err(TensorStreamError::DigestMismatch {
+            name: spec.name.clone(),
+            declared: spec.digest.short(),
+            actual: actual.short(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{PrivacyPlan, Trainable};
+    use crate::tensor::TensorSet;
+
+    fn spec() -> TensorSpec {
+        let t = Tensor::new(vec![2, 2], vec![1.0, -2.0, 3.5, 0.0]).unwrap();
+        TensorSpec { name: "classifier.weight".into(), shape: vec![2, 2], digest: t.digest() }
+    }
+
+    fn plan() -> TrainingPlan {
+        TrainingPlan {
+            local_epochs: 1,
+            batch_size: 16,
+            learning_rate: 5e-5,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            max_seq_len: 64,
+            trainable: Trainable::TopLayers(2),
+            trainable_tensors: vec!["classifier.weight".into()],
+            seed: 7,
+            privacy: PrivacyPlan::RecordLevel {
+                noise_multiplier: 1.1,
+                clip_norm: 1.0,
+                sampling_rate: 0.05,
+                update_clip_norm: 5.0,
+            },
+        }
+    }
+
+    fn all_messages() -> Vec<Message> {
+        let site = SiteId::new("st-marys").unwrap();
+        let digest = spec().digest;
+        vec![
+            Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                software: "fedward-agent 0.1.0".into(),
+                capabilities: vec![Capability::ModelCache, Capability::RecordLevelDp],
+            }),
+            Message::Welcome(Welcome { site, protocol_version: 1, completed_rounds: 2, total_rounds: 5 }),
+            Message::Ready(Ready { have_model: Some(digest) }),
+            Message::RoundOffer(RoundOffer {
+                round: RoundId(3),
+                model_digest: digest,
+                manifest: vec![spec()],
+                plan: plan(),
+                policy: PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 0.8, max_clip_norm: 2.0 },
+                deadline_secs: 600,
+                total_rounds: 5,
+            }),
+            Message::Finished(Finished { completed_rounds: 5, model_digest: digest }),
+            Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
+            Message::Tensors(vec![spec()]),
+            Message::Update(UpdateHeader {
+                round: RoundId(3),
+                num_examples: 412,
+                metrics: LocalMetrics { train_loss: 0.4, val_accuracy: Some(0.9), ..Default::default() },
+                tensors: vec![spec()],
+                privacy: PrivacyUsed::off(),
+            }),
+            Message::Decline(Decline {
+                round: RoundId(3),
+                reason: DeclineReason::BudgetExhausted,
+                message: "epsilon 8.2 would exceed 8".into(),
+            }),
+            Message::Ack(Ack { round: RoundId(3) }),
+            Message::Reject(Reject::new(RejectCode::StaleRound, "update for round 2, round 3 is open")),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for msg in all_messages() {
+            let bytes = encode(&msg).unwrap();
+            let (back, used) = decode(&bytes).unwrap().unwrap();
+            assert_eq!(used, bytes.len(), "{}", msg.kind());
+            assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn partial_frames_ask_for_more() {
+        let bytes = encode(&all_messages()[0]).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn two_frames_back_to_back() {
+        let msgs = all_messages();
+        let mut buf = encode(&msgs[0]).unwrap();
+        buf.extend(encode(&msgs[1]).unwrap());
+        let (a, used) = decode(&buf).unwrap().unwrap();
+        let (b, _) = decode(&buf[used..]).unwrap().unwrap();
+        assert_eq!((a, b), (msgs[0].clone(), msgs[1].clone()));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_reading_it() {
+        let header = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        assert!(matches!(frame_len(header), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(decode(&header), Err(DecodeError::TooLarge { .. })));
+        assert!(frame_len((MAX_FRAME_LEN as u32).to_le_bytes()).is_ok());
+    }
+
+    #[test]
+    fn oversized_message_is_refused_when_encoding() {
+        let names = (0..40_000).map(|i| format!("tensor-with-a-long-name-{i:08}")).collect();
+        let msg = Message::ModelRequest(ModelRequest { round: RoundId(1), names });
+        assert!(matches!(encode(&msg), Err(EncodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_malformed() {
+        let mut frame = 3u32.to_le_bytes().to_vec();
+        frame.extend([0xff, 0xff, 0xff]);
+        assert!(matches!(decode(&frame), Err(DecodeError::Malformed(_))));
+        let mut ok = encode(&Message::Ack(Ack { round: RoundId(1) })).unwrap();
+        ok.push(0);
+        let len = (ok.len() - 4) as u32;
+        ok[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(decode(&ok), Err(DecodeError::Trailing(1))));
+    }
+
+    #[test]
+    fn hostile_inner_length_does_not_allocate() {
+        // A Tensors message claiming 2^60 specs inside a tiny frame.
+        let mut payload = vec![6u8]; // variant index of Message::Tensors
+        payload.push(0xfd);
+        payload.extend((1u64 << 60).to_le_bytes());
+        assert!(decode_payload(&payload).is_err());
+    }
+
+    #[test]
+    fn site_ids_are_dns_labels() {
+        assert!(SiteId::new("st-marys-2").is_ok());
+        for bad in ["", "-x", "Upper", "a.b", "a b", &"x".repeat(64)] {
+            assert!(SiteId::new(bad).is_err(), "{bad:?}");
+        }
+        let bytes = encode(&Message::Welcome(Welcome {
+            site: SiteId("BAD ID".into()),
+            protocol_version: 1,
+            completed_rounds: 0,
+            total_rounds: 1,
+        }))
+        .unwrap();
+        assert!(decode(&bytes).is_err(), "a peer cannot smuggle an invalid site id");
+    }
+
+    #[test]
+    fn declared_sizes_are_checked_before_allocation() {
+        let mut big = spec();
+        big.shape = vec![usize::MAX / 2, 4];
+        assert!(matches!(declared_payload_bytes(&[big], usize::MAX), Err(TensorStreamError::TooLarge { .. })));
+        assert_eq!(declared_payload_bytes(&[spec()], 16).unwrap(), 16);
+        assert!(matches!(declared_payload_bytes(&[spec()], 15), Err(TensorStreamError::TotalTooLarge { .. })));
+        assert!(matches!(
+            declared_payload_bytes(&[spec(), spec()], 1 << 20),
+            Err(TensorStreamError::DuplicateName(_))
+        ));
+    }
+
+    #[test]
+    fn received_bytes_are_checked_against_the_digest() {
+        let mut set = TensorSet::new();
+        set.insert("classifier.weight", Tensor::new(vec![2, 2], vec![1.0, -2.0, 3.5, 0.0]).unwrap());
+        let wire_bytes = set.get("classifier.weight").unwrap().le_bytes().into_owned();
+        let s = spec();
+        let mut t = alloc_tensor(&s);
+        tensor_bytes_mut(&mut t).copy_from_slice(&wire_bytes);
+        finish_tensor(&s, &mut t).unwrap();
+        assert_eq!(&t, set.get("classifier.weight").unwrap());
+
+        let mut corrupted = alloc_tensor(&s);
+        let mut bad = wire_bytes.clone();
+        bad[5] ^= 1;
+        tensor_bytes_mut(&mut corrupted).copy_from_slice(&bad);
+        assert!(matches!(finish_tensor(&s, &mut corrupted), Err(TensorStreamError::DigestMismatch { .. })));
+    }
+}
