@@ -1,0 +1,643 @@
+//! Configuration of the coordinator and the agent: TOML in, validated typed values out.
+//!
+//! Two stages: `Raw*` structs mirror the TOML (serde, unknown fields refused), then a pure
+//! `from_raw` checks every value and resolves relative paths against the config file's
+//! directory. Reading the file is the binaries' job; `parse_*` take the text.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plan::{PrivacyPlan, Trainable, TrainingPlan};
+use crate::wire::{PrivacyMode, PrivacyPolicy, SiteId};
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// The default labels, in id order.
+pub const DEFAULT_LABELS: [&str; 4] = ["doctor", "bed", "device", "other"];
+
+// ---------------------------------------------------------------------------
+// Raw TOML shapes.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoordinatorConfig {
+    pub server: RawServer,
+    pub tls: RawTls,
+    pub federation: RawFederation,
+    pub model: RawCoordinatorModel,
+    #[serde(default)]
+    pub training: RawTraining,
+    #[serde(default)]
+    pub privacy: RawPrivacy,
+    #[serde(default)]
+    pub sites: Vec<RawSite>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub state_dir: PathBuf,
+    /// Dashboard and health endpoints (HTTP, bind to loopback or an admin network).
+    pub admin_listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    pub rounds: u64,
+    pub min_sites: usize,
+    #[serde(default = "default_deadline")]
+    pub round_deadline: String,
+    /// Largest update accepted, in MiB.
+    #[serde(default = "default_max_update_mib")]
+    pub max_update_mib: usize,
+    /// How many updates may be received at once (bounds the coordinator's memory).
+    #[serde(default = "default_concurrent_uploads")]
+    pub max_concurrent_uploads: usize,
+}
+
+fn default_deadline() -> String {
+    "10m".into()
+}
+fn default_max_update_mib() -> usize {
+    512
+}
+fn default_concurrent_uploads() -> usize {
+    2
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoordinatorModel {
+    /// A model directory (`model.safetensors` + `config.json`) or a `.safetensors` file.
+    pub init: PathBuf,
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// Seed for initialising a classifier head the base model lacks.
+    #[serde(default)]
+    pub init_seed: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTraining {
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub max_seq_len: u32,
+    pub trainable: String,
+    pub seed: u64,
+}
+
+impl Default for RawTraining {
+    fn default() -> Self {
+        Self {
+            local_epochs: 1,
+            batch_size: 16,
+            learning_rate: 5e-5,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            max_seq_len: 64,
+            trainable: "top:2".into(),
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPrivacy {
+    pub mode: String,
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    pub sampling_rate: f64,
+    pub update_clip_norm: f64,
+    /// Policy: the smallest noise multiplier accepted in an update.
+    pub min_noise_multiplier: Option<f64>,
+    /// Policy: the largest clipping norm accepted in an update.
+    pub max_clip_norm: Option<f64>,
+}
+
+impl Default for RawPrivacy {
+    fn default() -> Self {
+        Self {
+            mode: "record-level".into(),
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampling_rate: 0.05,
+            update_clip_norm: 10.0,
+            min_noise_multiplier: None,
+            max_clip_norm: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSite {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Typed coordinator config.
+
+/// PEM file locations.
+#[derive(Clone, Debug)]
+pub struct TlsPaths {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// An enrolled site.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub id: SiteId,
+    pub name: String,
+}
+
+/// The coordinator's validated configuration.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub tls: TlsPaths,
+    pub rounds: u64,
+    pub min_sites: usize,
+    pub round_deadline: Duration,
+    pub max_update_bytes: usize,
+    pub max_concurrent_uploads: usize,
+    pub model_init: PathBuf,
+    pub labels: Vec<String>,
+    pub init_seed: u64,
+    /// The plan offered every round (its `trainable_tensors` are filled in once the
+    /// model is loaded).
+    pub plan: TrainingPlan,
+    pub policy: PrivacyPolicy,
+    pub sites: Vec<Site>,
+}
+
+impl CoordinatorConfig {
+    /// Parses and validates TOML; relative paths are taken from `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(toml::from_str(text)?, base_dir)
+    }
+
+    pub fn from_raw(raw: RawCoordinatorConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        let listen = parse_addr("server.listen", &raw.server.listen)?;
+        let admin_listen = raw.server.admin_listen.as_deref().map(|a| parse_addr("server.admin_listen", a)).transpose()?;
+        if raw.federation.rounds == 0 {
+            return Err(invalid("federation.rounds", "must be at least 1"));
+        }
+        if raw.federation.min_sites == 0 {
+            return Err(invalid("federation.min_sites", "must be at least 1"));
+        }
+        let round_deadline = parse_duration("federation.round_deadline", &raw.federation.round_deadline)?;
+        if raw.federation.max_concurrent_uploads == 0 {
+            return Err(invalid("federation.max_concurrent_uploads", "must be at least 1"));
+        }
+        let mut sites = Vec::new();
+        for s in raw.sites {
+            let id = SiteId::new(s.id).map_err(|e| invalid("sites.id", e.to_string()))?;
+            if sites.iter().any(|x: &Site| x.id == id) {
+                return Err(invalid("sites.id", format!("site {id} is enrolled twice")));
+            }
+            sites.push(Site { name: s.name.unwrap_or_else(|| id.to_string()), id });
+        }
+        if sites.is_empty() {
+            return Err(invalid("sites", "no site is enrolled; add [[sites]] entries with an id"));
+        }
+        if raw.federation.min_sites > sites.len() {
+            return Err(invalid(
+                "federation.min_sites",
+                format!("{} exceeds the {} enrolled sites", raw.federation.min_sites, sites.len()),
+            ));
+        }
+        let labels = validate_labels(raw.model.labels)?;
+        let (plan, policy) = training_plan(&raw.training, &raw.privacy)?;
+        Ok(Self {
+            listen,
+            admin_listen,
+            state_dir: resolve(base_dir, raw.server.state_dir),
+            tls: tls_paths(base_dir, raw.tls),
+            rounds: raw.federation.rounds,
+            min_sites: raw.federation.min_sites,
+            round_deadline,
+            max_update_bytes: raw.federation.max_update_mib.saturating_mul(1 << 20),
+            max_concurrent_uploads: raw.federation.max_concurrent_uploads,
+            model_init: resolve(base_dir, raw.model.init),
+            labels,
+            init_seed: raw.model.init_seed,
+            plan,
+            policy,
+            sites,
+        })
+    }
+}
+
+/// Builds the offered plan and the acceptance policy from the `[training]` and
+/// `[privacy]` tables.
+pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, PrivacyPolicy), ConfigError> {
+    let trainable: Trainable = t.trainable.parse().map_err(|e: crate::plan::TrainableParseError| {
+        invalid("training.trainable", e.to_string())
+    })?;
+    if t.local_epochs == 0 {
+        return Err(invalid("training.local_epochs", "must be at least 1"));
+    }
+    if t.batch_size == 0 {
+        return Err(invalid("training.batch_size", "must be at least 1"));
+    }
+    if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+        return Err(invalid("training.learning_rate", "must be a positive number"));
+    }
+    if !(0.0..1.0).contains(&t.warmup_ratio) {
+        return Err(invalid("training.warmup_ratio", "must be in [0, 1)"));
+    }
+    if !(t.weight_decay >= 0.0 && t.max_grad_norm >= 0.0) {
+        return Err(invalid("training", "weight_decay and max_grad_norm must not be negative"));
+    }
+    if !(8..=512).contains(&t.max_seq_len) {
+        return Err(invalid("training.max_seq_len", "must be between 8 and 512"));
+    }
+    let mode: PrivacyMode = p.mode.parse().map_err(|e: String| invalid("privacy.mode", e))?;
+    let positive = |field: &'static str, v: f64| {
+        if v > 0.0 && v.is_finite() {
+            Ok(v)
+        } else {
+            Err(invalid(field, "must be a positive number"))
+        }
+    };
+    let privacy = match mode {
+        PrivacyMode::Off => PrivacyPlan::Off,
+        PrivacyMode::RecordLevel => {
+            let q = p.sampling_rate;
+            if !(q > 0.0 && q <= 1.0) {
+                return Err(invalid("privacy.sampling_rate", "must be in (0, 1]"));
+            }
+            PrivacyPlan::RecordLevel {
+                noise_multiplier: positive("privacy.noise_multiplier", p.noise_multiplier)?,
+                clip_norm: positive("privacy.clip_norm", p.clip_norm)?,
+                sampling_rate: q,
+                update_clip_norm: positive("privacy.update_clip_norm", p.update_clip_norm)?,
+            }
+        }
+        PrivacyMode::SiteLevel => PrivacyPlan::SiteLevel {
+            noise_multiplier: positive("privacy.noise_multiplier", p.noise_multiplier)?,
+            clip_norm: positive("privacy.clip_norm", p.clip_norm)?,
+        },
+    };
+    let (sigma, clip) = match privacy {
+        PrivacyPlan::Off => (0.0, f64::INFINITY),
+        PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, .. }
+        | PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => (noise_multiplier, clip_norm),
+    };
+    let policy = PrivacyPolicy {
+        mode,
+        min_noise_multiplier: p.min_noise_multiplier.unwrap_or(sigma),
+        max_clip_norm: p.max_clip_norm.unwrap_or(clip),
+    };
+    if mode != PrivacyMode::Off && (sigma < policy.min_noise_multiplier || clip > policy.max_clip_norm) {
+        return Err(invalid(
+            "privacy",
+            "the offered noise_multiplier/clip_norm break the consortium's own min_noise_multiplier/max_clip_norm",
+        ));
+    }
+    let plan = TrainingPlan {
+        local_epochs: t.local_epochs,
+        batch_size: t.batch_size,
+        learning_rate: t.learning_rate,
+        warmup_ratio: t.warmup_ratio,
+        weight_decay: t.weight_decay,
+        max_grad_norm: t.max_grad_norm,
+        max_seq_len: t.max_seq_len,
+        trainable,
+        trainable_tensors: Vec::new(),
+        seed: t.seed,
+        privacy,
+    };
+    Ok((plan, policy))
+}
+
+// ---------------------------------------------------------------------------
+// Agent config.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentConfig {
+    pub coordinator: RawCoordinatorEndpoint,
+    pub tls: RawTls,
+    pub data: RawData,
+    pub model: RawAgentModel,
+    pub budget: RawBudget,
+    pub agent: RawAgent,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoordinatorEndpoint {
+    /// `host:port` of the coordinator.
+    pub address: String,
+    /// The name in the coordinator's certificate.
+    pub server_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawData {
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentModel {
+    /// Directory with `config.json` and `tokenizer.json` (and pretrained weights).
+    pub base: PathBuf,
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub max_epsilon: f64,
+    pub delta: f64,
+    pub max_rounds: Option<u64>,
+    /// Refuse plans without differential privacy (the default).
+    #[serde(default = "default_true")]
+    pub require_dp: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub state_dir: PathBuf,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: String,
+    /// Give up after this many failed connection attempts in a row (0: never).
+    #[serde(default)]
+    pub max_connect_attempts: u32,
+    /// Exit once the coordinator says the federation is finished.
+    #[serde(default = "default_true")]
+    pub exit_when_finished: bool,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_max_backoff() -> String {
+    "60s".into()
+}
+
+/// The site's own privacy budget: nothing the coordinator sends can raise it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SiteBudget {
+    pub max_epsilon: f64,
+    pub delta: f64,
+    pub max_rounds: Option<u64>,
+    pub require_dp: bool,
+}
+
+/// The agent's validated configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub coordinator_addr: String,
+    pub server_name: String,
+    pub tls: TlsPaths,
+    pub train_data: PathBuf,
+    pub validation_data: Option<PathBuf>,
+    pub model_base: PathBuf,
+    pub labels: Vec<String>,
+    pub budget: SiteBudget,
+    pub state_dir: PathBuf,
+    pub device: String,
+    pub max_backoff: Duration,
+    pub max_connect_attempts: u32,
+    pub exit_when_finished: bool,
+}
+
+impl AgentConfig {
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_raw(toml::from_str(text)?, base_dir)
+    }
+
+    pub fn from_raw(raw: RawAgentConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        if raw.coordinator.address.trim().is_empty() {
+            return Err(invalid("coordinator.address", "must be host:port"));
+        }
+        if raw.coordinator.server_name.trim().is_empty() {
+            return Err(invalid("coordinator.server_name", "must name the coordinator's certificate"));
+        }
+        let b = raw.budget;
+        if !(b.max_epsilon > 0.0) || b.max_epsilon.is_nan() {
+            return Err(invalid("budget.max_epsilon", "must be a positive number"));
+        }
+        if !(b.delta > 0.0 && b.delta < 1.0) {
+            return Err(invalid("budget.delta", "must be in (0, 1)"));
+        }
+        let device = raw.agent.device;
+        if !(device == "auto" || device == "cpu" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok())) {
+            return Err(invalid("agent.device", "must be auto, cpu or cuda:N"));
+        }
+        Ok(Self {
+            coordinator_addr: raw.coordinator.address,
+            server_name: raw.coordinator.server_name,
+            tls: tls_paths(base_dir, raw.tls),
+            train_data: resolve(base_dir, raw.data.train),
+            validation_data: raw.data.validation.map(|p| resolve(base_dir, p)),
+            model_base: resolve(base_dir, raw.model.base),
+            labels: validate_labels(raw.model.labels)?,
+            budget: SiteBudget {
+                max_epsilon: b.max_epsilon,
+                delta: b.delta,
+                max_rounds: b.max_rounds,
+                require_dp: b.require_dp,
+            },
+            state_dir: resolve(base_dir, raw.agent.state_dir),
+            device,
+            max_backoff: parse_duration("agent.max_backoff", &raw.agent.max_backoff)?,
+            max_connect_attempts: raw.agent.max_connect_attempts,
+            exit_when_finished: raw.agent.exit_when_finished,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn validate_labels(labels: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let labels = labels.unwrap_or_else(|| DEFAULT_LABELS.iter().map(|s| (*s).to_owned()).collect());
+    if labels.len() < 2 {
+        return Err(invalid("model.labels", "need at least two labels"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for l in &labels {
+        if l.trim().is_empty() || !seen.insert(l.as_str()) {
+            return Err(invalid("model.labels", format!("labels must be non-empty and distinct ({l:?})")));
+        }
+    }
+    Ok(labels)
+}
+
+fn tls_paths(base: &Path, raw: RawTls) -> TlsPaths {
+    TlsPaths { ca_cert: resolve(base, raw.ca_cert), cert: resolve(base, raw.cert), key: resolve(base, raw.key) }
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
+}
+
+/// Parses a human duration such as `90s`, `10m` or `1h 30m`.
+pub fn parse_duration(field: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s).map_err(|e| invalid(field, format!("{s:?}: {e}")))?;
+    if d.is_zero() {
+        return Err(invalid(field, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COORD: &str = r#"
+[server]
+listen = "127.0.0.1:7443"
+state_dir = "state"
+[tls]
+ca_cert = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "/etc/fedward/coordinator.key"
+[federation]
+rounds = 3
+min_sites = 2
+round_deadline = "90s"
+[model]
+init = "models/base"
+[training]
+trainable = "head"
+[privacy]
+mode = "site-level"
+noise_multiplier = 1.2
+clip_norm = 0.5
+min_noise_multiplier = 1.0
+max_clip_norm = 1.0
+[[sites]]
+id = "a"
+[[sites]]
+id = "b"
+name = "Hospital B"
+"#;
+
+    #[test]
+    fn coordinator_config_parses_and_resolves_paths() {
+        let c = CoordinatorConfig::parse(COORD, Path::new("/srv/fedward")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/fedward/state"));
+        assert_eq!(c.tls.key, Path::new("/etc/fedward/coordinator.key"));
+        assert_eq!(c.round_deadline, Duration::from_secs(90));
+        assert_eq!(c.plan.trainable, Trainable::Head);
+        assert_eq!(c.policy.mode, PrivacyMode::SiteLevel);
+        assert_eq!(c.policy.min_noise_multiplier, 1.0);
+        assert_eq!(c.sites[1].name, "Hospital B");
+        assert_eq!(c.labels, DEFAULT_LABELS);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (COORD.replace("rounds = 3", "rounds = 0"), "federation.rounds"),
+            (COORD.replace("min_sites = 2", "min_sites = 3"), "federation.min_sites"),
+            (COORD.replace("\"90s\"", "\"soon\""), "federation.round_deadline"),
+            (COORD.replace("\"head\"", "\"top:x\""), "training.trainable"),
+            (COORD.replace("id = \"b\"", "id = \"a\""), "sites.id"),
+            (COORD.replace("id = \"b\"", "id = \"Bad Site\""), "sites.id"),
+            (COORD.replace("\"127.0.0.1:7443\"", "\"nowhere\""), "server.listen"),
+            (COORD.replace("noise_multiplier = 1.2", "noise_multiplier = 0.5"), "privacy"),
+        ];
+        for (text, field) in cases {
+            let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = COORD.replace("[training]", "[training]\nepochs = 3");
+        assert!(matches!(CoordinatorConfig::parse(&text, Path::new("/")), Err(ConfigError::Toml(_))));
+    }
+
+    #[test]
+    fn agent_config_parses() {
+        let text = r#"
+[coordinator]
+address = "127.0.0.1:7443"
+server_name = "coordinator"
+[tls]
+ca_cert = "ca.crt"
+cert = "site.crt"
+key = "site.key"
+[data]
+train = "data/train.jsonl"
+[model]
+base = "models/base"
+[budget]
+max_epsilon = 8.0
+delta = 1e-5
+[agent]
+state_dir = "state"
+"#;
+        let c = AgentConfig::parse(text, Path::new("/site")).unwrap();
+        assert_eq!(c.train_data, Path::new("/site/data/train.jsonl"));
+        assert_eq!(c.budget.max_epsilon, 8.0);
+        assert!(c.budget.require_dp);
+        assert_eq!(c.max_backoff, Duration::from_secs(60));
+        let bad = text.replace("delta = 1e-5", "delta = 2.0");
+        assert!(AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string().starts_with("budget.delta"));
+        let bad = text.replace("state_dir = \"state\"", "state_dir = \"state\"\ndevice = \"gpu\"");
+        assert!(AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string().starts_with("agent.device"));
+    }
+}

@@ -1,0 +1,297 @@
+//! The consortium's PKI: a CA held by the admin, a server certificate for the coordinator,
+//! and site certificates signed from requests generated at each hospital.
+//!
+//! A site's private key is generated at the site (`site_request`) and never leaves it;
+//! the admin only ever sees the certificate signing request. Every function here works
+//! on PEM strings and takes the current time as a parameter: files are the callers' job.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::wire::SiteId;
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("certificate signing request names {found}, expected exactly the site {expected}")]
+    SiteMismatch { expected: String, found: String },
+    #[error("certificate signing request has no site name")]
+    NoSiteName,
+    #[error("invalid validity: {0}")]
+    Validity(String),
+    #[error("could not parse certificate: {0}")]
+    Parse(String),
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a private key.
+        f.debug_struct("CertifiedKey").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+/// A site's key and the request to send to the admin.
+#[derive(Clone)]
+pub struct SiteRequest {
+    pub key_pem: String,
+    pub csr_pem: String,
+}
+
+/// When a certificate is valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From an hour before `now` (clock skew between sites) for `days` days.
+    pub fn days_from(now: OffsetDateTime, days: u32) -> Self {
+        Self { not_before: now - Duration::hours(1), not_after: now + Duration::days(i64::from(days)) }
+    }
+}
+
+/// Creates the consortium CA.
+pub fn create_ca(consortium: &str, validity: Validity, serial: [u8; 16]) -> Result<CertifiedKey, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&format!("{consortium} fedward CA"), consortium);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    set_validity(&mut params, validity, serial)?;
+    let cert = params.self_signed(&key)?;
+    Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Issues the coordinator's server certificate for the given DNS names and IP addresses.
+pub fn issue_server(
+    ca: &CertifiedKey,
+    dns_names: &[String],
+    ips: &[IpAddr],
+    validity: Validity,
+    serial: [u8; 16],
+) -> Result<CertifiedKey, PkiError> {
+    let issuer = issuer(ca)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(dns_names.first().map_or("fedward coordinator", String::as_str), "fedward");
+    params.subject_alt_names = dns_names
+        .iter()
+        .map(|n| Ok(SanType::DnsName(n.clone().try_into()?)))
+        .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+        .collect::<Result<_, rcgen::Error>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, validity, serial)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// At the hospital: generates the site's private key and a signing request naming the site.
+pub fn site_request(site: &SiteId) -> Result<SiteRequest, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![site.as_str().to_owned()])?;
+    params.distinguished_name = dn(site.as_str(), site.as_str());
+    let csr = params.serialize_request(&key)?;
+    Ok(SiteRequest { key_pem: key.serialize_pem(), csr_pem: csr.pem()? })
+}
+
+/// At the admin: checks that a request names exactly `site` and signs a client
+/// certificate for it. Everything but the public key is set here, not taken from the CSR.
+pub fn sign_site_request(
+    ca: &CertifiedKey,
+    csr_pem: &str,
+    site: &SiteId,
+    validity: Validity,
+    serial: [u8; 16],
+) -> Result<String, PkiError> {
+    let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let names: Vec<String> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            SanType::DnsName(n) => n.as_str().to_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(PkiError::NoSiteName);
+    }
+    if names != [site.as_str()] {
+        return Err(PkiError::SiteMismatch { expected: site.to_string(), found: names.join(", ") });
+    }
+    let mut params = CertificateParams::new(vec![site.as_str().to_owned()])?;
+    params.distinguished_name = dn(site.as_str(), site.as_str());
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, validity, serial)?;
+    csr.params = params;
+    let issuer = issuer(ca)?;
+    Ok(csr.signed_by(&issuer)?.pem())
+}
+
+/// What the site names in a signing request, for the admin to review before signing.
+pub fn request_site_names(csr_pem: &str) -> Result<Vec<String>, PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    Ok(csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::DnsName(n) => Some(n.as_str().to_owned()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Summary of a certificate for admins and error messages.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    pub dns_names: Vec<String>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub serial_hex: String,
+}
+
+/// Reads the subject, SANs and validity of a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let dns_names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(PkiError::Parse(e.to_string())),
+    };
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        dns_names,
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+        serial_hex: cert.raw_serial_as_string(),
+    })
+}
+
+/// The site a client certificate belongs to: its single DNS SAN, which must be a valid
+/// site id. The identity comes only from the certificate, never from what a client says.
+pub fn site_of_cert(der: &[u8]) -> Result<SiteId, PkiError> {
+    let info = cert_info(der)?;
+    match info.dns_names.as_slice() {
+        [one] => SiteId::new(one.clone()).map_err(|e| PkiError::Parse(e.to_string())),
+        [] => Err(PkiError::NoSiteName),
+        many => Err(PkiError::Parse(format!("certificate names {} sites", many.len()))),
+    }
+}
+
+/// Decodes the first certificate of a PEM string to DER.
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| PkiError::Parse(format!("{e:?}")))
+}
+
+fn issuer(ca: &CertifiedKey) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(&ca.key_pem)?;
+    Ok(Issuer::from_ca_cert_pem(&ca.cert_pem, key)?)
+}
+
+fn dn(common_name: &str, organisation: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organisation);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Validity, serial: [u8; 16]) -> Result<(), PkiError> {
+    if validity.not_after <= validity.not_before {
+        return Err(PkiError::Validity("not_after must be later than not_before".into()));
+    }
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    // A positive serial: clear the top bit so DER does not read it as negative.
+    let mut s = serial;
+    s[0] &= 0x7f;
+    params.serial_number = Some(SerialNumber::from_slice(&s));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_780_000_000).unwrap()
+    }
+
+    #[test]
+    fn site_certificate_carries_the_site_and_only_it() {
+        let ca = create_ca("test", Validity::days_from(now(), 30), [1; 16]).unwrap();
+        let site = SiteId::new("st-marys").unwrap();
+        let req = site_request(&site).unwrap();
+        assert_eq!(request_site_names(&req.csr_pem).unwrap(), ["st-marys"]);
+        let cert = sign_site_request(&ca, &req.csr_pem, &site, Validity::days_from(now(), 30), [2; 16]).unwrap();
+        let der = pem_to_der(&cert).unwrap();
+        assert_eq!(site_of_cert(&der).unwrap(), site);
+        let info = cert_info(&der).unwrap();
+        assert!(info.issuer.contains("test fedward CA"), "{}", info.issuer);
+        assert_eq!(info.not_after, now() + Duration::days(30));
+    }
+
+    #[test]
+    fn admin_refuses_a_request_for_another_site() {
+        let ca = create_ca("test", Validity::days_from(now(), 30), [1; 16]).unwrap();
+        let req = site_request(&SiteId::new("evil").unwrap()).unwrap();
+        let err = sign_site_request(
+            &ca,
+            &req.csr_pem,
+            &SiteId::new("st-marys").unwrap(),
+            Validity::days_from(now(), 30),
+            [2; 16],
+        )
+        .unwrap_err();
+        assert!(matches!(err, PkiError::SiteMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn server_certificate_names_hosts_and_ips() {
+        let ca = create_ca("test", Validity::days_from(now(), 30), [1; 16]).unwrap();
+        let server = issue_server(
+            &ca,
+            &["coordinator.example".into()],
+            &["127.0.0.1".parse().unwrap()],
+            Validity::days_from(now(), 30),
+            [3; 16],
+        )
+        .unwrap();
+        let info = cert_info(&pem_to_der(&server.cert_pem).unwrap()).unwrap();
+        assert_eq!(info.dns_names, ["coordinator.example"]);
+        assert!(!format!("{server:?}").contains("PRIVATE"), "debug output must not show the key");
+    }
+}
