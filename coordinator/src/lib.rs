@@ -1,1 +1,7 @@
-//! placeholder
+//! fedward's coordinator: enrolment, federated rounds, FedAvg, checkpoints, dashboard.
+//!
+//! `round` and `aggregate` are the pure core; `server`, `store` and `admin` are the I/O
+//! shells around them.
+
+pub mod aggregate;
+pub mod round;

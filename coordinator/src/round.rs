@@ -1,0 +1,868 @@
+//! The federation's round state machine: waiting for quorum, offer, collecting,
+//! aggregating, checkpoint, next round.
+//!
+//! Sans-IO in the style of quinn-proto: inputs arrive through `handle_*` calls that carry
+//! the current time, outputs leave through [`RoundMachine::poll_output`] as data, and the
+//! next deadline through [`RoundMachine::poll_timeout`]. This module does no I/O and never
+//! reads the clock. The shell must persist an [`Output::Checkpoint`] before it acts on any
+//! output that follows it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedward_shared::plan::TrainingPlan;
+use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
+use fedward_shared::wire::{
+    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyMode, PrivacyPolicy, PrivacyUsed, Reject, RejectCode,
+    RoundId, RoundOffer, SiteId, UpdateHeader,
+};
+
+use crate::aggregate::FedAvg;
+
+/// Fixed parameters of a federation.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub total_rounds: u64,
+    pub min_sites: usize,
+    pub round_deadline: Duration,
+    /// A round that fails this many times in a row ends the federation.
+    pub max_attempts: u32,
+    pub max_update_bytes: usize,
+    /// The plan offered every round; `trainable_tensors` must be filled in.
+    pub plan: TrainingPlan,
+    pub policy: PrivacyPolicy,
+    pub enrolled: BTreeSet<SiteId>,
+}
+
+/// One site's accepted contribution to a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contribution {
+    pub site: SiteId,
+    pub num_examples: u64,
+    pub metrics: LocalMetrics,
+    pub privacy: PrivacyUsed,
+    /// Digest of the update's tensor manifest (names, shapes, tensor digests).
+    pub update_digest: Digest,
+}
+
+/// What happened in a completed round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundSummary {
+    pub round: RoundId,
+    pub attempt: u32,
+    pub contributions: Vec<Contribution>,
+    pub declined: Vec<(SiteId, DeclineReason, String)>,
+    pub rejected: Vec<(SiteId, Reject)>,
+    /// Offered sites that neither answered nor were refused before the round closed.
+    pub missed: Vec<SiteId>,
+    /// Example-weighted mean of the sites' training loss.
+    pub mean_train_loss: f64,
+    pub duration: Duration,
+    pub model_digest: Digest,
+}
+
+/// The new global model after a round, to be made durable before anything else happens.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub completed_rounds: u64,
+    pub model: Arc<TensorSet>,
+    pub summary: RoundSummary,
+}
+
+/// A round that could not be completed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundFailure {
+    pub round: RoundId,
+    pub attempt: u32,
+    pub reason: String,
+    pub rejected: Vec<(SiteId, Reject)>,
+    pub declined: Vec<(SiteId, DeclineReason, String)>,
+    pub missed: Vec<SiteId>,
+    /// No further attempt will be made: the federation has stopped.
+    pub gave_up: bool,
+}
+
+/// What the shell must do, in order.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Send this offer to the site's waiting `Ready` stream.
+    Offer { to: SiteId, offer: RoundOffer },
+    /// Tell the site's waiting `Ready` stream that the federation is over.
+    Finished { to: SiteId, finished: Finished },
+    /// Persist, then continue.
+    Checkpoint(Box<Checkpoint>),
+    RoundFailed(RoundFailure),
+}
+
+/// Where the federation stands, for dashboards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PhaseView {
+    WaitingForQuorum { ready: usize, needed: usize },
+    Collecting { round: RoundId, offered: usize, accepted: usize, answered: usize },
+    Finished,
+    Stopped { reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum SiteStatus {
+    Uploading,
+    Accepted,
+    Declined,
+    Rejected,
+    Gone,
+}
+
+#[derive(Debug)]
+struct Collecting {
+    round: RoundId,
+    started: Instant,
+    deadline: Instant,
+    offered: BTreeSet<SiteId>,
+    status: BTreeMap<SiteId, SiteStatus>,
+    agg: FedAvg,
+    contributions: Vec<Contribution>,
+    declined: Vec<(SiteId, DeclineReason, String)>,
+    rejected: Vec<(SiteId, Reject)>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Waiting,
+    Collecting(Box<Collecting>),
+    Done { stopped: Option<String> },
+}
+
+/// The coordinator's federation logic.
+#[derive(Debug)]
+pub struct RoundMachine {
+    settings: Settings,
+    completed: u64,
+    global: Arc<TensorSet>,
+    manifest: Vec<TensorSpec>,
+    digest: Digest,
+    ready: BTreeSet<SiteId>,
+    phase: Phase,
+    failed_attempts: u32,
+    outputs: VecDeque<Output>,
+}
+
+/// Settings that do not fit the global model.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("trainable tensor {0} is not in the global model")]
+    UnknownTrainable(String),
+    #[error("the plan trains no tensor")]
+    NothingTrains,
+}
+
+impl RoundMachine {
+    /// Starts (or resumes, after `completed` rounds) with `global` as the current model.
+    pub fn new(settings: Settings, global: Arc<TensorSet>, completed: u64) -> Result<Self, SettingsError> {
+        if settings.plan.trainable_tensors.is_empty() {
+            return Err(SettingsError::NothingTrains);
+        }
+        if let Some(t) = settings.plan.trainable_tensors.iter().find(|t| !global.contains(t)) {
+            return Err(SettingsError::UnknownTrainable(t.clone()));
+        }
+        let manifest = global.specs();
+        let digest = manifest_digest(&manifest);
+        let phase = if completed >= settings.total_rounds { Phase::Done { stopped: None } } else { Phase::Waiting };
+        Ok(Self {
+            settings,
+            completed,
+            global,
+            manifest,
+            digest,
+            ready: BTreeSet::new(),
+            phase,
+            failed_attempts: 0,
+            outputs: VecDeque::new(),
+        })
+    }
+
+    pub fn completed_rounds(&self) -> u64 {
+        self.completed
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn global(&self) -> &Arc<TensorSet> {
+        &self.global
+    }
+
+    pub fn model_digest(&self) -> Digest {
+        self.digest
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done { .. })
+    }
+
+    /// The round currently collecting updates, if any.
+    pub fn open_round(&self) -> Option<RoundId> {
+        match &self.phase {
+            Phase::Collecting(c) => Some(c.round),
+            _ => None,
+        }
+    }
+
+    pub fn phase(&self) -> PhaseView {
+        match &self.phase {
+            Phase::Waiting => PhaseView::WaitingForQuorum { ready: self.ready.len(), needed: self.settings.min_sites },
+            Phase::Collecting(c) => PhaseView::Collecting {
+                round: c.round,
+                offered: c.offered.len(),
+                accepted: c.contributions.len(),
+                answered: c.status.values().filter(|s| **s != SiteStatus::Uploading).count(),
+            },
+            Phase::Done { stopped: None } => PhaseView::Finished,
+            Phase::Done { stopped: Some(reason) } => PhaseView::Stopped { reason: reason.clone() },
+        }
+    }
+
+    /// The next output for the shell, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Collecting(c) => Some(c.deadline),
+            _ => None,
+        }
+    }
+
+    /// A site is connected and waiting for its next offer.
+    pub fn handle_ready(&mut self, now: Instant, site: SiteId) {
+        match &mut self.phase {
+            Phase::Done { .. } => {
+                let finished = Finished { completed_rounds: self.completed, model_digest: self.digest };
+                self.outputs.push_back(Output::Finished { to: site, finished });
+                return;
+            }
+            Phase::Collecting(c) if now < c.deadline && !c.status.contains_key(&site) => {
+                // A late joiner (or a reconnecting site) still has time to train this round.
+                c.offered.insert(site.clone());
+                let offer = offer(&self.settings, c.round, &self.manifest, self.digest, c.deadline - now);
+                self.outputs.push_back(Output::Offer { to: site, offer });
+                return;
+            }
+            _ => {}
+        }
+        self.ready.insert(site);
+        self.maybe_start(now);
+    }
+
+    /// A site's connection is gone.
+    pub fn handle_disconnected(&mut self, now: Instant, site: &SiteId) {
+        self.ready.remove(site);
+        if let Phase::Collecting(c) = &mut self.phase {
+            let open = c.offered.contains(site)
+                && matches!(c.status.get(site), None | Some(SiteStatus::Uploading));
+            if open {
+                c.status.insert(site.clone(), SiteStatus::Gone);
+                self.maybe_close(now);
+            }
+        }
+    }
+
+    /// Checks an update's header before its bytes are received; on success the site's
+    /// slot is reserved until [`finish_update`](Self::finish_update) or
+    /// [`abort_update`](Self::abort_update).
+    pub fn begin_update(&mut self, site: &SiteId, header: &UpdateHeader) -> Result<(), Reject> {
+        let c = self.collecting_for(site, header.round)?;
+        match c.status.get(site) {
+            None => {}
+            Some(SiteStatus::Uploading) => {
+                return Err(Reject::new(RejectCode::DuplicateUpdate, "an update from this site is already arriving"))
+            }
+            Some(_) => {
+                return Err(Reject::new(
+                    RejectCode::DuplicateUpdate,
+                    format!("this site already answered round {}", header.round),
+                ))
+            }
+        }
+        check_header(&self.settings, &self.global, header)?;
+        if let Phase::Collecting(c) = &mut self.phase {
+            c.status.insert(site.clone(), SiteStatus::Uploading);
+        }
+        Ok(())
+    }
+
+    /// The transfer broke off before the update was complete: the site may try again.
+    pub fn abort_update(&mut self, site: &SiteId) {
+        if let Phase::Collecting(c) = &mut self.phase {
+            if c.status.get(site) == Some(&SiteStatus::Uploading) {
+                c.status.remove(site);
+            }
+        }
+    }
+
+    /// The update's bytes arrived but were refused (e.g. a digest mismatch).
+    pub fn reject_update(&mut self, now: Instant, site: &SiteId, reject: Reject) {
+        if let Phase::Collecting(c) = &mut self.phase {
+            if c.status.get(site) == Some(&SiteStatus::Uploading) {
+                c.status.insert(site.clone(), SiteStatus::Rejected);
+                c.rejected.push((site.clone(), reject));
+                self.maybe_close(now);
+            }
+        }
+    }
+
+    /// The update's bytes arrived with matching digests: check and fold it in.
+    pub fn finish_update(
+        &mut self,
+        now: Instant,
+        site: &SiteId,
+        header: &UpdateHeader,
+        tensors: &TensorSet,
+    ) -> Result<Ack, Reject> {
+        let policy_norm = record_level_norm_check(&header.privacy, tensors);
+        let c = match &mut self.phase {
+            Phase::Collecting(c) if c.round == header.round && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
+            _ => {
+                return Err(Reject::new(
+                    RejectCode::StaleRound,
+                    format!("round {} closed while the update was arriving", header.round),
+                ))
+            }
+        };
+        let result = policy_norm.and_then(|()| c.agg.add(header.num_examples, tensors));
+        match result {
+            Ok(()) => {
+                c.status.insert(site.clone(), SiteStatus::Accepted);
+                c.contributions.push(Contribution {
+                    site: site.clone(),
+                    num_examples: header.num_examples,
+                    metrics: header.metrics.clone(),
+                    privacy: header.privacy,
+                    update_digest: manifest_digest(&header.tensors),
+                });
+                let ack = Ack { round: header.round };
+                self.maybe_close(now);
+                Ok(ack)
+            }
+            Err(reject) => {
+                c.status.insert(site.clone(), SiteStatus::Rejected);
+                c.rejected.push((site.clone(), reject.clone()));
+                self.maybe_close(now);
+                Err(reject)
+            }
+        }
+    }
+
+    /// A site declines the round.
+    pub fn handle_decline(&mut self, now: Instant, site: &SiteId, decline: &Decline) -> Result<Ack, Reject> {
+        let c = match self.collecting_for(site, decline.round) {
+            Ok(c) => c,
+            Err(reject) => return Err(reject),
+        };
+        if c.status.contains_key(site) {
+            return Err(Reject::new(RejectCode::DuplicateUpdate, "this site already answered the round"));
+        }
+        if let Phase::Collecting(c) = &mut self.phase {
+            c.status.insert(site.clone(), SiteStatus::Declined);
+            c.declined.push((site.clone(), decline.reason, decline.message.clone()));
+        }
+        self.maybe_close(now);
+        Ok(Ack { round: decline.round })
+    }
+
+    /// Time has passed; closes the round at its deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if matches!(&self.phase, Phase::Collecting(c) if now >= c.deadline) {
+            self.close(now);
+        }
+    }
+
+    fn collecting_for(&self, site: &SiteId, round: RoundId) -> Result<&Collecting, Reject> {
+        match &self.phase {
+            Phase::Collecting(c) if c.round == round => {
+                if c.offered.contains(site) {
+                    Ok(c)
+                } else {
+                    Err(Reject::new(RejectCode::NotOffered, format!("round {round} was not offered to this site")))
+                }
+            }
+            Phase::Collecting(c) => Err(Reject::new(
+                RejectCode::StaleRound,
+                format!("update for round {round}, but round {} is open", c.round),
+            )),
+            _ => Err(Reject::new(RejectCode::StaleRound, format!("round {round} is not open"))),
+        }
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Waiting) || self.ready.len() < self.settings.min_sites {
+            return;
+        }
+        let round = RoundId(self.completed + 1);
+        let trainable = &self.settings.plan.trainable_tensors;
+        let agg = FedAvg::new(trainable.iter().filter_map(|n| self.global.get(n).map(|t| (n.as_str(), t.shape()))));
+        let offered = std::mem::take(&mut self.ready);
+        for site in &offered {
+            let offer = offer(&self.settings, round, &self.manifest, self.digest, self.settings.round_deadline);
+            self.outputs.push_back(Output::Offer { to: site.clone(), offer });
+        }
+        self.phase = Phase::Collecting(Box::new(Collecting {
+            round,
+            started: now,
+            deadline: now + self.settings.round_deadline,
+            offered,
+            status: BTreeMap::new(),
+            agg,
+            contributions: Vec::new(),
+            declined: Vec::new(),
+            rejected: Vec::new(),
+        }));
+    }
+
+    fn maybe_close(&mut self, now: Instant) {
+        let all_answered = match &self.phase {
+            Phase::Collecting(c) => c
+                .offered
+                .iter()
+                .all(|s| matches!(c.status.get(s), Some(st) if *st != SiteStatus::Uploading)),
+            _ => false,
+        };
+        if all_answered {
+            self.close(now);
+        }
+    }
+
+    fn close(&mut self, now: Instant) {
+        let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Waiting) else { return };
+        let c = *c;
+        let missed: Vec<SiteId> = c
+            .offered
+            .iter()
+            .filter(|s| matches!(c.status.get(*s), None | Some(SiteStatus::Uploading | SiteStatus::Gone)))
+            .cloned()
+            .collect();
+        let attempt = self.failed_attempts + 1;
+        let n_accepted = c.contributions.len();
+        if n_accepted < self.settings.min_sites {
+            self.failed_attempts += 1;
+            let gave_up = self.failed_attempts >= self.settings.max_attempts;
+            let reason = format!(
+                "only {n_accepted} of the {} sites needed sent a valid update ({} declined, {} rejected, {} missed the deadline or left)",
+                self.settings.min_sites,
+                c.declined.len(),
+                c.rejected.len(),
+                missed.len()
+            );
+            if gave_up {
+                self.phase = Phase::Done {
+                    stopped: Some(format!("round {} failed {} times: {reason}", c.round, self.failed_attempts)),
+                };
+            }
+            self.outputs.push_back(Output::RoundFailed(RoundFailure {
+                round: c.round,
+                attempt,
+                reason,
+                rejected: c.rejected,
+                declined: c.declined,
+                missed,
+                gave_up,
+            }));
+            self.after_round(now);
+            return;
+        }
+        let total_weight = c.agg.total_weight() as f64;
+        let mean_train_loss = c
+            .contributions
+            .iter()
+            .map(|k| k.metrics.train_loss * k.num_examples as f64)
+            .sum::<f64>()
+            / total_weight;
+        // At least `min_sites` >= 1 updates were added, so the mean exists.
+        let Some(mean_delta) = c.agg.finish() else { unreachable!("accepted updates were added") };
+        let mut model = (*self.global).clone();
+        if let Err(e) = model.add_assign(&mean_delta) {
+            unreachable!("mean delta has the global model's trainable shapes: {e}");
+        }
+        self.global = Arc::new(model);
+        self.manifest = self.global.specs();
+        self.digest = manifest_digest(&self.manifest);
+        self.completed += 1;
+        self.failed_attempts = 0;
+        if self.completed >= self.settings.total_rounds {
+            self.phase = Phase::Done { stopped: None };
+        }
+        let mut contributions = c.contributions;
+        contributions.sort_by(|a, b| a.site.cmp(&b.site));
+        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
+            completed_rounds: self.completed,
+            model: self.global.clone(),
+            summary: RoundSummary {
+                round: c.round,
+                attempt,
+                contributions,
+                declined: c.declined,
+                rejected: c.rejected,
+                missed,
+                mean_train_loss,
+                duration: now.saturating_duration_since(c.started),
+                model_digest: self.digest,
+            },
+        })));
+        self.after_round(now);
+    }
+
+    fn after_round(&mut self, now: Instant) {
+        if self.is_done() {
+            let finished = Finished { completed_rounds: self.completed, model_digest: self.digest };
+            for site in std::mem::take(&mut self.ready) {
+                self.outputs.push_back(Output::Finished { to: site, finished: finished.clone() });
+            }
+        } else {
+            self.maybe_start(now);
+        }
+    }
+}
+
+fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: Digest, left: Duration) -> RoundOffer {
+    RoundOffer {
+        round,
+        model_digest: digest,
+        manifest: manifest.to_vec(),
+        plan: settings.plan.clone(),
+        policy: settings.policy,
+        deadline_secs: left.as_secs().max(1),
+        total_rounds: settings.total_rounds,
+    }
+}
+
+/// Everything that can be checked before the bytes arrive.
+fn check_header(settings: &Settings, global: &TensorSet, h: &UpdateHeader) -> Result<(), Reject> {
+    let trainable = &settings.plan.trainable_tensors;
+    for spec in &h.tensors {
+        if !trainable.contains(&spec.name) {
+            return Err(Reject::new(
+                RejectCode::UnknownTensor,
+                format!("tensor {} is not trainable in this round", spec.name),
+            ));
+        }
+        let expected = global.get(&spec.name).map(|t| t.shape().to_vec()).unwrap_or_default();
+        if spec.shape != expected {
+            return Err(Reject::new(
+                RejectCode::ShapeMismatch,
+                format!("update shape mismatch for {}: expected {expected:?}, got {:?}", spec.name, spec.shape),
+            ));
+        }
+    }
+    if let Some(missing) = trainable.iter().find(|n| !h.tensors.iter().any(|s| &s.name == *n)) {
+        return Err(Reject::new(RejectCode::MissingTensor, format!("update lacks tensor {missing}")));
+    }
+    fedward_shared::wire::declared_payload_bytes(&h.tensors, settings.max_update_bytes)
+        .map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
+    if h.num_examples == 0 || h.num_examples > crate::aggregate::MAX_EXAMPLES {
+        return Err(Reject::new(RejectCode::InvalidWeight, format!("invalid number of examples {}", h.num_examples)));
+    }
+    check_policy(&settings.policy, &h.privacy)
+}
+
+/// The consortium's privacy policy against what the site declares it used.
+pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Reject> {
+    let violation = |m: String| Err(Reject::new(RejectCode::PolicyViolation, m));
+    if policy.mode == PrivacyMode::Off {
+        return Ok(());
+    }
+    if used.mode != policy.mode {
+        return violation(format!("privacy mode {} used, the consortium requires {}", used.mode, policy.mode));
+    }
+    if !(used.noise_multiplier >= policy.min_noise_multiplier) {
+        return violation(format!(
+            "noise multiplier {} is below the consortium minimum {}",
+            used.noise_multiplier, policy.min_noise_multiplier
+        ));
+    }
+    if !(used.clip_norm > 0.0 && used.clip_norm <= policy.max_clip_norm) {
+        return violation(format!("clip norm {} is outside (0, {}]", used.clip_norm, policy.max_clip_norm));
+    }
+    if used.mode == PrivacyMode::RecordLevel && !(used.sampling_rate > 0.0 && used.sampling_rate <= 1.0) {
+        return violation(format!("sampling rate {} is outside (0, 1]", used.sampling_rate));
+    }
+    Ok(())
+}
+
+/// A record-level update must respect the update norm bound it declares.
+fn record_level_norm_check(used: &PrivacyUsed, tensors: &TensorSet) -> Result<(), Reject> {
+    if used.mode != PrivacyMode::RecordLevel {
+        return Ok(());
+    }
+    let norm = tensors.l2_norm();
+    // Allow f32 rounding of the clipped values.
+    if norm > used.update_clip_norm * (1.0 + 1e-4) {
+        return Err(Reject::new(
+            RejectCode::PolicyViolation,
+            format!("update norm {norm:.4} exceeds the declared bound {}", used.update_clip_norm),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fedward_shared::plan::{PrivacyPlan, Trainable};
+    use fedward_shared::tensor::Tensor;
+
+    use super::*;
+
+    fn site(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
+
+    fn global() -> Arc<TensorSet> {
+        let mut g = TensorSet::new();
+        g.insert("classifier.weight", Tensor::new(vec![2, 2], vec![1.0, 1.0, 1.0, 1.0]).unwrap());
+        g.insert("bert.embeddings.word_embeddings.weight", Tensor::new(vec![3], vec![0.5; 3]).unwrap());
+        Arc::new(g)
+    }
+
+    fn settings(min_sites: usize, rounds: u64) -> Settings {
+        Settings {
+            total_rounds: rounds,
+            min_sites,
+            round_deadline: Duration::from_secs(60),
+            max_attempts: 2,
+            max_update_bytes: 1 << 20,
+            plan: TrainingPlan {
+                local_epochs: 1,
+                batch_size: 8,
+                learning_rate: 1e-3,
+                warmup_ratio: 0.0,
+                weight_decay: 0.0,
+                max_grad_norm: 0.0,
+                max_seq_len: 16,
+                trainable: Trainable::Head,
+                trainable_tensors: vec!["classifier.weight".into()],
+                seed: 1,
+                privacy: PrivacyPlan::Off,
+            },
+            policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
+            enrolled: ["a", "b", "c"].into_iter().map(site).collect(),
+        }
+    }
+
+    fn delta(v: f32) -> TensorSet {
+        let mut d = TensorSet::new();
+        d.insert("classifier.weight", Tensor::new(vec![2, 2], vec![v; 4]).unwrap());
+        d
+    }
+
+    fn header(round: u64, n: u64, d: &TensorSet) -> UpdateHeader {
+        UpdateHeader {
+            round: RoundId(round),
+            num_examples: n,
+            metrics: LocalMetrics { train_loss: 1.0, ..Default::default() },
+            tensors: d.specs(),
+            privacy: PrivacyUsed::off(),
+        }
+    }
+
+    fn drain(m: &mut RoundMachine) -> Vec<Output> {
+        std::iter::from_fn(|| m.poll_output()).collect()
+    }
+
+    fn offers(outs: &[Output]) -> Vec<(SiteId, RoundId)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Offer { to, offer } => Some((to.clone(), offer.round)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn send(m: &mut RoundMachine, now: Instant, s: &str, round: u64, n: u64, v: f32) -> Result<Ack, Reject> {
+        let d = delta(v);
+        let h = header(round, n, &d);
+        m.begin_update(&site(s), &h)?;
+        m.finish_update(now, &site(s), &h, &d)
+    }
+
+    #[test]
+    fn waits_for_quorum_then_offers_to_all_ready_sites() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.phase(), PhaseView::WaitingForQuorum { ready: 1, needed: 2 });
+        m.handle_ready(t0, site("b"));
+        assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(1)), (site("b"), RoundId(1))]);
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_full_round_averages_checkpoints_and_moves_on() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 2), global(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        send(&mut m, t0, "a", 1, 100, 1.0).unwrap();
+        m.handle_ready(t0, site("a"));
+        send(&mut m, t0, "b", 1, 300, 3.0).unwrap();
+        let outs = drain(&mut m);
+        let Output::Checkpoint(cp) = &outs[0] else { panic!("expected a checkpoint first: {outs:?}") };
+        // 1 + (100*1 + 300*3)/400 = 3.5
+        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[3.5; 4]);
+        assert_eq!(cp.model.get("bert.embeddings.word_embeddings.weight").unwrap().data(), &[0.5; 3]);
+        assert_eq!(cp.completed_rounds, 1);
+        assert_eq!(cp.summary.contributions.len(), 2);
+        // Only "a" was ready again, quorum is 2: round 2 waits.
+        assert!(offers(&outs).is_empty());
+        m.handle_ready(t0, site("b"));
+        assert_eq!(offers(&drain(&mut m)).len(), 2);
+        assert_eq!(m.open_round(), Some(RoundId(2)));
+    }
+
+    #[test]
+    fn stale_duplicate_and_unoffered_updates_are_rejected_without_harm() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 3), global(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        assert_eq!(send(&mut m, t0, "a", 2, 10, 1.0).unwrap_err().code, RejectCode::StaleRound);
+        assert_eq!(send(&mut m, t0, "c", 1, 10, 1.0).unwrap_err().code, RejectCode::NotOffered);
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        assert_eq!(send(&mut m, t0, "a", 1, 10, 9.0).unwrap_err().code, RejectCode::DuplicateUpdate);
+        send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
+        let outs = drain(&mut m);
+        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[2.0; 4]);
+    }
+
+    #[test]
+    fn malformed_update_is_rejected_and_the_round_completes_with_the_others() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        for s in ["a", "b", "c"] {
+            m.handle_ready(t0, site(s));
+        }
+        drain(&mut m);
+        let mut bad = delta(1.0);
+        bad.get_mut("classifier.weight").unwrap().data_mut()[2] = f32::NAN;
+        let h = header(1, 50, &bad);
+        m.begin_update(&site("c"), &h).unwrap();
+        assert_eq!(m.finish_update(t0, &site("c"), &h, &bad).unwrap_err().code, RejectCode::NonFinite);
+        // Wrong shapes are caught from the header alone.
+        let mut wrong = TensorSet::new();
+        wrong.insert("classifier.weight", Tensor::new(vec![4], vec![0.0; 4]).unwrap());
+        assert_eq!(m.begin_update(&site("b"), &header(1, 5, &wrong)).unwrap_err().code, RejectCode::ShapeMismatch);
+        let mut extra = delta(0.0);
+        extra.insert("bert.embeddings.word_embeddings.weight", Tensor::new(vec![3], vec![0.0; 3]).unwrap());
+        assert_eq!(m.begin_update(&site("b"), &header(1, 5, &extra)).unwrap_err().code, RejectCode::UnknownTensor);
+        send(&mut m, t0, "a", 1, 10, 2.0).unwrap();
+        send(&mut m, t0, "b", 1, 30, 6.0).unwrap();
+        let outs = drain(&mut m);
+        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[6.0; 4]);
+        assert_eq!(cp.summary.rejected.len(), 1);
+        assert_eq!(cp.summary.rejected[0].0, site("c"));
+        assert!(m.is_done());
+    }
+
+    #[test]
+    fn deadline_leaves_out_the_late_site_when_quorum_holds() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        for s in ["a", "b", "c"] {
+            m.handle_ready(t0, site(s));
+        }
+        drain(&mut m);
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
+        assert!(drain(&mut m).is_empty(), "c may still answer");
+        m.handle_timeout(t0 + Duration::from_secs(59));
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(t0 + Duration::from_secs(60));
+        let outs = drain(&mut m);
+        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        assert_eq!(cp.summary.missed, [site("c")]);
+        // The late update is now stale.
+        assert_eq!(send(&mut m, t0, "c", 1, 10, 1.0).unwrap_err().code, RejectCode::StaleRound);
+    }
+
+    #[test]
+    fn round_fails_clearly_without_quorum_and_gives_up_after_max_attempts() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        m.handle_timeout(t0 + Duration::from_secs(60));
+        let outs = drain(&mut m);
+        let Output::RoundFailed(f) = &outs[0] else { panic!("{outs:?}") };
+        assert!(f.reason.contains("only 1 of the 2 sites"), "{}", f.reason);
+        assert!(!f.gave_up);
+        assert_eq!(m.completed_rounds(), 0);
+        assert_eq!(m.global().get("classifier.weight").unwrap().data(), &[1.0; 4], "global model untouched");
+        // Second attempt of round 1, also failing: the federation stops.
+        let t1 = t0 + Duration::from_secs(61);
+        m.handle_ready(t1, site("a"));
+        m.handle_ready(t1, site("b"));
+        assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(1)), (site("b"), RoundId(1))]);
+        let decline = Decline { round: RoundId(1), reason: DeclineReason::BudgetExhausted, message: "spent".into() };
+        m.handle_decline(t1, &site("a"), &decline).unwrap();
+        m.handle_disconnected(t1, &site("b"));
+        let outs = drain(&mut m);
+        let Output::RoundFailed(f) = &outs[0] else { panic!("{outs:?}") };
+        assert!(f.gave_up);
+        assert!(matches!(m.phase(), PhaseView::Stopped { .. }));
+    }
+
+    #[test]
+    fn late_joiner_is_offered_the_open_round_and_resumed_machine_continues() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(1, 5), global(), 3).unwrap();
+        m.handle_ready(t0, site("a"));
+        assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(4))]);
+        m.handle_ready(t0 + Duration::from_secs(10), site("b"));
+        let outs = drain(&mut m);
+        let Output::Offer { offer, .. } = &outs[0] else { panic!("{outs:?}") };
+        assert_eq!((offer.round, offer.deadline_secs), (RoundId(4), 50));
+    }
+
+    #[test]
+    fn policy_violations_are_rejected() {
+        let policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 2.0 };
+        let mut used = PrivacyUsed {
+            mode: PrivacyMode::SiteLevel,
+            noise_multiplier: 1.0,
+            clip_norm: 2.0,
+            sampling_rate: 0.0,
+            steps: 0,
+            update_clip_norm: 0.0,
+            epsilon_after: 1.0,
+            delta: 1e-5,
+        };
+        assert!(check_policy(&policy, &used).is_ok());
+        used.noise_multiplier = 0.99;
+        assert_eq!(check_policy(&policy, &used).unwrap_err().code, RejectCode::PolicyViolation);
+        used.noise_multiplier = 1.0;
+        used.clip_norm = 2.5;
+        assert!(check_policy(&policy, &used).is_err());
+        used.clip_norm = 1.0;
+        used.mode = PrivacyMode::Off;
+        assert!(check_policy(&policy, &used).is_err());
+        used.mode = PrivacyMode::SiteLevel;
+        used.noise_multiplier = f64::NAN;
+        assert!(check_policy(&policy, &used).is_err(), "NaN never passes");
+    }
+
+    #[test]
+    fn finished_federation_answers_ready_with_finished() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(1, 1), global(), 1).unwrap();
+        m.handle_ready(t0, site("a"));
+        assert!(matches!(&drain(&mut m)[..], [Output::Finished { finished, .. }] if finished.completed_rounds == 1));
+    }
+}
