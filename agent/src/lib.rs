@@ -1,1 +1,9 @@
-//! placeholder
+//! fedward's hospital agent: a daemon that trains the shared model on local data and
+//! sends differentially private updates to the coordinator.
+//!
+//! `session` is the pure core (what to do with an offer); `daemon` and `net` are the
+//! network shell around it.
+
+pub mod daemon;
+pub mod net;
+pub mod session;

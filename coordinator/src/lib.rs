@@ -5,3 +5,6 @@
 
 pub mod aggregate;
 pub mod round;
+pub mod store;
+pub mod net;
+pub mod server;

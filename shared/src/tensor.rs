@@ -189,7 +189,7 @@ impl TensorSet {
         self.tensors.iter_mut().map(|(k, v)| (k.as_str(), v))
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
         self.tensors.keys().map(String::as_str)
     }
 

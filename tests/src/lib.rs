@@ -1,1 +1,333 @@
-//! placeholder
+//! Harness for fedward's end-to-end tests: a throwaway PKI, a coordinator on its own
+//! runtime (so a test can kill it like a process), and agents with a deterministic trainer.
+//!
+//! Everything runs on 127.0.0.1 with real QUIC and mutual TLS; nothing sleeps to
+//! synchronise: tests wait on the coordinator's status channel or on task results.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use fedward_agent::daemon::{self, DaemonError, DaemonOptions, DaemonOutcome};
+use fedward_coordinator::round::{RoundMachine, Settings};
+use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
+use fedward_coordinator::store::Store;
+use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
+use fedward_shared::config::SiteBudget;
+use fedward_shared::pki::{self, CertifiedKey, Validity};
+use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
+use fedward_shared::tensor::{Tensor, TensorSet};
+use fedward_shared::tls::{self, TlsMaterial};
+use fedward_shared::wire::{LocalMetrics, PrivacyMode, PrivacyPolicy, RoundId, SiteId};
+
+/// The DNS name in the test coordinator's certificate.
+pub const SERVER_NAME: &str = "coordinator.test";
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn serial(n: u8) -> [u8; 16] {
+    [n; 16]
+}
+
+/// A consortium CA with a coordinator certificate, issuing site certificates on demand.
+pub struct TestPki {
+    pub ca: CertifiedKey,
+    pub server: CertifiedKey,
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> Self {
+        let ca = pki::create_ca(name, Validity::days_from(now(), 2), serial(1)).expect("create CA");
+        let server = pki::issue_server(
+            &ca,
+            &[SERVER_NAME.to_owned()],
+            &["127.0.0.1".parse().expect("ip")],
+            Validity::days_from(now(), 2),
+            serial(2),
+        )
+        .expect("server cert");
+        Self { ca, server }
+    }
+
+    pub fn server_tls(&self) -> rustls::ServerConfig {
+        tls::server_config(&TlsMaterial {
+            ca_pem: self.ca.cert_pem.as_bytes(),
+            cert_pem: self.server.cert_pem.as_bytes(),
+            key_pem: self.server.key_pem.as_bytes(),
+        })
+        .expect("server tls")
+    }
+
+    /// A client config for `site`, with a key generated "at the site" and a certificate
+    /// signed by this CA, valid for `validity`.
+    pub fn site_tls_with(&self, site: &str, validity: Validity, trust: &TestPki) -> Arc<rustls::ClientConfig> {
+        let id = SiteId::new(site).expect("site id");
+        let req = pki::site_request(&id).expect("csr");
+        let cert = pki::sign_site_request(&self.ca, &req.csr_pem, &id, validity, serial(3)).expect("sign");
+        Arc::new(
+            tls::client_config(&TlsMaterial {
+                ca_pem: trust.ca.cert_pem.as_bytes(),
+                cert_pem: cert.as_bytes(),
+                key_pem: req.key_pem.as_bytes(),
+            })
+            .expect("client tls"),
+        )
+    }
+
+    pub fn site_tls(&self, site: &str) -> Arc<rustls::ClientConfig> {
+        self.site_tls_with(site, Validity::days_from(now(), 2), self)
+    }
+}
+
+/// A small model with BERT-style names: only `classifier.*` trains under `Trainable::Head`.
+pub fn tiny_global() -> TensorSet {
+    let mut m = TensorSet::new();
+    let t = |shape: Vec<usize>, f: &dyn Fn(usize) -> f32| {
+        let n = shape.iter().product();
+        Tensor::new(shape, (0..n).map(f).collect()).expect("shape")
+    };
+    m.insert("bert.embeddings.word_embeddings.weight", t(vec![16, 8], &|i| (i as f32 * 0.01).sin()));
+    m.insert("bert.encoder.layer.0.output.dense.weight", t(vec![8, 8], &|i| (i as f32 * 0.02).cos()));
+    m.insert("classifier.weight", t(vec![4, 8], &|i| i as f32 * 0.001));
+    m.insert("classifier.bias", t(vec![4], &|_| 0.0));
+    m
+}
+
+/// A plan that trains the head, without DP.
+pub fn head_plan(model: &TensorSet) -> TrainingPlan {
+    TrainingPlan {
+        local_epochs: 1,
+        batch_size: 4,
+        learning_rate: 1e-3,
+        warmup_ratio: 0.0,
+        weight_decay: 0.0,
+        max_grad_norm: 0.0,
+        max_seq_len: 16,
+        trainable: Trainable::Head,
+        trainable_tensors: Trainable::Head.select(model.names()),
+        seed: 1,
+        privacy: PrivacyPlan::Off,
+    }
+}
+
+/// Options of a test coordinator.
+pub struct CoordinatorSpec {
+    pub rounds: u64,
+    pub min_sites: usize,
+    pub deadline: Duration,
+    pub sites: Vec<&'static str>,
+    pub state_dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+/// A coordinator running on its own runtime and thread.
+pub struct CoordinatorHandle {
+    pub addr: SocketAddr,
+    pub status: watch::Receiver<StatusView>,
+    shutdown: Option<oneshot::Sender<()>>,
+    result: Option<oneshot::Receiver<RunOutcome>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl CoordinatorHandle {
+    /// Starts a coordinator; resumes from `state_dir` when it holds a saved state.
+    pub fn start(pki: &TestPki, spec: CoordinatorSpec) -> Self {
+        let mut store = Store::open(&spec.state_dir).expect("store");
+        let (model, completed) = match store.load_current().expect("load state") {
+            Some(x) => x,
+            None => {
+                let m = tiny_global();
+                store.save_initial(&m).expect("save initial");
+                (m, 0)
+            }
+        };
+        let plan = head_plan(&model);
+        let settings = Settings {
+            total_rounds: spec.rounds,
+            min_sites: spec.min_sites,
+            round_deadline: spec.deadline,
+            max_attempts: 3,
+            max_update_bytes: 64 << 20,
+            plan,
+            policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
+            enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
+        };
+        let machine = RoundMachine::new(settings, Arc::new(model), completed).expect("machine");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tls = pki.server_tls();
+        let endpoint = {
+            let _in_runtime = runtime.enter();
+            fedward_coordinator::net::server_endpoint(spec.addr, tls, Duration::from_secs(3)).expect("bind")
+        };
+        let addr = endpoint.local_addr().expect("addr");
+        let (status_tx, status) = watch::channel(StatusView::default());
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let (result_tx, result_rx) = oneshot::channel();
+        let options = ServerOptions { max_concurrent_uploads: 2, finish_grace: Duration::from_secs(5) };
+        runtime.spawn(async move {
+            let shutdown = async {
+                let _ = shutdown_rx.await;
+            };
+            let outcome = server::run(endpoint, machine, store, options, status_tx, shutdown).await.expect("server run");
+            let _ = result_tx.send(outcome);
+        });
+        Self { addr, status, shutdown: Some(shutdown_tx), result: Some(result_rx), runtime: Some(runtime) }
+    }
+
+    /// Waits until the coordinator has published its first status and returns it.
+    pub async fn started(&mut self) -> StatusView {
+        self.status.wait_for(|s| s.total_rounds > 0).await.expect("coordinator alive").clone()
+    }
+
+    /// Waits until the coordinator reports at least `n` completed rounds.
+    pub async fn wait_completed(&mut self, n: u64) {
+        self.status.wait_for(|s| s.completed_rounds >= n).await.expect("coordinator alive");
+    }
+
+    /// Kills the coordinator like a crashed process: its tasks and sockets vanish
+    /// without a goodbye. Returns once they are gone.
+    pub async fn kill(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(10))).await.expect("shutdown");
+        }
+    }
+
+    /// Waits for the run to end by itself.
+    pub async fn outcome(mut self) -> RunOutcome {
+        let rx = self.result.take().expect("outcome once");
+        let outcome = rx.await.expect("coordinator finished");
+        self.shutdown.take();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        outcome
+    }
+}
+
+impl Drop for CoordinatorHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One update as the trainer produced it.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub round: RoundId,
+    pub delta: TensorSet,
+    pub num_examples: u64,
+    pub global_digest: String,
+}
+
+/// A deterministic trainer: the delta of every trainable value is
+/// `value * round + 0.001 * global_value` (so it depends on the model it received).
+pub struct ScriptedTrainer {
+    pub value: f32,
+    pub examples: u64,
+    /// Put a NaN into every update (a broken site).
+    pub poison: bool,
+    pub sent: Arc<Mutex<Vec<Sent>>>,
+}
+
+impl ScriptedTrainer {
+    pub fn new(value: f32, examples: u64) -> (Self, Arc<Mutex<Vec<Sent>>>) {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        (Self { value, examples, poison: false, sent: sent.clone() }, sent)
+    }
+}
+
+impl Trainer for ScriptedTrainer {
+    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
+        let mut delta = TensorSet::new();
+        for name in &plan.trainable_tensors {
+            let g = global.get(name).ok_or_else(|| TrainError::ModelMismatch(name.clone()))?;
+            let data: Vec<f32> =
+                g.data().iter().map(|&x| self.value * ctx.round.0 as f32 + 0.001 * x).collect();
+            delta.insert(name.clone(), Tensor::new(g.shape().to_vec(), data).expect("shape"));
+        }
+        if self.poison {
+            if let Some((_, t)) = delta.iter_mut().next() {
+                t.data_mut()[0] = f32::NAN;
+            }
+        }
+        self.sent.lock().expect("lock").push(Sent {
+            round: ctx.round,
+            delta: delta.clone(),
+            num_examples: self.examples,
+            global_digest: global.digest().to_hex(),
+        });
+        Ok(LocalUpdate {
+            delta,
+            num_examples: self.examples,
+            metrics: LocalMetrics { train_loss: f64::from(self.value), ..Default::default() },
+            dp_steps: 0,
+        })
+    }
+
+    fn num_examples(&self) -> u64 {
+        self.examples
+    }
+}
+
+/// Daemon options for a test agent.
+pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir: &Path, max_attempts: u32) -> DaemonOptions {
+    DaemonOptions {
+        coordinator_addr: addr.to_string(),
+        server_name: SERVER_NAME.to_owned(),
+        tls,
+        state_dir: state_dir.to_owned(),
+        budget: SiteBudget { max_epsilon: 10.0, delta: 1e-5, max_rounds: None, require_dp: false },
+        max_backoff: Duration::from_millis(400),
+        max_connect_attempts: max_attempts,
+        exit_when_finished: true,
+        idle_timeout: Duration::from_secs(3),
+        seed: Some(7),
+    }
+}
+
+/// Spawns an agent daemon on the current runtime.
+pub fn spawn_agent(
+    opts: DaemonOptions,
+    trainer: impl Trainer + 'static,
+) -> tokio::task::JoinHandle<Result<DaemonOutcome, DaemonError>> {
+    tokio::spawn(daemon::run(opts, Box::new(trainer), std::future::pending()))
+}
+
+/// `model + sum_i w_i d_i / sum_i w_i` for the given updates.
+pub fn apply_weighted_mean(model: &mut TensorSet, updates: &[(u64, &TensorSet)]) {
+    let total: f64 = updates.iter().map(|(w, _)| *w as f64).sum();
+    for (name, t) in model.iter_mut() {
+        if !updates.iter().all(|(_, d)| d.contains(name)) {
+            continue;
+        }
+        for (i, v) in t.data_mut().iter_mut().enumerate() {
+            let mean: f64 = updates
+                .iter()
+                .map(|(w, d)| *w as f64 * f64::from(d.get(name).expect("present").data()[i]))
+                .sum::<f64>()
+                / total;
+            *v += mean as f32;
+        }
+    }
+}
+
+/// Installs a test log subscriber once (shown on failure), honouring `FEDWARD_LOG`.
+pub fn init_logging() {
+    let filter = std::env::var("FEDWARD_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}

@@ -1,0 +1,470 @@
+//! The agent daemon: dials the coordinator (hospitals open no inbound port), takes rounds,
+//! trains through a [`Trainer`], and sends updates.
+//!
+//! Connection failures are retried forever by default with exponential backoff and full
+//! jitter; a refusal (certificate, enrolment, protocol version) is final and reported with
+//! the coordinator's reason, since retrying cannot fix it. Training runs on a blocking
+//! thread, never on the reactor.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use fedward_models::{LocalUpdate, TrainContext, Trainer};
+use fedward_shared::config::SiteBudget;
+use fedward_shared::fsutil;
+use fedward_shared::tensor::TensorSet;
+use fedward_shared::wire::{
+    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, PrivacyUsed, Ready, RoundOffer, UpdateHeader,
+    PROTOCOL_VERSION,
+};
+
+use crate::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
+use crate::session::{assemble, review_offer, tensors_to_fetch, Decision};
+
+/// How the daemon connects and behaves.
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    /// `host:port` of the coordinator.
+    pub coordinator_addr: String,
+    /// The DNS name in the coordinator's certificate.
+    pub server_name: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub state_dir: PathBuf,
+    pub budget: SiteBudget,
+    pub max_backoff: Duration,
+    /// Give up after this many failed attempts in a row (0: never).
+    pub max_connect_attempts: u32,
+    pub exit_when_finished: bool,
+    /// A coordinator silent for this long is considered gone (keep-alives every quarter).
+    pub idle_timeout: Duration,
+    /// Seed of the backoff jitter and, in tests only, of DP noise; `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DaemonOutcome {
+    Finished { completed_rounds: u64, rounds_trained: u64 },
+    Shutdown,
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the coordinator refused this site: {0}")]
+    Refused(String),
+    #[error("gave up after {attempts} failed connection attempts; last error: {last}")]
+    GaveUp { attempts: u32, last: String },
+    #[error("cannot resolve coordinator address {addr}: {detail}")]
+    Address { addr: String, detail: String },
+    #[error("local state: {0}")]
+    State(String),
+}
+
+/// What ended one connection.
+enum SessionEnd {
+    Finished { completed_rounds: u64 },
+    /// Transient: reconnect after a backoff.
+    Lost(String),
+    Refused(String),
+}
+
+const MODEL_CACHE: &str = "global-model.safetensors";
+
+/// Runs until the federation is finished (when so configured), a refusal, or `shutdown`.
+pub async fn run(
+    opts: DaemonOptions,
+    trainer: Box<dyn Trainer>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<DaemonOutcome, DaemonError> {
+    tokio::pin!(shutdown);
+    let mut rng = match opts.seed {
+        Some(s) => rand_chacha::ChaCha20Rng::seed_from_u64(s),
+        None => rand_chacha::ChaCha20Rng::from_os_rng(),
+    };
+    std::fs::create_dir_all(&opts.state_dir).map_err(|e| DaemonError::State(format!("{}: {e}", opts.state_dir.display())))?;
+    let mut state = AgentState { trainer: Some(trainer), cache: load_cache(&opts), rounds_trained: 0 };
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
+            end = connect_and_serve(&opts, &mut state, &mut rng, &mut failures) => end,
+        };
+        match attempt {
+            Ok(SessionEnd::Finished { completed_rounds }) => {
+                info!(completed_rounds, rounds_trained = state.rounds_trained, "federation finished");
+                if opts.exit_when_finished {
+                    return Ok(DaemonOutcome::Finished { completed_rounds, rounds_trained: state.rounds_trained });
+                }
+                failures = 0;
+            }
+            Ok(SessionEnd::Refused(reason)) => {
+                error!(%reason, "refused by the coordinator; fix the cause and restart the agent");
+                return Err(DaemonError::Refused(reason));
+            }
+            Ok(SessionEnd::Lost(cause)) | Err(cause) => {
+                failures += 1;
+                if opts.max_connect_attempts > 0 && failures >= opts.max_connect_attempts {
+                    return Err(DaemonError::GaveUp { attempts: failures, last: cause });
+                }
+                let delay = backoff(failures, opts.max_backoff, &mut rng);
+                warn!(%cause, attempt = failures, retry_in = ?delay, "connection lost; will retry");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 500 ms, capped, with full jitter over the upper half.
+pub fn backoff(failures: u32, max: Duration, rng: &mut impl Rng) -> Duration {
+    let exp = Duration::from_millis(500).saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let cap = exp.min(max);
+    let lo = cap / 2;
+    lo + cap.saturating_sub(lo).mul_f64(rng.random::<f64>())
+}
+
+struct AgentState {
+    /// Taken out while training runs on a blocking thread.
+    trainer: Option<Box<dyn Trainer>>,
+    cache: Option<TensorSet>,
+    rounds_trained: u64,
+}
+
+fn load_cache(opts: &DaemonOptions) -> Option<TensorSet> {
+    let path = opts.state_dir.join(MODEL_CACHE);
+    let bytes = std::fs::read(&path).ok()?;
+    match TensorSet::from_safetensors(&bytes, false) {
+        Ok(set) => Some(set),
+        Err(e) => {
+            warn!(path = %path.display(), cause = %e, "ignoring an unreadable model cache");
+            None
+        }
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, DaemonError> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| DaemonError::Address { addr: addr.to_owned(), detail: e.to_string() })?;
+    addrs.next().ok_or_else(|| DaemonError::Address { addr: addr.to_owned(), detail: "no address".into() })
+}
+
+async fn connect_and_serve(
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    failures: &mut u32,
+) -> Result<SessionEnd, String> {
+    let remote = resolve(&opts.coordinator_addr).await.map_err(|e| e.to_string())?;
+    let endpoint = client_endpoint(remote, (*opts.tls).clone(), opts.idle_timeout).map_err(|e| format!("endpoint: {e}"))?;
+    let connecting = endpoint.connect(remote, &opts.server_name).map_err(|e| format!("connect: {e}"))?;
+    let conn = match connecting.await {
+        Ok(c) => c,
+        Err(e) => return Ok(classify_connection_error(&e).unwrap_or(SessionEnd::Lost(format!("handshake: {e}")))),
+    };
+    // With TLS 1.3 a refused client certificate only shows on the first stream, so the
+    // agent believes it is admitted only once the coordinator says Welcome.
+    let welcome = match request(&conn, &Message::Hello(hello())).await {
+        Ok(Message::Welcome(w)) => w,
+        Ok(Message::Reject(r)) => return Ok(SessionEnd::Refused(r.to_string())),
+        Ok(other) => return Ok(SessionEnd::Lost(format!("unexpected answer to hello: {}", other.kind()))),
+        Err(e) => return Ok(stream_failure(&conn, e)),
+    };
+    *failures = 0;
+    let span = info_span!("agent", site = %welcome.site);
+    let end = async {
+        info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
+        serve(&conn, opts, state, rng).await
+    }
+    .instrument(span)
+    .await;
+    conn.close(wire::CLOSE_NORMAL.into(), b"agent done");
+    endpoint.wait_idle().await;
+    Ok(end)
+}
+
+fn hello() -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        software: format!("fedward-agent {}", env!("CARGO_PKG_VERSION")),
+        capabilities: vec![Capability::ModelCache, Capability::RecordLevelDp, Capability::SiteLevelDp],
+    }
+}
+
+async fn serve(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    rng: &mut rand_chacha::ChaCha20Rng,
+) -> SessionEnd {
+    loop {
+        let have_model = state.cache.as_ref().map(TensorSet::digest);
+        let offer = match request(conn, &Message::Ready(Ready { have_model })).await {
+            Ok(Message::RoundOffer(o)) => o,
+            Ok(Message::Finished(f)) => return SessionEnd::Finished { completed_rounds: f.completed_rounds },
+            Ok(Message::Reject(r)) => return SessionEnd::Lost(format!("ready refused: {r}")),
+            Ok(other) => return SessionEnd::Lost(format!("unexpected answer to ready: {}", other.kind())),
+            Err(e) => return stream_failure(conn, e),
+        };
+        let span = info_span!("round", round = %offer.round);
+        let result = take_round(conn, opts, state, rng, offer).instrument(span).await;
+        if let Err(end) = result {
+            return end;
+        }
+    }
+}
+
+async fn take_round(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    offer: RoundOffer,
+) -> Result<(), SessionEnd> {
+    info!(
+        total = offer.total_rounds,
+        trainable = %offer.plan.trainable,
+        privacy = offer.plan.privacy.mode_name(),
+        deadline_secs = offer.deadline_secs,
+        "round offered"
+    );
+    if let Decision::Decline { reason, message } = review_offer(&offer, &opts.budget, state.rounds_trained) {
+        return send_decline(conn, &offer, reason, message).await;
+    }
+    let model = fetch_model(conn, opts, state, &offer).await?;
+
+    let Some(mut trainer) = state.trainer.take() else {
+        return Err(SessionEnd::Lost("trainer unavailable".into()));
+    };
+    let plan = offer.plan.clone();
+    let round = offer.round;
+    let mut noise_rng = rand_chacha::ChaCha20Rng::seed_from_u64(rng.random());
+    let started = Instant::now();
+    let joined = tokio::task::spawn_blocking(move || {
+        let ctx = TrainContext { round, noise_rng: &mut noise_rng };
+        let result = trainer.train(ctx, &model, &plan);
+        (trainer, result)
+    })
+    .await;
+    let (trainer, result) = match joined {
+        Ok(x) => x,
+        Err(e) => return Err(SessionEnd::Refused(format!("training thread panicked: {e}"))),
+    };
+    state.trainer = Some(trainer);
+    let mut update = match result {
+        Ok(u) => u,
+        Err(e) => {
+            error!(cause = %e, "local training failed");
+            return send_decline(conn, &offer, DeclineReason::TrainingFailed, e.to_string()).await;
+        }
+    };
+    update.metrics.train_secs = started.elapsed().as_secs_f64();
+    info!(
+        examples = update.num_examples,
+        train_loss = format_args!("{:.4}", update.metrics.train_loss),
+        val_accuracy = ?update.metrics.val_accuracy,
+        secs = format_args!("{:.1}", update.metrics.train_secs),
+        "local training done"
+    );
+    send_update(conn, &offer, update, PrivacyUsed::off()).await?;
+    state.rounds_trained += 1;
+    Ok(())
+}
+
+async fn fetch_model(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    offer: &RoundOffer,
+) -> Result<TensorSet, SessionEnd> {
+    let names = tensors_to_fetch(&offer.manifest, state.cache.as_ref());
+    let started = Instant::now();
+    let fetched = if names.is_empty() {
+        TensorSet::new()
+    } else {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
+        let req = Message::ModelRequest(ModelRequest { round: offer.round, names: names.clone() });
+        let exchange = async {
+            write_message(&mut send, &req).await?;
+            send.finish()?;
+            match read_message(&mut recv).await? {
+                Message::Tensors(specs) => {
+                    // The coordinator must send exactly what was asked, within the limits.
+                    if specs.iter().map(|s| &s.name).ne(names.iter()) {
+                        return Ok(Err("the coordinator sent other tensors than requested".to_owned()));
+                    }
+                    wire::declared_payload_bytes(&specs, usize::MAX / 2)?;
+                    Ok(Ok(read_tensors(&mut recv, &specs).await?))
+                }
+                Message::Reject(r) => Ok(Err(format!("model request refused: {r}"))),
+                other => Ok(Err(format!("unexpected answer to a model request: {}", other.kind()))),
+            }
+        };
+        match exchange.await {
+            Ok(Ok(set)) => set,
+            Ok(Err(msg)) => return Err(SessionEnd::Lost(msg)),
+            Err(e) => return Err(stream_failure(conn, e)),
+        }
+    };
+    let bytes = fetched.byte_len();
+    let model = assemble(&offer.manifest, offer.model_digest, state.cache.take(), fetched).map_err(|e| {
+        error!(cause = %e, "global model failed verification");
+        SessionEnd::Lost(e.to_string())
+    })?;
+    info!(
+        fetched_tensors = names.len(),
+        mib = format_args!("{:.1}", bytes as f64 / (1 << 20) as f64),
+        secs = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+        digest = %offer.model_digest.short(),
+        "global model received and verified"
+    );
+    if !names.is_empty() {
+        match model.to_safetensors(None) {
+            Ok(bytes) => {
+                if let Err(e) = fsutil::atomic_write(&opts.state_dir.join(MODEL_CACHE), &bytes, false) {
+                    warn!(cause = %e, "could not cache the global model");
+                }
+            }
+            Err(e) => warn!(cause = %e, "could not serialise the global model cache"),
+        }
+    }
+    state.cache = Some(model.clone());
+    Ok(model)
+}
+
+async fn send_update(
+    conn: &quinn::Connection,
+    offer: &RoundOffer,
+    update: LocalUpdate,
+    privacy: PrivacyUsed,
+) -> Result<(), SessionEnd> {
+    let specs = update.delta.specs();
+    let header = UpdateHeader {
+        round: offer.round,
+        num_examples: update.num_examples,
+        metrics: update.metrics.clone(),
+        tensors: specs.clone(),
+        privacy,
+    };
+    let mib = update.delta.byte_len() as f64 / (1 << 20) as f64;
+    let started = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
+    let exchange = async {
+        write_message(&mut send, &Message::Update(header)).await?;
+        write_tensors(&mut send, &update.delta, &specs).await?;
+        send.finish()?;
+        read_message(&mut recv).await
+    };
+    match exchange.await {
+        Ok(Message::Ack(_)) => {
+            let secs = started.elapsed().as_secs_f64();
+            info!(
+                tensors = specs.len(),
+                mib = format_args!("{mib:.2}"),
+                mib_per_s = format_args!("{:.0}", mib / secs.max(1e-9)),
+                "update accepted"
+            );
+            Ok(())
+        }
+        Ok(Message::Reject(r)) => {
+            // The round goes on without this site; the next offer is a fresh start.
+            error!(code = %r.code, reason = %r.message, "update rejected by the coordinator");
+            Ok(())
+        }
+        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to an update: {}", other.kind()))),
+        Err(e) => Err(stream_failure(conn, e)),
+    }
+}
+
+async fn send_decline(
+    conn: &quinn::Connection,
+    offer: &RoundOffer,
+    reason: DeclineReason,
+    message: String,
+) -> Result<(), SessionEnd> {
+    warn!(?reason, %message, "declining the round");
+    let msg = Message::Decline(Decline { round: offer.round, reason, message });
+    match request(conn, &msg).await {
+        Ok(Message::Ack(_)) => Ok(()),
+        Ok(Message::Reject(r)) => {
+            debug!(reason = %r, "decline not recorded");
+            Ok(())
+        }
+        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to a decline: {}", other.kind()))),
+        Err(e) => Err(stream_failure(conn, e)),
+    }
+}
+
+/// One request/answer exchange on a fresh stream.
+async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message, StreamError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| StreamError::Connection(e.to_string()))?;
+    write_message(&mut send, msg).await?;
+    send.finish()?;
+    read_message(&mut recv).await
+}
+
+/// Turns a failed stream into a session end, reading the connection's close reason: a
+/// refusal by the coordinator (or by TLS) is final, anything else is transient.
+fn stream_failure(conn: &quinn::Connection, e: StreamError) -> SessionEnd {
+    match conn.close_reason() {
+        Some(reason) => classify_connection_error(&reason).unwrap_or_else(|| SessionEnd::Lost(reason.to_string())),
+        None => SessionEnd::Lost(e.to_string()),
+    }
+}
+
+fn classify_connection_error(e: &quinn::ConnectionError) -> Option<SessionEnd> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == wire::CLOSE_REFUSED.into() => {
+            Some(SessionEnd::Refused(String::from_utf8_lossy(&close.reason).into_owned()))
+        }
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            let text = close.to_string();
+            // TLS alerts surface as CRYPTO_ERROR transport codes (0x100-0x1ff).
+            let code = u64::from(close.error_code);
+            if (0x100..0x200).contains(&code) {
+                let hint = fedward_shared::tls::explain_handshake_error(&text)
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                Some(SessionEnd::Refused(format!("TLS handshake refused: {text}{hint}")))
+            } else {
+                None
+            }
+        }
+        quinn::ConnectionError::TransportError(t) => {
+            let text = t.to_string();
+            fedward_shared::tls::explain_handshake_error(&text)
+                .map(|hint| SessionEnd::Refused(format!("TLS handshake failed: {text} ({hint})")))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let max = Duration::from_secs(30);
+        let d1 = backoff(1, max, &mut rng);
+        assert!(d1 >= Duration::from_millis(250) && d1 <= Duration::from_millis(500), "{d1:?}");
+        let d4 = backoff(4, max, &mut rng);
+        assert!(d4 >= Duration::from_secs(2) && d4 <= Duration::from_secs(4), "{d4:?}");
+        for n in 10..40 {
+            let d = backoff(n, max, &mut rng);
+            assert!(d >= max / 2 && d <= max, "{n}: {d:?}");
+        }
+        let samples: std::collections::BTreeSet<_> = (0..20).map(|_| backoff(8, max, &mut rng)).collect();
+        assert!(samples.len() > 10, "jitter spreads retries");
+    }
+}

@@ -1,0 +1,572 @@
+//! The coordinator's network shell: accepts QUIC connections with mutual TLS, admits
+//! enrolled sites, and feeds their messages to the [`RoundMachine`].
+//!
+//! One task owns the round machine and reads a closed [`Event`] enum from one `select!`
+//! loop; each connection and each stream gets its own task that talks to it over
+//! channels. The site's identity is read from its certificate, never from a message.
+//! Checkpoints are made durable before any output that follows them is acted on.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use fedward_shared::pki::site_of_cert;
+use fedward_shared::tensor::{TensorSet, TensorSpec};
+use fedward_shared::wire::{
+    self, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome,
+    PROTOCOL_VERSION,
+};
+
+use crate::net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
+use crate::round::{Output, PhaseView, RoundMachine};
+use crate::store::{Store, StoreError};
+
+/// Fatal coordinator errors (a site's misbehaviour is never one).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not persist the round: {0}")]
+    Persist(#[from] StoreError),
+    #[error("persistence task failed: {0}")]
+    Join(String),
+}
+
+/// How the run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every planned round completed.
+    Completed { rounds: u64 },
+    /// A round failed too often; the federation stopped.
+    Stopped { reason: String },
+    /// Shut down on request before the end.
+    Interrupted { completed: u64 },
+}
+
+/// Knobs of the shell.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub max_concurrent_uploads: usize,
+    /// After the last round, how long to wait for agents to hear `Finished` and leave.
+    pub finish_grace: Duration,
+}
+
+/// What the dashboard shows; published after every event.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StatusView {
+    pub phase: String,
+    pub open_round: Option<u64>,
+    pub completed_rounds: u64,
+    pub total_rounds: u64,
+    pub connected: Vec<String>,
+    pub enrolled: Vec<String>,
+    pub model_digest: String,
+    pub offered: usize,
+    pub accepted: usize,
+}
+
+enum ReadyReply {
+    Offer(RoundOffer, Arc<TensorSet>),
+    Finished(Finished),
+}
+
+enum Event {
+    Connected { site: SiteId, conn_id: usize, conn: quinn::Connection },
+    Disconnected { site: SiteId, conn_id: usize },
+    Ready { site: SiteId, reply: oneshot::Sender<ReadyReply> },
+    BeginUpdate { site: SiteId, header: UpdateHeader, reply: oneshot::Sender<Result<(), Reject>> },
+    AbortUpdate { site: SiteId },
+    RejectUpdate { site: SiteId, reject: Reject },
+    FinishUpdate { site: SiteId, header: UpdateHeader, tensors: TensorSet, reply: oneshot::Sender<Result<Ack, Reject>> },
+    Decline { site: SiteId, decline: Decline, reply: oneshot::Sender<Result<Ack, Reject>> },
+}
+
+/// What every connection task shares.
+struct Shared {
+    events: mpsc::Sender<Event>,
+    enrolled: BTreeSet<SiteId>,
+    uploads: Semaphore,
+    status: watch::Receiver<StatusView>,
+}
+
+/// Runs the federation until it completes, stops, or `shutdown` resolves.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    mut machine: RoundMachine,
+    store: Store,
+    options: ServerOptions,
+    status_tx: watch::Sender<StatusView>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunOutcome, ServerError> {
+    let (events_tx, mut events) = mpsc::channel::<Event>(256);
+    let enrolled = machine.settings().enrolled.clone();
+    let shared = Arc::new(Shared {
+        events: events_tx,
+        enrolled: enrolled.clone(),
+        uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
+        status: status_tx.subscribe(),
+    });
+    let store = Arc::new(Mutex::new(store));
+    let mut connections: HashMap<SiteId, (usize, quinn::Connection)> = HashMap::new();
+    let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
+    let mut next_conn_id = 0usize;
+    let mut done_since: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    publish(&status_tx, &machine, &connections, &enrolled);
+    info!(
+        completed = machine.completed_rounds(),
+        total = machine.settings().total_rounds,
+        model = %machine.model_digest().short(),
+        "federation ready"
+    );
+
+    let outcome = loop {
+        let timeout = machine.poll_timeout().map(tokio::time::Instant::from_std);
+        let grace_end = done_since.map(|t| tokio::time::Instant::from_std(t + options.finish_grace));
+        tokio::select! {
+            () = &mut shutdown => {
+                info!("shutdown requested");
+                break RunOutcome::Interrupted { completed: machine.completed_rounds() };
+            }
+            Some(ev) = events.recv() => {
+                handle_event(&mut machine, ev, &mut connections, &mut waiting);
+            }
+            () = sleep_until_opt(timeout), if timeout.is_some() => {
+                machine.handle_timeout(Instant::now());
+            }
+            () = sleep_until_opt(grace_end), if grace_end.is_some() => {
+                info!("finish grace period over");
+                break final_outcome(&machine);
+            }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break final_outcome(&machine) };
+                let conn_id = next_conn_id;
+                next_conn_id += 1;
+                tokio::spawn(handle_connection(incoming, conn_id, shared.clone()));
+            }
+        }
+        if let Err(e) = drain_outputs(&mut machine, &store, &mut waiting, &connections).await {
+            error!(cause = %e, "stopping: the round could not be made durable");
+            endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
+            return Err(e);
+        }
+        publish(&status_tx, &machine, &connections, &enrolled);
+        if machine.is_done() {
+            done_since.get_or_insert_with(Instant::now);
+            if connections.is_empty() {
+                break final_outcome(&machine);
+            }
+        }
+    };
+    endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator shutting down");
+    // Bounded: agents that do not answer the close are given up on.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    Ok(outcome)
+}
+
+fn final_outcome(machine: &RoundMachine) -> RunOutcome {
+    match machine.phase() {
+        PhaseView::Stopped { reason } => RunOutcome::Stopped { reason },
+        PhaseView::Finished => RunOutcome::Completed { rounds: machine.completed_rounds() },
+        _ => RunOutcome::Interrupted { completed: machine.completed_rounds() },
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn handle_event(
+    machine: &mut RoundMachine,
+    ev: Event,
+    connections: &mut HashMap<SiteId, (usize, quinn::Connection)>,
+    waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
+) {
+    let now = Instant::now();
+    match ev {
+        Event::Connected { site, conn_id, conn } => {
+            if let Some((_, old)) = connections.insert(site.clone(), (conn_id, conn)) {
+                info!(site = %site, "site reconnected; closing its previous connection");
+                old.close(wire::CLOSE_NORMAL.into(), b"replaced by a newer connection from the same site");
+            }
+        }
+        Event::Disconnected { site, conn_id } => {
+            if connections.get(&site).is_some_and(|(id, _)| *id == conn_id) {
+                connections.remove(&site);
+                waiting.remove(&site);
+                machine.handle_disconnected(now, &site);
+                info!(site = %site, "site disconnected");
+            }
+        }
+        Event::Ready { site, reply } => {
+            waiting.insert(site.clone(), reply);
+            machine.handle_ready(now, site);
+        }
+        Event::BeginUpdate { site, header, reply } => {
+            let _ = reply.send(machine.begin_update(&site, &header));
+        }
+        Event::AbortUpdate { site } => machine.abort_update(&site),
+        Event::RejectUpdate { site, reject } => machine.reject_update(now, &site, reject),
+        Event::FinishUpdate { site, header, tensors, reply } => {
+            let _ = reply.send(machine.finish_update(now, &site, &header, &tensors));
+        }
+        Event::Decline { site, decline, reply } => {
+            let _ = reply.send(machine.handle_decline(now, &site, &decline));
+        }
+    }
+}
+
+async fn drain_outputs(
+    machine: &mut RoundMachine,
+    store: &Arc<Mutex<Store>>,
+    waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
+    connections: &HashMap<SiteId, (usize, quinn::Connection)>,
+) -> Result<(), ServerError> {
+    while let Some(out) = machine.poll_output() {
+        match out {
+            Output::Checkpoint(cp) => {
+                let span = info_span!("checkpoint", round = %cp.summary.round);
+                let _g = span.enter();
+                let store = store.clone();
+                let cp2 = cp.clone();
+                let now = now_rfc3339();
+                tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).save_round(&cp2, &now))
+                    .await
+                    .map_err(|e| ServerError::Join(e.to_string()))??;
+                let s = &cp.summary;
+                info!(
+                    sites = s.contributions.len(),
+                    examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
+                    mean_train_loss = format_args!("{:.4}", s.mean_train_loss),
+                    rejected = s.rejected.len(),
+                    declined = s.declined.len(),
+                    missed = s.missed.len(),
+                    secs = format_args!("{:.1}", s.duration.as_secs_f64()),
+                    model = %s.model_digest.short(),
+                    "round completed and checkpointed"
+                );
+            }
+            Output::RoundFailed(f) => {
+                let store = store.clone();
+                let f2 = f.clone();
+                let now = now_rfc3339();
+                tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).save_failure(&f2, &now))
+                    .await
+                    .map_err(|e| ServerError::Join(e.to_string()))??;
+                if f.gave_up {
+                    error!(round = %f.round, attempt = f.attempt, reason = %f.reason, "round failed; federation stopped");
+                } else {
+                    warn!(round = %f.round, attempt = f.attempt, reason = %f.reason, "round failed; waiting for quorum to retry");
+                }
+            }
+            Output::Offer { to, offer } => {
+                let model = machine.global().clone();
+                let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(offer, model)).is_ok());
+                if !delivered && !connections.contains_key(&to) {
+                    machine.handle_disconnected(Instant::now(), &to);
+                }
+            }
+            Output::Finished { to, finished } => {
+                if let Some(tx) = waiting.remove(&to) {
+                    let _ = tx.send(ReadyReply::Finished(finished));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn publish(
+    tx: &watch::Sender<StatusView>,
+    machine: &RoundMachine,
+    connections: &HashMap<SiteId, (usize, quinn::Connection)>,
+    enrolled: &BTreeSet<SiteId>,
+) {
+    let (phase, open_round, offered, accepted) = match machine.phase() {
+        PhaseView::WaitingForQuorum { ready, needed } => (format!("waiting for quorum ({ready}/{needed} sites ready)"), None, 0, 0),
+        PhaseView::Collecting { round, offered, accepted, .. } => ("collecting updates".to_owned(), Some(round.0), offered, accepted),
+        PhaseView::Finished => ("finished".to_owned(), None, 0, 0),
+        PhaseView::Stopped { reason } => (format!("stopped: {reason}"), None, 0, 0),
+    };
+    let mut connected: Vec<String> = connections.keys().map(ToString::to_string).collect();
+    connected.sort();
+    tx.send_replace(StatusView {
+        phase,
+        open_round,
+        completed_rounds: machine.completed_rounds(),
+        total_rounds: machine.settings().total_rounds,
+        connected,
+        enrolled: enrolled.iter().map(ToString::to_string).collect(),
+        model_digest: machine.model_digest().to_hex(),
+        offered,
+        accepted,
+    });
+}
+
+/// Wall-clock time for records.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn handle_connection(incoming: quinn::Incoming, conn_id: usize, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Failed handshakes include clients with certificates from another CA or
+            // expired ones: rustls names the reason.
+            let hint = fedward_shared::tls::explain_handshake_error(&e.to_string()).unwrap_or("");
+            warn!(%remote, cause = %e, hint, "TLS handshake failed; connection refused");
+            return;
+        }
+    };
+    let site = match peer_site(&conn) {
+        Ok(site) => site,
+        Err(reason) => {
+            warn!(%remote, %reason, "refusing connection");
+            refuse(&conn, RejectCode::NotEnrolled, &reason).await;
+            return;
+        }
+    };
+    if !shared.enrolled.contains(&site) {
+        let reason = format!("site {site} is not enrolled in this consortium");
+        warn!(%remote, site = %site, "refusing connection from an unenrolled site");
+        refuse(&conn, RejectCode::NotEnrolled, &reason).await;
+        return;
+    }
+    let span = info_span!("site", site = %site);
+    async move {
+        info!(%remote, "site connected");
+        if shared.events.send(Event::Connected { site: site.clone(), conn_id, conn: conn.clone() }).await.is_err() {
+            return;
+        }
+        let current: Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>> = Arc::default();
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let ctx = StreamCtx { site: site.clone(), shared: shared.clone(), current: current.clone() };
+                    tokio::spawn(handle_stream(ctx, send, recv).in_current_span());
+                }
+                Err(e) => {
+                    debug!(cause = %e, "connection ended");
+                    break;
+                }
+            }
+        }
+        let _ = shared.events.send(Event::Disconnected { site, conn_id }).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The site named by the peer's certificate (already verified against the CA by rustls).
+fn peer_site(conn: &quinn::Connection) -> Result<SiteId, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty client certificate chain")?;
+    site_of_cert(leaf).map_err(|e| format!("client certificate names no valid site: {e}"))
+}
+
+/// Answers the client's first stream with a reject and closes the connection, so the
+/// agent sees the reason rather than a bare close.
+async fn refuse(conn: &quinn::Connection, code: RejectCode, reason: &str) {
+    let msg = Message::Reject(Reject::new(code, reason));
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let _ = read_message(&mut recv).await;
+            let _ = reply(&mut send, &msg).await;
+            // Wait until the reply is delivered (or the peer goes away).
+            let _ = send.stopped().await;
+        }
+    })
+    .await;
+    if answered.is_err() {
+        debug!("refused client sent no stream in time");
+    }
+    let mut text = reason.as_bytes().to_vec();
+    text.truncate(512);
+    conn.close(wire::CLOSE_REFUSED.into(), &text);
+}
+
+struct StreamCtx {
+    site: SiteId,
+    shared: Arc<Shared>,
+    current: Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>>,
+}
+
+async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let msg = match read_message(&mut recv).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(cause = %e, "malformed request");
+            let _ = reply(&mut send, &Message::Reject(Reject::new(RejectCode::Malformed, e.to_string()))).await;
+            return;
+        }
+    };
+    let kind = msg.kind();
+    if let Err(e) = dispatch(&ctx, msg, &mut send, &mut recv).await {
+        debug!(request = kind, cause = %e, "stream ended with an error");
+    }
+}
+
+async fn dispatch(
+    ctx: &StreamCtx,
+    msg: Message,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let events = &ctx.shared.events;
+    let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
+    match msg {
+        Message::Hello(hello) => {
+            if hello.protocol_version != PROTOCOL_VERSION {
+                let r = Reject::new(
+                    RejectCode::UnsupportedVersion,
+                    format!("protocol version {} is not supported; this coordinator speaks {PROTOCOL_VERSION}", hello.protocol_version),
+                );
+                return reply(send, &Message::Reject(r)).await;
+            }
+            let status = ctx.shared.status.borrow().clone();
+            info!(software = %hello.software, "hello");
+            reply(
+                send,
+                &Message::Welcome(Welcome {
+                    site: ctx.site.clone(),
+                    protocol_version: PROTOCOL_VERSION,
+                    completed_rounds: status.completed_rounds,
+                    total_rounds: status.total_rounds,
+                }),
+            )
+            .await
+        }
+        Message::Ready(_) => {
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Ready { site: ctx.site.clone(), reply: tx }).await.is_err() {
+                return reply(send, &Message::Reject(gone())).await;
+            }
+            match rx.await {
+                Ok(ReadyReply::Offer(offer, model)) => {
+                    info!(round = %offer.round, "round offered");
+                    *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((offer.round, model));
+                    reply(send, &Message::RoundOffer(offer)).await
+                }
+                Ok(ReadyReply::Finished(f)) => reply(send, &Message::Finished(f)).await,
+                Err(_) => reply(send, &Message::Reject(gone())).await,
+            }
+        }
+        Message::ModelRequest(req) => {
+            let current = ctx.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let model = match current {
+                Some((round, model)) if round == req.round => model,
+                _ => {
+                    let r = Reject::new(RejectCode::StaleRound, format!("round {} was not offered on this connection", req.round));
+                    return reply(send, &Message::Reject(r)).await;
+                }
+            };
+            let mut specs: Vec<TensorSpec> = Vec::with_capacity(req.names.len());
+            for name in &req.names {
+                match model.get(name) {
+                    Some(t) => specs.push(TensorSpec { name: name.clone(), shape: t.shape().to_vec(), digest: t.digest() }),
+                    None => {
+                        let r = Reject::new(RejectCode::UnknownTensor, format!("the global model has no tensor {name}"));
+                        return reply(send, &Message::Reject(r)).await;
+                    }
+                }
+            }
+            let bytes: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * 4).sum();
+            let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
+            async {
+                write_message(send, &Message::Tensors(specs.clone())).await?;
+                write_tensors(send, &model, &specs).await?;
+                send.finish()?;
+                debug!("model sent");
+                Ok(())
+            }
+            .instrument(span)
+            .await
+        }
+        Message::Update(header) => {
+            let span = info_span!("update", round = %header.round);
+            receive_update(ctx, header, send, recv).instrument(span).await
+        }
+        Message::Decline(decline) => {
+            info!(round = %decline.round, reason = ?decline.reason, message = %decline.message, "site declined the round");
+            let (tx, rx) = oneshot::channel();
+            let ev = Event::Decline { site: ctx.site.clone(), decline, reply: tx };
+            let answer = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+            reply(send, &answer_message(answer)).await
+        }
+        other => {
+            let r = Reject::new(RejectCode::UnexpectedMessage, format!("a {} cannot start a stream", other.kind()));
+            reply(send, &Message::Reject(r)).await
+        }
+    }
+}
+
+async fn receive_update(
+    ctx: &StreamCtx,
+    header: UpdateHeader,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let events = &ctx.shared.events;
+    let site = &ctx.site;
+    let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
+    // Bounds memory: at most this many updates are held at once, whatever the sites do.
+    let Ok(_permit) = ctx.shared.uploads.acquire().await else { return reply(send, &Message::Reject(gone())).await };
+    let (tx, rx) = oneshot::channel();
+    let ev = Event::BeginUpdate { site: site.clone(), header: header.clone(), reply: tx };
+    let admitted = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    if let Err(reject) = admitted {
+        warn!(code = %reject.code, reason = %reject.message, "update refused");
+        let _ = recv.stop(0u32.into());
+        return reply(send, &Message::Reject(reject)).await;
+    }
+    let started = Instant::now();
+    let tensors = match read_tensors(recv, &header.tensors).await {
+        Ok(t) => t,
+        Err(StreamError::Tensors(e)) => {
+            let reject = Reject::new(RejectCode::DigestMismatch, e.to_string());
+            warn!(code = %reject.code, reason = %reject.message, "update refused");
+            let _ = events.send(Event::RejectUpdate { site: site.clone(), reject: reject.clone() }).await;
+            return reply(send, &Message::Reject(reject)).await;
+        }
+        Err(e) => {
+            warn!(cause = %e, "update transfer broke off");
+            let _ = events.send(Event::AbortUpdate { site: site.clone() }).await;
+            return Err(e);
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let mib = tensors.byte_len() as f64 / (1 << 20) as f64;
+    let (tx, rx) = oneshot::channel();
+    let ev = Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply: tx };
+    let answer = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    match &answer {
+        Ok(_) => info!(
+            examples = header.num_examples,
+            mib = format_args!("{mib:.1}"),
+            mib_per_s = format_args!("{:.0}", mib / secs.max(1e-9)),
+            "update accepted"
+        ),
+        Err(r) => warn!(code = %r.code, reason = %r.message, "update refused"),
+    }
+    reply(send, &answer_message(answer)).await
+}
+
+fn answer_message(answer: Result<Ack, Reject>) -> Message {
+    match answer {
+        Ok(ack) => Message::Ack(ack),
+        Err(r) => Message::Reject(r),
+    }
+}
