@@ -8,3 +8,4 @@ pub mod round;
 pub mod store;
 pub mod net;
 pub mod server;
+pub mod admin;

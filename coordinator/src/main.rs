@@ -1,1 +1,317 @@
-fn main() {}
+//! `fedward-coordinator`: the consortium's server and the admin's tools.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::info;
+
+use fedward_coordinator::round::{RoundMachine, Settings};
+use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
+use fedward_coordinator::store::{load_initial_model, Store};
+use fedward_shared::config::CoordinatorConfig;
+use fedward_shared::fsutil;
+use fedward_shared::pki::{self, CertifiedKey, Validity};
+use fedward_shared::tls::{self, TlsMaterial};
+use fedward_shared::wire::SiteId;
+
+/// The fedward coordinator: runs federated rounds for a hospital consortium.
+///
+/// Hospitals' agents dial in over QUIC with mutual TLS; the coordinator averages their
+/// updates (FedAvg weighted by examples), checkpoints each round and redistributes the
+/// global model. Logs go to stderr; set FEDWARD_LOG (e.g. `info`, `debug`) and
+/// FEDWARD_LOG_FORMAT=json for machine-readable logs.
+#[derive(Parser)]
+#[command(name = "fedward-coordinator", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the federation described by a config file.
+    Serve {
+        /// Coordinator config (TOML); relative paths inside are taken from its directory.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and print what it would run, without binding anything.
+    CheckConfig {
+        /// Coordinator config (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the rounds recorded in a state directory.
+    Status {
+        /// The coordinator's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the consortium's certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the consortium CA and the coordinator's server certificate.
+    Init {
+        /// Directory to write ca.crt, ca.key, coordinator.crt and coordinator.key into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Consortium name, written into the CA certificate.
+        #[arg(long, default_value = "fedward consortium")]
+        consortium: String,
+        /// DNS names the coordinator is reached at (repeatable).
+        #[arg(long = "server-name", required = true)]
+        server_names: Vec<String>,
+        /// IP addresses the coordinator is reached at (repeatable).
+        #[arg(long = "server-ip")]
+        server_ips: Vec<IpAddr>,
+        /// Validity of the CA in days.
+        #[arg(long, default_value_t = 3650)]
+        ca_days: u32,
+        /// Validity of the server certificate in days.
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
+    /// Sign a site's certificate signing request (made with `fedward-agent pki request`).
+    Sign {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The site's request file.
+        #[arg(long)]
+        csr: PathBuf,
+        /// The site id the request must name (as enrolled in the config).
+        #[arg(long)]
+        site: SiteId,
+        /// Where to write the signed certificate.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
+    /// Print a certificate's subject, names, issuer and validity.
+    Show {
+        /// A PEM certificate.
+        cert: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDWARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("FEDWARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = load_config(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve(cfg))
+        }
+        Command::CheckConfig { config } => {
+            let cfg = load_config(&config)?;
+            println!("config ok: {}", config.display());
+            println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
+            println!(
+                "  {} rounds, quorum {} of {} sites, deadline {:?}",
+                cfg.rounds,
+                cfg.min_sites,
+                cfg.sites.len(),
+                cfg.round_deadline
+            );
+            println!("  trains {} with privacy {}", cfg.plan.trainable, cfg.plan.privacy.mode_name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { state_dir, json } => {
+            let store = Store::open(&state_dir)?;
+            let Some(state) = store.state() else { bail!("{} holds no coordinator state", state_dir.display()) };
+            if json {
+                println!("{}", serde_json::to_string_pretty(state)?);
+            } else {
+                println!("completed rounds: {}  model: {}", state.completed_rounds, state.model_digest);
+                println!("{:>5}  {:<28} {:>5} {:>9} {:>10} {:>8}", "round", "outcome", "sites", "examples", "mean loss", "seconds");
+                for r in &state.history {
+                    println!(
+                        "{:>5}  {:<28} {:>5} {:>9} {:>10} {:>8.1}",
+                        r.round,
+                        r.outcome.chars().take(28).collect::<String>(),
+                        r.sites.len(),
+                        r.sites.iter().map(|s| s.num_examples).sum::<u64>(),
+                        r.mean_train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                        r.duration_secs
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(cmd) => pki_command(cmd).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn load_config(path: &Path) -> Result<CoordinatorConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    Ok(CoordinatorConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))?)
+}
+
+async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
+    let tls_cfg = tls::server_config(&TlsMaterial {
+        ca_pem: &fsutil::read(&cfg.tls.ca_cert)?,
+        cert_pem: &fsutil::read(&cfg.tls.cert)?,
+        key_pem: &fsutil::read_private_key(&cfg.tls.key)?,
+    })
+    .context("building the TLS configuration")?;
+
+    let mut store = Store::open(&cfg.state_dir)?;
+    let (model, completed) = match store.load_current()? {
+        Some((model, completed)) => {
+            info!(completed, state_dir = %cfg.state_dir.display(), "resuming from saved state");
+            (model, completed)
+        }
+        None => {
+            let model = load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed)?;
+            store.save_initial(&model)?;
+            info!(
+                init = %cfg.model_init.display(),
+                tensors = model.len(),
+                parameters = model.element_count(),
+                "initialised round 0 from the base model"
+            );
+            (model, 0)
+        }
+    };
+    let mut plan = cfg.plan.clone();
+    plan.trainable_tensors = plan.trainable.select(model.names());
+    let trainable_params: usize = plan.trainable_tensors.iter().filter_map(|n| model.get(n)).map(|t| t.len()).sum();
+    info!(
+        trainable = %plan.trainable,
+        tensors = plan.trainable_tensors.len(),
+        parameters = trainable_params,
+        update_mib = format_args!("{:.1}", trainable_params as f64 * 4.0 / (1 << 20) as f64),
+        "training plan"
+    );
+    let settings = Settings {
+        total_rounds: cfg.rounds,
+        min_sites: cfg.min_sites,
+        round_deadline: cfg.round_deadline,
+        max_attempts: 3,
+        max_update_bytes: cfg.max_update_bytes,
+        plan,
+        policy: cfg.policy,
+        enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
+    };
+    let machine = RoundMachine::new(settings, Arc::new(model), completed)?;
+    let endpoint = fedward_coordinator::net::server_endpoint(cfg.listen, tls_cfg, Duration::from_secs(60))
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
+    let (status_tx, status_rx) = watch::channel(StatusView::default());
+    if let Some(admin) = cfg.admin_listen {
+        let bound = fedward_coordinator::admin::serve(admin, status_rx, cfg.state_dir.clone())
+            .await
+            .with_context(|| format!("binding the admin endpoint {admin}"))?;
+        info!(addr = %bound, "admin dashboard at http://{bound}/");
+    }
+    let options = ServerOptions { max_concurrent_uploads: cfg.max_concurrent_uploads, finish_grace: Duration::from_secs(30) };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match server::run(endpoint, machine, store, options, status_tx, shutdown).await? {
+        RunOutcome::Completed { rounds } => {
+            info!(rounds, "federation completed");
+            Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::Interrupted { completed } => {
+            info!(completed, "stopped; restart with the same state directory to resume");
+            Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::Stopped { reason } => bail!("federation stopped: {reason}"),
+    }
+}
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+fn serial() -> [u8; 16] {
+    use rand::RngCore;
+    let mut s = [0u8; 16];
+    rand::rng().fill_bytes(&mut s);
+    s
+}
+
+fn pki_command(cmd: PkiCommand) -> Result<()> {
+    match cmd {
+        PkiCommand::Init { dir, consortium, server_names, server_ips, ca_days, days } => {
+            let ca = pki::create_ca(&consortium, Validity::days_from(now(), ca_days), serial())?;
+            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), serial())?;
+            fsutil::write_private_new(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
+            fsutil::write_public_new(&dir.join("ca.crt"), ca.cert_pem.as_bytes())?;
+            fsutil::write_private_new(&dir.join("coordinator.key"), server.key_pem.as_bytes())?;
+            fsutil::write_public_new(&dir.join("coordinator.crt"), server.cert_pem.as_bytes())?;
+            println!("created the consortium CA and the coordinator certificate in {}", dir.display());
+            println!("  ca.crt          give to every site (public)");
+            println!("  ca.key          keep offline; needed only to sign site certificates (0600)");
+            println!("  coordinator.*   the coordinator's TLS identity for {}", server_names.join(", "));
+            Ok(())
+        }
+        PkiCommand::Sign { ca_dir, csr, site, out, days } => {
+            let ca = CertifiedKey {
+                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
+                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
+            };
+            let csr_pem = String::from_utf8(fsutil::read(&csr)?)?;
+            let cert = pki::sign_site_request(&ca, &csr_pem, &site, Validity::days_from(now(), days), serial())
+                .with_context(|| format!("signing {}", csr.display()))?;
+            fsutil::write_public_new(&out, cert.as_bytes())?;
+            println!("signed a certificate for site {site}: {} (valid {days} days)", out.display());
+            println!("enrol the site in the coordinator config with:\n\n[[sites]]\nid = \"{site}\"\n");
+            Ok(())
+        }
+        PkiCommand::Show { cert } => {
+            let pem = String::from_utf8(fsutil::read(&cert)?)?;
+            let info = pki::cert_info(&pki::pem_to_der(&pem)?)?;
+            println!("subject:    {}", info.subject);
+            println!("issuer:     {}", info.issuer);
+            println!("names:      {}", info.dns_names.join(", "));
+            println!("valid from: {}", info.not_before);
+            println!("valid to:   {}", info.not_after);
+            println!("serial:     {}", info.serial_hex);
+            Ok(())
+        }
+    }
+}
