@@ -178,10 +178,7 @@ impl Store {
     fn write_checkpoint(&self, round: u64, model: &TensorSet) -> Result<(), StoreError> {
         let path = self.checkpoint_path(round);
         let meta = [("round".to_owned(), round.to_string()), ("format".to_owned(), "fedward-global".to_owned())];
-        let bytes = model
-            .to_safetensors(Some(meta.into_iter().collect()))
-            .map_err(|source| StoreError::Tensors { path: path.clone(), source })?;
-        fsutil::atomic_write(&path, &bytes, false)?;
+        fsutil::atomic_write_with(&path, |tmp| model.write_safetensors(tmp, Some(meta.into_iter().collect())))?;
         Ok(())
     }
 

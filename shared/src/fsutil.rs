@@ -41,6 +41,25 @@ pub fn atomic_write(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsEr
     sync_dir(dir)
 }
 
+/// Like [`atomic_write`], but `write` produces the temp file itself (e.g. a serialiser
+/// that streams to a path); it is then fsynced and renamed over `path`.
+pub fn atomic_write_with<E: std::fmt::Display>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), FsError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    if let Err(e) = write(&tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(FsError::Io { path: tmp, source: io::Error::other(e.to_string()) });
+    }
+    File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
+}
+
 /// Creates a new file readable only by its owner (0600) and writes `bytes`; refuses to
 /// overwrite an existing file.
 pub fn write_private_new(path: &Path, bytes: &[u8]) -> Result<(), FsError> {

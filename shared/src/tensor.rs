@@ -277,15 +277,35 @@ impl TensorSet {
         &self,
         metadata: Option<std::collections::HashMap<String, String>>,
     ) -> Result<Vec<u8>, TensorError> {
-        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
-            self.iter().map(|(n, t)| (n.to_owned(), t.le_bytes().into_owned(), t.shape.clone())).collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        let bytes = self.le_byte_views();
+        Ok(safetensors::serialize(Self::views(&bytes)?, metadata)?)
+    }
+
+    /// Writes a safetensors file without building it in memory first (the values are
+    /// borrowed on little-endian hosts): for checkpoints of large models.
+    pub fn write_safetensors(
+        &self,
+        path: &std::path::Path,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<(), TensorError> {
+        let bytes = self.le_byte_views();
+        Ok(safetensors::serialize_to_file(Self::views(&bytes)?, metadata, path)?)
+    }
+
+    fn le_byte_views(&self) -> Vec<(&str, std::borrow::Cow<'_, [u8]>, &[usize])> {
+        self.iter().map(|(n, t)| (n, t.le_bytes(), t.shape())).collect()
+    }
+
+    fn views<'a>(
+        bytes: &'a [(&'a str, std::borrow::Cow<'a, [u8]>, &'a [usize])],
+    ) -> Result<Vec<(&'a str, safetensors::tensor::TensorView<'a>)>, TensorError> {
+        bytes
             .iter()
             .map(|(n, b, s)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b).map(|v| (*n, v))
             })
-            .collect::<Result<_, _>>()?;
-        Ok(safetensors::serialize(views, metadata)?)
+            .collect::<Result<_, _>>()
+            .map_err(TensorError::from)
     }
 
     /// Reads f32 tensors from safetensors bytes. Tensors of other dtypes are skipped only
