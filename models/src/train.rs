@@ -1,0 +1,523 @@
+//! Local training and evaluation of the classifier, and the `BertTrainer` the agent uses.
+//!
+//! AdamW with linear warm-up then linear decay, global-norm gradient clipping, seeded
+//! shuffling, batches padded to their longest member. Only the plan's trainable tensors
+//! get gradients. The frozen prefix (embeddings and the encoder layers below the first
+//! trainable one) is computed once per dataset and cached, keyed by a digest of the frozen
+//! weights: they never change between rounds, so the cache survives across rounds. For
+//! head-only training only the `[CLS]` row is cached.
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tracing::{debug, info};
+
+use fedward_shared::plan::TrainingPlan;
+use fedward_shared::tensor::{Digest, TensorSet};
+use fedward_shared::wire::LocalMetrics;
+
+use crate::bert::{BertClassifier, Mode, ModelError};
+use crate::eval::{classification_report, ClassificationReport};
+use crate::text::{make_batch, Encoded, Example, TextEncoder, TextError};
+use crate::trainer::{LocalUpdate, TrainContext, TrainError, Trainer};
+
+impl From<ModelError> for TrainError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Missing(_) | ModelError::Shape { .. } => TrainError::ModelMismatch(e.to_string()),
+            other => TrainError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl From<TextError> for TrainError {
+    fn from(e: TextError) -> Self {
+        TrainError::Backend(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Backend(e.to_string())
+    }
+}
+
+/// Examples per forward pass when nothing trains (prefix caching, evaluation).
+const EVAL_BATCH: usize = 32;
+
+/// The output of the frozen prefix for each example of one dataset.
+struct PrefixCache {
+    key: Digest,
+    /// The first trainable layer (== number of layers for head-only training).
+    first: usize,
+    /// Per example: (len, hidden), or (1, hidden) holding only `[CLS]` for head-only.
+    rows: Vec<Tensor>,
+}
+
+/// A dataset, tokenized, with its prefix cache.
+struct Prepared {
+    examples: Vec<Example>,
+    max_len: usize,
+    encoded: Vec<Encoded>,
+    cache: Option<PrefixCache>,
+}
+
+impl Prepared {
+    fn new(examples: Vec<Example>) -> Self {
+        Self { examples, max_len: 0, encoded: Vec::new(), cache: None }
+    }
+
+    fn tokenize(&mut self, encoder: &TextEncoder, max_len: usize) -> Result<(), TextError> {
+        if self.max_len != max_len || self.encoded.len() != self.examples.len() {
+            let texts: Vec<&str> = self.examples.iter().map(|e| e.text.as_str()).collect();
+            self.encoded = encoder.encode(&texts, max_len)?;
+            self.max_len = max_len;
+            self.cache = None;
+        }
+        Ok(())
+    }
+}
+
+/// Trains the BERT classifier on one site's data.
+pub struct BertTrainer {
+    model: BertClassifier,
+    encoder: TextEncoder,
+    train: Prepared,
+    validation: Option<Prepared>,
+}
+
+impl BertTrainer {
+    pub fn new(model: BertClassifier, encoder: TextEncoder, train: Vec<Example>, validation: Option<Vec<Example>>) -> Result<Self, TrainError> {
+        if train.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        Ok(Self { model, encoder, train: Prepared::new(train), validation: validation.filter(|v| !v.is_empty()).map(Prepared::new) })
+    }
+
+    pub fn model(&self) -> &BertClassifier {
+        &self.model
+    }
+
+    pub fn model_mut(&mut self) -> &mut BertClassifier {
+        &mut self.model
+    }
+
+    pub fn encoder(&self) -> &TextEncoder {
+        &self.encoder
+    }
+
+    /// Trains the model in place from its current weights (no delta): for baselines.
+    pub fn fit(&mut self, plan: &TrainingPlan, round: u64) -> Result<f64, TrainError> {
+        let trainable: HashSet<String> = plan.trainable_tensors.iter().cloned().collect();
+        train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, round)
+    }
+
+    /// Evaluates on the validation set, if any.
+    pub fn evaluate_validation(&mut self, plan: &TrainingPlan) -> Result<Option<(f64, ClassificationReport)>, TrainError> {
+        let Some(val) = self.validation.as_mut() else { return Ok(None) };
+        let trainable: HashSet<String> = plan.trainable_tensors.iter().cloned().collect();
+        Ok(Some(evaluate_prepared(&self.model, &self.encoder, val, &trainable, plan.max_seq_len as usize)?))
+    }
+}
+
+impl Trainer for BertTrainer {
+    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
+        self.model.load(global)?;
+        for name in &plan.trainable_tensors {
+            if !global.contains(name) {
+                return Err(TrainError::ModelMismatch(format!("trainable tensor {name} is not in the model")));
+            }
+        }
+        let trainable: HashSet<String> = plan.trainable_tensors.iter().cloned().collect();
+        let params: usize = plan.trainable_tensors.iter().filter_map(|n| global.get(n)).map(|t| t.len()).sum();
+        info!(
+            tensors = trainable.len(),
+            parameters = params,
+            update_mib = format_args!("{:.2}", params as f64 * 4.0 / (1 << 20) as f64),
+            examples = self.train.examples.len(),
+            "local training"
+        );
+        let train_loss = train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, ctx.round.0)?;
+        if !train_loss.is_finite() {
+            return Err(TrainError::Diverged(format!("mean loss {train_loss}")));
+        }
+        let trained = self.model.tensor_set()?.subset(plan.trainable_tensors.iter().map(String::as_str)).map_err(|e| TrainError::Backend(e.to_string()))?;
+        let delta = trained.delta_from(global).map_err(|e| TrainError::Backend(e.to_string()))?;
+        let mut metrics = LocalMetrics { train_loss, ..Default::default() };
+        if let Some((loss, report)) = self.evaluate_validation(plan)? {
+            metrics.val_loss = Some(loss);
+            metrics.val_accuracy = Some(report.accuracy);
+            metrics.val_macro_f1 = Some(report.macro_f1);
+        }
+        Ok(LocalUpdate { delta, num_examples: self.train.examples.len() as u64, metrics, dp_steps: 0 })
+    }
+
+    fn num_examples(&self) -> u64 {
+        self.train.examples.len() as u64
+    }
+}
+
+/// Digest of the frozen weights below `first`, the layer split and the token length.
+fn prefix_key(model: &BertClassifier, trainable: &HashSet<String>, first: usize, max_len: usize) -> Result<Digest, TrainError> {
+    let set = model.tensor_set()?;
+    let frozen: Vec<&str> = set
+        .names()
+        .filter(|n| !trainable.contains(*n))
+        .filter(|n| n.starts_with("bert.embeddings.") || fedward_shared::plan::encoder_layer_index(n).is_some_and(|i| i < first))
+        .collect();
+    let mut specs = set.subset(frozen).map_err(|e| TrainError::Backend(e.to_string()))?.specs();
+    specs.push(fedward_shared::tensor::TensorSpec {
+        name: format!("split:{first}:{max_len}"),
+        shape: vec![],
+        digest: Digest([0; 32]),
+    });
+    Ok(fedward_shared::tensor::manifest_digest(&specs))
+}
+
+/// Makes sure `data.cache` holds the frozen prefix's output for the current weights.
+fn ensure_cache(model: &BertClassifier, data: &mut Prepared, trainable: &HashSet<String>, first: usize) -> Result<(), TrainError> {
+    let key = prefix_key(model, trainable, first, data.max_len)?;
+    if data.cache.as_ref().is_some_and(|c| c.key == key) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let none = HashSet::new();
+    let pad = model.config.pad_token_id;
+    let head_only = first >= model.config.num_hidden_layers;
+    // Sort by length so each forward pass pads little.
+    let mut order: Vec<usize> = (0..data.encoded.len()).collect();
+    order.sort_by_key(|&i| data.encoded[i].ids.len());
+    let mut rows: Vec<Option<Tensor>> = vec![None; data.encoded.len()];
+    for chunk in order.chunks(EVAL_BATCH) {
+        let refs: Vec<&Encoded> = chunk.iter().map(|&i| &data.encoded[i]).collect();
+        let batch = make_batch(&refs, pad, model.device())?;
+        let hidden = model.forward_prefix(&batch, first, &mut Mode { trainable: &none, dropout_rng: None })?;
+        for (j, &i) in chunk.iter().enumerate() {
+            let len = if head_only { 1 } else { data.encoded[i].ids.len() };
+            rows[i] = Some(hidden.get(j)?.narrow(0, 0, len)?.contiguous()?);
+        }
+    }
+    debug!(examples = rows.len(), first, secs = format_args!("{:.1}", started.elapsed().as_secs_f64()), "frozen prefix cached");
+    data.cache = Some(PrefixCache { key, first, rows: rows.into_iter().map(|r| r.unwrap_or_else(|| unreachable!("every row computed"))).collect() });
+    Ok(())
+}
+
+/// Logits for the examples `idx` of `data`, from the cache when there is one.
+fn logits_for(model: &BertClassifier, data: &Prepared, idx: &[usize], mode: &mut Mode<'_>) -> Result<Tensor, TrainError> {
+    match &data.cache {
+        Some(cache) => {
+            let len = idx.iter().map(|&i| cache.rows[i].dim(0)).collect::<Result<Vec<_>, _>>()?.into_iter().max().unwrap_or(1);
+            let padded = idx
+                .iter()
+                .map(|&i| {
+                    let r = &cache.rows[i];
+                    let n = r.dim(0)?;
+                    r.pad_with_zeros(0, 0, len - n)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let hidden = Tensor::stack(&padded, 0)?;
+            if cache.first >= model.config.num_hidden_layers {
+                Ok(model.head(&hidden, mode)?)
+            } else {
+                let mask: Vec<u32> = idx
+                    .iter()
+                    .flat_map(|&i| {
+                        let n = data.encoded[i].ids.len();
+                        std::iter::repeat_n(1u32, n).chain(std::iter::repeat_n(0, len - n))
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (idx.len(), len), model.device())?;
+                Ok(model.forward_suffix(hidden, &mask, cache.first, mode)?)
+            }
+        }
+        None => {
+            let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.encoded[i]).collect();
+            let batch = make_batch(&refs, model.config.pad_token_id, model.device())?;
+            Ok(model.forward(&batch, mode)?)
+        }
+    }
+}
+
+fn train_loop(
+    model: &mut BertClassifier,
+    encoder: &TextEncoder,
+    data: &mut Prepared,
+    trainable: &HashSet<String>,
+    plan: &TrainingPlan,
+    round: u64,
+) -> Result<f64, TrainError> {
+    if trainable.is_empty() {
+        return Err(TrainError::InvalidPlan("nothing trains".into()));
+    }
+    data.tokenize(encoder, plan.max_seq_len as usize)?;
+    match model.frozen_prefix_layers(trainable) {
+        Some(first) => ensure_cache(model, data, trainable, first)?,
+        None => data.cache = None,
+    }
+    let vars = model.vars_of(trainable)?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
+    )?;
+    let n = data.examples.len();
+    let batch_size = (plan.batch_size as usize).max(1);
+    let steps_per_epoch = n.div_ceil(batch_size);
+    let total_steps = (steps_per_epoch * plan.local_epochs as usize).max(1);
+    let warmup = ((total_steps as f64) * plan.warmup_ratio).round() as usize;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(plan.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut dropout_rng = rand_chacha::ChaCha8Rng::seed_from_u64(plan.seed.wrapping_add(round).wrapping_add(1));
+    let mut order: Vec<usize> = (0..n).collect();
+    let (mut loss_sum, mut loss_count, mut step) = (0.0f64, 0usize, 0usize);
+    for _epoch in 0..plan.local_epochs {
+        order.shuffle(&mut rng);
+        for idx in order.chunks(batch_size) {
+            let lr = schedule(plan.learning_rate, step, warmup, total_steps);
+            opt.set_learning_rate(lr);
+            let labels: Vec<u32> = idx.iter().map(|&i| data.examples[i].label as u32).collect();
+            let labels = Tensor::from_vec(labels, idx.len(), model.device())?;
+            let logits = logits_for(model, data, idx, &mut Mode { trainable, dropout_rng: Some(&mut dropout_rng) })?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let mut grads = loss.backward()?;
+            if plan.max_grad_norm > 0.0 {
+                clip_grad_norm(&vars, &mut grads, plan.max_grad_norm)?;
+            }
+            opt.step(&grads)?;
+            let l = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            loss_sum += l * idx.len() as f64;
+            loss_count += idx.len();
+            step += 1;
+        }
+    }
+    Ok(loss_sum / loss_count.max(1) as f64)
+}
+
+/// Linear warm-up to `peak`, then linear decay to 0 at `total`.
+pub fn schedule(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        peak * (total.saturating_sub(step)) as f64 / (total - warmup).max(1) as f64
+    }
+}
+
+/// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`.
+fn clip_grad_norm(vars: &[candle_core::Var], grads: &mut candle_core::backprop::GradStore, max_norm: f64) -> Result<f64, TrainError> {
+    let mut sq = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = sq.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+fn evaluate_prepared(
+    model: &BertClassifier,
+    encoder: &TextEncoder,
+    data: &mut Prepared,
+    trainable: &HashSet<String>,
+    max_len: usize,
+) -> Result<(f64, ClassificationReport), TrainError> {
+    data.tokenize(encoder, max_len)?;
+    if let Some(first) = model.frozen_prefix_layers(trainable) {
+        ensure_cache(model, data, trainable, first)?;
+    }
+    let none = HashSet::new();
+    let (mut preds, mut loss_sum) = (Vec::with_capacity(data.examples.len()), 0.0f64);
+    let idx: Vec<usize> = (0..data.examples.len()).collect();
+    for chunk in idx.chunks(EVAL_BATCH) {
+        let logits = logits_for(model, data, chunk, &mut Mode { trainable: &none, dropout_rng: None })?;
+        let labels = Tensor::from_vec(chunk.iter().map(|&i| data.examples[i].label as u32).collect::<Vec<_>>(), chunk.len(), model.device())?;
+        loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?) * chunk.len() as f64;
+        preds.extend(logits.argmax(D::Minus1)?.to_vec1::<u32>()?.into_iter().map(|p| p as usize));
+    }
+    let truth: Vec<usize> = data.examples.iter().map(|e| e.label).collect();
+    Ok((loss_sum / truth.len().max(1) as f64, classification_report(&truth, &preds, &model.labels)))
+}
+
+/// Evaluates a model on labelled examples (no caching; for the CLI and baselines).
+pub fn evaluate(model: &BertClassifier, encoder: &TextEncoder, examples: &[Example], max_len: usize) -> Result<ClassificationReport, TrainError> {
+    let mut data = Prepared::new(examples.to_vec());
+    let none = HashSet::new();
+    Ok(evaluate_prepared(model, encoder, &mut data, &none, max_len)?.1)
+}
+
+/// Class probabilities for each text, in order.
+pub fn predict(model: &BertClassifier, encoder: &TextEncoder, texts: &[&str], max_len: usize) -> Result<Vec<Vec<f32>>, TrainError> {
+    let encoded = encoder.encode(texts, max_len)?;
+    let none = HashSet::new();
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in encoded.chunks(EVAL_BATCH) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let batch = make_batch(&refs, model.config.pad_token_id, model.device())?;
+        let logits = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None })?;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        out.extend(probs.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// The compute device from `auto`, `cpu` or `cuda:N`.
+pub fn device(spec: &str) -> Result<Device, TrainError> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        s => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| TrainError::InvalidPlan(format!("device {s:?}: expected auto, cpu or cuda:N")))?;
+            Device::new_cuda(n).map_err(|e| TrainError::Backend(format!("cuda:{n} unavailable: {e} (was fedward built with --features cuda?)")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedward_shared::plan::{PrivacyPlan, Trainable};
+    use fedward_shared::wire::RoundId;
+
+    use super::*;
+    use crate::bert::BertConfig;
+
+    const WORDS: [&str; 16] = [
+        "admit", "ward", "bed", "icu", "review", "consult", "doctor", "surgeon", "ventilator", "scan", "pump", "dialysis",
+        "pharmacy", "transport", "interpreter", "please",
+    ];
+
+    pub(crate) fn labels() -> Vec<String> {
+        ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Four classes, each told apart by its own words.
+    pub(crate) fn separable() -> Vec<Example> {
+        let by_label = [["review", "consult", "doctor", "surgeon"], ["admit", "ward", "bed", "icu"], ["ventilator", "scan", "pump", "dialysis"], ["pharmacy", "transport", "interpreter", "please"]];
+        let mut out = Vec::new();
+        for (label, words) in by_label.iter().enumerate() {
+            for i in 0..6 {
+                let text = format!("please {} {}", words[i % 4], words[(i + 1) % 4]);
+                out.push(Example { text, label });
+            }
+        }
+        out
+    }
+
+    fn plan(trainable: Trainable, model: &BertClassifier, epochs: u32) -> TrainingPlan {
+        let names = model.tensor_set().unwrap();
+        TrainingPlan {
+            local_epochs: epochs,
+            batch_size: 8,
+            learning_rate: 5e-3,
+            warmup_ratio: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_seq_len: 16,
+            trainable,
+            trainable_tensors: trainable.select(names.names()),
+            seed: 3,
+            privacy: PrivacyPlan::Off,
+        }
+    }
+
+    pub(crate) fn tiny() -> (BertClassifier, TextEncoder) {
+        let encoder = TextEncoder::tiny(&WORDS);
+        let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels(), 11, &Device::Cpu).unwrap();
+        (model, encoder)
+    }
+
+    fn train_once(trainable: Trainable, epochs: u32) -> (TensorSet, LocalUpdate, TrainingPlan) {
+        let (model, encoder) = tiny();
+        let global = model.tensor_set().unwrap();
+        let plan = plan(trainable, &model, epochs);
+        let mut trainer = BertTrainer::new(model, encoder, separable(), Some(separable())).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let update = trainer.train(TrainContext { round: RoundId(1), noise_rng: &mut rng }, &global, &plan).unwrap();
+        (global, update, plan)
+    }
+
+    #[test]
+    fn separable_set_trains_to_full_accuracy_with_falling_loss() {
+        let (model, encoder) = tiny();
+        let mut trainer = BertTrainer::new(model, encoder, separable(), Some(separable())).unwrap();
+        let plan = plan(Trainable::All, trainer.model(), 1);
+        let first = trainer.fit(&plan, 1).unwrap();
+        let mut last = first;
+        for round in 2..=25 {
+            last = trainer.fit(&plan, round).unwrap();
+        }
+        assert!(last < first * 0.3, "loss fell from {first} to {last}");
+        let (_, report) = trainer.evaluate_validation(&plan).unwrap().unwrap();
+        assert_eq!(report.accuracy, 1.0, "{report}");
+    }
+
+    #[test]
+    fn update_holds_exactly_the_trainable_tensors() {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::All] {
+            let (_, update, plan) = train_once(trainable, 1);
+            let mut names: Vec<&str> = update.delta.names().collect();
+            names.sort_unstable();
+            let mut want: Vec<&str> = plan.trainable_tensors.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(names, want, "{trainable}");
+            assert_eq!(update.num_examples, 24);
+            assert!(update.metrics.val_accuracy.is_some());
+        }
+    }
+
+    #[test]
+    fn trainable_tensors_move_and_frozen_ones_stay_bit_identical() {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::All] {
+            let (model, encoder) = tiny();
+            let global = model.tensor_set().unwrap();
+            let plan = plan(trainable, &model, 1);
+            let mut trainer = BertTrainer::new(model, encoder, separable(), None).unwrap();
+            trainer.fit(&plan, 1).unwrap();
+            let after = trainer.model().tensor_set().unwrap();
+            for (name, before) in global.iter() {
+                let now = after.get(name).unwrap();
+                if plan.trainable_tensors.iter().any(|t| t == name) {
+                    // The gradient reaches every trainable tensor, LayerNorms included.
+                    assert_ne!(now, before, "{trainable}: trainable {name} did not change");
+                } else {
+                    assert_eq!(now, before, "{trainable}: frozen {name} changed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cached_prefix_gives_the_same_logits_as_a_full_forward() {
+        let (model, encoder) = tiny();
+        let trainable: HashSet<String> = Trainable::TopLayers(1).select(model.tensor_set().unwrap().names()).into_iter().collect();
+        let mut data = Prepared::new(separable());
+        data.tokenize(&encoder, 16).unwrap();
+        let none = HashSet::new();
+        let idx: Vec<usize> = (0..6).collect();
+        let full = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None }).unwrap();
+        ensure_cache(&model, &mut data, &trainable, 1).unwrap();
+        let cached = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None }).unwrap();
+        let diff = (full - cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "max difference {diff}");
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert_eq!(schedule(1.0, 0, 2, 10), 0.5);
+        assert_eq!(schedule(1.0, 1, 2, 10), 1.0);
+        assert_eq!(schedule(1.0, 2, 2, 10), 1.0);
+        assert!((schedule(1.0, 9, 2, 10) - 0.125).abs() < 1e-12);
+        assert_eq!(schedule(1.0, 0, 0, 4), 1.0);
+    }
+}
