@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod eval;
+pub mod io;
 pub mod text;
 pub mod train;
 pub mod trainer;
