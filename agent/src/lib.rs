@@ -7,3 +7,4 @@
 pub mod daemon;
 pub mod net;
 pub mod session;
+pub mod trainer;
