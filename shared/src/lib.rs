@@ -4,6 +4,9 @@
 //! This crate links no async runtime, no network stack and no ML framework: the agent,
 //! the coordinator and the models crate all build on it, and it depends on none of them.
 
+pub mod dp;
+pub mod ledger;
+pub mod ledger_file;
 pub mod plan;
 pub mod tensor;
 pub mod wire;
