@@ -472,11 +472,9 @@ mod tests {
     /// Writes `q` (a decimal with up to 40 digits) as a cell `[n 2^-e, (n+1) 2^-e)` just
     /// below and just above it, using a 62-bit mantissa.
     fn cells_around(q: &str) -> ((u64, u32), (u64, u32)) {
-        // Parse the decimal into mantissa/exponent in f64 first, then refine with the
-        // exact decimal digits through u128 arithmetic on the leading 38 digits.
         let qf: f64 = q.parse().unwrap();
         let e = (62.0 - qf.log2()).floor() as u32; // n = q 2^e has 62 bits
-        let approx = qf * 2f64.powi(e as i32);
+        let approx = libm::scalbn(qf, e as i32);
         let n = approx as u64;
         // The f64 parse is accurate to 2^-53 relative, so n is within 2^10 of q 2^e: a margin
         // of 2^12 puts the cells safely on each side.
