@@ -336,7 +336,8 @@ pub fn plan_min_sigma(plan: &Plan, target_epsilon: f64) -> Result<SigmaSearch, D
     let mut lo = min;
     let mut hi = 1.0f64.max(min);
     let mut e_hi = eps(hi)?;
-    while !(e_hi <= target_epsilon) {
+    // NaN compares as not within the target, so it keeps doubling until refused.
+    while e_hi.partial_cmp(&target_epsilon).is_none_or(|o| o == std::cmp::Ordering::Greater) {
         lo = hi;
         hi *= 2.0;
         if hi > max {

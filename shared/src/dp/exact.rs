@@ -183,7 +183,7 @@ fn atan_inv(k: u64, l: u32) -> Iv {
     let mut n = 0u64;
     loop {
         let term = power.div_small(2 * n + 1);
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             pos = pos.add(&term);
         } else {
             neg = neg.add(&term);

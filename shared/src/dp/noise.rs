@@ -276,7 +276,12 @@ impl Cell {
     #[inline]
     fn mid(self) -> f64 {
         // 2n + 1 < 2^53 and the power of two are exact, so is their product.
-        libm::scalbn((2 * self.n + 1) as f64, -(self.exp as i32 + 1))
+        let k = self.exp + 1;
+        if k < 1023 {
+            (2 * self.n + 1) as f64 * f64::from_bits(u64::from(1023 - k) << 52)
+        } else {
+            libm::scalbn((2 * self.n + 1) as f64, -(k as i32))
+        }
     }
 }
 
@@ -311,7 +316,11 @@ fn draw_uniform(rng: &mut NoiseRng) -> (bool, Cell) {
 }
 
 /// Wichura's AS241 (PPND16) for `p` in `(0, 1/2]`: the standard normal quantile, `<= 0`.
+///
+/// The coefficients are Wichura's published 20-digit values, kept verbatim so they can be
+/// checked against the paper; the compiler rounds them to the nearest double.
 #[inline]
+#[allow(clippy::excessive_precision)]
 fn ppnd_lower(p: f64) -> f64 {
     const A: [f64; 8] = [
         3.387_132_872_796_366_608,
@@ -529,6 +538,28 @@ mod tests {
             }
         }
         assert!(checked > 39_000);
+    }
+
+    #[test]
+    fn boundaries_are_exact_dyadics() {
+        // b = 1/2, f = 1/4: w = 1/32.
+        let (neg, w) = boundary(1, 0.25);
+        assert!(!neg);
+        assert_eq!(w.num, Nat::from_u64(1).shl(w.exp - 5));
+        // b = -3/2, f = 0.1: w = -(1.5 + 0.1) / 8, and 0.1's every bit survives.
+        let (neg, w) = boundary(-3, 0.1);
+        assert!(neg);
+        let (fm, fs) = exact::decompose(0.1);
+        let expected = Nat::from_u64(3).shl(fs - 1).add(&Nat::from_u64(fm));
+        assert_eq!((w.num, w.exp), (expected, fs + 3));
+        // b = 1/2, f = 0.75: w = -1/32.
+        let (neg, _) = boundary(1, 0.75);
+        assert!(neg);
+        // The cell midpoint is exact in both branches.
+        let c = Cell { n: (1 << 51) | 12345, exp: 60 };
+        assert_eq!(c.mid(), ((2 * c.n + 1) as f64) / 2f64.powi(61));
+        let deep = Cell { n: 1 << 51, exp: 1030 };
+        assert_eq!(deep.mid(), libm::scalbn((2 * deep.n + 1) as f64, -1031));
     }
 
     #[test]

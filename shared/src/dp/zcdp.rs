@@ -37,6 +37,8 @@ pub const MAX_ROUNDS: u64 = 1_000_000;
 
 type Gaussian =
     Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>;
+type Composed =
+    Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<Vec<f64>>>;
 
 /// zCDP rho of one site-level round with noise multiplier `sigma`: `2 / sigma^2`.
 pub fn rho_per_round(sigma: f64) -> Result<f64, DpError> {
@@ -67,7 +69,7 @@ pub fn epsilon_for_rounds(rounds: &[(f64, u64)], delta: f64) -> Result<f64, DpEr
 /// privacy profile `make_zCDP_to_approxDP` builds).
 pub fn epsilon(rho_total: f64, delta: f64) -> Result<f64, DpError> {
     check_delta(delta)?;
-    if !(rho_total >= 0.0) {
+    if rho_total.is_nan() || rho_total < 0.0 {
         return Err(DpError::invalid("rho", rho_total, "a number >= 0"));
     }
     let profile = <ZeroConcentratedDivergence as ConcentratedMeasure>::convert(rho_total).map_err(opendp_err)?;
@@ -110,12 +112,7 @@ fn gaussian(scale: f64) -> Result<Gaussian, DpError> {
         .map_err(opendp_err)
 }
 
-fn composition(
-    rounds: &[(f64, u64)],
-) -> Result<
-    Option<Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<Vec<f64>>>>,
-    DpError,
-> {
+fn composition(rounds: &[(f64, u64)]) -> Result<Option<Composed>, DpError> {
     let total: u64 = rounds.iter().map(|&(_, n)| n).fold(0u64, u64::saturating_add);
     if total > MAX_ROUNDS {
         return Err(DpError::TooManyRounds(total));
