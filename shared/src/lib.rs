@@ -6,7 +6,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dp;
 pub mod fsutil;
+pub mod ledger;
+pub mod ledger_file;
 pub mod pki;
 pub mod plan;
 pub mod tensor;

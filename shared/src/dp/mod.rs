@@ -1,0 +1,63 @@
+//! Differential privacy for fedward: clipping, noise, accountants, budgets and planning.
+//!
+//! Two mechanisms, one per [`PrivacyMode`](crate::wire::PrivacyMode):
+//!
+//! * **record-level** (the default for hospitals): DP-SGD inside local training. Records
+//!   are Poisson-sampled at rate `q`, per-example gradients clipped to `C`, and each summed
+//!   step gets Gaussian noise of std `sigma * C` ([`noise`]); the finished update is then
+//!   clipped to an update-norm bound ([`clip`]), which is post-processing. Accounted with
+//!   Rényi DP of the sampled Gaussian mechanism ([`rdp`]) over every local step of every
+//!   round, under add/remove-one-record adjacency.
+//! * **site-level** (DP-FedAvg): the whole update is clipped to `C` and gets Gaussian noise
+//!   of std `sigma * C` per coordinate. Adjacency replaces a site's entire dataset, so the
+//!   sensitivity is `2C` and one round is `2 / sigma^2`-zCDP. Accounted with opendp
+//!   ([`zcdp`]).
+//!
+//! [`accountant`] puts both behind one entry point for the agent, the coordinator and the
+//! auditor: cumulative epsilon, the epsilon the next round *would* reach, a site
+//! [`Budget`], and the planning calculator ([`plan_epsilon`], [`plan_min_sigma`]).
+//!
+//! Nothing here does I/O, reads a clock or draws entropy on its own: randomness comes in
+//! as a [`noise::NoiseRng`] built by the caller.
+
+pub mod accountant;
+pub mod clip;
+pub mod noise;
+pub mod rdp;
+pub mod zcdp;
+
+mod exact;
+mod special;
+
+pub use accountant::{
+    epsilon_after_round, plan_epsilon, plan_min_sigma, Accountant, Budget, BudgetError, Plan,
+    Release, SigmaSearch, Spend,
+};
+pub use clip::{clip_slices, clip_tensors, Clipped};
+pub use noise::{GaussianNoise, NoiseError, NoiseRng};
+pub use rdp::Rdp;
+
+use crate::wire::PrivacyMode;
+
+/// Invalid DP parameters or an accounting that cannot be done.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DpError {
+    #[error("invalid {name}: {value} (expected {expected})")]
+    InvalidParameter { name: &'static str, value: f64, expected: &'static str },
+    #[error("a {found} release cannot be composed with {expected} releases")]
+    ModeMismatch { expected: PrivacyMode, found: PrivacyMode },
+    #[error("privacy mode off gives no finite epsilon")]
+    NoPrivacy,
+    #[error("no noise multiplier up to {max} reaches epsilon {target}")]
+    Unreachable { target: f64, max: f64 },
+    #[error("too many rounds to compose: {0}")]
+    TooManyRounds(u64),
+    #[error("opendp: {0}")]
+    OpenDp(String),
+}
+
+impl DpError {
+    pub(crate) fn invalid(name: &'static str, value: f64, expected: &'static str) -> Self {
+        Self::InvalidParameter { name, value, expected }
+    }
+}
