@@ -377,6 +377,13 @@ impl Ledger {
 
     /// Adds an entry that extends the head.
     pub fn push(&mut self, entry: Entry) -> Result<(), LedgerError> {
+        self.check_next(&entry)?;
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Whether `entry` would be accepted by [`push`](Self::push), without adding it.
+    pub fn check_next(&self, entry: &Entry) -> Result<(), LedgerError> {
         if entry.seq != self.next_seq() || entry.prev_hash != self.head() {
             return Err(LedgerError::DoesNotExtend {
                 expected_seq: self.next_seq(),
@@ -388,9 +395,7 @@ impl Ledger {
         if entry.compute_hash() != entry.hash {
             return Err(LedgerError::BadHash { seq: entry.seq });
         }
-        entry.body.validate()?;
-        self.entries.push(entry);
-        Ok(())
+        entry.body.validate()
     }
 
     /// [`prepare`](Self::prepare) then [`push`](Self::push).
