@@ -38,7 +38,7 @@ use time::OffsetDateTime;
 
 use crate::dp::{Accountant, Release};
 use crate::tensor::Digest;
-use crate::wire::{PrivacyMode, PrivacyUsed, RoundId, SiteId};
+use crate::wire::{PrivacyMode, PrivacyUsed, RoundId, SiteId, UpdateHeader};
 
 /// Domain tag hashed in front of every entry.
 const HASH_TAG: &[u8] = b"fedward-ledger-v1\n";
@@ -239,6 +239,24 @@ pub struct ReleaseRecord {
     pub time: String,
 }
 
+impl ReleaseRecord {
+    /// The record an agent writes for `update` (its digest is [`TensorSet::digest`], the
+    /// same value the coordinator computes from the update header's tensor specs).
+    ///
+    /// [`TensorSet::digest`]: crate::tensor::TensorSet::digest
+    pub fn new(
+        site: SiteId,
+        round: RoundId,
+        used: &PrivacyUsed,
+        examples: u64,
+        epsilon_before: f64,
+        update_digest: Digest,
+        now: OffsetDateTime,
+    ) -> Result<Self, LedgerError> {
+        Ok(Self { site, round, privacy: (*used).into(), examples, epsilon_before, update_digest, time: format_time(now)? })
+    }
+}
+
 /// The coordinator's record of an update it accepted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,6 +269,23 @@ pub struct AcceptedRecord {
     #[serde(with = "digest_hex")]
     pub update_digest: Digest,
     pub time: String,
+}
+
+impl AcceptedRecord {
+    /// The record for an accepted update: digest over the header's tensor specs
+    /// ([`manifest_digest`]), examples and declared privacy from the header.
+    ///
+    /// [`manifest_digest`]: crate::tensor::manifest_digest
+    pub fn from_update(site: SiteId, header: &UpdateHeader, now: OffsetDateTime) -> Result<Self, LedgerError> {
+        Ok(Self {
+            site,
+            round: header.round,
+            privacy: header.privacy.into(),
+            examples: header.num_examples,
+            update_digest: crate::tensor::manifest_digest(&header.tensors),
+            time: format_time(now)?,
+        })
+    }
 }
 
 /// The coordinator's signature over the chain head at the end of a round.
@@ -342,6 +377,13 @@ impl Ledger {
 
     /// Adds an entry that extends the head.
     pub fn push(&mut self, entry: Entry) -> Result<(), LedgerError> {
+        self.check_next(&entry)?;
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Whether `entry` would be accepted by [`push`](Self::push), without adding it.
+    pub fn check_next(&self, entry: &Entry) -> Result<(), LedgerError> {
         if entry.seq != self.next_seq() || entry.prev_hash != self.head() {
             return Err(LedgerError::DoesNotExtend {
                 expected_seq: self.next_seq(),
@@ -353,9 +395,7 @@ impl Ledger {
         if entry.compute_hash() != entry.hash {
             return Err(LedgerError::BadHash { seq: entry.seq });
         }
-        entry.body.validate()?;
-        self.entries.push(entry);
-        Ok(())
+        entry.body.validate()
     }
 
     /// [`prepare`](Self::prepare) then [`push`](Self::push).
@@ -1194,6 +1234,42 @@ mod tests {
             r.time = "yesterday".into();
         }
         assert!(ledger.prepare(bad_time).is_err());
+    }
+
+    /// The agent's digest of its update and the coordinator's digest of the header agree,
+    /// so reconcile matches them.
+    #[test]
+    fn constructors_agree_on_the_digest() {
+        use crate::tensor::{Tensor, TensorSet};
+        use crate::wire::LocalMetrics;
+
+        let mut update = TensorSet::new();
+        update.insert("classifier.weight", Tensor::new(vec![2, 2], vec![0.1, 0.2, 0.3, 0.4]).unwrap());
+        update.insert("classifier.bias", Tensor::new(vec![2], vec![0.0, -0.5]).unwrap());
+        let used = PrivacyUsed {
+            mode: PrivacyMode::SiteLevel,
+            noise_multiplier: 1.5,
+            clip_norm: 1.0,
+            sampling_rate: 0.0,
+            steps: 1,
+            update_clip_norm: 1.0,
+            epsilon_after: 0.9,
+            delta: 1e-5,
+        };
+        let header = UpdateHeader {
+            round: RoundId(3),
+            num_examples: 500,
+            metrics: LocalMetrics::default(),
+            tensors: update.specs(),
+            privacy: used,
+        };
+        let mut site_l = Ledger::new();
+        let release = ReleaseRecord::new(site(), RoundId(3), &used, 500, 0.0, update.digest(), T0).unwrap();
+        site_l.append(Body::Release(release)).unwrap();
+        let mut coord = Ledger::new();
+        coord.append(Body::Accepted(AcceptedRecord::from_update(site(), &header, T0).unwrap())).unwrap();
+        let report = reconcile(&site(), site_l.entries(), coord.entries());
+        assert_eq!(report, ReconcileReport { matched: 1, mismatches: vec![] });
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum LedgerFileError {
     Invalid { path: PathBuf, problems: Vec<Problem> },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error("ledger {path}: an earlier append failed part-way; reopen it (after recover_truncated_tail) before appending")]
+    NeedsRecovery { path: PathBuf },
 }
 
 /// An open ledger file and its verified contents.
@@ -32,6 +34,8 @@ pub struct LedgerFile {
     path: PathBuf,
     file: File,
     ledger: Ledger,
+    /// Set when a write or fsync failed: the file may end in a partial line.
+    poisoned: bool,
 }
 
 impl LedgerFile {
@@ -51,7 +55,7 @@ impl LedgerFile {
         let Some(ledger) = Ledger::from_verified(&report) else {
             return Err(LedgerFileError::Invalid { path, problems: report.problems });
         };
-        Ok(Self { path, file, ledger })
+        Ok(Self { path, file, ledger, poisoned: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -70,13 +74,17 @@ impl LedgerFile {
 
     /// Appends an entry prepared from [`ledger`](Self::ledger) (a seal, for instance).
     pub fn append_entry(&mut self, entry: Entry) -> Result<Entry, LedgerFileError> {
+        if self.poisoned {
+            return Err(LedgerFileError::NeedsRecovery { path: self.path.clone() });
+        }
         // Check it extends the head before touching the file.
-        let mut next = self.ledger.clone();
-        next.push(entry.clone())?;
-        let io_err = |source| LedgerFileError::Io { path: self.path.clone(), source };
-        self.file.write_all(&entry.to_line()).map_err(io_err)?;
-        self.file.sync_data().map_err(io_err)?;
-        self.ledger = next;
+        self.ledger.check_next(&entry)?;
+        let written = self.file.write_all(&entry.to_line()).and_then(|()| self.file.sync_data());
+        if let Err(source) = written {
+            self.poisoned = true;
+            return Err(LedgerFileError::Io { path: self.path.clone(), source });
+        }
+        self.ledger.push(entry.clone())?;
         Ok(entry)
     }
 }

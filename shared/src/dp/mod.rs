@@ -1,6 +1,6 @@
 //! Differential privacy for fedward: clipping, noise, accountants, budgets and planning.
 //!
-//! Two mechanisms, one per [`PrivacyMode`](crate::wire::PrivacyMode):
+//! Two mechanisms, one per [`PrivacyMode`]:
 //!
 //! * **record-level** (the default for hospitals): DP-SGD inside local training. Records
 //!   are Poisson-sampled at rate `q`, per-example gradients clipped to `C`, and each summed
@@ -16,6 +16,12 @@
 //! [`accountant`] puts both behind one entry point for the agent, the coordinator and the
 //! auditor: cumulative epsilon, the epsilon the next round *would* reach, a site
 //! [`Budget`], and the planning calculator ([`plan_epsilon`], [`plan_min_sigma`]).
+//!
+//! A round at an agent, in order: rebuild the accountant from the ledger
+//! ([`crate::ledger::Ledger::accountant`]); `budget.check(&accountant, &release)` (decline on
+//! error); train, clipping and noising with [`clip`] and [`noise`]; append the release
+//! (with the [`Spend`]'s epsilons and the update's digest) to the ledger file, fsynced;
+//! only then send the update.
 //!
 //! Nothing here does I/O, reads a clock or draws entropy on its own: randomness comes in
 //! as a [`noise::NoiseRng`] built by the caller.

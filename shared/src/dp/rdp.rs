@@ -306,24 +306,34 @@ mod tests {
         }
     }
 
-    /// The MNIST setting of Abadi et al. 2016 as run in the TF Privacy and Opacus
-    /// tutorials: q = 256/60000, sigma = 1.1, 60 epochs (14062 steps), delta = 1e-5. Those
-    /// tutorials print epsilon about 3.0 with the older conversion `rdp - ln(delta)/(alpha-1)`
-    /// (dp-accounting 0.6 on its default grid gives 3.008 that way); the tighter conversion
-    /// gives 2.5966 on the default grid, and a finer grid can only lower it.
+    /// TF Privacy's MNIST DP-SGD tutorial (the setting of Abadi et al. 2016) publishes, at
+    /// delta = 1e-5 with q = 256/60000: sigma 1.12 for 60 epochs gives 2.92, sigma 0.6 for
+    /// 30 epochs 9.74, sigma 1.2 for 10 epochs 1.20 (tensorflow/privacy tutorials/README.md).
+    /// Those figures use the older conversion `rdp - ln(delta) / (alpha - 1)` on the older
+    /// grid (1.1..10.9 by 0.1, then 12..63); on those orders our curves reproduce them, and
+    /// the tighter conversion we report gives less.
     #[test]
-    fn mnist_tutorial_setting() {
+    fn tf_privacy_tutorial_table() {
+        let old_grid = |a: f64| {
+            let tenth = (a * 10.0).round();
+            ((a * 10.0 - tenth).abs() < 1e-9 && (11.0..=109.0).contains(&tenth))
+                || (a.fract() == 0.0 && (12.0..=63.0).contains(&a))
+        };
         let q = 256.0 / 60000.0;
-        let mut rdp = Rdp::zero();
-        rdp.compose_sampled_gaussian(q, 1.1, 14062).unwrap();
-        let (eps, _) = rdp.epsilon(1e-5).unwrap();
-        assert!(eps <= 2.5965558697943036 * (1.0 + 1e-9) && eps > 2.55, "{eps}");
-        let basic = orders()
-            .iter()
-            .zip(rdp.values())
-            .map(|(a, r)| r - (1e-5f64).ln() / (a - 1.0))
-            .fold(f64::INFINITY, f64::min);
-        assert!((basic - 3.008).abs() < 0.01, "{basic}");
+        for (sigma, epochs, published) in [(1.12, 60u64, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)] {
+            let steps = epochs * 60000 / 256;
+            let mut rdp = Rdp::zero();
+            rdp.compose_sampled_gaussian(q, sigma, steps).unwrap();
+            let basic = orders()
+                .iter()
+                .zip(rdp.values())
+                .filter(|(a, _)| old_grid(**a))
+                .map(|(a, r)| r - (1e-5f64).ln() / (a - 1.0))
+                .fold(f64::INFINITY, f64::min);
+            assert!((basic - published).abs() < 0.005 * published, "sigma {sigma}: {basic} vs {published}");
+            let (tight, _) = rdp.epsilon(1e-5).unwrap();
+            assert!(tight < basic);
+        }
     }
 
     #[test]
