@@ -213,3 +213,76 @@ mod tests {
         assert!(out.iter().flatten().all(|v| v.is_finite()));
     }
 }
+
+/// The forward pass against logits computed independently: `models/tests/golden/` holds a
+/// tiny model (exported once from `BertClassifier::random(BertConfig::tiny(..), .., 11)`),
+/// fixed token ids, and the logits `reference.py` computed from those files with NumPy
+/// alone (its own BERT forward, erf GELU, masked softmax, pooler, classifier).
+/// Regenerate the fixture with `FEDWARD_WRITE_GOLDEN=1 cargo test -p fedward-models golden`
+/// then `python3 models/tests/golden/reference.py`.
+#[cfg(test)]
+mod golden {
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::bert::{Batch, Mode};
+
+    fn dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Input {
+        input_ids: Vec<Vec<u32>>,
+        attention_mask: Vec<Vec<u32>>,
+    }
+
+    #[test]
+    fn golden_logits_match_an_independent_numpy_forward() {
+        if std::env::var_os("FEDWARD_WRITE_GOLDEN").is_some() {
+            let encoder = TextEncoder::tiny(&["please", "admit", "ward", "scan", "doctor", "review"]);
+            let labels: Vec<String> = ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect();
+            let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels.clone(), 11, &Device::Cpu).unwrap();
+            // Weights of std 0.5 rather than 0.02, so the logits are large enough for the
+            // comparison to mean something.
+            let mut set = model.tensor_set().unwrap();
+            for (name, t) in set.iter_mut() {
+                if !name.contains("LayerNorm") {
+                    t.data_mut().iter_mut().for_each(|v| *v *= 25.0);
+                }
+            }
+            let model = BertClassifier::from_tensors(model.config.clone(), labels, &set, &Device::Cpu).unwrap();
+            export_dir(&model, &encoder, &dir().join("tiny")).unwrap();
+            let input = serde_json::json!({
+                "input_ids": [[2, 90, 91, 92, 40, 3], [2, 93, 3, 0, 0, 0]],
+                "attention_mask": [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]],
+            });
+            std::fs::write(dir().join("input.json"), input.to_string()).unwrap();
+            return;
+        }
+        let (model, _) = load_dir(&dir().join("tiny"), None, 0, &Device::Cpu).unwrap();
+        let input: Input = serde_json::from_slice(&std::fs::read(dir().join("input.json")).unwrap()).unwrap();
+        let expected: Vec<Vec<f32>> = serde_json::from_slice(&std::fs::read(dir().join("logits.json")).unwrap()).unwrap();
+        let (b, l) = (input.input_ids.len(), input.input_ids[0].len());
+        let flat = |v: &Vec<Vec<u32>>| Tensor::from_vec(v.concat(), (b, l), &Device::Cpu).unwrap();
+        let batch = Batch {
+            input_ids: flat(&input.input_ids),
+            token_type_ids: Tensor::zeros((b, l), candle_core::DType::U32, &Device::Cpu).unwrap(),
+            attention_mask: flat(&input.attention_mask),
+        };
+        let none = HashSet::new();
+        let logits: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None }).unwrap().to_vec2().unwrap();
+        // The differentiable path (layer norm in tensor ops) must agree too.
+        let all: HashSet<String> = model.tensor_set().unwrap().names().map(str::to_owned).collect();
+        let train_path: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &all, dropout_rng: None }).unwrap().to_vec2().unwrap();
+        assert!(expected.iter().flatten().any(|v| v.abs() > 0.5), "fixture logits too small to test anything");
+        for (got, want) in [(&logits, &expected), (&train_path, &expected)] {
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{got:?} vs {want:?}");
+            }
+        }
+    }
+}
