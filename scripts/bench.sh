@@ -10,6 +10,11 @@ case "${1:-transfer}" in
     cargo build --release --locked -p fedward-coordinator -p fedward-tests --bin fedward-coordinator --bin bench_transfer
     ./target/release/bench_transfer --out bench-out/transfer.json
     ;;
+  train)
+    scripts/fetch-models.sh
+    cargo build --release --locked -p fedward-models --example bench_train
+    ./target/release/examples/bench_train --out bench-out/train.json
+    ;;
   *)
-    echo "usage: scripts/bench.sh transfer" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|train" >&2; exit 2 ;;
 esac

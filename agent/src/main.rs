@@ -65,6 +65,22 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
     },
+    /// Turn a global-model checkpoint (safetensors from the coordinator) into a model
+    /// directory that transformers and `predict`/`eval` load.
+    Export {
+        /// The checkpoint, e.g. the coordinator's checkpoints/round-00005.safetensors.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The base model directory the federation started from (config.json, tokenizer.json).
+        #[arg(long)]
+        base: PathBuf,
+        /// Labels in id order (default: doctor, bed, device, other).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Evaluate a model directory on labelled notes ({"text", "label"} JSONL): accuracy,
     /// macro-F1, per-class precision/recall/F1 and the confusion matrix.
     Eval {
@@ -169,6 +185,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 use std::io::Write;
                 writeln!(out, "{line}")?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { checkpoint, base, labels, out } => {
+            let labels = labels.unwrap_or_else(|| fedward_shared::config::DEFAULT_LABELS.iter().map(|s| (*s).to_owned()).collect());
+            let (mut model, encoder) = fedward_models::io::load_dir(&base, Some(&labels), 0, &candle_core::Device::Cpu)?;
+            let set = fedward_shared::tensor::TensorSet::from_safetensors(&fsutil::read(&checkpoint)?, false)
+                .with_context(|| format!("reading {}", checkpoint.display()))?;
+            model.load(&set).context("the checkpoint does not fit the base model")?;
+            fedward_models::io::export_dir(&model, &encoder, &out)?;
+            println!("exported {} to {} (model {})", checkpoint.display(), out.display(), set.digest().short());
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval { model, data, json, device, max_seq_len } => {
