@@ -31,6 +31,14 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, rounds_released: u6
             "the plan has no differential privacy and this site requires it (budget.require_dp)",
         );
     }
+    if plan.privacy != PrivacyPlan::Off {
+        // Never train under a privacy plan this agent cannot honour: declining is safe,
+        // sending an update without the promised protection is not.
+        return decline(
+            DeclineReason::PlanUnacceptable,
+            format!("{} differential privacy is not available in this agent version", plan.privacy.mode_name()),
+        );
+    }
     if let Some(max) = budget.max_rounds {
         if rounds_released >= max {
             return decline(
@@ -144,6 +152,13 @@ mod tests {
         let d = review_offer(&offer(PrivacyPlan::Off), &budget(true, None), 0);
         assert!(matches!(d, Decision::Decline { reason: DeclineReason::PlanUnacceptable, .. }));
         assert_eq!(review_offer(&offer(PrivacyPlan::Off), &budget(false, None), 0), Decision::Train);
+    }
+
+    #[test]
+    fn a_privacy_plan_the_agent_cannot_apply_is_declined_not_ignored() {
+        let plan = PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: 1.0 };
+        let d = review_offer(&offer(plan), &budget(false, None), 0);
+        assert!(matches!(d, Decision::Decline { reason: DeclineReason::PlanUnacceptable, .. }), "{d:?}");
     }
 
     #[test]

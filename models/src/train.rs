@@ -252,6 +252,10 @@ fn train_loop(
     if trainable.is_empty() {
         return Err(TrainError::InvalidPlan("nothing trains".into()));
     }
+    if matches!(plan.privacy, fedward_shared::plan::PrivacyPlan::RecordLevel { .. }) {
+        // DP-SGD is not implemented here yet: refuse rather than train without it.
+        return Err(TrainError::InvalidPlan("record-level DP (DP-SGD) is not available in this trainer".into()));
+    }
     data.tokenize(encoder, plan.max_seq_len as usize)?;
     match model.frozen_prefix_layers(trainable) {
         Some(first) => ensure_cache(model, data, trainable, first)?,
