@@ -3,7 +3,9 @@
 
 pub mod bert;
 pub mod eval;
+pub mod import;
 pub mod io;
+pub mod synth;
 pub mod text;
 pub mod train;
 pub mod trainer;
