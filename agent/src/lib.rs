@@ -4,6 +4,7 @@
 //! `session` is the pure core (what to do with an offer); `daemon` and `net` are the
 //! network shell around it.
 
+pub mod baseline;
 pub mod daemon;
 pub mod net;
 pub mod session;

@@ -100,6 +100,141 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
     },
+    /// Make or bring in the site's labelled notes.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train the baselines a federation is judged against, from the same base model and
+    /// recipe, and score them on the pooled test split of every site in a data directory.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate a synthetic multi-site corpus of triage notes (deterministic by seed):
+    /// DIR/<site>/{train,validation,test}.jsonl and DIR/summary.json.
+    Synth {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed: the same seed gives byte-identical files.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Sites as NAME=STYLE or STYLE (repeatable). Styles: trauma-centre, rural-hospital,
+        /// childrens-hospital, teaching-hospital, cancer-centre. Default: the first three.
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// Notes per site, before the train/validation/test split.
+        #[arg(long, default_value_t = 1000)]
+        notes_per_site: usize,
+        /// Dirichlet concentration of each site's label mix: 0.5 skews strongly, 100 is near-IID.
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f64,
+    },
+    /// Validate the site's own notes (CSV with a header row, or JSONL) and write the valid
+    /// rows as {"text", "label"} JSONL for training. Each rejected row is named by line and
+    /// reason; no note text is ever printed.
+    Import {
+        /// The site's file.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the validated JSONL.
+        #[arg(long)]
+        out: PathBuf,
+        /// Input format (default: from the file extension).
+        #[arg(long, value_enum)]
+        format: Option<InputFormat>,
+        /// CSV header or JSON key of the note text.
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        /// CSV header or JSON key of the label.
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        /// Accepted labels (default: doctor, bed, device, other).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Map a site label onto an accepted one, e.g. `Physician=doctor` (repeatable).
+        #[arg(long = "map", value_parser = parse_label_mapping)]
+        label_map: Vec<(String, String)>,
+        /// Longest accepted note, in characters.
+        #[arg(long, default_value_t = 2000)]
+        max_chars: usize,
+        /// Drop exact repeats of an earlier (text, label) row.
+        #[arg(long)]
+        dedupe: bool,
+        /// Fail, writing nothing, when more than this fraction of rows is rejected.
+        #[arg(long)]
+        max_bad_fraction: Option<f64>,
+        /// CSV field separator.
+        #[arg(long, default_value_t = ',')]
+        delimiter: char,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InputFormat {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Subcommand)]
+enum BaselineCommand {
+    /// Train one model on the pooled training data of every site: what federation must
+    /// approach (and what privacy rules forbid in practice).
+    Centralized {
+        #[command(flatten)]
+        args: BaselineArgs,
+    },
+    /// Train one model per site on that site's data alone.
+    LocalOnly {
+        #[command(flatten)]
+        args: BaselineArgs,
+        /// Only these sites (repeatable; default: every site in the data directory).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct BaselineArgs {
+    /// Data directory laid out as `data synth` writes it: DIR/<site>/{train,test}.jsonl.
+    #[arg(long)]
+    data: PathBuf,
+    /// Base model directory (the federation's starting point).
+    #[arg(long)]
+    base: PathBuf,
+    /// Which part trains: head, top:K or all.
+    #[arg(long, default_value = "top:1")]
+    trainable: fedward_shared::plan::Trainable,
+    /// Passes over the training data (match the federation's rounds x local epochs).
+    #[arg(long, default_value_t = 5)]
+    epochs: u32,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 16)]
+    batch_size: u32,
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 2e-4)]
+    learning_rate: f64,
+    /// Tokens per note after truncation.
+    #[arg(long, default_value_t = 64)]
+    max_seq_len: u32,
+    /// Seed for the head's initialisation and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_label_mapping(s: &str) -> Result<(String, String), String> {
+    let (from, to) = s.split_once('=').ok_or_else(|| format!("expected SITE_LABEL=LABEL, got {s:?}"))?;
+    Ok((from.trim().to_owned(), to.trim().to_owned()))
 }
 
 #[derive(Subcommand)]
@@ -209,6 +344,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Data(cmd) => data_command(cmd),
+        Command::Baseline(cmd) => baseline_command(cmd),
         Command::Pki(PkiCommand::Request { site, dir }) => {
             let req = pki::site_request(&site)?;
             fsutil::write_private_new(&dir.join("site.key"), req.key_pem.as_bytes())?;
@@ -259,6 +396,159 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
             info!(completed_rounds, rounds_trained, "done");
         }
         DaemonOutcome::Shutdown => info!("stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_labels() -> Vec<String> {
+    fedward_shared::config::DEFAULT_LABELS.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn data_command(cmd: DataCommand) -> Result<ExitCode> {
+    use fedward_models::{import, synth};
+    match cmd {
+        DataCommand::Synth { out, seed, sites, notes_per_site, alpha } => {
+            let sites = if sites.is_empty() {
+                synth::SynthConfig::default_sites()
+            } else {
+                sites.iter().map(|s| parse_site_spec(s)).collect::<Result<_>>()?
+            };
+            let mut cfg = synth::SynthConfig::new(seed, sites);
+            cfg.notes_per_site = notes_per_site;
+            cfg.alpha = alpha;
+            let corpus = synth::generate(&cfg)?;
+            synth::write_corpus(&corpus, &out).with_context(|| format!("writing {}", out.display()))?;
+            let summary = corpus.summary();
+            println!(
+                "wrote {} notes for {} sites to {} (seed {seed}, alpha {alpha}): {} phrase building blocks, exact-duplicate rate {:.4}",
+                summary["notes"],
+                corpus.sites.len(),
+                out.display(),
+                summary["building_blocks"],
+                corpus.duplicate_rate()
+            );
+            for site in &corpus.sites {
+                let [d, b, v, o] = site.label_counts();
+                println!(
+                    "  {:<20} {:>5} notes (train {}, validation {}, test {}); doctor {d}, bed {b}, device {v}, other {o}",
+                    site.name,
+                    site.len(),
+                    site.train.len(),
+                    site.validation.len(),
+                    site.test.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Import {
+            input,
+            out,
+            format,
+            text_column,
+            label_column,
+            labels,
+            label_map,
+            max_chars,
+            dedupe,
+            max_bad_fraction,
+            delimiter,
+            json,
+        } => {
+            let format = match format {
+                Some(InputFormat::Csv) => import::Format::Csv,
+                Some(InputFormat::Jsonl) => import::Format::Jsonl,
+                None => match input.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+                    Some("csv" | "tsv") => import::Format::Csv,
+                    Some("jsonl" | "ndjson" | "json") => import::Format::Jsonl,
+                    _ => anyhow::bail!("cannot tell the format of {} from its extension: give --format csv or jsonl", input.display()),
+                },
+            };
+            if !delimiter.is_ascii() {
+                anyhow::bail!("--delimiter must be an ASCII character");
+            }
+            let mut cfg = import::ImportConfig::new(format);
+            cfg.text_column = text_column;
+            cfg.label_column = label_column;
+            cfg.labels = labels.unwrap_or_else(default_labels);
+            cfg.label_map = label_map.into_iter().collect();
+            cfg.max_chars = max_chars;
+            cfg.dedupe = dedupe;
+            cfg.max_bad_fraction = max_bad_fraction;
+            cfg.delimiter = delimiter as u8;
+            let imported = import::import_file(&input, &cfg)?;
+            // Patient notes: readable by the agent's user only.
+            let mut bytes = Vec::new();
+            import::write_jsonl(&mut bytes, &imported.rows)?;
+            fsutil::atomic_write(&out, &bytes, true)?;
+            let report = &imported.report;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&import_report_json(report))?);
+            } else {
+                print!("{report}");
+                println!("wrote {} rows to {}", report.accepted, out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `NAME=STYLE` or `STYLE` (the site is then named after its style).
+fn parse_site_spec(s: &str) -> Result<fedward_models::synth::SiteSpec> {
+    let (name, style) = s.split_once('=').unwrap_or((s, s));
+    let style = style.parse().map_err(|_| anyhow::anyhow!("unknown site style in {s:?}"))?;
+    Ok(fedward_models::synth::SiteSpec::new(name, style))
+}
+
+fn import_report_json(r: &fedward_models::import::ImportReport) -> serde_json::Value {
+    serde_json::json!({
+        "rows_read": r.rows_read,
+        "accepted": r.accepted,
+        "rejected": r.rejected,
+        "duplicates_dropped": r.duplicates.len(),
+        "conflicting_labels": r.conflicting_labels,
+        "per_label": r.per_label,
+        "rejected_by_reason": r.reasons.iter().map(|(k, n)| (k.as_str(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+        "rejects": r.rejects.iter().map(|x| serde_json::json!({"line": x.line, "reason": x.reason.to_string()})).collect::<Vec<_>>(),
+    })
+}
+
+fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
+    use fedward_agent::baseline::{discover_sites, Baselines, Recipe};
+    let (args, only) = match cmd {
+        BaselineCommand::Centralized { args } => (args, None),
+        BaselineCommand::LocalOnly { args, sites } => (args, Some(sites)),
+    };
+    let sites = discover_sites(&args.data)?;
+    let recipe = Recipe {
+        base: args.base,
+        labels: default_labels(),
+        trainable: args.trainable,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        max_seq_len: args.max_seq_len,
+        seed: args.seed,
+        device: args.device,
+    };
+    let mut baselines = Baselines::new(recipe, &sites)?;
+    let results = match only {
+        None => vec![baselines.centralized(&sites)?],
+        Some(only) => {
+            if let Some(unknown) = only.iter().find(|n| !sites.iter().any(|s| &s.name == *n)) {
+                anyhow::bail!("no site {unknown:?} in {}", args.data.display());
+            }
+            let chosen = sites.iter().filter(|s| only.is_empty() || only.contains(&s.name));
+            chosen.map(|s| baselines.local_only(s)).collect::<Result<Vec<_>>>()?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("pooled test split: {} notes", baselines.test_len());
+        println!("{:<20} {:>8} {:>9} {:>9} {:>8}", "model", "train", "accuracy", "macro-F1", "seconds");
+        for r in &results {
+            println!("{:<20} {:>8} {:>9.4} {:>9.4} {:>8.1}", r.name, r.train_examples, r.test.accuracy, r.test.macro_f1, r.seconds);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

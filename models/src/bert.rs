@@ -260,7 +260,8 @@ impl BertClassifier {
         )
     }
 
-    /// Embeddings plus layers `0..upto`: the hidden states (batch, len, hidden).
+    /// Embeddings plus layers `0..upto`: the hidden states (batch, len, hidden), or only the
+    /// `[CLS]` row (batch, 1, hidden) when `upto` includes the last layer.
     pub fn forward_prefix(&self, batch: &Batch, upto: usize, mode: &mut Mode<'_>) -> Result<Tensor> {
         let x = self.embeddings(batch, mode)?;
         let bias = attention_bias(&batch.attention_mask)?;
@@ -282,8 +283,12 @@ impl BertClassifier {
     }
 
     fn forward_layers(&self, mut x: Tensor, bias: &Tensor, from: usize, to: usize, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let last = self.config.num_hidden_layers - 1;
         for l in from..to {
-            x = self.layer(&x, bias, l, mode)?;
+            // Only `[CLS]` of the last layer reaches the pooler, so that layer computes
+            // only its row (keys and values still come from every token): the same logits
+            // for about a fifth of the layer's work, forward and backward.
+            x = self.layer(&x, bias, l, l == last, mode)?;
         }
         Ok(x)
     }
@@ -318,29 +323,33 @@ impl BertClassifier {
         self.dropout(&x, self.config.hidden_dropout_prob, mode)
     }
 
-    fn layer(&self, x: &Tensor, bias: &Tensor, l: usize, mode: &mut Mode<'_>) -> Result<Tensor> {
+    /// One encoder layer; with `cls_only` it returns only the `[CLS]` row (batch, 1, hidden).
+    fn layer(&self, x: &Tensor, bias: &Tensor, l: usize, cls_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
         let p = format!("bert.encoder.layer.{l}");
-        let (b, len, h) = x.dims3()?;
+        let (b, _, h) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let dh = h / heads;
-        let proj = |name: &str, mode: &Mode<'_>| -> Result<Tensor> {
-            let y = linear3d(x, &self.p(&format!("{p}.{name}.weight"), mode)?, &self.p(&format!("{p}.{name}.bias"), mode)?)?;
-            Ok(y.reshape((b, len, heads, dh))?.transpose(1, 2)?.contiguous()?)
+        let proj = |input: &Tensor, name: &str, mode: &Mode<'_>| -> Result<Tensor> {
+            let rows = input.dim(1)?;
+            let y = linear3d(input, &self.p(&format!("{p}.{name}.weight"), mode)?, &self.p(&format!("{p}.{name}.bias"), mode)?)?;
+            Ok(y.reshape((b, rows, heads, dh))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = proj("attention.self.query", mode)?;
-        let k = proj("attention.self.key", mode)?;
-        let v = proj("attention.self.value", mode)?;
+        let x_q = if cls_only { x.narrow(1, 0, 1)? } else { x.clone() };
+        let len_q = x_q.dim(1)?;
+        let q = proj(&x_q, "attention.self.query", mode)?;
+        let k = proj(x, "attention.self.key", mode)?;
+        let v = proj(x, "attention.self.value", mode)?;
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let probs = self.dropout(&probs, self.config.attention_probs_dropout_prob, mode)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, len, h))?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, len_q, h))?;
         let attn = linear3d(
             &ctx,
             &self.p(&format!("{p}.attention.output.dense.weight"), mode)?,
             &self.p(&format!("{p}.attention.output.dense.bias"), mode)?,
         )?;
         let attn = self.dropout(&attn, self.config.hidden_dropout_prob, mode)?;
-        let attn = self.layer_norm(&attn.add(x)?, &format!("{p}.attention.output.LayerNorm"), mode)?;
+        let attn = self.layer_norm(&attn.add(&x_q)?, &format!("{p}.attention.output.LayerNorm"), mode)?;
         let inter = linear3d(
             &attn,
             &self.p(&format!("{p}.intermediate.dense.weight"), mode)?,

@@ -351,6 +351,34 @@ fn evaluate_prepared(
     Ok((loss_sum / truth.len().max(1) as f64, classification_report(&truth, &preds, &model.labels)))
 }
 
+/// A labelled evaluation set that keeps its tokenization and frozen-prefix cache between
+/// calls: evaluating successive global models that differ only in their trainable part
+/// (every round of a federation) costs one pass through the trainable suffix each.
+pub struct EvalSet {
+    data: Prepared,
+}
+
+impl EvalSet {
+    pub fn new(examples: Vec<Example>) -> Self {
+        Self { data: Prepared::new(examples) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.examples.is_empty()
+    }
+
+    /// Mean cross-entropy and the classification report of `model` on this set. `trainable`
+    /// names the tensors that may differ between calls; everything below them is cached.
+    pub fn evaluate(&mut self, model: &BertClassifier, encoder: &TextEncoder, trainable: &[String], max_len: usize) -> Result<(f64, ClassificationReport), TrainError> {
+        let trainable: HashSet<String> = trainable.iter().cloned().collect();
+        evaluate_prepared(model, encoder, &mut self.data, &trainable, max_len)
+    }
+}
+
 /// Evaluates a model on labelled examples (no caching; for the CLI and baselines).
 pub fn evaluate(model: &BertClassifier, encoder: &TextEncoder, examples: &[Example], max_len: usize) -> Result<ClassificationReport, TrainError> {
     let mut data = Prepared::new(examples.to_vec());

@@ -1,0 +1,151 @@
+//! The baselines a federation is judged against, trained from the same base model with the
+//! same recipe: **centralized** training on the pooled data of every site (what federation
+//! must approach, and what no consortium may legally do) and **local-only** training (each
+//! site alone, what a hospital gets without the consortium). Both are evaluated on the
+//! pooled test split of all sites.
+//!
+//! Data is laid out as `data synth` writes it: `DIR/<site>/{train,validation,test}.jsonl`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tracing::info;
+
+use fedward_models::eval::ClassificationReport;
+use fedward_models::io::load_dir;
+use fedward_models::text::{read_jsonl, Example};
+use fedward_models::train::{device, BertTrainer, EvalSet};
+use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
+
+/// One site's files in a data directory.
+#[derive(Clone, Debug)]
+pub struct SiteFiles {
+    pub name: String,
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+    pub test: PathBuf,
+}
+
+/// The sites of a data directory: every subdirectory holding `train.jsonl` and `test.jsonl`,
+/// in name order.
+pub fn discover_sites(dir: &Path) -> Result<Vec<SiteFiles>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading data directory {}", dir.display()))?;
+    let mut sites = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let (train, test) = (path.join("train.jsonl"), path.join("test.jsonl"));
+        if !(train.is_file() && test.is_file()) {
+            continue;
+        }
+        let validation = Some(path.join("validation.jsonl")).filter(|p| p.is_file());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        sites.push(SiteFiles { name, train, validation, test });
+    }
+    if sites.is_empty() {
+        bail!("{} holds no site directories with train.jsonl and test.jsonl (make one with `fedward-agent data synth`)", dir.display());
+    }
+    sites.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(sites)
+}
+
+/// How a baseline trains: the federation's recipe, with `epochs` standing for
+/// rounds x local epochs.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    /// Model directory to start from (the federation's base model).
+    pub base: PathBuf,
+    pub labels: Vec<String>,
+    pub trainable: Trainable,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub max_seq_len: u32,
+    pub seed: u64,
+    pub device: String,
+}
+
+impl Recipe {
+    fn plan(&self, tensor_names: Vec<&str>) -> TrainingPlan {
+        TrainingPlan {
+            local_epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            max_seq_len: self.max_seq_len,
+            trainable: self.trainable,
+            trainable_tensors: self.trainable.select(tensor_names),
+            seed: self.seed,
+            privacy: PrivacyPlan::Off,
+        }
+    }
+}
+
+/// What one baseline model scored on the pooled test split.
+#[derive(Clone, Debug, Serialize)]
+pub struct BaselineResult {
+    /// `centralized`, or the site's name for a local-only model.
+    pub name: String,
+    pub train_examples: usize,
+    pub train_loss: f64,
+    pub test: ClassificationReport,
+    pub seconds: f64,
+}
+
+/// Trains baselines from one recipe and scores them on one pooled test split, whose frozen
+/// prefix is computed once for all of them.
+pub struct Baselines {
+    recipe: Recipe,
+    test: EvalSet,
+}
+
+impl Baselines {
+    /// Reads every site's test split into the pooled test set.
+    pub fn new(recipe: Recipe, sites: &[SiteFiles]) -> Result<Self> {
+        let mut test = Vec::new();
+        for s in sites {
+            test.extend(read_jsonl(&s.test, &recipe.labels)?);
+        }
+        Ok(Self { recipe, test: EvalSet::new(test) })
+    }
+
+    /// Examples in the pooled test split.
+    pub fn test_len(&self) -> usize {
+        self.test.len()
+    }
+
+    /// Centralized training on the pooled training data of `sites`.
+    pub fn centralized(&mut self, sites: &[SiteFiles]) -> Result<BaselineResult> {
+        let mut train = Vec::new();
+        for s in sites {
+            train.extend(read_jsonl(&s.train, &self.recipe.labels)?);
+        }
+        self.run("centralized", train)
+    }
+
+    /// Local-only training on one site's training data.
+    pub fn local_only(&mut self, site: &SiteFiles) -> Result<BaselineResult> {
+        let train = read_jsonl(&site.train, &self.recipe.labels)?;
+        self.run(&site.name, train)
+    }
+
+    fn run(&mut self, name: &str, train: Vec<Example>) -> Result<BaselineResult> {
+        let started = Instant::now();
+        let dev = device(&self.recipe.device)?;
+        let (model, encoder) = load_dir(&self.recipe.base, Some(&self.recipe.labels), self.recipe.seed, &dev)
+            .with_context(|| format!("loading the base model from {}", self.recipe.base.display()))?;
+        let names = model.tensor_set()?;
+        let plan = self.recipe.plan(names.names().collect());
+        let train_examples = train.len();
+        info!(baseline = name, examples = train_examples, trainable = %plan.trainable, epochs = plan.local_epochs, "training baseline");
+        let mut trainer = BertTrainer::new(model, encoder, train, None)?;
+        let train_loss = trainer.fit(&plan, 0)?;
+        let (_, test) = self.test.evaluate(trainer.model(), trainer.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
+        let seconds = started.elapsed().as_secs_f64();
+        info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
+        Ok(BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds })
+    }
+}

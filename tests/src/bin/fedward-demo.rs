@@ -1,0 +1,752 @@
+//! `fedward-demo`: a whole federation on one machine, run as a newcomer would run it.
+//!
+//! Everything goes through the real binaries as separate processes: the consortium's PKI
+//! (`pki init`, `pki request`, `pki sign`), three hospitals' data (`data synth`), a
+//! coordinator and three agents talking QUIC with mutual TLS on 127.0.0.1, the baselines
+//! (`baseline centralized`, `baseline local-only`) and the export of the final model
+//! (`export`, checked with `eval`). This driver only writes configs, watches the
+//! coordinator's state directory and scores each round's global model on the pooled test
+//! split (in-process, with the frozen prefix cached across rounds), then writes the report.
+//! `deploy/demo.sh` builds the binaries and fetches the weights first.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use fedward_coordinator::store::Store;
+use fedward_models::io::load_dir;
+use fedward_models::text::read_jsonl;
+use fedward_models::train::EvalSet;
+use fedward_shared::config::DEFAULT_LABELS;
+use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
+use fedward_shared::plan::Trainable;
+use fedward_shared::wire::PrivacyMode;
+use fedward_shared::tensor::TensorSet;
+
+/// Run a local federation demo: PKI, data for three hospitals, a coordinator and three
+/// agents as processes on 127.0.0.1 with mutual TLS, a per-round table, the baselines and a
+/// report (report.json, report.html) with the final model in OUT/model.
+#[derive(Parser)]
+#[command(name = "fedward-demo", version)]
+struct Args {
+    /// Output directory (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Federated rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Also run the federation with record-level differential privacy (DP-SGD at each
+    /// site, epsilon <= --epsilon at delta 1e-5 per site over the whole run) and report it
+    /// beside the run without DP.
+    #[arg(long)]
+    dp: bool,
+    /// The per-site privacy budget of the DP run.
+    #[arg(long, default_value_t = 8.0)]
+    epsilon: f64,
+    /// Directory holding the fedward-agent and fedward-coordinator binaries.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The pretrained base model directory.
+    #[arg(long, default_value = "models-data/all-MiniLM-L6-v2")]
+    base: PathBuf,
+    /// Seed of the synthetic data, the head's initialisation and local shuffling.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Notes per hospital (70% train, 15% validation, 15% test).
+    #[arg(long, default_value_t = 1000)]
+    notes_per_site: usize,
+    /// Which part of the model trains: head, top:K or all.
+    #[arg(long, default_value = "top:1")]
+    trainable: Trainable,
+    /// Peak learning rate of each site's AdamW.
+    #[arg(long, default_value_t = 5e-4)]
+    learning_rate: f64,
+    /// Tokens per note after truncation.
+    #[arg(long, default_value_t = 64)]
+    max_seq_len: u32,
+    /// Skip the baselines (faster; the report then has no comparison).
+    #[arg(long)]
+    skip_baselines: bool,
+}
+
+const SITES: [&str; 3] = ["trauma-centre", "rural-hospital", "childrens-hospital"];
+const BATCH_SIZE: u32 = 16;
+const DELTA: f64 = 1e-5;
+/// Marks a directory as the demo's own, so a re-run may replace it.
+const MARKER: &str = ".fedward-demo";
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ndemo failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The binaries and where their logs go.
+struct Tools {
+    agent: PathBuf,
+    coordinator: PathBuf,
+    logs: PathBuf,
+}
+
+impl Tools {
+    /// Runs a tool to completion, its output into `logs/<log>.log`; the error names the log.
+    fn run(&self, program: &Path, args: &[&str], log: &str) -> Result<String> {
+        let log_path = self.logs.join(format!("{log}.log"));
+        let out = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("starting {}", program.display()))?;
+        let mut f = fs::File::create(&log_path)?;
+        f.write_all(&out.stdout)?;
+        f.write_all(&out.stderr)?;
+        if !out.status.success() {
+            bail!("{} {} failed ({}); see {}\n{}", program.display(), args.join(" "), out.status, log_path.display(), tail(&out.stderr, 12));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn(&self, program: &Path, args: &[&str], log: &str) -> Result<Child> {
+        let log_path = self.logs.join(format!("{log}.log"));
+        let file = fs::File::create(&log_path)?;
+        Command::new(program)
+            .args(args)
+            .env("FEDWARD_LOG", std::env::var("FEDWARD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))
+    }
+}
+
+fn tail(bytes: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    let out = prepare_out_dir(&args.out)?;
+    let tools = Tools {
+        agent: args.bin_dir.join("fedward-agent"),
+        coordinator: args.bin_dir.join("fedward-coordinator"),
+        logs: out.join("logs"),
+    };
+    fs::create_dir_all(&tools.logs)?;
+    let base = fs::canonicalize(&args.base)
+        .with_context(|| format!("the base model {} is missing: run scripts/fetch-models.sh", args.base.display()))?;
+
+    step("PKI: consortium CA, coordinator certificate, three hospitals' keys and certificates");
+    let pki = out.join("pki");
+    let ca_dir = pki.join("consortium");
+    tools.run(&tools.coordinator, &["pki", "init", "--dir", s(&ca_dir), "--server-name", "localhost", "--server-ip", "127.0.0.1"], "pki-init")?;
+    for site in SITES {
+        let dir = pki.join(site);
+        tools.run(&tools.agent, &["pki", "request", "--site", site, "--dir", s(&dir)], &format!("pki-request-{site}"))?;
+        let (csr, crt) = (dir.join("site.csr"), dir.join("site.crt"));
+        tools.run(&tools.coordinator, &["pki", "sign", "--ca-dir", s(&ca_dir), "--csr", s(&csr), "--site", site, "--out", s(&crt)], &format!("pki-sign-{site}"))?;
+        fs::copy(ca_dir.join("ca.crt"), dir.join("ca.crt"))?;
+    }
+
+    step("data: a synthetic triage corpus for three hospitals (non-IID)");
+    let data = out.join("data");
+    let mut synth = vec!["data", "synth", "--out", s(&data)];
+    let (seed, notes) = (args.seed.to_string(), args.notes_per_site.to_string());
+    synth.extend(["--seed", &seed, "--notes-per-site", &notes]);
+    for site in SITES {
+        synth.extend(["--site", site]);
+    }
+    print!("{}", indent(&tools.run(&tools.agent, &synth, "data-synth")?));
+    let labels: Vec<String> = DEFAULT_LABELS.iter().map(|l| (*l).to_owned()).collect();
+    let pooled_test = data.join("pooled-test.jsonl");
+    let mut test_examples = Vec::new();
+    let mut pooled = String::new();
+    for site in SITES {
+        let path = data.join(site).join("test.jsonl");
+        pooled.push_str(&fs::read_to_string(&path)?);
+        test_examples.extend(read_jsonl(&path, &labels)?);
+    }
+    fs::write(&pooled_test, pooled)?;
+    let train_sizes: Vec<usize> = SITES.iter().map(|site| read_jsonl(&data.join(site).join("train.jsonl"), &labels).map(|v| v.len())).collect::<Result<_, _>>()?;
+
+    let scorer = Scorer::new(&base, &labels, test_examples, args)?;
+    let mut scorer = scorer;
+    let mut runs = Vec::new();
+    let plain = federate(args, &tools, &out, &base, &data, &mut scorer, None)?;
+    runs.push(plain);
+    if args.dp {
+        let min_train = *train_sizes.iter().min().unwrap_or(&1);
+        let dp = DpSettings::for_budget(args, min_train)?;
+        runs.push(federate(args, &tools, &out, &base, &data, &mut scorer, Some(dp))?);
+    }
+
+    step("final model: export to a transformers directory and check it with `fedward-agent eval`");
+    let model_dir = out.join("model");
+    let plain = &runs[0];
+    tools.run(&tools.agent, &["export", "--checkpoint", s(&plain.final_checkpoint), "--base", s(&base), "--out", s(&model_dir)], "export")?;
+    let eval: Value = serde_json::from_str(&tools.run(
+        &tools.agent,
+        &["eval", "--model", s(&model_dir), "--data", s(&pooled_test), "--json", "--max-seq-len", &args.max_seq_len.to_string()],
+        "eval-model",
+    )?)?;
+    let exported_accuracy = eval["accuracy"].as_f64().unwrap_or(f64::NAN);
+    println!("  {}: accuracy {exported_accuracy:.4} on the pooled test split", model_dir.display());
+    if let Some(dp) = runs.get(1) {
+        tools.run(&tools.agent, &["export", "--checkpoint", s(&dp.final_checkpoint), "--base", s(&base), "--out", s(&out.join("model-dp"))], "export-dp")?;
+    }
+
+    let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &base, &data)?) };
+
+    let report = Report::new(args, &runs, baselines.as_ref(), exported_accuracy, started.elapsed().as_secs_f64());
+    fs::write(out.join("report.json"), serde_json::to_string_pretty(&report.json)? + "\n")?;
+    fs::write(out.join("report.html"), report.html())?;
+    println!("{}", report.summary);
+    println!("report: {} and {}", out.join("report.json").display(), out.join("report.html").display());
+    println!("total {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_else(|| unreachable!("demo paths are UTF-8"))
+}
+
+fn step(what: &str) {
+    println!("\n== {what}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// Creates the output directory, replacing an earlier demo's but never anything else.
+fn prepare_out_dir(out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        let ours = out.join(MARKER).exists();
+        let empty = fs::read_dir(out)?.next().is_none();
+        ensure!(ours || empty, "{} exists and is not an earlier demo's output: choose another --out", out.display());
+        if ours {
+            fs::remove_dir_all(out).with_context(|| format!("removing the earlier demo in {}", out.display()))?;
+        }
+    }
+    fs::create_dir_all(out)?;
+    fs::write(out.join(MARKER), "written by fedward-demo; the whole directory is replaced on the next run\n")?;
+    fs::canonicalize(out).map_err(Into::into)
+}
+
+/// Parameters of the record-level DP run.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct DpSettings {
+    noise_multiplier: f64,
+    clip_norm: f64,
+    sampling_rate: f64,
+    update_clip_norm: f64,
+    steps_per_round: u64,
+    planned_epsilon: f64,
+}
+
+impl DpSettings {
+    /// The smallest noise that keeps the smallest site within `--epsilon` over all rounds
+    /// (a bigger site samples at the same rate, so it spends the same).
+    fn for_budget(args: &Args, min_train: usize) -> Result<Self> {
+        let sampling_rate = (f64::from(BATCH_SIZE) / min_train as f64).min(1.0);
+        let steps_per_round = (1.0 / sampling_rate).round() as u64;
+        let mut plan = Plan {
+            mode: PrivacyMode::RecordLevel,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampling_rate,
+            steps_per_round,
+            rounds: u64::from(args.rounds),
+            delta: DELTA,
+        };
+        // Aim a little under the budget so the agents' own check never trips on rounding.
+        plan.noise_multiplier = plan_min_sigma(&plan, args.epsilon * 0.98)?.noise_multiplier;
+        let planned_epsilon = plan_epsilon(&plan)?;
+        Ok(Self { noise_multiplier: plan.noise_multiplier, clip_norm: plan.clip_norm, sampling_rate, update_clip_norm: 10.0, steps_per_round, planned_epsilon })
+    }
+}
+
+/// Scores global models on the pooled test split, caching the frozen prefix across rounds.
+struct Scorer {
+    model: fedward_models::bert::BertClassifier,
+    encoder: fedward_models::text::TextEncoder,
+    test: EvalSet,
+    trainable: Vec<String>,
+    max_len: usize,
+}
+
+impl Scorer {
+    fn new(base: &Path, labels: &[String], test: Vec<fedward_models::text::Example>, args: &Args) -> Result<Self> {
+        let (model, encoder) = load_dir(base, Some(labels), 0, &candle_core::Device::Cpu)?;
+        let trainable = args.trainable.select(model.tensor_set()?.names());
+        Ok(Self { model, encoder, test: EvalSet::new(test), trainable, max_len: args.max_seq_len as usize })
+    }
+
+    fn score(&mut self, checkpoint: &Path) -> Result<(f64, f64)> {
+        let set = TensorSet::from_safetensors(&fs::read(checkpoint)?, false)?;
+        self.model.load(&set)?;
+        let (_, report) = self.test.evaluate(&self.model, &self.encoder, &self.trainable, self.max_len)?;
+        Ok((report.accuracy, report.macro_f1))
+    }
+}
+
+/// One round as the table shows it.
+#[derive(Clone, Debug, Serialize)]
+struct RoundRow {
+    round: u64,
+    sites: usize,
+    mean_local_loss: Option<f64>,
+    accuracy: f64,
+    macro_f1: f64,
+    /// The largest epsilon any site reports having spent after this round.
+    epsilon: Option<f64>,
+    seconds: f64,
+}
+
+struct RunResult {
+    name: &'static str,
+    dp: Option<DpSettings>,
+    initial: (f64, f64),
+    rounds: Vec<RoundRow>,
+    final_checkpoint: PathBuf,
+    seconds: f64,
+}
+
+/// Runs one federation: coordinator and agents as processes, watched until they finish.
+fn federate(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path, scorer: &mut Scorer, dp: Option<DpSettings>) -> Result<RunResult> {
+    let name = if dp.is_some() { "dp" } else { "plain" };
+    let dir = out.join("runs").join(name);
+    fs::create_dir_all(&dir)?;
+    match &dp {
+        None => step(&format!("federation without DP: a coordinator and {} agents, {} rounds, training {}", SITES.len(), args.rounds, args.trainable)),
+        Some(d) => step(&format!(
+            "federation with record-level DP: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round; planned epsilon {:.2} at delta {DELTA} per site",
+            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.steps_per_round, d.planned_epsilon
+        )),
+    }
+    let quic_port = free_udp_port()?;
+    let admin_port = free_tcp_port()?;
+    let state_dir = dir.join("coordinator");
+    let coordinator_toml = dir.join("coordinator.toml");
+    fs::write(&coordinator_toml, coordinator_config(args, out, base, &state_dir, quic_port, admin_port, dp.as_ref()))?;
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let result = (|| {
+        let log = format!("{name}-coordinator");
+        children.push(("coordinator".into(), tools.spawn(&tools.coordinator, &["serve", "--config", s(&coordinator_toml)], &log)?));
+        for site in SITES {
+            let toml = dir.join(format!("{site}.toml"));
+            fs::write(&toml, agent_config(out, base, data, &dir, site, quic_port, dp.is_some()))?;
+            children.push((site.to_owned(), tools.spawn(&tools.agent, &["run", "--config", s(&toml)], &format!("{name}-{site}"))?));
+        }
+        println!("  coordinator on 127.0.0.1:{quic_port} (QUIC), dashboard http://127.0.0.1:{admin_port}/; logs in {}", tools.logs.display());
+        watch(args, &state_dir, scorer, &mut children)
+    })();
+    // Whatever happened, no process outlives the demo.
+    for (_, child) in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let (initial, rounds, seconds) = result?;
+    let final_checkpoint = Store::open(&state_dir)?.checkpoint_path(u64::from(args.rounds));
+    Ok(RunResult { name, dp, initial, rounds, final_checkpoint, seconds })
+}
+
+/// Prints a row per completed round until the coordinator finishes, then waits for the agents.
+fn watch(args: &Args, state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]) -> Result<((f64, f64), Vec<RoundRow>, f64)> {
+    let started = Instant::now();
+    let total = u64::from(args.rounds);
+    let mut rows: Vec<RoundRow> = Vec::new();
+    let mut initial = None;
+    let mut last_note = Instant::now();
+    println!("  {:>5} {:>5} {:>10} {:>9} {:>9} {:>8} {:>8}", "round", "sites", "local loss", "accuracy", "macro-F1", "epsilon", "seconds");
+    loop {
+        // The coordinator writes the checkpoint, then state.json, each atomically: a round
+        // listed in state.json has its checkpoint on disk.
+        let store = Store::open(state_dir)?;
+        if let Some(state) = store.state() {
+            if initial.is_none() {
+                let (acc, f1) = scorer.score(&store.checkpoint_path(0))?;
+                println!("  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>8} {:>8}", 0, "-", "-", acc, f1, "-", "-");
+                initial = Some((acc, f1));
+            }
+            let scored = rows.last().map_or(0, |r| r.round);
+            for record in state.history.iter().filter(|r| r.model_digest.is_some() && r.round > scored) {
+                let (accuracy, macro_f1) = scorer.score(&store.checkpoint_path(record.round))?;
+                let epsilon = record.sites.iter().filter_map(|s| s.epsilon_after).reduce(f64::max);
+                let row = RoundRow {
+                    round: record.round,
+                    sites: record.sites.len(),
+                    mean_local_loss: record.mean_train_loss,
+                    accuracy,
+                    macro_f1,
+                    epsilon,
+                    seconds: record.duration_secs,
+                };
+                println!(
+                    "  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>8} {:>8.1}",
+                    row.round,
+                    row.sites,
+                    row.mean_local_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    row.accuracy,
+                    row.macro_f1,
+                    row.epsilon.map_or("-".into(), |e| format!("{e:.3}")),
+                    row.seconds
+                );
+                rows.push(row);
+                last_note = Instant::now();
+            }
+        }
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                check_exit(name, status, rows.len() as u64 == total)?;
+            }
+        }
+        if rows.len() as u64 >= total {
+            break;
+        }
+        if last_note.elapsed() > Duration::from_secs(30) {
+            println!("  ... round {} in progress ({:.0} s so far)", rows.len() + 1, started.elapsed().as_secs_f64());
+            last_note = Instant::now();
+        }
+        ensure!(started.elapsed() < Duration::from_secs(3600), "the federation did not finish within an hour");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Agents exit once the coordinator says the federation is finished.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (name, child) in children.iter_mut() {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                check_exit(name, status, true)?;
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{name} did not exit after the federation finished");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok((initial.unwrap_or((f64::NAN, f64::NAN)), rows, started.elapsed().as_secs_f64()))
+}
+
+fn check_exit(name: &str, status: ExitStatus, finished: bool) -> Result<()> {
+    ensure!(status.success() && finished, "{name} exited early ({status}); see its log");
+    Ok(())
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn coordinator_config(args: &Args, out: &Path, base: &Path, state_dir: &Path, port: u16, admin_port: u16, dp: Option<&DpSettings>) -> String {
+    let ca = out.join("pki/consortium");
+    let privacy = match dp {
+        None => "mode = \"off\"\n".to_owned(),
+        Some(d) => format!(
+            "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n",
+            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm
+        ),
+    };
+    let mut sites = String::new();
+    for site in SITES {
+        let _ = writeln!(sites, "[[sites]]\nid = \"{site}\"\n");
+    }
+    format!(
+        r#"# written by fedward-demo
+[server]
+listen = "127.0.0.1:{port}"
+state_dir = "{state}"
+admin_listen = "127.0.0.1:{admin_port}"
+
+[tls]
+ca_cert = "{ca}/ca.crt"
+cert = "{ca}/coordinator.crt"
+key = "{ca}/coordinator.key"
+
+[federation]
+rounds = {rounds}
+min_sites = {n_sites}
+round_deadline = "30m"
+
+[model]
+init = "{base}"
+labels = ["doctor", "bed", "device", "other"]
+init_seed = 0
+
+[training]
+local_epochs = 1
+batch_size = {BATCH_SIZE}
+learning_rate = {lr}
+warmup_ratio = 0.1
+weight_decay = 0.01
+max_grad_norm = 1.0
+max_seq_len = {max_seq_len}
+trainable = "{trainable}"
+seed = {seed}
+
+[privacy]
+{privacy}
+{sites}"#,
+        state = state_dir.display(),
+        ca = ca.display(),
+        rounds = args.rounds,
+        n_sites = SITES.len(),
+        base = base.display(),
+        lr = args.learning_rate,
+        max_seq_len = args.max_seq_len,
+        trainable = args.trainable,
+        seed = args.seed,
+    )
+}
+
+fn agent_config(out: &Path, base: &Path, data: &Path, run_dir: &Path, site: &str, port: u16, dp: bool) -> String {
+    let pki = out.join("pki").join(site);
+    let site_data = data.join(site);
+    format!(
+        r#"# written by fedward-demo
+[coordinator]
+address = "127.0.0.1:{port}"
+server_name = "localhost"
+
+[tls]
+ca_cert = "{pki}/ca.crt"
+cert = "{pki}/site.crt"
+key = "{pki}/site.key"
+
+[data]
+train = "{d}/train.jsonl"
+validation = "{d}/validation.jsonl"
+
+[model]
+base = "{base}"
+labels = ["doctor", "bed", "device", "other"]
+
+[budget]
+max_epsilon = 8.0
+delta = 1e-5
+require_dp = {dp}
+
+[agent]
+state_dir = "{state}"
+device = "cpu"
+max_backoff = "2s"
+max_connect_attempts = 30
+exit_when_finished = true
+"#,
+        pki = pki.display(),
+        d = site_data.display(),
+        base = base.display(),
+        state = run_dir.join("agents").join(site).display(),
+    )
+}
+
+/// The baselines' scores on the pooled test split.
+struct Baselines {
+    centralized: Value,
+    local_only: Vec<Value>,
+}
+
+fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result<Baselines> {
+    step("baselines: centralized (all sites' data pooled) and local-only (each site alone), same recipe and epochs");
+    let epochs = args.rounds.to_string();
+    let lr = args.learning_rate.to_string();
+    let trainable = args.trainable.to_string();
+    let max_seq_len = args.max_seq_len.to_string();
+    let seed = args.seed.to_string();
+    let common = [
+        "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs, "--learning-rate", &lr,
+        "--max-seq-len", &max_seq_len, "--seed", &seed, "--device", "cpu", "--json",
+    ];
+    let mut c = vec!["baseline", "centralized"];
+    c.extend(common);
+    let centralized: Vec<Value> = serde_json::from_str(&tools.run(&tools.agent, &c, "baseline-centralized")?)?;
+    let centralized = centralized.into_iter().next().context("no centralized result")?;
+    println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", centralized["test"]["accuracy"].as_f64().unwrap_or(f64::NAN), centralized["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN));
+    let mut l = vec!["baseline", "local-only"];
+    l.extend(common);
+    let local_only: Vec<Value> = serde_json::from_str(&tools.run(&tools.agent, &l, "baseline-local-only")?)?;
+    for r in &local_only {
+        println!("  local-only {}: accuracy {:.4}, macro-F1 {:.4}", r["name"].as_str().unwrap_or("?"), r["test"]["accuracy"].as_f64().unwrap_or(f64::NAN), r["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN));
+    }
+    Ok(Baselines { centralized, local_only })
+}
+
+/// The report: JSON, the printed summary, and the HTML page.
+struct Report {
+    json: Value,
+    summary: String,
+    /// (run name, accuracy per round from 0).
+    series: Vec<(String, Vec<f64>)>,
+    references: Vec<(String, f64)>,
+}
+
+impl Report {
+    fn new(args: &Args, runs: &[RunResult], baselines: Option<&Baselines>, exported_accuracy: f64, total_seconds: f64) -> Self {
+        let run_json = |r: &RunResult| {
+            let last = r.rounds.last();
+            json!({
+                "name": r.name,
+                "dp": r.dp,
+                "initial": {"accuracy": r.initial.0, "macro_f1": r.initial.1},
+                "rounds": r.rounds,
+                "final": {"accuracy": last.map(|l| l.accuracy), "macro_f1": last.map(|l| l.macro_f1), "epsilon": last.and_then(|l| l.epsilon)},
+                "seconds": r.seconds,
+            })
+        };
+        let plain = &runs[0];
+        let final_acc = plain.rounds.last().map_or(f64::NAN, |r| r.accuracy);
+        let final_f1 = plain.rounds.last().map_or(f64::NAN, |r| r.macro_f1);
+        let mut json = json!({
+            "demo": {
+                "rounds": args.rounds, "sites": SITES, "trainable": args.trainable.to_string(), "learning_rate": args.learning_rate,
+                "max_seq_len": args.max_seq_len, "seed": args.seed, "notes_per_site": args.notes_per_site, "seconds": total_seconds,
+            },
+            "rounds": plain.rounds,
+            "final": {"accuracy": final_acc, "macro_f1": final_f1, "exported_model_accuracy": exported_accuracy},
+            "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
+        });
+        let mut summary = String::from("\n== summary (pooled test split of all three hospitals)\n");
+        let _ = writeln!(summary, "  {:<28} {:>9} {:>9}", "model", "accuracy", "macro-F1");
+        let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", "federated (no DP)", final_acc, final_f1);
+        let mut references = Vec::new();
+        if let Some(dp) = runs.get(1) {
+            let (a, f) = dp.rounds.last().map_or((f64::NAN, f64::NAN), |r| (r.accuracy, r.macro_f1));
+            let eps = dp.rounds.last().and_then(|r| r.epsilon).map_or("?".into(), |e| format!("{e:.2}"));
+            let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", format!("federated (DP, eps {eps})"), a, f);
+            json["dp"] = json!({"accuracy": a, "macro_f1": f, "epsilon": dp.rounds.last().and_then(|r| r.epsilon), "delta": DELTA, "accuracy_drop": final_acc - a});
+        }
+        if let Some(b) = baselines {
+            let acc = |v: &Value| v["test"]["accuracy"].as_f64().unwrap_or(f64::NAN);
+            let f1 = |v: &Value| v["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", "centralized (pooled data)", acc(&b.centralized), f1(&b.centralized));
+            references.push(("centralized".to_owned(), acc(&b.centralized)));
+            let mut local = serde_json::Map::new();
+            for r in &b.local_only {
+                let name = r["name"].as_str().unwrap_or("?").to_owned();
+                let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", format!("local-only {name}"), acc(r), f1(r));
+                references.push((format!("local-only {name}"), acc(r)));
+                local.insert(name, json!({"accuracy": acc(r), "macro_f1": f1(r), "train_examples": r["train_examples"]}));
+            }
+            json["centralized"] = json!({"accuracy": acc(&b.centralized), "macro_f1": f1(&b.centralized), "train_examples": b.centralized["train_examples"]});
+            let best_local = b.local_only.iter().map(acc).fold(f64::NEG_INFINITY, f64::max);
+            let gap = acc(&b.centralized) - final_acc;
+            let checks = json!({
+                "federated_at_least_0_90": final_acc >= 0.90,
+                "within_2_points_of_centralized": gap <= 0.02,
+                "above_every_local_only": final_acc > best_local,
+            });
+            let _ = writeln!(
+                summary,
+                "  federated vs centralized: {:+.2} points; vs best local-only: {:+.2} points",
+                -100.0 * gap,
+                100.0 * (final_acc - best_local)
+            );
+            json["local_only"] = Value::Object(local);
+            json["checks"] = checks;
+        }
+        let series = runs.iter().map(|r| (r.name.to_owned(), std::iter::once(r.initial.0).chain(r.rounds.iter().map(|x| x.accuracy)).collect())).collect();
+        Self { json, summary, series, references }
+    }
+
+    /// A self-contained page: the accuracy-per-round chart (inline SVG) and the tables.
+    fn html(&self) -> String {
+        let mut rows = String::new();
+        if let Some(runs) = self.json["runs"].as_array() {
+            for run in runs {
+                for r in run["rounds"].as_array().into_iter().flatten() {
+                    let num = |k: &str, digits: usize| r[k].as_f64().map_or("-".to_owned(), |x| format!("{x:.digits$}"));
+                    let _ = writeln!(
+                        rows,
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        run["name"].as_str().unwrap_or(""),
+                        r["round"],
+                        r["sites"],
+                        num("mean_local_loss", 4),
+                        num("accuracy", 4),
+                        num("macro_f1", 4),
+                        num("epsilon", 3),
+                        num("seconds", 1)
+                    );
+                }
+            }
+        }
+        format!(
+            r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedward demo report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}}pre{{background:#f6f6f6;padding:1rem}}</style>
+</head><body>
+<h1>fedward demo: a federation of three hospitals</h1>
+<p>Global model accuracy on the pooled test split after each round, against the baselines.</p>
+{chart}
+<h2>Rounds</h2>
+<table><tr><th>run</th><th>round</th><th>sites</th><th>mean local loss</th><th>accuracy</th><th>macro-F1</th><th>epsilon</th><th>seconds</th></tr>
+{rows}</table>
+<h2>Summary</h2>
+<pre>{summary}</pre>
+</body></html>
+"#,
+            chart = svg_chart(&self.series, &self.references),
+            summary = html_escape(&self.summary),
+        )
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Accuracy per round as lines, with the baselines as dashed horizontal references.
+fn svg_chart(series: &[(String, Vec<f64>)], references: &[(String, f64)]) -> String {
+    const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
+    let (w, h, left, right, top, bottom) = (720.0, 360.0, 50.0, 190.0, 20.0, 40.0);
+    let rounds = series.iter().map(|(_, v)| v.len()).max().unwrap_or(1).max(2) - 1;
+    let values = series.iter().flat_map(|(_, v)| v.iter().copied()).chain(references.iter().map(|r| r.1)).filter(|v| v.is_finite());
+    let lo = (values.fold(1.0f64, f64::min) * 10.0).floor() / 10.0;
+    let lo = lo.clamp(0.0, 0.9);
+    let x = |i: usize| left + (w - left - right) * i as f64 / rounds as f64;
+    let y = |v: f64| top + (h - top - bottom) * (1.0 - (v - lo) / (1.0 - lo));
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">"#);
+    let mut tick = lo;
+    while tick <= 1.0 + 1e-9 {
+        let _ = write!(svg, r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##, w - right, left - 6.0, y(tick) + 4.0, y = y(tick));
+        tick += 0.1;
+    }
+    for i in 0..=rounds {
+        let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{i}</text>"#, x(i), h - bottom + 16.0);
+    }
+    let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">round</text>"#, (left + w - right) / 2.0, h - 6.0);
+    let mut legend_y = top + 10.0;
+    for (k, (name, acc)) in references.iter().enumerate() {
+        let c = COLOURS[(k + series.len()) % COLOURS.len()];
+        let _ = write!(svg, r#"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{c}" stroke-dasharray="5,4"/>"#, w - right, y = y(*acc));
+        let _ = write!(svg, r#"<text x="{}" y="{legend_y:.1}" fill="{c}">- - {} {acc:.3}</text>"#, w - right + 8.0, html_escape(name));
+        legend_y += 16.0;
+    }
+    for (k, (name, acc)) in series.iter().enumerate() {
+        let c = COLOURS[k % COLOURS.len()];
+        let points: Vec<String> = acc.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v))).collect();
+        let _ = write!(svg, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, points.join(" "));
+        for p in &points {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = write!(svg, r#"<circle cx="{px}" cy="{py}" r="3" fill="{c}"/>"#);
+        }
+        let _ = write!(svg, r#"<text x="{}" y="{legend_y:.1}" fill="{c}">— federated ({}) {:.3}</text>"#, w - right + 8.0, html_escape(name), acc.last().copied().unwrap_or(f64::NAN));
+        legend_y += 16.0;
+    }
+    svg.push_str("</svg>");
+    svg
+}
