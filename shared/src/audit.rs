@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::dp::Accountant;
 use crate::ledger::{self, AuditKind, Body, Entry, Mismatch, ProblemKind, UNDERCOUNT_TOLERANCE};
-use crate::wire::SiteId;
+use crate::wire::{PrivacyMode, SiteId};
 
 /// What a ledger holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -61,7 +61,7 @@ pub enum Severity {
 /// Codes: `malformed`, `truncated`, `edited`, `deleted`, `inserted`, `reordered`,
 /// `chain-broken`, `bad-signature`, `unknown-key`, `epsilon-under-counted`,
 /// `epsilon-before-mismatch`, `unaccountable` (all fail); `epsilon-over-counted`,
-/// `signatures-unchecked`, `unsealed-tail`, `mixed-ledger`, `several-sites`, `empty` (warnings);
+/// `no-privacy`, `signatures-unchecked`, `unsealed-tail`, `mixed-ledger`, `several-sites`, `empty` (warnings);
 /// and for reconciliation `no-release-at-site`, `not-accepted`, `digest-mismatch`,
 /// `parameter-mismatch`, `duplicate-round` (all fail).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -337,12 +337,21 @@ fn replay(
     let mut broken = false;
     let mut rows = Vec::with_capacity(mine.len());
     let mut over = Vec::new();
+    let mut no_dp = 0;
     for (e, p, round, examples, digest, time) in mine {
         let at = delta.unwrap_or(p.delta);
         // Once a release cannot be accounted, nothing after it can be (the audit names it).
         broken = broken || acc.record(&p.release()).is_err();
-        let recomputed = if broken { None } else { acc.epsilon(at).ok() };
-        if !broken && p.epsilon_after.is_finite() {
+        let recomputed = match (broken, p.mode) {
+            (true, _) => None,
+            // Without DP there is no delta to state epsilon at: it is unbounded.
+            (false, PrivacyMode::Off) => Some(f64::INFINITY),
+            (false, _) => acc.epsilon(at).ok(),
+        };
+        if p.mode == PrivacyMode::Off {
+            no_dp += 1;
+        }
+        if !broken && p.mode != PrivacyMode::Off && p.epsilon_after.is_finite() {
             if let Ok(own) = acc.epsilon(p.delta) {
                 if p.epsilon_after > own * (1.0 + 1e3 * UNDERCOUNT_TOLERANCE) + 1e-12 {
                     over.push(Finding {
@@ -376,6 +385,12 @@ fn replay(
             update_digest: digest,
             time,
         });
+    }
+    if no_dp > 0 {
+        over.push(Finding::warn(
+            "no-privacy",
+            format!("site {site}: {no_dp} updates {} without differential privacy (epsilon unbounded)", if source == "site" { "released" } else { "accepted" }),
+        ));
     }
     let last = rows.last();
     let summary = SiteSummary {
@@ -903,7 +918,7 @@ pub(crate) mod tests {
     use crate::dp::Release;
     use crate::ledger::{format_time, AcceptedRecord, Ledger, Privacy, ReleaseRecord};
     use crate::tensor::Digest;
-    use crate::wire::{PrivacyMode, RoundId};
+    use crate::wire::RoundId;
 
     pub(crate) fn key() -> SigningKey {
         SigningKey::from_bytes(&[11u8; 32])

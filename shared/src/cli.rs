@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
-use time::OffsetDateTime;
+/// Re-exported so a binary can pass the wall clock without naming the `time` crate.
+pub use time::OffsetDateTime;
 
 use crate::audit::{self, LedgerAudit};
 use crate::dp::{plan_epsilon, plan_min_sigma, zcdp, DpError, Plan};
