@@ -107,6 +107,12 @@ enum Command {
     /// recipe, and score them on the pooled test split of every site in a data directory.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// Check privacy ledgers (chain, seals, recomputed epsilons) and write audit reports.
+    #[command(subcommand)]
+    Audit(fedward_shared::cli::AuditCommand),
+    /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
+    #[command(subcommand)]
+    Privacy(fedward_shared::cli::PrivacyCommand),
 }
 
 #[derive(Subcommand)]
@@ -258,7 +264,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
+            let usage = e.downcast_ref::<fedward_shared::cli::CliError>().is_some_and(|c| c.is_usage());
+            if usage || e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
                 ExitCode::from(64)
             } else {
                 ExitCode::FAILURE
@@ -352,6 +359,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             fsutil::write_public_new(&dir.join("site.csr"), req.csr_pem.as_bytes())?;
             println!("wrote {} (private, never send it) and {}", dir.join("site.key").display(), dir.join("site.csr").display());
             println!("send site.csr to the consortium admin; put the signed site.crt and ca.crt beside site.key");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(cmd) => {
+            let now = fedward_shared::cli::OffsetDateTime::now_utc();
+            let passed = fedward_shared::cli::run_audit(&cmd, now, &mut std::io::stdout().lock())?;
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Privacy(cmd) => {
+            fedward_shared::cli::run_privacy(&cmd, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,11 +1,12 @@
 //! fedward's coordinator: enrolment, federated rounds, FedAvg, checkpoints, dashboard.
 //!
-//! `round` and `aggregate` are the pure core; `server`, `store` and `admin` are the I/O
-//! shells around them.
+//! `round` and `aggregate` are the pure core; `server`, `store`, `ledger` and `admin` are
+//! the I/O shells around them.
 
 pub mod aggregate;
 pub mod round;
 pub mod store;
+pub mod ledger;
 pub mod net;
 pub mod server;
 pub mod admin;

@@ -11,11 +11,14 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::info;
 
+use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::store::{load_initial_model, Store};
+use fedward_shared::cli::{AuditCommand, PrivacyCommand};
 use fedward_shared::config::CoordinatorConfig;
 use fedward_shared::fsutil;
+use fedward_shared::ledger_key;
 use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::tls::{self, TlsMaterial};
 use fedward_shared::wire::SiteId;
@@ -59,13 +62,35 @@ enum Command {
     /// Manage the consortium's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Manage the key that signs the coordinator's ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Check privacy ledgers (chain, seals, recomputed epsilons) and write audit reports.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Generate the ledger's ed25519 signing key (ledger.key, 0600) and the public key
+    /// auditors verify seals with (ledger.pub).
+    Keygen {
+        /// Directory to write ledger.key and ledger.pub into (the config's default looks
+        /// for ledger.key beside the TLS key).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum PkiCommand {
     /// Create the consortium CA and the coordinator's server certificate.
     Init {
-        /// Directory to write ca.crt, ca.key, coordinator.crt and coordinator.key into.
+        /// Directory to write ca.crt, ca.key, coordinator.crt, coordinator.key and the ledger
+        /// keys (ledger.key, ledger.pub) into.
         #[arg(long)]
         dir: PathBuf,
         /// Consortium name, written into the CA certificate.
@@ -116,7 +141,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
+            let usage = e.downcast_ref::<fedward_shared::cli::CliError>().is_some_and(|c| c.is_usage());
+            if usage || e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
                 ExitCode::from(64)
             } else {
                 ExitCode::FAILURE
@@ -157,6 +183,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.round_deadline
             );
             println!("  trains {} with privacy {}", cfg.plan.trainable, cfg.plan.privacy.mode_name());
+            println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
+            ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { state_dir, json } => {
@@ -182,7 +210,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki(cmd) => pki_command(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Ledger(LedgerCommand::Keygen { dir }) => {
+            ledger_keygen(&dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(cmd) => {
+            let passed = fedward_shared::cli::run_audit(&cmd, now(), &mut std::io::stdout().lock())?;
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Privacy(cmd) => {
+            fedward_shared::cli::run_privacy(&cmd, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Writes a fresh ledger key pair (seeded from the OS) into `dir`.
+fn ledger_keygen(dir: &Path) -> Result<()> {
+    use rand::RngCore;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let (private, public) = ledger_key::write_keypair(dir, seed)?;
+    println!("  {:<15} signs the coordinator's ledger (0600; keep it with coordinator.key)", private.display());
+    println!("  {:<15} give to auditors: `audit verify --public-key {}`", public.display(), public.display());
+    Ok(())
 }
 
 fn load_config(path: &Path) -> Result<CoordinatorConfig> {
@@ -199,6 +250,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     })
     .context("building the TLS configuration")?;
 
+    let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
     let mut store = Store::open(&cfg.state_dir)?;
     let (model, completed) = match store.load_current()? {
         Some((model, completed)) => {
@@ -238,6 +290,9 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
     };
     let machine = RoundMachine::new(settings, Arc::new(model), completed)?;
+    // Verified (chain and every seal) before anything is appended.
+    let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
+        .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
     let endpoint = fedward_coordinator::net::server_endpoint(cfg.listen, tls_cfg, Duration::from_secs(60))
         .with_context(|| format!("binding {}", cfg.listen))?;
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
@@ -252,7 +307,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match server::run(endpoint, machine, store, options, status_tx, shutdown).await? {
+    match server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await? {
         RunOutcome::Completed { rounds } => {
             info!(rounds, "federation completed");
             Ok(ExitCode::SUCCESS)
@@ -264,6 +319,9 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         RunOutcome::Stopped { reason } => bail!("federation stopped: {reason}"),
     }
 }
+
+const LEDGER_KEY_HINT: &str =
+    "reading the ledger signing key (create it with `fedward-coordinator ledger keygen --dir DIR`, or set [ledger] signing_key)";
 
 fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
@@ -289,7 +347,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             println!("  ca.crt          give to every site (public)");
             println!("  ca.key          keep offline; needed only to sign site certificates (0600)");
             println!("  coordinator.*   the coordinator's TLS identity for {}", server_names.join(", "));
-            Ok(())
+            ledger_keygen(&dir)
         }
         PkiCommand::Sign { ca_dir, csr, site, out, days } => {
             let ca = CertifiedKey {

@@ -5,7 +5,8 @@
 //! the current time, outputs leave through [`RoundMachine::poll_output`] as data, and the
 //! next deadline through [`RoundMachine::poll_timeout`]. This module does no I/O and never
 //! reads the clock. The shell must persist an [`Output::Checkpoint`] before it acts on any
-//! output that follows it.
+//! output that follows it, and record an [`Output::Accepted`] in the ledger before it
+//! acknowledges that update to the site.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -86,6 +87,9 @@ pub struct RoundFailure {
 /// What the shell must do, in order.
 #[derive(Clone, Debug)]
 pub enum Output {
+    /// An update was folded into the round: record it durably (the coordinator's ledger),
+    /// then send the site its `Ack`. Comes before the round's `Checkpoint`.
+    Accepted { round: RoundId, contribution: Contribution },
     /// Send this offer to the site's waiting `Ready` stream.
     Offer { to: SiteId, offer: RoundOffer },
     /// Tell the site's waiting `Ready` stream that the federation is over.
@@ -336,13 +340,15 @@ impl RoundMachine {
         match result {
             Ok(()) => {
                 c.status.insert(site.clone(), SiteStatus::Accepted);
-                c.contributions.push(Contribution {
+                let contribution = Contribution {
                     site: site.clone(),
                     num_examples: header.num_examples,
                     metrics: header.metrics.clone(),
                     privacy: header.privacy,
                     update_digest: manifest_digest(&header.tensors),
-                });
+                };
+                c.contributions.push(contribution.clone());
+                self.outputs.push_back(Output::Accepted { round: header.round, contribution });
                 let ack = Ack { round: header.round };
                 self.maybe_close(now);
                 Ok(ack)
@@ -670,6 +676,13 @@ mod tests {
         std::iter::from_fn(|| m.poll_output()).collect()
     }
 
+    fn checkpoint(outs: &[Output]) -> Option<&Checkpoint> {
+        outs.iter().find_map(|o| match o {
+            Output::Checkpoint(cp) => Some(&**cp),
+            _ => None,
+        })
+    }
+
     fn offers(outs: &[Output]) -> Vec<(SiteId, RoundId)> {
         outs.iter()
             .filter_map(|o| match o {
@@ -709,7 +722,7 @@ mod tests {
         m.handle_ready(t0, site("a"));
         send(&mut m, t0, "b", 1, 300, 3.0).unwrap();
         let outs = drain(&mut m);
-        let Output::Checkpoint(cp) = &outs[0] else { panic!("expected a checkpoint first: {outs:?}") };
+        let Some(cp) = checkpoint(&outs) else { panic!("expected a checkpoint first: {outs:?}") };
         // 1 + (100*1 + 300*3)/400 = 3.5
         assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[3.5; 4]);
         assert_eq!(cp.model.get("bert.embeddings.word_embeddings.weight").unwrap().data(), &[0.5; 3]);
@@ -720,6 +733,33 @@ mod tests {
         m.handle_ready(t0, site("b"));
         assert_eq!(offers(&drain(&mut m)).len(), 2);
         assert_eq!(m.open_round(), Some(RoundId(2)));
+    }
+
+    /// Every accepted update is announced (for the ledger) before the round's checkpoint,
+    /// in the order the updates were accepted; rejected ones are not.
+    #[test]
+    fn accepted_updates_are_announced_before_the_checkpoint() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        for s in ["a", "b", "c"] {
+            m.handle_ready(t0, site(s));
+        }
+        drain(&mut m);
+        send(&mut m, t0, "b", 1, 30, 1.0).unwrap();
+        let outs = drain(&mut m);
+        let [Output::Accepted { round, contribution }] = &outs[..] else { panic!("{outs:?}") };
+        assert_eq!((*round, &contribution.site, contribution.num_examples), (RoundId(1), &site("b"), 30));
+        assert_eq!(contribution.update_digest, manifest_digest(&delta(1.0).specs()));
+        let mut bad = delta(1.0);
+        bad.get_mut("classifier.weight").unwrap().data_mut()[0] = f32::INFINITY;
+        let h = header(1, 5, &bad);
+        m.begin_update(&site("c"), &h).unwrap();
+        m.finish_update(t0, &site("c"), &h, &bad).unwrap_err();
+        assert!(drain(&mut m).is_empty());
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        let outs = drain(&mut m);
+        assert!(matches!(&outs[0], Output::Accepted { contribution, .. } if contribution.site == site("a")), "{outs:?}");
+        assert!(matches!(&outs[1], Output::Checkpoint(cp) if cp.summary.round == RoundId(1)), "{outs:?}");
     }
 
     #[test]
@@ -735,7 +775,7 @@ mod tests {
         assert_eq!(send(&mut m, t0, "a", 1, 10, 9.0).unwrap_err().code, RejectCode::DuplicateUpdate);
         send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
         let outs = drain(&mut m);
-        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        let Some(cp) = checkpoint(&outs) else { panic!("{outs:?}") };
         assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[2.0; 4]);
     }
 
@@ -762,7 +802,7 @@ mod tests {
         send(&mut m, t0, "a", 1, 10, 2.0).unwrap();
         send(&mut m, t0, "b", 1, 30, 6.0).unwrap();
         let outs = drain(&mut m);
-        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        let Some(cp) = checkpoint(&outs) else { panic!("{outs:?}") };
         assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[6.0; 4]);
         assert_eq!(cp.summary.rejected.len(), 1);
         assert_eq!(cp.summary.rejected[0].0, site("c"));
@@ -779,12 +819,13 @@ mod tests {
         drain(&mut m);
         send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
         send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
-        assert!(drain(&mut m).is_empty(), "c may still answer");
+        let outs = drain(&mut m);
+        assert!(outs.iter().all(|o| matches!(o, Output::Accepted { .. })), "c may still answer: {outs:?}");
         m.handle_timeout(t0 + Duration::from_secs(59));
         assert!(drain(&mut m).is_empty());
         m.handle_timeout(t0 + Duration::from_secs(60));
         let outs = drain(&mut m);
-        let Output::Checkpoint(cp) = &outs[0] else { panic!("{outs:?}") };
+        let Some(cp) = checkpoint(&outs) else { panic!("{outs:?}") };
         assert_eq!(cp.summary.missed, [site("c")]);
         // The late update is now stale.
         assert_eq!(send(&mut m, t0, "c", 1, 10, 1.0).unwrap_err().code, RejectCode::StaleRound);
@@ -800,7 +841,7 @@ mod tests {
         send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
         m.handle_timeout(t0 + Duration::from_secs(60));
         let outs = drain(&mut m);
-        let Output::RoundFailed(f) = &outs[0] else { panic!("{outs:?}") };
+        let Some(Output::RoundFailed(f)) = outs.iter().find(|o| !matches!(o, Output::Accepted { .. })) else { panic!("{outs:?}") };
         assert!(f.reason.contains("only 1 of the 2 sites"), "{}", f.reason);
         assert!(!f.gave_up);
         assert_eq!(m.completed_rounds(), 0);
@@ -814,7 +855,7 @@ mod tests {
         m.handle_decline(t1, &site("a"), &decline).unwrap();
         m.handle_disconnected(t1, &site("b"));
         let outs = drain(&mut m);
-        let Output::RoundFailed(f) = &outs[0] else { panic!("{outs:?}") };
+        let Some(Output::RoundFailed(f)) = outs.iter().find(|o| !matches!(o, Output::Accepted { .. })) else { panic!("{outs:?}") };
         assert!(f.gave_up);
         assert!(matches!(m.phase(), PhaseView::Stopped { .. }));
     }

@@ -5,6 +5,12 @@
 //! loop; each connection and each stream gets its own task that talks to it over
 //! channels. The site's identity is read from its certificate, never from a message.
 //! Checkpoints are made durable before any output that follows them is acted on.
+//!
+//! The coordinator's ledger ([`CoordinatorLedger`]): an accepted update is appended (and
+//! fsynced) before its `Ack` is sent, and a completed round is sealed after its checkpoint
+//! is durable and before the next round's offers go out. A ledger write that fails stops
+//! the server with [`ServerError::Ledger`]: the site whose update it was gets no `Ack`
+//! (it sees the coordinator shutting down) and the round is redone after a restart.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -22,6 +28,7 @@ use fedward_shared::wire::{
     PROTOCOL_VERSION,
 };
 
+use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
 use crate::net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
 use crate::round::{Output, PhaseView, RoundMachine};
 use crate::store::{Store, StoreError};
@@ -33,6 +40,8 @@ pub enum ServerError {
     Persist(#[from] StoreError),
     #[error("persistence task failed: {0}")]
     Join(String),
+    #[error("could not record in the ledger: {0}")]
+    Ledger(#[from] CoordinatorLedgerError),
 }
 
 /// How the run ended.
@@ -92,11 +101,18 @@ struct Shared {
     status: watch::Receiver<StatusView>,
 }
 
+/// Acks held back until the update's ledger entry is durable.
+type PendingAcks = HashMap<SiteId, (oneshot::Sender<Result<Ack, Reject>>, Ack)>;
+
 /// Runs the federation until it completes, stops, or `shutdown` resolves.
+///
+/// `ledger` must be opened (and so verified) from the same state as `store`; a round the
+/// store completed without a seal (a crash in between) is sealed first.
 pub async fn run(
     endpoint: quinn::Endpoint,
     mut machine: RoundMachine,
     store: Store,
+    ledger: CoordinatorLedger,
     options: ServerOptions,
     status_tx: watch::Sender<StatusView>,
     shutdown: impl Future<Output = ()>,
@@ -110,6 +126,14 @@ pub async fn run(
         status: status_tx.subscribe(),
     });
     let store = Arc::new(Mutex::new(store));
+    let ledger = Arc::new(Mutex::new(ledger));
+    let completed = machine.completed_rounds();
+    if let Err(e) = with_ledger(&ledger, move |l| l.seal_missed(completed, now_utc()).map(|_| ())).await {
+        error!(cause = %e, "stopping: the ledger could not be brought up to date");
+        endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to write its ledger");
+        return Err(e);
+    }
+    let mut pending_acks = PendingAcks::new();
     let mut connections: HashMap<SiteId, (usize, quinn::Connection)> = HashMap::new();
     let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
     let mut next_conn_id = 0usize;
@@ -132,7 +156,7 @@ pub async fn run(
                 break RunOutcome::Interrupted { completed: machine.completed_rounds() };
             }
             Some(ev) = events.recv() => {
-                handle_event(&mut machine, ev, &mut connections, &mut waiting);
+                handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks);
             }
             () = sleep_until_opt(timeout), if timeout.is_some() => {
                 machine.handle_timeout(Instant::now());
@@ -148,7 +172,7 @@ pub async fn run(
                 tokio::spawn(handle_connection(incoming, conn_id, shared.clone()));
             }
         }
-        if let Err(e) = drain_outputs(&mut machine, &store, &mut waiting, &connections).await {
+        if let Err(e) = drain_outputs(&mut machine, &store, &ledger, &mut waiting, &mut pending_acks, &connections).await {
             error!(cause = %e, "stopping: the round could not be made durable");
             endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
             return Err(e);
@@ -187,6 +211,7 @@ fn handle_event(
     ev: Event,
     connections: &mut HashMap<SiteId, (usize, quinn::Connection)>,
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
+    pending_acks: &mut PendingAcks,
 ) {
     let now = Instant::now();
     match ev {
@@ -213,23 +238,54 @@ fn handle_event(
         }
         Event::AbortUpdate { site } => machine.abort_update(&site),
         Event::RejectUpdate { site, reject } => machine.reject_update(now, &site, reject),
-        Event::FinishUpdate { site, header, tensors, reply } => {
-            let _ = reply.send(machine.finish_update(now, &site, &header, &tensors));
-        }
+        Event::FinishUpdate { site, header, tensors, reply } => match machine.finish_update(now, &site, &header, &tensors) {
+            // Acknowledged once the ledger holds it (`Output::Accepted`).
+            Ok(ack) => {
+                pending_acks.insert(site, (reply, ack));
+            }
+            Err(reject) => {
+                let _ = reply.send(Err(reject));
+            }
+        },
         Event::Decline { site, decline, reply } => {
             let _ = reply.send(machine.handle_decline(now, &site, &decline));
         }
     }
 }
 
+/// Runs `f` on the ledger on a blocking thread (appends fsync).
+async fn with_ledger<T: Send + 'static>(
+    ledger: &Arc<Mutex<CoordinatorLedger>>,
+    f: impl FnOnce(&mut CoordinatorLedger) -> Result<T, CoordinatorLedgerError> + Send + 'static,
+) -> Result<T, ServerError> {
+    let ledger = ledger.clone();
+    tokio::task::spawn_blocking(move || f(&mut ledger.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .map_err(|e| ServerError::Join(e.to_string()))?
+        .map_err(ServerError::Ledger)
+}
+
+fn now_utc() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
 async fn drain_outputs(
     machine: &mut RoundMachine,
     store: &Arc<Mutex<Store>>,
+    ledger: &Arc<Mutex<CoordinatorLedger>>,
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
+    pending_acks: &mut PendingAcks,
     connections: &HashMap<SiteId, (usize, quinn::Connection)>,
 ) -> Result<(), ServerError> {
     while let Some(out) = machine.poll_output() {
         match out {
+            Output::Accepted { round, contribution } => {
+                let site = contribution.site.clone();
+                with_ledger(ledger, move |l| l.record_accepted(round, &contribution, now_utc()).map(|_| ())).await?;
+                if let Some((reply, ack)) = pending_acks.remove(&site) {
+                    let _ = reply.send(Ok(ack));
+                }
+            }
             Output::Checkpoint(cp) => {
                 let span = info_span!("checkpoint", round = %cp.summary.round);
                 let _g = span.enter();
@@ -239,6 +295,8 @@ async fn drain_outputs(
                 tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).save_round(&cp2, &now))
                     .await
                     .map_err(|e| ServerError::Join(e.to_string()))??;
+                let round = cp.summary.round;
+                with_ledger(ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
                 let s = &cp.summary;
                 info!(
                     sites = s.contributions.len(),
@@ -249,7 +307,7 @@ async fn drain_outputs(
                     missed = s.missed.len(),
                     secs = format_args!("{:.1}", s.duration.as_secs_f64()),
                     model = %s.model_digest.short(),
-                    "round completed and checkpointed"
+                    "round completed, checkpointed and sealed"
                 );
             }
             Output::RoundFailed(f) => {

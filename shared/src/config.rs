@@ -53,6 +53,19 @@ pub struct RawCoordinatorConfig {
     pub privacy: RawPrivacy,
     #[serde(default)]
     pub sites: Vec<RawSite>,
+    #[serde(default)]
+    pub ledger: RawLedger,
+}
+
+/// The coordinator's signed ledger of accepted updates.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// ed25519 signing key (`fedward-coordinator ledger keygen`); default `ledger.key`
+    /// beside the TLS key.
+    pub signing_key: Option<PathBuf>,
+    /// The ledger file; default `ledger.jsonl` in the state directory.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +218,10 @@ pub struct CoordinatorConfig {
     pub plan: TrainingPlan,
     pub policy: PrivacyPolicy,
     pub sites: Vec<Site>,
+    /// The ledger's ed25519 signing key (0600).
+    pub ledger_key: PathBuf,
+    /// The coordinator's ledger of accepted updates and round seals.
+    pub ledger_file: PathBuf,
 }
 
 impl CoordinatorConfig {
@@ -245,11 +262,21 @@ impl CoordinatorConfig {
         }
         let labels = validate_labels(raw.model.labels)?;
         let (plan, policy) = training_plan(&raw.training, &raw.privacy)?;
+        let state_dir = resolve(base_dir, raw.server.state_dir);
+        let tls = tls_paths(base_dir, raw.tls);
+        let ledger_key = match raw.ledger.signing_key {
+            Some(p) => resolve(base_dir, p),
+            None => tls.key.parent().unwrap_or(base_dir).join(crate::ledger_key::SIGNING_KEY_FILE),
+        };
+        let ledger_file = match raw.ledger.file {
+            Some(p) => resolve(base_dir, p),
+            None => state_dir.join("ledger.jsonl"),
+        };
         Ok(Self {
             listen,
             admin_listen,
-            state_dir: resolve(base_dir, raw.server.state_dir),
-            tls: tls_paths(base_dir, raw.tls),
+            state_dir,
+            tls,
             rounds: raw.federation.rounds,
             min_sites: raw.federation.min_sites,
             round_deadline,
@@ -261,6 +288,8 @@ impl CoordinatorConfig {
             plan,
             policy,
             sites,
+            ledger_key,
+            ledger_file,
         })
     }
 }
@@ -584,6 +613,15 @@ name = "Hospital B"
         assert_eq!(c.policy.min_noise_multiplier, 1.0);
         assert_eq!(c.sites[1].name, "Hospital B");
         assert_eq!(c.labels, DEFAULT_LABELS);
+        // The ledger defaults: the key beside the TLS key, the file in the state directory.
+        assert_eq!(c.ledger_key, Path::new("/etc/fedward/ledger.key"));
+        assert_eq!(c.ledger_file, Path::new("/srv/fedward/state/ledger.jsonl"));
+        let text = format!("{COORD}\n[ledger]\nsigning_key = \"keys/ledger.key\"\nfile = \"/var/log/fedward/ledger.jsonl\"\n");
+        let c = CoordinatorConfig::parse(&text, Path::new("/srv/fedward")).unwrap();
+        assert_eq!(c.ledger_key, Path::new("/srv/fedward/keys/ledger.key"));
+        assert_eq!(c.ledger_file, Path::new("/var/log/fedward/ledger.jsonl"));
+        let bad = format!("{COORD}\n[ledger]\nkey = \"x\"\n");
+        assert!(matches!(CoordinatorConfig::parse(&bad, Path::new("/")), Err(ConfigError::Toml(_))));
     }
 
     #[test]

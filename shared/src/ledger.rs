@@ -735,7 +735,7 @@ pub fn audit_releases(entries: &[Entry]) -> AuditReport {
             }));
         }
         previous_after = r.privacy.epsilon_after;
-        let recomputed = acc.record(&r.privacy.release()).and_then(|()| acc.epsilon(r.privacy.delta));
+        let recomputed = recompute(&mut acc, &r.privacy);
         match recomputed {
             Ok(eps) => {
                 if is_under(r.privacy.epsilon_after, eps) {
@@ -764,7 +764,7 @@ pub fn audit_accepted(entries: &[Entry], site: &SiteId) -> AuditReport {
     let mut acc = Accountant::new();
     for (e, a) in accepted {
         let finding = |kind| AuditFinding { seq: e.seq, round: a.round, kind };
-        match acc.record(&a.privacy.release()).and_then(|()| acc.epsilon(a.privacy.delta)) {
+        match recompute(&mut acc, &a.privacy) {
             Ok(eps) => {
                 if is_under(a.privacy.epsilon_after, eps) {
                     report.findings.push(finding(AuditKind::UnderCounted { stored: a.privacy.epsilon_after, recomputed: eps }));
@@ -775,6 +775,16 @@ pub fn audit_accepted(entries: &[Entry], site: &SiteId) -> AuditReport {
         }
     }
     report
+}
+
+/// Records `p` and returns the cumulative epsilon at its delta. A release without DP
+/// (mode `off`, which declares no delta) makes it unbounded at any delta.
+fn recompute(acc: &mut Accountant, p: &Privacy) -> Result<f64, crate::dp::DpError> {
+    acc.record(&p.release())?;
+    if p.mode == PrivacyMode::Off {
+        return Ok(f64::INFINITY);
+    }
+    acc.epsilon(p.delta)
 }
 
 fn is_under(stored: f64, recomputed: f64) -> bool {
@@ -1321,6 +1331,29 @@ mod tests {
         let coord = coordinator_ledger(&ledger);
         let findings = audit_accepted(coord.entries(), &site()).findings;
         assert!(findings.iter().any(|f| f.seq == 4 && matches!(f.kind, AuditKind::UnderCounted { .. })), "{findings:?}");
+    }
+
+    /// Updates sent without DP declare no delta: the recompute gives an unbounded epsilon
+    /// (matching the stored "inf") rather than an error.
+    #[test]
+    fn audit_accounts_updates_without_dp_as_unbounded() {
+        let mut ledger = Ledger::new();
+        let mut body = site_ledger(1).entries()[0].body.clone();
+        if let Body::Release(r) = &mut body {
+            r.privacy = Privacy::from(PrivacyUsed::off());
+        }
+        ledger.append(body).unwrap();
+        let report = audit_releases(ledger.entries());
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert_eq!(report.final_epsilon, Some((f64::INFINITY, 0.0)));
+        let mut claims = ledger.entries()[0].body.clone();
+        if let Body::Release(r) = &mut claims {
+            r.privacy.epsilon_after = 1.0;
+        }
+        let mut lying = Ledger::new();
+        lying.append(claims).unwrap();
+        let findings = audit_releases(lying.entries()).findings;
+        assert!(matches!(findings[..], [AuditFinding { kind: AuditKind::UnderCounted { .. }, .. }]), "{findings:?}");
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! This crate links no async runtime, no network stack and no ML framework: the agent,
 //! the coordinator and the models crate all build on it, and it depends on none of them.
 
+pub mod audit;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod dp;
 pub mod fsutil;
 pub mod ledger;
 pub mod ledger_file;
+pub mod ledger_key;
 pub mod pki;
 pub mod plan;
 pub mod tensor;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use fedward_agent::daemon::{DaemonError, DaemonOutcome};
 use fedward_coordinator::server::RunOutcome;
 use fedward_coordinator::store::Store;
+use fedward_shared::ledger::Body;
 use fedward_shared::pki::Validity;
 use fedward_shared::wire::{self, Message, Ready, RejectCode};
 use fedward_tests::*;
@@ -69,6 +70,42 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     let history = &store.state().unwrap().history;
     assert_eq!(history.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2]);
     assert!(history.iter().all(|r| r.sites.len() == 3));
+
+    // The coordinator's ledger verifies with its public key: one accepted entry per site
+    // per round, then one seal per round, every digest the one the site's update had.
+    let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+    let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+    let bytes = std::fs::read(&ledger_file).unwrap();
+    let audit = fedward_shared::audit::audit_ledger(&bytes, Some(&key), None);
+    // These agents train without DP: the audit says so, and finds nothing wrong.
+    assert!(audit.passed(), "{:?}", audit.findings);
+    assert!(audit.findings.iter().all(|f| f.code == "no-privacy"), "{:?}", audit.findings);
+    assert_eq!((audit.accepted, audit.seals, audit.seals_verified, audit.unsealed_tail), (6, 2, 2, 0));
+    let mut kinds = Vec::new();
+    for e in &audit.parsed {
+        match &e.body {
+            Body::Accepted(a) => {
+                let record = history.iter().find(|r| r.round == a.round.0).unwrap();
+                let site = record.sites.iter().find(|s| s.site == a.site.as_str()).unwrap();
+                assert_eq!(site.update_digest, a.update_digest.to_hex(), "round {} site {}", a.round, a.site);
+                assert_eq!(site.num_examples, a.examples);
+                kinds.push(format!("accepted {} {}", a.round, a.site));
+            }
+            Body::Seal(s) => kinds.push(format!("seal {}", s.round)),
+            Body::Release(_) => panic!("a release in the coordinator's ledger"),
+        }
+    }
+    let (round1, round2) = kinds.split_at(4);
+    for (part, round) in [(round1, 1), (round2, 2)] {
+        let mut accepted: Vec<&String> = part[..3].iter().collect();
+        accepted.sort();
+        assert_eq!(accepted, [&format!("accepted {round} alpha"), &format!("accepted {round} beta"), &format!("accepted {round} gamma")]);
+        assert_eq!(part[3], format!("seal {round}"));
+    }
+    // The auditor's command agrees.
+    let args = fedward_shared::cli::VerifyArgs { ledger: ledger_file, public_key: Some(public), delta: None, json: false };
+    let mut out = Vec::new();
+    assert!(fedward_shared::cli::verify(&args, &mut out).unwrap(), "{}", String::from_utf8_lossy(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +184,21 @@ async fn killed_coordinator_restarts_resumes_at_the_right_round_and_finishes() {
     let store = Store::open(&dir.path().join("coordinator")).unwrap();
     let rounds: Vec<u64> = store.state().unwrap().history.iter().filter(|r| r.outcome == "completed").map(|r| r.round).collect();
     assert_eq!(rounds, [1, 2, 3], "each round completed exactly once");
+    // The ledger was verified on restart and kept growing: every round sealed once, in order
+    // (a round killed between its checkpoint and its seal is sealed on restart).
+    let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+    let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+    let audit = fedward_shared::audit::audit_ledger(&std::fs::read(ledger_file).unwrap(), Some(&key), None);
+    assert!(audit.passed() && audit.unsealed_tail == 0, "{:?}", audit.findings);
+    let seals: Vec<u64> = audit
+        .parsed
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Seal(s) => Some(s.round.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seals, [1, 2, 3]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

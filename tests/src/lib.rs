@@ -13,11 +13,13 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use fedward_agent::daemon::{self, DaemonError, DaemonOptions, DaemonOutcome};
+use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::store::Store;
 use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
 use fedward_shared::config::SiteBudget;
+use fedward_shared::ledger_key::{self, PUBLIC_KEY_FILE, SIGNING_KEY_FILE};
 use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
 use fedward_shared::tensor::{Tensor, TensorSet};
@@ -116,6 +118,14 @@ pub fn head_plan(model: &TensorSet) -> TrainingPlan {
     }
 }
 
+/// The seed of every test coordinator's ledger signing key.
+pub const LEDGER_SEED: [u8; 32] = [42; 32];
+
+/// A test coordinator's ledger file and the public key that verifies its seals.
+pub fn ledger_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
+    (state_dir.join("ledger.jsonl"), state_dir.join("keys").join(PUBLIC_KEY_FILE))
+}
+
 /// Options of a test coordinator.
 pub struct CoordinatorSpec {
     pub rounds: u64,
@@ -159,6 +169,12 @@ impl CoordinatorHandle {
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
         };
         let machine = RoundMachine::new(settings, Arc::new(model), completed).expect("machine");
+        let keys = spec.state_dir.join("keys");
+        if !keys.join(SIGNING_KEY_FILE).exists() {
+            ledger_key::write_keypair(&keys, LEDGER_SEED).expect("ledger keys");
+        }
+        let key = ledger_key::read_signing_key(&keys.join(SIGNING_KEY_FILE)).expect("ledger key");
+        let ledger = CoordinatorLedger::open(&ledger_paths(&spec.state_dir).0, key).expect("ledger");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -178,7 +194,7 @@ impl CoordinatorHandle {
             let shutdown = async {
                 let _ = shutdown_rx.await;
             };
-            let outcome = server::run(endpoint, machine, store, options, status_tx, shutdown).await.expect("server run");
+            let outcome = server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await.expect("server run");
             let _ = result_tx.send(outcome);
         });
         Self { addr, status, shutdown: Some(shutdown_tx), result: Some(result_rx), runtime: Some(runtime) }

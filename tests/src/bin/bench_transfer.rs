@@ -119,6 +119,8 @@ fn write_setup(dir: &Path, pki: &TestPki, model: &TensorSet, port: u16) -> Resul
     std::fs::write(dir.join("pki/ca.crt"), &pki.ca.cert_pem)?;
     std::fs::write(dir.join("pki/coordinator.crt"), &pki.server.cert_pem)?;
     fedward_shared::fsutil::write_private_new(&dir.join("pki/coordinator.key"), pki.server.key_pem.as_bytes())?;
+    // The ledger key, where the config's default looks for it (beside coordinator.key).
+    fedward_shared::ledger_key::write_keypair(&dir.join("pki"), fedward_tests::LEDGER_SEED)?;
     std::fs::write(dir.join("init.safetensors"), model.to_safetensors(None)?)?;
     let config = format!(
         r#"[server]

@@ -1,0 +1,184 @@
+//! The coordinator's signed ledger: one `accepted` entry per update folded into a round,
+//! and an ed25519 `seal` over the chain head when the round completes.
+//!
+//! A thin shell over [`fedward_shared::ledger_file`] (append = write + fsync) and
+//! [`fedward_shared::ledger`] (entries, seals). The server records an accepted update
+//! before it acknowledges it to the site, and seals a round after its checkpoint is
+//! durable, so an `Ack` always has a durable ledger entry behind it. A failed append is
+//! fatal for the server (see [`crate::server::ServerError::Ledger`]): an unrecorded
+//! acceptance would leave auditors a ledger that under-reports what the model absorbed.
+//!
+//! On open, an incomplete last line (a crash mid-append, so never acknowledged) is cut off,
+//! then the whole file is verified with the coordinator's own public key: chain and every
+//! seal. A ledger that fails verification stops the coordinator before it serves.
+
+use std::path::Path;
+
+use ed25519_dalek::SigningKey;
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use fedward_shared::ledger::{key_id, AcceptedRecord, Body, Entry, Ledger, LedgerError};
+use fedward_shared::ledger_file::{recover_truncated_tail, LedgerFile, LedgerFileError};
+use fedward_shared::wire::RoundId;
+
+use crate::round::Contribution;
+
+/// Why the ledger could not be opened or appended to.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorLedgerError {
+    #[error(transparent)]
+    File(#[from] LedgerFileError),
+    #[error(transparent)]
+    Entry(#[from] LedgerError),
+}
+
+/// The open ledger and the key that seals it.
+#[derive(Debug)]
+pub struct CoordinatorLedger {
+    file: LedgerFile,
+    key: SigningKey,
+}
+
+impl CoordinatorLedger {
+    /// Opens (creating if missing), repairs a cut-short last line, and verifies the ledger
+    /// at `path` against `key`'s public half.
+    pub fn open(path: &Path, key: SigningKey) -> Result<Self, CoordinatorLedgerError> {
+        if path.exists() {
+            let dropped = recover_truncated_tail(path)?;
+            if dropped > 0 {
+                warn!(path = %path.display(), bytes = dropped, "removed an incomplete last ledger line (an append cut short; it was never acknowledged)");
+            }
+        }
+        let file = LedgerFile::open(path, Some(&key.verifying_key()))?;
+        info!(
+            path = %path.display(),
+            entries = file.ledger().entries().len(),
+            key_id = %key_id(&key.verifying_key()),
+            "ledger verified"
+        );
+        Ok(Self { file, key })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        self.file.ledger()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Records an accepted update, durably.
+    pub fn record_accepted(
+        &mut self,
+        round: RoundId,
+        c: &Contribution,
+        now: OffsetDateTime,
+    ) -> Result<Entry, CoordinatorLedgerError> {
+        let record = AcceptedRecord {
+            site: c.site.clone(),
+            round,
+            privacy: c.privacy.into(),
+            examples: c.num_examples,
+            update_digest: c.update_digest,
+            time: fedward_shared::ledger::format_time(now)?,
+        };
+        Ok(self.file.append(Body::Accepted(record))?)
+    }
+
+    /// Seals the chain head for a completed round, durably.
+    pub fn seal(&mut self, round: RoundId, now: OffsetDateTime) -> Result<Entry, CoordinatorLedgerError> {
+        let entry = self.file.ledger().prepare_seal(round, &self.key, now)?;
+        Ok(self.file.append_entry(entry)?)
+    }
+
+    /// After a restart: seals round `completed` when the store says it completed but the
+    /// ledger holds its accepted entries without a seal (a crash between the checkpoint
+    /// and the seal). Returns the round it sealed.
+    pub fn seal_missed(&mut self, completed: u64, now: OffsetDateTime) -> Result<Option<RoundId>, CoordinatorLedgerError> {
+        if completed == 0 {
+            return Ok(None);
+        }
+        let round = RoundId(completed);
+        let mut tail_has_round = false;
+        for e in self.ledger().entries().iter().rev() {
+            match &e.body {
+                Body::Seal(s) if s.round >= round => return Ok(None),
+                Body::Seal(_) => break,
+                Body::Accepted(a) if a.round == round => tail_has_round = true,
+                _ => {}
+            }
+        }
+        if !tail_has_round {
+            return Ok(None);
+        }
+        self.seal(round, now)?;
+        warn!(round = %round, "sealed a completed round whose seal was missing (the coordinator stopped after its checkpoint)");
+        Ok(Some(round))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedward_shared::ledger::verify;
+    use fedward_shared::tensor::Digest;
+    use fedward_shared::wire::{LocalMetrics, PrivacyUsed, SiteId};
+    use time::macros::datetime;
+
+    use super::*;
+
+    const T: OffsetDateTime = datetime!(2025-03-01 12:00 UTC);
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[3; 32])
+    }
+
+    fn contribution(site: &str) -> Contribution {
+        Contribution {
+            site: SiteId::new(site).unwrap(),
+            num_examples: 10,
+            metrics: LocalMetrics::default(),
+            privacy: PrivacyUsed::off(),
+            update_digest: Digest([1; 32]),
+        }
+    }
+
+    #[test]
+    fn records_seals_reopens_and_catches_up_a_missed_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        l.record_accepted(RoundId(1), &contribution("a"), T).unwrap();
+        l.record_accepted(RoundId(1), &contribution("b"), T).unwrap();
+        l.seal(RoundId(1), T).unwrap();
+        l.record_accepted(RoundId(2), &contribution("a"), T).unwrap();
+        drop(l);
+        // Round 2 completed (per the store) but its seal was never written.
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        assert_eq!(l.seal_missed(1, T).unwrap(), None, "round 1 is sealed");
+        assert_eq!(l.seal_missed(2, T).unwrap(), Some(RoundId(2)));
+        assert_eq!(l.seal_missed(2, T).unwrap(), None);
+        let report = verify(&std::fs::read(&path).unwrap(), Some(&key().verifying_key()));
+        assert!(report.is_clean(), "{:?}", report.problems);
+        assert_eq!((report.seals_verified, report.unsealed_tail), (2, 0));
+    }
+
+    #[test]
+    fn refuses_a_ledger_sealed_by_another_key_and_repairs_a_cut_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        l.record_accepted(RoundId(1), &contribution("a"), T).unwrap();
+        l.seal(RoundId(1), T).unwrap();
+        drop(l);
+        let err = CoordinatorLedger::open(&path, SigningKey::from_bytes(&[4; 32])).unwrap_err();
+        assert!(err.to_string().contains("unknown key"), "{err}");
+        // A crash mid-append leaves half a line: cut off on open, then appends continue.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":2,\"prev");
+        std::fs::write(&path, bytes).unwrap();
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        l.record_accepted(RoundId(2), &contribution("a"), T).unwrap();
+        assert_eq!(l.ledger().entries().len(), 3);
+    }
+}

@@ -1,0 +1,876 @@
+//! The auditor's and the planner's commands, shared by both binaries:
+//! `audit verify|reconcile|report` and `privacy epsilon|sigma`.
+//!
+//! The argument structs derive clap's `Subcommand`/`Args` only with the `clap` feature
+//! (both binaries enable it), so the commands are written once and `shared` builds without
+//! clap; tests construct the structs directly. Each `run_*` function reads its files
+//! (through [`crate::fsutil`] and [`crate::ledger_key`]), calls the pure functions of
+//! [`crate::audit`] and [`crate::dp`], writes what it found to `out`, and returns whether
+//! everything passed: the binaries exit 0 when it did, 1 when it did not, 64 on
+//! [`CliError::is_usage`] errors and 1 on other errors. The caller passes the clock.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::Serialize;
+/// Re-exported so a binary can pass the wall clock without naming the `time` crate.
+pub use time::OffsetDateTime;
+
+use crate::audit::{self, LedgerAudit};
+use crate::dp::{plan_epsilon, plan_min_sigma, zcdp, DpError, Plan};
+use crate::fsutil::{self, FsError};
+use crate::ledger::format_time;
+use crate::ledger_key::{self, KeyFileError};
+use crate::wire::{PrivacyMode, SiteId};
+
+/// Check privacy ledgers: integrity, signatures, epsilons, agreement between site and coordinator.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Subcommand))]
+pub enum AuditCommand {
+    /// Verify one ledger: hash chain, seal signatures (coordinator ledgers) and every epsilon
+    /// recomputed from the recorded parameters. Exits 1 when anything is wrong.
+    Verify(VerifyArgs),
+    /// Compare a site's releases with the updates the coordinator accepted from it.
+    /// Exits 1 on any mismatch.
+    Reconcile(ReconcileArgs),
+    /// Write an HTML report (inline chart, no external assets), report.json and report.csv.
+    /// Exits 1 when the report's verdict is FAIL.
+    Report(ReportArgs),
+}
+
+/// Arguments of `audit verify`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct VerifyArgs {
+    /// The ledger file: a site's `ledger.jsonl` or the coordinator's.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub ledger: PathBuf,
+    /// The coordinator's public key (`ledger.pub`) to check seals with.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub public_key: Option<PathBuf>,
+    /// Report recomputed epsilons at this delta (default: each entry's own).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub delta: Option<f64>,
+    /// Print the verdict as JSON.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub json: bool,
+}
+
+/// Arguments of `audit reconcile`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct ReconcileArgs {
+    /// The site's ledger file.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub site_ledger: PathBuf,
+    /// The coordinator's ledger file.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub coordinator_ledger: PathBuf,
+    /// The site id to reconcile (as in its certificate).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub site: SiteId,
+    /// The coordinator's public key (`ledger.pub`) to check its seals with.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub public_key: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub json: bool,
+}
+
+/// Arguments of `audit report`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct ReportArgs {
+    /// Site ledger files (repeatable, or several after one --ledger).
+    #[cfg_attr(feature = "clap", arg(long, num_args = 1.., required = true))]
+    pub ledger: Vec<PathBuf>,
+    /// The coordinator's ledger, to verify and reconcile every site against.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub coordinator_ledger: Option<PathBuf>,
+    /// The coordinator's public key (`ledger.pub`) to check seals with.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub public_key: Option<PathBuf>,
+    /// Show recomputed epsilons at this delta (default: each entry's own).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub delta: Option<f64>,
+    /// Directory to write report.html, report.json and report.csv into (created if missing).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub out: PathBuf,
+}
+
+/// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Subcommand))]
+pub enum PrivacyCommand {
+    /// The epsilon per site that a plan spends over all its rounds.
+    Epsilon(EpsilonArgs),
+    /// The smallest noise multiplier whose epsilon over all rounds meets a target.
+    Sigma(SigmaArgs),
+}
+
+/// The plan both `privacy` commands take.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct PlanArgs {
+    /// record-level (DP-SGD: one patient's record is protected) or site-level (DP-FedAvg:
+    /// a whole site's data is protected).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub mode: PrivacyMode,
+    /// Clipping norm C: sets the noise std (sigma * C), not epsilon.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    pub clip: f64,
+    /// Record-level: Poisson sampling rate q of records per step, in (0, 1].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub sampling_rate: Option<f64>,
+    /// Record-level: DP-SGD steps per round.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub steps_per_round: Option<u64>,
+    /// Rounds the site takes part in.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub rounds: u64,
+    /// The delta epsilon is stated at, in (0, 1); well below 1/(records at a site).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub delta: f64,
+    /// Site-level: also show the global model's guarantee when this many sites add noise.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub sites: Option<u64>,
+    /// Print JSON (`{"epsilon": .., "delta": ..}` or `{"sigma": ..}` plus details).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub json: bool,
+}
+
+/// Arguments of `privacy epsilon`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct EpsilonArgs {
+    /// Noise multiplier sigma (noise std over clipping norm).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub sigma: f64,
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub plan: PlanArgs,
+}
+
+/// Arguments of `privacy sigma`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct SigmaArgs {
+    /// The epsilon per site the plan must not exceed over all its rounds.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub target_epsilon: f64,
+    #[cfg_attr(feature = "clap", command(flatten))]
+    pub plan: PlanArgs,
+}
+
+/// Why a command could not run (its findings are not errors: see the `run_*` results).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+    #[error(transparent)]
+    Dp(#[from] DpError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error("writing output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl CliError {
+    /// A bad parameter (exit 64) rather than a failure to run.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Invalid { .. } | Self::Dp(DpError::InvalidParameter { .. }))
+    }
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> CliError {
+    CliError::Invalid { name, message: message.into() }
+}
+
+/// Runs an `audit` command; `Ok(true)` when everything passed.
+pub fn run_audit(cmd: &AuditCommand, now: OffsetDateTime, out: &mut dyn Write) -> Result<bool, CliError> {
+    match cmd {
+        AuditCommand::Verify(a) => verify(a, out),
+        AuditCommand::Reconcile(a) => reconcile(a, out),
+        AuditCommand::Report(a) => report(a, now, out),
+    }
+}
+
+/// `audit verify`.
+pub fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<bool, CliError> {
+    let delta = check_optional_delta(args.delta)?;
+    let key = public_key(args.public_key.as_deref())?;
+    let bytes = fsutil::read(&args.ledger)?;
+    let audit = audit::audit_ledger(&bytes, key.as_ref(), delta);
+    if args.json {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            ledger: String,
+            passed: bool,
+            #[serde(flatten)]
+            audit: &'a LedgerAudit,
+        }
+        let j = Json { ledger: args.ledger.display().to_string(), passed: audit.passed(), audit: &audit };
+        writeln!(out, "{}", serde_json::to_string_pretty(&j).map_err(io::Error::other)?)?;
+    } else {
+        out.write_all(audit::render_verify_text(&args.ledger.display().to_string(), &audit).as_bytes())?;
+    }
+    Ok(audit.passed())
+}
+
+/// `audit reconcile`.
+pub fn reconcile(args: &ReconcileArgs, out: &mut dyn Write) -> Result<bool, CliError> {
+    let key = public_key(args.public_key.as_deref())?;
+    let site_bytes = fsutil::read(&args.site_ledger)?;
+    let coord_bytes = fsutil::read(&args.coordinator_ledger)?;
+    let r = audit::reconcile_ledgers(&args.site, &site_bytes, &coord_bytes, key.as_ref());
+    if args.json {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            passed: bool,
+            site: &'a str,
+            matched: usize,
+            mismatches: &'a [audit::Finding],
+            site_ledger_findings: &'a [audit::Finding],
+            coordinator_ledger_findings: &'a [audit::Finding],
+        }
+        let j = Json {
+            passed: r.passed(),
+            site: &r.site,
+            matched: r.matched,
+            mismatches: &r.mismatches,
+            site_ledger_findings: &r.site_ledger.findings,
+            coordinator_ledger_findings: &r.coordinator_ledger.findings,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&j).map_err(io::Error::other)?)?;
+    } else {
+        let text = audit::render_reconcile_text(
+            &args.site_ledger.display().to_string(),
+            &args.coordinator_ledger.display().to_string(),
+            &r,
+        );
+        out.write_all(text.as_bytes())?;
+    }
+    Ok(r.passed())
+}
+
+/// `audit report`: writes `report.html`, `report.json` and `report.csv` into `args.out`.
+pub fn report(args: &ReportArgs, now: OffsetDateTime, out: &mut dyn Write) -> Result<bool, CliError> {
+    let delta = check_optional_delta(args.delta)?;
+    if args.ledger.is_empty() {
+        return Err(invalid("ledger", "give at least one site ledger"));
+    }
+    let key = public_key(args.public_key.as_deref())?;
+    let mut sites = Vec::with_capacity(args.ledger.len());
+    for path in &args.ledger {
+        sites.push((path.display().to_string(), fsutil::read(path)?));
+    }
+    let coordinator = match &args.coordinator_ledger {
+        Some(p) => Some((p.display().to_string(), fsutil::read(p)?)),
+        None => None,
+    };
+    let generated_at = format_time(now).unwrap_or_else(|_| "unknown".into());
+    let report = audit::build_report(&sites, coordinator, key.as_ref(), delta, generated_at);
+    let html = args.out.join("report.html");
+    fsutil::atomic_write(&html, audit::render_html(&report).as_bytes(), false)?;
+    fsutil::atomic_write(&args.out.join("report.json"), audit::render_json(&report).as_bytes(), false)?;
+    fsutil::atomic_write(&args.out.join("report.csv"), audit::render_csv(&report).as_bytes(), false)?;
+    for n in report.ledgers.iter().chain(&report.coordinator) {
+        writeln!(
+            out,
+            "{}: {} ledger, {} entries, {} problems",
+            n.name,
+            n.audit.kind,
+            n.audit.entries,
+            n.audit.failures()
+        )?;
+    }
+    for r in &report.reconciliations {
+        writeln!(out, "site {}: {} rounds match the coordinator, {} mismatches", r.site, r.matched, r.mismatches.len())?;
+    }
+    writeln!(out, "verdict: {}", if report.passed { "PASS" } else { "FAIL" })?;
+    writeln!(out, "wrote {} (and report.json, report.csv)", html.display())?;
+    Ok(report.passed)
+}
+
+fn public_key(path: Option<&Path>) -> Result<Option<VerifyingKey>, CliError> {
+    Ok(path.map(ledger_key::read_public_key).transpose()?)
+}
+
+fn check_optional_delta(delta: Option<f64>) -> Result<Option<f64>, CliError> {
+    match delta {
+        Some(d) if !(d > 0.0 && d < 1.0) => Err(invalid("delta", format!("{d} is outside (0, 1)"))),
+        d => Ok(d),
+    }
+}
+
+/// The global model's guarantee when every site adds its noise (site-level only).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GlobalModel {
+    pub sites: u64,
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// What `privacy epsilon` computes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EpsilonAnswer {
+    /// Epsilon per site over all rounds, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mode: String,
+    pub sigma: f64,
+    pub clip: f64,
+    /// Noise std `sigma * clip`.
+    pub noise_std: f64,
+    pub rounds: u64,
+    pub sampling_rate: Option<f64>,
+    pub steps_per_round: Option<u64>,
+    pub total_steps: Option<u64>,
+    /// Site-level: total zCDP rho over all rounds.
+    pub rho: Option<f64>,
+    pub global_model: Option<GlobalModel>,
+}
+
+/// What `privacy sigma` computes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SigmaAnswer {
+    /// The smallest noise multiplier (within `tolerance`, relative) meeting the target.
+    pub sigma: f64,
+    /// Its epsilon per site, at most `target_epsilon`.
+    pub epsilon: f64,
+    pub target_epsilon: f64,
+    pub delta: f64,
+    pub tolerance: f64,
+    pub noise_std: f64,
+    pub mode: String,
+    pub rounds: u64,
+    pub global_model: Option<GlobalModel>,
+}
+
+/// Checks a plan's parameters and builds the accountant's [`Plan`] for noise `sigma`.
+pub fn plan_of(args: &PlanArgs, sigma: f64) -> Result<Plan, CliError> {
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(invalid("sigma", format!("{sigma} must be a finite number > 0")));
+    }
+    if !(args.clip.is_finite() && args.clip > 0.0) {
+        return Err(invalid("clip", format!("{} must be a finite number > 0", args.clip)));
+    }
+    if !(args.delta > 0.0 && args.delta < 1.0) {
+        return Err(invalid("delta", format!("{} is outside (0, 1)", args.delta)));
+    }
+    if args.rounds == 0 {
+        return Err(invalid("rounds", "must be at least 1"));
+    }
+    let (sampling_rate, steps_per_round) = match args.mode {
+        PrivacyMode::Off => {
+            return Err(invalid("mode", "off spends an unbounded epsilon; choose record-level or site-level"))
+        }
+        PrivacyMode::RecordLevel => {
+            let q = args.sampling_rate.ok_or_else(|| invalid("sampling-rate", "record-level needs --sampling-rate"))?;
+            if !(q > 0.0 && q <= 1.0) {
+                return Err(invalid("sampling-rate", format!("{q} is outside (0, 1]")));
+            }
+            let k =
+                args.steps_per_round.ok_or_else(|| invalid("steps-per-round", "record-level needs --steps-per-round"))?;
+            if k == 0 {
+                return Err(invalid("steps-per-round", "must be at least 1"));
+            }
+            if args.sites.is_some() {
+                return Err(invalid("sites", "the global-model figure is for site-level plans"));
+            }
+            (q, k)
+        }
+        PrivacyMode::SiteLevel => {
+            if args.sampling_rate.is_some() || args.steps_per_round.is_some() {
+                return Err(invalid(
+                    "sampling-rate",
+                    "--sampling-rate and --steps-per-round apply to record-level plans only",
+                ));
+            }
+            if args.sites == Some(0) {
+                return Err(invalid("sites", "must be at least 1"));
+            }
+            (0.0, 1)
+        }
+    };
+    Ok(Plan {
+        mode: args.mode,
+        noise_multiplier: sigma,
+        clip_norm: args.clip,
+        sampling_rate,
+        steps_per_round,
+        rounds: args.rounds,
+        delta: args.delta,
+    })
+}
+
+/// `privacy epsilon`, computed.
+pub fn epsilon_answer(args: &EpsilonArgs) -> Result<EpsilonAnswer, CliError> {
+    let plan = plan_of(&args.plan, args.sigma)?;
+    let epsilon = plan_epsilon(&plan)?;
+    let record = plan.mode == PrivacyMode::RecordLevel;
+    Ok(EpsilonAnswer {
+        epsilon,
+        delta: plan.delta,
+        mode: plan.mode.to_string(),
+        sigma: plan.noise_multiplier,
+        clip: plan.clip_norm,
+        noise_std: plan.noise_multiplier * plan.clip_norm,
+        rounds: plan.rounds,
+        sampling_rate: record.then_some(plan.sampling_rate),
+        steps_per_round: record.then_some(plan.steps_per_round),
+        total_steps: record.then(|| plan.steps_per_round.saturating_mul(plan.rounds)),
+        rho: if record { None } else { Some(zcdp::rho_for_rounds(&[(plan.noise_multiplier, plan.rounds)])?) },
+        global_model: global_model(&args.plan, plan.noise_multiplier)?,
+    })
+}
+
+/// `privacy sigma`, computed.
+pub fn sigma_answer(args: &SigmaArgs) -> Result<SigmaAnswer, CliError> {
+    let t = args.target_epsilon;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(invalid("target-epsilon", format!("{t} must be a finite number > 0")));
+    }
+    // The plan's own sigma is ignored by the search; 1 only passes validation.
+    let plan = plan_of(&args.plan, 1.0)?;
+    let found = plan_min_sigma(&plan, t)?;
+    Ok(SigmaAnswer {
+        sigma: found.noise_multiplier,
+        epsilon: found.epsilon,
+        target_epsilon: t,
+        delta: plan.delta,
+        tolerance: found.tolerance,
+        noise_std: found.noise_std,
+        mode: plan.mode.to_string(),
+        rounds: plan.rounds,
+        global_model: global_model(&args.plan, found.noise_multiplier)?,
+    })
+}
+
+fn global_model(args: &PlanArgs, sigma: f64) -> Result<Option<GlobalModel>, CliError> {
+    match (args.mode, args.sites) {
+        (PrivacyMode::SiteLevel, Some(n)) => Ok(Some(GlobalModel {
+            sites: n,
+            epsilon: zcdp::global_model_epsilon(sigma, n, args.rounds, args.delta)?,
+            delta: args.delta,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Runs a `privacy` command, printing text or JSON.
+pub fn run_privacy(cmd: &PrivacyCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        PrivacyCommand::Epsilon(args) => {
+            let a = epsilon_answer(args)?;
+            if args.plan.json {
+                writeln!(out, "{}", serde_json::to_string(&a).map_err(io::Error::other)?)?;
+            } else {
+                write_plan(out, &a.mode, a.sigma, a.clip, &args.plan)?;
+                writeln!(out, "epsilon per site: {} at delta {}", fmt_f(a.epsilon), a.delta)?;
+                if let Some(rho) = a.rho {
+                    writeln!(out, "  (zCDP rho {} over {} rounds, converted with opendp)", fmt_f(rho), a.rounds)?;
+                }
+                write_global(out, a.global_model.as_ref())?;
+            }
+        }
+        PrivacyCommand::Sigma(args) => {
+            let a = sigma_answer(args)?;
+            if args.plan.json {
+                writeln!(out, "{}", serde_json::to_string(&a).map_err(io::Error::other)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "smallest noise multiplier: sigma {} (noise std {} at clip {}), reaching epsilon {} <= {} at delta {}",
+                    fmt_f(a.sigma),
+                    fmt_f(a.noise_std),
+                    args.plan.clip,
+                    fmt_f(a.epsilon),
+                    a.target_epsilon,
+                    a.delta
+                )?;
+                write_plan(out, &a.mode, a.sigma, args.plan.clip, &args.plan)?;
+                write_global(out, a.global_model.as_ref())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_plan(out: &mut dyn Write, mode: &str, sigma: f64, clip: f64, p: &PlanArgs) -> io::Result<()> {
+    match p.mode {
+        PrivacyMode::RecordLevel => writeln!(
+            out,
+            "record-level plan (DP-SGD; protects one record, add/remove adjacency; RDP of the sampled Gaussian): sigma {}, clip {clip}, sampling rate {}, {} steps per round x {} rounds",
+            fmt_f(sigma),
+            p.sampling_rate.unwrap_or_default(),
+            p.steps_per_round.unwrap_or_default(),
+            p.rounds
+        ),
+        _ => writeln!(
+            out,
+            "{mode} plan (DP-FedAvg; protects a whole site, replace-one-site adjacency, sensitivity 2C; zCDP): sigma {}, clip {clip}, {} rounds",
+            fmt_f(sigma),
+            p.rounds
+        ),
+    }
+}
+
+fn write_global(out: &mut dyn Write, g: Option<&GlobalModel>) -> io::Result<()> {
+    if let Some(g) = g {
+        writeln!(
+            out,
+            "global model (a separate figure; holds only if all {} sites add their noise): epsilon {} at delta {}",
+            g.sites,
+            fmt_f(g.epsilon),
+            g.delta
+        )?;
+    }
+    Ok(())
+}
+
+fn fmt_f(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use ed25519_dalek::SigningKey;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::ledger::{Body, Entry, EntryHash, Ledger};
+    use crate::wire::RoundId;
+
+    const NOW: OffsetDateTime = datetime!(2025-03-03 09:00 UTC);
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[11u8; 32])
+    }
+
+    fn lines(bytes: &[u8]) -> Vec<Vec<u8>> {
+        bytes.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        site: PathBuf,
+        coordinator: PathBuf,
+        public: PathBuf,
+    }
+
+    /// Two site ledgers (alpha, beta), the coordinator's sealed ledger, and its public key.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let a = crate::audit::tests::site_ledger("alpha", 3);
+        let b = crate::audit::tests::site_ledger("beta", 3);
+        let c = crate::audit::tests::coordinator_ledger(&[&a, &b], &key());
+        let (site, coordinator) = (dir.path().join("alpha.jsonl"), dir.path().join("coordinator.jsonl"));
+        fs::write(&site, a.to_bytes()).unwrap();
+        fs::write(dir.path().join("beta.jsonl"), b.to_bytes()).unwrap();
+        fs::write(&coordinator, c.to_bytes()).unwrap();
+        let (_, public) = ledger_key::write_keypair(&dir.path().join("keys"), [11u8; 32]).unwrap();
+        Fixture { dir, site, coordinator, public }
+    }
+
+    fn verify_file(path: &Path, key: Option<&Path>) -> (bool, String) {
+        let args = VerifyArgs { ledger: path.to_owned(), public_key: key.map(Path::to_owned), delta: None, json: false };
+        let mut out = Vec::new();
+        let ok = verify(&args, &mut out).unwrap();
+        (ok, String::from_utf8(out).unwrap())
+    }
+
+    /// Writes `bytes` next to the fixture and verifies them.
+    fn verify_bytes(f: &Fixture, bytes: &[u8], key: bool) -> (bool, String) {
+        let path = f.dir.path().join("tampered.jsonl");
+        fs::write(&path, bytes).unwrap();
+        verify_file(&path, key.then_some(f.public.as_path()))
+    }
+
+    fn rechain(entries: &mut [Entry]) -> Vec<u8> {
+        let mut prev = EntryHash::GENESIS;
+        for e in entries.iter_mut() {
+            e.prev_hash = prev;
+            e.hash = e.compute_hash();
+            prev = e.hash;
+        }
+        entries.iter().flat_map(Entry::to_line).collect()
+    }
+
+    #[test]
+    fn verify_passes_clean_ledgers() {
+        let f = fixture();
+        let (ok, text) = verify_file(&f.site, None);
+        assert!(ok, "{text}");
+        assert!(text.contains("site ledger, 3 entries") && text.contains("verdict: PASS"), "{text}");
+        let (ok, text) = verify_file(&f.coordinator, Some(&f.public));
+        assert!(ok, "{text}");
+        assert!(text.contains("3 verified with key"), "{text}");
+        // JSON carries the verdict and the rows.
+        let args = VerifyArgs { ledger: f.coordinator.clone(), public_key: Some(f.public.clone()), delta: Some(1e-6), json: true };
+        let mut out = Vec::new();
+        assert!(verify(&args, &mut out).unwrap());
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(j["passed"], true);
+        assert_eq!(j["rows"].as_array().unwrap().len(), 6);
+        assert_eq!(j["rows"][0]["delta"], 1e-6);
+    }
+
+    #[test]
+    fn verify_names_every_kind_of_tampering() {
+        let f = fixture();
+        let site = fs::read(&f.site).unwrap();
+        let coord = fs::read(&f.coordinator).unwrap();
+
+        // Edited: a field changed without fixing the hash.
+        let text = String::from_utf8(site.clone()).unwrap().replacen("\"examples\":200", "\"examples\":20", 1);
+        let (ok, out) = verify_bytes(&f, text.as_bytes(), false);
+        assert!(!ok && out.contains("FAIL seq 1 (line 2) [edited]"), "{out}");
+
+        // Deleted.
+        let mut l = lines(&site);
+        l.remove(1);
+        let (ok, out) = verify_bytes(&f, &l.concat(), false);
+        assert!(!ok && out.contains("[deleted]: entry 1 deleted"), "{out}");
+
+        // Inserted: a forged copy of entry 1 with a valid own hash.
+        let mut forged: Entry = serde_json::from_slice(&lines(&site)[1]).unwrap();
+        if let Body::Release(r) = &mut forged.body {
+            r.examples = 1;
+        }
+        forged.hash = forged.compute_hash();
+        let mut l = lines(&site);
+        l.insert(1, forged.to_line());
+        let (ok, out) = verify_bytes(&f, &l.concat(), false);
+        assert!(!ok && out.contains("FAIL seq 1 (line 2) [inserted]"), "{out}");
+
+        // Reordered.
+        let mut l = lines(&site);
+        l.swap(0, 2);
+        let (ok, out) = verify_bytes(&f, &l.concat(), false);
+        assert!(!ok && out.contains("[reordered]"), "{out}");
+
+        // Forged signature: the coordinator's ledger rewritten and re-chained, seals intact.
+        let mut entries: Vec<Entry> = lines(&coord).iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        if let Body::Accepted(a) = &mut entries[0].body {
+            a.examples += 1;
+        }
+        let (ok, out) = verify_bytes(&f, &rechain(&mut entries), true);
+        assert!(!ok && out.contains("FAIL seq 2 (line 3) [bad-signature]"), "{out}");
+        // A seal made with another key.
+        let mut entries: Vec<Entry> = lines(&coord).iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        let mut partial = Ledger::new();
+        for e in entries.drain(..2) {
+            partial.push(e).unwrap();
+        }
+        let rogue = partial.prepare_seal(RoundId(1), &SigningKey::from_bytes(&[99; 32]), NOW).unwrap();
+        let mut bytes = partial.to_bytes();
+        bytes.extend(rogue.to_line());
+        let (ok, out) = verify_bytes(&f, &bytes, true);
+        assert!(!ok && out.contains("[unknown-key]"), "{out}");
+
+        // Epsilon mismatch: a lowered epsilon, re-chained so only the recompute sees it.
+        let mut entries: Vec<Entry> = lines(&site).iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        if let Body::Release(r) = &mut entries[2].body {
+            r.privacy.epsilon_after *= 0.5;
+        }
+        let (ok, out) = verify_bytes(&f, &rechain(&mut entries), false);
+        assert!(!ok && out.contains("FAIL seq 2 [epsilon-under-counted]: epsilon mismatch"), "{out}");
+    }
+
+    #[test]
+    fn verify_refuses_bad_parameters_and_keys() {
+        let f = fixture();
+        let args = VerifyArgs { ledger: f.site.clone(), public_key: None, delta: Some(1.0), json: false };
+        let err = verify(&args, &mut Vec::new()).unwrap_err();
+        assert!(err.is_usage() && err.to_string().contains("delta"), "{err}");
+        let bad_key = f.dir.path().join("bad.pub");
+        fs::write(&bad_key, "nonsense\n").unwrap();
+        let args = VerifyArgs { ledger: f.site.clone(), public_key: Some(bad_key), delta: None, json: false };
+        assert!(matches!(verify(&args, &mut Vec::new()), Err(CliError::Key(_))));
+    }
+
+    #[test]
+    fn reconcile_detects_missing_extra_and_different_updates() {
+        let f = fixture();
+        let run = |site_bytes: &[u8], coord: &Path| {
+            let path = f.dir.path().join("site-variant.jsonl");
+            fs::write(&path, site_bytes).unwrap();
+            let args = ReconcileArgs {
+                site_ledger: path,
+                coordinator_ledger: coord.to_owned(),
+                site: SiteId::new("alpha").unwrap(),
+                public_key: Some(f.public.clone()),
+                json: false,
+            };
+            let mut out = Vec::new();
+            let ok = reconcile(&args, &mut out).unwrap();
+            (ok, String::from_utf8(out).unwrap())
+        };
+        let site = fs::read(&f.site).unwrap();
+        let (ok, out) = run(&site, &f.coordinator);
+        assert!(ok && out.contains("3 rounds match, 0 mismatches"), "{out}");
+
+        // Missing at the coordinator: the site released round 4 too.
+        let more = crate::audit::tests::site_ledger("alpha", 4).to_bytes();
+        let (ok, out) = run(&more, &f.coordinator);
+        assert!(!ok && out.contains("[not-accepted]: round 4"), "{out}");
+
+        // Extra at the coordinator: the site's ledger lacks round 3.
+        let fewer = crate::audit::tests::site_ledger("alpha", 2).to_bytes();
+        let (ok, out) = run(&fewer, &f.coordinator);
+        assert!(!ok && out.contains("[no-release-at-site]: round 3"), "{out}");
+
+        // Different: the site's round-2 update has another digest (re-chained site ledger).
+        let mut entries: Vec<Entry> = lines(&site).iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        if let Body::Release(r) = &mut entries[1].body {
+            r.update_digest = crate::tensor::Digest([7; 32]);
+        }
+        let (ok, out) = run(&rechain(&mut entries), &f.coordinator);
+        assert!(!ok && out.contains("[digest-mismatch]: round 2"), "{out}");
+    }
+
+    #[test]
+    fn report_writes_html_json_and_csv() {
+        let f = fixture();
+        let out_dir = f.dir.path().join("report");
+        let args = ReportArgs {
+            ledger: vec![f.site.clone(), f.dir.path().join("beta.jsonl")],
+            coordinator_ledger: Some(f.coordinator.clone()),
+            public_key: Some(f.public.clone()),
+            delta: None,
+            out: out_dir.clone(),
+        };
+        let mut out = Vec::new();
+        assert!(report(&args, NOW, &mut out).unwrap(), "{}", String::from_utf8_lossy(&out));
+        let html = fs::read_to_string(out_dir.join("report.html")).unwrap();
+        assert!(html.contains("<svg") && html.contains("Verdict: PASS") && html.contains("2025-03-03T09:00:00Z"));
+        let csv = fs::read_to_string(out_dir.join("report.csv")).unwrap();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows[0], crate::audit::CSV_HEADER);
+        assert_eq!(rows.len(), 1 + 3 + 3 + 6);
+        assert_eq!(rows.iter().filter(|r| r.contains(",site,alpha,")).count(), 3);
+        assert_eq!(rows.iter().filter(|r| r.contains(",coordinator,beta,")).count(), 3);
+        let json: serde_json::Value = serde_json::from_str(&fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(json["reconciliations"].as_array().unwrap().len(), 2);
+        assert_eq!(json["reconciliations"][0]["matched"], 3);
+
+        // A tampered site ledger turns the verdict.
+        let text = fs::read_to_string(&f.site).unwrap().replacen("\"examples\":100", "\"examples\":1", 1);
+        fs::write(&f.site, text).unwrap();
+        let mut out = Vec::new();
+        assert!(!report(&args, NOW, &mut out).unwrap());
+        assert!(fs::read_to_string(out_dir.join("report.html")).unwrap().contains("Verdict: FAIL"));
+    }
+
+    fn record_plan() -> PlanArgs {
+        PlanArgs {
+            mode: PrivacyMode::RecordLevel,
+            clip: 1.0,
+            sampling_rate: Some(0.01),
+            steps_per_round: Some(100),
+            rounds: 100,
+            delta: 1e-5,
+            sites: None,
+            json: true,
+        }
+    }
+
+    fn site_plan() -> PlanArgs {
+        PlanArgs { mode: PrivacyMode::SiteLevel, sampling_rate: None, steps_per_round: None, rounds: 50, sites: Some(10), ..record_plan() }
+    }
+
+    /// Against dp-accounting 0.6 (`dp/reference/rdp_reference.json`, our order grid):
+    /// q = 0.01 over 10 000 steps at delta 1e-5 gives 6.712383316461927 for sigma 1.0 and
+    /// 3.4592778941544005 for sigma 1.5; the plan splits the steps into 100 rounds of 100.
+    #[test]
+    fn epsilon_matches_dp_accounting() {
+        for (sigma, reference) in [(1.0, 6.712383316461927), (1.5, 3.4592778941544005)] {
+            let a = epsilon_answer(&EpsilonArgs { sigma, plan: record_plan() }).unwrap();
+            assert!((a.epsilon - reference).abs() <= 1e-6 * reference, "sigma {sigma}: {} vs {reference}", a.epsilon);
+            assert_eq!(a.total_steps, Some(10_000));
+        }
+        let mut out = Vec::new();
+        run_privacy(&PrivacyCommand::Epsilon(EpsilonArgs { sigma: 1.0, plan: record_plan() }), &mut out).unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!((j["epsilon"].as_f64().unwrap() - 6.712383316461927).abs() < 1e-5);
+        assert_eq!(j["delta"], 1e-5);
+    }
+
+    /// The DP-SGD MNIST setting of Abadi et al. 2016 (TF Privacy tutorial): q = 256/60000,
+    /// 60 epochs of 234 steps, delta 1e-5. The tutorial publishes 2.92 for sigma 1.12 with
+    /// the older, looser RDP-to-DP conversion; the tight conversion gives less (about 2.5).
+    #[test]
+    fn epsilon_is_below_the_mnist_tutorial_figure() {
+        let plan = PlanArgs { sampling_rate: Some(256.0 / 60000.0), steps_per_round: Some(234), rounds: 60, ..record_plan() };
+        let a = epsilon_answer(&EpsilonArgs { sigma: 1.12, plan }).unwrap();
+        assert!((2.3..2.92).contains(&a.epsilon), "{}", a.epsilon);
+    }
+
+    #[test]
+    fn site_level_epsilon_and_the_global_model_figure() {
+        let a = epsilon_answer(&EpsilonArgs { sigma: 4.0, plan: site_plan() }).unwrap();
+        assert_eq!(a.epsilon, zcdp::epsilon_for_rounds(&[(4.0, 50)], 1e-5).unwrap());
+        assert!((a.rho.unwrap() - 50.0 * 2.0 / 16.0).abs() < 1e-9, "{:?}", a.rho);
+        let g = a.global_model.clone().unwrap();
+        assert_eq!(g.epsilon, zcdp::global_model_epsilon(4.0, 10, 50, 1e-5).unwrap());
+        assert!(g.epsilon < a.epsilon);
+        let mut out = Vec::new();
+        let plan = PlanArgs { json: false, ..site_plan() };
+        run_privacy(&PrivacyCommand::Epsilon(EpsilonArgs { sigma: 4.0, plan }), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("epsilon per site:") && text.contains("global model (a separate figure"), "{text}");
+    }
+
+    #[test]
+    fn sigma_meets_the_target() {
+        for plan in [record_plan(), site_plan()] {
+            let a = sigma_answer(&SigmaArgs { target_epsilon: 3.0, plan: plan.clone() }).unwrap();
+            assert!(a.epsilon <= 3.0);
+            let back = epsilon_answer(&EpsilonArgs { sigma: a.sigma, plan: plan.clone() }).unwrap();
+            assert_eq!(back.epsilon, a.epsilon);
+            let mut out = Vec::new();
+            run_privacy(&PrivacyCommand::Sigma(SigmaArgs { target_epsilon: 3.0, plan }), &mut out).unwrap();
+            let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(j["sigma"], a.sigma);
+        }
+    }
+
+    #[test]
+    fn invalid_plans_are_explained() {
+        let eps = |sigma: f64, plan: PlanArgs| epsilon_answer(&EpsilonArgs { sigma, plan }).unwrap_err();
+        let cases = [
+            (eps(1.0, PlanArgs { sampling_rate: Some(0.0), ..record_plan() }), "sampling-rate"),
+            (eps(1.0, PlanArgs { sampling_rate: Some(1.5), ..record_plan() }), "sampling-rate"),
+            (eps(1.0, PlanArgs { sampling_rate: None, ..record_plan() }), "sampling-rate"),
+            (eps(1.0, PlanArgs { steps_per_round: None, ..record_plan() }), "steps-per-round"),
+            (eps(0.0, record_plan()), "sigma"),
+            (eps(-1.0, site_plan()), "sigma"),
+            (eps(f64::NAN, site_plan()), "sigma"),
+            (eps(1.0, PlanArgs { delta: 0.0, ..record_plan() }), "delta"),
+            (eps(1.0, PlanArgs { delta: 1.0, ..site_plan() }), "delta"),
+            (eps(1.0, PlanArgs { clip: 0.0, ..site_plan() }), "clip"),
+            (eps(1.0, PlanArgs { rounds: 0, ..site_plan() }), "rounds"),
+            (eps(1.0, PlanArgs { sites: Some(0), ..site_plan() }), "sites"),
+            (eps(1.0, PlanArgs { sites: Some(3), ..record_plan() }), "sites"),
+            (eps(1.0, PlanArgs { sampling_rate: Some(0.1), ..site_plan() }), "sampling-rate"),
+            (eps(1.0, PlanArgs { mode: PrivacyMode::Off, ..site_plan() }), "mode"),
+        ];
+        for (err, name) in cases {
+            assert!(err.is_usage(), "{err}");
+            assert!(err.to_string().starts_with(&format!("invalid {name}")), "{name}: {err}");
+        }
+        let err = sigma_answer(&SigmaArgs { target_epsilon: -1.0, plan: site_plan() }).unwrap_err();
+        assert!(err.to_string().contains("target-epsilon"), "{err}");
+        let err = sigma_answer(&SigmaArgs { target_epsilon: 1e-9, plan: site_plan() }).unwrap_err();
+        assert!(matches!(err, CliError::Dp(DpError::Unreachable { .. })) && !err.is_usage(), "{err}");
+    }
+}
