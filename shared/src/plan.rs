@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dp::{dp_sgd_steps, DpError, Release};
+
 /// Which part of the model trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Trainable {
@@ -103,6 +105,21 @@ impl PrivacyPlan {
             Self::SiteLevel { .. } => "site-level",
         }
     }
+
+    /// The release one round under this plan makes, for the accountant: what a site checks
+    /// against its budget before it trains. Record-level rounds take
+    /// [`dp_sgd_steps`](crate::dp::dp_sgd_steps)`(local_epochs, q)` noisy steps.
+    pub fn release(&self, local_epochs: u32) -> Result<Release, DpError> {
+        let release = match *self {
+            Self::Off => Release::off(),
+            Self::RecordLevel { noise_multiplier, sampling_rate, .. } => {
+                Release::record_level(noise_multiplier, sampling_rate, dp_sgd_steps(local_epochs, sampling_rate)?)
+            }
+            Self::SiteLevel { noise_multiplier, .. } => Release::site_level(noise_multiplier),
+        };
+        release.validate()?;
+        Ok(release)
+    }
 }
 
 /// What a site is asked to do with the global model in one round.
@@ -153,6 +170,17 @@ mod tests {
         }
         assert!("top:x".parse::<Trainable>().is_err());
         assert!("everything".parse::<Trainable>().is_err());
+    }
+
+    #[test]
+    fn a_plan_names_the_release_it_makes() {
+        let record = PrivacyPlan::RecordLevel { noise_multiplier: 1.1, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
+        assert_eq!(record.release(2).unwrap(), Release::record_level(1.1, 0.25, 8));
+        let site = PrivacyPlan::SiteLevel { noise_multiplier: 3.0, clip_norm: 0.5 };
+        assert_eq!(site.release(4).unwrap(), Release::site_level(3.0));
+        assert_eq!(PrivacyPlan::Off.release(1).unwrap(), Release::off());
+        let bad = PrivacyPlan::RecordLevel { noise_multiplier: 0.0, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
+        assert!(bad.release(1).is_err());
     }
 
     #[test]

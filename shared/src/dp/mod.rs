@@ -30,6 +30,7 @@ pub mod accountant;
 pub mod clip;
 pub mod noise;
 pub mod rdp;
+pub mod sampling;
 pub mod zcdp;
 
 mod exact;
@@ -42,6 +43,7 @@ pub use accountant::{
 pub use clip::{clip_slices, clip_tensors, Clipped};
 pub use noise::{GaussianNoise, NoiseError, NoiseRng};
 pub use rdp::Rdp;
+pub use sampling::{dp_sgd_steps, poisson_sample};
 
 use crate::wire::PrivacyMode;
 

@@ -124,8 +124,9 @@ impl NoiseRng {
         Self { inner: ChaCha20Rng::from_seed(seed) }
     }
 
+    /// 64 fresh bits; `pub(crate)` so only the DP mechanisms (noise, Poisson sampling) draw.
     #[inline]
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.inner.next_u64()
     }
 }
