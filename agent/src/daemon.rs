@@ -17,6 +17,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_models::{LocalUpdate, TrainContext, Trainer};
 use fedward_shared::config::SiteBudget;
+use fedward_shared::dp::NoiseRng;
 use fedward_shared::fsutil;
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{
@@ -247,7 +248,10 @@ async fn take_round(
     };
     let plan = offer.plan.clone();
     let round = offer.round;
-    let mut noise_rng = rand_chacha::ChaCha20Rng::seed_from_u64(rng.random());
+    let mut noise_rng = match opts.seed {
+        Some(_) => NoiseRng::from_seed_insecure(rng.random()),
+        None => NoiseRng::from_os().map_err(|e| SessionEnd::Lost(e.to_string()))?,
+    };
     let started = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let ctx = TrainContext { round, noise_rng: &mut noise_rng };

@@ -3,6 +3,7 @@
 //! The agent knows nothing about BERT: it hands the global model (named f32 tensors) and
 //! the consortium's plan to a `Trainer` and gets back the delta of the trainable tensors.
 
+use fedward_shared::dp::NoiseRng;
 use fedward_shared::plan::TrainingPlan;
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{LocalMetrics, RoundId};
@@ -16,7 +17,8 @@ pub struct LocalUpdate {
     pub num_examples: u64,
     /// Aggregate figures only; never anything per record.
     pub metrics: LocalMetrics,
-    /// Record-level DP: the noisy optimiser steps taken (0 otherwise).
+    /// Record-level DP: the noisy optimiser steps taken (0 otherwise). The agent records
+    /// this in its ledger and refuses to send an update whose count differs from the plan's.
     pub dp_steps: u64,
 }
 
@@ -39,8 +41,9 @@ pub enum TrainError {
 pub struct TrainContext<'a> {
     pub round: RoundId,
     /// Source of DP noise and Poisson sampling for record-level DP: a CSPRNG seeded from
-    /// the OS in production (seeded only in tests). Shuffling uses `plan.seed`.
-    pub noise_rng: &'a mut (dyn rand::RngCore + Send),
+    /// the OS in production (seeded only in tests). Dropout uses `plan.seed`: it needs no
+    /// secrecy, because clipping bounds every example's gradient whatever the mask.
+    pub noise_rng: &'a mut NoiseRng,
 }
 
 /// Trains the model on the site's own data.
