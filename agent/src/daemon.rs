@@ -5,6 +5,14 @@
 //! jitter; a refusal (certificate, enrolment, protocol version) is final and reported with
 //! the coordinator's reason, since retrying cannot fix it. Training runs on a blocking
 //! thread, never on the reactor.
+//!
+//! A round, in order: if the ledger's last release is this round from this model, resend
+//! the cached update and stop ([`prior_release`]); otherwise rebuild the accountant from the
+//! ledger and review the offer against the site's budget ([`review_offer`]); fetch the
+//! model; train and make the update private ([`privatize`]) on a blocking thread, with noise
+//! from a fresh OS-seeded [`NoiseRng`]; cache the update ([`ReleasedUpdate`], atomic write),
+//! append the release to the ledger (fsync); only then send. A crash anywhere before the
+//! append leaves nothing spent; after it, the restarted agent resends the same bytes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,18 +23,22 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use fedward_models::{LocalUpdate, TrainContext, Trainer};
+use fedward_models::{TrainContext, Trainer};
 use fedward_shared::config::SiteBudget;
 use fedward_shared::dp::NoiseRng;
 use fedward_shared::fsutil;
+use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
+use fedward_shared::ledger_file::{self, LedgerFile};
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{
-    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, PrivacyUsed, Ready, RoundOffer, UpdateHeader,
+    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader,
     PROTOCOL_VERSION,
 };
 
 use crate::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
-use crate::session::{assemble, review_offer, tensors_to_fetch, Decision};
+use crate::outbox::ReleasedUpdate;
+use crate::privacy::{privacy_used, privatize};
+use crate::session::{assemble, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]
@@ -46,6 +58,10 @@ pub struct DaemonOptions {
     pub idle_timeout: Duration,
     /// Seed of the backoff jitter and, in tests only, of DP noise; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// Fault injection for tests: stop as if the process died right after the ledger
+    /// recorded an update and before it is sent. Always `false` in production.
+    #[doc(hidden)]
+    pub fail_after_ledger_write: bool,
 }
 
 /// How a run ended.
@@ -66,6 +82,10 @@ pub enum DaemonError {
     Address { addr: String, detail: String },
     #[error("local state: {0}")]
     State(String),
+    /// The [`DaemonOptions::fail_after_ledger_write`] test hook fired.
+    #[doc(hidden)]
+    #[error("fault injected after the ledger write of round {0}")]
+    InjectedFault(u64),
 }
 
 /// What ended one connection.
@@ -74,9 +94,15 @@ enum SessionEnd {
     /// Transient: reconnect after a backoff.
     Lost(String),
     Refused(String),
+    /// The agent cannot go on safely (its ledger cannot be written): stop.
+    Fatal(String),
+    /// The test hook stopped the agent after recording round `0`.
+    Fault(u64),
 }
 
 const MODEL_CACHE: &str = "global-model.safetensors";
+/// The site's privacy ledger in the state directory.
+pub const LEDGER: &str = "ledger.jsonl";
 
 /// Runs until the federation is finished (when so configured), a refusal, or `shutdown`.
 pub async fn run(
@@ -90,7 +116,9 @@ pub async fn run(
         None => rand_chacha::ChaCha20Rng::from_os_rng(),
     };
     std::fs::create_dir_all(&opts.state_dir).map_err(|e| DaemonError::State(format!("{}: {e}", opts.state_dir.display())))?;
-    let mut state = AgentState { trainer: Some(trainer), cache: load_cache(&opts), rounds_trained: 0 };
+    let ledger = open_ledger(&opts)?;
+    let released = load_released(&opts);
+    let mut state = AgentState { trainer: Some(trainer), cache: load_cache(&opts), rounds_trained: 0, ledger: Some(ledger), released };
     let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
@@ -109,6 +137,11 @@ pub async fn run(
                 error!(%reason, "refused by the coordinator; fix the cause and restart the agent");
                 return Err(DaemonError::Refused(reason));
             }
+            Ok(SessionEnd::Fatal(reason)) => {
+                error!(%reason, "stopping: local state is unusable");
+                return Err(DaemonError::State(reason));
+            }
+            Ok(SessionEnd::Fault(round)) => return Err(DaemonError::InjectedFault(round)),
             Ok(SessionEnd::Lost(cause)) | Err(cause) => {
                 failures += 1;
                 if opts.max_connect_attempts > 0 && failures >= opts.max_connect_attempts {
@@ -138,6 +171,51 @@ struct AgentState {
     trainer: Option<Box<dyn Trainer>>,
     cache: Option<TensorSet>,
     rounds_trained: u64,
+    /// Taken out while an append runs on a blocking thread.
+    ledger: Option<LedgerFile>,
+    /// What the released-update cache holds (the update itself stays on disk).
+    released: Option<CachedRelease>,
+}
+
+/// Opens (and verifies) the site's ledger. An incomplete last line is a crash mid-append:
+/// nothing was sent for it, so it is dropped. Any other problem stops the agent, which
+/// cannot know its spend without a valid ledger.
+fn open_ledger(opts: &DaemonOptions) -> Result<LedgerFile, DaemonError> {
+    let path = opts.state_dir.join(LEDGER);
+    if path.exists() {
+        let dropped = ledger_file::recover_truncated_tail(&path).map_err(|e| DaemonError::State(e.to_string()))?;
+        if dropped > 0 {
+            warn!(path = %path.display(), bytes = dropped, "dropped an incomplete last ledger line (a crash mid-append; nothing was sent for it)");
+        }
+    }
+    let ledger = LedgerFile::open(&path, None).map_err(|e| DaemonError::State(e.to_string()))?;
+    let spent = ledger.ledger().accountant().map_err(|e| DaemonError::State(format!("ledger {}: {e}", path.display())))?;
+    info!(path = %path.display(), releases = spent.releases(), "privacy ledger opened");
+    Ok(ledger)
+}
+
+fn load_released(opts: &DaemonOptions) -> Option<CachedRelease> {
+    match ReleasedUpdate::load(&opts.state_dir) {
+        Ok(r) => r.map(|r| CachedRelease { round: r.header.round, model_digest: r.model_digest, update_digest: r.delta.digest() }),
+        Err(e) => {
+            // Without it a recorded round cannot be resent; the round is declined, never
+            // trained twice (see `session::prior_release`).
+            warn!(cause = %e, "ignoring an unreadable released-update cache");
+            None
+        }
+    }
+}
+
+/// The ledger's last release, if any.
+fn last_release(ledger: &Ledger) -> Option<&ReleaseRecord> {
+    ledger.entries().iter().rev().find_map(|e| match &e.body {
+        Body::Release(r) => Some(r),
+        _ => None,
+    })
+}
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
 }
 
 fn load_cache(opts: &DaemonOptions) -> Option<TensorSet> {
@@ -184,7 +262,7 @@ async fn connect_and_serve(
     let span = info_span!("agent", site = %welcome.site);
     let end = async {
         info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
-        serve(&conn, opts, state, rng).await
+        serve(&conn, opts, state, rng, &welcome.site).await
     }
     .instrument(span)
     .await;
@@ -206,6 +284,7 @@ async fn serve(
     opts: &DaemonOptions,
     state: &mut AgentState,
     rng: &mut rand_chacha::ChaCha20Rng,
+    site: &SiteId,
 ) -> SessionEnd {
     loop {
         let have_model = state.cache.as_ref().map(TensorSet::digest);
@@ -217,7 +296,7 @@ async fn serve(
             Err(e) => return stream_failure(conn, e),
         };
         let span = info_span!("round", round = %offer.round);
-        let result = take_round(conn, opts, state, rng, offer).instrument(span).await;
+        let result = take_round(conn, opts, state, rng, site, offer).instrument(span).await;
         if let Err(end) = result {
             return end;
         }
@@ -229,6 +308,7 @@ async fn take_round(
     opts: &DaemonOptions,
     state: &mut AgentState,
     rng: &mut rand_chacha::ChaCha20Rng,
+    site: &SiteId,
     offer: RoundOffer,
 ) -> Result<(), SessionEnd> {
     info!(
@@ -238,9 +318,33 @@ async fn take_round(
         deadline_secs = offer.deadline_secs,
         "round offered"
     );
-    if let Decision::Decline { reason, message } = review_offer(&offer, &opts.budget, state.rounds_trained) {
-        return send_decline(conn, &offer, reason, message).await;
+    let ledger = state.ledger.as_ref().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?.ledger();
+    match prior_release(&offer, last_release(ledger), state.released.as_ref()) {
+        Prior::Fresh => {}
+        Prior::Resend => return resend(conn, opts, &offer).await,
+        Prior::Unrecoverable => {
+            let message = "this round's update is in the ledger but its cached copy is missing; declining rather than releasing the round twice";
+            return send_decline(conn, &offer, DeclineReason::TrainingFailed, message.into()).await;
+        }
     }
+    let spent = match ledger.accountant() {
+        Ok(a) => a,
+        Err(e) => {
+            let message = format!("the site's ledger cannot be accounted: {e}");
+            return send_decline(conn, &offer, DeclineReason::BudgetExhausted, message).await;
+        }
+    };
+    let approved = match review_offer(&offer, &opts.budget, &spent) {
+        Decision::Train(a) => a,
+        Decision::Decline { reason, message } => return send_decline(conn, &offer, reason, message).await,
+    };
+    info!(
+        epsilon_before = approved.epsilon_before,
+        epsilon_after = approved.epsilon_after,
+        delta = opts.budget.delta,
+        steps = approved.release.steps,
+        "round within the site's budget"
+    );
     let model = fetch_model(conn, opts, state, &offer).await?;
 
     let Some(mut trainer) = state.trainer.take() else {
@@ -248,6 +352,8 @@ async fn take_round(
     };
     let plan = offer.plan.clone();
     let round = offer.round;
+    // A fresh generator per round. Only tests seed it; production draws from the OS and
+    // the seed is never stored or logged.
     let mut noise_rng = match opts.seed {
         Some(_) => NoiseRng::from_seed_insecure(rng.random()),
         None => NoiseRng::from_os().map_err(|e| SessionEnd::Lost(e.to_string()))?,
@@ -255,7 +361,11 @@ async fn take_round(
     let started = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let ctx = TrainContext { round, noise_rng: &mut noise_rng };
-        let result = trainer.train(ctx, &model, &plan);
+        let result = trainer.train(ctx, &model, &plan).map_err(|e| e.to_string()).and_then(|mut update| {
+            let applied = privatize(&plan.privacy, &approved, update.dp_steps, &mut update.delta, &mut noise_rng)
+                .map_err(|e| e.to_string())?;
+            Ok((update, applied))
+        });
         (trainer, result)
     })
     .await;
@@ -264,11 +374,12 @@ async fn take_round(
         Err(e) => return Err(SessionEnd::Refused(format!("training thread panicked: {e}"))),
     };
     state.trainer = Some(trainer);
-    let mut update = match result {
-        Ok(u) => u,
+    let (mut update, applied) = match result {
+        Ok(x) => x,
         Err(e) => {
+            // Errors of the trainer and of `privatize` name no record and no value.
             error!(cause = %e, "local training failed");
-            return send_decline(conn, &offer, DeclineReason::TrainingFailed, e.to_string()).await;
+            return send_decline(conn, &offer, DeclineReason::TrainingFailed, e).await;
         }
     };
     update.metrics.train_secs = started.elapsed().as_secs_f64();
@@ -277,11 +388,95 @@ async fn take_round(
         train_loss = format_args!("{:.4}", update.metrics.train_loss),
         val_accuracy = ?update.metrics.val_accuracy,
         secs = format_args!("{:.1}", update.metrics.train_secs),
+        dp_steps = update.dp_steps,
+        norm_before = format_args!("{:.4}", applied.norm_before),
+        norm_clipped = format_args!("{:.4}", applied.norm_clipped),
+        noise_std = applied.noise_std,
         "local training done"
     );
-    send_update(conn, &offer, update, PrivacyUsed::off()).await?;
+    let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
+    let header = UpdateHeader {
+        round: offer.round,
+        num_examples: update.num_examples,
+        metrics: update.metrics.clone(),
+        tensors: update.delta.specs(),
+        privacy: used,
+    };
+    let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta };
+    let record = ReleaseRecord::new(
+        site.clone(),
+        offer.round,
+        &used,
+        update.num_examples,
+        approved.epsilon_before,
+        released.delta.digest(),
+        now(),
+    )
+    .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
+    let released = record_release(opts, state, released, record).await?;
+    if opts.fail_after_ledger_write {
+        warn!("test fault: stopping after the ledger write, before sending");
+        return Err(SessionEnd::Fault(offer.round.0));
+    }
+    send_update(conn, &released.header, &released.delta).await?;
     state.rounds_trained += 1;
     Ok(())
+}
+
+/// Makes the release durable before anything is sent: the update goes to the cache (atomic
+/// write), then its record to the ledger (fsync). Both on a blocking thread. A failure of
+/// either stops the agent: an update the ledger does not hold must never leave.
+async fn record_release(
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    released: ReleasedUpdate,
+    record: ReleaseRecord,
+) -> Result<ReleasedUpdate, SessionEnd> {
+    let mut ledger = state.ledger.take().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?;
+    let state_dir = opts.state_dir.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = released
+            .save(&state_dir)
+            .map_err(|e| format!("caching the update: {e}"))
+            .and_then(|()| ledger.append(Body::Release(record)).map(|_| ()).map_err(|e| format!("recording the release: {e}")));
+        (ledger, released, result)
+    })
+    .await;
+    let (ledger, released, result) = joined.map_err(|e| SessionEnd::Fatal(format!("ledger thread panicked: {e}")))?;
+    state.ledger = Some(ledger);
+    result.map_err(SessionEnd::Fatal)?;
+    state.released = Some(CachedRelease {
+        round: released.header.round,
+        model_digest: released.model_digest,
+        update_digest: released.delta.digest(),
+    });
+    info!(
+        epsilon_after = released.header.privacy.epsilon_after,
+        update = %released.delta.digest().short(),
+        "release recorded in the ledger"
+    );
+    Ok(released)
+}
+
+/// Sends the cached update of a round the ledger already records: no training, no spend.
+async fn resend(conn: &quinn::Connection, opts: &DaemonOptions, offer: &RoundOffer) -> Result<(), SessionEnd> {
+    let state_dir = opts.state_dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || ReleasedUpdate::load(&state_dir))
+        .await
+        .map_err(|e| SessionEnd::Fatal(format!("cache thread panicked: {e}")))?;
+    match loaded {
+        Ok(Some(r)) if r.header.round == offer.round && r.model_digest == offer.model_digest => {
+            info!(update = %r.delta.digest().short(), "this round is already recorded: resending the same update");
+            send_update(conn, &r.header, &r.delta).await
+        }
+        other => {
+            if let Err(e) = other {
+                warn!(cause = %e, "released-update cache unreadable");
+            }
+            let message = "this round's update is in the ledger but its cached copy is unusable; declining rather than releasing the round twice";
+            send_decline(conn, offer, DeclineReason::TrainingFailed, message.into()).await
+        }
+    }
 }
 
 async fn fetch_model(
@@ -345,26 +540,14 @@ async fn fetch_model(
     Ok(model)
 }
 
-async fn send_update(
-    conn: &quinn::Connection,
-    offer: &RoundOffer,
-    update: LocalUpdate,
-    privacy: PrivacyUsed,
-) -> Result<(), SessionEnd> {
-    let specs = update.delta.specs();
-    let header = UpdateHeader {
-        round: offer.round,
-        num_examples: update.num_examples,
-        metrics: update.metrics.clone(),
-        tensors: specs.clone(),
-        privacy,
-    };
-    let mib = update.delta.byte_len() as f64 / (1 << 20) as f64;
+async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, delta: &TensorSet) -> Result<(), SessionEnd> {
+    let specs = &header.tensors;
+    let mib = delta.byte_len() as f64 / (1 << 20) as f64;
     let started = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
     let exchange = async {
-        write_message(&mut send, &Message::Update(header)).await?;
-        write_tensors(&mut send, &update.delta, &specs).await?;
+        write_message(&mut send, &Message::Update(header.clone())).await?;
+        write_tensors(&mut send, delta, specs).await?;
         send.finish()?;
         read_message(&mut recv).await
     };

@@ -7,5 +7,7 @@
 pub mod baseline;
 pub mod daemon;
 pub mod net;
+pub mod outbox;
+pub mod privacy;
 pub mod session;
 pub mod trainer;

@@ -402,6 +402,7 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         exit_when_finished: cfg.exit_when_finished,
         idle_timeout: Duration::from_secs(60),
         seed: None,
+        fail_after_ledger_write: false,
     };
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
     let shutdown = async {

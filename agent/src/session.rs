@@ -1,29 +1,51 @@
-//! The agent's decisions, without I/O: whether to take a round, which tensors of the
-//! global model to fetch, and how to assemble the model from cache and download.
+//! The agent's decisions, without I/O: whether to take a round, whether a round was
+//! already released, which tensors of the global model to fetch, and how to assemble the
+//! model from cache and download.
 //!
 //! Nothing the coordinator sends can override the site's own limits: a plan without
 //! differential privacy when the site requires it, or one that would take the site past
-//! its budget, is declined here.
+//! its budget (epsilon at its delta, or its number of rounds), is declined here. The
+//! budget is checked against an [`Accountant`] rebuilt from the site's own ledger.
 
 use fedward_shared::config::SiteBudget;
+use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
+use fedward_shared::ledger::ReleaseRecord;
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
-use fedward_shared::wire::{DeclineReason, RoundOffer};
+use fedward_shared::wire::{DeclineReason, RoundId, RoundOffer};
 
 /// What to do with an offer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    Train,
+    /// Train, then release under this spend.
+    Train(Approved),
     Decline { reason: DeclineReason, message: String },
+}
+
+/// A round the site's rules allow, and what releasing it will cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Approved {
+    /// What the accountant will record (the plan's mechanism and step count).
+    pub release: Release,
+    /// Cumulative epsilon at the budget's delta before and after this round (infinite for
+    /// a site that ever released without DP).
+    pub epsilon_before: f64,
+    pub epsilon_after: f64,
 }
 
 fn decline(reason: DeclineReason, message: impl Into<String>) -> Decision {
     Decision::Decline { reason, message: message.into() }
 }
 
-/// Reviews an offer against the site's own rules. `rounds_released` counts the updates
-/// this site has already sent (from its ledger).
-pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, rounds_released: u64) -> Decision {
+/// Reviews an offer against the site's own rules. `spent` is the accountant of every
+/// release in the site's ledger.
+///
+/// A DP plan is allowed exactly when the epsilon after the round is at most
+/// `max_epsilon` at the site's `delta` ([`Budget::check`]) and the round count stays within
+/// `max_rounds`. A plan without DP is allowed only where the site opted in
+/// (`require_dp = false`), and still counts against `max_rounds`; after it the site's
+/// epsilon is unbounded, so every later DP round is declined.
+pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant) -> Decision {
     let plan = &offer.plan;
     if budget.require_dp && plan.privacy == PrivacyPlan::Off {
         return decline(
@@ -31,22 +53,40 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, rounds_released: u6
             "the plan has no differential privacy and this site requires it (budget.require_dp)",
         );
     }
-    if plan.privacy != PrivacyPlan::Off {
-        // Never train under a privacy plan this agent cannot honour: declining is safe,
-        // sending an update without the promised protection is not.
-        return decline(
-            DeclineReason::PlanUnacceptable,
-            format!("{} differential privacy is not available in this agent version", plan.privacy.mode_name()),
-        );
+    if let Some(problem) = clip_problem(&plan.privacy) {
+        return decline(DeclineReason::PlanUnacceptable, problem);
     }
-    if let Some(max) = budget.max_rounds {
-        if rounds_released >= max {
-            return decline(
-                DeclineReason::BudgetExhausted,
-                format!("this site's budget allows {max} rounds and {rounds_released} were released"),
-            );
+    let release = match plan.privacy.release(plan.local_epochs) {
+        Ok(r) => r,
+        Err(e) => return decline(DeclineReason::PlanUnacceptable, format!("invalid privacy plan: {e}")),
+    };
+    let site_budget = match Budget::new(budget.max_epsilon, budget.delta, budget.max_rounds) {
+        Ok(b) => b,
+        Err(e) => return decline(DeclineReason::BudgetExhausted, e.to_string()),
+    };
+    let approved = if release.mode == fedward_shared::wire::PrivacyMode::Off {
+        // No epsilon to check (it is infinite): only the round limit applies.
+        if let Some(max) = budget.max_rounds {
+            if spent.releases() >= max {
+                return decline(DeclineReason::BudgetExhausted, BudgetError::RoundsExhausted { max_rounds: max }.to_string());
+            }
         }
-    }
+        let epsilon_before = match spent.epsilon(budget.delta) {
+            Ok(e) => e,
+            Err(e) => return decline(DeclineReason::PlanUnacceptable, e.to_string()),
+        };
+        Approved { release, epsilon_before, epsilon_after: f64::INFINITY }
+    } else {
+        match site_budget.check(spent, &release) {
+            Ok(spend) => Approved { release, epsilon_before: spend.epsilon_before, epsilon_after: spend.epsilon_after },
+            Err(e @ (BudgetError::Exceeded { .. } | BudgetError::RoundsExhausted { .. } | BudgetError::Invalid(_))) => {
+                return decline(DeclineReason::BudgetExhausted, e.to_string())
+            }
+            // A mechanism this site's ledger cannot compose with (record-level after
+            // site-level rounds, say): the plan, not the budget, is the problem.
+            Err(BudgetError::Dp(e)) => return decline(DeclineReason::PlanUnacceptable, e.to_string()),
+        }
+    };
     if plan.trainable_tensors.is_empty() {
         return decline(DeclineReason::PlanUnacceptable, "the plan trains no tensor");
     }
@@ -56,7 +96,60 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, rounds_released: u6
     if manifest_digest(&offer.manifest) != offer.model_digest {
         return decline(DeclineReason::ModelMismatch, "the offered manifest does not match the offered model digest");
     }
-    Decision::Train
+    Decision::Train(approved)
+}
+
+/// Clipping norms must be finite and positive, or the noise scale means nothing.
+fn clip_problem(plan: &PrivacyPlan) -> Option<String> {
+    let bad = |name: &str, v: f64| (!(v.is_finite() && v > 0.0)).then(|| format!("invalid privacy plan: {name} {v} is not a finite number > 0"));
+    match *plan {
+        PrivacyPlan::Off => None,
+        PrivacyPlan::SiteLevel { clip_norm, .. } => bad("clip norm", clip_norm),
+        PrivacyPlan::RecordLevel { clip_norm, update_clip_norm, .. } => {
+            bad("clip norm", clip_norm).or_else(|| bad("update clip norm", update_clip_norm))
+        }
+    }
+}
+
+/// The update the agent recorded and cached last: enough to recognise its round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedRelease {
+    pub round: RoundId,
+    /// The global model it was trained from.
+    pub model_digest: Digest,
+    /// [`TensorSet::digest`] of the update.
+    pub update_digest: Digest,
+}
+
+/// What the ledger and the cached update say about an offered round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prior {
+    /// Nothing released for this round and model: review, train and release.
+    Fresh,
+    /// The ledger's last release is this round, from this model, and the cached update is
+    /// the one it records: send that again, without training or spending.
+    Resend,
+    /// The ledger records a release for this round but the cached update is gone or is
+    /// another one: the agent cannot resend it and must not release the round twice.
+    Unrecoverable,
+}
+
+/// Whether `offer` was already released: the crash-between-record-and-send case. A release
+/// for the same round from another global model means the round moved on (the
+/// coordinator restarted from an earlier checkpoint, say): train again; the first spend
+/// stays counted, so the ledger can over-count but never under-count.
+pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: Option<&CachedRelease>) -> Prior {
+    let Some(last) = last.filter(|r| r.round == offer.round) else { return Prior::Fresh };
+    match cached {
+        Some(c) if c.round == offer.round && c.update_digest == last.update_digest => {
+            if c.model_digest == offer.model_digest {
+                Prior::Resend
+            } else {
+                Prior::Fresh
+            }
+        }
+        _ => Prior::Unrecoverable,
+    }
 }
 
 /// The tensors of `manifest` that `cache` lacks or holds with another digest.
@@ -147,35 +240,145 @@ mod tests {
         SiteBudget { max_epsilon: 8.0, delta: 1e-5, max_rounds, require_dp }
     }
 
+    fn spent(releases: &[Release]) -> Accountant {
+        let mut acc = Accountant::new();
+        for r in releases {
+            acc.record(r).unwrap();
+        }
+        acc
+    }
+
+    fn approved(d: &Decision) -> Approved {
+        match d {
+            Decision::Train(a) => *a,
+            other => panic!("expected to train, got {other:?}"),
+        }
+    }
+
+    fn declined(d: &Decision) -> DeclineReason {
+        match d {
+            Decision::Decline { reason, .. } => *reason,
+            other => panic!("expected a decline, got {other:?}"),
+        }
+    }
+
+    const SITE: PrivacyPlan = PrivacyPlan::SiteLevel { noise_multiplier: 4.0, clip_norm: 1.0 };
+    const RECORD: PrivacyPlan =
+        PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.05, update_clip_norm: 5.0 };
+
     #[test]
     fn a_site_that_requires_dp_declines_a_plan_without_it() {
-        let d = review_offer(&offer(PrivacyPlan::Off), &budget(true, None), 0);
-        assert!(matches!(d, Decision::Decline { reason: DeclineReason::PlanUnacceptable, .. }));
-        assert_eq!(review_offer(&offer(PrivacyPlan::Off), &budget(false, None), 0), Decision::Train);
+        let d = review_offer(&offer(PrivacyPlan::Off), &budget(true, None), &Accountant::new());
+        assert_eq!(declined(&d), DeclineReason::PlanUnacceptable);
+        let a = approved(&review_offer(&offer(PrivacyPlan::Off), &budget(false, None), &Accountant::new()));
+        assert_eq!(a.release, Release::off());
+        assert_eq!((a.epsilon_before, a.epsilon_after), (0.0, f64::INFINITY));
     }
 
     #[test]
-    fn a_privacy_plan_the_agent_cannot_apply_is_declined_not_ignored() {
-        let plan = PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: 1.0 };
-        let d = review_offer(&offer(plan), &budget(false, None), 0);
-        assert!(matches!(d, Decision::Decline { reason: DeclineReason::PlanUnacceptable, .. }), "{d:?}");
+    fn dp_plans_are_approved_with_the_spend_they_imply() {
+        let a = approved(&review_offer(&offer(SITE), &budget(true, None), &Accountant::new()));
+        assert_eq!(a.release, Release::site_level(4.0));
+        assert_eq!(a.epsilon_before, 0.0);
+        assert_eq!(a.epsilon_after, Accountant::new().epsilon_after(&Release::site_level(4.0), 1e-5).unwrap());
+        // Record-level: round(local_epochs / q) = 20 steps.
+        let a = approved(&review_offer(&offer(RECORD), &budget(true, None), &Accountant::new()));
+        assert_eq!(a.release, Release::record_level(1.0, 0.05, 20));
+        assert!(a.epsilon_after > 0.0 && a.epsilon_after <= 8.0, "{a:?}");
+    }
+
+    /// The budget holds exactly at its boundary: a round reaching `max_epsilon` is taken,
+    /// one that would pass it by a single ulp is declined, whatever the coordinator offers.
+    #[test]
+    fn budget_refusal_is_exact_at_the_boundary() {
+        for plan in [SITE, RECORD] {
+            let release = plan.release(1).unwrap();
+            let acc = spent(&[release, release]);
+            let after_three = acc.epsilon_after(&release, 1e-5).unwrap();
+            let at = SiteBudget { max_epsilon: after_three, delta: 1e-5, max_rounds: None, require_dp: true };
+            let a = approved(&review_offer(&offer(plan), &at, &acc));
+            assert_eq!(a.epsilon_after, after_three);
+            assert_eq!(a.epsilon_before, acc.epsilon(1e-5).unwrap());
+            let below = SiteBudget { max_epsilon: f64::from_bits(after_three.to_bits() - 1), ..at };
+            let d = review_offer(&offer(plan), &below, &acc);
+            assert_eq!(declined(&d), DeclineReason::BudgetExhausted, "{}", plan.mode_name());
+            let Decision::Decline { message, .. } = d else { unreachable!() };
+            assert!(message.contains("above the budget"), "{message}");
+        }
     }
 
     #[test]
-    fn max_rounds_is_a_hard_limit() {
-        assert_eq!(review_offer(&offer(PrivacyPlan::Off), &budget(false, Some(2)), 1), Decision::Train);
-        let d = review_offer(&offer(PrivacyPlan::Off), &budget(false, Some(2)), 2);
-        assert!(matches!(d, Decision::Decline { reason: DeclineReason::BudgetExhausted, .. }));
+    fn max_rounds_is_a_hard_limit_with_and_without_dp() {
+        for plan in [PrivacyPlan::Off, SITE] {
+            let release = plan.release(1).unwrap();
+            let b = SiteBudget { max_epsilon: 1e6, ..budget(false, Some(2)) };
+            approved(&review_offer(&offer(plan), &b, &spent(&[release])));
+            let d = review_offer(&offer(plan), &b, &spent(&[release, release]));
+            assert_eq!(declined(&d), DeclineReason::BudgetExhausted, "{}", plan.mode_name());
+        }
+    }
+
+    /// A site that once released without DP has no finite epsilon left; a site-level
+    /// ledger cannot take a record-level round.
+    #[test]
+    fn earlier_releases_constrain_later_plans() {
+        let after_off = spent(&[Release::off()]);
+        assert_eq!(declined(&review_offer(&offer(SITE), &budget(false, None), &after_off)), DeclineReason::BudgetExhausted);
+        let after_site = spent(&[Release::site_level(4.0)]);
+        assert_eq!(declined(&review_offer(&offer(RECORD), &budget(true, None), &after_site)), DeclineReason::PlanUnacceptable);
+    }
+
+    #[test]
+    fn invalid_privacy_parameters_are_declined() {
+        for plan in [
+            PrivacyPlan::SiteLevel { noise_multiplier: 0.0, clip_norm: 1.0 },
+            PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: f64::INFINITY },
+            PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.0, update_clip_norm: 1.0 },
+            PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.5, update_clip_norm: -1.0 },
+            PrivacyPlan::RecordLevel { noise_multiplier: f64::NAN, clip_norm: 1.0, sampling_rate: 0.5, update_clip_norm: 1.0 },
+        ] {
+            let d = review_offer(&offer(plan), &budget(true, None), &Accountant::new());
+            assert_eq!(declined(&d), DeclineReason::PlanUnacceptable, "{plan:?}");
+        }
     }
 
     #[test]
     fn a_manifest_that_does_not_match_its_digest_is_declined() {
         let mut o = offer(PrivacyPlan::Off);
         o.model_digest = model(2.0).digest();
-        assert!(matches!(
-            review_offer(&o, &budget(false, None), 0),
-            Decision::Decline { reason: DeclineReason::ModelMismatch, .. }
-        ));
+        assert_eq!(declined(&review_offer(&o, &budget(false, None), &Accountant::new())), DeclineReason::ModelMismatch);
+    }
+
+    fn release_record(round: u64, update: Digest) -> ReleaseRecord {
+        let used = fedward_shared::wire::PrivacyUsed::off();
+        ReleaseRecord::new(
+            fedward_shared::wire::SiteId::new("a").unwrap(),
+            RoundId(round),
+            &used,
+            10,
+            0.0,
+            update,
+            time::OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_recorded_round_is_resent_only_for_the_same_model_and_update() {
+        let o = offer(SITE);
+        let update = Digest([7; 32]);
+        let cached = CachedRelease { round: RoundId(1), model_digest: o.model_digest, update_digest: update };
+        let last = release_record(1, update);
+        assert_eq!(prior_release(&o, None, None), Prior::Fresh);
+        assert_eq!(prior_release(&o, Some(&release_record(0, update)), Some(&cached)), Prior::Fresh);
+        assert_eq!(prior_release(&o, Some(&last), Some(&cached)), Prior::Resend);
+        // The round moved on to another model: train again (the old spend stays counted).
+        let moved = CachedRelease { model_digest: Digest([1; 32]), ..cached };
+        assert_eq!(prior_release(&o, Some(&last), Some(&moved)), Prior::Fresh);
+        // Recorded but not recoverable: never release the round a second time.
+        assert_eq!(prior_release(&o, Some(&last), None), Prior::Unrecoverable);
+        let other = CachedRelease { update_digest: Digest([8; 32]), ..cached };
+        assert_eq!(prior_release(&o, Some(&last), Some(&other)), Prior::Unrecoverable);
     }
 
     #[test]

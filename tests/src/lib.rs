@@ -313,6 +313,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         exit_when_finished: true,
         idle_timeout: Duration::from_secs(3),
         seed: Some(7),
+        fail_after_ledger_write: false,
     }
 }
 

@@ -1,0 +1,159 @@
+//! The released-update cache: the last update the agent recorded in its ledger, kept in
+//! the state directory so a crash between recording and sending ends in a resend of the
+//! identical update, never in a second training run that spends the budget again.
+//!
+//! One file, written atomically ([`fsutil::atomic_write`], 0600) *before* the ledger
+//! append, so whenever the ledger holds a release its update is on disk: a magic line,
+//! the 32-byte digest of the global model it was trained from, the framed `Update`
+//! message exactly as it is sent (`shared::wire`), then the raw little-endian f32 bytes of
+//! each tensor in the header's order. Reading checks every tensor against the digest the
+//! header declares. The next round's update replaces it.
+
+use std::io;
+use std::path::Path;
+
+use fedward_shared::fsutil::{self, FsError};
+use fedward_shared::tensor::{Digest, TensorSet};
+use fedward_shared::wire::{self, Message, UpdateHeader};
+
+/// The cache's file name in the agent's state directory.
+pub const RELEASED_UPDATE: &str = "released-update.bin";
+const MAGIC: &[u8] = b"fedward-released-update-v1\n";
+/// An update this large is not one the agent wrote (the wire limit is per tensor; this is
+/// only a guard against reading a wrong file whole).
+const MAX_TOTAL_BYTES: usize = 1 << 34;
+
+/// A released update as cached.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleasedUpdate {
+    /// The global model the update was trained from.
+    pub model_digest: Digest,
+    /// The header exactly as sent (round, examples, metrics, tensor specs, privacy).
+    pub header: UpdateHeader,
+    pub delta: TensorSet,
+}
+
+/// Why the cache could not be written or read back.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("released-update cache is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot encode the update header: {0}")]
+    Encode(#[from] wire::EncodeError),
+}
+
+impl ReleasedUpdate {
+    /// The file's bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, OutboxError> {
+        let frame = wire::encode(&Message::Update(self.header.clone()))?;
+        let mut out = Vec::with_capacity(MAGIC.len() + 32 + frame.len() + self.delta.byte_len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.model_digest.0);
+        out.extend_from_slice(&frame);
+        for spec in &self.header.tensors {
+            let t = self.delta.get(&spec.name).ok_or_else(|| OutboxError::Corrupt(format!("tensor {} is declared but absent", spec.name)))?;
+            out.extend_from_slice(&t.le_bytes());
+        }
+        Ok(out)
+    }
+
+    /// Parses and verifies the file's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, OutboxError> {
+        let corrupt = |m: &str| OutboxError::Corrupt(m.to_owned());
+        let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| corrupt("not a released-update file"))?;
+        let (digest, rest) = rest.split_at_checked(32).ok_or_else(|| corrupt("truncated model digest"))?;
+        let model_digest = Digest(digest.try_into().map_err(|_| corrupt("model digest"))?);
+        let (msg, used) = wire::decode(rest)
+            .map_err(|e| OutboxError::Corrupt(e.to_string()))?
+            .ok_or_else(|| corrupt("truncated update header"))?;
+        let Message::Update(header) = msg else { return Err(corrupt("the header is not an update")) };
+        let mut data = &rest[used..];
+        let total = wire::declared_payload_bytes(&header.tensors, MAX_TOTAL_BYTES).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+        if data.len() != total {
+            return Err(OutboxError::Corrupt(format!("{} tensor bytes, the header declares {total}", data.len())));
+        }
+        let mut delta = TensorSet::new();
+        for spec in &header.tensors {
+            let mut t = wire::alloc_tensor(spec);
+            let buf = wire::tensor_bytes_mut(&mut t);
+            let (head, tail) = data.split_at(buf.len());
+            buf.copy_from_slice(head);
+            data = tail;
+            wire::finish_tensor(spec, &mut t).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
+            delta.insert(spec.name.clone(), t);
+        }
+        Ok(Self { model_digest, header, delta })
+    }
+
+    /// Writes the cache atomically (temp file, fsync, rename, directory fsync), owner-only.
+    pub fn save(&self, state_dir: &Path) -> Result<(), OutboxError> {
+        fsutil::atomic_write(&state_dir.join(RELEASED_UPDATE), &self.encode()?, true)?;
+        Ok(())
+    }
+
+    /// The cached update, `None` when there is none.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, OutboxError> {
+        let path = state_dir.join(RELEASED_UPDATE);
+        match std::fs::read(&path) {
+            Ok(bytes) => Self::decode(&bytes).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(OutboxError::Read { path: path.display().to_string(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedward_shared::tensor::Tensor;
+    use fedward_shared::wire::{LocalMetrics, PrivacyUsed, RoundId};
+
+    use super::*;
+
+    fn released() -> ReleasedUpdate {
+        let mut delta = TensorSet::new();
+        delta.insert("classifier.weight", Tensor::new(vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0]).unwrap());
+        delta.insert("classifier.bias", Tensor::new(vec![2], vec![0.25, -0.5]).unwrap());
+        let header = UpdateHeader {
+            round: RoundId(4),
+            num_examples: 120,
+            metrics: LocalMetrics { train_loss: 0.5, ..Default::default() },
+            tensors: delta.specs(),
+            privacy: PrivacyUsed::off(),
+        };
+        ReleasedUpdate { model_digest: Digest([9; 32]), header, delta }
+    }
+
+    #[test]
+    fn round_trips_through_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ReleasedUpdate::load(dir.path()).unwrap(), None);
+        let r = released();
+        r.save(dir.path()).unwrap();
+        let back = ReleasedUpdate::load(dir.path()).unwrap().unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.delta.digest(), r.delta.digest());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(RELEASED_UPDATE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "owner-only: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn corruption_is_detected_not_resent() {
+        let bytes = released().encode().unwrap();
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(ReleasedUpdate::decode(&flipped), Err(OutboxError::Corrupt(m)) if m.contains("digest")));
+        assert!(ReleasedUpdate::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(ReleasedUpdate::decode(&bytes[1..]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(ReleasedUpdate::decode(&longer).is_err());
+    }
+}
