@@ -1,5 +1,6 @@
 //! End-to-end tests over real QUIC with mutual TLS on 127.0.0.1: federation rounds,
-//! refusals, a coordinator crash and restart, and a malformed update.
+//! refusals, a coordinator crash and restart, a malformed update, an agent crash between
+//! its ledger write and the send, and an update outside the privacy policy.
 
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use fedward_coordinator::server::RunOutcome;
 use fedward_coordinator::store::Store;
 use fedward_shared::ledger::Body;
 use fedward_shared::pki::Validity;
-use fedward_shared::wire::{self, Message, Ready, RejectCode};
+use fedward_shared::plan::PrivacyPlan;
+use fedward_shared::wire::{self, Message, PrivacyMode, PrivacyPolicy, Ready, RejectCode};
 use fedward_tests::*;
 
 fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'static str>) -> CoordinatorSpec {
@@ -19,6 +21,8 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         sites,
         state_dir: dir.join("coordinator"),
         addr: "127.0.0.1:0".parse().unwrap(),
+        privacy: no_privacy().0,
+        policy: no_privacy().1,
     }
 }
 
@@ -279,4 +283,155 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     let old = wire::Hello { protocol_version: 99, software: "old".into(), capabilities: vec![] };
     let Message::Reject(r) = exchange(&conn, &wire::encode(&Message::Hello(old)).unwrap()).await else { panic!() };
     assert_eq!(r.code, RejectCode::UnsupportedVersion);
+}
+
+/// The agent dies after its ledger records round 1's update and before sending it. The
+/// restarted agent resends exactly that update: it does not train round 1 again, its
+/// ledger holds one release per round, and the coordinator aggregates the recorded digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_ledger_write_and_send_resends_the_recorded_update_without_spending_again() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 2, 1, vec!["alpha"]);
+    s.privacy = PrivacyPlan::SiteLevel { noise_multiplier: 2.0, clip_norm: 0.5 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    let coord = CoordinatorHandle::start(&pki, s);
+    let agent_dir = dir.path().join("alpha");
+
+    let (trainer, first_run) = ScriptedTrainer::new(1.0, 40);
+    let mut opts = agent_options(coord.addr, pki.site_tls("alpha"), &agent_dir, 0);
+    opts.budget.require_dp = true;
+    opts.fail_after_ledger_write = true;
+    let err = spawn_agent(opts.clone(), trainer).await.unwrap().unwrap_err();
+    assert!(matches!(err, DaemonError::InjectedFault(1)), "{err}");
+    assert_eq!(first_run.lock().unwrap().len(), 1);
+    let recorded = site_releases(&agent_dir);
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].round.0, 1);
+    assert_eq!(recorded[0].privacy.mode, PrivacyMode::SiteLevel);
+
+    // Restart, with another noise seed: a retrained round 1 would have another digest.
+    let (trainer, second_run) = ScriptedTrainer::new(1.0, 40);
+    opts.fail_after_ledger_write = false;
+    opts.seed = Some(99);
+    let outcome = spawn_agent(opts, trainer).await.unwrap().unwrap();
+    assert_eq!(outcome, DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 1 });
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    let trained: Vec<u64> = second_run.lock().unwrap().iter().map(|s| s.round.0).collect();
+    assert_eq!(trained, [2], "round 1 was resent, not trained again");
+
+    let releases = site_releases(&agent_dir);
+    assert_eq!(releases.iter().map(|r| r.round.0).collect::<Vec<_>>(), [1, 2], "one release per round");
+    assert_eq!(releases[0], recorded[0], "the first release is untouched");
+    // No double spend: round 2 starts from round 1's epsilon.
+    assert_eq!(releases[1].epsilon_before, releases[0].privacy.epsilon_after);
+    assert!(releases[1].privacy.epsilon_after > releases[0].privacy.epsilon_after);
+    let store = Store::open(&dir.path().join("coordinator")).unwrap();
+    let history = &store.state().unwrap().history;
+    let completed: Vec<_> = history.iter().filter(|r| r.outcome == "completed").collect();
+    assert_eq!(completed.len(), 2);
+    for (record, release) in completed.iter().zip(&releases) {
+        assert_eq!(record.round, release.round.0);
+        assert_eq!(record.sites.len(), 1);
+        assert_eq!(record.sites[0].update_digest, release.update_digest.to_hex(), "round {}", record.round);
+        assert_eq!(record.sites[0].epsilon_after, Some(release.privacy.epsilon_after));
+    }
+}
+
+/// A site whose update declares less noise than the consortium's minimum is rejected with
+/// the reason; the round completes with the other sites' record-level updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_without_it() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 1, 2, vec!["alpha", "beta", "cheat"]);
+    let privacy = PrivacyPlan::RecordLevel { noise_multiplier: 1.2, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 0.05 };
+    s.privacy = privacy;
+    s.policy = PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    let mut coord = CoordinatorHandle::start(&pki, s);
+
+    // The cheating site speaks the protocol by hand and declares sigma 0.5. It is ready
+    // before the honest sites connect, so it is certainly offered the round.
+    let endpoint =
+        fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
+    let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
+    async fn exchange(conn: &quinn::Connection, msg: &Message, tensors: Option<&fedward_shared::tensor::TensorSet>) -> Message {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        fedward_agent::net::write_message(&mut send, msg).await.unwrap();
+        if let Some(t) = tensors {
+            // The coordinator may refuse on the header alone and stop reading.
+            let _ = fedward_agent::net::write_tensors(&mut send, t, &t.specs()).await;
+        }
+        let _ = send.finish();
+        fedward_agent::net::read_message(&mut recv).await.unwrap()
+    }
+    let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "cheat".into(), capabilities: vec![] };
+    assert!(matches!(exchange(&conn, &Message::Hello(hello), None).await, Message::Welcome(_)));
+    let ready = {
+        let conn = conn.clone();
+        tokio::spawn(async move { exchange(&conn, &Message::Ready(Ready { have_model: None }), None).await })
+    };
+    coord.status.wait_for(|s| s.phase.starts_with("waiting for quorum (1/")).await.unwrap();
+    let mut agents = Vec::new();
+    for site in ["alpha", "beta"] {
+        let (trainer, _) = ScriptedTrainer::new(1.0, 100);
+        let mut opts = agent_options(coord.addr, pki.site_tls(site), &dir.path().join(site), 0);
+        opts.budget.require_dp = true;
+        agents.push(spawn_agent(opts, trainer));
+    }
+    let Message::RoundOffer(offer) = ready.await.unwrap() else { panic!("expected an offer") };
+    let mut delta = fedward_shared::tensor::TensorSet::new();
+    for spec in offer.manifest.iter().filter(|s| offer.plan.trainable_tensors.contains(&s.name)) {
+        delta.insert(spec.name.clone(), fedward_shared::tensor::Tensor::zeros(spec.shape.clone()));
+    }
+    let used = wire::PrivacyUsed {
+        mode: PrivacyMode::RecordLevel,
+        noise_multiplier: 0.5,
+        clip_norm: 1.0,
+        sampling_rate: 0.25,
+        steps: 4,
+        update_clip_norm: 0.05,
+        epsilon_after: 1.0,
+        delta: 1e-5,
+    };
+    let header = wire::UpdateHeader {
+        round: offer.round,
+        num_examples: 1000,
+        metrics: Default::default(),
+        tensors: delta.specs(),
+        privacy: used,
+    };
+    let Message::Reject(r) = exchange(&conn, &Message::Update(header), Some(&delta)).await else {
+        panic!("expected a reject")
+    };
+    assert_eq!(r.code, RejectCode::PolicyViolation);
+    assert!(r.message.contains("noise multiplier 0.5 is below the consortium minimum 1"), "{}", r.message);
+    // A header refused before its bytes is not the site's answer (it could retry within the
+    // deadline); this one gives up and leaves, which closes its part of the round.
+    conn.close(wire::CLOSE_NORMAL.into(), b"giving up");
+    endpoint.wait_idle().await;
+    for a in agents {
+        assert!(matches!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 1, .. }));
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 1 });
+    let store = Store::open(&dir.path().join("coordinator")).unwrap();
+    let record = &store.state().unwrap().history[0];
+    assert_eq!(record.sites.iter().map(|s| s.site.as_str()).collect::<Vec<_>>(), ["alpha", "beta"]);
+    assert!(record.sites.iter().all(|s| s.privacy_mode == "record-level" && s.noise_multiplier == 1.2));
+    assert_eq!(record.missed, ["cheat"]);
+    // The honest sites recorded what they sent: record-level, the plan's steps, within the
+    // update bound (the scripted deltas are far larger, so the agent clipped them).
+    for site in ["alpha", "beta"] {
+        let releases = site_releases(&dir.path().join(site));
+        assert_eq!(releases.len(), 1);
+        let p = &releases[0].privacy;
+        assert_eq!((p.mode, p.steps, p.sampling_rate, p.update_clip_norm), (PrivacyMode::RecordLevel, 4, 0.25, 0.05));
+        let sent = record.sites.iter().find(|s| s.site == site).unwrap();
+        assert_eq!(sent.update_digest, releases[0].update_digest.to_hex());
+    }
+    let (model, _) = store.load_current().unwrap().unwrap();
+    let moved = model.delta_from(&tiny_global()).unwrap();
+    assert!(moved.l2_norm() <= 0.05 * (1.0 + 1e-6), "the mean of two updates within 0.05: {}", moved.l2_norm());
 }

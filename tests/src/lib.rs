@@ -134,6 +134,27 @@ pub struct CoordinatorSpec {
     pub sites: Vec<&'static str>,
     pub state_dir: PathBuf,
     pub addr: SocketAddr,
+    /// The privacy plan offered every round, and the policy updates are checked against.
+    pub privacy: PrivacyPlan,
+    pub policy: PrivacyPolicy,
+}
+
+/// No differential privacy, and a policy that accepts that.
+pub fn no_privacy() -> (PrivacyPlan, PrivacyPolicy) {
+    (PrivacyPlan::Off, PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY })
+}
+
+/// The releases in an agent's ledger (`state_dir/ledger.jsonl`), in order.
+pub fn site_releases(agent_state_dir: &Path) -> Vec<fedward_shared::ledger::ReleaseRecord> {
+    let file = fedward_shared::ledger_file::LedgerFile::open(agent_state_dir.join(daemon::LEDGER), None).expect("site ledger");
+    file.ledger()
+        .entries()
+        .iter()
+        .filter_map(|e| match &e.body {
+            fedward_shared::ledger::Body::Release(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A coordinator running on its own runtime and thread.
@@ -157,7 +178,8 @@ impl CoordinatorHandle {
                 (m, 0)
             }
         };
-        let plan = head_plan(&model);
+        let mut plan = head_plan(&model);
+        plan.privacy = spec.privacy;
         let settings = Settings {
             total_rounds: spec.rounds,
             min_sites: spec.min_sites,
@@ -165,7 +187,7 @@ impl CoordinatorHandle {
             max_attempts: 3,
             max_update_bytes: 64 << 20,
             plan,
-            policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
+            policy: spec.policy,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
         };
         let machine = RoundMachine::new(settings, Arc::new(model), completed).expect("machine");
@@ -291,7 +313,12 @@ impl Trainer for ScriptedTrainer {
             delta,
             num_examples: self.examples,
             metrics: LocalMetrics { train_loss: f64::from(self.value), ..Default::default() },
-            dp_steps: 0,
+            // A scripted stand-in for DP-SGD: it claims the steps the plan accounts for, so
+            // the agent's record-level plumbing (step check, update clip, ledger) runs.
+            dp_steps: match plan.privacy {
+                PrivacyPlan::RecordLevel { .. } => plan.privacy.release(plan.local_epochs).map_or(0, |r| r.steps),
+                _ => 0,
+            },
         })
     }
 
