@@ -11,6 +11,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use csv::ByteRecord;
 use serde_json::Value;
 
 /// The labels a site's notes are mapped to unless configured otherwise.
@@ -117,23 +118,27 @@ impl ImportConfig {
     }
 }
 
-/// What was wrong with a CSV record's quoting.
+/// What was wrong with a CSV record, beyond what the `csv` crate accepts.
+///
+/// The crate is lenient: text after a closing quote (`"a"b`) is kept as `ab`, a quote inside an
+/// unquoted field is kept as data, and a quoted field left open runs to the end of the input,
+/// taking every later line with it. Only the last two can be told from the parsed record, both by
+/// an odd number of quote characters in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CsvFault {
-    /// A quoted field runs to the end of the file.
-    UnterminatedQuote,
-    /// Something other than a separator or line end follows a closing quote.
-    TextAfterQuote,
-    /// A quote inside a field that does not start with one.
-    QuoteInUnquotedField,
+    /// An odd number of quote characters: a stray quote, or a quoted field that is never closed.
+    UnbalancedQuotes,
+    /// The `csv` crate reported an error for the record. It reports none for byte records read
+    /// from memory with `flexible` on; this keeps any future one a bad row rather than the end of
+    /// the import.
+    Unreadable,
 }
 
 impl fmt::Display for CsvFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            CsvFault::UnterminatedQuote => "unterminated quoted field",
-            CsvFault::TextAfterQuote => "text after closing quote",
-            CsvFault::QuoteInUnquotedField => "quote inside unquoted field",
+            CsvFault::UnbalancedQuotes => "unbalanced quotes: a stray quote, or a quoted field never closed that runs to the end of the file",
+            CsvFault::Unreadable => "unreadable record",
         })
     }
 }
@@ -517,44 +522,43 @@ fn read_jsonl(input: &[u8], cfg: &ImportConfig, acc: &mut Accumulator<'_>) {
 }
 
 fn read_csv(input: &[u8], cfg: &ImportConfig, acc: &mut Accumulator<'_>) -> Result<(), ImportError> {
-    let mut reader = CsvReader::new(input, cfg.delimiter);
-    let header = match reader.next_record() {
+    let mut records = CsvRecords::new(input, cfg.delimiter);
+    let mut header = ByteRecord::new();
+    match records.next(&mut header) {
         None => return Err(ImportError::NoHeader),
-        Some(Err((line, fault))) => return Err(ImportError::BadHeader { line, fault }),
-        Some(Ok(rec)) => rec,
-    };
-    let text_idx = column_index(&header.fields, &cfg.text_column)?;
-    let label_idx = column_index(&header.fields, &cfg.label_column)?;
-    let expected = header.fields.len();
-    while let Some(rec) = reader.next_record() {
-        let rec = match rec {
-            Ok(rec) => rec,
-            Err((line, fault)) => {
-                acc.reject(line, Reject::MalformedCsv(fault));
-                continue;
-            }
-        };
-        if rec.fields.len() != expected {
-            acc.reject(rec.line, Reject::FieldCount { expected, got: rec.fields.len() });
+        Some((line, Err(fault))) => return Err(ImportError::BadHeader { line, fault }),
+        Some((_, Ok(()))) => {}
+    }
+    let text_idx = column_index(&header, &cfg.text_column)?;
+    let label_idx = column_index(&header, &cfg.label_column)?;
+    let expected = header.len();
+    let mut rec = ByteRecord::new();
+    while let Some((line, sound)) = records.next(&mut rec) {
+        if let Err(fault) = sound {
+            acc.reject(line, Reject::MalformedCsv(fault));
             continue;
         }
-        let (Ok(text), Ok(label)) = (std::str::from_utf8(&rec.fields[text_idx]), std::str::from_utf8(&rec.fields[label_idx])) else {
-            acc.reject(rec.line, Reject::InvalidUtf8);
+        if rec.len() != expected {
+            acc.reject(line, Reject::FieldCount { expected, got: rec.len() });
+            continue;
+        }
+        let (Ok(text), Ok(label)) = (std::str::from_utf8(&rec[text_idx]), std::str::from_utf8(&rec[label_idx])) else {
+            acc.reject(line, Reject::InvalidUtf8);
             continue;
         };
         // An empty field is a missing value; whitespace only is an empty text.
         if text.is_empty() {
-            acc.reject(rec.line, Reject::MissingText);
+            acc.reject(line, Reject::MissingText);
             continue;
         }
-        acc.offer(rec.line, text, label);
+        acc.offer(line, text, label);
     }
     Ok(())
 }
 
 /// The header position of `name`: exact (after trimming) first, then a unique case-insensitive match.
-fn column_index(header: &[Vec<u8>], name: &str) -> Result<usize, ImportError> {
-    let trimmed: Vec<&[u8]> = header.iter().map(|h| h.trim_ascii()).collect();
+fn column_index(header: &ByteRecord, name: &str) -> Result<usize, ImportError> {
+    let trimmed: Vec<&[u8]> = header.iter().map(<[u8]>::trim_ascii).collect();
     let exact: Vec<usize> = trimmed.iter().enumerate().filter(|(_, h)| **h == name.as_bytes()).map(|(i, _)| i).collect();
     let hits =
         if exact.is_empty() { trimmed.iter().enumerate().filter(|(_, h)| h.eq_ignore_ascii_case(name.as_bytes())).map(|(i, _)| i).collect() } else { exact };
@@ -565,137 +569,68 @@ fn column_index(header: &[Vec<u8>], name: &str) -> Result<usize, ImportError> {
     }
 }
 
-/// One CSV record: the line it starts on and its raw fields.
-#[derive(Debug, PartialEq, Eq)]
-struct CsvRecord {
+/// CSV records read by the `csv` crate, with what it leaves to us: the line each record starts on
+/// and the quote check of [`CsvFault`]. Records end at CRLF, LF or a lone CR outside quotes; empty
+/// lines are skipped; field counts are checked by the caller (`flexible`).
+struct CsvRecords<'a> {
+    input: &'a [u8],
+    reader: csv::Reader<&'a [u8]>,
+    /// Line breaks counted up to `counted`.
+    counted: usize,
     line: usize,
-    fields: Vec<Vec<u8>>,
+    done: bool,
 }
 
-/// An RFC 4180 reader over bytes. Records end at CRLF, LF or a lone CR outside quotes; quoted fields
-/// may hold separators, doubled quotes and line breaks. Completely empty lines are skipped. After a
-/// malformed record it resumes at the next line break.
-struct CsvReader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    line: usize,
-    delim: u8,
-}
-
-enum State {
-    FieldStart,
-    Unquoted,
-    Quoted,
-    AfterQuote,
-}
-
-impl<'a> CsvReader<'a> {
-    fn new(buf: &'a [u8], delim: u8) -> Self {
-        CsvReader { buf, pos: 0, line: 1, delim }
+impl<'a> CsvRecords<'a> {
+    fn new(input: &'a [u8], delimiter: u8) -> Self {
+        let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).delimiter(delimiter).from_reader(input);
+        CsvRecords { input, reader, counted: 0, line: 1, done: false }
     }
 
-    /// Length of the line break at `pos` (CRLF 2, LF or lone CR 1), or 0.
-    fn newline_at(&self, pos: usize) -> usize {
-        match self.buf.get(pos) {
-            Some(b'\n') => 1,
-            Some(b'\r') if self.buf.get(pos + 1) == Some(&b'\n') => 2,
-            Some(b'\r') => 1,
-            _ => 0,
+    /// Reads the next record into `rec`: the line it starts on, and whether it can be used.
+    fn next(&mut self, rec: &mut ByteRecord) -> Option<(usize, Result<(), CsvFault>)> {
+        if self.done {
+            return None;
+        }
+        let from = self.offset();
+        let read = self.reader.read_byte_record(rec);
+        let to = self.offset();
+        // The reader's position (and so `ByteRecord::position`) is where the previous record ended:
+        // skipped empty lines, and the LF of a CRLF, still lie ahead of this record. Its line count
+        // also misses lone CRs. Lines are counted here from the byte offsets instead.
+        let start = from + self.input[from..].iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+        let line = self.line_at(start);
+        match read {
+            Ok(false) => None,
+            Ok(true) => {
+                let quotes = self.input[start..to.max(start)].iter().filter(|b| **b == b'"').count();
+                Some((line, if quotes % 2 == 0 { Ok(()) } else { Err(CsvFault::UnbalancedQuotes) }))
+            }
+            // The error is dropped unread: its message may quote the record. A reader that did not
+            // move cannot get past it, so reading stops there.
+            Err(_) => {
+                self.done = to == from;
+                Some((line, Err(CsvFault::Unreadable)))
+            }
         }
     }
 
-    /// Skips to just past the next line break, for recovery after a fault.
-    fn skip_line(&mut self) {
-        while self.pos < self.buf.len() {
-            let nl = self.newline_at(self.pos);
-            if nl > 0 {
-                self.pos += nl;
+    /// The reader's byte offset into `input`.
+    fn offset(&self) -> usize {
+        usize::try_from(self.reader.position().byte()).map_or(self.input.len(), |b| b.min(self.input.len()))
+    }
+
+    /// The 1-based line of byte `at`, counting CRLF, LF and lone CR as one break each. `at` never
+    /// decreases between calls and never falls between the CR and LF of a CRLF.
+    fn line_at(&mut self, at: usize) -> usize {
+        for (i, b) in self.input.get(self.counted..at).unwrap_or_default().iter().enumerate() {
+            let next = self.input.get(self.counted + i + 1);
+            if *b == b'\n' || (*b == b'\r' && next != Some(&b'\n')) {
                 self.line += 1;
-                return;
-            }
-            self.pos += 1;
-        }
-    }
-
-    fn next_record(&mut self) -> Option<Result<CsvRecord, (usize, CsvFault)>> {
-        // Blank lines between records are not records.
-        loop {
-            if self.pos >= self.buf.len() {
-                return None;
-            }
-            let nl = self.newline_at(self.pos);
-            if nl == 0 {
-                break;
-            }
-            self.pos += nl;
-            self.line += 1;
-        }
-        let start = self.line;
-        let mut fields = Vec::new();
-        let mut field = Vec::new();
-        let mut state = State::FieldStart;
-        loop {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return match state {
-                    State::Quoted => Some(Err((start, CsvFault::UnterminatedQuote))),
-                    _ => {
-                        fields.push(field);
-                        Some(Ok(CsvRecord { line: start, fields }))
-                    }
-                };
-            };
-            match state {
-                State::FieldStart if b == b'"' => {
-                    state = State::Quoted;
-                    self.pos += 1;
-                }
-                State::FieldStart | State::Unquoted | State::AfterQuote => {
-                    let nl = self.newline_at(self.pos);
-                    if b == self.delim {
-                        fields.push(std::mem::take(&mut field));
-                        state = State::FieldStart;
-                        self.pos += 1;
-                    } else if nl > 0 {
-                        self.pos += nl;
-                        self.line += 1;
-                        fields.push(field);
-                        return Some(Ok(CsvRecord { line: start, fields }));
-                    } else if matches!(state, State::AfterQuote) {
-                        self.skip_line();
-                        return Some(Err((start, CsvFault::TextAfterQuote)));
-                    } else if b == b'"' {
-                        self.skip_line();
-                        return Some(Err((start, CsvFault::QuoteInUnquotedField)));
-                    } else {
-                        field.push(b);
-                        state = State::Unquoted;
-                        self.pos += 1;
-                    }
-                }
-                State::Quoted => {
-                    if b == b'"' {
-                        if self.buf.get(self.pos + 1) == Some(&b'"') {
-                            field.push(b'"');
-                            self.pos += 2;
-                        } else {
-                            state = State::AfterQuote;
-                            self.pos += 1;
-                        }
-                    } else {
-                        // Line breaks inside quotes are data, but still count as lines.
-                        let nl = self.newline_at(self.pos);
-                        if nl > 0 {
-                            field.extend_from_slice(&self.buf[self.pos..self.pos + nl]);
-                            self.pos += nl;
-                            self.line += 1;
-                        } else {
-                            field.push(b);
-                            self.pos += 1;
-                        }
-                    }
-                }
             }
         }
+        self.counted = self.counted.max(at);
+        self.line
     }
 }
 
@@ -708,10 +643,11 @@ mod tests {
     type Parsed = Result<(usize, Vec<String>), (usize, CsvFault)>;
 
     fn csv_records(input: &str) -> Vec<Parsed> {
-        let mut r = CsvReader::new(input.as_bytes(), b',');
+        let mut records = CsvRecords::new(input.as_bytes(), b',');
+        let mut rec = ByteRecord::new();
         let mut out = Vec::new();
-        while let Some(rec) = r.next_record() {
-            out.push(rec.map(|rec| (rec.line, rec.fields.into_iter().map(|f| String::from_utf8(f).unwrap()).collect())));
+        while let Some((line, sound)) = records.next(&mut rec) {
+            out.push(sound.map(|()| (line, rec.iter().map(|f| String::from_utf8(f.to_vec()).unwrap()).collect())).map_err(|fault| (line, fault)));
         }
         out
     }
@@ -738,24 +674,33 @@ mod tests {
     #[test]
     fn csv_reader_skips_blank_lines_and_handles_endings() {
         assert_eq!(csv_records("a\n\n\r\nb\rc\n"), vec![ok(1, &["a"]), ok(4, &["b"]), ok(5, &["c"])]);
+        // The crate's own positions would put "b" on line 1 and "c" on line 2 here.
+        assert_eq!(csv_records("a\r\nb\r\n\r\nc\r\n"), vec![ok(1, &["a"]), ok(2, &["b"]), ok(4, &["c"])]);
+        assert_eq!(csv_records("a\rb\r\"x\ry\"\rc"), vec![ok(1, &["a"]), ok(2, &["b"]), ok(3, &["x\ry"]), ok(5, &["c"])]);
         assert_eq!(csv_records("a,b\n1,2"), vec![ok(1, &["a", "b"]), ok(2, &["1", "2"])]);
         assert_eq!(csv_records("\"q\""), vec![ok(1, &["q"])]);
         assert_eq!(csv_records(""), vec![]);
-        // A trailing separator makes an empty last field.
-        assert_eq!(csv_records("a,\n"), vec![ok(1, &["a", ""])]);
+        assert_eq!(csv_records("\n\r\n"), vec![]);
+        // A trailing separator makes an empty last field; whitespace is data, not a blank line.
+        assert_eq!(csv_records("a,\n \n"), vec![ok(1, &["a", ""]), ok(2, &[" "])]);
     }
 
     #[test]
-    fn csv_reader_reports_faults_and_recovers() {
-        let input = "h1,h2\n\"bad\"x,1\nok,2\nun\"quoted,3\n\"open,4\nnever closed";
+    fn csv_reader_accepts_stray_quotes_the_crate_accepts_and_flags_odd_ones() {
+        let input = "h1,h2\n\"bad\"x,1\nok,2\nun\"quo\"ted,3\nun\"quoted,4\n6\" cut,5\n\"open,6\nnever closed\nlast,7\n";
         assert_eq!(
             csv_records(input),
             vec![
                 ok(1, &["h1", "h2"]),
-                Err((2, CsvFault::TextAfterQuote)),
+                // Text after a closing quote, and paired quotes in an unquoted field, are kept as data.
+                ok(2, &["badx", "1"]),
                 ok(3, &["ok", "2"]),
-                Err((4, CsvFault::QuoteInUnquotedField)),
-                Err((5, CsvFault::UnterminatedQuote)),
+                ok(4, &["un\"quo\"ted", "3"]),
+                // A lone stray quote is data to the crate too, but reads like a broken row.
+                Err((5, CsvFault::UnbalancedQuotes)),
+                Err((6, CsvFault::UnbalancedQuotes)),
+                // The open quote takes the rest of the file into this one record.
+                Err((7, CsvFault::UnbalancedQuotes)),
             ]
         );
     }
@@ -779,7 +724,7 @@ mod tests {
              4,\"{SECRET} renal r/v\",\n\
              5,\"{SECRET} needs a bed\",{SECRET}-LABEL\n\
              6,\"{long}\",other\n\
-             7,\"{SECRET}\"oops,doctor\n\
+             7,{SECRET} 6\" cut,doctor\n\
              8,only two\n\
              9,\"multi\nline {SECRET}\",Doctor\n"
         );
@@ -813,6 +758,17 @@ mod tests {
         assert!(!shown.contains(SECRET), "{shown}");
         assert!(shown.contains("line 6: unknown label (not one of doctor, bed, device, other)"), "{shown}");
         assert!(shown.contains("line 7: text too long"), "{shown}");
+    }
+
+    #[test]
+    fn unterminated_quote_rejects_its_row_and_takes_the_rest_of_the_file() {
+        let input = format!("text,label\nok,bed\n\"{SECRET} open,bed\nlater {SECRET},doctor\n\nlast,device\n");
+        let out = import_bytes(input.as_bytes(), &cfg(Format::Csv)).unwrap();
+        assert_eq!(out.report.rejects, vec![RejectedRow { line: 3, reason: Reject::MalformedCsv(CsvFault::UnbalancedQuotes) }]);
+        assert_eq!((out.report.rows_read, out.report.accepted), (2, 1));
+        let shown = format!("{}\n{:?}", out.report, out.report);
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(shown.contains("line 3: malformed CSV (unbalanced quotes"), "{shown}");
     }
 
     #[test]
@@ -912,7 +868,7 @@ mod tests {
         assert!(matches!(import_bytes(b"note,label\nx,bed\n", &c), Err(ImportError::MissingColumn { column }) if column == "text"));
         assert!(import_bytes(b"text,Text,label\n", &c).is_ok());
         assert!(matches!(import_bytes(b"TEXT,Text,label\n", &c), Err(ImportError::DuplicateColumn { .. })));
-        assert!(matches!(import_bytes(b"\"text,label\n", &c), Err(ImportError::BadHeader { line: 1, fault: CsvFault::UnterminatedQuote })));
+        assert!(matches!(import_bytes(b"\n\"text,label\n", &c), Err(ImportError::BadHeader { line: 2, fault: CsvFault::UnbalancedQuotes })));
         // BOM and padded, case-different header names are fine.
         let out = import_bytes(b"\xEF\xBB\xBF Text ;LABEL\nneeds hoist;device\n", &ImportConfig { delimiter: b';', ..cfg(Format::Csv) }).unwrap();
         assert_eq!(out.rows[0].label, "device");
