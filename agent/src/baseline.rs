@@ -16,7 +16,10 @@ use tracing::info;
 use fedward_models::eval::ClassificationReport;
 use fedward_models::io::load_dir;
 use fedward_models::text::{read_jsonl, Example};
+use fedward_models::bert::BertClassifier;
+use fedward_models::text::TextEncoder;
 use fedward_models::train::{device, BertTrainer, EvalSet};
+use fedward_models::trainer::Trainer;
 use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
 
 /// One site's files in a data directory.
@@ -123,29 +126,56 @@ impl Baselines {
         for s in sites {
             train.extend(read_jsonl(&s.train, &self.recipe.labels)?);
         }
-        self.run("centralized", train)
+        self.run("centralized", train).map(|(r, _)| r)
     }
 
     /// Local-only training on one site's training data.
     pub fn local_only(&mut self, site: &SiteFiles) -> Result<BaselineResult> {
         let train = read_jsonl(&site.train, &self.recipe.labels)?;
-        self.run(&site.name, train)
+        self.run(&site.name, train).map(|(r, _)| r)
     }
 
-    fn run(&mut self, name: &str, train: Vec<Example>) -> Result<BaselineResult> {
+    /// The centralized baseline, then every site's local-only one, with one pass of the frozen
+    /// layers over the pooled training data serving them all (each site's notes are a slice of
+    /// the pool): the same figures as running them one by one, in less time.
+    pub fn all(&mut self, sites: &[SiteFiles]) -> Result<Vec<BaselineResult>> {
+        let mut train = Vec::new();
+        let mut slices = Vec::new();
+        for s in sites {
+            let start = train.len();
+            train.extend(read_jsonl(&s.train, &self.recipe.labels)?);
+            slices.push((s.name.as_str(), (start..train.len()).collect::<Vec<_>>()));
+        }
+        let (centralized, pooled) = self.run("centralized", train)?;
+        let mut results = vec![centralized];
+        for (name, indices) in slices {
+            let started = Instant::now();
+            let trainer = pooled.subset(self.load_base()?.0, &indices)?;
+            results.push(self.train_and_test(name, trainer, started)?.0);
+        }
+        Ok(results)
+    }
+
+    fn run(&mut self, name: &str, train: Vec<Example>) -> Result<(BaselineResult, BertTrainer)> {
         let started = Instant::now();
+        let (model, encoder) = self.load_base()?;
+        self.train_and_test(name, BertTrainer::new(model, encoder, train, None)?, started)
+    }
+
+    /// The base model with a freshly initialised head (the same seed every time).
+    fn load_base(&self) -> Result<(BertClassifier, TextEncoder)> {
         let dev = device(&self.recipe.device)?;
-        let (model, encoder) = load_dir(&self.recipe.base, Some(&self.recipe.labels), self.recipe.seed, &dev)
-            .with_context(|| format!("loading the base model from {}", self.recipe.base.display()))?;
-        let names = model.tensor_set()?;
-        let plan = self.recipe.plan(names.names().collect());
-        let train_examples = train.len();
+        load_dir(&self.recipe.base, Some(&self.recipe.labels), self.recipe.seed, &dev)
+            .with_context(|| format!("loading the base model from {}", self.recipe.base.display()))
+    }
+
+    fn train_and_test(&mut self, name: &str, mut trainer: BertTrainer, started: Instant) -> Result<(BaselineResult, BertTrainer)> {
+        let plan = self.recipe.plan(trainer.model().tensor_set()?.names().collect());
+        let train_examples = trainer.num_examples() as usize;
         info!(baseline = name, examples = train_examples, trainable = %plan.trainable, epochs = plan.local_epochs, "training baseline");
-        let mut trainer = BertTrainer::new(model, encoder, train, None)?;
         let train_loss = trainer.fit(&plan, 0)?;
         let (_, test) = self.test.evaluate(trainer.model(), trainer.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
         let seconds = started.elapsed().as_secs_f64();
         info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
-        Ok(BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds })
-    }
-}
+        Ok((BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds }, trainer))
+    }}

@@ -136,6 +136,11 @@ enum DataCommand {
         /// Dirichlet concentration of each site's label mix: 0.5 skews strongly, 100 is near-IID.
         #[arg(long, default_value_t = 1.0)]
         alpha: f64,
+        /// Share of notes built as hard cases (a negation, a distracting mention of another
+        /// resource, a secondary need for later, review-to-decide), from 0 to 1.
+        /// Default: each site style's own (about a quarter).
+        #[arg(long)]
+        hard_share: Option<f64>,
     },
     /// Validate the site's own notes (CSV with a header row, or JSONL) and write the valid
     /// rows as {"text", "label"} JSONL for training. Each rejected row is named by line and
@@ -194,6 +199,12 @@ enum BaselineCommand {
         #[command(flatten)]
         args: BaselineArgs,
     },
+    /// Both: the centralized model, then one per site, with one pass of the frozen layers
+    /// over the pooled data serving all of them (faster than the two commands one by one).
+    All {
+        #[command(flatten)]
+        args: BaselineArgs,
+    },
     /// Train one model per site on that site's data alone.
     LocalOnly {
         #[command(flatten)]
@@ -212,7 +223,7 @@ struct BaselineArgs {
     /// Base model directory (the federation's starting point).
     #[arg(long)]
     base: PathBuf,
-    /// Which part trains: head, top:K or all.
+    /// Which part trains: head, top:K, bias:K (BitFit: biases and norms of the top K layers, for DP) or all.
     #[arg(long, default_value = "top:1")]
     trainable: fedward_shared::plan::Trainable,
     /// Passes over the training data (match the federation's rounds x local epochs).
@@ -424,7 +435,7 @@ fn default_labels() -> Vec<String> {
 fn data_command(cmd: DataCommand) -> Result<ExitCode> {
     use fedward_models::{import, synth};
     match cmd {
-        DataCommand::Synth { out, seed, sites, notes_per_site, alpha } => {
+        DataCommand::Synth { out, seed, sites, notes_per_site, alpha, hard_share } => {
             let sites = if sites.is_empty() {
                 synth::SynthConfig::default_sites()
             } else {
@@ -433,6 +444,7 @@ fn data_command(cmd: DataCommand) -> Result<ExitCode> {
             let mut cfg = synth::SynthConfig::new(seed, sites);
             cfg.notes_per_site = notes_per_site;
             cfg.alpha = alpha;
+            cfg.hard_share = hard_share;
             let corpus = synth::generate(&cfg)?;
             synth::write_corpus(&corpus, &out).with_context(|| format!("writing {}", out.display()))?;
             let summary = corpus.summary();
@@ -531,9 +543,15 @@ fn import_report_json(r: &fedward_models::import::ImportReport) -> serde_json::V
 
 fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
     use fedward_agent::baseline::{discover_sites, Baselines, Recipe};
-    let (args, only) = match cmd {
-        BaselineCommand::Centralized { args } => (args, None),
-        BaselineCommand::LocalOnly { args, sites } => (args, Some(sites)),
+    enum Which {
+        Centralized,
+        All,
+        LocalOnly(Vec<String>),
+    }
+    let (args, which) = match cmd {
+        BaselineCommand::Centralized { args } => (args, Which::Centralized),
+        BaselineCommand::All { args } => (args, Which::All),
+        BaselineCommand::LocalOnly { args, sites } => (args, Which::LocalOnly(sites)),
     };
     let sites = discover_sites(&args.data)?;
     let recipe = Recipe {
@@ -548,9 +566,10 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
         device: args.device,
     };
     let mut baselines = Baselines::new(recipe, &sites)?;
-    let results = match only {
-        None => vec![baselines.centralized(&sites)?],
-        Some(only) => {
+    let results = match which {
+        Which::Centralized => vec![baselines.centralized(&sites)?],
+        Which::All => baselines.all(&sites)?,
+        Which::LocalOnly(only) => {
             if let Some(unknown) = only.iter().find(|n| !sites.iter().any(|s| &s.name == *n)) {
                 anyhow::bail!("no site {unknown:?} in {}", args.data.display());
             }

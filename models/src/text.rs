@@ -33,6 +33,7 @@ pub enum TextError {
 }
 
 /// A tokenizer with fedward's padding and truncation rules.
+#[derive(Clone)]
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     json: String,

@@ -80,6 +80,19 @@ impl Prepared {
         Self { examples, max_len: 0, encoded: Vec::new(), cache: None }
     }
 
+    /// The examples at `indices`, with their tokens and cached prefix rows (shared, not copied).
+    fn subset(&self, indices: &[usize]) -> Option<Self> {
+        let examples = indices.iter().map(|&i| self.examples.get(i).cloned()).collect::<Option<Vec<_>>>()?;
+        let tokenized = self.encoded.len() == self.examples.len();
+        let encoded = if tokenized { indices.iter().map(|&i| self.encoded[i].clone()).collect() } else { Vec::new() };
+        let cache = self.cache.as_ref().filter(|_| tokenized).map(|c| PrefixCache {
+            key: c.key,
+            first: c.first,
+            rows: indices.iter().map(|&i| c.rows[i].clone()).collect(),
+        });
+        Some(Self { examples, max_len: self.max_len, encoded, cache })
+    }
+
     fn tokenize(&mut self, encoder: &TextEncoder, max_len: usize) -> Result<(), TextError> {
         if self.max_len != max_len || self.encoded.len() != self.examples.len() {
             let texts: Vec<&str> = self.examples.iter().map(|e| e.text.as_str()).collect();
@@ -105,6 +118,18 @@ impl BertTrainer {
             return Err(TrainError::NoData);
         }
         Ok(Self { model, encoder, train: Prepared::new(train), validation: validation.filter(|v| !v.is_empty()).map(Prepared::new) })
+    }
+
+    /// A trainer for some of this one's training examples (by index) with `model` in place of
+    /// this one's. It shares their tokens and frozen-prefix cache, which it reuses as long as
+    /// `model`'s frozen weights are the ones it was computed with (the cache is keyed by their
+    /// digest): one pooled pass of the frozen layers serves every subset, as in the baselines.
+    pub fn subset(&self, model: BertClassifier, indices: &[usize]) -> Result<Self, TrainError> {
+        let train = self.train.subset(indices).ok_or_else(|| TrainError::InvalidPlan("subset index out of range".into()))?;
+        if train.examples.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        Ok(Self { model, encoder: self.encoder.clone(), train, validation: None })
     }
 
     pub fn model(&self) -> &BertClassifier {
@@ -728,6 +753,31 @@ mod tests {
         let cached = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None }).unwrap();
         let diff = (full - cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "max difference {diff}");
+    }
+
+    /// A subset trainer reuses the pooled trainer's cached prefix and trains exactly as a
+    /// trainer built from scratch on the same examples.
+    #[test]
+    fn subset_shares_the_prefix_cache_and_trains_like_a_fresh_trainer() {
+        let (model, encoder) = tiny();
+        let plan = plan(Trainable::TopLayers(1), &model, 2);
+        let mut pooled = BertTrainer::new(model, encoder, separable(), None).unwrap();
+        pooled.fit(&plan, 1).unwrap();
+        let key = pooled.train.cache.as_ref().map(|c| c.key);
+        assert!(key.is_some());
+        let indices: Vec<usize> = (0..24).step_by(3).collect();
+        let (fresh_model, fresh_encoder) = tiny();
+        let mut sub = pooled.subset(fresh_model, &indices).unwrap();
+        assert_eq!(sub.train.cache.as_ref().map(|c| c.key), key);
+        let subset_loss = sub.fit(&plan, 1).unwrap();
+        let (model, _) = tiny();
+        let examples: Vec<Example> = indices.iter().map(|&i| separable()[i].clone()).collect();
+        let mut fresh = BertTrainer::new(model, fresh_encoder, examples, None).unwrap();
+        assert_eq!(fresh.fit(&plan, 1).unwrap(), subset_loss);
+        let (a, b) = (sub.model().tensor_set().unwrap(), fresh.model().tensor_set().unwrap());
+        assert!(a.names().all(|n| a.get(n).unwrap() == b.get(n).unwrap()), "same weights after training");
+        let (other, _) = tiny();
+        assert!(pooled.subset(other, &[99]).is_err());
     }
 
     fn record_level(mut plan: TrainingPlan, noise_multiplier: f64, clip_norm: f64, sampling_rate: f64, update_clip_norm: f64) -> TrainingPlan {

@@ -21,11 +21,16 @@ pub enum Trainable {
     TopLayers(u32),
     /// Every tensor.
     All,
+    /// BitFit (Ben Zaken et al. 2022): the bias and LayerNorm vectors of the top `k` encoder
+    /// layers, the pooler's bias and the classifier. A few thousand parameters instead of
+    /// millions, which is what makes record-level DP-SGD useful: the noise DP-SGD adds grows
+    /// with the square root of the number of trained parameters, the signal does not.
+    TopBiases(u32),
 }
 
 /// A `Trainable` spec that could not be parsed.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\" or \"all\"")]
+#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\", \"bias:K\" or \"all\"")]
 pub struct TrainableParseError(String);
 
 impl FromStr for Trainable {
@@ -34,11 +39,13 @@ impl FromStr for Trainable {
         match s {
             "head" => Ok(Self::Head),
             "all" => Ok(Self::All),
-            _ => s
-                .strip_prefix("top:")
-                .and_then(|k| k.parse().ok())
-                .map(Self::TopLayers)
-                .ok_or_else(|| TrainableParseError(s.to_owned())),
+            _ => {
+                let layers = |prefix: &str| s.strip_prefix(prefix).and_then(|k| k.parse().ok());
+                layers("top:")
+                    .map(Self::TopLayers)
+                    .or_else(|| layers("bias:").map(Self::TopBiases))
+                    .ok_or_else(|| TrainableParseError(s.to_owned()))
+            }
         }
     }
 }
@@ -48,6 +55,7 @@ impl fmt::Display for Trainable {
         match self {
             Self::Head => f.write_str("head"),
             Self::TopLayers(k) => write!(f, "top:{k}"),
+            Self::TopBiases(k) => write!(f, "bias:{k}"),
             Self::All => f.write_str("all"),
         }
     }
@@ -57,14 +65,15 @@ impl Trainable {
     /// The names among `names` that train under this spec, in the order given.
     pub fn select<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Vec<String> {
         let n_layers = names.clone().into_iter().filter_map(encoder_layer_index).max().map_or(0, |m| m + 1);
+        let in_top = |name: &str, k: u32| encoder_layer_index(name).is_some_and(|i| i + (k as usize) >= n_layers);
         names
             .into_iter()
             .filter(|name| match self {
                 Self::All => true,
                 Self::Head => is_head(name),
-                Self::TopLayers(k) => {
-                    is_head(name)
-                        || encoder_layer_index(name).is_some_and(|i| i + (*k as usize) >= n_layers)
+                Self::TopLayers(k) => is_head(name) || in_top(name, *k),
+                Self::TopBiases(k) => {
+                    name.starts_with("classifier.") || (is_bias_or_norm(name) && (name.starts_with("bert.pooler.") || in_top(name, *k)))
                 }
             })
             .map(str::to_owned)
@@ -75,6 +84,11 @@ impl Trainable {
 /// The head: the classifier and the pooler that feeds it.
 pub fn is_head(name: &str) -> bool {
     name.starts_with("classifier.") || name.starts_with("bert.pooler.")
+}
+
+/// A bias vector or a LayerNorm's scale and shift (BitFit's trainable set).
+fn is_bias_or_norm(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("LayerNorm.")
 }
 
 /// `N` for a tensor of `bert.encoder.layer.N.*`.
@@ -165,10 +179,11 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for s in ["head", "top:2", "all"] {
+        for s in ["head", "top:2", "bias:3", "all"] {
             assert_eq!(s.parse::<Trainable>().unwrap().to_string(), s);
         }
         assert!("top:x".parse::<Trainable>().is_err());
+        assert!("bias:".parse::<Trainable>().is_err());
         assert!("everything".parse::<Trainable>().is_err());
     }
 
@@ -193,5 +208,30 @@ mod tests {
         assert!(!top2.iter().any(|n| n.starts_with("bert.encoder.layer.0.")));
         assert_eq!(Trainable::All.select(NAMES).len(), NAMES.len());
         assert_eq!(Trainable::TopLayers(0).select(NAMES), head);
+    }
+
+    #[test]
+    fn select_biases_takes_vectors_of_the_top_layers_and_the_whole_classifier() {
+        let names = [
+            "bert.encoder.layer.0.output.dense.bias",
+            "bert.encoder.layer.1.attention.output.LayerNorm.weight",
+            "bert.encoder.layer.1.attention.self.query.bias",
+            "bert.encoder.layer.1.attention.self.query.weight",
+            "bert.pooler.dense.bias",
+            "bert.pooler.dense.weight",
+            "classifier.bias",
+            "classifier.weight",
+        ];
+        assert_eq!(
+            Trainable::TopBiases(1).select(names),
+            [
+                "bert.encoder.layer.1.attention.output.LayerNorm.weight",
+                "bert.encoder.layer.1.attention.self.query.bias",
+                "bert.pooler.dense.bias",
+                "classifier.bias",
+                "classifier.weight",
+            ]
+        );
+        assert_eq!(Trainable::TopBiases(2).select(names).len(), 6);
     }
 }

@@ -77,10 +77,10 @@ fn lead(text: String) -> Part {
     Part { text, keep: false, prio: 0, lead: true }
 }
 
-/// Writes one note with `label` in the style of `site`.
-pub(super) fn note(rng: &mut ChaCha8Rng, site: &'static SiteProfile, label: Label) -> Drawn {
+/// Writes one note with `label` in the style of `site`; a hard case with chance `hard_share`.
+pub(super) fn note(rng: &mut ChaCha8Rng, site: &'static SiteProfile, label: Label, hard_share: f64) -> Drawn {
     for _ in 0..64 {
-        if let Some(d) = attempt(rng, site, label) {
+        if let Some(d) = attempt(rng, site, label, hard_share) {
             return d;
         }
     }
@@ -222,8 +222,8 @@ fn jitter(rng: &mut ChaCha8Rng, sev: Sev, label: Label) -> Sev {
     }
 }
 
-fn draw_plan(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec, nt: NoteType) -> Option<Plan> {
-    if rng.random::<f64>() >= site.hard {
+fn draw_plan(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec, nt: NoteType, hard_share: f64) -> Option<Plan> {
+    if rng.random::<f64>() >= hard_share {
         return None;
     }
     let own = &specialty::bank(spec).team;
@@ -245,7 +245,7 @@ fn draw_plan(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec,
     }
 }
 
-fn attempt(rng: &mut ChaCha8Rng, site: &'static SiteProfile, label: Label) -> Option<Drawn> {
+fn attempt(rng: &mut ChaCha8Rng, site: &'static SiteProfile, label: Label, hard_share: f64) -> Option<Drawn> {
     let nt = pick_note_type(rng, site, label);
     let res = pick_resource(rng, site, label, nt);
     let spec = pick_spec(rng, site, res, nt);
@@ -258,7 +258,7 @@ fn attempt(rng: &mut ChaCha8Rng, site: &'static SiteProfile, label: Label) -> Op
     let sev = jitter(rng, res.sev, label);
     let us = rng.random::<f64>() < site.us;
     let team = team_for(rng, site, res, spec, nt);
-    let plan = draw_plan(rng, site, label, spec, nt);
+    let plan = draw_plan(rng, site, label, spec, nt, hard_share);
     let ctx = NoteCtx { site, spec, case, patient, sev, us };
     let mut r = Renderer { rng, note: &ctx, focus: Focus { res, team } };
 

@@ -134,12 +134,15 @@ pub struct SynthConfig {
     pub alpha: f64,
     /// Train, validation and test shares; non-negative, summing to 1.
     pub split: (f64, f64, f64),
+    /// Share of notes built as hard cases (negation, distracting mention, a secondary need,
+    /// review-to-decide), in place of each site style's own share.
+    pub hard_share: Option<f64>,
 }
 
 impl SynthConfig {
     /// 1000 notes per site, alpha 1.0, a 70/15/15 split.
     pub fn new(seed: u64, sites: Vec<SiteSpec>) -> SynthConfig {
-        SynthConfig { seed, sites, notes_per_site: 1000, alpha: 1.0, split: (0.7, 0.15, 0.15) }
+        SynthConfig { seed, sites, notes_per_site: 1000, alpha: 1.0, split: (0.7, 0.15, 0.15), hard_share: None }
     }
 
     /// The three reference sites: `trauma-centre`, `rural-hospital`, `childrens-hospital`.
@@ -164,6 +167,8 @@ pub enum SynthError {
     DuplicateSiteName { name: String },
     #[error("alpha must be a positive finite number, got {alpha}")]
     BadAlpha { alpha: f64 },
+    #[error("the hard-case share must be a number from 0 to 1, got {share}")]
+    BadHardShare { share: f64 },
     #[error("split shares must be non-negative and sum to 1, got ({0}, {1}, {2})")]
     BadSplit(f64, f64, f64),
 }
@@ -321,6 +326,9 @@ fn validate(cfg: &SynthConfig) -> Result<(), SynthError> {
     if !(cfg.alpha.is_normal() && cfg.alpha > 0.0) {
         return Err(SynthError::BadAlpha { alpha: cfg.alpha });
     }
+    if let Some(share) = cfg.hard_share.filter(|h| !(0.0..=1.0).contains(h)) {
+        return Err(SynthError::BadHardShare { share });
+    }
     let (a, b, c) = cfg.split;
     let finite = [a, b, c].iter().all(|x| x.is_finite() && *x >= 0.0);
     if !finite || (a + b + c - 1.0).abs() > 1e-6 {
@@ -348,7 +356,7 @@ fn generate_site(cfg: &SynthConfig, site_idx: usize, spec: &SiteSpec) -> SiteCor
     let mut notes = Vec::with_capacity(cfg.notes_per_site);
     for _ in 0..cfg.notes_per_site {
         let label = Label::ALL[template::pick_weighted(&mut rng, &mix)];
-        let d = compose::note(&mut rng, profile, label);
+        let d = compose::note(&mut rng, profile, label, cfg.hard_share.unwrap_or(profile.hard));
         notes.push(Example { text: d.text, label, hard: d.hard });
     }
     let (n_train, n_val, _) = split_counts(notes.len(), cfg.split);

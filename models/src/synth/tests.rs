@@ -85,6 +85,19 @@ fn every_label_is_present_and_hard_cases_are_a_real_share() {
 }
 
 #[test]
+fn hard_share_overrides_every_sites_own() {
+    let mut cfg = SynthConfig::new(5, SynthConfig::default_sites());
+    cfg.notes_per_site = 600;
+    for (share, range) in [(0.0, 0.0..=0.0), (0.1, 0.06..=0.14), (0.5, 0.44..=0.56)] {
+        cfg.hard_share = Some(share);
+        for s in &generate(&cfg).unwrap().sites {
+            let h = s.hard_share();
+            assert!(range.contains(&h), "{}: asked {share}, got {h}", s.name);
+        }
+    }
+}
+
+#[test]
 fn small_alpha_skews_sites_and_large_alpha_does_not() {
     let sites = SynthConfig::all_style_sites();
     let skewed = corpus(8, sites.clone(), 400, 0.5);
@@ -146,7 +159,7 @@ fn spelling_varies_and_typos_follow_the_site() {
     let typo_share = |style: SiteStyle| {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let n = 1500;
-        let with = (0..n).filter(|i| compose::note(&mut rng, style.profile(), Label::ALL[i % 4]).typos > 0).count();
+        let with = (0..n).filter(|i| compose::note(&mut rng, style.profile(), Label::ALL[i % 4], style.profile().hard).typos > 0).count();
         with as f64 / n as f64
     };
     let rural = typo_share(SiteStyle::RuralHospital);
@@ -503,6 +516,11 @@ fn config_is_validated() {
     let mut c = base.clone();
     c.alpha = f64::NAN;
     assert!(matches!(generate(&c), Err(SynthError::BadAlpha { .. })));
+    for share in [-0.1, 1.5, f64::NAN] {
+        let mut c = base.clone();
+        c.hard_share = Some(share);
+        assert!(matches!(generate(&c), Err(SynthError::BadHardShare { .. })), "{share}");
+    }
     let mut c = base.clone();
     c.split = (70.0, 15.0, 15.0);
     assert!(matches!(generate(&c), Err(SynthError::BadSplit(..))));

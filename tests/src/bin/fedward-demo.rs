@@ -3,7 +3,7 @@
 //! Everything goes through the real binaries as separate processes: the consortium's PKI
 //! (`pki init`, `pki request`, `pki sign`), three hospitals' data (`data synth`), a
 //! coordinator and three agents talking QUIC with mutual TLS on 127.0.0.1, the baselines
-//! (`baseline centralized`, `baseline local-only`) and the export of the final model
+//! (`baseline all`: centralized and local-only) and the export of the final model
 //! (`export`, checked with `eval`). This driver only writes configs, watches the
 //! coordinator's state directory and scores each round's global model on the pooled test
 //! split (in-process, with the frozen prefix cached across rounds), then writes the report.
@@ -64,9 +64,12 @@ struct Args {
     /// Notes per hospital (70% train, 15% validation, 15% test).
     #[arg(long, default_value_t = 1000)]
     notes_per_site: usize,
-    /// Which part of the model trains: head, top:K or all.
+    /// Which part of the model trains: head, top:K, bias:K or all.
     #[arg(long, default_value = "top:1")]
     trainable: Trainable,
+    /// Passes over its training data each site makes in a round.
+    #[arg(long, default_value_t = 1)]
+    local_epochs: u32,
     /// Peak learning rate of each site's AdamW.
     #[arg(long, default_value_t = 5e-4)]
     learning_rate: f64,
@@ -488,7 +491,7 @@ labels = ["doctor", "bed", "device", "other"]
 init_seed = 0
 
 [training]
-local_epochs = 1
+local_epochs = {local_epochs}
 batch_size = {BATCH_SIZE}
 learning_rate = {lr}
 warmup_ratio = 0.1
@@ -507,6 +510,7 @@ seed = {seed}
         n_sites = SITES.len(),
         base = base.display(),
         lr = args.learning_rate,
+        local_epochs = args.local_epochs,
         max_seq_len = args.max_seq_len,
         trainable = args.trainable,
         seed = args.seed,
@@ -562,7 +566,7 @@ struct Baselines {
 
 fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result<Baselines> {
     step("baselines: centralized (all sites' data pooled) and local-only (each site alone), same recipe and epochs");
-    let epochs = args.rounds.to_string();
+    let epochs = (args.rounds * args.local_epochs).to_string();
     let lr = args.learning_rate.to_string();
     let trainable = args.trainable.to_string();
     let max_seq_len = args.max_seq_len.to_string();
@@ -571,16 +575,16 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
         "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs, "--learning-rate", &lr,
         "--max-seq-len", &max_seq_len, "--seed", &seed, "--device", "cpu", "--json",
     ];
-    let mut c = vec!["baseline", "centralized"];
-    c.extend(common);
-    let centralized: Vec<Value> = serde_json::from_str(&tools.run(&tools.agent, &c, "baseline-centralized")?)?;
-    let centralized = centralized.into_iter().next().context("no centralized result")?;
-    println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", centralized["test"]["accuracy"].as_f64().unwrap_or(f64::NAN), centralized["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN));
-    let mut l = vec!["baseline", "local-only"];
-    l.extend(common);
-    let local_only: Vec<Value> = serde_json::from_str(&tools.run(&tools.agent, &l, "baseline-local-only")?)?;
+    let mut all = vec!["baseline", "all"];
+    all.extend(common);
+    let mut results: Vec<Value> = serde_json::from_str(&tools.run(&tools.agent, &all, "baselines")?)?;
+    ensure!(results.len() == SITES.len() + 1, "expected the centralized and {} local-only results, got {}", SITES.len(), results.len());
+    let local_only = results.split_off(1);
+    let centralized = results.remove(0);
+    let score = |r: &Value, key: &str| r["test"][key].as_f64().unwrap_or(f64::NAN);
+    println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", score(&centralized, "accuracy"), score(&centralized, "macro_f1"));
     for r in &local_only {
-        println!("  local-only {}: accuracy {:.4}, macro-F1 {:.4}", r["name"].as_str().unwrap_or("?"), r["test"]["accuracy"].as_f64().unwrap_or(f64::NAN), r["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN));
+        println!("  local-only {}: accuracy {:.4}, macro-F1 {:.4}", r["name"].as_str().unwrap_or("?"), score(r, "accuracy"), score(r, "macro_f1"));
     }
     Ok(Baselines { centralized, local_only })
 }
