@@ -3,7 +3,7 @@
 //! Everything goes through the real binaries as separate processes: the consortium's PKI
 //! (`pki init`, `pki request`, `pki sign`), three hospitals' data (`data synth`), a
 //! coordinator and three agents talking QUIC with mutual TLS on 127.0.0.1, the baselines
-//! (`baseline all`: centralized and local-only) and the export of the final model
+//! (`baseline centralized` and `baseline local-only`, side by side) and the export of the final model
 //! (`export`, checked with `eval`). This driver only writes configs, watches the
 //! coordinator's state directory and scores each round's global model on the pooled test
 //! split (in-process, with the frozen prefix cached across rounds), then writes the report.
@@ -120,23 +120,34 @@ impl Tools {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Like [`Tools::run`] for a long job: prints a progress line every 30 seconds while it
-    /// runs. Its stdout goes to `logs/<log>.out`, its log to `logs/<log>.log`.
-    fn run_with_progress(&self, program: &Path, args: &[&str], log: &str, what: &str) -> Result<String> {
-        let out_path = self.logs.join(format!("{log}.out"));
-        let log_path = self.logs.join(format!("{log}.log"));
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out_path)?)
-            .stderr(fs::File::create(&log_path)?)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+    /// Like [`Tools::run`] for long jobs, run side by side, each with `threads` compute
+    /// threads (unless `RAYON_NUM_THREADS` is set): prints a progress line every 30 seconds
+    /// until all have finished, and returns their outputs in order. Job `log`'s stdout goes to
+    /// `logs/<log>.out`, its log to `logs/<log>.log`.
+    fn run_side_by_side(&self, program: &Path, jobs: &[(Vec<&str>, &str)], what: &str, threads: usize) -> Result<Vec<String>> {
+        let mut running = Vec::new();
+        for (args, log) in jobs {
+            let (out_path, log_path) = (self.logs.join(format!("{log}.out")), self.logs.join(format!("{log}.log")));
+            let mut cmd = Command::new(program);
+            if std::env::var("RAYON_NUM_THREADS").is_err() {
+                cmd.env("RAYON_NUM_THREADS", threads.to_string());
+            }
+            let child = cmd
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&out_path)?)
+                .stderr(fs::File::create(&log_path)?)
+                .spawn()
+                .with_context(|| format!("starting {}", program.display()))?;
+            running.push((child, None, out_path, log_path));
+        }
         let started = Instant::now();
         let mut next_report = 30;
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
+        while running.iter().any(|(_, status, _, _)| status.is_none()) {
+            for (child, status, _, _) in &mut running {
+                if status.is_none() {
+                    *status = child.try_wait()?;
+                }
             }
             std::thread::sleep(Duration::from_millis(500));
             let secs = started.elapsed().as_secs();
@@ -144,11 +155,16 @@ impl Tools {
                 println!("  ... {what} in progress ({secs} s so far)");
                 next_report += 30;
             }
-        };
-        if !status.success() {
-            bail!("{} {} failed ({status}); see {}\n{}", program.display(), args.join(" "), log_path.display(), tail(&fs::read(&log_path)?, 12));
         }
-        Ok(fs::read_to_string(&out_path)?)
+        let mut outputs = Vec::new();
+        for ((args, _), (_, status, out_path, log_path)) in jobs.iter().zip(running) {
+            let status = status.unwrap_or_else(|| unreachable!("every job has finished"));
+            if !status.success() {
+                bail!("{} {} failed ({status}); see {}\n{}", program.display(), args.join(" "), log_path.display(), tail(&fs::read(&log_path)?, 12));
+            }
+            outputs.push(fs::read_to_string(&out_path)?);
+        }
+        Ok(outputs)
     }
 
     /// Starts a long-running tool. `threads` caps its compute threads: three agents share
@@ -615,12 +631,16 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
         "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs, "--learning-rate", &lr,
         "--max-seq-len", &max_seq_len, "--seed", &seed, "--device", "cpu", "--json",
     ];
-    let mut all = vec!["baseline", "all"];
-    all.extend(common);
-    let mut results: Vec<Value> = serde_json::from_str(&tools.run_with_progress(&tools.agent, &all, "baselines", "baselines")?)?;
-    ensure!(results.len() == SITES.len() + 1, "expected the centralized and {} local-only results, got {}", SITES.len(), results.len());
-    let local_only = results.split_off(1);
-    let centralized = results.remove(0);
+    // Two single-threaded processes side by side use two cores better than one process with
+    // two threads; the centralized and the local-only jobs are about the same size.
+    let job = |kind: &'static str| [vec!["baseline", kind], common.to_vec()].concat();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let jobs = [(job("centralized"), "baseline-centralized"), (job("local-only"), "baseline-local-only")];
+    let outputs = tools.run_side_by_side(&tools.agent, &jobs, "baselines", cores.div_ceil(jobs.len()))?;
+    let centralized: Vec<Value> = serde_json::from_str(&outputs[0])?;
+    let centralized = centralized.into_iter().next().context("no centralized result")?;
+    let local_only: Vec<Value> = serde_json::from_str(&outputs[1])?;
+    ensure!(local_only.len() == SITES.len(), "expected {} local-only results, got {}", SITES.len(), local_only.len());
     let score = |r: &Value, key: &str| r["test"][key].as_f64().unwrap_or(f64::NAN);
     println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", score(&centralized, "accuracy"), score(&centralized, "macro_f1"));
     for r in &local_only {
