@@ -307,10 +307,7 @@ fn train_loop(
         return Err(TrainError::InvalidPlan("a record-level plan trains only through dp_sgd_loop".into()));
     }
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
-    let mut opt = AdamW::new(
-        vars.clone(),
-        ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
-    )?;
+    let mut opt = adamw(&vars, plan)?;
     let n = data.examples.len();
     let batch_size = (plan.batch_size as usize).max(1);
     let steps_per_epoch = n.div_ceil(batch_size);
@@ -341,6 +338,11 @@ fn train_loop(
         }
     }
     Ok(loss_sum / loss_count.max(1) as f64)
+}
+
+/// The plan's AdamW over `vars`.
+fn adamw(vars: &[candle_core::Var], plan: &TrainingPlan) -> Result<AdamW, TrainError> {
+    Ok(AdamW::new(vars.to_vec(), ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() })?)
 }
 
 /// Tokenizes, fills the frozen-prefix cache and returns the trainable `Var`s (sorted by name).
@@ -407,10 +409,7 @@ fn dp_sgd_loop(
     }
     let noise = GaussianNoise::for_mechanism(dp.noise_multiplier, dp.clip_norm).map_err(|e| invalid(&e))?;
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
-    let mut opt = AdamW::new(
-        vars.clone(),
-        ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
-    )?;
+    let mut opt = adamw(&vars, plan)?;
     let n = data.examples.len();
     // Dividing by the expected batch size (not the drawn one) keeps the batch size, which
     // depends on the data, out of the released value.
