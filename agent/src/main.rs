@@ -236,7 +236,7 @@ struct BaselineArgs {
     #[arg(long, default_value_t = 2e-4)]
     learning_rate: f64,
     /// Tokens per note after truncation.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     max_seq_len: u32,
     /// Seed for the head's initialisation and shuffling.
     #[arg(long, default_value_t = 0)]

@@ -137,7 +137,7 @@ impl Default for RawTraining {
             warmup_ratio: 0.1,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
-            max_seq_len: 64,
+            max_seq_len: 128,
             trainable: "top:2".into(),
             seed: 0,
         }
