@@ -57,7 +57,7 @@ struct Args {
     /// Expected Poisson batch of the DP run: its sampling rate is this over the smallest
     /// site's training notes. A larger batch shrinks the noise on each step's mean
     /// gradient but leaves fewer steps for the same epochs (docs/PRIVACY.md).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = BATCH_SIZE)]
     dp_batch_size: u32,
     /// Peak learning rate of the DP run's AdamW (default: --learning-rate).
     #[arg(long)]
