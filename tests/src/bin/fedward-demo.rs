@@ -56,8 +56,8 @@ struct Args {
     epsilon: f64,
     /// Expected Poisson batch of the DP run: its sampling rate is this over the smallest
     /// site's training notes. A larger batch shrinks the noise on each step's mean
-    /// gradient but leaves fewer steps for the same epochs (docs/PRIVACY.md).
-    /// (default: --batch-size).
+    /// gradient but leaves fewer steps for the same epochs (docs/PRIVACY.md). Default:
+    /// --batch-size.
     #[arg(long)]
     dp_batch_size: Option<u32>,
     /// Peak learning rate of the DP run's AdamW (default: --learning-rate).
