@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-models.sh
-echo "building fedward-agent, fedward-coordinator and fedward-demo (a first build takes about 10 minutes on 2 cores)"
+echo "building fedward-agent, fedward-coordinator and fedward-demo (a first build takes about 7 minutes on 2 cores)"
 cargo build --locked --bin fedward-agent --bin fedward-coordinator --bin fedward-demo
 bin_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug"
 exec "$bin_dir/fedward-demo" --bin-dir "$bin_dir" "$@"
