@@ -136,7 +136,7 @@ impl Tools {
 
     /// Like [`Tools::run`] for a long job with `threads` compute threads, saying every 30 s
     /// that it is still running.
-    fn run_long(&self, program: &Path, args: &[&str], log: &str, what: &str, threads: usize) -> Result<String> {
+    fn run_long(&self, program: &Path, args: &[&str], log: &str, threads: usize) -> Result<String> {
         let (out_path, log_path) = (self.logs.join(format!("{log}.out")), self.logs.join(format!("{log}.log")));
         let mut cmd = Command::new(program);
         if std::env::var("RAYON_NUM_THREADS").is_err() {
@@ -158,7 +158,7 @@ impl Tools {
             std::thread::sleep(Duration::from_millis(500));
             let secs = started.elapsed().as_secs();
             if secs >= next_report {
-                println!("  ... {what} in progress ({secs} s so far)");
+                println!("  ... {log} in progress ({secs} s so far)");
                 next_report += 30;
             }
         };
@@ -631,16 +631,16 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     let trainable = args.trainable.to_string();
     let max_seq_len = args.max_seq_len.to_string();
     let seed = args.seed.to_string();
-    let common = [
-        "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs, "--batch-size", &batch_size, "--learning-rate", &lr,
-        "--max-seq-len", &max_seq_len, "--seed", &seed, "--device", "cpu", "--json",
-    ];
     // One process for both: `baseline all` computes the frozen layers' output over the
     // pooled data once and trains every baseline from it, on all the cores (two single-
     // threaded processes side by side each paid for that pass, about 75 s here).
-    let job = [vec!["baseline", "all"], common.to_vec()].concat();
+    let job = [
+        "baseline", "all", "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs,
+        "--batch-size", &batch_size, "--learning-rate", &lr, "--max-seq-len", &max_seq_len, "--seed", &seed,
+        "--device", "cpu", "--json",
+    ];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let output = tools.run_long(&tools.agent, &job, "baselines", "baselines", cores)?;
+    let output = tools.run_long(&tools.agent, &job, "baselines", cores)?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
     ensure!(results.len() == SITES.len() + 1, "expected the centralized and {} local-only results, got {}", SITES.len(), results.len());
     let local_only = results.split_off(1);
