@@ -67,6 +67,8 @@ pub struct Recipe {
     pub max_seq_len: u32,
     pub seed: u64,
     pub device: String,
+    /// Threads for the frozen prefix, and for training side by side in `all` (when 2 or more).
+    pub threads: usize,
 }
 
 impl Recipe {
@@ -112,7 +114,9 @@ impl Baselines {
         for s in sites {
             test.extend(read_jsonl(&s.test, &recipe.labels)?);
         }
-        Ok(Self { recipe, test: EvalSet::new(test) })
+        let mut test = EvalSet::new(test);
+        test.set_prefix_threads(recipe.threads);
+        Ok(Self { recipe, test })
     }
 
     /// Examples in the pooled test split.
@@ -126,19 +130,22 @@ impl Baselines {
         for s in sites {
             train.extend(read_jsonl(&s.train, &self.recipe.labels)?);
         }
-        self.run("centralized", train).map(|(r, _)| r)
+        self.run("centralized", train)
     }
 
     /// Local-only training on one site's training data.
     pub fn local_only(&mut self, site: &SiteFiles) -> Result<BaselineResult> {
         let train = read_jsonl(&site.train, &self.recipe.labels)?;
-        self.run(&site.name, train).map(|(r, _)| r)
+        self.run(&site.name, train)
     }
 
     /// The centralized baseline, then every site's local-only one, with one pass of the frozen
     /// layers over the pooled training data serving them all (each site's notes are a slice of
-    /// the pool): the same figures as running them one by one, in less time.
+    /// the pool): the same figures as running them one by one, in less time. The centralized
+    /// model trains on one thread while the local-only ones train in turn on another: a
+    /// step of the small trainable suffix keeps one core busy at best.
     pub fn all(&mut self, sites: &[SiteFiles]) -> Result<Vec<BaselineResult>> {
+        let started = Instant::now();
         let mut train = Vec::new();
         let mut slices = Vec::new();
         for s in sites {
@@ -146,20 +153,42 @@ impl Baselines {
             train.extend(read_jsonl(&s.train, &self.recipe.labels)?);
             slices.push((s.name.as_str(), (start..train.len()).collect::<Vec<_>>()));
         }
-        let (centralized, pooled) = self.run("centralized", train)?;
-        let mut results = vec![centralized];
-        for (name, indices) in slices {
-            let started = Instant::now();
-            let trainer = pooled.subset(self.load_base()?.0, &indices)?;
-            results.push(self.train_and_test(name, trainer, started)?.0);
-        }
+        let (model, encoder) = self.load_base()?;
+        let plan = self.recipe.plan(model.tensor_set()?.names().collect());
+        let mut pooled = BertTrainer::new(model, encoder, train, None)?;
+        pooled.set_prefix_threads(self.recipe.threads);
+        pooled.prepare(&plan)?;
+        // Scoring the untrained base model computes the test split's frozen prefix once, for
+        // both threads' copies of the set.
+        self.test.evaluate(pooled.model(), pooled.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
+        let local: Vec<(&str, BertTrainer)> =
+            slices.iter().map(|(name, indices)| Ok((*name, pooled.subset(self.load_base()?.0, indices)?))).collect::<Result<_>>()?;
+        let prepared = started.elapsed().as_secs_f64();
+        info!(secs = format_args!("{prepared:.1}"), "frozen prefix of the pooled training and test data computed");
+        let (recipe, test) = (&self.recipe, &self.test);
+        let centralized = move || train_and_test(recipe, test.clone(), "centralized", pooled, started);
+        let local_only = move || {
+            local.into_iter().map(|(name, trainer)| train_and_test(recipe, test.clone(), name, trainer, Instant::now())).collect::<Result<Vec<_>>>()
+        };
+        let (centralized, local_only) = if recipe.threads > 1 {
+            std::thread::scope(|scope| {
+                let (c, l) = (scope.spawn(centralized), scope.spawn(local_only));
+                (join(c), join(l))
+            })
+        } else {
+            (centralized(), local_only())
+        };
+        let mut results = vec![centralized?];
+        results.extend(local_only?);
         Ok(results)
     }
 
-    fn run(&mut self, name: &str, train: Vec<Example>) -> Result<(BaselineResult, BertTrainer)> {
+    fn run(&mut self, name: &str, train: Vec<Example>) -> Result<BaselineResult> {
         let started = Instant::now();
         let (model, encoder) = self.load_base()?;
-        self.train_and_test(name, BertTrainer::new(model, encoder, train, None)?, started)
+        let mut trainer = BertTrainer::new(model, encoder, train, None)?;
+        trainer.set_prefix_threads(self.recipe.threads);
+        train_and_test(&self.recipe, self.test.clone(), name, trainer, started)
     }
 
     /// The base model with a freshly initialised head (the same seed every time).
@@ -168,14 +197,19 @@ impl Baselines {
         load_dir(&self.recipe.base, Some(&self.recipe.labels), self.recipe.seed, &dev)
             .with_context(|| format!("loading the base model from {}", self.recipe.base.display()))
     }
+}
 
-    fn train_and_test(&mut self, name: &str, mut trainer: BertTrainer, started: Instant) -> Result<(BaselineResult, BertTrainer)> {
-        let plan = self.recipe.plan(trainer.model().tensor_set()?.names().collect());
-        let train_examples = trainer.num_examples() as usize;
-        info!(baseline = name, examples = train_examples, trainable = %plan.trainable, epochs = plan.local_epochs, "training baseline");
-        let train_loss = trainer.fit(&plan, 0)?;
-        let (_, test) = self.test.evaluate(trainer.model(), trainer.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
-        let seconds = started.elapsed().as_secs_f64();
-        info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
-        Ok((BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds }, trainer))
-    }}
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    handle.join().map_err(|_| anyhow::anyhow!("a baseline's training thread panicked"))?
+}
+
+fn train_and_test(recipe: &Recipe, mut test: EvalSet, name: &str, mut trainer: BertTrainer, started: Instant) -> Result<BaselineResult> {
+    let plan = recipe.plan(trainer.model().tensor_set()?.names().collect());
+    let train_examples = trainer.num_examples() as usize;
+    info!(baseline = name, examples = train_examples, trainable = %plan.trainable, epochs = plan.local_epochs, "training baseline");
+    let train_loss = trainer.fit(&plan, 0)?;
+    let (_, test) = test.evaluate(trainer.model(), trainer.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
+    let seconds = started.elapsed().as_secs_f64();
+    info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
+    Ok(BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds })
+}

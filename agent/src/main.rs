@@ -244,6 +244,12 @@ struct BaselineArgs {
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// CPU threads (default: every core). With 2 or more, `all` trains the centralized
+    /// model on one thread while the local-only ones train on another, and the frozen
+    /// layers run on this many threads; candle then computes on one thread per training
+    /// thread unless RAYON_NUM_THREADS says otherwise.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -554,6 +560,13 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
         BaselineCommand::LocalOnly { args, sites } => (args, Which::LocalOnly(sites)),
     };
     let sites = discover_sites(&args.data)?;
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).max(1);
+    if threads > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle reads this at every matrix product. A product over one batch of a small
+        // layer splits poorly across cores; whole batches per thread use them better. Set
+        // here, before this command starts any thread.
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let recipe = Recipe {
         base: args.base,
         labels: default_labels(),
@@ -564,6 +577,7 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
         max_seq_len: args.max_seq_len,
         seed: args.seed,
         device: args.device,
+        threads,
     };
     let mut baselines = Baselines::new(recipe, &sites)?;
     let results = match which {

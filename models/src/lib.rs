@@ -5,6 +5,7 @@ pub mod bert;
 pub mod eval;
 pub mod import;
 pub mod io;
+pub mod optim;
 pub mod synth;
 pub mod text;
 pub mod train;

@@ -134,15 +134,10 @@ impl Tools {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Like [`Tools::run`] for a long job with `threads` compute threads, saying every 30 s
-    /// that it is still running.
-    fn run_long(&self, program: &Path, args: &[&str], log: &str, threads: usize) -> Result<String> {
+    /// Like [`Tools::run`] for a long job, saying every 30 s that it is still running.
+    fn run_long(&self, program: &Path, args: &[&str], log: &str) -> Result<String> {
         let (out_path, log_path) = (self.logs.join(format!("{log}.out")), self.logs.join(format!("{log}.log")));
-        let mut cmd = Command::new(program);
-        if std::env::var("RAYON_NUM_THREADS").is_err() {
-            cmd.env("RAYON_NUM_THREADS", threads.to_string());
-        }
-        let mut child = cmd
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&out_path)?)
@@ -632,15 +627,15 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     let max_seq_len = args.max_seq_len.to_string();
     let seed = args.seed.to_string();
     // One process for both: `baseline all` computes the frozen layers' output over the
-    // pooled data once and trains every baseline from it, on all the cores (two single-
-    // threaded processes side by side each paid for that pass, about 75 s here).
+    // pooled data once, on every core, then trains the centralized model and the local-only
+    // ones side by side from it.
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).to_string();
     let job = [
         "baseline", "all", "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs,
         "--batch-size", &batch_size, "--learning-rate", &lr, "--max-seq-len", &max_seq_len, "--seed", &seed,
-        "--device", "cpu", "--json",
+        "--device", "cpu", "--threads", &threads, "--json",
     ];
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let output = tools.run_long(&tools.agent, &job, "baselines", cores)?;
+    let output = tools.run_long(&tools.agent, &job, "baselines")?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
     ensure!(results.len() == SITES.len() + 1, "expected the centralized and {} local-only results, got {}", SITES.len(), results.len());
     let local_only = results.split_off(1);
