@@ -213,3 +213,70 @@ fn train_and_test(recipe: &Recipe, mut test: EvalSet, name: &str, mut trainer: B
     info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
     Ok(BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedward_models::bert::BertConfig;
+    use fedward_models::io::export_dir;
+
+    const WORDS: [&str; 12] = ["review", "consult", "surgeon", "admit", "ward", "icu", "ventilator", "scan", "pump", "pharmacy", "transport", "please"];
+
+    /// A tiny base model and two sites whose notes tell the labels apart by their words
+    /// (three words per label).
+    fn fixture(dir: &Path) -> (Recipe, Vec<SiteFiles>) {
+        let labels: Vec<String> = ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect();
+        let encoder = TextEncoder::tiny(&WORDS);
+        let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels.clone(), 1, &candle_core::Device::Cpu).unwrap();
+        export_dir(&model, &encoder, &dir.join("base")).unwrap();
+        for (s, site) in ["north", "south"].iter().enumerate() {
+            let site_dir = dir.join(site);
+            std::fs::create_dir_all(&site_dir).unwrap();
+            for (split, n) in [("train", 12), ("test", 4)] {
+                let lines: Vec<String> = (0..n)
+                    .map(|i| {
+                        let label = (i + s) % 4;
+                        let text = format!("{} {}", WORDS[label * 3 + i % 3], WORDS[label * 3 + (i + 1) % 3]);
+                        serde_json::json!({ "text": text, "label": labels[label] }).to_string()
+                    })
+                    .collect();
+                std::fs::write(site_dir.join(format!("{split}.jsonl")), lines.join("\n")).unwrap();
+            }
+        }
+        let recipe = Recipe {
+            base: dir.join("base"),
+            labels,
+            trainable: Trainable::TopLayers(1),
+            epochs: 3,
+            batch_size: 4,
+            learning_rate: 5e-3,
+            max_seq_len: 16,
+            seed: 3,
+            device: "cpu".to_owned(),
+            threads: 1,
+        };
+        (recipe, discover_sites(dir).unwrap())
+    }
+
+    fn figures(results: &[BaselineResult]) -> Vec<(String, usize, f64, f64)> {
+        results.iter().map(|r| (r.name.clone(), r.train_examples, r.train_loss, r.test.accuracy)).collect()
+    }
+
+    /// `all` on two threads gives exactly what each baseline gives when trained on its own.
+    #[test]
+    fn all_on_two_threads_matches_each_baseline_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (recipe, sites) = fixture(dir.path());
+        assert_eq!(sites.len(), 2);
+        let mut alone = Baselines::new(recipe.clone(), &sites).unwrap();
+        let mut one_by_one = vec![alone.centralized(&sites).unwrap()];
+        for site in &sites {
+            one_by_one.push(alone.local_only(site).unwrap());
+        }
+        let threaded = Baselines::new(Recipe { threads: 2, ..recipe }, &sites).unwrap().all(&sites).unwrap();
+        assert_eq!(figures(&threaded), figures(&one_by_one));
+        let names: Vec<&str> = threaded.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["centralized", "north", "south"]);
+        assert_eq!(threaded[0].train_examples, 24);
+    }
+}

@@ -835,6 +835,25 @@ mod tests {
         assert!(diff < 1e-5, "max difference {diff}");
     }
 
+    /// Computing the frozen prefix on several threads gives every example the same rows.
+    #[test]
+    fn prefix_on_several_threads_matches_one_thread() {
+        let (model, encoder) = tiny();
+        let trainable: HashSet<String> = Trainable::TopLayers(1).select(model.tensor_set().unwrap().names()).into_iter().collect();
+        // More examples than one batch, so that every thread gets batches.
+        let examples: Vec<Example> = (0..4).flat_map(|_| separable()).collect();
+        let rows = |threads: usize| -> Vec<Vec<f32>> {
+            let mut data = Prepared::new(examples.clone());
+            data.prefix_threads = threads;
+            data.tokenize(&encoder, 16).unwrap();
+            ensure_cache(&model, &mut data, &trainable, 1).unwrap();
+            data.cache.unwrap().rows.iter().map(|r| r.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        };
+        let one = rows(1);
+        assert_eq!(one.len(), examples.len());
+        assert_eq!(rows(3), one);
+    }
+
     /// A subset trainer reuses the pooled trainer's cached prefix and trains exactly as a
     /// trainer built from scratch on the same examples.
     #[test]
