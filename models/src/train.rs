@@ -30,7 +30,7 @@ use fedward_shared::wire::LocalMetrics;
 
 use crate::bert::{BertClassifier, Mode, ModelError};
 use crate::eval::{classification_report, ClassificationReport};
-use crate::optim::{AdamWParams, FusedAdamW};
+use crate::optim::{AdamW, AdamWParams};
 use crate::text::{make_batch, Encoded, Example, TextEncoder, TextError};
 use crate::trainer::{LocalUpdate, TrainContext, TrainError, Trainer};
 
@@ -406,8 +406,8 @@ fn length_grouped_batches(lengths: &[usize], batch_size: usize, rng: &mut impl r
 }
 
 /// The plan's AdamW over `vars`.
-fn adamw(vars: &[candle_core::Var], plan: &TrainingPlan) -> Result<FusedAdamW, TrainError> {
-    Ok(FusedAdamW::new(vars.to_vec(), AdamWParams { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() }))
+fn adamw(vars: &[candle_core::Var], plan: &TrainingPlan) -> Result<AdamW, TrainError> {
+    Ok(AdamW::new(vars.to_vec(), AdamWParams { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() })?)
 }
 
 /// Tokenizes, fills the frozen-prefix cache and returns the trainable `Var`s (sorted by name).
