@@ -158,9 +158,8 @@ impl Baselines {
         let mut pooled = BertTrainer::new(model, encoder, train, None)?;
         pooled.set_prefix_threads(self.recipe.threads);
         pooled.prepare(&plan)?;
-        // Scoring the untrained base model computes the test split's frozen prefix once, for
-        // both threads' copies of the set.
-        self.test.evaluate(pooled.model(), pooled.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
+        // The test split's frozen prefix, once for both threads' copies of the set.
+        self.test.prepare(pooled.model(), pooled.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
         let local: Vec<(&str, BertTrainer)> =
             slices.iter().map(|(name, indices)| Ok((*name, pooled.subset(self.load_base()?.0, indices)?))).collect::<Result<_>>()?;
         let prepared = started.elapsed().as_secs_f64();

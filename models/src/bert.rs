@@ -286,8 +286,8 @@ impl BertClassifier {
         let last = self.config.num_hidden_layers - 1;
         for l in from..to {
             // Only `[CLS]` of the last layer reaches the pooler, so that layer computes
-            // only its row (keys and values still come from every token): the same logits
-            // for about a fifth of the layer's work, forward and backward.
+            // only its row, attending over every token without projecting them to keys
+            // and values (`cls_attention`): the same logits for a small part of the work.
             x = self.layer(&x, bias, l, l == last, mode)?;
         }
         Ok(x)

@@ -602,6 +602,15 @@ fn clip_grad_norm(vars: &[candle_core::Var], grads: &mut candle_core::backprop::
     Ok(norm)
 }
 
+/// Tokenizes `data` and, when a prefix is frozen, fills its cache.
+fn prepare_evaluation(model: &BertClassifier, encoder: &TextEncoder, data: &mut Prepared, trainable: &HashSet<String>, max_len: usize) -> Result<(), TrainError> {
+    data.tokenize(encoder, max_len)?;
+    if let Some(first) = model.frozen_prefix_layers(trainable) {
+        ensure_cache(model, data, trainable, first)?;
+    }
+    Ok(())
+}
+
 fn evaluate_prepared(
     model: &BertClassifier,
     encoder: &TextEncoder,
@@ -609,10 +618,7 @@ fn evaluate_prepared(
     trainable: &HashSet<String>,
     max_len: usize,
 ) -> Result<(f64, ClassificationReport), TrainError> {
-    data.tokenize(encoder, max_len)?;
-    if let Some(first) = model.frozen_prefix_layers(trainable) {
-        ensure_cache(model, data, trainable, first)?;
-    }
+    prepare_evaluation(model, encoder, data, trainable, max_len)?;
     let none = HashSet::new();
     let (mut preds, mut loss_sum) = (vec![0usize; data.examples.len()], 0.0f64);
     // In length order, so each batch pads little; predictions go back to their example.
@@ -655,6 +661,13 @@ impl EvalSet {
     /// Threads computing the frozen prefix; see [`BertTrainer::set_prefix_threads`].
     pub fn set_prefix_threads(&mut self, threads: usize) {
         self.data.prefix_threads = threads.max(1);
+    }
+
+    /// Tokenizes the set and computes its frozen prefix now, as the first `evaluate` would:
+    /// once, before clones of the set go to several threads.
+    pub fn prepare(&mut self, model: &BertClassifier, encoder: &TextEncoder, trainable: &[String], max_len: usize) -> Result<(), TrainError> {
+        let trainable: HashSet<String> = trainable.iter().cloned().collect();
+        prepare_evaluation(model, encoder, &mut self.data, &trainable, max_len)
     }
 
     /// Mean cross-entropy and the classification report of `model` on this set. `trainable`
