@@ -9,6 +9,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
+use candle_nn::optim::Optimizer as _;
 
 /// AdamW's hyperparameters; the defaults are candle-nn's and PyTorch's.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,7 +37,6 @@ pub enum AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
-        use candle_nn::optim::Optimizer;
         if vars.iter().all(|v| v.device().is_cpu()) {
             return Ok(Self::Host(FusedAdamW::new(vars, params)));
         }
@@ -46,7 +46,6 @@ impl AdamW {
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
-        use candle_nn::optim::Optimizer;
         match self {
             Self::Host(o) => o.set_learning_rate(lr),
             Self::Device(o) => o.set_learning_rate(lr),
@@ -54,7 +53,6 @@ impl AdamW {
     }
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        use candle_nn::optim::Optimizer;
         match self {
             Self::Host(o) => o.step(grads),
             Self::Device(o) => o.step(grads),

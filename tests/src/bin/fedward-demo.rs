@@ -627,13 +627,12 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     let max_seq_len = args.max_seq_len.to_string();
     let seed = args.seed.to_string();
     // One process for both: `baseline all` computes the frozen layers' output over the
-    // pooled data once, on every core, then trains the centralized model and the local-only
-    // ones side by side from it.
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).to_string();
+    // pooled data once, on every core (its default `--threads`), then trains the
+    // centralized model and the local-only ones side by side from it.
     let job = [
         "baseline", "all", "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs,
         "--batch-size", &batch_size, "--learning-rate", &lr, "--max-seq-len", &max_seq_len, "--seed", &seed,
-        "--device", "cpu", "--threads", &threads, "--json",
+        "--device", "cpu", "--json",
     ];
     let output = tools.run_long(&tools.agent, &job, "baselines")?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
