@@ -76,6 +76,7 @@ impl Recipe {
         TrainingPlan {
             local_epochs: self.epochs,
             batch_size: self.batch_size,
+            optimizer: Default::default(),
             learning_rate: self.learning_rate,
             warmup_ratio: 0.1,
             weight_decay: 0.01,

@@ -220,6 +220,7 @@ mod tests {
             plan: TrainingPlan {
                 local_epochs: 1,
                 batch_size: 4,
+                optimizer: Default::default(),
                 learning_rate: 1e-3,
                 warmup_ratio: 0.0,
                 weight_decay: 0.0,

@@ -641,6 +641,7 @@ mod tests {
             plan: TrainingPlan {
                 local_epochs: 1,
                 batch_size: 8,
+                optimizer: Default::default(),
                 learning_rate: 1e-3,
                 warmup_ratio: 0.0,
                 weight_decay: 0.0,

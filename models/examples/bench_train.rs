@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             let plan = TrainingPlan {
                 local_epochs: 1,
                 batch_size: BATCH,
+                optimizer: Default::default(),
                 learning_rate: 5e-5,
                 warmup_ratio: 0.0,
                 weight_decay: 0.01,

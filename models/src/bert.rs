@@ -157,6 +157,34 @@ pub struct Mode<'a> {
     pub trainable: &'a HashSet<String>,
     /// Draws dropout masks when set (training); `None` for evaluation.
     pub dropout_rng: Option<&'a mut rand_chacha::ChaCha8Rng>,
+    /// Per-example copies of parameters, (batch, shape..) by name, used instead of the
+    /// model's own: the gradient of a copy is then each example's own gradient (DP-SGD
+    /// clips them one by one). Only adapters and the classifier can be copied
+    /// ([`BertClassifier::supports_per_example`]).
+    pub per_example: Option<&'a HashMap<String, Tensor>>,
+}
+
+/// A low-rank adapter (LoRA, Hu et al. 2021) on one weight matrix `W` (out, in): the layer
+/// computes with `W + scale B A`, `A` (rank, in) drawn at random, `B` (out, rank) zero, so
+/// a fresh adapter changes nothing until it trains.
+struct Adapter {
+    a: Var,
+    b: Var,
+}
+
+/// The matrices of an encoder layer that [`BertClassifier::add_adapters`] adapts.
+pub const ADAPTED_MATRICES: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// The names of the two tensors of the adapter on `weight`.
+pub fn adapter_names(weight: &str) -> [String; 2] {
+    [format!("{weight}.lora_a"), format!("{weight}.lora_b")]
 }
 
 /// `BertForSequenceClassification` with its weights in trainable candle `Var`s.
@@ -164,6 +192,11 @@ pub struct BertClassifier {
     pub config: BertConfig,
     pub labels: Vec<String>,
     vars: HashMap<String, Var>,
+    /// Adapters by the name of the weight they adapt; never exported (see
+    /// [`BertClassifier::merge_adapters`]).
+    adapters: HashMap<String, Adapter>,
+    /// `alpha / rank` of the adapters.
+    adapter_scale: f64,
     device: Device,
 }
 
@@ -201,15 +234,17 @@ impl BertClassifier {
             let tensor = Tensor::from_slice(t.data(), t.shape(), device)?;
             vars.insert(name, Var::from_tensor(&tensor)?);
         }
-        Ok(Self { config, labels, vars, device: device.clone() })
+        Ok(Self { config, labels, vars, adapters: HashMap::new(), adapter_scale: 0.0, device: device.clone() })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Overwrites every weight from `set`, which must hold them all with the right shapes.
+    /// Overwrites every weight from `set`, which must hold them all with the right shapes,
+    /// and drops any adapters (they live for one round of training).
     pub fn load(&mut self, set: &TensorSet) -> Result<()> {
+        self.adapters.clear();
         for (name, shape) in self.config.tensor_shapes(self.labels.len()) {
             let t = set.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
             if t.shape() != shape.as_slice() {
@@ -232,16 +267,106 @@ impl BertClassifier {
         Ok(out)
     }
 
-    /// The `Var`s of the given names (for the optimiser).
+    /// The `Var`s of the given names, weights or adapter tensors, sorted by name (for the
+    /// optimiser).
     pub fn vars_of(&self, names: &HashSet<String>) -> Result<Vec<Var>> {
         let mut sorted: Vec<&String> = names.iter().collect();
         sorted.sort();
-        sorted.into_iter().map(|n| self.vars.get(n).cloned().ok_or_else(|| ModelError::Missing(n.clone()))).collect()
+        sorted.into_iter().map(|n| self.var(n).cloned().ok_or_else(|| ModelError::Missing(n.clone()))).collect()
+    }
+
+    fn var(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name).or_else(|| {
+            let (weight, part) = name.rsplit_once('.')?;
+            let adapter = self.adapters.get(weight)?;
+            match part {
+                "lora_a" => Some(&adapter.a),
+                "lora_b" => Some(&adapter.b),
+                _ => None,
+            }
+        })
+    }
+
+    /// Adds fresh adapters of `rank` (scale `alpha / rank` with `alpha = 2 rank`) to the
+    /// six matrices of the last encoder layer ([`ADAPTED_MATRICES`]), `A` drawn from
+    /// normal(0, 1/in) with `seed`, `B` zero. Returns the adapter tensors' names. Only the
+    /// last layer can be adapted: its `[CLS]`-only path is where per-example copies are
+    /// supported.
+    pub fn add_adapters(&mut self, rank: usize, seed: u64) -> Result<Vec<String>> {
+        if rank == 0 {
+            return Err(ModelError::Config("adapter rank must be at least 1".into()));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let layer = self.config.num_hidden_layers - 1;
+        self.adapter_scale = 2.0;
+        let mut names = Vec::new();
+        for m in ADAPTED_MATRICES {
+            let weight = format!("bert.encoder.layer.{layer}.{m}.weight");
+            let (out, inp) = self.vars.get(&weight).ok_or_else(|| ModelError::Missing(weight.clone()))?.dims2()?;
+            let normal = Normal::new(0.0f32, (1.0 / inp as f32).sqrt()).map_err(|e| ModelError::Config(e.to_string()))?;
+            let a: Vec<f32> = (0..rank * inp).map(|_| normal.sample(&mut rng)).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), &self.device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, &self.device)?)?;
+            names.extend(adapter_names(&weight));
+            self.adapters.insert(weight, Adapter { a, b });
+        }
+        Ok(names)
+    }
+
+    /// Folds every adapter into its weight (`W += scale B A`) and drops the adapters: the
+    /// model is a plain BERT again, its weights what the adapted model computed with.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        for (weight, adapter) in self.adapters.drain() {
+            let var = self.vars.get(&weight).ok_or_else(|| ModelError::Missing(weight.clone()))?;
+            let update = (adapter.b.as_tensor().matmul(adapter.a.as_tensor())? * self.adapter_scale)?;
+            var.set(&var.as_tensor().add(&update)?)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every name in `trainable` can be trained through per-example copies
+    /// ([`Mode::per_example`]): adapters and the classifier.
+    pub fn supports_per_example(&self, trainable: &HashSet<String>) -> bool {
+        trainable.iter().all(|n| n.starts_with("classifier.") || (n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some())
     }
 
     fn p(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
         let var = self.vars.get(name).ok_or_else(|| ModelError::Missing(name.to_owned()))?;
         Ok(if mode.trainable.contains(name) { var.as_tensor().clone() } else { var.as_tensor().detach() })
+    }
+
+    /// A parameter with a leading batch axis: the per-example copies (batch, ..) when the
+    /// mode has them, else the model's own (1, ..), which broadcasts.
+    fn p_batched(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
+        if let Some(copy) = mode.per_example.and_then(|m| m.get(name)) {
+            return Ok(copy.clone());
+        }
+        let var = self.var(name).ok_or_else(|| ModelError::Missing(name.to_owned()))?;
+        let t = if mode.trainable.contains(name) { var.as_tensor().clone() } else { var.as_tensor().detach() };
+        Ok(t.unsqueeze(0)?)
+    }
+
+    /// The adapter's `A` (E, rank, in) and `B` (E, out, rank) with E = batch or 1, if
+    /// `weight` has one.
+    fn adapter(&self, weight: &str, mode: &Mode<'_>) -> Result<Option<(Tensor, Tensor)>> {
+        if !self.adapters.contains_key(weight) {
+            return Ok(None);
+        }
+        let [a, b] = adapter_names(weight);
+        Ok(Some((self.p_batched(&a, mode)?, self.p_batched(&b, mode)?)))
+    }
+
+    /// `x W^T + bias` plus the adapter's `scale (x A^T) B^T` on (batch, rows, in).
+    fn linear_adapted(&self, x: &Tensor, prefix: &str, mode: &Mode<'_>) -> Result<Tensor> {
+        let weight = format!("{prefix}.weight");
+        let y = linear3d(x, &self.p(&weight, mode)?, &self.p(&format!("{prefix}.bias"), mode)?)?;
+        match self.adapter(&weight, mode)? {
+            None => Ok(y),
+            Some((a, b)) => {
+                let low = x.broadcast_matmul(&a.transpose(1, 2)?)?.broadcast_matmul(&b.transpose(1, 2)?)?;
+                Ok(y.add(&(low * self.adapter_scale)?)?)
+            }
+        }
     }
 
     /// The index of the first encoder layer with a trainable tensor (the layers below it
@@ -300,6 +425,13 @@ impl BertClassifier {
         let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &self.p("bert.pooler.dense.bias", mode)?)?
             .tanh()?;
         let pooled = self.dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
+        if mode.per_example.is_some_and(|m| m.contains_key("classifier.weight")) {
+            // (batch, 1, hidden) x (batch, hidden, labels): each example its own classifier.
+            let weight = self.p_batched("classifier.weight", mode)?;
+            let bias = self.p_batched("classifier.bias", mode)?;
+            let logits = pooled.unsqueeze(1)?.broadcast_matmul(&weight.transpose(1, 2)?)?.squeeze(1)?;
+            return Ok(logits.broadcast_add(&bias)?);
+        }
         linear2d(&pooled, &self.p("classifier.weight", mode)?, &self.p("classifier.bias", mode)?)
     }
 
@@ -346,20 +478,11 @@ impl BertClassifier {
             let probs = self.dropout(&probs, self.config.attention_probs_dropout_prob, mode)?;
             probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape(x_q.shape())?
         };
-        let attn = linear3d(
-            &ctx,
-            &self.p(&format!("{p}.attention.output.dense.weight"), mode)?,
-            &self.p(&format!("{p}.attention.output.dense.bias"), mode)?,
-        )?;
+        let attn = self.linear_adapted(&ctx, &format!("{p}.attention.output.dense"), mode)?;
         let attn = self.dropout(&attn, self.config.hidden_dropout_prob, mode)?;
         let attn = self.layer_norm(&attn.add(&x_q)?, &format!("{p}.attention.output.LayerNorm"), mode)?;
-        let inter = linear3d(
-            &attn,
-            &self.p(&format!("{p}.intermediate.dense.weight"), mode)?,
-            &self.p(&format!("{p}.intermediate.dense.bias"), mode)?,
-        )?
-        .gelu_erf()?;
-        let out = linear3d(&inter, &self.p(&format!("{p}.output.dense.weight"), mode)?, &self.p(&format!("{p}.output.dense.bias"), mode)?)?;
+        let inter = self.linear_adapted(&attn, &format!("{p}.intermediate.dense"), mode)?.gelu_erf()?;
+        let out = self.linear_adapted(&inter, &format!("{p}.output.dense"), mode)?;
         let out = self.dropout(&out, self.config.hidden_dropout_prob, mode)?;
         self.layer_norm(&out.add(&attn)?, &format!("{p}.output.LayerNorm"), mode)
     }
@@ -379,22 +502,37 @@ impl BertClassifier {
         let heads = self.config.num_attention_heads;
         let dh = h / heads;
         let param = |name: &str| self.p(&format!("{p}.attention.self.{name}"), mode);
-        let (query, query_bias) = (param("query.weight")?, param("query.bias")?);
         let (key, value, value_bias) = (param("key.weight")?, param("value.weight")?, param("value.bias")?);
-        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        let q = linear2d(&cls, &query, &query_bias)?;
+        let q = self.linear_adapted(&x.narrow(1, 0, 1)?, &format!("{p}.attention.self.query"), mode)?.squeeze(1)?;
         // (heads, batch, dh) x (heads, dh, hidden): each head's query pulled back through its
         // key projection, scaled as the scores are.
-        let q = (q.reshape((b, heads, dh))?.transpose(0, 1)?.contiguous()? / (dh as f64).sqrt())?;
-        let pulled = q.matmul(&key.reshape((heads, dh, h))?)?.transpose(0, 1)?.contiguous()?;
+        let q = (q.reshape((b, heads, dh))? / (dh as f64).sqrt())?;
+        let mut pulled = q.transpose(0, 1)?.contiguous()?.matmul(&key.reshape((heads, dh, h))?)?.transpose(0, 1)?.contiguous()?;
+        if let Some((a, bk)) = self.adapter(&format!("{p}.attention.self.key.weight"), mode)? {
+            // Through `scale B A` instead: each head's query against its rows of B
+            // (batch, heads, 1, dh) x (E, heads, dh, rank), then A (E, rank, hidden).
+            let e = bk.dim(0)?;
+            let rank = bk.dim(2)?;
+            let u = q.unsqueeze(2)?.broadcast_matmul(&bk.reshape((e, heads, dh, rank))?)?.squeeze(2)?;
+            pulled = pulled.add(&(u.broadcast_matmul(&a)? * self.adapter_scale)?)?;
+        }
         // (batch, heads, hidden) x (batch, hidden, len) plus the padding mask (batch, 1, len).
         let scores = pulled.matmul(&x.t()?)?.broadcast_add(&bias.reshape((b, 1, len))?)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let probs = self.dropout(&probs, self.config.attention_probs_dropout_prob, mode)?;
         // Probability-weighted token mixture per head (batch, heads, hidden), then each head's
         // value projection: (heads, batch, hidden) x (heads, hidden, dh).
-        let mixed = probs.matmul(x)?.transpose(0, 1)?.contiguous()?;
-        let values = mixed.matmul(&value.reshape((heads, dh, h))?.t()?)?.transpose(0, 1)?;
+        let mixed = probs.matmul(x)?;
+        let mut values = mixed.transpose(0, 1)?.contiguous()?.matmul(&value.reshape((heads, dh, h))?.t()?)?.transpose(0, 1)?;
+        if let Some((a, bv)) = self.adapter(&format!("{p}.attention.self.value.weight"), mode)? {
+            // scale B_j (A mixed_j) per head j: (batch, heads, rank), then each head's rows
+            // of B: (batch, heads, 1, rank) x (E, heads, rank, dh).
+            let e = bv.dim(0)?;
+            let rank = bv.dim(2)?;
+            let u = mixed.broadcast_matmul(&a.transpose(1, 2)?)?.unsqueeze(2)?;
+            let bv = bv.reshape((e, heads, dh, rank))?.transpose(2, 3)?;
+            values = values.add(&(u.broadcast_matmul(&bv)?.squeeze(2)? * self.adapter_scale)?)?;
+        }
         let mass = probs.sum_keepdim(D::Minus1)?;
         let ctx = values.broadcast_add(&mass.broadcast_mul(&value_bias.reshape((1, heads, dh))?)?)?;
         Ok(ctx.contiguous()?.reshape((b, 1, h))?)
@@ -486,7 +624,7 @@ mod tests {
         let probe = Tensor::from_vec(probe, (b, 1, h), &device).unwrap();
 
         let run = |cls_only: bool| {
-            let mut mode = Mode { trainable: &trainable, dropout_rng: None };
+            let mut mode = Mode { trainable: &trainable, dropout_rng: None, per_example: None };
             let out = model.layer(&x, &bias, last, cls_only, &mut mode).unwrap().narrow(1, 0, 1).unwrap();
             let grads = out.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
             let mut by_name: Vec<(String, Vec<f32>)> = trainable
@@ -513,4 +651,94 @@ mod tests {
         let g = &cls_grads.iter().find(|(n, _)| *n == key_bias).unwrap().1;
         assert!(g.iter().all(|v| v.abs() < 1e-5));
     }
+
+    fn tiny_with_adapters(rank: usize) -> (BertClassifier, Vec<String>) {
+        let mut config = BertConfig::tiny(50);
+        config.num_attention_heads = 4;
+        let labels = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let mut model = BertClassifier::random(config, labels, 3, &Device::Cpu).unwrap();
+        let names = model.add_adapters(rank, 5).unwrap();
+        // Non-zero B, so that every adapter path contributes.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for n in names.iter().filter(|n| n.ends_with(".lora_b")) {
+            let v = model.var(n).unwrap();
+            let data: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.3..0.3)).collect();
+            v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        (model, names)
+    }
+
+    fn tiny_batch(device: &Device) -> Batch {
+        let ids = Tensor::from_vec(vec![2u32, 7, 9, 11, 3, 2, 8, 3, 0, 0, 2, 40, 41, 42, 3], (3, 5), device).unwrap();
+        let mask = Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1], (3, 5), device).unwrap();
+        Batch { input_ids: ids, token_type_ids: Tensor::zeros((3, 5), DType::U32, device).unwrap(), attention_mask: mask }
+    }
+
+    /// The adapted layer computes with `W + scale B A`: merging the adapters into the
+    /// weights gives the same logits.
+    #[test]
+    fn merged_adapters_give_the_adapted_models_logits() {
+        let (mut model, _) = tiny_with_adapters(3);
+        let batch = tiny_batch(&Device::Cpu);
+        let none = HashSet::new();
+        let logits = |m: &BertClassifier| -> Vec<Vec<f32>> {
+            m.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap()
+        };
+        let adapted = logits(&model);
+        let plain = BertClassifier::from_tensors(model.config.clone(), model.labels.clone(), &model.tensor_set().unwrap(), &Device::Cpu).unwrap();
+        assert_ne!(logits(&plain), adapted, "the adapters change the logits");
+        model.merge_adapters().unwrap();
+        assert!(model.adapters.is_empty());
+        let merged = logits(&model);
+        for (a, b) in adapted.iter().flatten().zip(merged.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// Per-example copies of the adapters and the classifier: the gradient of example i's
+    /// copy in a batched pass is example i's own gradient from a pass on it alone.
+    #[test]
+    fn per_example_copies_give_each_examples_own_gradient() {
+        let (model, mut names) = tiny_with_adapters(2);
+        names.extend(["classifier.weight".to_owned(), "classifier.bias".to_owned()]);
+        let trainable: HashSet<String> = names.iter().cloned().collect();
+        assert!(model.supports_per_example(&trainable));
+        let device = Device::Cpu;
+        let batch = tiny_batch(&device);
+        let labels = [0u32, 2, 1];
+        let n = labels.len();
+
+        let copies: HashMap<String, Var> = names
+            .iter()
+            .map(|name| {
+                let t = model.var(name).unwrap().as_tensor();
+                let mut shape = vec![n];
+                shape.extend(t.dims());
+                (name.clone(), Var::from_tensor(&t.unsqueeze(0).unwrap().broadcast_as(shape).unwrap().contiguous().unwrap()).unwrap())
+            })
+            .collect();
+        let tensors: HashMap<String, Tensor> = copies.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let logits = model.forward(&batch, &mut Mode { trainable: &trainable, dropout_rng: None, per_example: Some(&tensors) }).unwrap();
+        let target = Tensor::from_vec(labels.to_vec(), n, &device).unwrap();
+        let grads = (candle_nn::loss::cross_entropy(&logits, &target).unwrap() * n as f64).unwrap().backward().unwrap();
+
+        for i in 0..n {
+            let one = Batch {
+                input_ids: batch.input_ids.narrow(0, i, 1).unwrap(),
+                token_type_ids: batch.token_type_ids.narrow(0, i, 1).unwrap(),
+                attention_mask: batch.attention_mask.narrow(0, i, 1).unwrap(),
+            };
+            let logits = model.forward(&one, &mut Mode { trainable: &trainable, dropout_rng: None, per_example: None }).unwrap();
+            let target = Tensor::from_vec(vec![labels[i]], 1, &device).unwrap();
+            let alone = candle_nn::loss::cross_entropy(&logits, &target).unwrap().backward().unwrap();
+            for name in &names {
+                let want = alone.get(model.var(name).unwrap().as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = grads.get(copies[name].as_tensor()).unwrap().get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let scale = want.iter().map(|v| v.abs()).fold(1e-4f32, f32::max);
+                let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(diff / scale < 1e-4, "example {i}, {name}: differs by {diff} (scale {scale})");
+            }
+        }
+    }
+
 }

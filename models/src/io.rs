@@ -148,7 +148,7 @@ mod tests {
         let refs: Vec<_> = enc.iter().collect();
         let batch = make_batch(&refs, 0, &Device::Cpu).unwrap();
         let none = HashSet::new();
-        model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None }).unwrap().to_vec2().unwrap()
+        model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap()
     }
 
     #[test]
@@ -274,10 +274,10 @@ mod golden {
             attention_mask: flat(&input.attention_mask),
         };
         let none = HashSet::new();
-        let logits: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None }).unwrap().to_vec2().unwrap();
+        let logits: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
         // The differentiable path (layer norm in tensor ops) must agree too.
         let all: HashSet<String> = model.tensor_set().unwrap().names().map(str::to_owned).collect();
-        let train_path: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &all, dropout_rng: None }).unwrap().to_vec2().unwrap();
+        let train_path: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &all, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
         assert!(expected.iter().flatten().any(|v| v.abs() > 0.5), "fixture logits too small to test anything");
         for (got, want) in [(&logits, &expected), (&train_path, &expected)] {
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {

@@ -117,6 +117,70 @@ impl FusedAdamW {
     }
 }
 
+/// SGD with heavy-ball momentum and coupled weight decay, as PyTorch's `SGD`:
+/// `g += wd w; v = m v + g; w -= lr v`. In tensor ops, so it runs wherever the parameters
+/// live; DP-SGD trains few parameters, so a step is cheap either way.
+pub struct MomentumSgd {
+    slots: Vec<(Var, Option<Tensor>)>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl MomentumSgd {
+    pub fn new(vars: Vec<Var>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
+        Self { slots: vars.into_iter().map(|v| (v, None)).collect(), lr, momentum, weight_decay }
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// One step from `grads`; a parameter without a gradient is left as it is.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        for (var, velocity) in &mut self.slots {
+            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let grad = if self.weight_decay > 0.0 { (grad + (var.as_tensor() * self.weight_decay)?)? } else { grad.clone() };
+            let v = match velocity.take() {
+                Some(v) if self.momentum > 0.0 => ((v * self.momentum)? + grad)?,
+                _ => grad,
+            };
+            var.set(&(var.as_tensor() - (&v * self.lr)?)?)?;
+            *velocity = Some(v);
+        }
+        Ok(())
+    }
+}
+
+/// The optimiser a training plan names.
+pub enum LocalOptimizer {
+    AdamW(AdamW),
+    Sgd(MomentumSgd),
+}
+
+impl LocalOptimizer {
+    pub fn new(vars: Vec<Var>, optimizer: fedward_shared::plan::Optimizer, lr: f64, weight_decay: f64) -> Result<Self> {
+        Ok(match optimizer {
+            fedward_shared::plan::Optimizer::AdamW => Self::AdamW(AdamW::new(vars, AdamWParams { lr, weight_decay, ..Default::default() })?),
+            fedward_shared::plan::Optimizer::Sgd { momentum } => Self::Sgd(MomentumSgd::new(vars, lr, momentum, weight_decay)),
+        })
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        match self {
+            Self::AdamW(o) => o.set_learning_rate(lr),
+            Self::Sgd(o) => o.set_learning_rate(lr),
+        }
+    }
+
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Self::AdamW(o) => o.step(grads),
+            Self::Sgd(o) => o.step(grads),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,13 +24,13 @@ use rand::SeedableRng;
 use tracing::{debug, info};
 
 use fedward_shared::dp::{clip_slices, clip_tensors, dp_sgd_steps, poisson_sample, GaussianNoise, NoiseRng};
-use fedward_shared::plan::{PrivacyPlan, TrainingPlan};
+use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
 use fedward_shared::tensor::{Digest, TensorSet};
 use fedward_shared::wire::LocalMetrics;
 
 use crate::bert::{BertClassifier, Mode, ModelError};
 use crate::eval::{classification_report, ClassificationReport};
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::LocalOptimizer;
 use crate::text::{make_batch, Encoded, Example, TextEncoder, TextError};
 use crate::trainer::{LocalUpdate, TrainContext, TrainError, Trainer};
 
@@ -167,8 +167,10 @@ impl BertTrainer {
 
     /// Trains the model in place from its current weights (no delta): for baselines.
     pub fn fit(&mut self, plan: &TrainingPlan, round: u64) -> Result<f64, TrainError> {
-        let trainable: HashSet<String> = plan.trainable_tensors.iter().cloned().collect();
-        train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, round)
+        let trainable = begin_training(&mut self.model, plan, round)?;
+        let loss = train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, round)?;
+        self.model.merge_adapters()?;
+        Ok(loss)
     }
 
     /// Evaluates on the validation set, if any.
@@ -187,12 +189,13 @@ impl Trainer for BertTrainer {
                 return Err(TrainError::ModelMismatch(format!("trainable tensor {name} is not in the model")));
             }
         }
-        let trainable: HashSet<String> = plan.trainable_tensors.iter().cloned().collect();
-        let params: usize = plan.trainable_tensors.iter().filter_map(|n| global.get(n)).map(|t| t.len()).sum();
+        let trainable = begin_training(&mut self.model, plan, ctx.round.0)?;
+        let params: usize = self.model.vars_of(&trainable)?.iter().map(|v| v.elem_count()).sum();
+        let update: usize = plan.trainable_tensors.iter().filter_map(|n| global.get(n)).map(|t| t.len()).sum();
         info!(
             tensors = trainable.len(),
             parameters = params,
-            update_mib = format_args!("{:.2}", params as f64 * 4.0 / (1 << 20) as f64),
+            update_mib = format_args!("{:.2}", update as f64 * 4.0 / (1 << 20) as f64),
             examples = self.train.examples.len(),
             "local training"
         );
@@ -208,6 +211,8 @@ impl Trainer for BertTrainer {
                 (train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, ctx.round.0)?, 0, None)
             }
         };
+        // Adapters fold into the weights: the update is in the plan's tensors.
+        self.model.merge_adapters()?;
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged(format!("mean loss {train_loss}")));
         }
@@ -230,6 +235,22 @@ impl Trainer for BertTrainer {
 
     fn num_examples(&self) -> u64 {
         self.train.examples.len() as u64
+    }
+}
+
+/// The tensors that train this round: the plan's, or for `lora:R` fresh adapters on the
+/// top layer (added to `model` here; the caller merges them after training) plus the
+/// classifier. The adapters' random `A` comes from the plan's seed and the round, never
+/// from the data, so every site starts a round from the same adapters.
+fn begin_training(model: &mut BertClassifier, plan: &TrainingPlan, round: u64) -> Result<HashSet<String>, TrainError> {
+    match plan.trainable {
+        Trainable::TopLora(rank) => {
+            let seed = plan.seed ^ round.wrapping_add(1).wrapping_mul(0xA24B_AED4_963E_E407);
+            let mut trainable: HashSet<String> = model.add_adapters(rank as usize, seed)?.into_iter().collect();
+            trainable.extend(plan.trainable_tensors.iter().filter(|n| n.starts_with("classifier.")).cloned());
+            Ok(trainable)
+        }
+        _ => Ok(plan.trainable_tensors.iter().cloned().collect()),
     }
 }
 
@@ -271,7 +292,7 @@ fn ensure_cache(model: &BertClassifier, data: &mut Prepared, trainable: &HashSet
         for chunk in chunks.iter().skip(w).step_by(threads) {
             let refs: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
             let batch = make_batch(&refs, pad, model.device())?;
-            let hidden = model.forward_prefix(&batch, first, &mut Mode { trainable: &none, dropout_rng: None })?;
+            let hidden = model.forward_prefix(&batch, first, &mut Mode { trainable: &none, dropout_rng: None, per_example: None })?;
             for (j, &i) in chunk.iter().enumerate() {
                 let len = if head_only { 1 } else { encoded[i].ids.len() };
                 out.push((i, hidden.get(j)?.narrow(0, 0, len)?.contiguous()?));
@@ -352,7 +373,7 @@ fn train_loop(
         return Err(TrainError::InvalidPlan("a record-level plan trains only through dp_sgd_loop".into()));
     }
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
-    let mut opt = adamw(&vars, plan)?;
+    let mut opt = optimizer(&vars, plan)?;
     let n = data.examples.len();
     let batch_size = (plan.batch_size as usize).max(1);
     let steps_per_epoch = n.div_ceil(batch_size);
@@ -368,7 +389,7 @@ fn train_loop(
             opt.set_learning_rate(lr);
             let labels: Vec<u32> = idx.iter().map(|&i| data.examples[i].label as u32).collect();
             let labels = Tensor::from_vec(labels, idx.len(), model.device())?;
-            let logits = logits_for(model, data, idx, &mut Mode { trainable, dropout_rng: Some(&mut dropout_rng) })?;
+            let logits = logits_for(model, data, idx, &mut Mode { trainable, dropout_rng: Some(&mut dropout_rng), per_example: None })?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let mut grads = loss.backward()?;
             if plan.max_grad_norm > 0.0 {
@@ -405,9 +426,9 @@ fn length_grouped_batches(lengths: &[usize], batch_size: usize, rng: &mut impl r
     batches
 }
 
-/// The plan's AdamW over `vars`.
-fn adamw(vars: &[candle_core::Var], plan: &TrainingPlan) -> Result<AdamW, TrainError> {
-    Ok(AdamW::new(vars.to_vec(), AdamWParams { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() })?)
+/// The plan's optimiser over `vars`.
+fn optimizer(vars: &[candle_core::Var], plan: &TrainingPlan) -> Result<LocalOptimizer, TrainError> {
+    Ok(LocalOptimizer::new(vars.to_vec(), plan.optimizer, plan.learning_rate, plan.weight_decay)?)
 }
 
 /// Tokenizes, fills the frozen-prefix cache and returns the trainable `Var`s (sorted by name).
@@ -474,7 +495,13 @@ fn dp_sgd_loop(
     }
     let noise = GaussianNoise::for_mechanism(dp.noise_multiplier, dp.clip_norm).map_err(|e| invalid(&e))?;
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
-    let mut opt = adamw(&vars, plan)?;
+    let mut opt = optimizer(&vars, plan)?;
+    // `vars_of` sorts by name: the names in the same order.
+    let mut var_names: Vec<String> = trainable.iter().cloned().collect();
+    var_names.sort();
+    // Per-example copies give every example's gradient from one batched pass; otherwise one
+    // pass per example.
+    let batched = model.supports_per_example(trainable) && data.cache.is_some();
     let n = data.examples.len();
     // Dividing by the expected batch size (not the drawn one) keeps the batch size, which
     // depends on the data, out of the released value.
@@ -486,31 +513,110 @@ fn dp_sgd_loop(
     let (mut loss_sum, mut sampled, mut clipped_count) = (0.0f64, 0u64, 0u64);
     let (mut taken, mut empty_batches) = (0u64, 0u64);
     let started = std::time::Instant::now();
+    let mut norms: Vec<f64> = Vec::new();
     for step in 0..total {
         opt.set_learning_rate(schedule(plan.learning_rate, step, warmup, total));
         let batch = poisson_sample(noise_rng, n, dp.sampling_rate).map_err(|e| invalid(&e))?;
         sum.iter_mut().for_each(|s| s.fill(0.0));
-        for &i in &batch {
-            let mut mode = Mode { trainable, dropout_rng: Some(&mut dropout_rng) };
-            let (loss, norm) = add_clipped_gradient(model, data, &vars, i, dp.clip_norm, &mut mode, &mut sum)?;
-            loss_sum += loss;
-            sampled += 1;
-            clipped_count += u64::from(norm > dp.clip_norm);
+        if batched {
+            for chunk in batch.chunks(PER_EXAMPLE_CHUNK) {
+                let (loss, chunk_norms) =
+                    add_clipped_gradients_batched(model, data, &vars, &var_names, trainable, chunk, dp.clip_norm, Some(&mut dropout_rng), &mut sum)?;
+                loss_sum += loss;
+                sampled += chunk.len() as u64;
+                clipped_count += chunk_norms.iter().filter(|&&n| n > dp.clip_norm).count() as u64;
+                norms.extend(chunk_norms);
+            }
+        } else {
+            for &i in &batch {
+                let mut mode = Mode { trainable, dropout_rng: Some(&mut dropout_rng), per_example: None };
+                let (loss, norm) = add_clipped_gradient(model, data, &vars, i, dp.clip_norm, &mut mode, &mut sum)?;
+                loss_sum += loss;
+                sampled += 1;
+                clipped_count += u64::from(norm > dp.clip_norm);
+                norms.push(norm);
+            }
         }
         empty_batches += u64::from(batch.is_empty());
         let grads = noisy_mean_gradient(&vars, &sum, &noise, noise_rng, expected_batch)?;
         opt.step(&grads)?;
         taken += 1;
     }
+    // The spread of per-example gradient norms is what C should be chosen from (clip near
+    // the median); norms are aggregate figures of the local run and never leave the site.
+    norms.sort_by(f64::total_cmp);
+    let quantile = |f: f64| norms.get(((norms.len().saturating_sub(1)) as f64 * f) as usize).copied().unwrap_or(0.0);
     debug!(
         steps = taken,
         sampled,
         empty_batches,
         clipped = clipped_count,
+        norm_p10 = format_args!("{:.3}", quantile(0.1)),
+        norm_p50 = format_args!("{:.3}", quantile(0.5)),
+        norm_p90 = format_args!("{:.3}", quantile(0.9)),
         secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
         "dp-sgd done"
     );
     Ok(DpSgdRun { mean_loss: loss_sum / sampled.max(1) as f64, steps: taken, sampled, empty_batches })
+}
+
+/// Examples per batched pass of [`add_clipped_gradients_batched`]: bounds the memory of
+/// the per-example copies and gradients (chunk x trainable parameters).
+const PER_EXAMPLE_CHUNK: usize = 64;
+
+/// Like [`add_clipped_gradient`] for every example of `idx` in one forward and backward
+/// pass: each trainable tensor is copied once per example ([`Mode::per_example`]), so the
+/// gradient of copy `i` is example `i`'s own gradient, which is then clipped on the host
+/// exactly as one example alone would be. Returns the summed loss and each example's
+/// gradient norm before clipping.
+#[allow(clippy::too_many_arguments)]
+fn add_clipped_gradients_batched(
+    model: &BertClassifier,
+    data: &Prepared,
+    vars: &[candle_core::Var],
+    names: &[String],
+    trainable: &HashSet<String>,
+    idx: &[usize],
+    clip_norm: f64,
+    dropout_rng: Option<&mut rand_chacha::ChaCha8Rng>,
+    sum: &mut [Vec<f64>],
+) -> Result<(f64, Vec<f64>), TrainError> {
+    let n = idx.len();
+    let mut copies = Vec::with_capacity(vars.len());
+    for v in vars {
+        let mut shape = vec![n];
+        shape.extend(v.dims());
+        copies.push(candle_core::Var::from_tensor(&v.as_tensor().unsqueeze(0)?.broadcast_as(shape)?.contiguous()?)?);
+    }
+    let per_example: std::collections::HashMap<String, Tensor> =
+        names.iter().cloned().zip(copies.iter().map(|c| c.as_tensor().clone())).collect();
+    let labels: Vec<u32> = idx.iter().map(|&i| data.examples[i].label as u32).collect();
+    let labels = Tensor::from_vec(labels, n, model.device())?;
+    let mut mode = Mode { trainable, dropout_rng, per_example: Some(&per_example) };
+    let logits = logits_for(model, data, idx, &mut mode)?;
+    // The sum of the examples' losses: each copy's gradient is its example's, unscaled.
+    let loss = (candle_nn::loss::cross_entropy(&logits, &labels)? * n as f64)?;
+    let grads = loss.backward()?;
+    let mut flat: Vec<Vec<f32>> = Vec::with_capacity(vars.len());
+    for (c, v) in copies.iter().zip(vars) {
+        flat.push(match grads.get(c.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; n * v.elem_count()],
+        });
+    }
+    let mut norms = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut slices: Vec<&mut [f32]> =
+            flat.iter_mut().zip(vars).map(|(g, v)| &mut g[i * v.elem_count()..(i + 1) * v.elem_count()]).collect();
+        let clipped = clip_slices(&mut slices, clip_norm).map_err(|e| TrainError::Diverged(format!("per-example gradient: {e}")))?;
+        norms.push(clipped.norm);
+        for (acc, g) in sum.iter_mut().zip(&slices) {
+            for (a, &x) in acc.iter_mut().zip(g.iter()) {
+                *a += f64::from(x);
+            }
+        }
+    }
+    Ok((f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?), norms))
 }
 
 /// Adds example `i`'s gradient, clipped to L2 norm `clip_norm` over all of `vars`, into
@@ -625,7 +731,7 @@ fn evaluate_prepared(
     let mut idx: Vec<usize> = (0..data.examples.len()).collect();
     idx.sort_by_key(|&i| data.encoded[i].ids.len());
     for chunk in idx.chunks(EVAL_BATCH) {
-        let logits = logits_for(model, data, chunk, &mut Mode { trainable: &none, dropout_rng: None })?;
+        let logits = logits_for(model, data, chunk, &mut Mode { trainable: &none, dropout_rng: None, per_example: None })?;
         let labels = Tensor::from_vec(chunk.iter().map(|&i| data.examples[i].label as u32).collect::<Vec<_>>(), chunk.len(), model.device())?;
         loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?) * chunk.len() as f64;
         for (&i, p) in chunk.iter().zip(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) {
@@ -693,7 +799,7 @@ pub fn predict(model: &BertClassifier, encoder: &TextEncoder, texts: &[&str], ma
     for chunk in encoded.chunks(EVAL_BATCH) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let batch = make_batch(&refs, model.config.pad_token_id, model.device())?;
-        let logits = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None })?;
+        let logits = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None })?;
         let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
         out.extend(probs.to_vec2::<f32>()?);
     }
@@ -750,6 +856,7 @@ mod tests {
         TrainingPlan {
             local_epochs: epochs,
             batch_size: 8,
+            optimizer: Default::default(),
             learning_rate: 5e-3,
             warmup_ratio: 0.1,
             weight_decay: 0.0,
@@ -796,7 +903,7 @@ mod tests {
 
     #[test]
     fn update_holds_exactly_the_trainable_tensors() {
-        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::All] {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopLora(2), Trainable::All] {
             let (_, update, plan) = train_once(trainable, 1);
             let mut names: Vec<&str> = update.delta.names().collect();
             names.sort_unstable();
@@ -810,7 +917,7 @@ mod tests {
 
     #[test]
     fn trainable_tensors_move_and_frozen_ones_stay_bit_identical() {
-        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::All] {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopLora(2), Trainable::All] {
             let (model, encoder) = tiny();
             let global = model.tensor_set().unwrap();
             let plan = plan(trainable, &model, 1);
@@ -841,9 +948,9 @@ mod tests {
         data.tokenize(&encoder, 16).unwrap();
         let none = HashSet::new();
         let idx: Vec<usize> = (0..6).collect();
-        let full = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None }).unwrap();
+        let full = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap();
         ensure_cache(&model, &mut data, &trainable, 1).unwrap();
-        let cached = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None }).unwrap();
+        let cached = logits_for(&model, &data, &idx, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap();
         let diff = (full - cached).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "max difference {diff}");
     }
@@ -918,22 +1025,65 @@ mod tests {
             for i in 0..data.examples.len() {
                 // Unclipped (C far above any gradient): the raw gradient and its norm.
                 let mut raw = zero();
-                let mode = &mut Mode { trainable: &names, dropout_rng: None };
+                let mode = &mut Mode { trainable: &names, dropout_rng: None, per_example: None };
                 let (_, raw_norm) = add_clipped_gradient(&model, &data, &vars, i, 1e9, mode, &mut raw).unwrap();
                 assert!((norm(&raw) - raw_norm).abs() <= 1e-6 * raw_norm, "{trainable}: unclipped gradients pass unchanged");
                 assert!(raw_norm > 100.0 * c, "{trainable}: example {i} must be clipped for this test ({raw_norm})");
                 let mut one = zero();
-                let mode = &mut Mode { trainable: &names, dropout_rng: None };
+                let mode = &mut Mode { trainable: &names, dropout_rng: None, per_example: None };
                 add_clipped_gradient(&model, &data, &vars, i, c, mode, &mut one).unwrap();
                 assert!(norm(&one) <= c, "{trainable}: example {i} contributes {} > C", norm(&one));
                 assert!(norm(&one) > c * (1.0 - 1e-6), "{trainable}: clipped to C, not below");
                 let cos = raw.iter().flatten().zip(one.iter().flatten()).map(|(a, b)| a * b).sum::<f64>() / (raw_norm * norm(&one));
                 assert!((cos - 1.0).abs() < 1e-5, "{trainable}: direction kept ({cos})");
-                let mode = &mut Mode { trainable: &names, dropout_rng: None };
+                let mode = &mut Mode { trainable: &names, dropout_rng: None, per_example: None };
                 add_clipped_gradient(&model, &data, &vars, i, c, mode, &mut batch_sum).unwrap();
             }
             // A batch of everyone: at most n C by the triangle inequality.
             assert!(norm(&batch_sum) <= data.examples.len() as f64 * c);
+        }
+    }
+
+    /// The batched per-example path (adapters and classifier copied per example) clips
+    /// and sums exactly what one pass per example does.
+    #[test]
+    fn batched_per_example_clipping_matches_one_pass_per_example() {
+        let (mut model, encoder) = tiny();
+        let plan = plan(Trainable::TopLora(2), &model, 1);
+        let names = begin_training(&mut model, &plan, 1).unwrap();
+        assert!(model.supports_per_example(&names));
+        // Train a few steps first so B is non-zero and every adapter has a gradient.
+        let mut data = Prepared::new(separable());
+        let mut warm = plan.clone();
+        warm.learning_rate = 5e-2;
+        train_loop(&mut model, &encoder, &mut data, &names, &warm, 1).unwrap();
+        let vars = prepare_training(&model, &encoder, &mut data, &names, &plan).unwrap();
+        assert!(data.cache.is_some(), "the layers below the adapters are a cached prefix");
+        let mut sorted: Vec<String> = names.iter().cloned().collect();
+        sorted.sort();
+        let zero = || vars.iter().map(|v| vec![0.0; v.elem_count()]).collect::<Vec<_>>();
+        let idx: Vec<usize> = (0..data.examples.len()).collect();
+        for c in [1e-3, 1e9] {
+            let mut one_by_one = zero();
+            let mut norms = Vec::new();
+            for &i in &idx {
+                let mode = &mut Mode { trainable: &names, dropout_rng: None, per_example: None };
+                norms.push(add_clipped_gradient(&model, &data, &vars, i, c, mode, &mut one_by_one).unwrap().1);
+            }
+            let mut batched = zero();
+            // In two chunks, without dropout as in the one-by-one passes.
+            let mut batched_norms = Vec::new();
+            for chunk in idx.chunks(10) {
+                let (_, n) = add_clipped_gradients_batched(&model, &data, &vars, &sorted, &names, chunk, c, None, &mut batched).unwrap();
+                batched_norms.extend(n);
+            }
+            assert_eq!(batched_norms.len(), norms.len());
+            for (a, b) in norms.iter().zip(&batched_norms) {
+                assert!((a - b).abs() <= 1e-4 * a.max(1e-3), "norms {a} vs {b}");
+            }
+            let scale = norm(&one_by_one).max(1e-9);
+            let diff: f64 = one_by_one.iter().flatten().zip(batched.iter().flatten()).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+            assert!(diff / scale < 1e-4, "C {c}: sums differ by {diff} (norm {scale})");
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::plan::{PrivacyPlan, Trainable, TrainingPlan};
+use crate::plan::{Optimizer, PrivacyPlan, Trainable, TrainingPlan};
 use crate::wire::{PrivacyMode, PrivacyPolicy, SiteId};
 
 /// A configuration that cannot be used, with what to fix.
@@ -119,6 +119,8 @@ pub struct RawCoordinatorModel {
 pub struct RawTraining {
     pub local_epochs: u32,
     pub batch_size: u32,
+    /// `adamw` or `sgd:M` (SGD with momentum M; what record-level DP-SGD wants).
+    pub optimizer: String,
     pub learning_rate: f64,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
@@ -133,6 +135,7 @@ impl Default for RawTraining {
         Self {
             local_epochs: 1,
             batch_size: 16,
+            optimizer: "adamw".into(),
             learning_rate: 5e-5,
             warmup_ratio: 0.1,
             weight_decay: 0.01,
@@ -300,6 +303,8 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
     let trainable: Trainable = t.trainable.parse().map_err(|e: crate::plan::TrainableParseError| {
         invalid("training.trainable", e.to_string())
     })?;
+    let optimizer: Optimizer =
+        t.optimizer.parse().map_err(|e: crate::plan::OptimizerParseError| invalid("training.optimizer", e.to_string()))?;
     if t.local_epochs == 0 {
         return Err(invalid("training.local_epochs", "must be at least 1"));
     }
@@ -364,6 +369,7 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
     let plan = TrainingPlan {
         local_epochs: t.local_epochs,
         batch_size: t.batch_size,
+        optimizer,
         learning_rate: t.learning_rate,
         warmup_ratio: t.warmup_ratio,
         weight_decay: t.weight_decay,
@@ -609,6 +615,7 @@ name = "Hospital B"
         assert_eq!(c.tls.key, Path::new("/etc/fedward/coordinator.key"));
         assert_eq!(c.round_deadline, Duration::from_secs(90));
         assert_eq!(c.plan.trainable, Trainable::Head);
+        assert_eq!(c.plan.optimizer, Optimizer::AdamW);
         assert_eq!(c.policy.mode, PrivacyMode::SiteLevel);
         assert_eq!(c.policy.min_noise_multiplier, 1.0);
         assert_eq!(c.sites[1].name, "Hospital B");
@@ -631,6 +638,7 @@ name = "Hospital B"
             (COORD.replace("min_sites = 2", "min_sites = 3"), "federation.min_sites"),
             (COORD.replace("\"90s\"", "\"soon\""), "federation.round_deadline"),
             (COORD.replace("\"head\"", "\"top:x\""), "training.trainable"),
+            (COORD.replace("trainable = \"head\"", "trainable = \"head\"\noptimizer = \"adam\""), "training.optimizer"),
             (COORD.replace("id = \"b\"", "id = \"a\""), "sites.id"),
             (COORD.replace("id = \"b\"", "id = \"Bad Site\""), "sites.id"),
             (COORD.replace("\"127.0.0.1:7443\"", "\"nowhere\""), "server.listen"),

@@ -26,11 +26,66 @@ pub enum Trainable {
     /// millions, which is what makes record-level DP-SGD useful: the noise DP-SGD adds grows
     /// with the square root of the number of trained parameters, the signal does not.
     TopBiases(u32),
+    /// Low-rank adapters (LoRA) of this rank on the six weight matrices of the top encoder
+    /// layer, plus the classifier. Each round the agent trains fresh adapters (tens of
+    /// thousands of parameters, few enough for record-level DP-SGD) and folds them into
+    /// the weights, so the update, the global model and the exported checkpoint hold
+    /// plain BERT tensors: the matrices and the classifier this selects.
+    TopLora(u32),
 }
+
+/// The optimiser of local training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// AdamW with the plan's weight decay (decoupled). Suits training without DP.
+    #[default]
+    AdamW,
+    /// SGD with heavy-ball momentum (PyTorch's update: `v = m v + g`, `w -= lr v`). Suits
+    /// record-level DP-SGD: Adam divides each coordinate by its own running RMS, which
+    /// turns DP noise into steps of about the learning rate in random directions, while
+    /// SGD keeps the noise at its true, small scale against the signal.
+    Sgd { momentum: f64 },
+}
+
+/// An `Optimizer` spec that could not be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid optimizer {0:?}: expected \"adamw\", \"sgd\" or \"sgd:M\" (momentum M in [0, 1))")]
+pub struct OptimizerParseError(String);
+
+impl FromStr for Optimizer {
+    type Err = OptimizerParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let momentum = match s {
+            "adamw" => return Ok(Self::AdamW),
+            "sgd" => Some(0.0),
+            _ => s.strip_prefix("sgd:").and_then(|m| m.parse::<f64>().ok()),
+        };
+        momentum.filter(|m| (0.0..1.0).contains(m)).map(|momentum| Self::Sgd { momentum }).ok_or_else(|| OptimizerParseError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AdamW => f.write_str("adamw"),
+            Self::Sgd { momentum } => write!(f, "sgd:{momentum}"),
+        }
+    }
+}
+
+/// The weight matrices of an encoder layer that [`Trainable::TopLora`] adapts.
+pub const LORA_MATRICES: [&str; 6] = [
+    "attention.self.query.weight",
+    "attention.self.key.weight",
+    "attention.self.value.weight",
+    "attention.output.dense.weight",
+    "intermediate.dense.weight",
+    "output.dense.weight",
+];
 
 /// A `Trainable` spec that could not be parsed.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\", \"bias:K\" or \"all\"")]
+#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\", \"bias:K\", \"lora:R\" (R >= 1) or \"all\"")]
 pub struct TrainableParseError(String);
 
 impl FromStr for Trainable {
@@ -44,6 +99,7 @@ impl FromStr for Trainable {
                 layers("top:")
                     .map(Self::TopLayers)
                     .or_else(|| layers("bias:").map(Self::TopBiases))
+                    .or_else(|| layers("lora:").filter(|&r| r >= 1).map(Self::TopLora))
                     .ok_or_else(|| TrainableParseError(s.to_owned()))
             }
         }
@@ -56,6 +112,7 @@ impl fmt::Display for Trainable {
             Self::Head => f.write_str("head"),
             Self::TopLayers(k) => write!(f, "top:{k}"),
             Self::TopBiases(k) => write!(f, "bias:{k}"),
+            Self::TopLora(r) => write!(f, "lora:{r}"),
             Self::All => f.write_str("all"),
         }
     }
@@ -74,6 +131,14 @@ impl Trainable {
                 Self::TopLayers(k) => is_head(name) || in_top(name, *k),
                 Self::TopBiases(k) => {
                     name.starts_with("classifier.") || (is_bias_or_norm(name) && (name.starts_with("bert.pooler.") || in_top(name, *k)))
+                }
+                Self::TopLora(_) => {
+                    name.starts_with("classifier.")
+                        || (in_top(name, 1)
+                            && name
+                                .strip_prefix("bert.encoder.layer.")
+                                .and_then(|rest| rest.split_once('.'))
+                                .is_some_and(|(_, matrix)| LORA_MATRICES.contains(&matrix)))
                 }
             })
             .map(str::to_owned)
@@ -143,11 +208,13 @@ pub struct TrainingPlan {
     pub local_epochs: u32,
     /// Mini-batch size (record-level DP: expected batch size is `sampling_rate * n`).
     pub batch_size: u32,
-    /// Peak learning rate of AdamW.
+    /// The local optimiser.
+    pub optimizer: Optimizer,
+    /// Peak learning rate of the optimiser.
     pub learning_rate: f64,
     /// Fraction of the local steps spent warming the learning rate up linearly.
     pub warmup_ratio: f64,
-    /// AdamW decoupled weight decay.
+    /// Weight decay (AdamW: decoupled; SGD: added to the gradient).
     pub weight_decay: f64,
     /// Global-norm gradient clipping for non-private training (0 disables).
     pub max_grad_norm: f64,
@@ -179,11 +246,18 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for s in ["head", "top:2", "bias:3", "all"] {
+        for s in ["head", "top:2", "bias:3", "lora:8", "all"] {
             assert_eq!(s.parse::<Trainable>().unwrap().to_string(), s);
         }
         assert!("top:x".parse::<Trainable>().is_err());
         assert!("bias:".parse::<Trainable>().is_err());
+        assert!("lora:0".parse::<Trainable>().is_err());
+        for s in ["adamw", "sgd:0", "sgd:0.9"] {
+            assert_eq!(s.parse::<Optimizer>().unwrap().to_string(), s);
+        }
+        assert_eq!("sgd".parse::<Optimizer>().unwrap(), Optimizer::Sgd { momentum: 0.0 });
+        assert!("sgd:1".parse::<Optimizer>().is_err());
+        assert!("adam".parse::<Optimizer>().is_err());
         assert!("everything".parse::<Trainable>().is_err());
     }
 
@@ -208,6 +282,23 @@ mod tests {
         assert!(!top2.iter().any(|n| n.starts_with("bert.encoder.layer.0.")));
         assert_eq!(Trainable::All.select(NAMES).len(), NAMES.len());
         assert_eq!(Trainable::TopLayers(0).select(NAMES), head);
+    }
+
+    #[test]
+    fn select_lora_takes_the_adapted_matrices_of_the_top_layer_and_the_classifier() {
+        let mut names: Vec<String> = ["bert.pooler.dense.weight", "classifier.bias", "classifier.weight"].map(str::to_owned).to_vec();
+        for l in 0..2 {
+            for m in LORA_MATRICES {
+                names.push(format!("bert.encoder.layer.{l}.{m}"));
+            }
+            names.push(format!("bert.encoder.layer.{l}.attention.self.query.bias"));
+            names.push(format!("bert.encoder.layer.{l}.output.LayerNorm.weight"));
+        }
+        let selected = Trainable::TopLora(8).select(names.iter().map(String::as_str));
+        assert_eq!(selected.len(), 8);
+        assert!(selected.contains(&"classifier.weight".to_owned()) && selected.contains(&"classifier.bias".to_owned()));
+        assert!(selected.iter().filter(|n| n.starts_with("bert.")).all(|n| n.starts_with("bert.encoder.layer.1.") && n.ends_with(".weight")));
+        assert!(!selected.iter().any(|n| n.contains("LayerNorm")));
     }
 
     #[test]

@@ -554,6 +554,7 @@ mod tests {
         TrainingPlan {
             local_epochs: 1,
             batch_size: 16,
+            optimizer: Default::default(),
             learning_rate: 5e-5,
             warmup_ratio: 0.1,
             weight_decay: 0.01,

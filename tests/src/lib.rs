@@ -106,6 +106,7 @@ pub fn head_plan(model: &TensorSet) -> TrainingPlan {
     TrainingPlan {
         local_epochs: 1,
         batch_size: 4,
+        optimizer: Default::default(),
         learning_rate: 1e-3,
         warmup_ratio: 0.0,
         weight_decay: 0.0,
