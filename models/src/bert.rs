@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use fedward_shared::plan::LORA_MATRICES;
 use fedward_shared::tensor::{self as st, TensorSet};
 
 /// Errors of the model layer.
@@ -172,15 +173,10 @@ struct Adapter {
     b: Var,
 }
 
-/// The matrices of an encoder layer that [`BertClassifier::add_adapters`] adapts.
-pub const ADAPTED_MATRICES: [&str; 6] = [
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-];
+/// `alpha / rank` of every adapter (`alpha = 2 rank`, the usual LoRA choice). Raising it
+/// shifts clipped per-example gradients from the classifier toward the adapters; on the
+/// demo data 8, 16 and 32 did not help DP-SGD (docs/DEVELOPMENT-NOTES.md).
+const ADAPTER_ALPHA_PER_RANK: f64 = 2.0;
 
 /// The names of the two tensors of the adapter on `weight`.
 pub fn adapter_names(weight: &str) -> [String; 2] {
@@ -195,8 +191,6 @@ pub struct BertClassifier {
     /// Adapters by the name of the weight they adapt; never exported (see
     /// [`BertClassifier::merge_adapters`]).
     adapters: HashMap<String, Adapter>,
-    /// `alpha / rank` of the adapters.
-    adapter_scale: f64,
     device: Device,
 }
 
@@ -234,7 +228,7 @@ impl BertClassifier {
             let tensor = Tensor::from_slice(t.data(), t.shape(), device)?;
             vars.insert(name, Var::from_tensor(&tensor)?);
         }
-        Ok(Self { config, labels, vars, adapters: HashMap::new(), adapter_scale: 0.0, device: device.clone() })
+        Ok(Self { config, labels, vars, adapters: HashMap::new(), device: device.clone() })
     }
 
     pub fn device(&self) -> &Device {
@@ -288,7 +282,7 @@ impl BertClassifier {
     }
 
     /// Adds fresh adapters of `rank` (scale `alpha / rank` with `alpha = 2 rank`) to the
-    /// six matrices of the last encoder layer ([`ADAPTED_MATRICES`]), `A` drawn from
+    /// six matrices of the last encoder layer ([`LORA_MATRICES`]), `A` drawn from
     /// normal(0, 1/in) with `seed`, `B` zero. Returns the adapter tensors' names. Only the
     /// last layer can be adapted: its `[CLS]`-only path is where per-example copies are
     /// supported.
@@ -298,10 +292,9 @@ impl BertClassifier {
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let layer = self.config.num_hidden_layers - 1;
-        self.adapter_scale = 2.0;
         let mut names = Vec::new();
-        for m in ADAPTED_MATRICES {
-            let weight = format!("bert.encoder.layer.{layer}.{m}.weight");
+        for m in LORA_MATRICES {
+            let weight = format!("bert.encoder.layer.{layer}.{m}");
             let (out, inp) = self.vars.get(&weight).ok_or_else(|| ModelError::Missing(weight.clone()))?.dims2()?;
             let normal = Normal::new(0.0f32, (1.0 / inp as f32).sqrt()).map_err(|e| ModelError::Config(e.to_string()))?;
             let a: Vec<f32> = (0..rank * inp).map(|_| normal.sample(&mut rng)).collect();
@@ -318,7 +311,7 @@ impl BertClassifier {
     pub fn merge_adapters(&mut self) -> Result<()> {
         for (weight, adapter) in self.adapters.drain() {
             let var = self.vars.get(&weight).ok_or_else(|| ModelError::Missing(weight.clone()))?;
-            let update = (adapter.b.as_tensor().matmul(adapter.a.as_tensor())? * self.adapter_scale)?;
+            let update = (adapter.b.as_tensor().matmul(adapter.a.as_tensor())? * ADAPTER_ALPHA_PER_RANK)?;
             var.set(&var.as_tensor().add(&update)?)?;
         }
         Ok(())
@@ -327,7 +320,7 @@ impl BertClassifier {
     /// Whether every name in `trainable` can be trained through per-example copies
     /// ([`Mode::per_example`]): adapters and the classifier.
     pub fn supports_per_example(&self, trainable: &HashSet<String>) -> bool {
-        trainable.iter().all(|n| n.starts_with("classifier.") || (n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some())
+        trainable.iter().all(|n| n.starts_with("classifier.") || ((n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some()))
     }
 
     fn p(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
@@ -364,7 +357,7 @@ impl BertClassifier {
             None => Ok(y),
             Some((a, b)) => {
                 let low = x.broadcast_matmul(&a.transpose(1, 2)?)?.broadcast_matmul(&b.transpose(1, 2)?)?;
-                Ok(y.add(&(low * self.adapter_scale)?)?)
+                Ok(y.add(&(low * ADAPTER_ALPHA_PER_RANK)?)?)
             }
         }
     }
@@ -514,7 +507,7 @@ impl BertClassifier {
             let e = bk.dim(0)?;
             let rank = bk.dim(2)?;
             let u = q.unsqueeze(2)?.broadcast_matmul(&bk.reshape((e, heads, dh, rank))?)?.squeeze(2)?;
-            pulled = pulled.add(&(u.broadcast_matmul(&a)? * self.adapter_scale)?)?;
+            pulled = pulled.add(&(u.broadcast_matmul(&a)? * ADAPTER_ALPHA_PER_RANK)?)?;
         }
         // (batch, heads, hidden) x (batch, hidden, len) plus the padding mask (batch, 1, len).
         let scores = pulled.matmul(&x.t()?)?.broadcast_add(&bias.reshape((b, 1, len))?)?;
@@ -531,7 +524,7 @@ impl BertClassifier {
             let rank = bv.dim(2)?;
             let u = mixed.broadcast_matmul(&a.transpose(1, 2)?)?.unsqueeze(2)?;
             let bv = bv.reshape((e, heads, dh, rank))?.transpose(2, 3)?;
-            values = values.add(&(u.broadcast_matmul(&bv)?.squeeze(2)? * self.adapter_scale)?)?;
+            values = values.add(&(u.broadcast_matmul(&bv)?.squeeze(2)? * ADAPTER_ALPHA_PER_RANK)?)?;
         }
         let mass = probs.sum_keepdim(D::Minus1)?;
         let ctx = values.broadcast_add(&mass.broadcast_mul(&value_bias.reshape((1, heads, dh))?)?)?;
@@ -722,14 +715,14 @@ mod tests {
         let target = Tensor::from_vec(labels.to_vec(), n, &device).unwrap();
         let grads = (candle_nn::loss::cross_entropy(&logits, &target).unwrap() * n as f64).unwrap().backward().unwrap();
 
-        for i in 0..n {
+        for (i, &label) in labels.iter().enumerate() {
             let one = Batch {
                 input_ids: batch.input_ids.narrow(0, i, 1).unwrap(),
                 token_type_ids: batch.token_type_ids.narrow(0, i, 1).unwrap(),
                 attention_mask: batch.attention_mask.narrow(0, i, 1).unwrap(),
             };
             let logits = model.forward(&one, &mut Mode { trainable: &trainable, dropout_rng: None, per_example: None }).unwrap();
-            let target = Tensor::from_vec(vec![labels[i]], 1, &device).unwrap();
+            let target = Tensor::from_vec(vec![label], 1, &device).unwrap();
             let alone = candle_nn::loss::cross_entropy(&logits, &target).unwrap().backward().unwrap();
             for name in &names {
                 let want = alone.get(model.var(name).unwrap().as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -228,4 +228,29 @@ mod tests {
             }
         }
     }
+
+    /// Gradients `c` for `var` (the gradient of `sum(var * c)`).
+    fn grads_of(var: &Var, c: &[f32]) -> GradStore {
+        let c = Tensor::from_vec(c.to_vec(), var.shape(), var.device()).unwrap();
+        var.as_tensor().mul(&c).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
+    fn values(var: &Var) -> Vec<f32> {
+        var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn momentum_sgd_steps_like_pytorch() {
+        let var = Var::from_tensor(&Tensor::from_vec(vec![1.0f32, -2.0, 0.5], 3, &Device::Cpu).unwrap()).unwrap();
+        let mut sgd = MomentumSgd::new(vec![var.clone()], 0.1, 0.9, 0.0);
+        let g = [0.5f32, 1.0, -2.0];
+        sgd.step(&grads_of(&var, &g)).unwrap();
+        // v1 = g; w1 = w0 - lr g.
+        let w1: Vec<f32> = [1.0f32, -2.0, 0.5].iter().zip(&g).map(|(w, g)| w - 0.1 * g).collect();
+        assert!(values(&var).iter().zip(&w1).all(|(a, b)| (a - b).abs() < 1e-6));
+        sgd.step(&grads_of(&var, &g)).unwrap();
+        // v2 = 0.9 g + g; w2 = w1 - lr v2.
+        let w2: Vec<f32> = w1.iter().zip(&g).map(|(w, g)| w - 0.1 * 1.9 * g).collect();
+        assert!(values(&var).iter().zip(&w2).all(|(a, b)| (a - b).abs() < 1e-6), "{:?} vs {w2:?}", values(&var));
+    }
 }

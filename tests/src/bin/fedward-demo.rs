@@ -29,7 +29,7 @@ use fedward_models::train::EvalSet;
 use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
-use fedward_shared::plan::Trainable;
+use fedward_shared::plan::{Optimizer, Trainable};
 use fedward_shared::wire::PrivacyMode;
 use fedward_shared::tensor::TensorSet;
 
@@ -54,15 +54,30 @@ struct Args {
     /// The per-site privacy budget of the DP run.
     #[arg(long, default_value_t = 8.0)]
     epsilon: f64,
+    /// What trains in the DP run. DP-SGD's noise grows with the square root of the number
+    /// of trained parameters: low-rank adapters on the top layer (`lora:8`, 57 thousand)
+    /// keep it small where `top:1` (1.9 million) drowns the signal (docs/PRIVACY.md).
+    #[arg(long, default_value = "lora:8")]
+    dp_trainable: Trainable,
+    /// The DP run's local optimiser: `sgd:M` (SGD with momentum M) or `adamw`. AdamW
+    /// turns DP noise into full-size steps in random directions (docs/PRIVACY.md).
+    #[arg(long, default_value = "sgd:0.9")]
+    dp_optimizer: Optimizer,
+    /// Peak learning rate of the DP run.
+    #[arg(long, default_value_t = 0.5)]
+    dp_learning_rate: f64,
     /// Expected Poisson batch of the DP run: its sampling rate is this over the smallest
     /// site's training notes. A larger batch shrinks the noise on each step's mean
-    /// gradient but leaves fewer steps for the same epochs (docs/PRIVACY.md). Default:
-    /// --batch-size.
-    #[arg(long)]
-    dp_batch_size: Option<u32>,
-    /// Peak learning rate of the DP run's AdamW (default: --learning-rate).
-    #[arg(long)]
-    dp_learning_rate: Option<f64>,
+    /// gradient but leaves fewer steps for the same epochs (docs/PRIVACY.md).
+    #[arg(long, default_value_t = 88)]
+    dp_batch_size: u32,
+    /// Expected passes over each site's data per round in the DP run.
+    #[arg(long, default_value_t = 2)]
+    dp_local_epochs: u32,
+    /// Per-example gradient clipping norm C of the DP run (near the median per-example
+    /// gradient norm, which the agents log at debug level).
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip_norm: f64,
     /// Directory holding the fedward-agent and fedward-coordinator binaries.
     #[arg(long)]
     bin_dir: PathBuf,
@@ -307,20 +322,29 @@ struct DpSettings {
     update_clip_norm: f64,
     steps_per_round: u64,
     planned_epsilon: f64,
+    #[serde(serialize_with = "as_string")]
+    trainable: Trainable,
+    #[serde(serialize_with = "as_string")]
+    optimizer: Optimizer,
     learning_rate: f64,
+    local_epochs: u32,
+}
+
+fn as_string<S: serde::Serializer, T: std::fmt::Display>(value: &T, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 impl DpSettings {
     /// The smallest noise that keeps the smallest site within `--epsilon` over all rounds
     /// (a bigger site samples at the same rate, so it spends the same).
     fn for_budget(args: &Args, min_train: usize) -> Result<Self> {
-        let sampling_rate = (f64::from(args.dp_batch_size.unwrap_or(args.batch_size)) / min_train as f64).min(1.0);
+        let sampling_rate = (f64::from(args.dp_batch_size) / min_train as f64).min(1.0);
         // What each agent's DP-SGD will take: local epochs / q steps a round.
-        let steps_per_round = dp_sgd_steps(args.local_epochs, sampling_rate)?;
+        let steps_per_round = dp_sgd_steps(args.dp_local_epochs, sampling_rate)?;
         let mut plan = Plan {
             mode: PrivacyMode::RecordLevel,
             noise_multiplier: 1.0,
-            clip_norm: 1.0,
+            clip_norm: args.dp_clip_norm,
             sampling_rate,
             steps_per_round,
             rounds: u64::from(args.rounds),
@@ -329,7 +353,18 @@ impl DpSettings {
         // Aim a little under the budget so the agents' own check never trips on rounding.
         plan.noise_multiplier = plan_min_sigma(&plan, args.epsilon * 0.98)?.noise_multiplier;
         let planned_epsilon = plan_epsilon(&plan)?;
-        Ok(Self { noise_multiplier: plan.noise_multiplier, clip_norm: plan.clip_norm, sampling_rate, update_clip_norm: 10.0, steps_per_round, planned_epsilon, learning_rate: args.dp_learning_rate.unwrap_or(args.learning_rate) })
+        Ok(Self {
+            noise_multiplier: plan.noise_multiplier,
+            clip_norm: plan.clip_norm,
+            sampling_rate,
+            update_clip_norm: 10.0,
+            steps_per_round,
+            planned_epsilon,
+            trainable: args.dp_trainable,
+            optimizer: args.dp_optimizer,
+            learning_rate: args.dp_learning_rate,
+            local_epochs: args.dp_local_epochs,
+        })
     }
 }
 
@@ -387,8 +422,8 @@ fn federate(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path, sc
     match &dp {
         None => step(&format!("federation without DP: a coordinator and {} agents, {} rounds, training {}", SITES.len(), args.rounds, args.trainable)),
         Some(d) => step(&format!(
-            "federation with record-level DP: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round, learning rate {}; planned epsilon {:.2} at delta {DELTA} per site",
-            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.steps_per_round, d.learning_rate, d.planned_epsilon
+            "federation with record-level DP, training {} with {}: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round, learning rate {}; planned epsilon {:.2} at delta {DELTA} per site",
+            d.trainable, d.optimizer, d.noise_multiplier, d.clip_norm, d.sampling_rate, d.steps_per_round, d.learning_rate, d.planned_epsilon
         )),
     }
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -546,6 +581,7 @@ init_seed = {seed}
 [training]
 local_epochs = {local_epochs}
 batch_size = {batch_size}
+optimizer = "{optimizer}"
 learning_rate = {lr}
 warmup_ratio = 0.1
 weight_decay = 0.01
@@ -563,10 +599,11 @@ seed = {seed}
         n_sites = SITES.len(),
         base = base.display(),
         lr = dp.map_or(args.learning_rate, |d| d.learning_rate),
-        local_epochs = args.local_epochs,
+        optimizer = dp.map_or(Optimizer::AdamW, |d| d.optimizer),
+        local_epochs = dp.map_or(args.local_epochs, |d| d.local_epochs),
         batch_size = args.batch_size,
         max_seq_len = args.max_seq_len,
-        trainable = args.trainable,
+        trainable = dp.map_or(args.trainable, |d| d.trainable),
         seed = args.seed,
     )
 }
