@@ -182,7 +182,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.sites.len(),
                 cfg.round_deadline
             );
-            println!("  trains {} with privacy {}", cfg.plan.trainable, cfg.plan.privacy.mode_name());
+            println!("  trains {} with {} (learning rate {}), privacy {}", cfg.plan.trainable, cfg.plan.optimizer, cfg.plan.learning_rate, cfg.plan.privacy.mode_name());
             println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
             ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
             Ok(ExitCode::SUCCESS)

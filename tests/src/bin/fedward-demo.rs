@@ -90,7 +90,7 @@ struct Args {
     /// Notes per hospital (70% train, 15% validation, 15% test).
     #[arg(long, default_value_t = 2500)]
     notes_per_site: usize,
-    /// Which part of the model trains: head, top:K, bias:K or all.
+    /// Which part of the model trains: head, top:K, bias:K, lora:R or all.
     #[arg(long, default_value = "top:1")]
     trainable: Trainable,
     /// Passes over its training data each site makes in a round.
