@@ -608,13 +608,7 @@ fn add_clipped_gradients_batched(
     for i in 0..n {
         let mut slices: Vec<&mut [f32]> =
             flat.iter_mut().zip(vars).map(|(g, v)| &mut g[i * v.elem_count()..(i + 1) * v.elem_count()]).collect();
-        let clipped = clip_slices(&mut slices, clip_norm).map_err(|e| TrainError::Diverged(format!("per-example gradient: {e}")))?;
-        norms.push(clipped.norm);
-        for (acc, g) in sum.iter_mut().zip(&slices) {
-            for (a, &x) in acc.iter_mut().zip(g.iter()) {
-                *a += f64::from(x);
-            }
-        }
+        norms.push(clip_and_add(&mut slices, clip_norm, sum)?);
     }
     Ok((f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?), norms))
 }
@@ -648,14 +642,21 @@ fn add_clipped_gradient(
         });
     }
     let mut slices: Vec<&mut [f32]> = flat.iter_mut().map(Vec::as_mut_slice).collect();
-    // A non-finite gradient cannot be bounded; the error names no record.
-    let clipped = clip_slices(&mut slices, clip_norm).map_err(|e| TrainError::Diverged(format!("per-example gradient: {e}")))?;
-    for (acc, g) in sum.iter_mut().zip(&flat) {
-        for (a, &x) in acc.iter_mut().zip(g) {
+    let norm = clip_and_add(&mut slices, clip_norm, sum)?;
+    Ok((f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?), norm))
+}
+
+/// Clips one example's gradient (one slice per var) to `clip_norm` and adds it into `sum`;
+/// returns its norm before clipping. A non-finite gradient cannot be bounded: the error
+/// names no record.
+fn clip_and_add(gradient: &mut [&mut [f32]], clip_norm: f64, sum: &mut [Vec<f64>]) -> Result<f64, TrainError> {
+    let clipped = clip_slices(gradient, clip_norm).map_err(|e| TrainError::Diverged(format!("per-example gradient: {e}")))?;
+    for (acc, g) in sum.iter_mut().zip(gradient.iter()) {
+        for (a, &x) in acc.iter_mut().zip(g.iter()) {
             *a += f64::from(x);
         }
     }
-    Ok((f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?), clipped.norm))
+    Ok(clipped.norm)
 }
 
 /// `(sum + N(0, (sigma C)^2)) / expected_batch` per coordinate, as candle gradients of `vars`.
