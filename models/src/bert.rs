@@ -238,7 +238,7 @@ impl BertClassifier {
     /// Overwrites every weight from `set`, which must hold them all with the right shapes,
     /// and drops any adapters (they live for one round of training).
     pub fn load(&mut self, set: &TensorSet) -> Result<()> {
-        self.adapters.clear();
+        self.drop_adapters();
         for (name, shape) in self.config.tensor_shapes(self.labels.len()) {
             let t = set.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
             if t.shape() != shape.as_slice() {
@@ -304,6 +304,11 @@ impl BertClassifier {
             self.adapters.insert(weight, Adapter { a, b });
         }
         Ok(names)
+    }
+
+    /// Drops every adapter without merging it (what a failed training leaves behind).
+    pub fn drop_adapters(&mut self) {
+        self.adapters.clear();
     }
 
     /// Folds every adapter into its weight (`W += scale B A`) and drops the adapters: the

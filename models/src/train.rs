@@ -243,6 +243,8 @@ impl Trainer for BertTrainer {
 /// classifier. The adapters' random `A` comes from the plan's seed and the round, never
 /// from the data, so every site starts a round from the same adapters.
 fn begin_training(model: &mut BertClassifier, plan: &TrainingPlan, round: u64) -> Result<HashSet<String>, TrainError> {
+    // Adapters left by a training that failed midway must not shape this one.
+    model.drop_adapters();
     match plan.trainable {
         Trainable::TopLora(rank) => {
             let seed = plan.seed ^ round.wrapping_add(1).wrapping_mul(0xA24B_AED4_963E_E407);
