@@ -393,16 +393,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn load_config(path: &Path) -> Result<AgentConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    Ok(AgentConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))?)
+    AgentConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))
 }
 
 fn client_tls(cfg: &AgentConfig) -> Result<rustls::ClientConfig> {
-    Ok(tls::client_config(&TlsMaterial {
+    tls::client_config(&TlsMaterial {
         ca_pem: &fsutil::read(&cfg.tls.ca_cert)?,
         cert_pem: &fsutil::read(&cfg.tls.cert)?,
         key_pem: &fsutil::read_private_key(&cfg.tls.key)?,
     })
-    .context("building the TLS configuration")?)
+    .context("building the TLS configuration")
 }
 
 async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {

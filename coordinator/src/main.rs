@@ -239,7 +239,7 @@ fn ledger_keygen(dir: &Path) -> Result<()> {
 fn load_config(path: &Path) -> Result<CoordinatorConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    Ok(CoordinatorConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))?)
+    CoordinatorConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))
 }
 
 async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {

@@ -364,10 +364,7 @@ impl RoundMachine {
 
     /// A site declines the round.
     pub fn handle_decline(&mut self, now: Instant, site: &SiteId, decline: &Decline) -> Result<Ack, Reject> {
-        let c = match self.collecting_for(site, decline.round) {
-            Ok(c) => c,
-            Err(reject) => return Err(reject),
-        };
+        let c = self.collecting_for(site, decline.round)?;
         if c.status.contains_key(site) {
             return Err(Reject::new(RejectCode::DuplicateUpdate, "this site already answered the round"));
         }
@@ -582,7 +579,8 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
     if used.mode != policy.mode {
         return violation(format!("privacy mode {} used, the consortium requires {}", used.mode, policy.mode));
     }
-    if !(used.noise_multiplier >= policy.min_noise_multiplier) {
+    // NaN compares false both ways, so it is named here rather than slipping through.
+    if used.noise_multiplier.is_nan() || used.noise_multiplier < policy.min_noise_multiplier {
         return violation(format!(
             "noise multiplier {} is below the consortium minimum {}",
             used.noise_multiplier, policy.min_noise_multiplier

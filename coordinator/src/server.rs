@@ -78,7 +78,8 @@ pub struct StatusView {
 }
 
 enum ReadyReply {
-    Offer(RoundOffer, Arc<TensorSet>),
+    // Boxed: an offer is far larger than the other answer, and each is sent once.
+    Offer(Box<RoundOffer>, Arc<TensorSet>),
     Finished(Finished),
 }
 
@@ -325,7 +326,7 @@ async fn drain_outputs(
             }
             Output::Offer { to, offer } => {
                 let model = machine.global().clone();
-                let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(offer, model)).is_ok());
+                let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(Box::new(offer), model)).is_ok());
                 if !delivered && !connections.contains_key(&to) {
                     machine.handle_disconnected(Instant::now(), &to);
                 }
@@ -406,7 +407,7 @@ async fn handle_connection(incoming: quinn::Incoming, conn_id: usize, shared: Ar
         if shared.events.send(Event::Connected { site: site.clone(), conn_id, conn: conn.clone() }).await.is_err() {
             return;
         }
-        let current: Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>> = Arc::default();
+        let current: CurrentModel = Arc::default();
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
@@ -456,10 +457,14 @@ async fn refuse(conn: &quinn::Connection, code: RejectCode, reason: &str) {
     conn.close(wire::CLOSE_REFUSED.into(), &text);
 }
 
+/// The round and global model last offered on a connection, which its update streams are
+/// checked against.
+type CurrentModel = Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>>;
+
 struct StreamCtx {
     site: SiteId,
     shared: Arc<Shared>,
-    current: Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>>,
+    current: CurrentModel,
 }
 
 async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -516,7 +521,7 @@ async fn dispatch(
                 Ok(ReadyReply::Offer(offer, model)) => {
                     info!(round = %offer.round, "round offered");
                     *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((offer.round, model));
-                    reply(send, &Message::RoundOffer(offer)).await
+                    reply(send, &Message::RoundOffer(*offer)).await
                 }
                 Ok(ReadyReply::Finished(f)) => reply(send, &Message::Finished(f)).await,
                 Err(_) => reply(send, &Message::Reject(gone())).await,

@@ -93,7 +93,7 @@ impl BertConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ModelError::Config(format!(
                 "hidden_size {} must be a positive multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -500,8 +500,9 @@ impl AgentConfig {
             return Err(invalid("coordinator.server_name", "must name the coordinator's certificate"));
         }
         let b = raw.budget;
-        if !(b.max_epsilon > 0.0) || b.max_epsilon.is_nan() {
-            return Err(invalid("budget.max_epsilon", "must be a positive number"));
+        // A budget has to bound something: NaN and infinity are refused with the rest.
+        if !b.max_epsilon.is_finite() || b.max_epsilon <= 0.0 {
+            return Err(invalid("budget.max_epsilon", "must be a positive, finite number"));
         }
         if !(b.delta > 0.0 && b.delta < 1.0) {
             return Err(invalid("budget.delta", "must be in (0, 1)"));
@@ -683,6 +684,11 @@ state_dir = "state"
         assert_eq!(c.max_backoff, Duration::from_secs(60));
         let bad = text.replace("delta = 1e-5", "delta = 2.0");
         assert!(AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string().starts_with("budget.delta"));
+        for epsilon in ["0.0", "-1.0", "nan", "inf"] {
+            let bad = text.replace("max_epsilon = 8.0", &format!("max_epsilon = {epsilon}"));
+            let err = AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string();
+            assert!(err.starts_with("budget.max_epsilon"), "{epsilon}: {err}");
+        }
         let bad = text.replace("state_dir = \"state\"", "state_dir = \"state\"\ndevice = \"gpu\"");
         assert!(AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string().starts_with("agent.device"));
     }

@@ -150,6 +150,9 @@ pub struct TensorSpec {
     pub digest: Digest,
 }
 
+/// One tensor's name, little-endian bytes and shape, as safetensors serialises them.
+type ByteView<'a> = (&'a str, std::borrow::Cow<'a, [u8]>, &'a [usize]);
+
 /// Named tensors in name order. Name order makes digests and sums reproducible.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TensorSet {
@@ -292,12 +295,12 @@ impl TensorSet {
         Ok(safetensors::serialize_to_file(Self::views(&bytes)?, metadata, path)?)
     }
 
-    fn le_byte_views(&self) -> Vec<(&str, std::borrow::Cow<'_, [u8]>, &[usize])> {
+    fn le_byte_views(&self) -> Vec<ByteView<'_>> {
         self.iter().map(|(n, t)| (n, t.le_bytes(), t.shape())).collect()
     }
 
     fn views<'a>(
-        bytes: &'a [(&'a str, std::borrow::Cow<'a, [u8]>, &'a [usize])],
+        bytes: &'a [ByteView<'a>],
     ) -> Result<Vec<(&'a str, safetensors::tensor::TensorView<'a>)>, TensorError> {
         bytes
             .iter()
