@@ -13,11 +13,11 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tracing::info;
 
+use fedward_models::bert::BertClassifier;
 use fedward_models::eval::ClassificationReport;
 use fedward_models::io::load_dir;
-use fedward_models::text::{read_jsonl, Example};
-use fedward_models::bert::BertClassifier;
 use fedward_models::text::TextEncoder;
+use fedward_models::text::{read_jsonl, Example};
 use fedward_models::train::{device, BertTrainer, EvalSet};
 use fedward_models::trainer::Trainer;
 use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
@@ -168,7 +168,10 @@ impl Baselines {
         let (recipe, test) = (&self.recipe, &self.test);
         let centralized = move || train_and_test(recipe, test.clone(), "centralized", pooled, started);
         let local_only = move || {
-            local.into_iter().map(|(name, trainer)| train_and_test(recipe, test.clone(), name, trainer, Instant::now())).collect::<Result<Vec<_>>>()
+            local
+                .into_iter()
+                .map(|(name, trainer)| train_and_test(recipe, test.clone(), name, trainer, Instant::now()))
+                .collect::<Result<Vec<_>>>()
         };
         let (centralized, local_only) = if recipe.threads > 1 {
             std::thread::scope(|scope| {
@@ -220,7 +223,8 @@ mod tests {
     use fedward_models::bert::BertConfig;
     use fedward_models::io::export_dir;
 
-    const WORDS: [&str; 12] = ["review", "consult", "surgeon", "admit", "ward", "icu", "ventilator", "scan", "pump", "pharmacy", "transport", "please"];
+    const WORDS: [&str; 12] =
+        ["review", "consult", "surgeon", "admit", "ward", "icu", "ventilator", "scan", "pump", "pharmacy", "transport", "please"];
 
     /// A tiny base model and two sites whose notes tell the labels apart by their words
     /// (three words per label).

@@ -31,8 +31,7 @@ use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, LedgerFile};
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{
-    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader,
-    PROTOCOL_VERSION,
+    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
 use crate::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
@@ -90,7 +89,9 @@ pub enum DaemonError {
 
 /// What ended one connection.
 enum SessionEnd {
-    Finished { completed_rounds: u64 },
+    Finished {
+        completed_rounds: u64,
+    },
     /// Transient: reconnect after a backoff.
     Lost(String),
     Refused(String),
@@ -105,11 +106,7 @@ const MODEL_CACHE: &str = "global-model.safetensors";
 pub const LEDGER: &str = "ledger.jsonl";
 
 /// Runs until the federation is finished (when so configured), a refusal, or `shutdown`.
-pub async fn run(
-    opts: DaemonOptions,
-    trainer: Box<dyn Trainer>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<DaemonOutcome, DaemonError> {
+pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl Future<Output = ()>) -> Result<DaemonOutcome, DaemonError> {
     tokio::pin!(shutdown);
     let mut rng = match opts.seed {
         Some(s) => rand_chacha::ChaCha20Rng::seed_from_u64(s),
@@ -231,9 +228,8 @@ fn load_cache(opts: &DaemonOptions) -> Option<TensorSet> {
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, DaemonError> {
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| DaemonError::Address { addr: addr.to_owned(), detail: e.to_string() })?;
+    let mut addrs =
+        tokio::net::lookup_host(addr).await.map_err(|e| DaemonError::Address { addr: addr.to_owned(), detail: e.to_string() })?;
     addrs.next().ok_or_else(|| DaemonError::Address { addr: addr.to_owned(), detail: "no address".into() })
 }
 
@@ -323,7 +319,8 @@ async fn take_round(
         Prior::Fresh => {}
         Prior::Resend => return resend(conn, opts, &offer).await,
         Prior::Unrecoverable => {
-            let message = "this round's update is in the ledger but its cached copy is missing; declining rather than releasing the round twice";
+            let message =
+                "this round's update is in the ledger but its cached copy is missing; declining rather than releasing the round twice";
             return send_decline(conn, &offer, DeclineReason::TrainingFailed, message.into()).await;
         }
     }
@@ -362,8 +359,8 @@ async fn take_round(
     let joined = tokio::task::spawn_blocking(move || {
         let ctx = TrainContext { round, noise_rng: &mut noise_rng };
         let result = trainer.train(ctx, &model, &plan).map_err(|e| e.to_string()).and_then(|mut update| {
-            let applied = privatize(&plan.privacy, &approved, update.dp_steps, &mut update.delta, &mut noise_rng)
-                .map_err(|e| e.to_string())?;
+            let applied =
+                privatize(&plan.privacy, &approved, update.dp_steps, &mut update.delta, &mut noise_rng).map_err(|e| e.to_string())?;
             Ok((update, applied))
         });
         (trainer, result)
@@ -403,16 +400,9 @@ async fn take_round(
         privacy: used,
     };
     let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta };
-    let record = ReleaseRecord::new(
-        site.clone(),
-        offer.round,
-        &used,
-        update.num_examples,
-        approved.epsilon_before,
-        released.delta.digest(),
-        now(),
-    )
-    .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
+    let record =
+        ReleaseRecord::new(site.clone(), offer.round, &used, update.num_examples, approved.epsilon_before, released.delta.digest(), now())
+            .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
     let released = record_release(opts, state, released, record).await?;
     if opts.fail_after_ledger_write {
         warn!("test fault: stopping after the ledger write, before sending");
@@ -445,11 +435,8 @@ async fn record_release(
     let (ledger, released, result) = joined.map_err(|e| SessionEnd::Fatal(format!("ledger thread panicked: {e}")))?;
     state.ledger = Some(ledger);
     result.map_err(SessionEnd::Fatal)?;
-    state.released = Some(CachedRelease {
-        round: released.header.round,
-        model_digest: released.model_digest,
-        update_digest: released.delta.digest(),
-    });
+    state.released =
+        Some(CachedRelease { round: released.header.round, model_digest: released.model_digest, update_digest: released.delta.digest() });
     info!(
         epsilon_after = released.header.privacy.epsilon_after,
         update = %released.delta.digest().short(),
@@ -473,7 +460,8 @@ async fn resend(conn: &quinn::Connection, opts: &DaemonOptions, offer: &RoundOff
             if let Err(e) = other {
                 warn!(cause = %e, "released-update cache unreadable");
             }
-            let message = "this round's update is in the ledger but its cached copy is unusable; declining rather than releasing the round twice";
+            let message =
+                "this round's update is in the ledger but its cached copy is unusable; declining rather than releasing the round twice";
             send_decline(conn, offer, DeclineReason::TrainingFailed, message.into()).await
         }
     }
@@ -572,12 +560,7 @@ async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, delta: &Te
     }
 }
 
-async fn send_decline(
-    conn: &quinn::Connection,
-    offer: &RoundOffer,
-    reason: DeclineReason,
-    message: String,
-) -> Result<(), SessionEnd> {
+async fn send_decline(conn: &quinn::Connection, offer: &RoundOffer, reason: DeclineReason, message: String) -> Result<(), SessionEnd> {
     warn!(?reason, %message, "declining the round");
     let msg = Message::Decline(Decline { round: offer.round, reason, message });
     match request(conn, &msg).await {
@@ -618,9 +601,7 @@ fn classify_connection_error(e: &quinn::ConnectionError) -> Option<SessionEnd> {
             // TLS alerts surface as CRYPTO_ERROR transport codes (0x100-0x1ff).
             let code = u64::from(close.error_code);
             if (0x100..0x200).contains(&code) {
-                let hint = fedward_shared::tls::explain_handshake_error(&text)
-                    .map(|h| format!(" ({h})"))
-                    .unwrap_or_default();
+                let hint = fedward_shared::tls::explain_handshake_error(&text).map(|h| format!(" ({h})")).unwrap_or_default();
                 Some(SessionEnd::Refused(format!("TLS handshake refused: {text}{hint}")))
             } else {
                 None

@@ -85,7 +85,11 @@ fn finished_is_closed(e: quinn::ReadExactError) -> StreamError {
 
 /// A client endpoint on an ephemeral port of the right address family, with 4 MiB UDP
 /// buffers (the default ~208 KB loses packets at speed).
-pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, idle_timeout: std::time::Duration) -> std::io::Result<quinn::Endpoint> {
+pub fn client_endpoint(
+    remote: SocketAddr,
+    tls: rustls::ClientConfig,
+    idle_timeout: std::time::Duration,
+) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -93,15 +97,13 @@ pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, idle_timeo
     transport.max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
     transport.keep_alive_interval(Some(idle_timeout / 4));
     client.transport_config(Arc::new(transport));
-    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-        .map_err(std::io::Error::other)?;
+    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
     let socket = socket2::Socket::new(socket2::Domain::for_address(local), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: the kernel may cap these (net.core.rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&local.into())?;
-    let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), Arc::new(quinn::TokioRuntime))?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), Arc::new(quinn::TokioRuntime))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

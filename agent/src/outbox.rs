@@ -55,7 +55,8 @@ impl ReleasedUpdate {
         out.extend_from_slice(&self.model_digest.0);
         out.extend_from_slice(&frame);
         for spec in &self.header.tensors {
-            let t = self.delta.get(&spec.name).ok_or_else(|| OutboxError::Corrupt(format!("tensor {} is declared but absent", spec.name)))?;
+            let t =
+                self.delta.get(&spec.name).ok_or_else(|| OutboxError::Corrupt(format!("tensor {} is declared but absent", spec.name)))?;
             out.extend_from_slice(&t.le_bytes());
         }
         Ok(out)
@@ -67,9 +68,8 @@ impl ReleasedUpdate {
         let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| corrupt("not a released-update file"))?;
         let (digest, rest) = rest.split_at_checked(32).ok_or_else(|| corrupt("truncated model digest"))?;
         let model_digest = Digest(digest.try_into().map_err(|_| corrupt("model digest"))?);
-        let (msg, used) = wire::decode(rest)
-            .map_err(|e| OutboxError::Corrupt(e.to_string()))?
-            .ok_or_else(|| corrupt("truncated update header"))?;
+        let (msg, used) =
+            wire::decode(rest).map_err(|e| OutboxError::Corrupt(e.to_string()))?.ok_or_else(|| corrupt("truncated update header"))?;
         let Message::Update(header) = msg else { return Err(corrupt("the header is not an update")) };
         let mut data = &rest[used..];
         let total = wire::declared_payload_bytes(&header.tensors, MAX_TOTAL_BYTES).map_err(|e| OutboxError::Corrupt(e.to_string()))?;

@@ -19,7 +19,10 @@ use fedward_shared::wire::{DeclineReason, RoundId, RoundOffer};
 pub enum Decision {
     /// Train, then release under this spend.
     Train(Approved),
-    Decline { reason: DeclineReason, message: String },
+    Decline {
+        reason: DeclineReason,
+        message: String,
+    },
 }
 
 /// A round the site's rules allow, and what releasing it will cost.
@@ -101,7 +104,8 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
 
 /// Clipping norms must be finite and positive, or the noise scale means nothing.
 fn clip_problem(plan: &PrivacyPlan) -> Option<String> {
-    let bad = |name: &str, v: f64| (!(v.is_finite() && v > 0.0)).then(|| format!("invalid privacy plan: {name} {v} is not a finite number > 0"));
+    let bad =
+        |name: &str, v: f64| (!(v.is_finite() && v > 0.0)).then(|| format!("invalid privacy plan: {name} {v} is not a finite number > 0"));
     match *plan {
         PrivacyPlan::Off => None,
         PrivacyPlan::SiteLevel { clip_norm, .. } => bad("clip norm", clip_norm),

@@ -39,10 +39,7 @@ impl FedAvg {
     /// only finite values, and that `weight` is a usable example count.
     pub fn check(&self, weight: u64, update: &TensorSet) -> Result<(), Reject> {
         if weight == 0 || weight > MAX_EXAMPLES {
-            return Err(Reject::new(
-                RejectCode::InvalidWeight,
-                format!("number of examples must be in 1..={MAX_EXAMPLES}, got {weight}"),
-            ));
+            return Err(Reject::new(RejectCode::InvalidWeight, format!("number of examples must be in 1..={MAX_EXAMPLES}, got {weight}")));
         }
         for (name, t) in update.iter() {
             let Some((shape, _)) = self.sums.get(name) else {

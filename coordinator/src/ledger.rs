@@ -69,12 +69,7 @@ impl CoordinatorLedger {
     }
 
     /// Records an accepted update, durably.
-    pub fn record_accepted(
-        &mut self,
-        round: RoundId,
-        c: &Contribution,
-        now: OffsetDateTime,
-    ) -> Result<Entry, CoordinatorLedgerError> {
+    pub fn record_accepted(&mut self, round: RoundId, c: &Contribution, now: OffsetDateTime) -> Result<Entry, CoordinatorLedgerError> {
         let record = AcceptedRecord {
             site: c.site.clone(),
             round,

@@ -3,10 +3,10 @@
 //! `round` and `aggregate` are the pure core; `server`, `store`, `ledger` and `admin` are
 //! the I/O shells around them.
 
+pub mod admin;
 pub mod aggregate;
-pub mod round;
-pub mod store;
 pub mod ledger;
 pub mod net;
+pub mod round;
 pub mod server;
-pub mod admin;
+pub mod store;

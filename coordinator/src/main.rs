@@ -152,8 +152,7 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDWARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -175,14 +174,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = load_config(&config)?;
             println!("config ok: {}", config.display());
             println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
+            println!("  {} rounds, quorum {} of {} sites, deadline {:?}", cfg.rounds, cfg.min_sites, cfg.sites.len(), cfg.round_deadline);
             println!(
-                "  {} rounds, quorum {} of {} sites, deadline {:?}",
-                cfg.rounds,
-                cfg.min_sites,
-                cfg.sites.len(),
-                cfg.round_deadline
+                "  trains {} with {} (learning rate {}), privacy {}",
+                cfg.plan.trainable,
+                cfg.plan.optimizer,
+                cfg.plan.learning_rate,
+                cfg.plan.privacy.mode_name()
             );
-            println!("  trains {} with {} (learning rate {}), privacy {}", cfg.plan.trainable, cfg.plan.optimizer, cfg.plan.learning_rate, cfg.plan.privacy.mode_name());
             println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
             ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
             Ok(ExitCode::SUCCESS)

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use fedward_shared::plan::TrainingPlan;
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyMode, PrivacyPolicy, PrivacyUsed, Reject, RejectCode,
-    RoundId, RoundOffer, SiteId, UpdateHeader,
+    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyMode, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId, RoundOffer,
+    SiteId, UpdateHeader,
 };
 
 use crate::aggregate::FedAvg;
@@ -89,11 +89,20 @@ pub struct RoundFailure {
 pub enum Output {
     /// An update was folded into the round: record it durably (the coordinator's ledger),
     /// then send the site its `Ack`. Comes before the round's `Checkpoint`.
-    Accepted { round: RoundId, contribution: Contribution },
+    Accepted {
+        round: RoundId,
+        contribution: Contribution,
+    },
     /// Send this offer to the site's waiting `Ready` stream.
-    Offer { to: SiteId, offer: RoundOffer },
+    Offer {
+        to: SiteId,
+        offer: RoundOffer,
+    },
     /// Tell the site's waiting `Ready` stream that the federation is over.
-    Finished { to: SiteId, finished: Finished },
+    Finished {
+        to: SiteId,
+        finished: Finished,
+    },
     /// Persist, then continue.
     Checkpoint(Box<Checkpoint>),
     RoundFailed(RoundFailure),
@@ -265,8 +274,7 @@ impl RoundMachine {
     pub fn handle_disconnected(&mut self, now: Instant, site: &SiteId) {
         self.ready.remove(site);
         if let Phase::Collecting(c) = &mut self.phase {
-            let open = c.offered.contains(site)
-                && matches!(c.status.get(site), None | Some(SiteStatus::Uploading));
+            let open = c.offered.contains(site) && matches!(c.status.get(site), None | Some(SiteStatus::Uploading));
             if open {
                 c.status.insert(site.clone(), SiteStatus::Gone);
                 self.maybe_close(now);
@@ -284,12 +292,7 @@ impl RoundMachine {
             Some(SiteStatus::Uploading) => {
                 return Err(Reject::new(RejectCode::DuplicateUpdate, "an update from this site is already arriving"))
             }
-            Some(_) => {
-                return Err(Reject::new(
-                    RejectCode::DuplicateUpdate,
-                    format!("this site already answered round {}", header.round),
-                ))
-            }
+            Some(_) => return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already answered round {}", header.round))),
         }
         check_header(&self.settings, &self.global, header)?;
         if let Phase::Collecting(c) = &mut self.phase {
@@ -319,22 +322,11 @@ impl RoundMachine {
     }
 
     /// The update's bytes arrived with matching digests: check and fold it in.
-    pub fn finish_update(
-        &mut self,
-        now: Instant,
-        site: &SiteId,
-        header: &UpdateHeader,
-        tensors: &TensorSet,
-    ) -> Result<Ack, Reject> {
+    pub fn finish_update(&mut self, now: Instant, site: &SiteId, header: &UpdateHeader, tensors: &TensorSet) -> Result<Ack, Reject> {
         let policy_norm = record_level_norm_check(&header.privacy, tensors);
         let c = match &mut self.phase {
             Phase::Collecting(c) if c.round == header.round && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
-            _ => {
-                return Err(Reject::new(
-                    RejectCode::StaleRound,
-                    format!("round {} closed while the update was arriving", header.round),
-                ))
-            }
+            _ => return Err(Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round))),
         };
         let result = policy_norm.and_then(|()| c.agg.add(header.num_examples, tensors));
         match result {
@@ -392,10 +384,9 @@ impl RoundMachine {
                     Err(Reject::new(RejectCode::NotOffered, format!("round {round} was not offered to this site")))
                 }
             }
-            Phase::Collecting(c) => Err(Reject::new(
-                RejectCode::StaleRound,
-                format!("update for round {round}, but round {} is open", c.round),
-            )),
+            Phase::Collecting(c) => {
+                Err(Reject::new(RejectCode::StaleRound, format!("update for round {round}, but round {} is open", c.round)))
+            }
             _ => Err(Reject::new(RejectCode::StaleRound, format!("round {round} is not open"))),
         }
     }
@@ -427,10 +418,7 @@ impl RoundMachine {
 
     fn maybe_close(&mut self, now: Instant) {
         let all_answered = match &self.phase {
-            Phase::Collecting(c) => c
-                .offered
-                .iter()
-                .all(|s| matches!(c.status.get(s), Some(st) if *st != SiteStatus::Uploading)),
+            Phase::Collecting(c) => c.offered.iter().all(|s| matches!(c.status.get(s), Some(st) if *st != SiteStatus::Uploading)),
             _ => false,
         };
         if all_answered {
@@ -460,9 +448,7 @@ impl RoundMachine {
                 missed.len()
             );
             if gave_up {
-                self.phase = Phase::Done {
-                    stopped: Some(format!("round {} failed {} times: {reason}", c.round, self.failed_attempts)),
-                };
+                self.phase = Phase::Done { stopped: Some(format!("round {} failed {} times: {reason}", c.round, self.failed_attempts)) };
             }
             self.outputs.push_back(Output::RoundFailed(RoundFailure {
                 round: c.round,
@@ -477,12 +463,7 @@ impl RoundMachine {
             return;
         }
         let total_weight = c.agg.total_weight() as f64;
-        let mean_train_loss = c
-            .contributions
-            .iter()
-            .map(|k| k.metrics.train_loss * k.num_examples as f64)
-            .sum::<f64>()
-            / total_weight;
+        let mean_train_loss = c.contributions.iter().map(|k| k.metrics.train_loss * k.num_examples as f64).sum::<f64>() / total_weight;
         // At least `min_sites` >= 1 updates were added, so the mean exists.
         let Some(mean_delta) = c.agg.finish() else { unreachable!("accepted updates were added") };
         let mut model = (*self.global).clone();
@@ -546,10 +527,7 @@ fn check_header(settings: &Settings, global: &TensorSet, h: &UpdateHeader) -> Re
     let trainable = &settings.plan.trainable_tensors;
     for spec in &h.tensors {
         if !trainable.contains(&spec.name) {
-            return Err(Reject::new(
-                RejectCode::UnknownTensor,
-                format!("tensor {} is not trainable in this round", spec.name),
-            ));
+            return Err(Reject::new(RejectCode::UnknownTensor, format!("tensor {} is not trainable in this round", spec.name)));
         }
         let expected = global.get(&spec.name).map(|t| t.shape().to_vec()).unwrap_or_default();
         if spec.shape != expected {

@@ -24,8 +24,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome,
-    PROTOCOL_VERSION,
+    self, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome, PROTOCOL_VERSION,
 };
 
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
@@ -370,9 +369,7 @@ fn publish(
 
 /// Wall-clock time for records.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "unknown".into())
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "unknown".into())
 }
 
 async fn handle_connection(incoming: quinn::Incoming, conn_id: usize, shared: Arc<Shared>) {
@@ -482,12 +479,7 @@ async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: qu
     }
 }
 
-async fn dispatch(
-    ctx: &StreamCtx,
-    msg: Message,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-) -> Result<(), StreamError> {
+async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), StreamError> {
     let events = &ctx.shared.events;
     let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
     match msg {

@@ -82,8 +82,7 @@ pub struct Store {
 impl Store {
     /// Opens the directory (creating it) and reads `state.json` when present.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir.join("checkpoints"))
-            .map_err(|source| FsError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir.join("checkpoints")).map_err(|source| FsError::Io { path: dir.to_owned(), source })?;
         let path = dir.join("state.json");
         let state = if path.exists() {
             let bytes = fsutil::read(&path)?;
@@ -108,8 +107,7 @@ impl Store {
         let Some(state) = &self.state else { return Ok(None) };
         let path = self.dir.join(&state.checkpoint);
         let bytes = fsutil::read(&path)?;
-        let model =
-            TensorSet::from_safetensors(&bytes, false).map_err(|source| StoreError::Tensors { path: path.clone(), source })?;
+        let model = TensorSet::from_safetensors(&bytes, false).map_err(|source| StoreError::Tensors { path: path.clone(), source })?;
         let digest = model.digest().to_hex();
         if digest != state.model_digest {
             return Err(StoreError::Corrupt {
@@ -251,8 +249,7 @@ pub fn load_initial_model(path: &Path, num_labels: usize, seed: u64) -> Result<T
     let bytes = fsutil::read(&file)?;
     let raw = TensorSet::from_safetensors(&bytes, true).map_err(|source| StoreError::Tensors { path: file.clone(), source })?;
     let mut model = normalise_bert_names(raw);
-    ensure_classification_head(&mut model, num_labels, seed)
-        .map_err(|e| StoreError::Init { path: file.clone(), detail: e.to_string() })?;
+    ensure_classification_head(&mut model, num_labels, seed).map_err(|e| StoreError::Init { path: file.clone(), detail: e.to_string() })?;
     model.check_finite().map_err(|source| StoreError::Tensors { path: file, source })?;
     Ok(model)
 }

@@ -18,8 +18,34 @@ const EXAMPLES: usize = 64;
 
 fn notes() -> Vec<Example> {
     let words = [
-        "pt", "72yo", "with", "sob", "and", "chest", "pain", "needs", "cardiology", "review", "bed", "on", "ward", "7",
-        "sats", "91%", "on", "2l", "ct", "head", "slot", "please", "family", "aware", "plan", "discussed", "with", "reg",
+        "pt",
+        "72yo",
+        "with",
+        "sob",
+        "and",
+        "chest",
+        "pain",
+        "needs",
+        "cardiology",
+        "review",
+        "bed",
+        "on",
+        "ward",
+        "7",
+        "sats",
+        "91%",
+        "on",
+        "2l",
+        "ct",
+        "head",
+        "slot",
+        "please",
+        "family",
+        "aware",
+        "plan",
+        "discussed",
+        "with",
+        "reg",
     ];
     (0..EXAMPLES)
         .map(|i| {

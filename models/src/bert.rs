@@ -325,7 +325,9 @@ impl BertClassifier {
     /// Whether every name in `trainable` can be trained through per-example copies
     /// ([`Mode::per_example`]): adapters and the classifier.
     pub fn supports_per_example(&self, trainable: &HashSet<String>) -> bool {
-        trainable.iter().all(|n| n.starts_with("classifier.") || ((n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some()))
+        trainable
+            .iter()
+            .all(|n| n.starts_with("classifier.") || ((n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some()))
     }
 
     fn p(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
@@ -374,13 +376,7 @@ impl BertClassifier {
         if trainable.iter().any(|n| n.starts_with("bert.embeddings.")) {
             return None;
         }
-        Some(
-            trainable
-                .iter()
-                .filter_map(|n| fedward_shared::plan::encoder_layer_index(n))
-                .min()
-                .unwrap_or(self.config.num_hidden_layers),
-        )
+        Some(trainable.iter().filter_map(|n| fedward_shared::plan::encoder_layer_index(n)).min().unwrap_or(self.config.num_hidden_layers))
     }
 
     /// Embeddings plus layers `0..upto`: the hidden states (batch, len, hidden), or only the
@@ -420,8 +416,7 @@ impl BertClassifier {
     /// cache of the `[CLS]` rows, (batch, 1, hidden).
     pub fn head(&self, x: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &self.p("bert.pooler.dense.bias", mode)?)?
-            .tanh()?;
+        let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &self.p("bert.pooler.dense.bias", mode)?)?.tanh()?;
         let pooled = self.dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
         if mode.per_example.is_some_and(|m| m.contains_key("classifier.weight")) {
             // (batch, 1, hidden) x (batch, hidden, labels): each example its own classifier.
@@ -544,14 +539,9 @@ impl BertClassifier {
         // nothing at or below this layer trains.
         let layer = fedward_shared::plan::encoder_layer_index(prefix);
         let needs_grad = mode.trainable.iter().any(|n| {
-            n.starts_with("bert.embeddings.")
-                || layer.is_some_and(|l| fedward_shared::plan::encoder_layer_index(n).is_some_and(|i| i <= l))
+            n.starts_with("bert.embeddings.") || layer.is_some_and(|l| fedward_shared::plan::encoder_layer_index(n).is_some_and(|i| i <= l))
         });
-        Ok(if needs_grad {
-            candle_nn::ops::layer_norm_slow(x, &w, &b, eps)?
-        } else {
-            candle_nn::ops::layer_norm(x, &w, &b, eps)?
-        })
+        Ok(if needs_grad { candle_nn::ops::layer_norm_slow(x, &w, &b, eps)? } else { candle_nn::ops::layer_norm(x, &w, &b, eps)? })
     }
 
     fn dropout(&self, x: &Tensor, p: f64, mode: &mut Mode<'_>) -> Result<Tensor> {
@@ -683,7 +673,8 @@ mod tests {
             m.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap()
         };
         let adapted = logits(&model);
-        let plain = BertClassifier::from_tensors(model.config.clone(), model.labels.clone(), &model.tensor_set().unwrap(), &Device::Cpu).unwrap();
+        let plain =
+            BertClassifier::from_tensors(model.config.clone(), model.labels.clone(), &model.tensor_set().unwrap(), &Device::Cpu).unwrap();
         assert_ne!(logits(&plain), adapted, "the adapters change the logits");
         model.merge_adapters().unwrap();
         assert!(model.adapters.is_empty());
@@ -738,5 +729,4 @@ mod tests {
             }
         }
     }
-
 }

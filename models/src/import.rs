@@ -137,7 +137,9 @@ pub enum CsvFault {
 impl fmt::Display for CsvFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            CsvFault::UnbalancedQuotes => "unbalanced quotes: a stray quote, or a quoted field never closed that runs to the end of the file",
+            CsvFault::UnbalancedQuotes => {
+                "unbalanced quotes: a stray quote, or a quoted field never closed that runs to the end of the file"
+            }
             CsvFault::Unreadable => "unreadable record",
         })
     }
@@ -560,8 +562,11 @@ fn read_csv(input: &[u8], cfg: &ImportConfig, acc: &mut Accumulator<'_>) -> Resu
 fn column_index(header: &ByteRecord, name: &str) -> Result<usize, ImportError> {
     let trimmed: Vec<&[u8]> = header.iter().map(<[u8]>::trim_ascii).collect();
     let exact: Vec<usize> = trimmed.iter().enumerate().filter(|(_, h)| **h == name.as_bytes()).map(|(i, _)| i).collect();
-    let hits =
-        if exact.is_empty() { trimmed.iter().enumerate().filter(|(_, h)| h.eq_ignore_ascii_case(name.as_bytes())).map(|(i, _)| i).collect() } else { exact };
+    let hits = if exact.is_empty() {
+        trimmed.iter().enumerate().filter(|(_, h)| h.eq_ignore_ascii_case(name.as_bytes())).map(|(i, _)| i).collect()
+    } else {
+        exact
+    };
     match hits.as_slice() {
         [i] => Ok(*i),
         [] => Err(ImportError::MissingColumn { column: name.to_owned() }),
@@ -647,7 +652,9 @@ mod tests {
         let mut rec = ByteRecord::new();
         let mut out = Vec::new();
         while let Some((line, sound)) = records.next(&mut rec) {
-            out.push(sound.map(|()| (line, rec.iter().map(|f| String::from_utf8(f.to_vec()).unwrap()).collect())).map_err(|fault| (line, fault)));
+            out.push(
+                sound.map(|()| (line, rec.iter().map(|f| String::from_utf8(f.to_vec()).unwrap()).collect())).map_err(|fault| (line, fault)),
+            );
         }
         out
     }
@@ -816,7 +823,8 @@ mod tests {
     #[test]
     fn label_mapping_and_numeric_labels() {
         let mut c = cfg(Format::Jsonl);
-        c.label_map = [("Physician", "doctor"), ("ward bed", "bed"), ("0", "other")].into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
+        c.label_map =
+            [("Physician", "doctor"), ("ward bed", "bed"), ("0", "other")].into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
         let input = "{\"text\":\"a\",\"label\":\"Physician\"}\n{\"text\":\"b\",\"label\":\"physician\"}\n{\"text\":\"c\",\"label\":\" Ward Bed \"}\n{\"text\":\"d\",\"label\":0}\n{\"text\":\"e\",\"label\":\"Device\"}";
         let out = import_bytes(input.as_bytes(), &c).unwrap();
         let labels: Vec<&str> = out.rows.iter().map(|r| r.label.as_str()).collect();
@@ -868,9 +876,13 @@ mod tests {
         assert!(matches!(import_bytes(b"note,label\nx,bed\n", &c), Err(ImportError::MissingColumn { column }) if column == "text"));
         assert!(import_bytes(b"text,Text,label\n", &c).is_ok());
         assert!(matches!(import_bytes(b"TEXT,Text,label\n", &c), Err(ImportError::DuplicateColumn { .. })));
-        assert!(matches!(import_bytes(b"\n\"text,label\n", &c), Err(ImportError::BadHeader { line: 2, fault: CsvFault::UnbalancedQuotes })));
+        assert!(matches!(
+            import_bytes(b"\n\"text,label\n", &c),
+            Err(ImportError::BadHeader { line: 2, fault: CsvFault::UnbalancedQuotes })
+        ));
         // BOM and padded, case-different header names are fine.
-        let out = import_bytes(b"\xEF\xBB\xBF Text ;LABEL\nneeds hoist;device\n", &ImportConfig { delimiter: b';', ..cfg(Format::Csv) }).unwrap();
+        let out =
+            import_bytes(b"\xEF\xBB\xBF Text ;LABEL\nneeds hoist;device\n", &ImportConfig { delimiter: b';', ..cfg(Format::Csv) }).unwrap();
         assert_eq!(out.rows[0].label, "device");
     }
 

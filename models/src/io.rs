@@ -43,8 +43,7 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelDirError> {
 /// The labels a `config.json` declares in `id2label`, if any.
 fn labels_of(config: &Value) -> Option<Vec<String>> {
     let map = config.get("id2label")?.as_object()?;
-    let mut pairs: Vec<(usize, String)> =
-        map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned()))).collect();
+    let mut pairs: Vec<(usize, String)> = map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned()))).collect();
     pairs.sort();
     // transformers writes LABEL_0.. when no labels were given: not ours.
     if pairs.is_empty() || pairs.iter().enumerate().any(|(i, (k, _))| *k != i) || pairs.iter().all(|(_, l)| l.starts_with("LABEL_")) {
@@ -55,12 +54,17 @@ fn labels_of(config: &Value) -> Option<Vec<String>> {
 
 /// Loads a model directory. `labels` is used when the directory declares none (a
 /// pretrained base); a directory with its own labels must agree with `labels` if given.
-pub fn load_dir(dir: &Path, labels: Option<&[String]>, head_seed: u64, device: &Device) -> Result<(BertClassifier, TextEncoder), ModelDirError> {
+pub fn load_dir(
+    dir: &Path,
+    labels: Option<&[String]>,
+    head_seed: u64,
+    device: &Device,
+) -> Result<(BertClassifier, TextEncoder), ModelDirError> {
     let config_path = dir.join("config.json");
     let raw: Value = serde_json::from_slice(&read(&config_path)?)
         .map_err(|e| ModelDirError::Invalid { path: config_path.clone(), detail: e.to_string() })?;
-    let config: BertConfig = serde_json::from_value(raw.clone())
-        .map_err(|e| ModelDirError::Invalid { path: config_path.clone(), detail: e.to_string() })?;
+    let config: BertConfig =
+        serde_json::from_value(raw.clone()).map_err(|e| ModelDirError::Invalid { path: config_path.clone(), detail: e.to_string() })?;
     let labels = match (labels_of(&raw), labels) {
         (Some(own), Some(want)) if own != want => {
             return Err(ModelDirError::Invalid {
@@ -167,20 +171,37 @@ mod tests {
         let mut names: Vec<String> = TensorSet::from_safetensors(&bytes, false).unwrap().names().map(str::to_owned).collect();
         names.sort();
         let mut expected = vec![
-            "bert.embeddings.LayerNorm.bias", "bert.embeddings.LayerNorm.weight", "bert.embeddings.position_embeddings.weight",
-            "bert.embeddings.token_type_embeddings.weight", "bert.embeddings.word_embeddings.weight",
-            "bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight",
+            "bert.embeddings.LayerNorm.bias",
+            "bert.embeddings.LayerNorm.weight",
+            "bert.embeddings.position_embeddings.weight",
+            "bert.embeddings.token_type_embeddings.weight",
+            "bert.embeddings.word_embeddings.weight",
+            "bert.pooler.dense.bias",
+            "bert.pooler.dense.weight",
+            "classifier.bias",
+            "classifier.weight",
         ]
         .into_iter()
         .map(str::to_owned)
         .collect::<Vec<_>>();
         for l in 0..2 {
             for s in [
-                "attention.output.LayerNorm.bias", "attention.output.LayerNorm.weight", "attention.output.dense.bias",
-                "attention.output.dense.weight", "attention.self.key.bias", "attention.self.key.weight",
-                "attention.self.query.bias", "attention.self.query.weight", "attention.self.value.bias",
-                "attention.self.value.weight", "intermediate.dense.bias", "intermediate.dense.weight",
-                "output.LayerNorm.bias", "output.LayerNorm.weight", "output.dense.bias", "output.dense.weight",
+                "attention.output.LayerNorm.bias",
+                "attention.output.LayerNorm.weight",
+                "attention.output.dense.bias",
+                "attention.output.dense.weight",
+                "attention.self.key.bias",
+                "attention.self.key.weight",
+                "attention.self.query.bias",
+                "attention.self.query.weight",
+                "attention.self.value.bias",
+                "attention.self.value.weight",
+                "intermediate.dense.bias",
+                "intermediate.dense.weight",
+                "output.LayerNorm.bias",
+                "output.LayerNorm.weight",
+                "output.dense.bias",
+                "output.dense.weight",
             ] {
                 expected.push(format!("bert.encoder.layer.{l}.{s}"));
             }
@@ -274,10 +295,12 @@ mod golden {
             attention_mask: flat(&input.attention_mask),
         };
         let none = HashSet::new();
-        let logits: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
+        let logits: Vec<Vec<f32>> =
+            model.forward(&batch, &mut Mode { trainable: &none, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
         // The differentiable path (layer norm in tensor ops) must agree too.
         let all: HashSet<String> = model.tensor_set().unwrap().names().map(str::to_owned).collect();
-        let train_path: Vec<Vec<f32>> = model.forward(&batch, &mut Mode { trainable: &all, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
+        let train_path: Vec<Vec<f32>> =
+            model.forward(&batch, &mut Mode { trainable: &all, dropout_rng: None, per_example: None }).unwrap().to_vec2().unwrap();
         assert!(expected.iter().flatten().any(|v| v.abs() > 0.5), "fixture logits too small to test anything");
         for (got, want) in [(&logits, &expected), (&train_path, &expected)] {
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {

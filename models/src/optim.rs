@@ -161,7 +161,9 @@ pub enum LocalOptimizer {
 impl LocalOptimizer {
     pub fn new(vars: Vec<Var>, optimizer: fedward_shared::plan::Optimizer, lr: f64, weight_decay: f64) -> Result<Self> {
         Ok(match optimizer {
-            fedward_shared::plan::Optimizer::AdamW => Self::AdamW(AdamW::new(vars, AdamWParams { lr, weight_decay, ..Default::default() })?),
+            fedward_shared::plan::Optimizer::AdamW => {
+                Self::AdamW(AdamW::new(vars, AdamWParams { lr, weight_decay, ..Default::default() })?)
+            }
             fedward_shared::plan::Optimizer::Sgd { momentum } => Self::Sgd(MomentumSgd::new(vars, lr, momentum, weight_decay)),
         })
     }

@@ -114,10 +114,7 @@ impl TextEncoder {
         tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| TextError::Tokenizer(e.to_string()))?;
         let encodings = tok.encode_batch(texts.to_vec(), true).map_err(|e| TextError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| Encoded { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
-            .collect())
+        Ok(encodings.into_iter().map(|e| Encoded { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() }).collect())
     }
 }
 
@@ -168,9 +165,7 @@ pub fn read_jsonl(path: &Path, labels: &[String]) -> Result<Vec<Example>, TextEr
         let row: Row = serde_json::from_str(line).map_err(|_| bad("not a JSON object with text and label"))?;
         let text = row.text.filter(|t| !t.trim().is_empty()).ok_or_else(|| bad("missing text"))?;
         let label = row.label.ok_or_else(|| bad("missing label"))?;
-        let label = *index
-            .get(label.as_str())
-            .ok_or_else(|| bad(&format!("unknown label (expected one of {})", labels.join(", "))))?;
+        let label = *index.get(label.as_str()).ok_or_else(|| bad(&format!("unknown label (expected one of {})", labels.join(", "))))?;
         out.push(Example { text, label });
     }
     if out.is_empty() {

@@ -117,7 +117,12 @@ pub struct BertTrainer {
 }
 
 impl BertTrainer {
-    pub fn new(model: BertClassifier, encoder: TextEncoder, train: Vec<Example>, validation: Option<Vec<Example>>) -> Result<Self, TrainError> {
+    pub fn new(
+        model: BertClassifier,
+        encoder: TextEncoder,
+        train: Vec<Example>,
+        validation: Option<Vec<Example>>,
+    ) -> Result<Self, TrainError> {
         if train.is_empty() {
             return Err(TrainError::NoData);
         }
@@ -216,7 +221,11 @@ impl Trainer for BertTrainer {
         if !train_loss.is_finite() {
             return Err(TrainError::Diverged(format!("mean loss {train_loss}")));
         }
-        let trained = self.model.tensor_set()?.subset(plan.trainable_tensors.iter().map(String::as_str)).map_err(|e| TrainError::Backend(e.to_string()))?;
+        let trained = self
+            .model
+            .tensor_set()?
+            .subset(plan.trainable_tensors.iter().map(String::as_str))
+            .map_err(|e| TrainError::Backend(e.to_string()))?;
         let mut delta = trained.delta_from(global).map_err(|e| TrainError::Backend(e.to_string()))?;
         if let Some(bound) = update_clip {
             // Post-processing of the DP-SGD result: costs no privacy, bounds what one site
@@ -265,11 +274,7 @@ fn prefix_key(model: &BertClassifier, trainable: &HashSet<String>, first: usize,
         .filter(|n| n.starts_with("bert.embeddings.") || fedward_shared::plan::encoder_layer_index(n).is_some_and(|i| i < first))
         .collect();
     let mut specs = set.subset(frozen).map_err(|e| TrainError::Backend(e.to_string()))?.specs();
-    specs.push(fedward_shared::tensor::TensorSpec {
-        name: format!("split:{first}:{max_len}"),
-        shape: vec![],
-        digest: Digest([0; 32]),
-    });
+    specs.push(fedward_shared::tensor::TensorSpec { name: format!("split:{first}:{max_len}"), shape: vec![], digest: Digest([0; 32]) });
     Ok(fedward_shared::tensor::manifest_digest(&specs))
 }
 
@@ -321,7 +326,8 @@ fn ensure_cache(model: &BertClassifier, data: &mut Prepared, trainable: &HashSet
         }
     }
     debug!(examples = rows.len(), first, secs = format_args!("{:.1}", started.elapsed().as_secs_f64()), "frozen prefix cached");
-    data.cache = Some(PrefixCache { key, first, rows: rows.into_iter().map(|r| r.unwrap_or_else(|| unreachable!("every row computed"))).collect() });
+    data.cache =
+        Some(PrefixCache { key, first, rows: rows.into_iter().map(|r| r.unwrap_or_else(|| unreachable!("every row computed"))).collect() });
     Ok(())
 }
 
@@ -522,8 +528,17 @@ fn dp_sgd_loop(
         sum.iter_mut().for_each(|s| s.fill(0.0));
         if batched {
             for chunk in batch.chunks(PER_EXAMPLE_CHUNK) {
-                let (loss, chunk_norms) =
-                    add_clipped_gradients_batched(model, data, &vars, &var_names, trainable, chunk, dp.clip_norm, Some(&mut dropout_rng), &mut sum)?;
+                let (loss, chunk_norms) = add_clipped_gradients_batched(
+                    model,
+                    data,
+                    &vars,
+                    &var_names,
+                    trainable,
+                    chunk,
+                    dp.clip_norm,
+                    Some(&mut dropout_rng),
+                    &mut sum,
+                )?;
                 loss_sum += loss;
                 sampled += chunk.len() as u64;
                 clipped_count += chunk_norms.iter().filter(|&&n| n > dp.clip_norm).count() as u64;
@@ -712,7 +727,13 @@ fn clip_grad_norm(vars: &[candle_core::Var], grads: &mut candle_core::backprop::
 }
 
 /// Tokenizes `data` and, when a prefix is frozen, fills its cache.
-fn prepare_evaluation(model: &BertClassifier, encoder: &TextEncoder, data: &mut Prepared, trainable: &HashSet<String>, max_len: usize) -> Result<(), TrainError> {
+fn prepare_evaluation(
+    model: &BertClassifier,
+    encoder: &TextEncoder,
+    data: &mut Prepared,
+    trainable: &HashSet<String>,
+    max_len: usize,
+) -> Result<(), TrainError> {
     data.tokenize(encoder, max_len)?;
     if let Some(first) = model.frozen_prefix_layers(trainable) {
         ensure_cache(model, data, trainable, first)?;
@@ -735,7 +756,8 @@ fn evaluate_prepared(
     idx.sort_by_key(|&i| data.encoded[i].ids.len());
     for chunk in idx.chunks(EVAL_BATCH) {
         let logits = logits_for(model, data, chunk, &mut Mode { trainable: &none, dropout_rng: None, per_example: None })?;
-        let labels = Tensor::from_vec(chunk.iter().map(|&i| data.examples[i].label as u32).collect::<Vec<_>>(), chunk.len(), model.device())?;
+        let labels =
+            Tensor::from_vec(chunk.iter().map(|&i| data.examples[i].label as u32).collect::<Vec<_>>(), chunk.len(), model.device())?;
         loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?) * chunk.len() as f64;
         for (&i, p) in chunk.iter().zip(logits.argmax(D::Minus1)?.to_vec1::<u32>()?) {
             preds[i] = p as usize;
@@ -774,21 +796,38 @@ impl EvalSet {
 
     /// Tokenizes the set and computes its frozen prefix now, as the first `evaluate` would:
     /// once, before clones of the set go to several threads.
-    pub fn prepare(&mut self, model: &BertClassifier, encoder: &TextEncoder, trainable: &[String], max_len: usize) -> Result<(), TrainError> {
+    pub fn prepare(
+        &mut self,
+        model: &BertClassifier,
+        encoder: &TextEncoder,
+        trainable: &[String],
+        max_len: usize,
+    ) -> Result<(), TrainError> {
         let trainable: HashSet<String> = trainable.iter().cloned().collect();
         prepare_evaluation(model, encoder, &mut self.data, &trainable, max_len)
     }
 
     /// Mean cross-entropy and the classification report of `model` on this set. `trainable`
     /// names the tensors that may differ between calls; everything below them is cached.
-    pub fn evaluate(&mut self, model: &BertClassifier, encoder: &TextEncoder, trainable: &[String], max_len: usize) -> Result<(f64, ClassificationReport), TrainError> {
+    pub fn evaluate(
+        &mut self,
+        model: &BertClassifier,
+        encoder: &TextEncoder,
+        trainable: &[String],
+        max_len: usize,
+    ) -> Result<(f64, ClassificationReport), TrainError> {
         let trainable: HashSet<String> = trainable.iter().cloned().collect();
         evaluate_prepared(model, encoder, &mut self.data, &trainable, max_len)
     }
 }
 
 /// Evaluates a model on labelled examples (no caching; for the CLI and baselines).
-pub fn evaluate(model: &BertClassifier, encoder: &TextEncoder, examples: &[Example], max_len: usize) -> Result<ClassificationReport, TrainError> {
+pub fn evaluate(
+    model: &BertClassifier,
+    encoder: &TextEncoder,
+    examples: &[Example],
+    max_len: usize,
+) -> Result<ClassificationReport, TrainError> {
     let mut data = Prepared::new(examples.to_vec());
     let none = HashSet::new();
     Ok(evaluate_prepared(model, encoder, &mut data, &none, max_len)?.1)
@@ -819,7 +858,8 @@ pub fn device(spec: &str) -> Result<Device, TrainError> {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| TrainError::InvalidPlan(format!("device {s:?}: expected auto, cpu or cuda:N")))?;
-            Device::new_cuda(n).map_err(|e| TrainError::Backend(format!("cuda:{n} unavailable: {e} (was fedward built with --features cuda?)")))
+            Device::new_cuda(n)
+                .map_err(|e| TrainError::Backend(format!("cuda:{n} unavailable: {e} (was fedward built with --features cuda?)")))
         }
     }
 }
@@ -833,8 +873,22 @@ mod tests {
     use crate::bert::BertConfig;
 
     const WORDS: [&str; 16] = [
-        "admit", "ward", "bed", "icu", "review", "consult", "doctor", "surgeon", "ventilator", "scan", "pump", "dialysis",
-        "pharmacy", "transport", "interpreter", "please",
+        "admit",
+        "ward",
+        "bed",
+        "icu",
+        "review",
+        "consult",
+        "doctor",
+        "surgeon",
+        "ventilator",
+        "scan",
+        "pump",
+        "dialysis",
+        "pharmacy",
+        "transport",
+        "interpreter",
+        "please",
     ];
 
     pub(crate) fn labels() -> Vec<String> {
@@ -843,7 +897,12 @@ mod tests {
 
     /// Four classes, each told apart by its own words.
     pub(crate) fn separable() -> Vec<Example> {
-        let by_label = [["review", "consult", "doctor", "surgeon"], ["admit", "ward", "bed", "icu"], ["ventilator", "scan", "pump", "dialysis"], ["pharmacy", "transport", "interpreter", "please"]];
+        let by_label = [
+            ["review", "consult", "doctor", "surgeon"],
+            ["admit", "ward", "bed", "icu"],
+            ["ventilator", "scan", "pump", "dialysis"],
+            ["pharmacy", "transport", "interpreter", "please"],
+        ];
         let mut out = Vec::new();
         for (label, words) in by_label.iter().enumerate() {
             for i in 0..6 {
@@ -1002,7 +1061,13 @@ mod tests {
         assert!(pooled.subset(other, &[99]).is_err());
     }
 
-    fn record_level(mut plan: TrainingPlan, noise_multiplier: f64, clip_norm: f64, sampling_rate: f64, update_clip_norm: f64) -> TrainingPlan {
+    fn record_level(
+        mut plan: TrainingPlan,
+        noise_multiplier: f64,
+        clip_norm: f64,
+        sampling_rate: f64,
+        update_clip_norm: f64,
+    ) -> TrainingPlan {
         plan.privacy = PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, sampling_rate, update_clip_norm };
         plan.max_grad_norm = 0.0;
         plan

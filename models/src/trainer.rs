@@ -49,8 +49,7 @@ pub struct TrainContext<'a> {
 /// Trains the model on the site's own data.
 pub trait Trainer: Send {
     /// Trains from `global` following `plan` and returns the delta of the trainable tensors.
-    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan)
-        -> Result<LocalUpdate, TrainError>;
+    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError>;
 
     /// Number of local training examples (for planning the privacy spend).
     fn num_examples(&self) -> u64;

@@ -214,8 +214,7 @@ pub fn audit_ledger(bytes: &[u8], trusted: Option<&VerifyingKey>, delta: Option<
         })
         .collect();
     for site in &release_sites {
-        let mine: Vec<Entry> =
-            entries.iter().filter(|e| matches!(&e.body, Body::Release(r) if &r.site == site)).cloned().collect();
+        let mine: Vec<Entry> = entries.iter().filter(|e| matches!(&e.body, Body::Release(r) if &r.site == site)).cloned().collect();
         findings.extend(ledger::audit_releases(&mine).findings.iter().map(|f| audit_finding(f, "release")));
     }
     for site in &accepted_sites {
@@ -299,10 +298,9 @@ fn audit_finding(f: &ledger::AuditFinding, what: &str) -> Finding {
         AuditKind::Unaccountable(_) => "unaccountable",
     };
     let message = match &f.kind {
-        AuditKind::UnderCounted { stored, recomputed } => format!(
-            "epsilon mismatch in the {what} for round {}: stored {stored}, recomputed {recomputed} from its parameters",
-            f.round
-        ),
+        AuditKind::UnderCounted { stored, recomputed } => {
+            format!("epsilon mismatch in the {what} for round {}: stored {stored}, recomputed {recomputed} from its parameters", f.round)
+        }
         AuditKind::BeforeMismatch { stored_before, previous_after } => format!(
             "epsilon mismatch in round {}: epsilon before is {stored_before} but the previous release ended at {previous_after}",
             f.round
@@ -314,12 +312,7 @@ fn audit_finding(f: &ledger::AuditFinding, what: &str) -> Finding {
 
 /// Recomputes one site's cumulative epsilon after each of its releases (`source` "site")
 /// or accepted updates (`source` "coordinator"), in seq order.
-fn replay(
-    entries: &[Entry],
-    source: &'static str,
-    site: &SiteId,
-    delta: Option<f64>,
-) -> (Vec<RoundRow>, SiteSummary, Vec<Finding>) {
+fn replay(entries: &[Entry], source: &'static str, site: &SiteId, delta: Option<f64>) -> (Vec<RoundRow>, SiteSummary, Vec<Finding>) {
     let mut mine: Vec<(&Entry, ledger::Privacy, u64, u64, String, String)> = entries
         .iter()
         .filter_map(|e| match &e.body {
@@ -389,7 +382,10 @@ fn replay(
     if no_dp > 0 {
         over.push(Finding::warn(
             "no-privacy",
-            format!("site {site}: {no_dp} updates {} without differential privacy (epsilon unbounded)", if source == "site" { "released" } else { "accepted" }),
+            format!(
+                "site {site}: {no_dp} updates {} without differential privacy (epsilon unbounded)",
+                if source == "site" { "released" } else { "accepted" }
+            ),
         ));
     }
     let last = rows.last();
@@ -423,12 +419,7 @@ impl ReconcileAudit {
 
 /// Audits both ledgers and matches `site`'s releases with the updates the coordinator
 /// accepted from it.
-pub fn reconcile_ledgers(
-    site: &SiteId,
-    site_bytes: &[u8],
-    coordinator_bytes: &[u8],
-    trusted: Option<&VerifyingKey>,
-) -> ReconcileAudit {
+pub fn reconcile_ledgers(site: &SiteId, site_bytes: &[u8], coordinator_bytes: &[u8], trusted: Option<&VerifyingKey>) -> ReconcileAudit {
     let site_ledger = audit_ledger(site_bytes, None, None);
     let coordinator_ledger = audit_ledger(coordinator_bytes, trusted, None);
     let report = ledger::reconcile(site, &site_ledger.parsed, &coordinator_ledger.parsed);
@@ -487,10 +478,7 @@ pub struct Report {
 impl Report {
     /// Every row of every ledger, site ledgers first.
     pub fn rows(&self) -> impl Iterator<Item = (&str, &RoundRow)> {
-        self.ledgers
-            .iter()
-            .chain(&self.coordinator)
-            .flat_map(|n| n.audit.rows.iter().map(move |r| (n.name.as_str(), r)))
+        self.ledgers.iter().chain(&self.coordinator).flat_map(|n| n.audit.rows.iter().map(move |r| (n.name.as_str(), r)))
     }
 }
 
@@ -503,10 +491,8 @@ pub fn build_report(
     delta: Option<f64>,
     generated_at: String,
 ) -> Report {
-    let ledgers: Vec<NamedAudit> = site_ledgers
-        .iter()
-        .map(|(name, bytes)| NamedAudit { name: name.clone(), audit: audit_ledger(bytes, trusted, delta) })
-        .collect();
+    let ledgers: Vec<NamedAudit> =
+        site_ledgers.iter().map(|(name, bytes)| NamedAudit { name: name.clone(), audit: audit_ledger(bytes, trusted, delta) }).collect();
     let coordinator = coordinator.map(|(name, bytes)| NamedAudit { name, audit: audit_ledger(&bytes, trusted, delta) });
     let mut reconciliations = Vec::new();
     if let Some(c) = &coordinator {
@@ -523,8 +509,7 @@ pub fn build_report(
             }
         }
     }
-    let passed = ledgers.iter().chain(&coordinator).all(|n| n.audit.passed())
-        && reconciliations.iter().all(|r| r.mismatches.is_empty());
+    let passed = ledgers.iter().chain(&coordinator).all(|n| n.audit.passed()) && reconciliations.iter().all(|r| r.mismatches.is_empty());
     Report { generated_at, passed, delta, ledgers, coordinator, reconciliations }
 }
 
@@ -594,11 +579,8 @@ pub fn render_verify_text(name: &str, a: &LedgerAudit) -> String {
         );
     }
     for site in &a.sites {
-        let source = if a.rows.iter().any(|r| r.site == site.site && r.source == "site") {
-            "released"
-        } else {
-            "declared to the coordinator"
-        };
+        let source =
+            if a.rows.iter().any(|r| r.site == site.site && r.source == "site") { "released" } else { "declared to the coordinator" };
         let _ = writeln!(
             s,
             "  site {}: {} updates {source}, mode {}, recomputed epsilon {} at delta {}",
@@ -656,11 +638,7 @@ pub fn render_html(report: &Report) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedward privacy audit: {verdict}</title>\n<style>{CSS}</style></head><body>\n"
     );
     let _ = writeln!(h, "<h1>fedward privacy audit</h1>");
-    let _ = writeln!(
-        h,
-        "<p class=\"verdict {}\">Verdict: {verdict}</p>",
-        if report.passed { "pass" } else { "fail" }
-    );
+    let _ = writeln!(h, "<p class=\"verdict {}\">Verdict: {verdict}</p>", if report.passed { "pass" } else { "fail" });
     let delta = report.delta.map_or("each entry's own delta".to_owned(), |d| format!("delta = {d}"));
     let _ = writeln!(
         h,
@@ -871,16 +849,16 @@ fn chart_svg(report: &Report) -> String {
     let stride = ((max_round - min_round) / 12).max(1);
     let mut r = min_round;
     while r <= max_round {
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{r}</text>",
-            x(r),
-            hgt - bottom + 16.0
-        );
+        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{r}</text>", x(r), hgt - bottom + 16.0);
         r += stride;
     }
     let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">round</text>", (left + w - right) / 2.0, hgt - 4.0);
-    let _ = writeln!(s, "<text x=\"12\" y=\"{:.1}\" transform=\"rotate(-90 12 {:.1})\" text-anchor=\"middle\">epsilon</text>", hgt / 2.0, hgt / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"12\" y=\"{:.1}\" transform=\"rotate(-90 12 {:.1})\" text-anchor=\"middle\">epsilon</text>",
+        hgt / 2.0,
+        hgt / 2.0
+    );
     for (i, (name, pts)) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let path: Vec<String> = pts.iter().map(|&(r, e)| format!("{:.1},{:.1}", x(r), y(e))).collect();

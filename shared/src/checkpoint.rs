@@ -47,12 +47,7 @@ pub fn ensure_classification_head(set: &mut TensorSet, num_labels: usize, seed: 
     }
     match set.get("classifier.weight").map(|t| t.shape().to_vec()) {
         Some(shape) if shape == [num_labels, hidden] => Ok(()),
-        Some(shape) => Err(TensorError::ShapeMismatch {
-            name: "classifier.weight".into(),
-            shape,
-            expected: num_labels * hidden,
-            got: 0,
-        }),
+        Some(shape) => Err(TensorError::ShapeMismatch { name: "classifier.weight".into(), shape, expected: num_labels * hidden, got: 0 }),
         None => {
             set.insert("classifier.weight", draw(vec![num_labels, hidden])?);
             set.insert("classifier.bias", Tensor::zeros(vec![num_labels]));

@@ -245,11 +245,8 @@ pub fn reconcile(args: &ReconcileArgs, out: &mut dyn Write) -> Result<bool, CliE
         };
         writeln!(out, "{}", serde_json::to_string_pretty(&j).map_err(io::Error::other)?)?;
     } else {
-        let text = audit::render_reconcile_text(
-            &args.site_ledger.display().to_string(),
-            &args.coordinator_ledger.display().to_string(),
-            &r,
-        );
+        let text =
+            audit::render_reconcile_text(&args.site_ledger.display().to_string(), &args.coordinator_ledger.display().to_string(), &r);
         out.write_all(text.as_bytes())?;
     }
     Ok(r.passed())
@@ -277,14 +274,7 @@ pub fn report(args: &ReportArgs, now: OffsetDateTime, out: &mut dyn Write) -> Re
     fsutil::atomic_write(&args.out.join("report.json"), audit::render_json(&report).as_bytes(), false)?;
     fsutil::atomic_write(&args.out.join("report.csv"), audit::render_csv(&report).as_bytes(), false)?;
     for n in report.ledgers.iter().chain(&report.coordinator) {
-        writeln!(
-            out,
-            "{}: {} ledger, {} entries, {} problems",
-            n.name,
-            n.audit.kind,
-            n.audit.entries,
-            n.audit.failures()
-        )?;
+        writeln!(out, "{}: {} ledger, {} entries, {} problems", n.name, n.audit.kind, n.audit.entries, n.audit.failures())?;
     }
     for r in &report.reconciliations {
         writeln!(out, "site {}: {} rounds match the coordinator, {} mismatches", r.site, r.matched, r.mismatches.len())?;
@@ -364,16 +354,13 @@ pub fn plan_of(args: &PlanArgs, sigma: f64) -> Result<Plan, CliError> {
         return Err(invalid("rounds", "must be at least 1"));
     }
     let (sampling_rate, steps_per_round) = match args.mode {
-        PrivacyMode::Off => {
-            return Err(invalid("mode", "off spends an unbounded epsilon; choose record-level or site-level"))
-        }
+        PrivacyMode::Off => return Err(invalid("mode", "off spends an unbounded epsilon; choose record-level or site-level")),
         PrivacyMode::RecordLevel => {
             let q = args.sampling_rate.ok_or_else(|| invalid("sampling-rate", "record-level needs --sampling-rate"))?;
             if !(q > 0.0 && q <= 1.0) {
                 return Err(invalid("sampling-rate", format!("{q} is outside (0, 1]")));
             }
-            let k =
-                args.steps_per_round.ok_or_else(|| invalid("steps-per-round", "record-level needs --steps-per-round"))?;
+            let k = args.steps_per_round.ok_or_else(|| invalid("steps-per-round", "record-level needs --steps-per-round"))?;
             if k == 0 {
                 return Err(invalid("steps-per-round", "must be at least 1"));
             }
@@ -384,10 +371,7 @@ pub fn plan_of(args: &PlanArgs, sigma: f64) -> Result<Plan, CliError> {
         }
         PrivacyMode::SiteLevel => {
             if args.sampling_rate.is_some() || args.steps_per_round.is_some() {
-                return Err(invalid(
-                    "sampling-rate",
-                    "--sampling-rate and --steps-per-round apply to record-level plans only",
-                ));
+                return Err(invalid("sampling-rate", "--sampling-rate and --steps-per-round apply to record-level plans only"));
             }
             if args.sites == Some(0) {
                 return Err(invalid("sites", "must be at least 1"));
@@ -451,11 +435,9 @@ pub fn sigma_answer(args: &SigmaArgs) -> Result<SigmaAnswer, CliError> {
 
 fn global_model(args: &PlanArgs, sigma: f64) -> Result<Option<GlobalModel>, CliError> {
     match (args.mode, args.sites) {
-        (PrivacyMode::SiteLevel, Some(n)) => Ok(Some(GlobalModel {
-            sites: n,
-            epsilon: zcdp::global_model_epsilon(sigma, n, args.rounds, args.delta)?,
-            delta: args.delta,
-        })),
+        (PrivacyMode::SiteLevel, Some(n)) => {
+            Ok(Some(GlobalModel { sites: n, epsilon: zcdp::global_model_epsilon(sigma, n, args.rounds, args.delta)?, delta: args.delta }))
+        }
         _ => Ok(None),
     }
 }

@@ -300,9 +300,8 @@ impl CoordinatorConfig {
 /// Builds the offered plan and the acceptance policy from the `[training]` and
 /// `[privacy]` tables.
 pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, PrivacyPolicy), ConfigError> {
-    let trainable: Trainable = t.trainable.parse().map_err(|e: crate::plan::TrainableParseError| {
-        invalid("training.trainable", e.to_string())
-    })?;
+    let trainable: Trainable =
+        t.trainable.parse().map_err(|e: crate::plan::TrainableParseError| invalid("training.trainable", e.to_string()))?;
     let optimizer: Optimizer =
         t.optimizer.parse().map_err(|e: crate::plan::OptimizerParseError| invalid("training.optimizer", e.to_string()))?;
     if t.local_epochs == 0 {
@@ -352,8 +351,9 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
     };
     let (sigma, clip) = match privacy {
         PrivacyPlan::Off => (0.0, f64::INFINITY),
-        PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, .. }
-        | PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => (noise_multiplier, clip_norm),
+        PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, .. } | PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => {
+            (noise_multiplier, clip_norm)
+        }
     };
     let policy = PrivacyPolicy {
         mode,
@@ -519,12 +519,7 @@ impl AgentConfig {
             validation_data: raw.data.validation.map(|p| resolve(base_dir, p)),
             model_base: resolve(base_dir, raw.model.base),
             labels: validate_labels(raw.model.labels)?,
-            budget: SiteBudget {
-                max_epsilon: b.max_epsilon,
-                delta: b.delta,
-                max_rounds: b.max_rounds,
-                require_dp: b.require_dp,
-            },
+            budget: SiteBudget { max_epsilon: b.max_epsilon, delta: b.delta, max_rounds: b.max_rounds, require_dp: b.require_dp },
             state_dir: resolve(base_dir, raw.agent.state_dir),
             device,
             max_backoff: parse_duration("agent.max_backoff", &raw.agent.max_backoff)?,

@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 pub enum FsError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error(
-        "{path}: private key is readable by others (mode {mode:o}); run `chmod 600 {path}` and check who copied it"
-    )]
+    #[error("{path}: private key is readable by others (mode {mode:o}); run `chmod 600 {path}` and check who copied it")]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error("{path} already exists; refusing to overwrite (move it away first)")]
     Exists { path: PathBuf },
@@ -43,10 +41,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsEr
 
 /// Like [`atomic_write`], but `write` produces the temp file itself (e.g. a serialiser
 /// that streams to a path); it is then fsynced and renamed over `path`.
-pub fn atomic_write_with<E: std::fmt::Display>(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), E>,
-) -> Result<(), FsError> {
+pub fn atomic_write_with<E: std::fmt::Display>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), FsError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -136,9 +136,7 @@ impl Body {
             }
         };
         let time = |t: &str| {
-            OffsetDateTime::parse(t, &Rfc3339)
-                .map(|_| ())
-                .map_err(|e| LedgerError::InvalidBody(format!("time {t:?} is not RFC 3339: {e}")))
+            OffsetDateTime::parse(t, &Rfc3339).map(|_| ()).map_err(|e| LedgerError::InvalidBody(format!("time {t:?} is not RFC 3339: {e}")))
         };
         match self {
             Body::Release(r) => {
@@ -212,12 +210,7 @@ impl From<PrivacyUsed> for Privacy {
 impl Privacy {
     /// The accountant's view of this release.
     pub fn release(&self) -> Release {
-        Release {
-            mode: self.mode,
-            noise_multiplier: self.noise_multiplier,
-            sampling_rate: self.sampling_rate,
-            steps: self.steps,
-        }
+        Release { mode: self.mode, noise_multiplier: self.noise_multiplier, sampling_rate: self.sampling_rate, steps: self.steps }
     }
 }
 
@@ -542,9 +535,7 @@ pub fn verify(bytes: &[u8], trusted: Option<&VerifyingKey>) -> VerifyReport {
                 entries.push(e);
                 lines.push(line_no);
             }
-            Err(err) => {
-                problems.push(Problem { line: line_no, seq: None, kind: ProblemKind::Malformed(err.to_string()) })
-            }
+            Err(err) => problems.push(Problem { line: line_no, seq: None, kind: ProblemKind::Malformed(err.to_string()) }),
         }
     }
     let mut report = check(entries, &lines, trusted);
@@ -729,10 +720,7 @@ pub fn audit_releases(entries: &[Entry]) -> AuditReport {
     for (e, r) in releases {
         let finding = |kind| AuditFinding { seq: e.seq, round: r.round, kind };
         if r.epsilon_before != previous_after {
-            report.findings.push(finding(AuditKind::BeforeMismatch {
-                stored_before: r.epsilon_before,
-                previous_after,
-            }));
+            report.findings.push(finding(AuditKind::BeforeMismatch { stored_before: r.epsilon_before, previous_after }));
         }
         previous_after = r.privacy.epsilon_after;
         let recomputed = recompute(&mut acc, &r.privacy);
@@ -818,12 +806,9 @@ impl fmt::Display for Mismatch {
             Self::NotAccepted { round, digest } => {
                 write!(f, "round {round}: site released update {} the coordinator did not accept", digest.short())
             }
-            Self::DigestMismatch { round, site, coordinator } => write!(
-                f,
-                "round {round}: site released {} but coordinator accepted {}",
-                site.short(),
-                coordinator.short()
-            ),
+            Self::DigestMismatch { round, site, coordinator } => {
+                write!(f, "round {round}: site released {} but coordinator accepted {}", site.short(), coordinator.short())
+            }
             Self::ParameterMismatch { round, field, site, coordinator } => {
                 write!(f, "round {round}: {field} is {site} at the site but {coordinator} at the coordinator")
             }
@@ -879,11 +864,9 @@ pub fn reconcile(site: &SiteId, site_entries: &[Entry], coordinator_entries: &[E
                     report.matched += 1;
                 }
             }
-            (Some(r), Some(a)) => report.mismatches.push(Mismatch::DigestMismatch {
-                round,
-                site: r.update_digest,
-                coordinator: a.update_digest,
-            }),
+            (Some(r), Some(a)) => {
+                report.mismatches.push(Mismatch::DigestMismatch { round, site: r.update_digest, coordinator: a.update_digest })
+            }
             (Some(r), None) => report.mismatches.push(Mismatch::NotAccepted { round, digest: r.update_digest }),
             (None, Some(a)) => report.mismatches.push(Mismatch::NoReleaseAtSite { round, digest: a.update_digest }),
             (None, None) => {}
@@ -1217,12 +1200,8 @@ mod tests {
         assert_ne!(in_body, line);
         bytes.extend_from_slice(in_body.as_bytes());
         let report = verify(&bytes, None);
-        let malformed: Vec<usize> = report
-            .problems
-            .iter()
-            .filter(|p| matches!(p.kind, ProblemKind::Malformed(_)))
-            .map(|p| p.line)
-            .collect();
+        let malformed: Vec<usize> =
+            report.problems.iter().filter(|p| matches!(p.kind, ProblemKind::Malformed(_))).map(|p| p.line).collect();
         assert_eq!(malformed, vec![2, 3, 4], "{:?}", report.problems);
     }
 
@@ -1266,13 +1245,8 @@ mod tests {
             epsilon_after: 0.9,
             delta: 1e-5,
         };
-        let header = UpdateHeader {
-            round: RoundId(3),
-            num_examples: 500,
-            metrics: LocalMetrics::default(),
-            tensors: update.specs(),
-            privacy: used,
-        };
+        let header =
+            UpdateHeader { round: RoundId(3), num_examples: 500, metrics: LocalMetrics::default(), tensors: update.specs(), privacy: used };
         let mut site_l = Ledger::new();
         let release = ReleaseRecord::new(site(), RoundId(3), &used, 500, 0.0, update.digest(), T0).unwrap();
         site_l.append(Body::Release(release)).unwrap();
@@ -1320,10 +1294,7 @@ mod tests {
         assert!(verify(&ledger.to_bytes(), None).is_clean(), "re-chained, so only the audit can tell");
         let findings = audit_releases(ledger.entries()).findings;
         assert!(matches!(findings[0], AuditFinding { seq: 2, kind: AuditKind::UnderCounted { .. }, .. }), "{findings:?}");
-        assert!(
-            matches!(findings[1], AuditFinding { seq: 3, kind: AuditKind::BeforeMismatch { .. }, .. }),
-            "{findings:?}"
-        );
+        assert!(matches!(findings[1], AuditFinding { seq: 3, kind: AuditKind::BeforeMismatch { .. }, .. }), "{findings:?}");
         assert_eq!(findings.len(), 2, "{findings:?}");
         assert!(findings[0].to_string().contains("under-counted"));
 
@@ -1398,12 +1369,7 @@ mod tests {
             vec![
                 Mismatch::NotAccepted { round: RoundId(2), digest: digest(2) },
                 Mismatch::DigestMismatch { round: RoundId(3), site: digest(3), coordinator: digest(99) },
-                Mismatch::ParameterMismatch {
-                    round: RoundId(4),
-                    field: "noise multiplier",
-                    site: "1.1".into(),
-                    coordinator: "0.5".into()
-                },
+                Mismatch::ParameterMismatch { round: RoundId(4), field: "noise multiplier", site: "1.1".into(), coordinator: "0.5".into() },
                 Mismatch::NoReleaseAtSite { round: RoundId(5), digest: digest(5) },
             ]
         );

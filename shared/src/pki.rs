@@ -8,8 +8,8 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -212,9 +212,7 @@ pub fn site_of_cert(der: &[u8]) -> Result<SiteId, PkiError> {
 /// Decodes the first certificate of a PEM string to DER.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .map(|c| c.to_vec())
-        .map_err(|e| PkiError::Parse(format!("{e:?}")))
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map(|c| c.to_vec()).map_err(|e| PkiError::Parse(format!("{e:?}")))
 }
 
 fn issuer(ca: &CertifiedKey) -> Result<Issuer<'static, KeyPair>, PkiError> {
@@ -268,28 +266,17 @@ mod tests {
     fn admin_refuses_a_request_for_another_site() {
         let ca = create_ca("test", Validity::days_from(now(), 30), [1; 16]).unwrap();
         let req = site_request(&SiteId::new("evil").unwrap()).unwrap();
-        let err = sign_site_request(
-            &ca,
-            &req.csr_pem,
-            &SiteId::new("st-marys").unwrap(),
-            Validity::days_from(now(), 30),
-            [2; 16],
-        )
-        .unwrap_err();
+        let err =
+            sign_site_request(&ca, &req.csr_pem, &SiteId::new("st-marys").unwrap(), Validity::days_from(now(), 30), [2; 16]).unwrap_err();
         assert!(matches!(err, PkiError::SiteMismatch { .. }), "{err}");
     }
 
     #[test]
     fn server_certificate_names_hosts_and_ips() {
         let ca = create_ca("test", Validity::days_from(now(), 30), [1; 16]).unwrap();
-        let server = issue_server(
-            &ca,
-            &["coordinator.example".into()],
-            &["127.0.0.1".parse().unwrap()],
-            Validity::days_from(now(), 30),
-            [3; 16],
-        )
-        .unwrap();
+        let server =
+            issue_server(&ca, &["coordinator.example".into()], &["127.0.0.1".parse().unwrap()], Validity::days_from(now(), 30), [3; 16])
+                .unwrap();
         let info = cert_info(&pem_to_der(&server.cert_pem).unwrap()).unwrap();
         assert_eq!(info.dns_names, ["coordinator.example"]);
         assert!(!format!("{server:?}").contains("PRIVATE"), "debug output must not show the key");

@@ -297,7 +297,10 @@ mod tests {
         let selected = Trainable::TopLora(8).select(names.iter().map(String::as_str));
         assert_eq!(selected.len(), 8);
         assert!(selected.contains(&"classifier.weight".to_owned()) && selected.contains(&"classifier.bias".to_owned()));
-        assert!(selected.iter().filter(|n| n.starts_with("bert.")).all(|n| n.starts_with("bert.encoder.layer.1.") && n.ends_with(".weight")));
+        assert!(selected
+            .iter()
+            .filter(|n| n.starts_with("bert."))
+            .all(|n| n.starts_with("bert.encoder.layer.1.") && n.ends_with(".weight")));
         assert!(!selected.iter().any(|n| n.contains("LayerNorm")));
     }
 

@@ -37,12 +37,7 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self, TensorError> {
         let expected = element_count(&shape);
         if expected != data.len() {
-            return Err(TensorError::ShapeMismatch {
-                name: String::new(),
-                shape,
-                expected,
-                got: data.len(),
-            });
+            return Err(TensorError::ShapeMismatch { name: String::new(), shape, expected, got: data.len() });
         }
         Ok(Self { shape, data })
     }
@@ -226,9 +221,7 @@ impl TensorSet {
 
     /// Name, shape and digest of every tensor, in name order.
     pub fn specs(&self) -> Vec<TensorSpec> {
-        self.iter()
-            .map(|(name, t)| TensorSpec { name: name.to_owned(), shape: t.shape.clone(), digest: t.digest() })
-            .collect()
+        self.iter().map(|(name, t)| TensorSpec { name: name.to_owned(), shape: t.shape.clone(), digest: t.digest() }).collect()
     }
 
     /// Digest of the whole set: blake3 over the names and per-tensor digests in name order.
@@ -276,10 +269,7 @@ impl TensorSet {
     }
 
     /// Serialises to safetensors bytes (all f32), with optional string metadata.
-    pub fn to_safetensors(
-        &self,
-        metadata: Option<std::collections::HashMap<String, String>>,
-    ) -> Result<Vec<u8>, TensorError> {
+    pub fn to_safetensors(&self, metadata: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>, TensorError> {
         let bytes = self.le_byte_views();
         Ok(safetensors::serialize(Self::views(&bytes)?, metadata)?)
     }
@@ -299,14 +289,10 @@ impl TensorSet {
         self.iter().map(|(n, t)| (n, t.le_bytes(), t.shape())).collect()
     }
 
-    fn views<'a>(
-        bytes: &'a [ByteView<'a>],
-    ) -> Result<Vec<(&'a str, safetensors::tensor::TensorView<'a>)>, TensorError> {
+    fn views<'a>(bytes: &'a [ByteView<'a>]) -> Result<Vec<(&'a str, safetensors::tensor::TensorView<'a>)>, TensorError> {
         bytes
             .iter()
-            .map(|(n, b, s)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b).map(|v| (*n, v))
-            })
+            .map(|(n, b, s)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.to_vec(), b).map(|v| (*n, v)))
             .collect::<Result<_, _>>()
             .map_err(TensorError::from)
     }
@@ -389,12 +375,7 @@ fn hash_shape(h: &mut blake3::Hasher, shape: &[usize]) {
 
 fn check_same_shape(name: &str, a: &Tensor, b: &Tensor) -> Result<(), TensorError> {
     if a.shape != b.shape {
-        return Err(TensorError::ShapeMismatch {
-            name: name.to_owned(),
-            shape: a.shape.clone(),
-            expected: a.len(),
-            got: b.len(),
-        });
+        return Err(TensorError::ShapeMismatch { name: name.to_owned(), shape: a.shape.clone(), expected: a.len(), got: b.len() });
     }
     Ok(())
 }

@@ -46,9 +46,8 @@ pub struct TlsMaterial<'a> {
 pub fn server_config(m: &TlsMaterial<'_>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let roots = Arc::new(root_store(m.ca_pem)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build().map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -77,9 +76,8 @@ fn root_store(ca_pem: &[u8]) -> Result<rustls::RootCertStore, TlsError> {
 }
 
 fn certs(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { what, detail: format!("{e:?}") })?;
+    let certs =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem { what, detail: format!("{e:?}") })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { what });
     }
@@ -88,8 +86,7 @@ fn certs(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>,
 
 fn key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
     // The detail of a key parse error is not printed: it could quote key material.
-    PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|_| TlsError::Pem { what: "private key", detail: "not a PEM private key".into() })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| TlsError::Pem { what: "private key", detail: "not a PEM private key".into() })
 }
 
 /// Explains a TLS alert or handshake failure in words an operator can act on.

@@ -431,8 +431,7 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Encodes a message as one frame: `u32` LE length, then the bincode payload.
 pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
-    let payload =
-        bincode::serde::encode_to_vec(msg, bincode_config()).map_err(|e| EncodeError::Bincode(e.to_string()))?;
+    let payload = bincode::serde::encode_to_vec(msg, bincode_config()).map_err(|e| EncodeError::Bincode(e.to_string()))?;
     if payload.len() > MAX_FRAME_LEN {
         return Err(EncodeError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
     }
@@ -456,8 +455,8 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, DecodeError> {
     if payload.len() > MAX_FRAME_LEN {
         return Err(DecodeError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
     }
-    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(payload, bincode_config())
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, used): (Message, usize) =
+        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != payload.len() {
         return Err(DecodeError::Trailing(payload.len() - used));
     }
@@ -530,11 +529,7 @@ pub fn finish_tensor(spec: &TensorSpec, t: &mut Tensor) -> Result<(), TensorStre
     }
     let actual = t.digest();
     if actual != spec.digest {
-        return Err(TensorStreamError::DigestMismatch {
-            name: spec.name.clone(),
-            declared: spec.digest.short(),
-            actual: actual.short(),
-        });
+        return Err(TensorStreamError::DigestMismatch { name: spec.name.clone(), declared: spec.digest.short(), actual: actual.short() });
     }
     Ok(())
 }
@@ -563,12 +558,7 @@ mod tests {
             trainable: Trainable::TopLayers(2),
             trainable_tensors: vec!["classifier.weight".into()],
             seed: 7,
-            privacy: PrivacyPlan::RecordLevel {
-                noise_multiplier: 1.1,
-                clip_norm: 1.0,
-                sampling_rate: 0.05,
-                update_clip_norm: 5.0,
-            },
+            privacy: PrivacyPlan::RecordLevel { noise_multiplier: 1.1, clip_norm: 1.0, sampling_rate: 0.05, update_clip_norm: 5.0 },
         }
     }
 
@@ -682,13 +672,9 @@ mod tests {
         for bad in ["", "-x", "Upper", "a.b", "a b", &"x".repeat(64)] {
             assert!(SiteId::new(bad).is_err(), "{bad:?}");
         }
-        let bytes = encode(&Message::Welcome(Welcome {
-            site: SiteId("BAD ID".into()),
-            protocol_version: 1,
-            completed_rounds: 0,
-            total_rounds: 1,
-        }))
-        .unwrap();
+        let bytes =
+            encode(&Message::Welcome(Welcome { site: SiteId("BAD ID".into()), protocol_version: 1, completed_rounds: 0, total_rounds: 1 }))
+                .unwrap();
         assert!(decode(&bytes).is_err(), "a peer cannot smuggle an invalid site id");
     }
 
@@ -699,10 +685,7 @@ mod tests {
         assert!(matches!(declared_payload_bytes(&[big], usize::MAX), Err(TensorStreamError::TooLarge { .. })));
         assert_eq!(declared_payload_bytes(&[spec()], 16).unwrap(), 16);
         assert!(matches!(declared_payload_bytes(&[spec()], 15), Err(TensorStreamError::TotalTooLarge { .. })));
-        assert!(matches!(
-            declared_payload_bytes(&[spec(), spec()], 1 << 20),
-            Err(TensorStreamError::DuplicateName(_))
-        ));
+        assert!(matches!(declared_payload_bytes(&[spec(), spec()], 1 << 20), Err(TensorStreamError::DuplicateName(_))));
     }
 
     #[test]

@@ -67,10 +67,7 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
         }
     }
     // Frozen tensors never moved.
-    assert_eq!(
-        model.get("bert.encoder.layer.0.output.dense.weight"),
-        tiny_global().get("bert.encoder.layer.0.output.dense.weight")
-    );
+    assert_eq!(model.get("bert.encoder.layer.0.output.dense.weight"), tiny_global().get("bert.encoder.layer.0.output.dense.weight"));
     let history = &store.state().unwrap().history;
     assert_eq!(history.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2]);
     assert!(history.iter().all(|r| r.sites.len() == 3));
@@ -248,8 +245,7 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new("e2e");
     let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 1, vec!["alpha"]));
-    let endpoint =
-        fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), Duration::from_secs(3)).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
 
     async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Message {
@@ -269,8 +265,7 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     assert_eq!(r.code, RejectCode::Malformed);
     assert!(r.message.contains("exceeds"), "{}", r.message);
     // A message that cannot start a stream.
-    let Message::Reject(r) = exchange(&conn, &wire::encode(&Message::Ready(Ready { have_model: None })).unwrap()[..0]).await
-    else {
+    let Message::Reject(r) = exchange(&conn, &wire::encode(&Message::Ready(Ready { have_model: None })).unwrap()[..0]).await else {
         panic!("expected a reject")
     };
     assert_eq!(r.code, RejectCode::Malformed);
@@ -354,8 +349,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
 
     // The cheating site speaks the protocol by hand and declares sigma 0.5. It is ready
     // before the honest sites connect, so it is certainly offered the round.
-    let endpoint =
-        fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
     async fn exchange(conn: &quinn::Connection, msg: &Message, tensors: Option<&fedward_shared::tensor::TensorSet>) -> Message {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -396,16 +390,9 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         epsilon_after: 1.0,
         delta: 1e-5,
     };
-    let header = wire::UpdateHeader {
-        round: offer.round,
-        num_examples: 1000,
-        metrics: Default::default(),
-        tensors: delta.specs(),
-        privacy: used,
-    };
-    let Message::Reject(r) = exchange(&conn, &Message::Update(header), Some(&delta)).await else {
-        panic!("expected a reject")
-    };
+    let header =
+        wire::UpdateHeader { round: offer.round, num_examples: 1000, metrics: Default::default(), tensors: delta.specs(), privacy: used };
+    let Message::Reject(r) = exchange(&conn, &Message::Update(header), Some(&delta)).await else { panic!("expected a reject") };
     assert_eq!(r.code, RejectCode::PolicyViolation);
     assert!(r.message.contains("noise multiplier 0.5 is below the consortium minimum 1"), "{}", r.message);
     // A header refused before its bytes is not the site's answer (it could retry within the

@@ -198,11 +198,7 @@ impl CoordinatorHandle {
         }
         let key = ledger_key::read_signing_key(&keys.join(SIGNING_KEY_FILE)).expect("ledger key");
         let ledger = CoordinatorLedger::open(&ledger_paths(&spec.state_dir).0, key).expect("ledger");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let tls = pki.server_tls();
         let endpoint = {
             let _in_runtime = runtime.enter();
@@ -295,8 +291,7 @@ impl Trainer for ScriptedTrainer {
         let mut delta = TensorSet::new();
         for name in &plan.trainable_tensors {
             let g = global.get(name).ok_or_else(|| TrainError::ModelMismatch(name.clone()))?;
-            let data: Vec<f32> =
-                g.data().iter().map(|&x| self.value * ctx.round.0 as f32 + 0.001 * x).collect();
+            let data: Vec<f32> = g.data().iter().map(|&x| self.value * ctx.round.0 as f32 + 0.001 * x).collect();
             delta.insert(name.clone(), Tensor::new(g.shape().to_vec(), data).expect("shape"));
         }
         if self.poison {
@@ -346,10 +341,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
 }
 
 /// Spawns an agent daemon on the current runtime.
-pub fn spawn_agent(
-    opts: DaemonOptions,
-    trainer: impl Trainer + 'static,
-) -> tokio::task::JoinHandle<Result<DaemonOutcome, DaemonError>> {
+pub fn spawn_agent(opts: DaemonOptions, trainer: impl Trainer + 'static) -> tokio::task::JoinHandle<Result<DaemonOutcome, DaemonError>> {
     tokio::spawn(daemon::run(opts, Box::new(trainer), std::future::pending()))
 }
 
@@ -361,11 +353,8 @@ pub fn apply_weighted_mean(model: &mut TensorSet, updates: &[(u64, &TensorSet)])
             continue;
         }
         for (i, v) in t.data_mut().iter_mut().enumerate() {
-            let mean: f64 = updates
-                .iter()
-                .map(|(w, d)| *w as f64 * f64::from(d.get(name).expect("present").data()[i]))
-                .sum::<f64>()
-                / total;
+            let mean: f64 =
+                updates.iter().map(|(w, d)| *w as f64 * f64::from(d.get(name).expect("present").data()[i])).sum::<f64>() / total;
             *v += mean as f32;
         }
     }

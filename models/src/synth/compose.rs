@@ -124,7 +124,15 @@ fn note_fit(key: &str, nt: NoteType) -> f64 {
             _ => 1.0,
         },
         NoteType::DischargePlanning => match key {
-            "discharge_paperwork" | "followup" | "transport" | "rehab_bed" | "o2_concentrator" | "hoist" | "social_work" | "ot" | "pharmacy" => 2.0,
+            "discharge_paperwork"
+            | "followup"
+            | "transport"
+            | "rehab_bed"
+            | "o2_concentrator"
+            | "hoist"
+            | "social_work"
+            | "ot"
+            | "pharmacy" => 2.0,
             "icu_bed" | "hdu_bed" | "picu_bed" | "ventilator" | "ecmo" | "crrt" | "pacing_box" => 0.1,
             _ => 1.0,
         },
@@ -138,7 +146,10 @@ fn note_fit(key: &str, nt: NoteType) -> f64 {
 
 fn pick_resource(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, nt: NoteType) -> &'static Resource {
     let all = resources::all();
-    let w: Vec<f64> = all.iter().map(|r| if r.label == label { r.weight * site.boost(r.key) * note_fit(r.key, nt) * reach(site, r) } else { 0.0 }).collect();
+    let w: Vec<f64> = all
+        .iter()
+        .map(|r| if r.label == label { r.weight * site.boost(r.key) * note_fit(r.key, nt) * reach(site, r) } else { 0.0 })
+        .collect();
     &all[pick_weighted(rng, &w)]
 }
 
@@ -159,9 +170,16 @@ fn pick_spec(rng: &mut ChaCha8Rng, site: &SiteProfile, res: &Resource, nt: NoteT
 }
 
 /// A second resource with a different label that suits this patient, for a hard case.
-fn pick_other(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec, ok: impl Fn(&Resource) -> bool) -> Option<&'static Resource> {
+fn pick_other(
+    rng: &mut ChaCha8Rng,
+    site: &SiteProfile,
+    label: Label,
+    spec: Spec,
+    ok: impl Fn(&Resource) -> bool,
+) -> Option<&'static Resource> {
     let all = resources::all();
-    let w: Vec<f64> = all.iter().map(|r| if r.label != label && r.fits(spec) && ok(r) { r.weight * site.boost(r.key) } else { 0.0 }).collect();
+    let w: Vec<f64> =
+        all.iter().map(|r| if r.label != label && r.fits(spec) && ok(r) { r.weight * site.boost(r.key) } else { 0.0 }).collect();
     if w.iter().all(|x| *x <= 0.0) {
         return None;
     }
@@ -180,7 +198,8 @@ fn team_for(rng: &mut ChaCha8Rng, site: &SiteProfile, res: &Resource, spec: Spec
             if x < own_share {
                 own
             } else if x < own_share + 0.3 {
-                let w: Vec<f64> = site.specialties.iter().map(|(s, w)| if s.is_child() == spec.is_child() && *s != spec { *w } else { 0.0 }).collect();
+                let w: Vec<f64> =
+                    site.specialties.iter().map(|(s, w)| if s.is_child() == spec.is_child() && *s != spec { *w } else { 0.0 }).collect();
                 if w.iter().all(|v| *v <= 0.0) {
                     own
                 } else {
@@ -238,7 +257,9 @@ fn draw_plan(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec,
             pick_other(rng, site, label, spec, |r| !r.mentions.is_empty()).map(|r| Plan::Mention(focus_of(rng, r)))
         }
         // Emergency kit and security are never a planned later need.
-        2 => pick_other(rng, site, label, spec, |r| !matches!(r.key, "bedside_kit" | "security")).map(|r| Plan::Secondary(focus_of(rng, r))),
+        2 => {
+            pick_other(rng, site, label, spec, |r| !matches!(r.key, "bedside_kit" | "security")).map(|r| Plan::Secondary(focus_of(rng, r)))
+        }
         _ => pick_other(rng, site, label, spec, |r| matches!(r.label, Label::Bed | Label::Device) && !r.query.is_empty())
             .map(|r| Plan::Review(Focus { res: r, team: decider_team(r, spec) }))
             .or(Some(Plan::Negation(Focus { res: resources::by_key("ct").unwrap_or(&resources::all()[0]), team: own }))),

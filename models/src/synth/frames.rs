@@ -133,7 +133,8 @@ pub(super) const ASK_LABEL: [Bank; 4] = [
 ];
 
 /// Short requests that follow a connective: "no bed needed, just <this>".
-pub(super) const ASK_SHORT: Bank = &["needs <r>", "<r>", "requires <r>", "needs <r> {today|though|}", "<r> {please|pls}", "wants <r>", "needs <r> {asap|}"];
+pub(super) const ASK_SHORT: Bank =
+    &["needs <r>", "<r>", "requires <r>", "needs <r> {today|though|}", "<r> {please|pls}", "wants <r>", "needs <r> {asap|}"];
 
 /// Connectives between a negation and the real request.
 pub(super) const NEG_CONNECT: Bank =
@@ -304,8 +305,18 @@ pub(super) const NURSE_OBS: Bank = &[
     "{skin red|skin broken} on {sacrum|heels}",
     "<ref> {tearful|low in mood} {today|this evening}",
 ];
-pub(super) const ORDER_HEADERS: Bank =
-    &["Order comment:", "Req:", "Request:", "Order:", "Clinical details:", "Indication:", "Reason for request:", "Clin info:", "Request form -", "Order note:"];
+pub(super) const ORDER_HEADERS: Bank = &[
+    "Order comment:",
+    "Req:",
+    "Request:",
+    "Order:",
+    "Clinical details:",
+    "Indication:",
+    "Reason for request:",
+    "Clin info:",
+    "Request form -",
+    "Order note:",
+];
 pub(super) const HANDOVER_HEADERS: Bank = &[
     "Handover:",
     "H/O -",
@@ -328,7 +339,8 @@ pub(super) const HANDOVER_STATUS: Bank = &[
     "{improving|better} {today|since abx}",
     "{family aware|NOK aware}",
 ];
-pub(super) const HANDOVER_JOBS: Bank = &["Jobs:", "Outstanding:", "To do:", "TODO:", "Pending:", "Needs:", "Action:", "Issue:", "Job -", "Outstanding -"];
+pub(super) const HANDOVER_JOBS: Bank =
+    &["Jobs:", "Outstanding:", "To do:", "TODO:", "Pending:", "Needs:", "Action:", "Issue:", "Job -", "Outstanding -"];
 pub(super) const BED_HEADERS: Bank = &[
     "To bed manager:",
     "Bed manager -",
@@ -369,7 +381,8 @@ pub(super) const PAGER_OPENERS: Bank = &[
     "Hey,",
     "Sorry to bother you,",
 ];
-pub(super) const PAGER_REF: Bank = &["re <ref> in <loc>", "{about|re} {pt|<ref>} in <loc>", "<ref> {in|on} <loc>", "<loc> - <pt>", "{pt|patient} <loc>"];
+pub(super) const PAGER_REF: Bank =
+    &["re <ref> in <loc>", "{about|re} {pt|<ref>} in <loc>", "<ref> {in|on} <loc>", "<loc> - <pt>", "{pt|patient} <loc>"];
 pub(super) const DP_HEADERS: Bank = &[
     "Discharge planning:",
     "D/C planning:",
@@ -434,9 +447,21 @@ pub(super) const SIGN_OFFS: Bank = &[
     "- ward <n>",
 ];
 pub(super) const URGENT_PREFIX: Bank = &["URGENT:", "Urgent -", "!!", "urgent:", "ASAP:", "Time critical -"];
-pub(super) const ASK_SUFFIX_CALM: Bank = &[" pls", " please", " thanks", " if poss", " when able", " thx", " when you get a chance", " before d/c"];
-pub(super) const ASK_SUFFIX: Bank =
-    &[" pls", " please", " asap", " thanks", " - urgent", " (urgent)", " today if possible", " thx", " - time critical", " ideally today", " now please"];
+pub(super) const ASK_SUFFIX_CALM: Bank =
+    &[" pls", " please", " thanks", " if poss", " when able", " thx", " when you get a chance", " before d/c"];
+pub(super) const ASK_SUFFIX: Bank = &[
+    " pls",
+    " please",
+    " asap",
+    " thanks",
+    " - urgent",
+    " (urgent)",
+    " today if possible",
+    " thx",
+    " - time critical",
+    " ideally today",
+    " now please",
+];
 
 pub(super) const WR_MAIN: Bank = &[
     "<pt> <day> {with|-} <dx>",
@@ -451,7 +476,8 @@ pub(super) const WR_MAIN: Bank = &[
     "<pt>. <dx>. <hx>",
     "<pt> post <op>, <day>",
 ];
-pub(super) const ORDER_PT: Bank = &["<pt>", "<pt> <dx>", "<pt> with <dx>", "<pt>, <pres>", "{Hx|Clinical hx}: <pres>", "<dx>", "{for|in} <pt>"];
+pub(super) const ORDER_PT: Bank =
+    &["<pt>", "<pt> <dx>", "<pt> with <dx>", "<pt>, <pres>", "{Hx|Clinical hx}: <pres>", "<dx>", "{for|in} <pt>"];
 pub(super) const HANDOVER_MAIN: Bank = &[
     "<pt> <dx>",
     "<pt> {adm|admitted} with <dx>",

@@ -306,7 +306,9 @@ pub(super) fn abbreviate(rng: &mut ChaCha8Rng, text: &str, rate: f64) -> String 
                     break;
                 }
                 if a.expand {
-                    if let Some(s) = a.short.iter().find(|s| s.len() > 1 && s.as_bytes()[0].is_ascii_alphabetic() && match_at(text, pos, s).is_some()) {
+                    if let Some(s) =
+                        a.short.iter().find(|s| s.len() > 1 && s.as_bytes()[0].is_ascii_alphabetic() && match_at(text, pos, s).is_some())
+                    {
                         let len = s.len();
                         let src = &text[pos..pos + len];
                         if rng.random::<f64>() < (1.0 - rate) * 0.5 {
@@ -446,7 +448,8 @@ mod tests {
     #[test]
     fn us_spelling_rewrites_words_and_stems() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let s = us_spelling(&mut rng, "Paediatric haemoglobin low; oesophageal tumour at the centre, pls organise. Anaemia, diarrhoea", 0.0);
+        let s =
+            us_spelling(&mut rng, "Paediatric haemoglobin low; oesophageal tumour at the centre, pls organise. Anaemia, diarrhoea", 0.0);
         assert_eq!(s, "Pediatric hemoglobin low; esophageal tumor at the center, pls organize. Anemia, diarrhea");
     }
 

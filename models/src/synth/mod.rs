@@ -147,7 +147,10 @@ impl SynthConfig {
 
     /// The three reference sites: `trauma-centre`, `rural-hospital`, `childrens-hospital`.
     pub fn default_sites() -> Vec<SiteSpec> {
-        [SiteStyle::TraumaCentre, SiteStyle::RuralHospital, SiteStyle::ChildrensHospital].into_iter().map(|s| SiteSpec::new(s.as_str(), s)).collect()
+        [SiteStyle::TraumaCentre, SiteStyle::RuralHospital, SiteStyle::ChildrensHospital]
+            .into_iter()
+            .map(|s| SiteSpec::new(s.as_str(), s))
+            .collect()
     }
 
     /// One site of every style, named after its style.

@@ -154,10 +154,12 @@ pub(super) fn descriptor(rng: &mut ChaCha8Rng, p: &Patient, us: bool) -> String 
             14 => format!("pt {a}{s}"),
             15 if us => format!("{a} yo {s}"),
             15 => format!("{a}{}", s.to_lowercase()),
-            _ if p.band == AgeBand::Elderly => one(rng, &["elderly {g}", "frail {a}{s}", "{a}{s} NH resident", "{a}{s} from care home", "{a}yo {g} from NH"])
-                .replace("{g}", if p.sex == Sex::Male { "gent" } else { "lady" })
-                .replace("{a}", &a.to_string())
-                .replace("{s}", s),
+            _ if p.band == AgeBand::Elderly => {
+                one(rng, &["elderly {g}", "frail {a}{s}", "{a}{s} NH resident", "{a}{s} from care home", "{a}yo {g} from NH"])
+                    .replace("{g}", if p.sex == Sex::Male { "gent" } else { "lady" })
+                    .replace("{a}", &a.to_string())
+                    .replace("{s}", s)
+            }
             _ => format!("{a}{s}"),
         },
         AgeBand::Obstetric => {
@@ -172,7 +174,9 @@ pub(super) fn descriptor(rng: &mut ChaCha8Rng, p: &Patient, us: bool) -> String 
                 3 => format!("{a}F, {ge} pregnant"),
                 4 => format!("{a}yo woman {ge}"),
                 5 => format!("{parity} {a}, {ge}"),
-                6 => format!("{a}F P{} day {} post {}", para + 1, rng.random_range(1..4), one(rng, &["LSCS", "SVD", "delivery", "forceps"])),
+                6 => {
+                    format!("{a}F P{} day {} post {}", para + 1, rng.random_range(1..4), one(rng, &["LSCS", "SVD", "delivery", "forceps"]))
+                }
                 _ => format!("{mr} {ini} {a}, G{g}P{para} {ge}"),
             }
         }
@@ -254,7 +258,9 @@ pub(super) fn reference(rng: &mut ChaCha8Rng, p: &Patient) -> String {
     };
     let opts: Vec<String> = match p.band {
         AgeBand::Neonate => vec!["baby".into(), "the baby".into(), "pt".into(), format!("baby {}", p.initial)],
-        AgeBand::Child => vec!["pt".into(), "child".into(), "the child".into(), (if p.sex == Sex::Male { "the boy" } else { "the girl" }).into()],
+        AgeBand::Child => {
+            vec!["pt".into(), "child".into(), "the child".into(), (if p.sex == Sex::Male { "the boy" } else { "the girl" }).into()]
+        }
         AgeBand::Adolescent => vec!["pt".into(), "patient".into(), "young person".into(), "the YP".into()],
         _ => vec!["pt".into(), "pt".into(), "patient".into(), named, (if p.sex == Sex::Male { "this gent" } else { "this lady" }).into()],
     };
@@ -279,8 +285,12 @@ fn sev_col(sev: Sev) -> usize {
 }
 
 pub(super) fn heart_rate(rng: &mut ChaCha8Rng, p: &Patient, sev: Sev) -> String {
-    const R: [[(u32, u32); 3]; 4] =
-        [[(115, 160), (165, 195), (190, 225)], [(90, 135), (140, 175), (170, 210)], [(75, 115), (120, 150), (150, 185)], [(58, 96), (98, 128), (125, 165)]];
+    const R: [[(u32, u32); 3]; 4] = [
+        [(115, 160), (165, 195), (190, 225)],
+        [(90, 135), (140, 175), (170, 210)],
+        [(75, 115), (120, 150), (150, 185)],
+        [(58, 96), (98, 128), (125, 165)],
+    ];
     let brady = sev != Sev::Stable && rng.random::<f64>() < 0.07;
     let hr = if brady {
         if band_row(p) == 0 {
@@ -308,7 +318,9 @@ pub(super) fn heart_rate(rng: &mut ChaCha8Rng, p: &Patient, sev: Sev) -> String 
 pub(super) fn blood_pressure(rng: &mut ChaCha8Rng, p: &Patient, sev: Sev) -> String {
     let (sys, dia) = match (band_row(p), sev) {
         (3, Sev::Stable) => (rng.random_range(104..158), rng.random_range(58..92)),
-        (3, Sev::Unwell) if p.band == AgeBand::Obstetric || rng.random::<f64>() < 0.3 => (rng.random_range(152..198), rng.random_range(92..118)),
+        (3, Sev::Unwell) if p.band == AgeBand::Obstetric || rng.random::<f64>() < 0.3 => {
+            (rng.random_range(152..198), rng.random_range(92..118))
+        }
         (3, Sev::Unwell) => (rng.random_range(88..112), rng.random_range(48..70)),
         (3, Sev::Critical) => (rng.random_range(62..90), rng.random_range(30..55)),
         (_, Sev::Stable) => (rng.random_range(85..112), rng.random_range(50..72)),
@@ -343,7 +355,8 @@ pub(super) fn resp_rate(rng: &mut ChaCha8Rng, p: &Patient, sev: Sev) -> String {
 pub(super) fn sats(rng: &mut ChaCha8Rng, p: &Patient, sev: Sev, us: bool) -> String {
     let child = p.is_child();
     let air = if child { one(rng, &["in air", "in air", "RA", "on air"]) } else { one(rng, &["RA", "on air", "on RA", "(air)", "OA"]) };
-    let lab = if us { one(rng, &["O2 sat", "SpO2", "sats", "pulse ox"]) } else { one(rng, &["sats", "sats", "SpO2", "O2 sats", "Sats", "SaO2"]) };
+    let lab =
+        if us { one(rng, &["O2 sat", "SpO2", "sats", "pulse ox"]) } else { one(rng, &["sats", "sats", "SpO2", "O2 sats", "Sats", "SaO2"]) };
     match sev {
         Sev::Stable => {
             let v = rng.random_range(94..=99);

@@ -23,8 +23,13 @@ pub enum SiteStyle {
 }
 
 impl SiteStyle {
-    pub const ALL: [SiteStyle; 5] =
-        [SiteStyle::TraumaCentre, SiteStyle::RuralHospital, SiteStyle::ChildrensHospital, SiteStyle::TeachingHospital, SiteStyle::CancerCentre];
+    pub const ALL: [SiteStyle; 5] = [
+        SiteStyle::TraumaCentre,
+        SiteStyle::RuralHospital,
+        SiteStyle::ChildrensHospital,
+        SiteStyle::TeachingHospital,
+        SiteStyle::CancerCentre,
+    ];
 
     /// The kebab-case name used in configs and directory names.
     pub fn as_str(self) -> &'static str {
@@ -253,7 +258,18 @@ static RURAL: SiteProfile = SiteProfile {
         "{no pharmacy on weekends|pharmacy closed till Monday}",
     ],
     context_rate: 0.3,
-    wards: &["the ward", "Medical ward", "ward 2", "Acute ward", "GP beds", "the main ward", "Ward A", "ED", "the nursing station", "Ward B"],
+    wards: &[
+        "the ward",
+        "Medical ward",
+        "ward 2",
+        "Acute ward",
+        "GP beds",
+        "the main ward",
+        "Ward A",
+        "ED",
+        "the nursing station",
+        "Ward B",
+    ],
     hospitals: HOSPITALS,
 };
 
@@ -276,7 +292,18 @@ static CHILDRENS: SiteProfile = SiteProfile {
         "wt <wt>",
     ],
     context_rate: 0.45,
-    wards: &["Puffin ward", "Starfish", "Rainbow ward", "PAU", "ward 3", "NNU", "the surgical ward", "Sunflower ward", "PHDU", "the day unit"],
+    wards: &[
+        "Puffin ward",
+        "Starfish",
+        "Rainbow ward",
+        "PAU",
+        "ward 3",
+        "NNU",
+        "the surgical ward",
+        "Sunflower ward",
+        "PHDU",
+        "the day unit",
+    ],
     hospitals: &[
         "the tertiary centre",
         "the regional PICU",
@@ -323,7 +350,20 @@ static TEACHING: SiteProfile = SiteProfile {
         "{students|med students} {shadowing|present}",
     ],
     context_rate: 0.15,
-    wards: &["ward 7", "AMU", "Elm ward", "5 East", "the floor", "MICU", "4 North", "ward 22", "CCU", "Cedar", "6 West", "the step-down unit"],
+    wards: &[
+        "ward 7",
+        "AMU",
+        "Elm ward",
+        "5 East",
+        "the floor",
+        "MICU",
+        "4 North",
+        "ward 22",
+        "CCU",
+        "Cedar",
+        "6 West",
+        "the step-down unit",
+    ],
     hospitals: HOSPITALS,
 };
 
@@ -367,6 +407,16 @@ static CANCER: SiteProfile = SiteProfile {
         "{known to AOS|under AOS}",
     ],
     context_rate: 0.3,
-    wards: &["the onc ward", "ward 8", "the haem unit", "the day unit", "TYA unit", "ward 10", "the chemo suite", "Maple ward", "the triage unit"],
+    wards: &[
+        "the onc ward",
+        "ward 8",
+        "the haem unit",
+        "the day unit",
+        "TYA unit",
+        "ward 10",
+        "the chemo suite",
+        "Maple ward",
+        "the triage unit",
+    ],
     hospitals: HOSPITALS,
 };

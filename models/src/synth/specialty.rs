@@ -175,7 +175,11 @@ static CARDIOLOGY: SpecBank = SpecBank {
                 "known AF, now {HR 140s|fast and irregular} and {sweaty|SOB}",
                 "{pounding heart|racing heart} {since <time>|for 3h}, {lightheaded|chest tight}",
             ],
-            find: &["ECG {AF 140|narrow complex tachy 180|broad complex tachycardia}", "K {3.1|3.4}, Mg {0.6|0.7}", "{TFTs pending|TSH low}"],
+            find: &[
+                "ECG {AF 140|narrow complex tachy 180|broad complex tachycardia}",
+                "K {3.1|3.4}, Mg {0.6|0.7}",
+                "{TFTs pending|TSH low}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -203,7 +207,11 @@ static CARDIOLOGY: SpecBank = SpecBank {
                 "{fainted|syncopal episode} {on the toilet|in the shop}, {slow pulse|HR in 30s}",
                 "{dizzy spells|near-fainting} {x3 today|<dur>}, {HR 38|pulse 40}",
             ],
-            find: &["ECG {CHB|complete heart block|2:1 block}", "{HR 32|HR 35} {escape rhythm|broad escape}", "{on bisoprolol|on digoxin}, {K 5.9|K 5.6}"],
+            find: &[
+                "ECG {CHB|complete heart block|2:1 block}",
+                "{HR 32|HR 35} {escape rhythm|broad escape}",
+                "{on bisoprolol|on digoxin}, {K 5.9|K 5.6}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -221,7 +229,10 @@ static CARDIOLOGY: SpecBank = SpecBank {
         },
         Case {
             dx: &["pericarditis", "{?pericardial effusion|pericardial effusion}"],
-            pres: &["pleuritic CP {better sitting forward|worse lying down}", "{sharp central CP|CP on inspiration} after {viral illness|flu}"],
+            pres: &[
+                "pleuritic CP {better sitting forward|worse lying down}",
+                "{sharp central CP|CP on inspiration} after {viral illness|flu}",
+            ],
             find: &["ECG {saddle ST elevation|PR depression}", "{rub on auscultation|pericardial rub}", "{CRP 160|CRP 88}"],
             months: None,
             male_only: false,
@@ -252,7 +263,14 @@ static CARDIOLOGY: SpecBank = SpecBank {
 static RESPIRATORY: SpecBank = SpecBank {
     team: Team {
         names: &["resp", "respiratory", "the chest team", "respiratory medicine", "the resp team"],
-        persons: &["the resp reg", "resp SpR", "the chest physician", "the respiratory consultant", "the on-call resp doctor", "the resp fellow"],
+        persons: &[
+            "the resp reg",
+            "resp SpR",
+            "the chest physician",
+            "the respiratory consultant",
+            "the on-call resp doctor",
+            "the resp fellow",
+        ],
     },
     cases: &[
         Case {
@@ -314,7 +332,10 @@ static RESPIRATORY: SpecBank = SpecBank {
         },
         Case {
             dx: &["pneumothorax", "{spontaneous pneumothorax|?pneumothorax}"],
-            pres: &["sudden onset SOB {after coughing|at rest}, {tall thin|smoker}", "{sharp chest pain|pleuritic pain} and SOB {since <time>|this am}"],
+            pres: &[
+                "sudden onset SOB {after coughing|at rest}, {tall thin|smoker}",
+                "{sharp chest pain|pleuritic pain} and SOB {since <time>|this am}",
+            ],
             find: &["CXR {2cm rim pneumothorax|large L pneumothorax}", "{reduced air entry L|hyperresonant L}"],
             months: None,
             male_only: false,
@@ -323,7 +344,11 @@ static RESPIRATORY: SpecBank = SpecBank {
         Case {
             dx: &["{pleural effusion|large R pleural effusion}", "{malignant effusion|?empyema}"],
             pres: &["{increasing SOB|breathless} {<dur>|x2 weeks}, {dull R base|reduced breath sounds}"],
-            find: &["CXR {large R effusion|white out R}", "{reduced air entry R base|stony dull R base}", "{pleural pH 7.1|LDH high in fluid}"],
+            find: &[
+                "CXR {large R effusion|white out R}",
+                "{reduced air entry R base|stony dull R base}",
+                "{pleural pH 7.1|LDH high in fluid}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -364,7 +389,16 @@ static RESPIRATORY: SpecBank = SpecBank {
     ],
     ops: &["{bronchoscopy|bronch}", "{chest drain|pleural tap}", "{EBUS|thoracoscopy}"],
     consults: &["cardiothoracics", "anaesthetics", "palliative care", "microbiology"],
-    drugs: &["salbutamol nebs", "prednisolone", "doxycycline", "co-amoxiclav", "amoxicillin", "ipratropium", "theophylline", "the steroids"],
+    drugs: &[
+        "salbutamol nebs",
+        "prednisolone",
+        "doxycycline",
+        "co-amoxiclav",
+        "amoxicillin",
+        "ipratropium",
+        "theophylline",
+        "the steroids",
+    ],
     imaging: Imaging {
         ct: &["CTPA", "{CTPA|CT chest}", "{CT thorax|HRCT chest}"],
         mri: &["MRI {chest|thorax}"],
@@ -386,7 +420,11 @@ static RENAL: SpecBank = SpecBank {
                 "{D&V|vomiting} <dur>, {not passing much urine|dry}",
                 "{on ACEi and NSAIDs|recent contrast}, {oliguric|UO dropping}",
             ],
-            find: &["creat {410|612} (baseline {120|150}), urea {32|41}", "{UO 5ml/h|UO under 0.5ml/kg/h} for 6h", "{bladder scan 40ml|residual 50ml}"],
+            find: &[
+                "creat {410|612} (baseline {120|150}), urea {32|41}",
+                "{UO 5ml/h|UO under 0.5ml/kg/h} for 6h",
+                "{bladder scan 40ml|residual 50ml}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -401,7 +439,10 @@ static RENAL: SpecBank = SpecBank {
         },
         Case {
             dx: &["{fluid overload|pulmonary oedema} in ESRF", "{missed dialysis|missed HD session}", "{uraemia|uraemic}"],
-            pres: &["{missed HD Friday|missed 2 sessions}, {SOB|feels fluid overloaded}", "{itchy and nauseated|confused and twitchy}, {urea 45|urea 52}"],
+            pres: &[
+                "{missed HD Friday|missed 2 sessions}, {SOB|feels fluid overloaded}",
+                "{itchy and nauseated|confused and twitchy}, {urea 45|urea 52}",
+            ],
             find: &["{oedematous to thighs|creps to mid zones}", "{weight up 4kg|4kg above dry weight}", "{urea 48|urea 52}, K {6.1|6.4}"],
             months: None,
             male_only: false,
@@ -425,7 +466,10 @@ static RENAL: SpecBank = SpecBank {
         },
         Case {
             dx: &["{rhabdo|rhabdomyolysis}"],
-            pres: &["{found on floor|long lie} {8h|overnight}, CK {45000|12000}", "{dark urine|cola-coloured urine} after {marathon|long lie}"],
+            pres: &[
+                "{found on floor|long lie} {8h|overnight}, CK {45000|12000}",
+                "{dark urine|cola-coloured urine} after {marathon|long lie}",
+            ],
             find: &["CK {45000|60000}", "{urine dip blood +++|myoglobinuria}"],
             months: None,
             male_only: false,
@@ -454,7 +498,11 @@ static RENAL: SpecBank = SpecBank {
     imaging: Imaging {
         ct: &["CT KUB", "{CT abdo|CT abdomen}", "{non-contrast CT|CT KUB}"],
         mri: &["MRI {abdo|renal}"],
-        us: &["{renal USS|USS KUB|USS kidneys}", "{renal tract USS|renal ultrasound} {?obstruction|?hydro}", "{transplant doppler|USS transplant}"],
+        us: &[
+            "{renal USS|USS KUB|USS kidneys}",
+            "{renal tract USS|renal ultrasound} {?obstruction|?hydro}",
+            "{transplant doppler|USS transplant}",
+        ],
         xr: &["CXR", "{portable|mobile} CXR"],
     },
 };
@@ -462,7 +510,14 @@ static RENAL: SpecBank = SpecBank {
 static GASTRO: SpecBank = SpecBank {
     team: Team {
         names: &["gastro", "gastroenterology", "the GI team", "hepatology", "the gastro team"],
-        persons: &["the gastro reg", "gastro SpR", "the on-call gastroenterologist", "the GI fellow", "the hepatology reg", "the gastro consultant"],
+        persons: &[
+            "the gastro reg",
+            "gastro SpR",
+            "the on-call gastroenterologist",
+            "the GI fellow",
+            "the hepatology reg",
+            "the gastro consultant",
+        ],
     },
     cases: &[
         Case {
@@ -494,14 +549,21 @@ static GASTRO: SpecBank = SpecBank {
                 "{tremulous|shaky}, last drink {yesterday|2 days ago}",
                 "{increasing abdo girth|tense ascites}, {fever|abdo pain}",
             ],
-            find: &["{bili 180|bilirubin 240}, INR {2.1|2.6}", "{ascitic tap|paracentesis} {neutrophils 480|WCC 600}", "{flap|asterixis} {present|+}"],
+            find: &[
+                "{bili 180|bilirubin 240}, INR {2.1|2.6}",
+                "{ascitic tap|paracentesis} {neutrophils 480|WCC 600}",
+                "{flap|asterixis} {present|+}",
+            ],
             months: None,
             male_only: false,
             minor: false,
         },
         Case {
             dx: &["{acute pancreatitis|?pancreatitis}"],
-            pres: &["{epigastric pain radiating to back|severe epigastric pain}, vomiting", "{severe abdo pain|epigastric pain} after {binge|heavy drinking}"],
+            pres: &[
+                "{epigastric pain radiating to back|severe epigastric pain}, vomiting",
+                "{severe abdo pain|epigastric pain} after {binge|heavy drinking}",
+            ],
             find: &["lipase {2400|3100}", "{amylase 1800|amylase 2600}", "{tender epigastrium|guarding epigastrium}"],
             months: None,
             male_only: false,
@@ -510,7 +572,11 @@ static GASTRO: SpecBank = SpecBank {
         Case {
             dx: &["{flare of UC|Crohn's flare}", "C diff colitis", "{acute severe UC|colitis}"],
             pres: &["{bloody diarrhoea|diarrhoea} {8|12}x/day", "{abdo cramps|crampy pain} and {PR blood|bloody stool} {<dur>|x1 week}"],
-            find: &["{CRP 120|CRP 95}, {alb 24|albumin 26}", "{AXR dilated colon|colon 6cm on AXR}", "{stool C diff +ve|C diff toxin positive}"],
+            find: &[
+                "{CRP 120|CRP 95}, {alb 24|albumin 26}",
+                "{AXR dilated colon|colon 6cm on AXR}",
+                "{stool C diff +ve|C diff toxin positive}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -582,14 +648,21 @@ static SURGERY: SpecBank = SpecBank {
                 "{vomiting|bilious vomiting}, distended, {not opened bowels|no flatus} {<dur>|2 days}",
                 "{colicky abdo pain|crampy pain} and {distension|vomiting}",
             ],
-            find: &["{AXR dilated SB loops|dilated small bowel loops}", "{NG draining 1.2L|NG output 900ml}", "{tinkling bowel sounds|distended, tympanic}"],
+            find: &[
+                "{AXR dilated SB loops|dilated small bowel loops}",
+                "{NG draining 1.2L|NG output 900ml}",
+                "{tinkling bowel sounds|distended, tympanic}",
+            ],
             months: None,
             male_only: false,
             minor: false,
         },
         Case {
             dx: &["{perforated|?perf} {DU|viscus}", "{?ischaemic bowel|mesenteric ischaemia}", "{acute abdomen|peritonitis}"],
-            pres: &["{sudden severe|acute} abdo pain, {rigid abdomen|peritonitic}", "{pain out of keeping with exam|severe abdo pain}, {AF|vasculopath}"],
+            pres: &[
+                "{sudden severe|acute} abdo pain, {rigid abdomen|peritonitic}",
+                "{pain out of keeping with exam|severe abdo pain}, {AF|vasculopath}",
+            ],
             find: &["{erect CXR free air|free air under diaphragm}", "{lactate 4.2|lactate 3.1}", "WCC {17|22}, CRP {190|310}"],
             months: None,
             male_only: false,
@@ -684,7 +757,10 @@ static ORTHOPAEDICS: SpecBank = SpecBank {
                 "{fall at home|mechanical fall} {onto L hip|onto R hip}, {shortened and externally rotated|unable to weight bear}",
                 "{tripped|fell} {at NH|in garden}, {hip pain|can't stand}",
             ],
-            find: &["{XR|x-ray} {displaced intracapsular #NOF|shows displaced #|intertrochanteric #}", "{Hb 98|Hb 112}, {on apixaban|INR 1.1}"],
+            find: &[
+                "{XR|x-ray} {displaced intracapsular #NOF|shows displaced #|intertrochanteric #}",
+                "{Hb 98|Hb 112}, {on apixaban|INR 1.1}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -714,7 +790,12 @@ static ORTHOPAEDICS: SpecBank = SpecBank {
             minor: true,
         },
         Case {
-            dx: &["{open tib fib #|open tibial fracture}", "{#pelvis|pelvic fracture}", "{femoral shaft #|#femur}", "{rib fractures|multiple rib #s}"],
+            dx: &[
+                "{open tib fib #|open tibial fracture}",
+                "{#pelvis|pelvic fracture}",
+                "{femoral shaft #|#femur}",
+                "{rib fractures|multiple rib #s}",
+            ],
             pres: &[
                 "{RTC|MVC} {driver|pedestrian} {~40mph|hit by car}, {leg deformity|obvious deformity R leg}",
                 "{motorbike|cyclist} {vs car|off at speed}, {open wound shin|bone visible}",
@@ -760,7 +841,11 @@ static ORTHOPAEDICS: SpecBank = SpecBank {
         Case {
             dx: &["{?cauda equina|cauda equina ?}"],
             pres: &["{back pain with|low back pain,} {saddle anaesthesia|urinary retention}"],
-            find: &["{PR reduced tone|reduced anal tone}", "{bladder scan 800ml|residual 700ml}", "{sensation reduced S1|numb saddle area}"],
+            find: &[
+                "{PR reduced tone|reduced anal tone}",
+                "{bladder scan 800ml|residual 700ml}",
+                "{sensation reduced S1|numb saddle area}",
+            ],
             months: None,
             male_only: false,
             minor: false,
@@ -782,7 +867,14 @@ static ORTHOPAEDICS: SpecBank = SpecBank {
         "{dementia|mild cognitive impairment}",
         "{previous hip #|prev #NOF}",
     ],
-    ops: &["{DHS|hemiarthroplasty}", "{ORIF ankle|ORIF}", "{THR|TKR}", "{IMN femur|femoral nail}", "{washout|debridement}", "{MUA|K-wires}"],
+    ops: &[
+        "{DHS|hemiarthroplasty}",
+        "{ORIF ankle|ORIF}",
+        "{THR|TKR}",
+        "{IMN femur|femoral nail}",
+        "{washout|debridement}",
+        "{MUA|K-wires}",
+    ],
     consults: &["plastics", "vascular", "neurosurgery", "anaesthetics", "the pain team"],
     drugs: &["enoxaparin", "oxycodone", "morphine", "apixaban", "the nerve block", "flucloxacillin", "paracetamol"],
     imaging: Imaging {
@@ -812,7 +904,10 @@ static OBSTETRICS: SpecBank = SpecBank {
         },
         Case {
             dx: &["{PPH|postpartum haemorrhage}"],
-            pres: &["{heavy PV bleeding|gushing PV bleed} {post delivery|after SVD}", "{bleeding++|soaked pads} {1h post LSCS|after delivery}"],
+            pres: &[
+                "{heavy PV bleeding|gushing PV bleed} {post delivery|after SVD}",
+                "{bleeding++|soaked pads} {1h post LSCS|after delivery}",
+            ],
             find: &["{EBL 1200ml|estimated blood loss 900ml}", "{boggy uterus|uterus not contracting}"],
             months: Some((37, 41)),
             male_only: false,
@@ -889,7 +984,12 @@ static OBSTETRICS: SpecBank = SpecBank {
     imaging: Imaging {
         ct: &["{CTPA|CTPA}", "CT head"],
         mri: &["MRI {pelvis|head}", "{MRI|MRI} {brain|head}"],
-        us: &["{growth scan|USS for growth}", "{dating scan|early pregnancy scan}", "{TV USS|transvaginal scan} ?ectopic", "{USS pelvis|pelvic ultrasound}"],
+        us: &[
+            "{growth scan|USS for growth}",
+            "{dating scan|early pregnancy scan}",
+            "{TV USS|transvaginal scan} ?ectopic",
+            "{USS pelvis|pelvic ultrasound}",
+        ],
         xr: &["CXR"],
     },
 };
@@ -1202,7 +1302,10 @@ static GERIATRICS: SpecBank = SpecBank {
         },
         Case {
             dx: &["{fall ?cause|falls}", "{postural hypotension|?syncope}", "{long lie|fall with long lie}"],
-            pres: &["{found on floor by carer|fall at home}, {long lie|unable to get up}", "{dizzy on standing|fell twice} {this week|today}"],
+            pres: &[
+                "{found on floor by carer|fall at home}, {long lie|unable to get up}",
+                "{dizzy on standing|fell twice} {this week|today}",
+            ],
             find: &["{lying/standing BP drop 30|postural drop 25}", "{CK 3000|CK raised}", "{no bony injury|XR hip no #}"],
             months: None,
             male_only: false,
@@ -1259,7 +1362,14 @@ static GERIATRICS: SpecBank = SpecBank {
 static ICU: SpecBank = SpecBank {
     team: Team {
         names: &["ICU", "ITU", "critical care", "intensive care", "the ICU team", "the critical care team"],
-        persons: &["the ICU reg", "the ITU SpR", "the intensivist", "the critical care consultant", "the ICU consultant", "the on-call anaesthetist"],
+        persons: &[
+            "the ICU reg",
+            "the ITU SpR",
+            "the intensivist",
+            "the critical care consultant",
+            "the ICU consultant",
+            "the on-call anaesthetist",
+        ],
     },
     cases: &[
         Case {
@@ -1284,7 +1394,10 @@ static ICU: SpecBank = SpecBank {
         },
         Case {
             dx: &["{post-op AAA repair|post laparotomy}", "{severe pancreatitis|necrotising pancreatitis}"],
-            pres: &["{extubated yesterday|extubated this am}, {sats stable|managing on 40%}", "{weaning|off sedation}, {following commands|awake and settled}"],
+            pres: &[
+                "{extubated yesterday|extubated this am}, {sats stable|managing on 40%}",
+                "{weaning|off sedation}, {following commands|awake and settled}",
+            ],
             find: &["{norad weaning|off pressors} {since 0600|this am}", "{RASS -1|sedation hold ok}", "{ABG stable|gas improving}"],
             months: None,
             male_only: false,
@@ -1361,7 +1474,14 @@ static ICU: SpecBank = SpecBank {
 static PSYCHIATRY: SpecBank = SpecBank {
     team: Team {
         names: &["psych", "psychiatry", "liaison psychiatry", "the mental health team", "PLS", "the psych liaison team"],
-        persons: &["the psych reg", "the liaison psychiatrist", "on-call psychiatrist", "the psychiatry SpR", "the psych SHO", "the duty psychiatrist"],
+        persons: &[
+            "the psych reg",
+            "the liaison psychiatrist",
+            "on-call psychiatrist",
+            "the psychiatry SpR",
+            "the psych SHO",
+            "the duty psychiatrist",
+        ],
     },
     cases: &[
         Case {
@@ -1405,7 +1525,10 @@ static PSYCHIATRY: SpecBank = SpecBank {
         },
         Case {
             dx: &["{agitation|acute behavioural disturbance}"],
-            pres: &["{agitated|aggressive} {in ED|on ward}, {threatening staff|throwing things}", "{brought in by police|BIB police} on {s136|a 136}"],
+            pres: &[
+                "{agitated|aggressive} {in ED|on ward}, {threatening staff|throwing things}",
+                "{brought in by police|BIB police} on {s136|a 136}",
+            ],
             find: &["{calm now|settled with PO lorazepam}", "{medically cleared|medically fit}"],
             months: None,
             male_only: false,
@@ -1474,7 +1597,10 @@ static INFECTIOUS: SpecBank = SpecBank {
         },
         Case {
             dx: &["{cellulitis|?necrotising fasciitis}"],
-            pres: &["{spreading redness|hot red leg} {despite oral abx|marked 3cm extension}", "{injection site abscess|swollen groin} and {fever|rigors}"],
+            pres: &[
+                "{spreading redness|hot red leg} {despite oral abx|marked 3cm extension}",
+                "{injection site abscess|swollen groin} and {fever|rigors}",
+            ],
             find: &["{pain out of proportion|crepitus}", "{CRP 290|WCC 22}"],
             months: None,
             male_only: false,
@@ -1545,7 +1671,15 @@ static INFECTIOUS: SpecBank = SpecBank {
 
 static ACUTE_MEDICINE: SpecBank = SpecBank {
     team: Team {
-        names: &["medics", "the medical team", "acute medicine", "the on-call medical team", "general medicine", "the AMU team", "the hospitalist team"],
+        names: &[
+            "medics",
+            "the medical team",
+            "acute medicine",
+            "the on-call medical team",
+            "general medicine",
+            "the AMU team",
+            "the hospitalist team",
+        ],
         persons: &[
             "the med reg",
             "the medical reg",
@@ -1671,7 +1805,14 @@ static ACUTE_MEDICINE: SpecBank = SpecBank {
 static PAEDIATRICS: SpecBank = SpecBank {
     team: Team {
         names: &["paeds", "paediatrics", "the paediatric team", "the general paeds team", "the paeds team"],
-        persons: &["the paeds reg", "the paediatric SpR", "the on-call paediatrician", "the paeds consultant", "the paeds SHO", "the paediatric registrar"],
+        persons: &[
+            "the paeds reg",
+            "the paediatric SpR",
+            "the on-call paediatrician",
+            "the paeds consultant",
+            "the paeds SHO",
+            "the paediatric registrar",
+        ],
     },
     cases: &[
         Case {
@@ -1825,7 +1966,10 @@ static NEONATAL: SpecBank = SpecBank {
         },
         Case {
             dx: &["{?sepsis|early onset sepsis ?}"],
-            pres: &["{poor feeding|not waking for feeds}, {lethargic|floppy}", "{mottled|pale and mottled}, {temp unstable|cool peripheries}"],
+            pres: &[
+                "{poor feeding|not waking for feeds}, {lethargic|floppy}",
+                "{mottled|pale and mottled}, {temp unstable|cool peripheries}",
+            ],
             find: &["{CRP 45|CRP 12 rising}", "{temp 37.9|temp unstable}"],
             months: None,
             male_only: false,
@@ -1970,7 +2114,12 @@ static PAED_SURGERY: SpecBank = SpecBank {
             minor: false,
         },
     ],
-    hx: &["{nil PMH|previously well}", "{ex-prem|born at term}", "{overweight|BMI above 98th centile}", "{recent viral illness|recent URTI}"],
+    hx: &[
+        "{nil PMH|previously well}",
+        "{ex-prem|born at term}",
+        "{overweight|BMI above 98th centile}",
+        "{recent viral illness|recent URTI}",
+    ],
     ops: &["{appendicectomy|lap appendix}", "{pyloromyotomy|Ramstedt's}", "{MUA and K-wires|MUA}", "{scrotal exploration|hernia repair}"],
     consults: &["anaesthetics", "plastics", "urology"],
     drugs: &["morphine", "co-amoxiclav", "ibuprofen", "Oramorph", "IV fluids"],
@@ -2052,7 +2201,10 @@ pub(super) static CONSULT_TEAMS: [Team; 16] = [
         names: &["palliative care", "the palliative team", "the SPCT", "pall care"],
         persons: &["the palliative care doctor", "the palliative consultant", "the pall care reg", "the hospice doctor"],
     },
-    Team { names: &["vascular", "the vascular team", "vascular surgery"], persons: &["the vascular reg", "the vascular surgeon", "the on-call vascular SpR"] },
+    Team {
+        names: &["vascular", "the vascular team", "vascular surgery"],
+        persons: &["the vascular reg", "the vascular surgeon", "the on-call vascular SpR"],
+    },
     Team { names: &["urology", "the urologists", "uro"], persons: &["the urology reg", "the on-call urologist", "the urology SHO"] },
     Team { names: &["ENT", "the ENT team"], persons: &["the ENT reg", "the ENT SHO", "the on-call ENT surgeon"] },
     Team { names: &["plastics", "the plastics team"], persons: &["the plastics reg", "the plastic surgeon", "the hand surgeon"] },
@@ -2061,7 +2213,10 @@ pub(super) static CONSULT_TEAMS: [Team; 16] = [
         persons: &["the neurosurgical reg", "the neurosurgeon", "the on-call neurosurgical SpR"],
     },
     Team { names: &["maxfax", "OMFS"], persons: &["the maxfax reg", "the OMFS SHO"] },
-    Team { names: &["ophthalmology", "eyes", "the eye team"], persons: &["the ophthalmology reg", "the eye doctor", "the on-call ophthalmologist"] },
+    Team {
+        names: &["ophthalmology", "eyes", "the eye team"],
+        persons: &["the ophthalmology reg", "the eye doctor", "the on-call ophthalmologist"],
+    },
     Team { names: &["dermatology", "derm"], persons: &["the derm reg", "the dermatologist"] },
     Team { names: &["rheumatology", "rheum"], persons: &["the rheum reg", "the rheumatologist"] },
     Team { names: &["endocrinology", "endo", "the diabetes team"], persons: &["the endo reg", "the diabetologist", "the endocrine SpR"] },

@@ -442,8 +442,15 @@ fn every_label_states_its_request() {
     let c = corpus(61, SynthConfig::all_style_sites(), 500, 1.0);
     for l in Label::ALL {
         let notes: Vec<&Example> = c.examples().filter(|e| e.label == l).collect();
-        let missing: Vec<&str> = notes.iter().filter(|e| !cues[l.index()].iter().any(|c| e.text.to_lowercase().contains(c))).map(|e| e.text.as_str()).collect();
-        assert!(missing.len() * 50 < notes.len(), "{l}: {} of {} without a cue, e.g. {:?}", missing.len(), notes.len(), &missing[..missing.len().min(5)]);
+        let missing: Vec<&str> =
+            notes.iter().filter(|e| !cues[l.index()].iter().any(|c| e.text.to_lowercase().contains(c))).map(|e| e.text.as_str()).collect();
+        assert!(
+            missing.len() * 50 < notes.len(),
+            "{l}: {} of {} without a cue, e.g. {:?}",
+            missing.len(),
+            notes.len(),
+            &missing[..missing.len().min(5)]
+        );
     }
 }
 

@@ -46,12 +46,7 @@ impl Release {
 
     /// What an update header declares.
     pub fn from_used(used: &PrivacyUsed) -> Self {
-        Self {
-            mode: used.mode,
-            noise_multiplier: used.noise_multiplier,
-            sampling_rate: used.sampling_rate,
-            steps: used.steps,
-        }
+        Self { mode: used.mode, noise_multiplier: used.noise_multiplier, sampling_rate: used.sampling_rate, steps: used.steps }
     }
 
     /// Checks the parameters the mode uses.

@@ -497,8 +497,7 @@ mod tests {
 
     #[test]
     fn decides_against_reference_tails() {
-        let r: Reference =
-            serde_json::from_str(include_str!("reference/normal_reference.json")).unwrap();
+        let r: Reference = serde_json::from_str(include_str!("reference/normal_reference.json")).unwrap();
         let mut rng = Counter(1);
         for t in &r.tails {
             let w = parse_hex_float(&t.w);

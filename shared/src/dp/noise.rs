@@ -113,9 +113,7 @@ impl std::fmt::Debug for NoiseRng {
 impl NoiseRng {
     /// A generator seeded from the operating system's entropy: the production constructor.
     pub fn from_os() -> Result<Self, NoiseError> {
-        ChaCha20Rng::try_from_os_rng()
-            .map(|inner| Self { inner })
-            .map_err(|e| NoiseError::Entropy(e.to_string()))
+        ChaCha20Rng::try_from_os_rng().map(|inner| Self { inner }).map_err(|e| NoiseError::Entropy(e.to_string()))
     }
 
     /// A reproducible generator for tests and simulations. Never use it for a real release:

@@ -316,8 +316,7 @@ mod tests {
     fn tf_privacy_tutorial_table() {
         let old_grid = |a: f64| {
             let tenth = (a * 10.0).round();
-            ((a * 10.0 - tenth).abs() < 1e-9 && (11.0..=109.0).contains(&tenth))
-                || (a.fract() == 0.0 && (12.0..=63.0).contains(&a))
+            ((a * 10.0 - tenth).abs() < 1e-9 && (11.0..=109.0).contains(&tenth)) || (a.fract() == 0.0 && (12.0..=63.0).contains(&a))
         };
         let q = 256.0 / 60000.0;
         for (sigma, epochs, published) in [(1.12, 60u64, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)] {

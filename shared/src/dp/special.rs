@@ -35,9 +35,7 @@ fn log_erfc_asymptotic(x: f64) -> f64 {
     {
         let x2 = x * x;
         let inv2 = 1.0 / x2;
-        -0.5 * libm::log(std::f64::consts::PI) - libm::log(x) - x2 - 0.5 * inv2
-            + 0.625 * inv2 * inv2
-            - 37.0 / 24.0 * inv2 * inv2 * inv2
+        -0.5 * libm::log(std::f64::consts::PI) - libm::log(x) - x2 - 0.5 * inv2 + 0.625 * inv2 * inv2 - 37.0 / 24.0 * inv2 * inv2 * inv2
             + 353.0 / 64.0 * inv2 * inv2 * inv2 * inv2
     }
 }

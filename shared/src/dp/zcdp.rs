@@ -35,10 +35,8 @@ pub const SITE_SENSITIVITY: f64 = 2.0;
 /// Most rounds one composition may hold (opendp composes a vector of measurements).
 pub const MAX_ROUNDS: u64 = 1_000_000;
 
-type Gaussian =
-    Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>;
-type Composed =
-    Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<Vec<f64>>>;
+type Gaussian = Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<f64>>;
+type Composed = Measurement<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<Vec<f64>>>;
 
 /// zCDP rho of one site-level round with noise multiplier `sigma`: `2 / sigma^2`.
 pub fn rho_per_round(sigma: f64) -> Result<f64, DpError> {
@@ -108,8 +106,7 @@ fn global_scale(sigma: f64, n_sites: u64) -> Result<f64, DpError> {
 }
 
 fn gaussian(scale: f64) -> Result<Gaussian, DpError> {
-    make_gaussian(VectorDomain::new(AtomDomain::<f64>::new_non_nan()), L2Distance::default(), scale, None)
-        .map_err(opendp_err)
+    make_gaussian(VectorDomain::new(AtomDomain::<f64>::new_non_nan()), L2Distance::default(), scale, None).map_err(opendp_err)
 }
 
 fn composition(rounds: &[(f64, u64)]) -> Result<Option<Composed>, DpError> {

@@ -197,9 +197,7 @@ async fn main() -> Result<()> {
     }
     let hello = Hello { protocol_version: wire::PROTOCOL_VERSION, software: "bench".into(), capabilities: vec![] };
     let Message::Welcome(_) = request(&conn, &Message::Hello(hello)).await? else { bail!("not welcomed") };
-    let Message::RoundOffer(offer) = request(&conn, &Message::Ready(Ready { have_model: None })).await? else {
-        bail!("no offer")
-    };
+    let Message::RoundOffer(offer) = request(&conn, &Message::Ready(Ready { have_model: None })).await? else { bail!("no offer") };
     assert_eq!(offer.plan.privacy, PrivacyPlan::Off);
     let rss_before_kib = rss_kib(pid, "VmRSS:").unwrap_or(0);
 

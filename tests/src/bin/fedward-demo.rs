@@ -30,8 +30,8 @@ use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
 use fedward_shared::plan::{Optimizer, Trainable};
-use fedward_shared::wire::PrivacyMode;
 use fedward_shared::tensor::TensorSet;
+use fedward_shared::wire::PrivacyMode;
 
 /// Run a local federation demo: PKI, data for three hospitals, a coordinator and three
 /// agents as processes on 127.0.0.1 with mutual TLS, a per-round table, the baselines and a
@@ -139,12 +139,20 @@ impl Tools {
     /// Runs a tool to completion, its output into `logs/<log>.log`; the error names the log.
     fn run(&self, program: &Path, args: &[&str], log: &str) -> Result<String> {
         let log_path = self.logs.join(format!("{log}.log"));
-        let out = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("starting {}", program.display()))?;
+        let out =
+            Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("starting {}", program.display()))?;
         let mut f = fs::File::create(&log_path)?;
         f.write_all(&out.stdout)?;
         f.write_all(&out.stderr)?;
         if !out.status.success() {
-            bail!("{} {} failed ({}); see {}\n{}", program.display(), args.join(" "), out.status, log_path.display(), tail(&out.stderr, 12));
+            bail!(
+                "{} {} failed ({}); see {}\n{}",
+                program.display(),
+                args.join(" "),
+                out.status,
+                log_path.display(),
+                tail(&out.stderr, 12)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -173,7 +181,13 @@ impl Tools {
             }
         };
         if !status.success() {
-            bail!("{} {} failed ({status}); see {}\n{}", program.display(), args.join(" "), log_path.display(), tail(&fs::read(&log_path)?, 12));
+            bail!(
+                "{} {} failed ({status}); see {}\n{}",
+                program.display(),
+                args.join(" "),
+                log_path.display(),
+                tail(&fs::read(&log_path)?, 12)
+            );
         }
         Ok(fs::read_to_string(&out_path)?)
     }
@@ -207,11 +221,8 @@ fn run(args: &Args) -> Result<()> {
     let started = Instant::now();
     ensure!(args.rounds > 0, "--rounds must be at least 1");
     let out = prepare_out_dir(&args.out)?;
-    let tools = Tools {
-        agent: args.bin_dir.join("fedward-agent"),
-        coordinator: args.bin_dir.join("fedward-coordinator"),
-        logs: out.join("logs"),
-    };
+    let tools =
+        Tools { agent: args.bin_dir.join("fedward-agent"), coordinator: args.bin_dir.join("fedward-coordinator"), logs: out.join("logs") };
     fs::create_dir_all(&tools.logs)?;
     let base = fs::canonicalize(&args.base)
         .with_context(|| format!("the base model {} is missing: run scripts/fetch-models.sh", args.base.display()))?;
@@ -219,12 +230,20 @@ fn run(args: &Args) -> Result<()> {
     step("PKI: consortium CA, coordinator certificate, three hospitals' keys and certificates");
     let pki = out.join("pki");
     let ca_dir = pki.join("consortium");
-    tools.run(&tools.coordinator, &["pki", "init", "--dir", s(&ca_dir), "--server-name", "localhost", "--server-ip", "127.0.0.1"], "pki-init")?;
+    tools.run(
+        &tools.coordinator,
+        &["pki", "init", "--dir", s(&ca_dir), "--server-name", "localhost", "--server-ip", "127.0.0.1"],
+        "pki-init",
+    )?;
     for site in SITES {
         let dir = pki.join(site);
         tools.run(&tools.agent, &["pki", "request", "--site", site, "--dir", s(&dir)], &format!("pki-request-{site}"))?;
         let (csr, crt) = (dir.join("site.csr"), dir.join("site.crt"));
-        tools.run(&tools.coordinator, &["pki", "sign", "--ca-dir", s(&ca_dir), "--csr", s(&csr), "--site", site, "--out", s(&crt)], &format!("pki-sign-{site}"))?;
+        tools.run(
+            &tools.coordinator,
+            &["pki", "sign", "--ca-dir", s(&ca_dir), "--csr", s(&csr), "--site", site, "--out", s(&crt)],
+            &format!("pki-sign-{site}"),
+        )?;
         fs::copy(ca_dir.join("ca.crt"), dir.join("ca.crt"))?;
     }
 
@@ -247,7 +266,8 @@ fn run(args: &Args) -> Result<()> {
         test_examples.extend(read_jsonl(&path, &labels)?);
     }
     fs::write(&pooled_test, pooled)?;
-    let train_sizes: Vec<usize> = SITES.iter().map(|site| read_jsonl(&data.join(site).join("train.jsonl"), &labels).map(|v| v.len())).collect::<Result<_, _>>()?;
+    let train_sizes: Vec<usize> =
+        SITES.iter().map(|site| read_jsonl(&data.join(site).join("train.jsonl"), &labels).map(|v| v.len())).collect::<Result<_, _>>()?;
 
     let scorer = Scorer::new(&base, &labels, test_examples, args)?;
     let mut scorer = scorer;
@@ -263,7 +283,11 @@ fn run(args: &Args) -> Result<()> {
     step("final model: export to a transformers directory and check it with `fedward-agent eval`");
     let model_dir = out.join("model");
     let plain = &runs[0];
-    tools.run(&tools.agent, &["export", "--checkpoint", s(&plain.final_checkpoint), "--base", s(&base), "--out", s(&model_dir)], "export")?;
+    tools.run(
+        &tools.agent,
+        &["export", "--checkpoint", s(&plain.final_checkpoint), "--base", s(&base), "--out", s(&model_dir)],
+        "export",
+    )?;
     let eval: Value = serde_json::from_str(&tools.run(
         &tools.agent,
         &["eval", "--model", s(&model_dir), "--data", s(&pooled_test), "--json", "--max-seq-len", &args.max_seq_len.to_string()],
@@ -272,7 +296,11 @@ fn run(args: &Args) -> Result<()> {
     let exported_accuracy = eval["accuracy"].as_f64().unwrap_or(f64::NAN);
     println!("  {}: accuracy {exported_accuracy:.4} on the pooled test split", model_dir.display());
     if let Some(dp) = runs.get(1) {
-        tools.run(&tools.agent, &["export", "--checkpoint", s(&dp.final_checkpoint), "--base", s(&base), "--out", s(&out.join("model-dp"))], "export-dp")?;
+        tools.run(
+            &tools.agent,
+            &["export", "--checkpoint", s(&dp.final_checkpoint), "--base", s(&base), "--out", s(&out.join("model-dp"))],
+            "export-dp",
+        )?;
     }
 
     let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &base, &data)?) };
@@ -415,7 +443,15 @@ struct RunResult {
 }
 
 /// Runs one federation: coordinator and agents as processes, watched until they finish.
-fn federate(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path, scorer: &mut Scorer, dp: Option<DpSettings>) -> Result<RunResult> {
+fn federate(
+    args: &Args,
+    tools: &Tools,
+    out: &Path,
+    base: &Path,
+    data: &Path,
+    scorer: &mut Scorer,
+    dp: Option<DpSettings>,
+) -> Result<RunResult> {
     let name = if dp.is_some() { "dp" } else { "plain" };
     let dir = out.join("runs").join(name);
     fs::create_dir_all(&dir)?;
@@ -440,9 +476,15 @@ fn federate(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path, sc
         for site in SITES {
             let toml = dir.join(format!("{site}.toml"));
             fs::write(&toml, agent_config(out, base, data, &dir, site, quic_port, dp.is_some()))?;
-            children.push((site.to_owned(), tools.spawn(&tools.agent, &["run", "--config", s(&toml)], &format!("{name}-{site}"), Some(threads_per_agent))?));
+            children.push((
+                site.to_owned(),
+                tools.spawn(&tools.agent, &["run", "--config", s(&toml)], &format!("{name}-{site}"), Some(threads_per_agent))?,
+            ));
         }
-        println!("  coordinator on 127.0.0.1:{quic_port} (QUIC), dashboard http://127.0.0.1:{admin_port}/; logs in {}", tools.logs.display());
+        println!(
+            "  coordinator on 127.0.0.1:{quic_port} (QUIC), dashboard http://127.0.0.1:{admin_port}/; logs in {}",
+            tools.logs.display()
+        );
         watch(args, &state_dir, scorer, &mut children)
     })();
     // Whatever happened, no process outlives the demo.
@@ -543,7 +585,15 @@ fn free_tcp_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn coordinator_config(args: &Args, out: &Path, base: &Path, state_dir: &Path, port: u16, admin_port: u16, dp: Option<&DpSettings>) -> String {
+fn coordinator_config(
+    args: &Args,
+    out: &Path,
+    base: &Path,
+    state_dir: &Path,
+    port: u16,
+    admin_port: u16,
+    dp: Option<&DpSettings>,
+) -> String {
     let ca = out.join("pki/consortium");
     let privacy = match dp {
         None => "mode = \"off\"\n".to_owned(),
@@ -667,9 +717,27 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     // pooled data once, on every core (its default `--threads`), then trains the
     // centralized model and the local-only ones side by side from it.
     let job = [
-        "baseline", "all", "--data", s(data), "--base", s(base), "--trainable", &trainable, "--epochs", &epochs,
-        "--batch-size", &batch_size, "--learning-rate", &lr, "--max-seq-len", &max_seq_len, "--seed", &seed,
-        "--device", "cpu", "--json",
+        "baseline",
+        "all",
+        "--data",
+        s(data),
+        "--base",
+        s(base),
+        "--trainable",
+        &trainable,
+        "--epochs",
+        &epochs,
+        "--batch-size",
+        &batch_size,
+        "--learning-rate",
+        &lr,
+        "--max-seq-len",
+        &max_seq_len,
+        "--seed",
+        &seed,
+        "--device",
+        "cpu",
+        "--json",
     ];
     let output = tools.run_long(&tools.agent, &job, "baselines")?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
@@ -679,7 +747,12 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     let score = |r: &Value, key: &str| r["test"][key].as_f64().unwrap_or(f64::NAN);
     println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", score(&centralized, "accuracy"), score(&centralized, "macro_f1"));
     for r in &local_only {
-        println!("  local-only {}: accuracy {:.4}, macro-F1 {:.4}", r["name"].as_str().unwrap_or("?"), score(r, "accuracy"), score(r, "macro_f1"));
+        println!(
+            "  local-only {}: accuracy {:.4}, macro-F1 {:.4}",
+            r["name"].as_str().unwrap_or("?"),
+            score(r, "accuracy"),
+            score(r, "macro_f1")
+        );
     }
     Ok(Baselines { centralized, local_only })
 }
@@ -740,7 +813,8 @@ impl Report {
                 references.push((format!("local-only {name}"), acc(r)));
                 local.insert(name, json!({"accuracy": acc(r), "macro_f1": f1(r), "train_examples": r["train_examples"]}));
             }
-            json["centralized"] = json!({"accuracy": acc(&b.centralized), "macro_f1": f1(&b.centralized), "train_examples": b.centralized["train_examples"]});
+            json["centralized"] =
+                json!({"accuracy": acc(&b.centralized), "macro_f1": f1(&b.centralized), "train_examples": b.centralized["train_examples"]});
             let best_local = b.local_only.iter().map(acc).fold(f64::NEG_INFINITY, f64::max);
             let gap = acc(&b.centralized) - final_acc;
             // Accuracies are ratios of counts (810/900 - 828/900 is exactly 2 points but
@@ -760,7 +834,10 @@ impl Report {
             json["local_only"] = Value::Object(local);
             json["checks"] = checks;
         }
-        let series = runs.iter().map(|r| (r.name.to_owned(), std::iter::once(r.initial.0).chain(r.rounds.iter().map(|x| x.accuracy)).collect())).collect();
+        let series = runs
+            .iter()
+            .map(|r| (r.name.to_owned(), std::iter::once(r.initial.0).chain(r.rounds.iter().map(|x| x.accuracy)).collect()))
+            .collect();
         Self { json, summary, series, references }
     }
 
@@ -824,7 +901,14 @@ fn svg_chart(series: &[(String, Vec<f64>)], references: &[(String, f64)]) -> Str
     let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">"#);
     let mut tick = lo;
     while tick <= 1.0 + 1e-9 {
-        let _ = write!(svg, r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##, w - right, left - 6.0, y(tick) + 4.0, y = y(tick));
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick:.1}</text>"##,
+            w - right,
+            left - 6.0,
+            y(tick) + 4.0,
+            y = y(tick)
+        );
         tick += 0.1;
     }
     for i in 0..=rounds {
@@ -834,19 +918,31 @@ fn svg_chart(series: &[(String, Vec<f64>)], references: &[(String, f64)]) -> Str
     let mut legend_y = top + 10.0;
     for (k, (name, acc)) in references.iter().enumerate() {
         let c = COLOURS[(k + series.len()) % COLOURS.len()];
-        let _ = write!(svg, r#"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{c}" stroke-dasharray="5,4"/>"#, w - right, y = y(*acc));
+        let _ = write!(
+            svg,
+            r#"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{c}" stroke-dasharray="5,4"/>"#,
+            w - right,
+            y = y(*acc)
+        );
         let _ = write!(svg, r#"<text x="{}" y="{legend_y:.1}" fill="{c}">- - {} {acc:.3}</text>"#, w - right + 8.0, html_escape(name));
         legend_y += 16.0;
     }
     for (k, (name, acc)) in series.iter().enumerate() {
         let c = COLOURS[k % COLOURS.len()];
-        let points: Vec<String> = acc.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v))).collect();
+        let points: Vec<String> =
+            acc.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v))).collect();
         let _ = write!(svg, r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#, points.join(" "));
         for p in &points {
             let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
             let _ = write!(svg, r#"<circle cx="{px}" cy="{py}" r="3" fill="{c}"/>"#);
         }
-        let _ = write!(svg, r#"<text x="{}" y="{legend_y:.1}" fill="{c}">— federated ({}) {:.3}</text>"#, w - right + 8.0, html_escape(name), acc.last().copied().unwrap_or(f64::NAN));
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{legend_y:.1}" fill="{c}">— federated ({}) {:.3}</text>"#,
+            w - right + 8.0,
+            html_escape(name),
+            acc.last().copied().unwrap_or(f64::NAN)
+        );
         legend_y += 16.0;
     }
     svg.push_str("</svg>");
