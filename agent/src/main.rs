@@ -223,7 +223,7 @@ struct BaselineArgs {
     /// Base model directory (the federation's starting point).
     #[arg(long)]
     base: PathBuf,
-    /// Which part trains: head, top:K, bias:K (BitFit: biases and norms of the top K layers), lora:R (rank-R adapters on the top layer, merged into it) or all.
+    /// Which part trains: head, top:K, body:K (top K layers and the pooler; the classifier stays fixed), bias:K (BitFit: biases and norms of the top K layers), lora:R (rank-R adapters on the top layer, merged into it) or all.
     #[arg(long, default_value = "top:1")]
     trainable: fedward_shared::plan::Trainable,
     /// Passes over the training data (match the federation's rounds x local epochs).

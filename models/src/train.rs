@@ -965,7 +965,7 @@ mod tests {
 
     #[test]
     fn update_holds_exactly_the_trainable_tensors() {
-        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopLora(2), Trainable::All] {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopBody(1), Trainable::TopLora(2), Trainable::All] {
             let (_, update, plan) = train_once(trainable, 1);
             let mut names: Vec<&str> = update.delta.names().collect();
             names.sort_unstable();
@@ -979,7 +979,7 @@ mod tests {
 
     #[test]
     fn trainable_tensors_move_and_frozen_ones_stay_bit_identical() {
-        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopLora(2), Trainable::All] {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopBody(1), Trainable::TopLora(2), Trainable::All] {
             let (model, encoder) = tiny();
             let global = model.tensor_set().unwrap();
             let plan = plan(trainable, &model, 1);

@@ -19,6 +19,13 @@ pub enum Trainable {
     Head,
     /// The top `k` encoder layers plus the head.
     TopLayers(u32),
+    /// The top `k` encoder layers and the pooler; the classifier stays as the initial model
+    /// set it (seeded, shared by every site). The federated body-only training of FedBABU
+    /// (Oh et al. 2022): when the sites' label mixes differ, a classifier each site trains
+    /// is pulled toward its own labels every round and the average of those pulls is what
+    /// the federation keeps; a fixed classifier leaves the body (which the pooler feeds
+    /// into any direction the classifier needs) as the only thing that moves.
+    TopBody(u32),
     /// Every tensor.
     All,
     /// BitFit (Ben Zaken et al. 2022): the bias and LayerNorm vectors of the top `k` encoder
@@ -85,7 +92,7 @@ pub const LORA_MATRICES: [&str; 6] = [
 
 /// A `Trainable` spec that could not be parsed.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\", \"bias:K\", \"lora:R\" (R >= 1) or \"all\"")]
+#[error("invalid trainable spec {0:?}: expected \"head\", \"top:K\", \"body:K\", \"bias:K\", \"lora:R\" (R >= 1) or \"all\"")]
 pub struct TrainableParseError(String);
 
 impl FromStr for Trainable {
@@ -98,6 +105,7 @@ impl FromStr for Trainable {
                 let layers = |prefix: &str| s.strip_prefix(prefix).and_then(|k| k.parse().ok());
                 layers("top:")
                     .map(Self::TopLayers)
+                    .or_else(|| layers("body:").map(Self::TopBody))
                     .or_else(|| layers("bias:").map(Self::TopBiases))
                     .or_else(|| layers("lora:").filter(|&r| r >= 1).map(Self::TopLora))
                     .ok_or_else(|| TrainableParseError(s.to_owned()))
@@ -111,6 +119,7 @@ impl fmt::Display for Trainable {
         match self {
             Self::Head => f.write_str("head"),
             Self::TopLayers(k) => write!(f, "top:{k}"),
+            Self::TopBody(k) => write!(f, "body:{k}"),
             Self::TopBiases(k) => write!(f, "bias:{k}"),
             Self::TopLora(r) => write!(f, "lora:{r}"),
             Self::All => f.write_str("all"),
@@ -129,6 +138,7 @@ impl Trainable {
                 Self::All => true,
                 Self::Head => is_head(name),
                 Self::TopLayers(k) => is_head(name) || in_top(name, *k),
+                Self::TopBody(k) => name.starts_with("bert.pooler.") || in_top(name, *k),
                 Self::TopBiases(k) => {
                     name.starts_with("classifier.") || (is_bias_or_norm(name) && (name.starts_with("bert.pooler.") || in_top(name, *k)))
                 }
@@ -246,11 +256,12 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for s in ["head", "top:2", "bias:3", "lora:8", "all"] {
+        for s in ["head", "top:2", "body:1", "bias:3", "lora:8", "all"] {
             assert_eq!(s.parse::<Trainable>().unwrap().to_string(), s);
         }
         assert!("top:x".parse::<Trainable>().is_err());
         assert!("bias:".parse::<Trainable>().is_err());
+        assert!("body:-1".parse::<Trainable>().is_err());
         assert!("lora:0".parse::<Trainable>().is_err());
         for s in ["adamw", "sgd:0", "sgd:0.9"] {
             assert_eq!(s.parse::<Optimizer>().unwrap().to_string(), s);
@@ -282,6 +293,15 @@ mod tests {
         assert!(!top2.iter().any(|n| n.starts_with("bert.encoder.layer.0.")));
         assert_eq!(Trainable::All.select(NAMES).len(), NAMES.len());
         assert_eq!(Trainable::TopLayers(0).select(NAMES), head);
+    }
+
+    #[test]
+    fn select_body_is_top_layers_without_the_classifier() {
+        let body = Trainable::TopBody(2).select(NAMES);
+        let top: Vec<String> = Trainable::TopLayers(2).select(NAMES).into_iter().filter(|n| !n.starts_with("classifier.")).collect();
+        assert_eq!(body, top);
+        assert!(body.contains(&"bert.pooler.dense.weight".to_owned()));
+        assert_eq!(Trainable::TopBody(0).select(NAMES), ["bert.pooler.dense.weight"]);
     }
 
     #[test]
