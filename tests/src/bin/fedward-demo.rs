@@ -90,8 +90,11 @@ struct Args {
     /// Notes per hospital (70% train, 15% validation, 15% test).
     #[arg(long, default_value_t = 2500)]
     notes_per_site: usize,
-    /// Which part of the model trains: head, top:K, bias:K, lora:R or all.
-    #[arg(long, default_value = "top:1")]
+    /// Which part of the model trains: head, top:K, body:K, bias:K, lora:R or all. The
+    /// default, `body:1`, trains the top encoder layer and the pooler and keeps the seeded
+    /// classifier fixed: with the hospitals' different label mixes that federates better
+    /// than training the classifier too (`top:1`); see docs/DEVELOPMENT-NOTES.md.
+    #[arg(long, default_value = "body:1")]
     trainable: Trainable,
     /// Passes over its training data each site makes in a round.
     #[arg(long, default_value_t = 1)]
