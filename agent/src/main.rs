@@ -105,6 +105,8 @@ enum Command {
     Data(DataCommand),
     /// Train the baselines a federation is judged against, from the same base model and
     /// recipe, and score them on the pooled test split of every site in a data directory.
+    /// The recipe's defaults are the demo's plan (10 rounds of 1 epoch); match them to the
+    /// federation's plan otherwise.
     #[command(subcommand)]
     Baseline(BaselineCommand),
     /// Check privacy ledgers (chain, seals, recomputed epsilons) and write audit reports.
@@ -224,16 +226,16 @@ struct BaselineArgs {
     #[arg(long)]
     base: PathBuf,
     /// Which part trains: head, top:K, body:K (top K layers and the pooler; the classifier stays fixed), bias:K (BitFit: biases and norms of the top K layers), lora:R (rank-R adapters on the top layer, merged into it) or all.
-    #[arg(long, default_value = "top:1")]
+    #[arg(long, default_value = "body:1")]
     trainable: fedward_shared::plan::Trainable,
     /// Passes over the training data (match the federation's rounds x local epochs).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     epochs: u32,
     /// Mini-batch size.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     batch_size: u32,
     /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 1.5e-3)]
     learning_rate: f64,
     /// Tokens per note after truncation.
     #[arg(long, default_value_t = 128)]
