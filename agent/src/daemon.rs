@@ -34,10 +34,10 @@ use fedward_shared::wire::{
     self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
+use crate::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
 use crate::session::{assemble, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
-use fedward_shared::quic::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]

@@ -6,6 +6,7 @@
 
 pub mod baseline;
 pub mod daemon;
+pub mod net;
 pub mod outbox;
 pub mod privacy;
 pub mod session;

@@ -28,9 +28,9 @@ use fedward_shared::wire::{
 };
 
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
+use crate::net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
 use crate::round::{Output, PhaseView, RoundMachine};
 use crate::store::{Store, StoreError};
-use fedward_shared::quic::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
 
 /// Fatal coordinator errors (a site's misbehaviour is never one).
 #[derive(Debug, thiserror::Error)]

@@ -3,8 +3,6 @@
 //!
 //! This crate links no async runtime, no network stack and no ML framework: the agent,
 //! the coordinator and the models crate all build on it, and it depends on none of them.
-//! The one exception is opt-in: feature `quic` adds [`quic`], the thin quinn shell that
-//! moves the wire format's bytes, for the two binaries.
 
 pub mod audit;
 pub mod checkpoint;
@@ -17,8 +15,6 @@ pub mod ledger_file;
 pub mod ledger_key;
 pub mod pki;
 pub mod plan;
-#[cfg(feature = "quic")]
-pub mod quic;
 pub mod tensor;
 pub mod tls;
 pub mod wire;

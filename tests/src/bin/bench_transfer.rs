@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
+use fedward_agent::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors};
 use fedward_shared::plan::PrivacyPlan;
-use fedward_shared::quic::{client_endpoint, read_message, read_tensors, write_message, write_tensors};
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::wire::{self, Hello, LocalMetrics, Message, ModelRequest, PrivacyUsed, Ready, UpdateHeader};
 use fedward_tests::{TestPki, SERVER_NAME};

@@ -1,15 +1,12 @@
-//! The QUIC shell of the wire format (feature `quic`, which both binaries enable): framed
-//! messages and raw tensor bytes over quinn streams, and the endpoints agent and
-//! coordinator open.
+//! Framed messages and raw tensor bytes over quinn streams (agent side).
 //!
-//! Thin: the format and every check live in [`crate::wire`]; this only moves bytes.
+//! Thin: the format and every check live in `fedward_shared::wire`; this only moves bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::tensor::{TensorSet, TensorSpec};
-use crate::wire::{self, DecodeError, Message, TensorStreamError};
+use fedward_shared::tensor::{TensorSet, TensorSpec};
+use fedward_shared::wire::{self, DecodeError, Message, TensorStreamError};
 
 /// Why a stream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,44 +82,28 @@ fn finished_is_closed(e: quinn::ReadExactError) -> StreamError {
         other => StreamError::Read(other),
     }
 }
-/// A client endpoint on an ephemeral port of `remote`'s address family.
-pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
+
+/// A client endpoint on an ephemeral port of the right address family, with 4 MiB UDP
+/// buffers (the default ~208 KB loses packets at speed).
+pub fn client_endpoint(
+    remote: SocketAddr,
+    tls: rustls::ClientConfig,
+    idle_timeout: std::time::Duration,
+) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport(idle_timeout)?));
-    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(local)?, Arc::new(quinn::TokioRuntime))?;
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
-}
-
-/// A server endpoint bound to `addr`.
-pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = transport(idle_timeout)?;
-    transport.max_concurrent_bidi_streams(16u32.into());
-    server.transport_config(Arc::new(transport));
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))
-}
-
-/// Idle timeout, with keep-alives often enough that a quiet but healthy peer never hits it.
-fn transport(idle_timeout: Duration) -> std::io::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
     transport.keep_alive_interval(Some(idle_timeout / 4));
-    Ok(transport)
-}
-
-/// A UDP socket bound to `addr` with 4 MiB buffers: the default ~208 KB loses packets when
-/// a model streams at speed.
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    client.transport_config(Arc::new(transport));
+    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(local), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: the kernel may cap these (net.core.rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
+    socket.bind(&local.into())?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), Arc::new(quinn::TokioRuntime))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
 }
