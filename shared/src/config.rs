@@ -647,6 +647,14 @@ name = "Hospital B"
     }
 
     #[test]
+    fn the_deploy_example_configs_are_valid() {
+        // What an admin or hospital IT copies first must parse and pass validation.
+        let coordinator = CoordinatorConfig::parse(include_str!("../../deploy/config/coordinator.toml"), Path::new("/")).unwrap();
+        assert_eq!(coordinator.plan.trainable.to_string(), "lora:8");
+        AgentConfig::parse(include_str!("../../deploy/config/agent.toml"), Path::new("/")).unwrap();
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let text = COORD.replace("[training]", "[training]\nepochs = 3");
         assert!(matches!(CoordinatorConfig::parse(&text, Path::new("/")), Err(ConfigError::Toml(_))));
