@@ -38,8 +38,8 @@ pub struct ReleasedUpdate {
 pub enum OutboxError {
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("{path}: {source}")]
-    Read { path: String, source: io::Error },
+    #[error("{path}: {error}")]
+    Read { path: String, error: io::Error },
     #[error("released-update cache is corrupt: {0}")]
     Corrupt(String),
     #[error("cannot encode the update header: {0}")]
@@ -101,7 +101,7 @@ impl ReleasedUpdate {
         match std::fs::read(&path) {
             Ok(bytes) => Self::decode(&bytes).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(OutboxError::Read { path: path.display().to_string(), source }),
+            Err(error) => Err(OutboxError::Read { path: path.display().to_string(), error }),
         }
     }
 }

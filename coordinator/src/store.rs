@@ -23,8 +23,8 @@ pub const KEEP_CHECKPOINTS: u64 = 5;
 pub enum StoreError {
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("{path}: {source}")]
-    Tensors { path: PathBuf, source: TensorError },
+    #[error("{path}: {error}")]
+    Tensors { path: PathBuf, error: TensorError },
     #[error("{path}: corrupt state: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("initial model {path}: {detail}")]
@@ -82,7 +82,7 @@ pub struct Store {
 impl Store {
     /// Opens the directory (creating it) and reads `state.json` when present.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir.join("checkpoints")).map_err(|source| FsError::Io { path: dir.to_owned(), source })?;
+        std::fs::create_dir_all(dir.join("checkpoints")).map_err(|error| FsError::Io { path: dir.to_owned(), error })?;
         let path = dir.join("state.json");
         let state = if path.exists() {
             let bytes = fsutil::read(&path)?;
@@ -107,7 +107,7 @@ impl Store {
         let Some(state) = &self.state else { return Ok(None) };
         let path = self.dir.join(&state.checkpoint);
         let bytes = fsutil::read(&path)?;
-        let model = TensorSet::from_safetensors(&bytes, false).map_err(|source| StoreError::Tensors { path: path.clone(), source })?;
+        let model = TensorSet::from_safetensors(&bytes, false).map_err(|error| StoreError::Tensors { path: path.clone(), error })?;
         let digest = model.digest().to_hex();
         if digest != state.model_digest {
             return Err(StoreError::Corrupt {
@@ -247,10 +247,10 @@ pub fn load_initial_model(path: &Path, num_labels: usize, seed: u64) -> Result<T
         });
     }
     let bytes = fsutil::read(&file)?;
-    let raw = TensorSet::from_safetensors(&bytes, true).map_err(|source| StoreError::Tensors { path: file.clone(), source })?;
+    let raw = TensorSet::from_safetensors(&bytes, true).map_err(|error| StoreError::Tensors { path: file.clone(), error })?;
     let mut model = normalise_bert_names(raw);
     ensure_classification_head(&mut model, num_labels, seed).map_err(|e| StoreError::Init { path: file.clone(), detail: e.to_string() })?;
-    model.check_finite().map_err(|source| StoreError::Tensors { path: file, source })?;
+    model.check_finite().map_err(|error| StoreError::Tensors { path: file, error })?;
     Ok(model)
 }
 

@@ -343,8 +343,8 @@ pub struct Imported {
 /// Why an import could not run or was refused as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("bad import config: {reason}")]
     BadConfig { reason: String },
     #[error("no header row")]
@@ -361,14 +361,14 @@ pub enum ImportError {
 
 /// Reads and validates a file.
 pub fn import_file(path: &Path, cfg: &ImportConfig) -> Result<Imported, ImportError> {
-    let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|error| ImportError::Io { path: path.to_owned(), error })?;
     import_bytes(&bytes, cfg)
 }
 
 /// Imports `input` and writes the valid rows as `{"text","label"}` JSONL to `output`.
 pub fn import_to_jsonl(input: &Path, output: &Path, cfg: &ImportConfig) -> Result<ImportReport, ImportError> {
     let imported = import_file(input, cfg)?;
-    let io_err = |source| ImportError::Io { path: output.to_owned(), source };
+    let io_err = |error| ImportError::Io { path: output.to_owned(), error };
     let file = std::fs::File::create(output).map_err(io_err)?;
     let mut w = io::BufWriter::new(file);
     write_jsonl(&mut w, &imported.rows).map_err(io_err)?;

@@ -25,8 +25,8 @@ pub enum ModelDirError {
     Missing { path: PathBuf },
     #[error("{path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -37,7 +37,7 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelDirError> {
     if !path.exists() {
         return Err(ModelDirError::Missing { path: path.to_owned() });
     }
-    std::fs::read(path).map_err(|source| ModelDirError::Io { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|error| ModelDirError::Io { path: path.to_owned(), error })
 }
 
 /// The labels a `config.json` declares in `id2label`, if any.
@@ -91,7 +91,7 @@ pub fn load_dir(
 pub fn export_dir(model: &BertClassifier, encoder: &TextEncoder, dir: &Path) -> Result<(), ModelDirError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| ModelDirError::Io { path, source }
+        move |error| ModelDirError::Io { path, error }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let c = &model.config;

@@ -22,8 +22,8 @@ pub enum TextError {
     TokenizerFile { path: String, detail: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path} line {line}: {reason}")]
     BadRow { path: String, line: usize, reason: String },
     #[error("{path}: no examples")]
@@ -152,7 +152,7 @@ struct Row {
 /// Reads `{"text": ..., "label": ...}` lines; labels must be among `labels`.
 pub fn read_jsonl(path: &Path, labels: &[String]) -> Result<Vec<Example>, TextError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TextError::Io { path: p.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|error| TextError::Io { path: p.clone(), error })?;
     let index: HashMap<&str, usize> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -177,7 +177,7 @@ pub fn read_jsonl(path: &Path, labels: &[String]) -> Result<Vec<Example>, TextEr
 /// Reads `{"text": ...}` lines (labels, if present, are ignored).
 pub fn read_texts_jsonl(path: &Path) -> Result<Vec<String>, TextError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TextError::Io { path: p.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|error| TextError::Io { path: p.clone(), error })?;
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {

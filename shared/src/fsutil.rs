@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// A file-system error with the path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("{path}: private key is readable by others (mode {mode:o}); run `chmod 600 {path}` and check who copied it")]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error("{path} already exists; refusing to overwrite (move it away first)")]
@@ -20,7 +20,7 @@ pub enum FsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FsError + '_ {
-    move |source| FsError::Io { path: path.to_owned(), source }
+    move |error| FsError::Io { path: path.to_owned(), error }
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
@@ -48,7 +48,7 @@ pub fn atomic_write_with<E: std::fmt::Display>(path: &Path, write: impl FnOnce(&
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     if let Err(e) = write(&tmp) {
         let _ = fs::remove_file(&tmp);
-        return Err(FsError::Io { path: tmp, source: io::Error::other(e.to_string()) });
+        return Err(FsError::Io { path: tmp, error: io::Error::other(e.to_string()) });
     }
     File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;

@@ -18,8 +18,8 @@ use crate::ledger::{self, Body, Entry, Ledger, LedgerError, Problem, ProblemKind
 /// Why the ledger file could not be opened or appended to.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerFileError {
-    #[error("ledger {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("ledger {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("ledger {path} failed verification: {}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid { path: PathBuf, problems: Vec<Problem> },
     #[error(transparent)]
@@ -43,7 +43,7 @@ impl LedgerFile {
     /// including a truncated last line, is an error: an append after it would corrupt it.
     pub fn open(path: impl AsRef<Path>, trusted: Option<&VerifyingKey>) -> Result<Self, LedgerFileError> {
         let path = path.as_ref().to_path_buf();
-        let io_err = |source| LedgerFileError::Io { path: path.clone(), source };
+        let io_err = |error| LedgerFileError::Io { path: path.clone(), error };
         let existed = path.exists();
         let file = OpenOptions::new().create(true).append(true).read(true).open(&path).map_err(io_err)?;
         if !existed {
@@ -80,9 +80,9 @@ impl LedgerFile {
         // Check it extends the head before touching the file.
         self.ledger.check_next(&entry)?;
         let written = self.file.write_all(&entry.to_line()).and_then(|()| self.file.sync_data());
-        if let Err(source) = written {
+        if let Err(error) = written {
             self.poisoned = true;
-            return Err(LedgerFileError::Io { path: self.path.clone(), source });
+            return Err(LedgerFileError::Io { path: self.path.clone(), error });
         }
         self.ledger.push(entry.clone())?;
         Ok(entry)
@@ -92,14 +92,14 @@ impl LedgerFile {
 /// The raw bytes of a ledger file, for auditors who verify themselves.
 pub fn read_all(path: impl AsRef<Path>) -> Result<Vec<u8>, LedgerFileError> {
     let path = path.as_ref();
-    fs::read(path).map_err(|source| LedgerFileError::Io { path: path.to_path_buf(), source })
+    fs::read(path).map_err(|error| LedgerFileError::Io { path: path.to_path_buf(), error })
 }
 
 /// Removes an incomplete final line (a write cut short by a crash), fsyncs, and returns
 /// how many bytes were dropped. Complete lines are never touched.
 pub fn recover_truncated_tail(path: impl AsRef<Path>) -> Result<usize, LedgerFileError> {
     let path = path.as_ref();
-    let io_err = |source| LedgerFileError::Io { path: path.to_path_buf(), source };
+    let io_err = |error| LedgerFileError::Io { path: path.to_path_buf(), error };
     let bytes = fs::read(path).map_err(io_err)?;
     let report = ledger::verify(&bytes, None);
     if !report.problems.iter().any(|p| p.kind == ProblemKind::TruncatedFinalLine) {
