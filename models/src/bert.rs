@@ -160,7 +160,7 @@ pub struct Mode<'a> {
     pub dropout_rng: Option<&'a mut rand_chacha::ChaCha8Rng>,
     /// Per-example copies of parameters, (batch, shape..) by name, used instead of the
     /// model's own: the gradient of a copy is then each example's own gradient (DP-SGD
-    /// clips them one by one). Only adapters and the classifier can be copied
+    /// clips them one by one). Adapters, the classifier and bias or LayerNorm vectors can be copied
     /// ([`BertClassifier::supports_per_example`]).
     pub per_example: Option<&'a HashMap<String, Tensor>>,
 }
@@ -323,11 +323,13 @@ impl BertClassifier {
     }
 
     /// Whether every name in `trainable` can be trained through per-example copies
-    /// ([`Mode::per_example`]): adapters and the classifier.
+    /// ([`Mode::per_example`]): adapters, the classifier, and the bias and LayerNorm vectors
+    /// of the encoder layers and the pooler (BitFit).
     pub fn supports_per_example(&self, trainable: &HashSet<String>) -> bool {
-        trainable
-            .iter()
-            .all(|n| n.starts_with("classifier.") || ((n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some()))
+        trainable.iter().all(|n| {
+            let vector = !n.starts_with("bert.embeddings.") && (n.ends_with(".bias") || n.ends_with("LayerNorm.weight"));
+            n.starts_with("classifier.") || ((vector || n.ends_with(".lora_a") || n.ends_with(".lora_b")) && self.var(n).is_some())
+        })
     }
 
     fn p(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
@@ -346,6 +348,16 @@ impl BertClassifier {
         Ok(t.unsqueeze(0)?)
     }
 
+    /// A vector parameter (a bias or a LayerNorm scale) shaped to broadcast over (batch,
+    /// rows, width) activations: the per-example copies as (batch, 1, width) when the mode
+    /// has them, else the model's own (width).
+    fn vector(&self, name: &str, mode: &Mode<'_>) -> Result<Tensor> {
+        match mode.per_example.and_then(|m| m.get(name)) {
+            Some(copy) => Ok(copy.unsqueeze(1)?),
+            None => self.p(name, mode),
+        }
+    }
+
     /// The adapter's `A` (E, rank, in) and `B` (E, out, rank) with E = batch or 1, if
     /// `weight` has one.
     fn adapter(&self, weight: &str, mode: &Mode<'_>) -> Result<Option<(Tensor, Tensor)>> {
@@ -359,7 +371,7 @@ impl BertClassifier {
     /// `x W^T + bias` plus the adapter's `scale (x A^T) B^T` on (batch, rows, in).
     fn linear_adapted(&self, x: &Tensor, prefix: &str, mode: &Mode<'_>) -> Result<Tensor> {
         let weight = format!("{prefix}.weight");
-        let y = linear3d(x, &self.p(&weight, mode)?, &self.p(&format!("{prefix}.bias"), mode)?)?;
+        let y = linear3d(x, &self.p(&weight, mode)?, &self.vector(&format!("{prefix}.bias"), mode)?)?;
         match self.adapter(&weight, mode)? {
             None => Ok(y),
             Some((a, b)) => {
@@ -416,7 +428,12 @@ impl BertClassifier {
     /// cache of the `[CLS]` rows, (batch, 1, hidden).
     pub fn head(&self, x: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &self.p("bert.pooler.dense.bias", mode)?)?.tanh()?;
+        // A per-example pooler bias is (batch, hidden), as `cls` is.
+        let pooler_bias = match mode.per_example.and_then(|m| m.get("bert.pooler.dense.bias")) {
+            Some(copy) => copy.clone(),
+            None => self.p("bert.pooler.dense.bias", mode)?,
+        };
+        let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &pooler_bias)?.tanh()?;
         let pooled = self.dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
         if mode.per_example.is_some_and(|m| m.contains_key("classifier.weight")) {
             // (batch, 1, hidden) x (batch, hidden, labels): each example its own classifier.
@@ -456,7 +473,7 @@ impl BertClassifier {
         let dh = h / heads;
         let proj = |input: &Tensor, name: &str, mode: &Mode<'_>| -> Result<Tensor> {
             let rows = input.dim(1)?;
-            let y = linear3d(input, &self.p(&format!("{p}.{name}.weight"), mode)?, &self.p(&format!("{p}.{name}.bias"), mode)?)?;
+            let y = linear3d(input, &self.p(&format!("{p}.{name}.weight"), mode)?, &self.vector(&format!("{p}.{name}.bias"), mode)?)?;
             Ok(y.reshape((b, rows, heads, dh))?.transpose(1, 2)?.contiguous()?)
         };
         let x_q = if cls_only { x.narrow(1, 0, 1)? } else { x.clone() };
@@ -495,7 +512,10 @@ impl BertClassifier {
         let heads = self.config.num_attention_heads;
         let dh = h / heads;
         let param = |name: &str| self.p(&format!("{p}.attention.self.{name}"), mode);
-        let (key, value, value_bias) = (param("key.weight")?, param("value.weight")?, param("value.bias")?);
+        let (key, value) = (param("key.weight")?, param("value.weight")?);
+        // (E, 1, hidden), E = batch for per-example copies, else 1 (from (hidden)).
+        let value_bias = self.vector(&format!("{p}.attention.self.value.bias"), mode)?;
+        let value_bias = value_bias.reshape((value_bias.elem_count() / h, heads, dh))?;
         let q = self.linear_adapted(&x.narrow(1, 0, 1)?, &format!("{p}.attention.self.query"), mode)?.squeeze(1)?;
         // (heads, batch, dh) x (heads, dh, hidden): each head's query pulled back through its
         // key projection, scaled as the scores are.
@@ -527,13 +547,13 @@ impl BertClassifier {
             values = values.add(&(u.broadcast_matmul(&bv)?.squeeze(2)? * ADAPTER_ALPHA_PER_RANK)?)?;
         }
         let mass = probs.sum_keepdim(D::Minus1)?;
-        let ctx = values.broadcast_add(&mass.broadcast_mul(&value_bias.reshape((1, heads, dh))?)?)?;
+        let ctx = values.broadcast_add(&mass.broadcast_mul(&value_bias)?)?;
         Ok(ctx.contiguous()?.reshape((b, 1, h))?)
     }
 
     fn layer_norm(&self, x: &Tensor, prefix: &str, mode: &Mode<'_>) -> Result<Tensor> {
-        let w = self.p(&format!("{prefix}.weight"), mode)?;
-        let b = self.p(&format!("{prefix}.bias"), mode)?;
+        let w = self.vector(&format!("{prefix}.weight"), mode)?;
+        let b = self.vector(&format!("{prefix}.bias"), mode)?;
         let eps = self.config.layer_norm_eps as f32;
         // The fused op has no backward pass: use it only where no gradient can flow, i.e.
         // nothing at or below this layer trains.
@@ -566,11 +586,12 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
 }
 
 /// `x w^T + b` on (batch, len, in) as one 2-D matmul (faster on CPU than a batched one).
+/// `x W^T + b` on (batch, rows, in); `b` is (out) or per example (batch, 1, out).
 fn linear3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (bs, l, i) = x.dims3()?;
     let o = w.dim(0)?;
-    let y = linear2d(&x.reshape((bs * l, i))?, w, b)?;
-    Ok(y.reshape((bs, l, o))?)
+    let y = x.reshape((bs * l, i))?.matmul(&w.t()?)?;
+    Ok(y.reshape((bs, l, o))?.broadcast_add(b)?)
 }
 
 fn linear2d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -690,6 +711,29 @@ mod tests {
     fn per_example_copies_give_each_examples_own_gradient() {
         let (model, mut names) = tiny_with_adapters(2);
         names.extend(["classifier.weight".to_owned(), "classifier.bias".to_owned()]);
+        assert_per_example_gradients(&model, &names);
+    }
+
+    /// The same for the bias and LayerNorm vectors of every layer (the full-sequence layer
+    /// and the `[CLS]`-only last one), the pooler's bias and the classifier (BitFit).
+    #[test]
+    fn per_example_copies_of_biases_and_layer_norms_give_each_examples_own_gradient() {
+        let (model, _) = tiny_with_adapters(2);
+        let names: Vec<String> = model
+            .vars
+            .keys()
+            .filter(|n| {
+                !n.starts_with("bert.embeddings.")
+                    && (n.ends_with(".bias") || n.ends_with("LayerNorm.weight") || n.starts_with("classifier."))
+            })
+            .cloned()
+            .collect();
+        assert!(names.iter().any(|n| n.contains("layer.0.") && n.ends_with("value.bias")));
+        assert!(names.contains(&"bert.pooler.dense.bias".to_owned()));
+        assert_per_example_gradients(&model, &names);
+    }
+
+    fn assert_per_example_gradients(model: &BertClassifier, names: &[String]) {
         let trainable: HashSet<String> = names.iter().cloned().collect();
         assert!(model.supports_per_example(&trainable));
         let device = Device::Cpu;
@@ -720,8 +764,14 @@ mod tests {
             let logits = model.forward(&one, &mut Mode { trainable: &trainable, dropout_rng: None, per_example: None }).unwrap();
             let target = Tensor::from_vec(vec![label], 1, &device).unwrap();
             let alone = candle_nn::loss::cross_entropy(&logits, &target).unwrap().backward().unwrap();
-            for name in &names {
-                let want = alone.get(model.var(name).unwrap().as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for name in names {
+                // The key bias cancels in softmax: no gradient at all, alone or batched.
+                let Some(own) = alone.get(model.var(name).unwrap().as_tensor()) else {
+                    assert!(name.ends_with("key.bias"), "{name} has no gradient");
+                    assert!(grads.get(copies[name].as_tensor()).is_none(), "{name}: a gradient batched but none alone");
+                    continue;
+                };
+                let want = own.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let got = grads.get(copies[name].as_tensor()).unwrap().get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let scale = want.iter().map(|v| v.abs()).fold(1e-4f32, f32::max);
                 let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

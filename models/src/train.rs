@@ -1112,21 +1112,27 @@ mod tests {
         }
     }
 
-    /// The batched per-example path (adapters and classifier copied per example) clips
+    /// The batched per-example path (adapters, biases and classifier copied per example) clips
     /// and sums exactly what one pass per example does.
     #[test]
     fn batched_per_example_clipping_matches_one_pass_per_example() {
+        for trainable in [Trainable::TopLora(2), Trainable::TopBiases(1), Trainable::TopBiases(2)] {
+            assert_batched_clipping_matches_one_pass_per_example(trainable);
+        }
+    }
+
+    fn assert_batched_clipping_matches_one_pass_per_example(trainable: Trainable) {
         let (mut model, encoder) = tiny();
-        let plan = plan(Trainable::TopLora(2), &model, 1);
+        let plan = plan(trainable, &model, 1);
         let names = begin_training(&mut model, &plan, 1).unwrap();
-        assert!(model.supports_per_example(&names));
+        assert!(model.supports_per_example(&names), "{trainable}");
         // Train a few steps first so B is non-zero and every adapter has a gradient.
         let mut data = Prepared::new(separable());
         let mut warm = plan.clone();
         warm.learning_rate = 5e-2;
         train_loop(&mut model, &encoder, &mut data, &names, &warm, 1).unwrap();
         let vars = prepare_training(&model, &encoder, &mut data, &names, &plan).unwrap();
-        assert!(data.cache.is_some(), "the layers below the adapters are a cached prefix");
+        assert!(data.cache.is_some(), "{trainable}: the layers below the trained ones are a cached prefix");
         let mut sorted: Vec<String> = names.iter().cloned().collect();
         sorted.sort();
         let zero = || vars.iter().map(|v| vec![0.0; v.elem_count()]).collect::<Vec<_>>();
@@ -1151,7 +1157,7 @@ mod tests {
             }
             let scale = norm(&one_by_one).max(1e-9);
             let diff: f64 = one_by_one.iter().flatten().zip(batched.iter().flatten()).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-            assert!(diff / scale < 1e-4, "C {c}: sums differ by {diff} (norm {scale})");
+            assert!(diff / scale < 1e-4, "{trainable}, C {c}: sums differ by {diff} (norm {scale})");
         }
     }
 
