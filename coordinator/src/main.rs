@@ -140,7 +140,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: `{e:#}` would repeat those our errors already quote.
+            eprintln!("error: {}", fedward_shared::cli::error_line(e.as_ref()));
             let usage = e.downcast_ref::<fedward_shared::cli::CliError>().is_some_and(|c| c.is_usage());
             if usage || e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
                 ExitCode::from(64)

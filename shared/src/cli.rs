@@ -521,6 +521,24 @@ fn fmt_f(v: f64) -> String {
     }
 }
 
+/// One line for an error and its causes, `error: cause: cause ..` as anyhow's `{:#}` prints
+/// it, except that a cause whose text the line already ends with is not repeated: many of
+/// our errors carry their cause's text in their own message (so that a plain `{e}` in a log
+/// line says why) and also expose it as their source.
+pub fn error_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = e.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -533,6 +551,26 @@ mod tests {
     use crate::wire::RoundId;
 
     const NOW: OffsetDateTime = datetime!(2025-03-03 09:00 UTC);
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("tls: {0}")]
+        Repeats(#[from] Inner),
+        #[error("could not start")]
+        Wraps(#[source] Inner),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("bad certificate")]
+    struct Inner(#[source] std::io::Error);
+
+    #[test]
+    fn error_line_names_each_cause_once() {
+        let io = || std::io::Error::other("no such file");
+        assert_eq!(error_line(&Outer::Repeats(Inner(io()))), "tls: bad certificate: no such file");
+        assert_eq!(error_line(&Outer::Wraps(Inner(io()))), "could not start: bad certificate: no such file");
+        assert_eq!(error_line(&io()), "no such file");
+    }
 
     fn key() -> SigningKey {
         SigningKey::from_bytes(&[11u8; 32])
