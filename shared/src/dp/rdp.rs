@@ -19,9 +19,14 @@
 //! edge rules (orders at or below 1.01 are not used; the KL bound gives 0 when
 //! `delta^2 > 1 - e^-rdp`).
 //!
-//! The grid is finer than dp-accounting's default (716 orders against 166), so the
-//! epsilon here is never above dp-accounting's and usually a little below it; the tests
-//! compare against dp-accounting run on this very grid (`reference/`).
+//! The grid is dp-accounting's default, so that the epsilon here is the one an auditor gets
+//! from dp-accounting with its defaults, not a slightly different one: a finer grid
+//! (fedward used 716 orders before) gives up to 4% less epsilon where the optimal order falls
+//! between the default's (small `q`, epsilon below 1), a valid bound but one that no
+//! widely used library reproduces. The tests compare against dp-accounting and Opacus
+//! (`reference/`). Opacus sums the fractional-order series with signs, so where a
+//! fractional order is optimal at large epsilon (above 9 in the reference cases) its
+//! epsilon is up to 4% below dp-accounting's and ours; we keep dp-accounting's safe side.
 
 use std::sync::OnceLock;
 
@@ -31,19 +36,17 @@ use super::DpError;
 /// Terms of the fractional-order series before an order is given up as infinite.
 const MAX_FRAC_TERMS: usize = 1000;
 
-/// The Rényi orders the accountant tracks, ascending.
-///
-/// `1.01..=1.99` by 0.01, `2..=9.95` by 0.05, `10..=63.75` by 0.25, every integer
-/// `64..=256`, then `272..=1024` by 16. The Python reference script builds the same list.
+/// The Rényi orders the accountant tracks, ascending: dp-accounting's
+/// `DEFAULT_RDP_ORDERS`, `1.1..=10.9` by 0.1, every integer `11..=63`, then 128, 256, 512
+/// and 1024. The reference script checks it is the same list.
 pub fn orders() -> &'static [f64] {
     static ORDERS: OnceLock<Vec<f64>> = OnceLock::new();
     ORDERS.get_or_init(|| {
-        let mut v = Vec::with_capacity(716);
-        v.extend((1..100).map(|x| 1.0 + f64::from(x) / 100.0));
-        v.extend((0..160).map(|x| 2.0 + f64::from(x) / 20.0));
-        v.extend((0..216).map(|x| 10.0 + f64::from(x) / 4.0));
-        v.extend((64..=256).map(f64::from));
-        v.extend((1..=48).map(|x| 256.0 + 16.0 * f64::from(x)));
+        let mut v = Vec::with_capacity(156);
+        // x / 10 as dp-accounting computes it (1 + x / 10.0), so the orders are bit-identical.
+        v.extend((1..100).map(|x| 1.0 + f64::from(x) / 10.0));
+        v.extend((11..64).map(f64::from));
+        v.extend([128.0, 256.0, 512.0, 1024.0]);
         v
     })
 }
@@ -244,9 +247,11 @@ mod tests {
         sigma: f64,
         steps: u64,
         delta: f64,
-        eps_grid: f64,
-        order_grid: f64,
-        eps_default: f64,
+        /// dp-accounting 0.6 on its default grid (ours).
+        eps: f64,
+        order: f64,
+        /// Opacus 1.6 on its default grid.
+        eps_opacus: f64,
     }
 
     fn reference() -> Reference {
@@ -263,14 +268,9 @@ mod tests {
         assert!(orders().windows(2).all(|w| w[0] < w[1]));
     }
 
-    /// Every case of `reference/rdp_reference.json` (dp-accounting 0.6 on our grid) within
-    /// 0.5%, and never above dp-accounting on its own coarser default grid.
-    #[test]
-    fn agrees_with_dp_accounting() {
-        let r = reference();
+    fn our_epsilons(r: &Reference) -> Vec<(f64, f64)> {
         let mut curves: Vec<((u64, u64), Rdp)> = Vec::new();
-        let mut max_rel: f64 = 0.0;
-        let mut worst = String::new();
+        let mut out = Vec::with_capacity(r.cases.len());
         for c in &r.cases {
             let key = (c.q.to_bits(), c.sigma.to_bits());
             let one = match curves.iter().find(|(k, _)| *k == key) {
@@ -283,19 +283,53 @@ mod tests {
             };
             let mut total = Rdp::zero();
             total.compose(&one, c.steps);
-            let (eps, order) = total.epsilon(c.delta).unwrap();
-            let rel = (eps - c.eps_grid).abs() / c.eps_grid.max(1e-300);
+            out.push(total.epsilon(c.delta).unwrap());
+        }
+        out
+    }
+
+    /// Every case of `reference/rdp_reference.json` as dp-accounting 0.6 computes it with
+    /// its defaults, to 1e-6 (the same orders, series and conversion).
+    #[test]
+    fn agrees_with_dp_accounting() {
+        let r = reference();
+        let mut max_rel: f64 = 0.0;
+        let mut worst = String::new();
+        for (c, (eps, order)) in r.cases.iter().zip(our_epsilons(&r)) {
+            let rel = (eps - c.eps).abs() / c.eps.max(1e-300);
             if rel > max_rel {
                 max_rel = rel;
                 worst = format!(
                     "q={} sigma={} steps={} delta={}: ours {eps} (order {order}), dp-accounting {} (order {})",
-                    c.q, c.sigma, c.steps, c.delta, c.eps_grid, c.order_grid
+                    c.q, c.sigma, c.steps, c.delta, c.eps, c.order
                 );
             }
-            assert!(rel < 0.005, "q={} sigma={} steps={}: {eps} vs {}", c.q, c.sigma, c.steps, c.eps_grid);
-            assert!(eps <= c.eps_default * (1.0 + 1e-9), "finer grid above default grid: {eps} vs {}", c.eps_default);
+            assert!(rel < 1e-6, "q={} sigma={} steps={}: {eps} vs {}", c.q, c.sigma, c.steps, c.eps);
         }
-        eprintln!("max relative difference to dp-accounting on the same grid: {max_rel:e} ({worst})");
+        eprintln!("max relative difference to dp-accounting: {max_rel:e} ({worst})");
+    }
+
+    /// Opacus, the other widely used accountant, agrees within 1% wherever epsilon is at
+    /// most 9 (every plan a hospital would run; 347 of the reference cases). Up to 20 we
+    /// are at most 2% above it: where a fractional order is optimal, Opacus sums its series
+    /// with signs and dp-accounting (and we) the safe absolute values. Beyond 20 the two
+    /// libraries part further (up to a factor of 2.7 at epsilon in the hundreds), a regime
+    /// no plan spends.
+    #[test]
+    fn agrees_with_opacus_where_plans_live() {
+        let r = reference();
+        let mut compared = 0;
+        for (c, (eps, _)) in r.cases.iter().zip(our_epsilons(&r)) {
+            let rel = (eps - c.eps_opacus) / c.eps_opacus;
+            let case = format!("q={} sigma={} steps={} delta={}: {eps} vs Opacus {}", c.q, c.sigma, c.steps, c.delta, c.eps_opacus);
+            if c.eps_opacus <= 9.0 {
+                assert!(rel.abs() < 0.01, "{case}");
+                compared += 1;
+            } else if c.eps_opacus <= 20.0 {
+                assert!((-0.01..0.02).contains(&rel), "{case}");
+            }
+        }
+        assert_eq!(compared, 347);
     }
 
     #[test]

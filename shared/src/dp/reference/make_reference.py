@@ -4,14 +4,19 @@ Run from this directory with a venv holding the pinned packages:
 
     python3 -m venv /tmp/dpvenv
     /tmp/dpvenv/bin/pip install dp-accounting==0.6.0 mpmath==1.4.1
+    /tmp/dpvenv/bin/pip install --no-deps opacus==1.6.0
     /tmp/dpvenv/bin/python make_reference.py
+
+(Opacus without its dependencies: only its pure-Python RDP analysis module is loaded, by
+file path, so PyTorch is not needed.)
 
 It writes:
 
 * rdp_reference.json: epsilons of the Poisson-sampled Gaussian mechanism from Google's
-  dp-accounting RdpAccountant, once on fedward's order grid (`eps_grid`, the figure the
-  Rust accountant must reproduce) and once on dp-accounting's default grid
-  (`eps_default`, which a finer grid can only improve on).
+  dp-accounting RdpAccountant on its default order grid, which fedward uses (`eps`, the
+  figure the Rust accountant must reproduce), and from Opacus's RDP analysis on Opacus's
+  default grid (`eps_opacus`, a second library that sums the fractional-order series with
+  signs instead of dp-accounting's absolute values).
 * normal_reference.json: the standard normal quantile and upper tail at 100-digit
   precision (mpmath), for the noise sampler's accuracy and exactness tests.
 """
@@ -20,6 +25,9 @@ import importlib.metadata
 import json
 import math
 
+import importlib.util
+import pathlib
+
 import dp_accounting
 import mpmath
 from dp_accounting import dp_event
@@ -27,37 +35,48 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
 
 def fedward_orders():
-    """Must match `rdp::orders()` in shared/src/dp/rdp.rs."""
-    orders = [1.0 + x / 100.0 for x in range(1, 100)]
-    orders += [2.0 + x / 20.0 for x in range(0, 160)]
-    orders += [10.0 + x / 4.0 for x in range(0, 216)]
-    orders += [float(a) for a in range(64, 257)]
-    orders += [256.0 + 16.0 * x for x in range(1, 49)]
-    return orders
+    """Must match `rdp::orders()` in shared/src/dp/rdp.rs: dp-accounting's default grid."""
+    return [float(a) for a in rdp.DEFAULT_RDP_ORDERS]
+
+
+def opacus_rdp():
+    """Opacus's RDP analysis module, loaded without the opacus package (and PyTorch)."""
+    spec = importlib.util.find_spec("opacus")
+    root = pathlib.Path(spec.submodule_search_locations[0])
+    path = root / "accountants" / "analysis" / "rdp.py"
+    mod_spec = importlib.util.spec_from_file_location("opacus_rdp", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+# Opacus's RDPAccountant.DEFAULT_ALPHAS.
+OPACUS_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
 def rdp_cases():
+    opacus = opacus_rdp()
     cases = []
-    for q in [1.0, 0.2, 0.1, 0.05, 0.01, 0.001]:
-        for sigma in [0.6, 0.8, 1.0, 1.5, 3.0]:
-            grid = rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, fedward_orders())
-            default = rdp._compute_rdp_poisson_subsampled_gaussian(
-                q, sigma, rdp.DEFAULT_RDP_ORDERS)
-            for steps in [1, 10, 100, 1000, 10000]:
+    for q in [1.0, 0.5, 0.2, 0.1, 0.05, 0.01, 0.004, 0.001]:
+        for sigma in [0.6, 0.8, 1.0, 1.1, 1.5, 3.0]:
+            curve = rdp._compute_rdp_poisson_subsampled_gaussian(q, sigma, fedward_orders())
+            for steps in [1, 10, 100, 400, 1000, 10000]:
                 for delta in [1e-5, 1e-6]:
-                    eps_grid, order_grid = rdp.compute_epsilon(
-                        fedward_orders(), grid * steps, delta)
-                    eps_def, order_def = rdp.compute_epsilon(
-                        rdp.DEFAULT_RDP_ORDERS, default * steps, delta)
-                    # Cross-check the public accountant API on the default grid.
+                    eps, order = rdp.compute_epsilon(fedward_orders(), curve * steps, delta)
+                    # Cross-check the public accountant API (default grid).
                     acc = rdp.RdpAccountant()
                     acc.compose(dp_event.PoissonSampledDpEvent(
                         q, dp_event.GaussianDpEvent(sigma)), steps)
-                    assert math.isclose(acc.get_epsilon(delta), eps_def, rel_tol=1e-12)
+                    assert math.isclose(acc.get_epsilon(delta), eps, rel_tol=1e-12)
+                    eps_opacus, _ = opacus.get_privacy_spent(
+                        orders=OPACUS_ALPHAS,
+                        rdp=opacus.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                               orders=OPACUS_ALPHAS),
+                        delta=delta)
                     cases.append({
                         "q": q, "sigma": sigma, "steps": steps, "delta": delta,
-                        "eps_grid": float(eps_grid), "order_grid": float(order_grid),
-                        "eps_default": float(eps_def), "order_default": float(order_def),
+                        "eps": float(eps), "order": float(order),
+                        "eps_opacus": float(eps_opacus),
                     })
     return cases
 
@@ -91,7 +110,8 @@ def normal_cases():
 def main():
     with open("rdp_reference.json", "w") as f:
         json.dump({
-            "generator": "dp-accounting " + importlib.metadata.version("dp-accounting"),
+            "generator": "dp-accounting " + importlib.metadata.version("dp-accounting")
+            + ", opacus " + importlib.metadata.version("opacus"),
             "orders": fedward_orders(),
             "cases": rdp_cases(),
         }, f, indent=1)
