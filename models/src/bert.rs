@@ -428,11 +428,8 @@ impl BertClassifier {
     /// cache of the `[CLS]` rows, (batch, 1, hidden).
     pub fn head(&self, x: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
-        // A per-example pooler bias is (batch, hidden), as `cls` is.
-        let pooler_bias = match mode.per_example.and_then(|m| m.get("bert.pooler.dense.bias")) {
-            Some(copy) => copy.clone(),
-            None => self.p("bert.pooler.dense.bias", mode)?,
-        };
+        // The bias is (batch, hidden) per example, else (1, hidden): either adds to `cls`.
+        let pooler_bias = self.p_batched("bert.pooler.dense.bias", mode)?;
         let pooled = linear2d(&cls, &self.p("bert.pooler.dense.weight", mode)?, &pooler_bias)?.tanh()?;
         let pooled = self.dropout(&pooled, self.config.hidden_dropout_prob, mode)?;
         if mode.per_example.is_some_and(|m| m.contains_key("classifier.weight")) {
@@ -585,8 +582,8 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(((m - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?)
 }
 
-/// `x w^T + b` on (batch, len, in) as one 2-D matmul (faster on CPU than a batched one).
-/// `x W^T + b` on (batch, rows, in); `b` is (out) or per example (batch, 1, out).
+/// `x W^T + b` on (batch, rows, in) as one 2-D matmul (faster on CPU than a batched one);
+/// `b` is (out) or per example (batch, 1, out).
 fn linear3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (bs, l, i) = x.dims3()?;
     let o = w.dim(0)?;
