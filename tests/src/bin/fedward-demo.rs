@@ -512,12 +512,7 @@ fn federate(
 }
 
 /// Prints a row per completed round until the coordinator finishes, then waits for the agents.
-fn watch(
-    state_dir: &Path,
-    scorer: &mut Scorer,
-    children: &mut [(String, Child)],
-    rounds: u32,
-) -> Result<((f64, f64), Vec<RoundRow>, f64)> {
+fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)], rounds: u32) -> Result<((f64, f64), Vec<RoundRow>, f64)> {
     let started = Instant::now();
     let total = u64::from(rounds);
     let mut rows: Vec<RoundRow> = Vec::new();
