@@ -461,6 +461,11 @@ struct RunResult {
     seconds: f64,
 }
 
+/// The rounds of a federation: the DP run may have its own (`--dp-rounds`).
+fn rounds_of(args: &Args, dp: Option<&DpSettings>) -> u32 {
+    dp.map_or(args.rounds, |d| d.rounds)
+}
+
 /// Runs one federation: coordinator and agents as processes, watched until they finish.
 fn federate(
     args: &Args,
@@ -472,7 +477,7 @@ fn federate(
     dp: Option<DpSettings>,
 ) -> Result<RunResult> {
     let name = if dp.is_some() { "dp" } else { "plain" };
-    let planned_rounds = dp.map_or(args.rounds, |d| d.rounds);
+    let planned_rounds = rounds_of(args, dp.as_ref());
     let dir = out.join("runs").join(name);
     fs::create_dir_all(&dir)?;
     match &dp {
@@ -488,7 +493,7 @@ fn federate(
     let admin_port = free_tcp_port()?;
     let state_dir = dir.join("coordinator");
     let coordinator_toml = dir.join("coordinator.toml");
-    fs::write(&coordinator_toml, coordinator_config(args, out, base, &state_dir, quic_port, admin_port, dp.as_ref(), planned_rounds))?;
+    fs::write(&coordinator_toml, coordinator_config(args, out, base, &state_dir, quic_port, admin_port, dp.as_ref()))?;
     let mut children: Vec<(String, Child)> = Vec::new();
     let result = (|| {
         let log = format!("{name}-coordinator");
@@ -613,7 +618,6 @@ fn coordinator_config(
     port: u16,
     admin_port: u16,
     dp: Option<&DpSettings>,
-    rounds: u32,
 ) -> String {
     let ca = out.join("pki/consortium");
     let privacy = match dp {
@@ -666,7 +670,7 @@ seed = {seed}
 {sites}"#,
         state = state_dir.display(),
         ca = ca.display(),
-        rounds = rounds,
+        rounds = rounds_of(args, dp),
         n_sites = SITES.len(),
         base = base.display(),
         lr = dp.map_or(args.learning_rate, |d| d.learning_rate),
