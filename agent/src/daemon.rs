@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_models::{TrainContext, Trainer};
+use fedward_net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, ConnectionEnd, StreamError};
 use fedward_shared::config::SiteBudget;
 use fedward_shared::dp::NoiseRng;
 use fedward_shared::fsutil;
@@ -34,7 +35,7 @@ use fedward_shared::wire::{
     self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
-use crate::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, StreamError};
+
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
 use crate::session::{assemble, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
@@ -576,7 +577,7 @@ async fn send_decline(conn: &quinn::Connection, offer: &RoundOffer, reason: Decl
 
 /// One request/answer exchange on a fresh stream.
 async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message, StreamError> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| StreamError::Connection(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
     write_message(&mut send, msg).await?;
     send.finish()?;
     read_message(&mut recv).await
@@ -591,28 +592,11 @@ fn stream_failure(conn: &quinn::Connection, e: StreamError) -> SessionEnd {
     }
 }
 
+/// A refusal is final; a connection merely lost is retried.
 fn classify_connection_error(e: &quinn::ConnectionError) -> Option<SessionEnd> {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == wire::CLOSE_REFUSED.into() => {
-            Some(SessionEnd::Refused(String::from_utf8_lossy(&close.reason).into_owned()))
-        }
-        quinn::ConnectionError::ConnectionClosed(close) => {
-            let text = close.to_string();
-            // TLS alerts surface as CRYPTO_ERROR transport codes (0x100-0x1ff).
-            let code = u64::from(close.error_code);
-            if (0x100..0x200).contains(&code) {
-                let hint = fedward_shared::tls::explain_handshake_error(&text).map(|h| format!(" ({h})")).unwrap_or_default();
-                Some(SessionEnd::Refused(format!("TLS handshake refused: {text}{hint}")))
-            } else {
-                None
-            }
-        }
-        quinn::ConnectionError::TransportError(t) => {
-            let text = t.to_string();
-            fedward_shared::tls::explain_handshake_error(&text)
-                .map(|hint| SessionEnd::Refused(format!("TLS handshake failed: {text} ({hint})")))
-        }
-        _ => None,
+    match ConnectionEnd::of(e) {
+        ConnectionEnd::Refused(reason) => Some(SessionEnd::Refused(reason)),
+        ConnectionEnd::Lost(_) => None,
     }
 }
 

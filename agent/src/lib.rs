@@ -1,12 +1,11 @@
 //! fedward's hospital agent: a daemon that trains the shared model on local data and
 //! sends differentially private updates to the coordinator.
 //!
-//! `session` is the pure core (what to do with an offer); `daemon` and `net` are the
-//! network shell around it.
+//! `session` and `privacy` are the pure core (what to do with an offer, what may leave the
+//! site); `daemon` is the network shell around them, over `fedward-net`.
 
 pub mod baseline;
 pub mod daemon;
-pub mod net;
 pub mod outbox;
 pub mod privacy;
 pub mod session;

@@ -441,7 +441,7 @@ fn default_labels() -> Vec<String> {
 }
 
 fn data_command(cmd: DataCommand) -> Result<ExitCode> {
-    use fedward_models::{import, synth};
+    use fedward_corpus::{import, synth};
     match cmd {
         DataCommand::Synth { out, seed, sites, notes_per_site, alpha, hard_share } => {
             let sites = if sites.is_empty() {
@@ -530,13 +530,13 @@ fn data_command(cmd: DataCommand) -> Result<ExitCode> {
 }
 
 /// `NAME=STYLE` or `STYLE` (the site is then named after its style).
-fn parse_site_spec(s: &str) -> Result<fedward_models::synth::SiteSpec> {
+fn parse_site_spec(s: &str) -> Result<fedward_corpus::synth::SiteSpec> {
     let (name, style) = s.split_once('=').unwrap_or((s, s));
     let style = style.parse().map_err(|_| anyhow::anyhow!("unknown site style in {s:?}"))?;
-    Ok(fedward_models::synth::SiteSpec::new(name, style))
+    Ok(fedward_corpus::synth::SiteSpec::new(name, style))
 }
 
-fn import_report_json(r: &fedward_models::import::ImportReport) -> serde_json::Value {
+fn import_report_json(r: &fedward_corpus::import::ImportReport) -> serde_json::Value {
     serde_json::json!({
         "rows_read": r.rows_read,
         "accepted": r.accepted,

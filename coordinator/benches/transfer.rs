@@ -2,9 +2,9 @@
 //! QUIC with mutual TLS on loopback, beside a raw TCP loopback copy of the same bytes.
 //!
 //! Runs the real `fedward-coordinator serve` as a child process (so its peak RSS is its
-//! own) and speaks the wire protocol with the agent's own stream code. Run with
-//! `scripts/bench.sh transfer` (a release build); prints a table and writes JSON to
-//! `--out`.
+//! own) and speaks the wire protocol with the agent's own stream code (`fedward-net`). Run
+//! with `scripts/bench.sh transfer` (`cargo bench`: a release build); prints a table and
+//! writes JSON to `--out`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,11 +15,39 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 
-use fedward_agent::net::{client_endpoint, read_message, read_tensors, write_message, write_tensors};
+use fedward_net::{client_endpoint, read_message, read_tensors, write_message, write_tensors};
+use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::{Tensor, TensorSet};
-use fedward_shared::wire::{self, Hello, LocalMetrics, Message, ModelRequest, PrivacyUsed, Ready, UpdateHeader};
-use fedward_tests::{TestPki, SERVER_NAME};
+use fedward_shared::tls::{self, TlsMaterial};
+use fedward_shared::wire::{self, Hello, LocalMetrics, Message, ModelRequest, PrivacyUsed, Ready, SiteId, UpdateHeader};
+
+const SERVER_NAME: &str = "coordinator.bench";
+const SITE: &str = "bench-site";
+
+/// A throwaway consortium: its CA, the coordinator's certificate, and the one site's TLS.
+struct BenchPki {
+    ca: CertifiedKey,
+    server: CertifiedKey,
+    site_tls: rustls::ClientConfig,
+}
+
+impl BenchPki {
+    fn new() -> Result<Self> {
+        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
+        let ca = pki::create_ca("bench", validity, [1; 16])?;
+        let server = pki::issue_server(&ca, &[SERVER_NAME.to_owned()], &["127.0.0.1".parse()?], validity, [2; 16])?;
+        let site = SiteId::new(SITE).context("site id")?;
+        let request = pki::site_request(&site)?;
+        let cert = pki::sign_site_request(&ca, &request.csr_pem, &site, validity, [3; 16])?;
+        let site_tls = tls::client_config(&TlsMaterial {
+            ca_pem: ca.cert_pem.as_bytes(),
+            cert_pem: cert.as_bytes(),
+            key_pem: request.key_pem.as_bytes(),
+        })?;
+        Ok(Self { ca, server, site_tls })
+    }
+}
 
 /// all-MiniLM-L6-v2's shapes: 22.7M parameters with a 4-label head.
 fn minilm_shaped_model(rng: &mut impl Rng) -> TensorSet {
@@ -104,23 +132,13 @@ impl Drop for Coordinator {
     }
 }
 
-fn coordinator_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("exe dir")?;
-    let bin = dir.join("fedward-coordinator");
-    if !bin.exists() {
-        bail!("{} not found: build it first (scripts/bench.sh transfer does)", bin.display());
-    }
-    Ok(bin)
-}
-
-fn write_setup(dir: &Path, pki: &TestPki, model: &TensorSet, port: u16) -> Result<PathBuf> {
+fn write_setup(dir: &Path, pki: &BenchPki, model: &TensorSet, port: u16) -> Result<PathBuf> {
     std::fs::create_dir_all(dir.join("pki"))?;
     std::fs::write(dir.join("pki/ca.crt"), &pki.ca.cert_pem)?;
     std::fs::write(dir.join("pki/coordinator.crt"), &pki.server.cert_pem)?;
     fedward_shared::fsutil::write_private_new(&dir.join("pki/coordinator.key"), pki.server.key_pem.as_bytes())?;
     // The ledger key, where the config's default looks for it (beside coordinator.key).
-    fedward_shared::ledger_key::write_keypair(&dir.join("pki"), fedward_tests::LEDGER_SEED)?;
+    fedward_shared::ledger_key::write_keypair(&dir.join("pki"), [42; 32])?;
     std::fs::write(dir.join("init.safetensors"), model.to_safetensors(None)?)?;
     let config = format!(
         r#"[server]
@@ -142,7 +160,7 @@ trainable = "all"
 [privacy]
 mode = "off"
 [[sites]]
-id = "bench-site"
+id = "{SITE}"
 "#
     );
     let path = dir.join("coordinator.toml");
@@ -160,10 +178,11 @@ async fn main() -> Result<()> {
     let mb = model.byte_len() as f64 / 1e6;
     println!("update: {params} parameters, {mb:.1} MB");
 
-    let pki = TestPki::new("bench");
+    let pki = BenchPki::new()?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let config = write_setup(dir.path(), &pki, &model, port)?;
-    let mut child = Command::new(coordinator_binary()?)
+    // Cargo builds the package's binary for its benches and names it here.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
         .args(["serve", "--config"])
         .arg(&config)
         .env("FEDWARD_LOG", "info")
@@ -187,7 +206,7 @@ async fn main() -> Result<()> {
     up_rx.recv_timeout(Duration::from_secs(120)).context("coordinator did not start")?;
 
     let addr = format!("127.0.0.1:{port}").parse()?;
-    let endpoint = client_endpoint(addr, (*pki.site_tls("bench-site")).clone(), Duration::from_secs(30))?;
+    let endpoint = client_endpoint(addr, pki.site_tls.clone(), Duration::from_secs(30))?;
     let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
     async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message> {
         let (mut send, mut recv) = conn.open_bi().await?;

@@ -15,8 +15,9 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::watch;
 
+use fedward_shared::history::{RoundRecord, SavedState, STATE_FILE};
+
 use crate::server::StatusView;
-use crate::store::{RoundRecord, SavedState};
 
 #[derive(Clone)]
 struct AdminState {
@@ -47,7 +48,7 @@ async fn status_json(State(s): State<AdminState>) -> Json<StatusView> {
 }
 
 fn history(dir: &std::path::Path) -> Vec<RoundRecord> {
-    std::fs::read(dir.join("state.json"))
+    std::fs::read(dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<SavedState>(&b).ok())
         .map(|s| s.history)

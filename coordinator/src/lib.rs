@@ -6,7 +6,6 @@
 pub mod admin;
 pub mod aggregate;
 pub mod ledger;
-pub mod net;
 pub mod round;
 pub mod server;
 pub mod store;

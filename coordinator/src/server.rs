@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use fedward_net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{
@@ -28,7 +29,6 @@ use fedward_shared::wire::{
 };
 
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
-use crate::net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
 use crate::round::{Output, PhaseView, RoundMachine};
 use crate::store::{Store, StoreError};
 

@@ -8,10 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_names};
 use fedward_shared::fsutil::{self, FsError};
+use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
 use fedward_shared::tensor::{TensorError, TensorSet};
 
 use crate::round::{Checkpoint, RoundFailure, RoundSummary};
@@ -31,47 +30,6 @@ pub enum StoreError {
     Init { path: PathBuf, detail: String },
 }
 
-/// One site's part in a round, as recorded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SiteRecord {
-    pub site: String,
-    pub num_examples: u64,
-    pub train_loss: f64,
-    pub val_accuracy: Option<f64>,
-    pub val_macro_f1: Option<f64>,
-    pub privacy_mode: String,
-    pub noise_multiplier: f64,
-    pub clip_norm: f64,
-    pub epsilon_after: Option<f64>,
-    pub update_digest: String,
-}
-
-/// A completed or failed round, as recorded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoundRecord {
-    pub round: u64,
-    pub attempt: u32,
-    pub outcome: String,
-    pub finished_at: String,
-    pub duration_secs: f64,
-    pub sites: Vec<SiteRecord>,
-    pub declined: Vec<(String, String)>,
-    pub rejected: Vec<(String, String)>,
-    pub missed: Vec<String>,
-    pub mean_train_loss: Option<f64>,
-    pub model_digest: Option<String>,
-}
-
-/// `state.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SavedState {
-    pub format: u32,
-    pub completed_rounds: u64,
-    pub checkpoint: String,
-    pub model_digest: String,
-    pub history: Vec<RoundRecord>,
-}
-
 /// The state directory.
 #[derive(Debug)]
 pub struct Store {
@@ -83,7 +41,7 @@ impl Store {
     /// Opens the directory (creating it) and reads `state.json` when present.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir.join("checkpoints")).map_err(|error| FsError::Io { path: dir.to_owned(), error })?;
-        let path = dir.join("state.json");
+        let path = dir.join(STATE_FILE);
         let state = if path.exists() {
             let bytes = fsutil::read(&path)?;
             Some(serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { path, detail: e.to_string() })?)
@@ -181,7 +139,7 @@ impl Store {
     }
 
     fn write_state(&mut self, state: SavedState) -> Result<(), StoreError> {
-        let path = self.dir.join("state.json");
+        let path = self.dir.join(STATE_FILE);
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| StoreError::Corrupt { path: path.clone(), detail: e.to_string() })?;
         fsutil::atomic_write(&path, &bytes, false)?;
         self.state = Some(state);
@@ -198,10 +156,6 @@ impl Store {
             }
         }
     }
-}
-
-fn checkpoint_name(round: u64) -> String {
-    format!("checkpoints/round-{round:05}.safetensors")
 }
 
 fn record_of_summary(s: &RoundSummary, now_rfc3339: &str) -> RoundRecord {

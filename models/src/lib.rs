@@ -3,10 +3,8 @@
 
 pub mod bert;
 pub mod eval;
-pub mod import;
 pub mod io;
 pub mod optim;
-pub mod synth;
 pub mod text;
 pub mod train;
 pub mod trainer;

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod dp;
 pub mod fsutil;
+pub mod history;
 pub mod ledger;
 pub mod ledger_file;
 pub mod ledger_key;

@@ -245,14 +245,14 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new("e2e");
     let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 1, vec!["alpha"]));
-    let endpoint = fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), Duration::from_secs(3)).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
 
     async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Message {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(bytes).await.unwrap();
         send.finish().unwrap();
-        fedward_agent::net::read_message(&mut recv).await.unwrap()
+        fedward_net::read_message(&mut recv).await.unwrap()
     }
     // Garbage inside a well-sized frame.
     let mut garbage = 5u32.to_le_bytes().to_vec();
@@ -349,17 +349,17 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
 
     // The cheating site speaks the protocol by hand and declares sigma 0.5. It is ready
     // before the honest sites connect, so it is certainly offered the round.
-    let endpoint = fedward_agent::net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
     async fn exchange(conn: &quinn::Connection, msg: &Message, tensors: Option<&fedward_shared::tensor::TensorSet>) -> Message {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        fedward_agent::net::write_message(&mut send, msg).await.unwrap();
+        fedward_net::write_message(&mut send, msg).await.unwrap();
         if let Some(t) = tensors {
             // The coordinator may refuse on the header alone and stop reading.
-            let _ = fedward_agent::net::write_tensors(&mut send, t, &t.specs()).await;
+            let _ = fedward_net::write_tensors(&mut send, t, &t.specs()).await;
         }
         let _ = send.finish();
-        fedward_agent::net::read_message(&mut recv).await.unwrap()
+        fedward_net::read_message(&mut recv).await.unwrap()
     }
     let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "cheat".into(), capabilities: vec![] };
     assert!(matches!(exchange(&conn, &Message::Hello(hello), None).await, Message::Welcome(_)));

@@ -202,7 +202,7 @@ impl CoordinatorHandle {
         let tls = pki.server_tls();
         let endpoint = {
             let _in_runtime = runtime.enter();
-            fedward_coordinator::net::server_endpoint(spec.addr, tls, Duration::from_secs(3)).expect("bind")
+            fedward_net::server_endpoint(spec.addr, tls, Duration::from_secs(3)).expect("bind")
         };
         let addr = endpoint.local_addr().expect("addr");
         let (status_tx, status) = watch::channel(StatusView::default());

@@ -22,13 +22,13 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use fedward_coordinator::store::Store;
 use fedward_models::io::load_dir;
 use fedward_models::text::read_jsonl;
 use fedward_models::train::EvalSet;
 use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
+use fedward_shared::history::{checkpoint_name, SavedState, STATE_FILE};
 use fedward_shared::plan::{Optimizer, Trainable};
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::PrivacyMode;
@@ -518,7 +518,7 @@ fn federate(
         let _ = child.wait();
     }
     let (initial, rounds, seconds) = result?;
-    let final_checkpoint = Store::open(&state_dir)?.checkpoint_path(u64::from(planned_rounds));
+    let final_checkpoint = state_dir.join(checkpoint_name(u64::from(planned_rounds)));
     Ok(RunResult { name, dp, initial, rounds, final_checkpoint, seconds })
 }
 
@@ -533,16 +533,15 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
     loop {
         // The coordinator writes the checkpoint, then state.json, each atomically: a round
         // listed in state.json has its checkpoint on disk.
-        let store = Store::open(state_dir)?;
-        if let Some(state) = store.state() {
+        if let Some(state) = saved_state(state_dir)? {
             if initial.is_none() {
-                let (acc, f1) = scorer.score(&store.checkpoint_path(0))?;
+                let (acc, f1) = scorer.score(&state_dir.join(checkpoint_name(0)))?;
                 println!("  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>8} {:>8}", 0, "-", "-", acc, f1, "-", "-");
                 initial = Some((acc, f1));
             }
             let scored = rows.last().map_or(0, |r| r.round);
             for record in state.history.iter().filter(|r| r.model_digest.is_some() && r.round > scored) {
-                let (accuracy, macro_f1) = scorer.score(&store.checkpoint_path(record.round))?;
+                let (accuracy, macro_f1) = scorer.score(&state_dir.join(checkpoint_name(record.round)))?;
                 let epsilon = record.sites.iter().filter_map(|s| s.epsilon_after).reduce(f64::max);
                 let row = RoundRow {
                     round: record.round,
@@ -595,6 +594,16 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
         }
     }
     Ok((initial.unwrap_or((f64::NAN, f64::NAN)), rows, started.elapsed().as_secs_f64()))
+}
+
+/// The coordinator's `state.json`, once it has written one (it writes it atomically).
+fn saved_state(state_dir: &Path) -> Result<Option<SavedState>> {
+    let path = state_dir.join(STATE_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 fn check_exit(name: &str, status: ExitStatus, finished: bool) -> Result<()> {

@@ -1,9 +1,13 @@
-//! Framed messages and raw tensor bytes over quinn streams (agent side).
+//! fedward's one QUIC transport shell, used by the agent and the coordinator alike:
+//! endpoints and their transport settings, framed messages over quinn streams, and raw
+//! tensor bytes streamed straight into their final buffers.
 //!
-//! Thin: the format and every check live in `fedward_shared::wire`; this only moves bytes.
+//! Thin: the frame format and every check on what a peer declares live in
+//! `fedward_shared::wire` (pure); this crate only moves bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{self, DecodeError, Message, TensorStreamError};
@@ -14,7 +18,7 @@ pub enum StreamError {
     #[error("peer closed the stream early")]
     Closed,
     #[error("connection: {0}")]
-    Connection(String),
+    Connection(#[from] quinn::ConnectionError),
     #[error("read: {0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("write: {0}")]
@@ -83,27 +87,86 @@ fn finished_is_closed(e: quinn::ReadExactError) -> StreamError {
     }
 }
 
-/// A client endpoint on an ephemeral port of the right address family, with 4 MiB UDP
-/// buffers (the default ~208 KB loses packets at speed).
-pub fn client_endpoint(
-    remote: SocketAddr,
-    tls: rustls::ClientConfig,
-    idle_timeout: std::time::Duration,
-) -> std::io::Result<quinn::Endpoint> {
+/// How a connection ended, as the side that sees it must act on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The peer refused us (its application closed with [`wire::CLOSE_REFUSED`], or TLS
+    /// refused the handshake): final, retrying cannot help. Carries the reason, with a hint
+    /// for an operator where a TLS failure has a usual cause.
+    Refused(String),
+    /// Anything else (timeouts, resets, a peer going away): transient.
+    Lost(String),
+}
+
+impl ConnectionEnd {
+    /// Classifies a connection error.
+    pub fn of(e: &quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) if close.error_code == wire::CLOSE_REFUSED.into() => {
+                Self::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            quinn::ConnectionError::ConnectionClosed(close) => {
+                let text = close.to_string();
+                // TLS alerts surface as CRYPTO_ERROR transport codes (0x100-0x1ff).
+                let code = u64::from(close.error_code);
+                if (0x100..0x200).contains(&code) {
+                    let hint = fedward_shared::tls::explain_handshake_error(&text).map(|h| format!(" ({h})")).unwrap_or_default();
+                    Self::Refused(format!("TLS handshake refused: {text}{hint}"))
+                } else {
+                    Self::Lost(e.to_string())
+                }
+            }
+            quinn::ConnectionError::TransportError(t) => {
+                let text = t.to_string();
+                match fedward_shared::tls::explain_handshake_error(&text) {
+                    Some(hint) => Self::Refused(format!("TLS handshake failed: {text} ({hint})")),
+                    None => Self::Lost(e.to_string()),
+                }
+            }
+            other => Self::Lost(other.to_string()),
+        }
+    }
+}
+
+/// A quinn server endpoint on `addr`, with 4 MiB UDP buffers.
+pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = transport_config(idle_timeout)?;
+    transport.max_concurrent_bidi_streams(16u32.into());
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))
+}
+
+/// A client endpoint on an ephemeral port of `remote`'s address family, with 4 MiB UDP
+/// buffers.
+pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config(idle_timeout)?));
+    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(local)?, Arc::new(quinn::TokioRuntime))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The settings both sides share: the idle timeout, and keep-alives at a quarter of it.
+fn transport_config(idle_timeout: Duration) -> std::io::Result<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
     transport.keep_alive_interval(Some(idle_timeout / 4));
-    client.transport_config(Arc::new(transport));
-    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
-    let socket = socket2::Socket::new(socket2::Domain::for_address(local), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    Ok(transport)
+}
+
+/// A UDP socket bound to `addr` with 4 MiB buffers: the default ~208 KB loses packets at
+/// speed.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: the kernel may cap these (net.core.rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
-    socket.bind(&local.into())?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), Arc::new(quinn::TokioRuntime))?;
-    endpoint.set_default_client_config(client);
-    Ok(endpoint)
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }

@@ -1,0 +1,58 @@
+//! The coordinator's saved state as a file format: `state.json` (completed rounds, the
+//! current checkpoint and the history of every round) and the checkpoint file names of its
+//! state directory.
+//!
+//! The coordinator writes it (`fedward_coordinator::store`); the admin dashboard, the demo
+//! and an operator's own tools read it. Pure: serde types and names, no file access.
+
+use serde::{Deserialize, Serialize};
+
+/// The state file's name inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+
+/// The checkpoint of the global model after `round` (round 0 is the initial model),
+/// relative to the state directory.
+pub fn checkpoint_name(round: u64) -> String {
+    format!("checkpoints/round-{round:05}.safetensors")
+}
+
+/// One site's part in a round, as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub site: String,
+    pub num_examples: u64,
+    pub train_loss: f64,
+    pub val_accuracy: Option<f64>,
+    pub val_macro_f1: Option<f64>,
+    pub privacy_mode: String,
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    pub epsilon_after: Option<f64>,
+    pub update_digest: String,
+}
+
+/// A completed or failed round, as recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub attempt: u32,
+    pub outcome: String,
+    pub finished_at: String,
+    pub duration_secs: f64,
+    pub sites: Vec<SiteRecord>,
+    pub declined: Vec<(String, String)>,
+    pub rejected: Vec<(String, String)>,
+    pub missed: Vec<String>,
+    pub mean_train_loss: Option<f64>,
+    pub model_digest: Option<String>,
+}
+
+/// `state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub format: u32,
+    pub completed_rounds: u64,
+    pub checkpoint: String,
+    pub model_digest: String,
+    pub history: Vec<RoundRecord>,
+}
