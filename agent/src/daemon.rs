@@ -35,7 +35,6 @@ use fedward_shared::wire::{
     self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
-
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
 use crate::session::{assemble, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};

@@ -11,9 +11,10 @@
 //! rejecting it if a trainer forgot.
 
 use fedward_shared::dp::{clip_tensors, DpError, GaussianNoise, NoiseError, NoiseRng};
+use fedward_shared::plan::PrivacyMode;
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::TensorSet;
-use fedward_shared::wire::{PrivacyMode, PrivacyUsed};
+use fedward_shared::wire::PrivacyUsed;
 
 use crate::session::Approved;
 
@@ -188,10 +189,10 @@ mod tests {
                 delta: 1e-5,
             }
         );
-        assert_eq!(Release::from_used(&used), a.release);
+        assert_eq!(used.release(), a.release);
         let site = PrivacyPlan::SiteLevel { noise_multiplier: 4.0, clip_norm: 1.0 };
         let used = privacy_used(&site, &Approved { release: Release::site_level(4.0), ..a }, 1e-6);
-        assert_eq!(Release::from_used(&used), Release::site_level(4.0));
+        assert_eq!(used.release(), Release::site_level(4.0));
         assert_eq!(privacy_used(&PrivacyPlan::Off, &a, 1e-5), PrivacyUsed::off());
     }
 }

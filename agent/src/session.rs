@@ -59,7 +59,7 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
     if let Some(problem) = clip_problem(&plan.privacy) {
         return decline(DeclineReason::PlanUnacceptable, problem);
     }
-    let release = match plan.privacy.release(plan.local_epochs) {
+    let release = match Release::planned(&plan.privacy, plan.local_epochs) {
         Ok(r) => r,
         Err(e) => return decline(DeclineReason::PlanUnacceptable, format!("invalid privacy plan: {e}")),
     };
@@ -67,7 +67,7 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
         Ok(b) => b,
         Err(e) => return decline(DeclineReason::BudgetExhausted, e.to_string()),
     };
-    let approved = if release.mode == fedward_shared::wire::PrivacyMode::Off {
+    let approved = if release.mode == fedward_shared::plan::PrivacyMode::Off {
         // No epsilon to check (it is infinite): only the round limit applies.
         if let Some(max) = budget.max_rounds {
             if spent.releases() >= max {
@@ -202,9 +202,10 @@ pub fn assemble(
 
 #[cfg(test)]
 mod tests {
+    use fedward_shared::plan::PrivacyMode;
     use fedward_shared::plan::{Trainable, TrainingPlan};
     use fedward_shared::tensor::Tensor;
-    use fedward_shared::wire::{PrivacyMode, PrivacyPolicy, RoundId};
+    use fedward_shared::wire::{PrivacyPolicy, RoundId};
 
     use super::*;
 
@@ -297,7 +298,7 @@ mod tests {
     #[test]
     fn budget_refusal_is_exact_at_the_boundary() {
         for plan in [SITE, RECORD] {
-            let release = plan.release(1).unwrap();
+            let release = Release::planned(&plan, 1).unwrap();
             let acc = spent(&[release, release]);
             let after_three = acc.epsilon_after(&release, 1e-5).unwrap();
             let at = SiteBudget { max_epsilon: after_three, delta: 1e-5, max_rounds: None, require_dp: true };
@@ -315,7 +316,7 @@ mod tests {
     #[test]
     fn max_rounds_is_a_hard_limit_with_and_without_dp() {
         for plan in [PrivacyPlan::Off, SITE] {
-            let release = plan.release(1).unwrap();
+            let release = Release::planned(&plan, 1).unwrap();
             let b = SiteBudget { max_epsilon: 1e6, ..budget(false, Some(2)) };
             approved(&review_offer(&offer(plan), &b, &spent(&[release])));
             let d = review_offer(&offer(plan), &b, &spent(&[release, release]));

@@ -293,8 +293,8 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     // Verified (chain and every seal) before anything is appended.
     let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
         .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
-    let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, Duration::from_secs(60))
-        .with_context(|| format!("binding {}", cfg.listen))?;
+    let endpoint =
+        fedward_net::server_endpoint(cfg.listen, tls_cfg, Duration::from_secs(60)).with_context(|| format!("binding {}", cfg.listen))?;
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let (status_tx, status_rx) = watch::channel(StatusView::default());
     if let Some(admin) = cfg.admin_listen {

@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedward_shared::plan::TrainingPlan;
+use fedward_shared::plan::{PrivacyMode, TrainingPlan};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyMode, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId, RoundOffer,
-    SiteId, UpdateHeader,
+    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId, RoundOffer, SiteId,
+    UpdateHeader,
 };
 
 use crate::aggregate::FedAvg;

@@ -1171,7 +1171,7 @@ mod tests {
         let mut trainer = BertTrainer::new(model, encoder, separable(), None).unwrap();
         let mut rng = NoiseRng::from_seed_insecure([5; 32]);
         let update = trainer.train(TrainContext { round: RoundId(1), noise_rng: &mut rng }, &global, &plan).unwrap();
-        let planned = plan.privacy.release(plan.local_epochs).unwrap().steps;
+        let planned = fedward_shared::dp::Release::planned(&plan.privacy, plan.local_epochs).unwrap().steps;
         assert_eq!(planned, 50);
         assert_eq!(update.dp_steps, planned);
         assert!(update.delta.l2_norm() > 0.0 && update.delta.l2_norm() <= 10.0);

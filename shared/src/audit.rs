@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::dp::Accountant;
 use crate::ledger::{self, AuditKind, Body, Entry, Mismatch, ProblemKind, UNDERCOUNT_TOLERANCE};
-use crate::wire::{PrivacyMode, SiteId};
+use crate::plan::PrivacyMode;
+use crate::wire::SiteId;
 
 /// What a ledger holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

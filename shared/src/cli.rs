@@ -22,7 +22,8 @@ use crate::dp::{plan_epsilon, plan_min_sigma, zcdp, DpError, Plan};
 use crate::fsutil::{self, FsError};
 use crate::ledger::format_time;
 use crate::ledger_key::{self, KeyFileError};
-use crate::wire::{PrivacyMode, SiteId};
+use crate::plan::PrivacyMode;
+use crate::wire::SiteId;
 
 /// Check privacy ledgers: integrity, signatures, epsilons, agreement between site and coordinator.
 #[derive(Clone, Debug)]

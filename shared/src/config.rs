@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::plan::{Optimizer, PrivacyPlan, Trainable, TrainingPlan};
-use crate::wire::{PrivacyMode, PrivacyPolicy, SiteId};
+use crate::plan::{Optimizer, PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
+use crate::wire::{PrivacyPolicy, SiteId};
 
 /// A configuration that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]

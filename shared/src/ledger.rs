@@ -37,8 +37,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::dp::{Accountant, Release};
+use crate::plan::PrivacyMode;
 use crate::tensor::Digest;
-use crate::wire::{PrivacyMode, PrivacyUsed, RoundId, SiteId, UpdateHeader};
+use crate::wire::{PrivacyUsed, RoundId, SiteId, UpdateHeader};
 
 /// Domain tag hashed in front of every entry.
 const HASH_TAG: &[u8] = b"fedward-ledger-v1\n";

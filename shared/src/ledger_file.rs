@@ -134,8 +134,9 @@ mod tests {
 
     use super::*;
     use crate::ledger::{format_time, Privacy, ReleaseRecord};
+    use crate::plan::PrivacyMode;
     use crate::tensor::Digest;
-    use crate::wire::{PrivacyMode, RoundId, SiteId};
+    use crate::wire::{RoundId, SiteId};
 
     fn body(round: u64) -> Body {
         Body::Release(ReleaseRecord {

@@ -10,8 +10,6 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dp::{dp_sgd_steps, DpError, Release};
-
 /// Which part of the model trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Trainable {
@@ -171,6 +169,42 @@ pub fn encoder_layer_index(name: &str) -> Option<usize> {
     name.strip_prefix("bert.encoder.layer.")?.split('.').next()?.parse().ok()
 }
 
+/// The DP mechanism a site applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PrivacyMode {
+    Off,
+    RecordLevel,
+    SiteLevel,
+}
+
+impl PrivacyMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::RecordLevel => "record-level",
+            Self::SiteLevel => "site-level",
+        }
+    }
+}
+
+impl fmt::Display for PrivacyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PrivacyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "record-level" => Ok(Self::RecordLevel),
+            "site-level" => Ok(Self::SiteLevel),
+            _ => Err(format!("unknown privacy mode {s:?}: expected off, record-level or site-level")),
+        }
+    }
+}
+
 /// How a site's contribution is made differentially private.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PrivacyPlan {
@@ -186,28 +220,18 @@ pub enum PrivacyPlan {
 }
 
 impl PrivacyPlan {
-    /// The mode's name as written in configs and ledgers.
-    pub fn mode_name(&self) -> &'static str {
+    /// The mechanism this plan uses.
+    pub fn mode(&self) -> PrivacyMode {
         match self {
-            Self::Off => "off",
-            Self::RecordLevel { .. } => "record-level",
-            Self::SiteLevel { .. } => "site-level",
+            Self::Off => PrivacyMode::Off,
+            Self::RecordLevel { .. } => PrivacyMode::RecordLevel,
+            Self::SiteLevel { .. } => PrivacyMode::SiteLevel,
         }
     }
 
-    /// The release one round under this plan makes, for the accountant: what a site checks
-    /// against its budget before it trains. Record-level rounds take
-    /// [`dp_sgd_steps`](crate::dp::dp_sgd_steps)`(local_epochs, q)` noisy steps.
-    pub fn release(&self, local_epochs: u32) -> Result<Release, DpError> {
-        let release = match *self {
-            Self::Off => Release::off(),
-            Self::RecordLevel { noise_multiplier, sampling_rate, .. } => {
-                Release::record_level(noise_multiplier, sampling_rate, dp_sgd_steps(local_epochs, sampling_rate)?)
-            }
-            Self::SiteLevel { noise_multiplier, .. } => Release::site_level(noise_multiplier),
-        };
-        release.validate()?;
-        Ok(release)
+    /// The mode's name as written in configs and ledgers.
+    pub fn mode_name(&self) -> &'static str {
+        self.mode().as_str()
     }
 }
 
@@ -270,17 +294,6 @@ mod tests {
         assert!("sgd:1".parse::<Optimizer>().is_err());
         assert!("adam".parse::<Optimizer>().is_err());
         assert!("everything".parse::<Trainable>().is_err());
-    }
-
-    #[test]
-    fn a_plan_names_the_release_it_makes() {
-        let record = PrivacyPlan::RecordLevel { noise_multiplier: 1.1, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
-        assert_eq!(record.release(2).unwrap(), Release::record_level(1.1, 0.25, 8));
-        let site = PrivacyPlan::SiteLevel { noise_multiplier: 3.0, clip_norm: 0.5 };
-        assert_eq!(site.release(4).unwrap(), Release::site_level(3.0));
-        assert_eq!(PrivacyPlan::Off.release(1).unwrap(), Release::off());
-        let bad = PrivacyPlan::RecordLevel { noise_multiplier: 0.0, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
-        assert!(bad.release(1).is_err());
     }
 
     #[test]

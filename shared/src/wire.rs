@@ -20,7 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::TrainingPlan;
+use crate::dp::Release;
+use crate::plan::{PrivacyMode, TrainingPlan};
 use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSpec};
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
@@ -189,42 +190,6 @@ pub struct PrivacyPolicy {
     pub max_clip_norm: f64,
 }
 
-/// The DP mechanism a site applies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum PrivacyMode {
-    Off,
-    RecordLevel,
-    SiteLevel,
-}
-
-impl PrivacyMode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::RecordLevel => "record-level",
-            Self::SiteLevel => "site-level",
-        }
-    }
-}
-
-impl std::fmt::Display for PrivacyMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for PrivacyMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "off" => Ok(Self::Off),
-            "record-level" => Ok(Self::RecordLevel),
-            "site-level" => Ok(Self::SiteLevel),
-            _ => Err(format!("unknown privacy mode {s:?}: expected off, record-level or site-level")),
-        }
-    }
-}
-
 /// An invitation to train one round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundOffer {
@@ -285,6 +250,11 @@ pub struct PrivacyUsed {
 }
 
 impl PrivacyUsed {
+    /// The release this update declares, for an accountant.
+    pub fn release(&self) -> Release {
+        Release { mode: self.mode, noise_multiplier: self.noise_multiplier, sampling_rate: self.sampling_rate, steps: self.steps }
+    }
+
     /// What an update without differential privacy declares.
     pub fn off() -> Self {
         Self {

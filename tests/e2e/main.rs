@@ -9,8 +9,8 @@ use fedward_coordinator::server::RunOutcome;
 use fedward_coordinator::store::Store;
 use fedward_shared::ledger::Body;
 use fedward_shared::pki::Validity;
-use fedward_shared::plan::PrivacyPlan;
-use fedward_shared::wire::{self, Message, PrivacyMode, PrivacyPolicy, Ready, RejectCode};
+use fedward_shared::plan::{PrivacyMode, PrivacyPlan};
+use fedward_shared::wire::{self, Message, PrivacyPolicy, Ready, RejectCode};
 use fedward_tests::*;
 
 fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'static str>) -> CoordinatorSpec {

@@ -21,10 +21,10 @@ use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
 use fedward_shared::config::SiteBudget;
 use fedward_shared::ledger_key::{self, PUBLIC_KEY_FILE, SIGNING_KEY_FILE};
 use fedward_shared::pki::{self, CertifiedKey, Validity};
-use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
+use fedward_shared::plan::{PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::tls::{self, TlsMaterial};
-use fedward_shared::wire::{LocalMetrics, PrivacyMode, PrivacyPolicy, RoundId, SiteId};
+use fedward_shared::wire::{LocalMetrics, PrivacyPolicy, RoundId, SiteId};
 
 /// The DNS name in the test coordinator's certificate.
 pub const SERVER_NAME: &str = "coordinator.test";
@@ -312,7 +312,9 @@ impl Trainer for ScriptedTrainer {
             // A scripted stand-in for DP-SGD: it claims the steps the plan accounts for, so
             // the agent's record-level plumbing (step check, update clip, ledger) runs.
             dp_steps: match plan.privacy {
-                PrivacyPlan::RecordLevel { .. } => plan.privacy.release(plan.local_epochs).map_or(0, |r| r.steps),
+                PrivacyPlan::RecordLevel { .. } => {
+                    fedward_shared::dp::Release::planned(&plan.privacy, plan.local_epochs).map_or(0, |r| r.steps)
+                }
                 _ => 0,
             },
         })

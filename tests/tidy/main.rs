@@ -25,10 +25,7 @@ const ALLOWED_EDGES: &[(&str, &[&str])] = &[
     // The demo drives the real binaries as processes; it links neither.
     ("fedward-demo", &["fedward-shared", "fedward-corpus", "fedward-models"]),
     // Tests only: the one crate that may reach into the binaries' libraries.
-    (
-        "fedward-tests",
-        &["fedward-shared", "fedward-net", "fedward-corpus", "fedward-models", "fedward-agent", "fedward-coordinator"],
-    ),
+    ("fedward-tests", &["fedward-shared", "fedward-net", "fedward-corpus", "fedward-models", "fedward-agent", "fedward-coordinator"]),
 ];
 
 const ML_STACK: &[&str] = &["candle-core", "candle-nn", "candle-transformers", "tokenizers"];
@@ -491,7 +488,8 @@ fn cycles(graph: &BTreeMap<String, BTreeMap<String, String>>) -> Vec<Vec<String>
         if found.iter().any(|c| c.contains(m)) || !reaches[m].contains(m) {
             continue;
         }
-        let circle: Vec<String> = graph.keys().filter(|o| *o == m || (reaches[m].contains(*o) && reaches[*o].contains(m))).cloned().collect();
+        let circle: Vec<String> =
+            graph.keys().filter(|o| *o == m || (reaches[m].contains(*o) && reaches[*o].contains(m))).cloned().collect();
         found.push(circle);
     }
     found

@@ -29,9 +29,8 @@ use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
 use fedward_shared::history::{checkpoint_name, SavedState, STATE_FILE};
-use fedward_shared::plan::{Optimizer, Trainable};
+use fedward_shared::plan::{Optimizer, PrivacyMode, Trainable};
 use fedward_shared::tensor::TensorSet;
-use fedward_shared::wire::PrivacyMode;
 
 /// Run a local federation demo: PKI, data for three hospitals, a coordinator and three
 /// agents as processes on 127.0.0.1 with mutual TLS, a per-round table, the baselines and a

@@ -11,9 +11,10 @@
 //! next round *would* reach and refuses when that is above the budget. Equal is allowed,
 //! above is refused, and anything that is not a number is refused.
 
-use crate::wire::{PrivacyMode, PrivacyUsed};
+use crate::plan::{PrivacyMode, PrivacyPlan};
 
 use super::rdp::{check_delta, check_noise_multiplier, check_sampling_rate, Rdp};
+use super::sampling::dp_sgd_steps;
 use super::{zcdp, DpError};
 
 /// The privacy-relevant parameters of one round's release.
@@ -44,9 +45,19 @@ impl Release {
         Self { mode: PrivacyMode::Off, noise_multiplier: 0.0, sampling_rate: 0.0, steps: 0 }
     }
 
-    /// What an update header declares.
-    pub fn from_used(used: &PrivacyUsed) -> Self {
-        Self { mode: used.mode, noise_multiplier: used.noise_multiplier, sampling_rate: used.sampling_rate, steps: used.steps }
+    /// The release one round under `plan` makes, for the accountant: what a site checks
+    /// against its budget before it trains. Record-level rounds take
+    /// [`dp_sgd_steps`]`(local_epochs, q)` noisy steps.
+    pub fn planned(plan: &PrivacyPlan, local_epochs: u32) -> Result<Self, DpError> {
+        let release = match *plan {
+            PrivacyPlan::Off => Self::off(),
+            PrivacyPlan::RecordLevel { noise_multiplier, sampling_rate, .. } => {
+                Self::record_level(noise_multiplier, sampling_rate, dp_sgd_steps(local_epochs, sampling_rate)?)
+            }
+            PrivacyPlan::SiteLevel { noise_multiplier, .. } => Self::site_level(noise_multiplier),
+        };
+        release.validate()?;
+        Ok(release)
     }
 
     /// Checks the parameters the mode uses.
@@ -356,6 +367,17 @@ pub fn plan_min_sigma(plan: &Plan, target_epsilon: f64) -> Result<SigmaSearch, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_names_the_release_it_makes() {
+        let record = PrivacyPlan::RecordLevel { noise_multiplier: 1.1, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
+        assert_eq!(Release::planned(&record, 2).unwrap(), Release::record_level(1.1, 0.25, 8));
+        let site = PrivacyPlan::SiteLevel { noise_multiplier: 3.0, clip_norm: 0.5 };
+        assert_eq!(Release::planned(&site, 4).unwrap(), Release::site_level(3.0));
+        assert_eq!(Release::planned(&PrivacyPlan::Off, 1).unwrap(), Release::off());
+        let bad = PrivacyPlan::RecordLevel { noise_multiplier: 0.0, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 5.0 };
+        assert!(Release::planned(&bad, 1).is_err());
+    }
 
     fn record_plan() -> Plan {
         Plan {

@@ -44,7 +44,7 @@ pub use noise::{GaussianNoise, NoiseError, NoiseRng};
 pub use rdp::Rdp;
 pub use sampling::{dp_sgd_steps, poisson_sample};
 
-use crate::wire::PrivacyMode;
+use crate::plan::PrivacyMode;
 
 /// Invalid DP parameters or an accounting that cannot be done.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
