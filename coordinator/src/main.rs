@@ -15,7 +15,7 @@ use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::store::{load_initial_model, Store};
-use fedward_shared::cli::{AuditCommand, PrivacyCommand};
+use fedward_shared::cli::{AuditCommand, ConfigFile, PrivacyCommand};
 use fedward_shared::config::CoordinatorConfig;
 use fedward_shared::fsutil;
 use fedward_shared::ledger_key;
@@ -31,25 +31,11 @@ use fedward_shared::wire::SiteId;
 /// FEDWARD_LOG_FORMAT=json for machine-readable logs.
 #[derive(Parser)]
 #[command(name = "fedward-coordinator", version, propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
 enum Command {
     /// Run the federation described by a config file.
-    Serve {
-        /// Coordinator config (TOML); relative paths inside are taken from its directory.
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    Serve(ConfigFile),
     /// Check a config file and print what it would run, without binding anything.
-    CheckConfig {
-        /// Coordinator config (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    CheckConfig(ConfigFile),
     /// Show the rounds recorded in a state directory.
     Status {
         /// The coordinator's state directory.
@@ -134,44 +120,10 @@ enum PkiCommand {
     },
 }
 
-fn main() -> ExitCode {
-    init_tracing();
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            // Each cause once: `{e:#}` would repeat those our errors already quote.
-            eprintln!("error: {}", fedward_shared::cli::error_line(e.as_ref()));
-            let usage = e.downcast_ref::<fedward_shared::cli::CliError>().is_some_and(|c| c.is_usage());
-            if usage || e.downcast_ref::<fedward_shared::config::ConfigError>().is_some() {
-                ExitCode::from(64)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if std::env::var("FEDWARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
-        Command::Serve { config } => {
-            let cfg = load_config(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(serve(cfg))
-        }
-        Command::CheckConfig { config } => {
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Serve(ConfigFile { config }) => tokio::runtime::Runtime::new()?.block_on(serve(load_config(&config)?)),
+        Command::CheckConfig(ConfigFile { config }) => {
             let cfg = load_config(&config)?;
             println!("config ok: {}", config.display());
             println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
@@ -374,4 +326,8 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn main() -> ExitCode {
+    fedward_shared::cli::main(run)
 }

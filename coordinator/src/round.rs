@@ -591,7 +591,7 @@ fn record_level_norm_check(used: &PrivacyUsed, tensors: &TensorSet) -> Result<()
 
 #[cfg(test)]
 mod tests {
-    use fedward_shared::plan::{PrivacyPlan, Trainable};
+    use fedward_shared::plan::Trainable;
     use fedward_shared::tensor::Tensor;
 
     use super::*;
@@ -614,20 +614,7 @@ mod tests {
             round_deadline: Duration::from_secs(60),
             max_attempts: 2,
             max_update_bytes: 1 << 20,
-            plan: TrainingPlan {
-                local_epochs: 1,
-                batch_size: 8,
-                optimizer: Default::default(),
-                learning_rate: 1e-3,
-                warmup_ratio: 0.0,
-                weight_decay: 0.0,
-                max_grad_norm: 0.0,
-                max_seq_len: 16,
-                trainable: Trainable::Head,
-                trainable_tensors: vec!["classifier.weight".into()],
-                seed: 1,
-                privacy: PrivacyPlan::Off,
-            },
+            plan: TrainingPlan { batch_size: 8, ..TrainingPlan::minimal(Trainable::Head, vec!["classifier.weight".into()]) },
             policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
             enrolled: ["a", "b", "c"].into_iter().map(site).collect(),
         }

@@ -1,9 +1,10 @@
 //! The auditor's and the planner's commands, shared by both binaries:
 //! `audit verify|reconcile|report` and `privacy epsilon|sigma`.
 //!
-//! The argument structs derive clap's `Subcommand`/`Args` only with the `clap` feature
+//! The argument structs derive clap's `Subcommand`/`Args` only with the `cli` feature
 //! (both binaries enable it), so the commands are written once and `shared` builds without
-//! clap; tests construct the structs directly. Each `run_*` function reads its files
+//! clap; tests construct the structs directly. The same feature gives the binaries their
+//! common start and end: [`main`]. Each `run_*` function reads its files
 //! (through [`crate::fsutil`] and [`crate::ledger_key`]), calls the pure functions of
 //! [`crate::audit`] and [`crate::dp`], writes what it found to `out`, and returns whether
 //! everything passed: the binaries exit 0 when it did, 1 when it did not, 64 on
@@ -25,9 +26,18 @@ use crate::ledger_key::{self, KeyFileError};
 use crate::plan::PrivacyMode;
 use crate::wire::SiteId;
 
+/// The config file a daemon command reads (`run`, `serve`, `check-config`).
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct ConfigFile {
+    /// The config file (TOML); relative paths inside it are taken from its directory.
+    #[cfg_attr(feature = "cli", arg(long, short))]
+    pub config: PathBuf,
+}
+
 /// Check privacy ledgers: integrity, signatures, epsilons, agreement between site and coordinator.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Subcommand))]
+#[cfg_attr(feature = "cli", derive(clap::Subcommand))]
 pub enum AuditCommand {
     /// Verify one ledger: hash chain, seal signatures (coordinator ledgers) and every epsilon
     /// recomputed from the recorded parameters. Exits 1 when anything is wrong.
@@ -42,67 +52,67 @@ pub enum AuditCommand {
 
 /// Arguments of `audit verify`.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct VerifyArgs {
     /// The ledger file: a site's `ledger.jsonl` or the coordinator's.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub ledger: PathBuf,
     /// The coordinator's public key (`ledger.pub`) to check seals with.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub public_key: Option<PathBuf>,
     /// Report recomputed epsilons at this delta (default: each entry's own).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub delta: Option<f64>,
     /// Print the verdict as JSON.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
 }
 
 /// Arguments of `audit reconcile`.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ReconcileArgs {
     /// The site's ledger file.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub site_ledger: PathBuf,
     /// The coordinator's ledger file.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub coordinator_ledger: PathBuf,
     /// The site id to reconcile (as in its certificate).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub site: SiteId,
     /// The coordinator's public key (`ledger.pub`) to check its seals with.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub public_key: Option<PathBuf>,
     /// Print the result as JSON.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
 }
 
 /// Arguments of `audit report`.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ReportArgs {
     /// Site ledger files (repeatable, or several after one --ledger).
-    #[cfg_attr(feature = "clap", arg(long, num_args = 1.., required = true))]
+    #[cfg_attr(feature = "cli", arg(long, num_args = 1.., required = true))]
     pub ledger: Vec<PathBuf>,
     /// The coordinator's ledger, to verify and reconcile every site against.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub coordinator_ledger: Option<PathBuf>,
     /// The coordinator's public key (`ledger.pub`) to check seals with.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub public_key: Option<PathBuf>,
     /// Show recomputed epsilons at this delta (default: each entry's own).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub delta: Option<f64>,
     /// Directory to write report.html, report.json and report.csv into (created if missing).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub out: PathBuf,
 }
 
 /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Subcommand))]
+#[cfg_attr(feature = "cli", derive(clap::Subcommand))]
 pub enum PrivacyCommand {
     /// The epsilon per site that a plan spends over all its rounds.
     Epsilon(EpsilonArgs),
@@ -112,54 +122,54 @@ pub enum PrivacyCommand {
 
 /// The plan both `privacy` commands take.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PlanArgs {
     /// record-level (DP-SGD: one patient's record is protected) or site-level (DP-FedAvg:
     /// a whole site's data is protected).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub mode: PrivacyMode,
     /// Clipping norm C: sets the noise std (sigma * C), not epsilon.
-    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1.0))]
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
     pub clip: f64,
     /// Record-level: Poisson sampling rate q of records per step, in (0, 1].
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub sampling_rate: Option<f64>,
     /// Record-level: DP-SGD steps per round.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub steps_per_round: Option<u64>,
     /// Rounds the site takes part in.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub rounds: u64,
     /// The delta epsilon is stated at, in (0, 1); well below 1/(records at a site).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub delta: f64,
     /// Site-level: also show the global model's guarantee when this many sites add noise.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub sites: Option<u64>,
     /// Print JSON (`{"epsilon": .., "delta": ..}` or `{"sigma": ..}` plus details).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
 }
 
 /// Arguments of `privacy epsilon`.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct EpsilonArgs {
     /// Noise multiplier sigma (noise std over clipping norm).
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub sigma: f64,
-    #[cfg_attr(feature = "clap", command(flatten))]
+    #[cfg_attr(feature = "cli", command(flatten))]
     pub plan: PlanArgs,
 }
 
 /// Arguments of `privacy sigma`.
 #[derive(Clone, Debug)]
-#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct SigmaArgs {
     /// The epsilon per site the plan must not exceed over all its rounds.
-    #[cfg_attr(feature = "clap", arg(long))]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub target_epsilon: f64,
-    #[cfg_attr(feature = "clap", command(flatten))]
+    #[cfg_attr(feature = "cli", command(flatten))]
     pub plan: PlanArgs,
 }
 
@@ -520,6 +530,50 @@ fn fmt_f(v: f64) -> String {
     } else {
         v.to_string()
     }
+}
+
+/// Sets up logging as both binaries do: to stderr, filtered by `FEDWARD_LOG` (default
+/// `info`), JSON lines with `FEDWARD_LOG_FORMAT=json`, colours only on a terminal (log
+/// files and journald get plain text).
+#[cfg(feature = "cli")]
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FEDWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if std::env::var("FEDWARD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A binary's `main`: logging set up ([`init_tracing`]), the arguments parsed, `run`
+/// called, and a fatal error reported ([`exit_code`]).
+#[cfg(feature = "cli")]
+pub fn main<C: clap::Parser, E>(run: impl FnOnce(C) -> Result<std::process::ExitCode, E>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    init_tracing();
+    match run(C::parse()) {
+        Ok(code) => code,
+        Err(e) => exit_code(e.as_ref()),
+    }
+}
+
+/// How a binary ends on a fatal error: prints `error: ` and [`error_line`] to stderr, and
+/// gives exit code 64 when a usage or configuration error is among the causes, else 1.
+pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
+    eprintln!("error: {}", error_line(error));
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<CliError>().is_some_and(CliError::is_usage) || e.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return std::process::ExitCode::from(64);
+        }
+        cause = e.source();
+    }
+    std::process::ExitCode::FAILURE
 }
 
 /// One line for an error and its causes, `error: cause: cause ..` as anyhow's `{:#}` prints

@@ -264,6 +264,29 @@ pub struct TrainingPlan {
     pub privacy: PrivacyPlan,
 }
 
+impl TrainingPlan {
+    /// The smallest useful plan: `trainable_tensors` (chosen by `trainable`) train for one
+    /// epoch of AdamW at 1e-3 in batches of 4, on notes cut at 16 tokens, without warm-up,
+    /// weight decay, gradient clipping or differential privacy, seed 1. For tests and dry
+    /// runs; set other fields with struct update syntax.
+    pub fn minimal(trainable: Trainable, trainable_tensors: Vec<String>) -> Self {
+        Self {
+            local_epochs: 1,
+            batch_size: 4,
+            optimizer: Optimizer::default(),
+            learning_rate: 1e-3,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 0.0,
+            max_seq_len: 16,
+            trainable,
+            trainable_tensors,
+            seed: 1,
+            privacy: PrivacyPlan::Off,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -103,20 +103,7 @@ pub fn tiny_global() -> TensorSet {
 
 /// A plan that trains the head, without DP.
 pub fn head_plan(model: &TensorSet) -> TrainingPlan {
-    TrainingPlan {
-        local_epochs: 1,
-        batch_size: 4,
-        optimizer: Default::default(),
-        learning_rate: 1e-3,
-        warmup_ratio: 0.0,
-        weight_decay: 0.0,
-        max_grad_norm: 0.0,
-        max_seq_len: 16,
-        trainable: Trainable::Head,
-        trainable_tensors: Trainable::Head.select(model.names()),
-        seed: 1,
-        privacy: PrivacyPlan::Off,
-    }
+    TrainingPlan::minimal(Trainable::Head, Trainable::Head.select(model.names()))
 }
 
 /// The seed of every test coordinator's ledger signing key.
