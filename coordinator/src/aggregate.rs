@@ -1,48 +1,64 @@
-//! Streaming FedAvg: the example-weighted mean of site updates, one update at a time.
+//! Combining a round's updates: norm-bounded FedAvg (a streaming weighted mean) and the
+//! robust coordinate-wise median and trimmed mean.
 //!
-//! Memory is one f64 running sum per trainable value, whatever the number of sites.
-//! Each update is checked in full (names, shapes, finiteness, weight) before any of it is
-//! added, so a bad update never leaves a trace in the sum. Products of an f32 value and a
-//! weight below 2^29 are exact in f64, so the result depends on arrival order only through
-//! f64 rounding, far below what survives the final cast to f32. Pure: no I/O, no clock.
+//! FedAvg keeps one f64 running sum per trainable value, whatever the number of sites.
+//! The median and the trimmed mean hold every update of the round (f32, already scaled to
+//! the norm bound) until it closes: memory O(sites x trainable values); they give every
+//! site one vote, so a site's claimed number of examples buys it nothing.
+//!
+//! Each update is checked in full (names, shapes, finiteness, weight, scale) before any of
+//! it is taken, so a bad update never leaves a trace. Products of an f32 value, a weight
+//! below 2^29 and a scale are computed in f64, so FedAvg depends on arrival order only
+//! through f64 rounding, far below what survives the final cast to f32; the robust
+//! methods sort each coordinate's values, so they do not depend on it at all. Pure: no
+//! I/O, no clock.
 
 use std::collections::BTreeMap;
 
+use fedward_shared::config::AggregationMethod;
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::wire::{Reject, RejectCode};
 
-/// Largest number of examples one site may claim for one update.
+/// Largest number of examples one site may claim for one update (the wire's limit; the
+/// weight FedAvg gives it is clamped further by the consortium's config).
 pub const MAX_EXAMPLES: u64 = 1 << 29;
 
-/// A running example-weighted sum over updates with a fixed set of tensors.
+/// A round's aggregation in progress, over a fixed set of tensors.
 #[derive(Debug)]
-pub struct FedAvg {
-    sums: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
-    total_weight: u64,
+pub struct Aggregator {
+    method: AggregationMethod,
+    shapes: BTreeMap<String, Vec<usize>>,
+    /// FedAvg: the weighted running sums, by tensor.
+    sums: BTreeMap<String, Vec<f64>>,
+    total_weight: f64,
+    /// Median and trimmed mean: every update taken, scaled.
+    held: Vec<TensorSet>,
     n_updates: usize,
 }
 
-impl FedAvg {
-    /// Starts an empty sum for tensors of these names and shapes.
-    pub fn new<'a>(shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Self {
-        let sums = shapes
-            .into_iter()
-            .map(|(name, shape)| {
-                let n = shape.iter().product();
-                (name.to_owned(), (shape.to_vec(), vec![0.0; n]))
-            })
-            .collect();
-        Self { sums, total_weight: 0, n_updates: 0 }
+impl Aggregator {
+    /// Starts an empty aggregation for tensors of these names and shapes.
+    pub fn new<'a>(method: AggregationMethod, shapes: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Self {
+        let shapes: BTreeMap<String, Vec<usize>> = shapes.into_iter().map(|(n, s)| (n.to_owned(), s.to_vec())).collect();
+        let sums = if method.holds_updates() {
+            BTreeMap::new()
+        } else {
+            shapes.iter().map(|(n, s)| (n.clone(), vec![0.0; s.iter().product()])).collect()
+        };
+        Self { method, shapes, sums, total_weight: 0.0, held: Vec::new(), n_updates: 0 }
     }
 
     /// Checks that `update` has exactly the expected tensors with the right shapes and
-    /// only finite values, and that `weight` is a usable example count.
-    pub fn check(&self, weight: u64, update: &TensorSet) -> Result<(), Reject> {
+    /// only finite values, that `weight` is a usable example count and `scale` in (0, 1].
+    pub fn check(&self, weight: u64, scale: f64, update: &TensorSet) -> Result<(), Reject> {
         if weight == 0 || weight > MAX_EXAMPLES {
             return Err(Reject::new(RejectCode::InvalidWeight, format!("number of examples must be in 1..={MAX_EXAMPLES}, got {weight}")));
         }
+        if !(scale > 0.0 && scale <= 1.0) {
+            return Err(Reject::new(RejectCode::NonFinite, format!("update scale {scale} is outside (0, 1]")));
+        }
         for (name, t) in update.iter() {
-            let Some((shape, _)) = self.sums.get(name) else {
+            let Some(shape) = self.shapes.get(name) else {
                 return Err(Reject::new(RejectCode::UnknownTensor, format!("unknown tensor {name}")));
             };
             if t.shape() != shape.as_slice() {
@@ -58,25 +74,38 @@ impl FedAvg {
                 ));
             }
         }
-        if let Some(missing) = self.sums.keys().find(|n| !update.contains(n)) {
+        if let Some(missing) = self.shapes.keys().find(|n| !update.contains(n)) {
             return Err(Reject::new(RejectCode::MissingTensor, format!("update lacks tensor {missing}")));
         }
         Ok(())
     }
 
-    /// Adds `weight * update` after [`check`](Self::check)ing it; on error nothing is added.
-    pub fn add(&mut self, weight: u64, update: &TensorSet) -> Result<(), Reject> {
-        self.check(weight, update)?;
-        let w = weight as f64;
-        for (name, t) in update.iter() {
-            // `check` guarantees the name exists.
-            if let Some((_, sum)) = self.sums.get_mut(name) {
-                for (s, &x) in sum.iter_mut().zip(t.data()) {
-                    *s += w * f64::from(x);
+    /// Takes `scale * update` with `weight` after [`check`](Self::check)ing it; on error
+    /// nothing is taken. `scale` is how the norm bound shrank the update (1 when it did not).
+    pub fn add(&mut self, weight: u64, scale: f64, update: TensorSet) -> Result<(), Reject> {
+        self.check(weight, scale, &update)?;
+        if self.method.holds_updates() {
+            let mut update = update;
+            if scale < 1.0 {
+                for (_, t) in update.iter_mut() {
+                    for x in t.data_mut() {
+                        *x = (f64::from(*x) * scale) as f32;
+                    }
                 }
             }
+            self.held.push(update);
+        } else {
+            let w = weight as f64 * scale;
+            for (name, t) in update.iter() {
+                // `check` guarantees the name exists.
+                if let Some(sum) = self.sums.get_mut(name) {
+                    for (s, &x) in sum.iter_mut().zip(t.data()) {
+                        *s += w * f64::from(x);
+                    }
+                }
+            }
+            self.total_weight += weight as f64;
         }
-        self.total_weight += weight;
         self.n_updates += 1;
         Ok(())
     }
@@ -85,28 +114,79 @@ impl FedAvg {
         self.n_updates
     }
 
-    pub fn total_weight(&self) -> u64 {
-        self.total_weight
-    }
-
-    /// The weighted mean, or `None` when nothing was added.
+    /// The combined update, or `None` when nothing was taken.
     pub fn finish(self) -> Option<TensorSet> {
-        if self.total_weight == 0 {
+        if self.n_updates == 0 {
             return None;
         }
-        let total = self.total_weight as f64;
-        Some(
-            self.sums
-                .into_iter()
-                .map(|(name, (shape, sum))| {
+        let tensor = |shape: Vec<usize>, data: Vec<f32>| {
+            // Every buffer here was sized by its shape.
+            Tensor::new(shape, data).unwrap_or_else(|_| unreachable!("buffer sized by its shape"))
+        };
+        match self.method {
+            AggregationMethod::FedAvg => {
+                let total = self.total_weight;
+                let mut out = TensorSet::new();
+                for (name, sum) in self.sums {
                     let data = sum.into_iter().map(|s| (s / total) as f32).collect();
-                    // The sum was built for this shape, so the sizes agree.
-                    let t = Tensor::new(shape, data).unwrap_or_else(|_| unreachable!("sum sized by its shape"));
-                    (name, t)
-                })
-                .collect(),
-        )
+                    out.insert(name.clone(), tensor(self.shapes[&name].clone(), data));
+                }
+                Some(out)
+            }
+            AggregationMethod::Median => Some(coordinate_wise(&self.shapes, &self.held, tensor, median)),
+            AggregationMethod::TrimmedMean { trim_fraction } => {
+                Some(coordinate_wise(&self.shapes, &self.held, tensor, |v| trimmed_mean(v, trim_fraction)))
+            }
+        }
     }
+}
+
+/// Applies `combine` to the values of each coordinate across the held updates.
+fn coordinate_wise(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    held: &[TensorSet],
+    tensor: impl Fn(Vec<usize>, Vec<f32>) -> Tensor,
+    combine: impl Fn(&mut [f32]) -> f32,
+) -> TensorSet {
+    let mut out = TensorSet::new();
+    let mut column = vec![0.0f32; held.len()];
+    for (name, shape) in shapes {
+        let sources: Vec<&[f32]> = held.iter().filter_map(|u| u.get(name).map(Tensor::data)).collect();
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|i| {
+                for (slot, src) in column.iter_mut().zip(&sources) {
+                    *slot = src[i];
+                }
+                combine(&mut column)
+            })
+            .collect();
+        out.insert(name.clone(), tensor(shape.clone(), data));
+    }
+    out
+}
+
+/// The median (the mean of the two middle values for an even count). Values are finite.
+fn median(values: &mut [f32]) -> f32 {
+    let n = values.len();
+    let mid = n / 2;
+    let (below, m, _) = values.select_nth_unstable_by(mid, f32::total_cmp);
+    let upper = *m;
+    if n % 2 == 1 {
+        upper
+    } else {
+        let lower = below.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        ((f64::from(lower) + f64::from(upper)) / 2.0) as f32
+    }
+}
+
+/// The mean after dropping `floor(trim * n)` values at each end (at least one value stays).
+fn trimmed_mean(values: &mut [f32], trim: f64) -> f32 {
+    values.sort_unstable_by(f32::total_cmp);
+    let n = values.len();
+    let k = ((trim * n as f64).floor() as usize).min((n - 1) / 2);
+    let kept = &values[k..n - k];
+    (kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64) as f32
 }
 
 #[cfg(test)]
@@ -120,16 +200,20 @@ mod tests {
         s
     }
 
-    fn fedavg() -> FedAvg {
-        FedAvg::new([("w", &[2usize][..]), ("b", &[][..])])
+    fn aggregator(method: AggregationMethod) -> Aggregator {
+        Aggregator::new(method, [("w", &[2usize][..]), ("b", &[][..])])
+    }
+
+    fn fedavg() -> Aggregator {
+        aggregator(AggregationMethod::FedAvg)
     }
 
     #[test]
     fn matches_a_hand_computed_weighted_mean() {
         let mut agg = fedavg();
-        agg.add(100, &update([1.0, 2.0], 0.5)).unwrap();
-        agg.add(300, &update([3.0, -2.0], 1.5)).unwrap();
-        agg.add(600, &update([0.0, 1.0], -1.0)).unwrap();
+        agg.add(100, 1.0, update([1.0, 2.0], 0.5)).unwrap();
+        agg.add(300, 1.0, update([3.0, -2.0], 1.5)).unwrap();
+        agg.add(600, 1.0, update([0.0, 1.0], -1.0)).unwrap();
         let mean = agg.finish().unwrap();
         // w[0] = (100*1 + 300*3 + 600*0) / 1000 = 1.0
         // w[1] = (100*2 - 300*2 + 600*1) / 1000 = 0.2
@@ -139,54 +223,100 @@ mod tests {
     }
 
     #[test]
+    fn a_scaled_update_counts_scaled_with_its_full_weight() {
+        let mut agg = fedavg();
+        agg.add(1, 1.0, update([0.0, 0.0], 0.0)).unwrap();
+        // Clipped to a quarter of its size: the mean of 0 and 0.25 * 8 is 1.
+        agg.add(1, 0.25, update([8.0, -8.0], 4.0)).unwrap();
+        assert_eq!(agg.finish().unwrap(), update([1.0, -1.0], 0.5));
+    }
+
+    #[test]
     fn identical_updates_average_to_themselves_in_any_order() {
         let u = update([0.123, -4.5], 7.25);
-        let mut agg = fedavg();
-        for w in [3, 17, 1000] {
-            agg.add(w, &u).unwrap();
+        for method in [AggregationMethod::FedAvg, AggregationMethod::Median, AggregationMethod::TrimmedMean { trim_fraction: 0.2 }] {
+            let mut agg = aggregator(method);
+            for w in [3, 17, 1000] {
+                agg.add(w, 1.0, u.clone()).unwrap();
+            }
+            assert_eq!(agg.finish().unwrap(), u, "{method}");
         }
-        assert_eq!(agg.finish().unwrap(), u);
 
         let (x, y) = (update([0.1, 0.2], 0.3), update([-0.7, 1e-3], 9.0));
         let mut ab = fedavg();
-        ab.add(5, &x).unwrap();
-        ab.add(11, &y).unwrap();
+        ab.add(5, 1.0, x.clone()).unwrap();
+        ab.add(11, 1.0, y.clone()).unwrap();
         let mut ba = fedavg();
-        ba.add(11, &y).unwrap();
-        ba.add(5, &x).unwrap();
+        ba.add(11, 1.0, y).unwrap();
+        ba.add(5, 1.0, x).unwrap();
         assert_eq!(ab.finish(), ba.finish());
     }
 
     #[test]
-    fn bad_updates_are_refused_and_leave_no_trace() {
-        let mut agg = fedavg();
-        agg.add(10, &update([1.0, 1.0], 1.0)).unwrap();
+    fn the_median_ignores_one_outlier_and_claimed_weights() {
+        let mut agg = aggregator(AggregationMethod::Median);
+        agg.add(1, 1.0, update([1.0, -1.0], 0.0)).unwrap();
+        agg.add(1, 1.0, update([2.0, -2.0], 1.0)).unwrap();
+        agg.add(MAX_EXAMPLES, 1.0, update([1e9, 1e9], -1e9)).unwrap();
+        assert_eq!(agg.finish().unwrap(), update([2.0, -1.0], 0.0));
 
-        let mut nan = update([1.0, f32::NAN], 1.0);
-        assert_eq!(agg.add(10, &nan).unwrap_err().code, RejectCode::NonFinite);
-        nan.insert("w", Tensor::new(vec![2], vec![1.0, f32::INFINITY]).unwrap());
-        assert_eq!(agg.add(10, &nan).unwrap_err().code, RejectCode::NonFinite);
-
-        let mut wrong_shape = update([1.0, 1.0], 1.0);
-        wrong_shape.insert("w", Tensor::new(vec![1, 2], vec![5.0, 5.0]).unwrap());
-        assert_eq!(agg.add(10, &wrong_shape).unwrap_err().code, RejectCode::ShapeMismatch);
-
-        let mut unknown = update([1.0, 1.0], 1.0);
-        unknown.insert("extra", Tensor::new(vec![1], vec![5.0]).unwrap());
-        assert_eq!(agg.add(10, &unknown).unwrap_err().code, RejectCode::UnknownTensor);
-
-        let mut missing = update([1.0, 1.0], 1.0);
-        missing.remove("b");
-        assert_eq!(agg.add(10, &missing).unwrap_err().code, RejectCode::MissingTensor);
-
-        assert_eq!(agg.add(0, &update([9.0, 9.0], 9.0)).unwrap_err().code, RejectCode::InvalidWeight);
-
-        assert_eq!(agg.n_updates(), 1);
-        assert_eq!(agg.finish().unwrap(), update([1.0, 1.0], 1.0));
+        let mut even = aggregator(AggregationMethod::Median);
+        for v in [4.0, 1.0, 3.0, 2.0] {
+            even.add(1, 1.0, update([v, -v], v)).unwrap();
+        }
+        assert_eq!(even.finish().unwrap(), update([2.5, -2.5], 2.5));
     }
 
     #[test]
-    fn empty_sum_has_no_mean() {
+    fn the_trimmed_mean_drops_the_extremes_at_each_end() {
+        // Five sites, a fifth trimmed at each end: the lowest and highest go.
+        let mut agg = aggregator(AggregationMethod::TrimmedMean { trim_fraction: 0.2 });
+        for v in [-1e9, 1.0, 2.0, 6.0, 1e9] {
+            agg.add(1, 1.0, update([v, v], v)).unwrap();
+        }
+        assert_eq!(agg.finish().unwrap(), update([3.0, 3.0], 3.0));
+        // Too few sites to trim: the plain mean.
+        let mut two = aggregator(AggregationMethod::TrimmedMean { trim_fraction: 0.4 });
+        two.add(1, 1.0, update([1.0, 1.0], 1.0)).unwrap();
+        two.add(1, 1.0, update([3.0, 3.0], 3.0)).unwrap();
+        assert_eq!(two.finish().unwrap(), update([2.0, 2.0], 2.0));
+    }
+
+    #[test]
+    fn bad_updates_are_refused_and_leave_no_trace() {
+        for method in [AggregationMethod::FedAvg, AggregationMethod::Median] {
+            let mut agg = aggregator(method);
+            agg.add(10, 1.0, update([1.0, 1.0], 1.0)).unwrap();
+
+            let mut nan = update([1.0, f32::NAN], 1.0);
+            assert_eq!(agg.add(10, 1.0, nan.clone()).unwrap_err().code, RejectCode::NonFinite);
+            nan.insert("w", Tensor::new(vec![2], vec![1.0, f32::INFINITY]).unwrap());
+            assert_eq!(agg.add(10, 1.0, nan).unwrap_err().code, RejectCode::NonFinite);
+
+            let mut wrong_shape = update([1.0, 1.0], 1.0);
+            wrong_shape.insert("w", Tensor::new(vec![1, 2], vec![5.0, 5.0]).unwrap());
+            assert_eq!(agg.add(10, 1.0, wrong_shape).unwrap_err().code, RejectCode::ShapeMismatch);
+
+            let mut unknown = update([1.0, 1.0], 1.0);
+            unknown.insert("extra", Tensor::new(vec![1], vec![5.0]).unwrap());
+            assert_eq!(agg.add(10, 1.0, unknown).unwrap_err().code, RejectCode::UnknownTensor);
+
+            let mut missing = update([1.0, 1.0], 1.0);
+            missing.remove("b");
+            assert_eq!(agg.add(10, 1.0, missing).unwrap_err().code, RejectCode::MissingTensor);
+
+            assert_eq!(agg.add(0, 1.0, update([9.0, 9.0], 9.0)).unwrap_err().code, RejectCode::InvalidWeight);
+            assert!(agg.add(10, f64::NAN, update([9.0, 9.0], 9.0)).is_err());
+            assert!(agg.add(10, 2.0, update([9.0, 9.0], 9.0)).is_err());
+
+            assert_eq!(agg.n_updates(), 1);
+            assert_eq!(agg.finish().unwrap(), update([1.0, 1.0], 1.0), "{method}");
+        }
+    }
+
+    #[test]
+    fn empty_aggregation_has_no_result() {
         assert!(fedavg().finish().is_none());
+        assert!(aggregator(AggregationMethod::Median).finish().is_none());
     }
 }

@@ -132,6 +132,9 @@ mod tests {
         Contribution {
             site: SiteId::new(site).unwrap(),
             num_examples: 10,
+            weight: 10,
+            update_norm: 1.0,
+            scale: 1.0,
             metrics: LocalMetrics::default(),
             privacy: PrivacyUsed::off(),
             update_digest: Digest([1; 32]),

@@ -136,6 +136,15 @@ fn run(command: Command) -> Result<ExitCode> {
                 cfg.plan.privacy.mode_name()
             );
             println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
+            let a = &cfg.aggregation;
+            println!(
+                "  aggregation {}, weights {:?} (at most {} examples a site), update norm bound {} ({:?} above it)",
+                a.method,
+                a.weighting,
+                a.max_examples_per_site,
+                a.max_update_norm.map_or("from the privacy plan".to_owned(), |b| b.to_string()),
+                a.over_norm
+            );
             ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -239,9 +248,18 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         max_update_bytes: cfg.max_update_bytes,
         plan,
         policy: cfg.policy,
+        aggregation: cfg.aggregation,
         enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
     };
     let machine = RoundMachine::new(settings, Arc::new(model), completed)?;
+    info!(
+        method = %cfg.aggregation.method,
+        update_bound = machine.update_bound(),
+        over_norm = ?cfg.aggregation.over_norm,
+        weighting = ?cfg.aggregation.weighting,
+        max_examples_per_site = cfg.aggregation.max_examples_per_site,
+        "every update is held to the coordinator's own bounds"
+    );
     // Verified (chain and every seal) before anything is appended.
     let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
         .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;

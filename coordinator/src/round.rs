@@ -12,14 +12,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedward_shared::plan::{PrivacyMode, TrainingPlan};
+use fedward_shared::config::{Aggregation, OverNorm, Weighting};
+use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
     Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId, RoundOffer, SiteId,
     UpdateHeader,
 };
 
-use crate::aggregate::FedAvg;
+use crate::aggregate::Aggregator;
 
 /// Fixed parameters of a federation.
 #[derive(Clone, Debug)]
@@ -33,6 +34,8 @@ pub struct Settings {
     /// The plan offered every round; `trainable_tensors` must be filled in.
     pub plan: TrainingPlan,
     pub policy: PrivacyPolicy,
+    /// The coordinator's own bounds on each update and how updates are combined.
+    pub aggregation: Aggregation,
     pub enrolled: BTreeSet<SiteId>,
 }
 
@@ -40,7 +43,15 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Contribution {
     pub site: SiteId,
+    /// The examples the site claims it trained on.
     pub num_examples: u64,
+    /// What its update weighed in FedAvg: the claim clamped to the consortium's
+    /// `max_examples_per_site`, or 1 under equal weighting.
+    pub weight: u64,
+    /// The L2 norm of the update as it arrived.
+    pub update_norm: f64,
+    /// What the norm bound scaled the update by (1 when it was within the bound).
+    pub scale: f64,
     pub metrics: LocalMetrics,
     pub privacy: PrivacyUsed,
     /// Digest of the update's tensor manifest (names, shapes, tensor digests).
@@ -133,7 +144,7 @@ struct Collecting {
     deadline: Instant,
     offered: BTreeSet<SiteId>,
     status: BTreeMap<SiteId, SiteStatus>,
-    agg: FedAvg,
+    agg: Aggregator,
     contributions: Vec<Contribution>,
     declined: Vec<(SiteId, DeclineReason, String)>,
     rejected: Vec<(SiteId, Reject)>,
@@ -150,6 +161,8 @@ enum Phase {
 #[derive(Debug)]
 pub struct RoundMachine {
     settings: Settings,
+    /// The L2 bound on every update: configured, or derived from the privacy plan.
+    update_bound: f64,
     completed: u64,
     global: Arc<TensorSet>,
     manifest: Vec<TensorSpec>,
@@ -167,6 +180,23 @@ pub enum SettingsError {
     UnknownTrainable(String),
     #[error("the plan trains no tensor")]
     NothingTrains,
+    #[error("no bound on the update norm: privacy mode off needs aggregation.max_update_norm")]
+    NoUpdateBound,
+}
+
+/// The L2 bound every update is held to: `configured`, else what the privacy plan implies
+/// for an honest update of `trainable_values` values. Record-level: the update clip norm
+/// (DP-SGD's noise is inside the steps, and the finished update is clipped). Site-level:
+/// the clip norm `C` plus what the noise `N(0, (sigma C)^2 I_d)` can add, `sigma C (sqrt(d)
+/// + 10)`, which a Gaussian vector's norm exceeds with probability below `exp(-50)`.
+pub fn update_bound(configured: Option<f64>, privacy: &PrivacyPlan, trainable_values: usize) -> Option<f64> {
+    configured.or(match *privacy {
+        PrivacyPlan::Off => None,
+        PrivacyPlan::RecordLevel { update_clip_norm, .. } => Some(update_clip_norm),
+        PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => {
+            Some(clip_norm * (1.0 + noise_multiplier * ((trainable_values as f64).sqrt() + 10.0)))
+        }
+    })
 }
 
 impl RoundMachine {
@@ -178,11 +208,15 @@ impl RoundMachine {
         if let Some(t) = settings.plan.trainable_tensors.iter().find(|t| !global.contains(t)) {
             return Err(SettingsError::UnknownTrainable(t.clone()));
         }
+        let trainable_values = settings.plan.trainable_tensors.iter().filter_map(|n| global.get(n)).map(|t| t.len()).sum();
+        let update_bound = update_bound(settings.aggregation.max_update_norm, &settings.plan.privacy, trainable_values)
+            .ok_or(SettingsError::NoUpdateBound)?;
         let manifest = global.specs();
         let digest = manifest_digest(&manifest);
         let phase = if completed >= settings.total_rounds { Phase::Done { stopped: None } } else { Phase::Waiting };
         Ok(Self {
             settings,
+            update_bound,
             completed,
             global,
             manifest,
@@ -200,6 +234,11 @@ impl RoundMachine {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The L2 bound every update is held to.
+    pub fn update_bound(&self) -> f64 {
+        self.update_bound
     }
 
     pub fn global(&self) -> &Arc<TensorSet> {
@@ -321,20 +360,35 @@ impl RoundMachine {
         }
     }
 
-    /// The update's bytes arrived with matching digests: check and fold it in.
-    pub fn finish_update(&mut self, now: Instant, site: &SiteId, header: &UpdateHeader, tensors: &TensorSet) -> Result<Ack, Reject> {
-        let policy_norm = record_level_norm_check(&header.privacy, tensors);
+    /// The update's bytes arrived with matching digests: bound it, check it and take it.
+    ///
+    /// The bound is the coordinator's own ([`update_bound`](Self::update_bound)), never
+    /// one the site declares; the weight is the site's claim clamped to the consortium's
+    /// `max_examples_per_site` (or 1 under equal weighting).
+    pub fn finish_update(&mut self, now: Instant, site: &SiteId, header: &UpdateHeader, tensors: TensorSet) -> Result<Ack, Reject> {
         let c = match &mut self.phase {
             Phase::Collecting(c) if c.round == header.round && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
             _ => return Err(Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round))),
         };
-        let result = policy_norm.and_then(|()| c.agg.add(header.num_examples, tensors));
+        let aggregation = &self.settings.aggregation;
+        let weight = match aggregation.weighting {
+            Weighting::Examples => header.num_examples.min(aggregation.max_examples_per_site),
+            Weighting::Equal => 1,
+        };
+        let update_norm = tensors.l2_norm();
+        let result = bound_scale(update_norm, self.update_bound, aggregation.over_norm).and_then(|scale| {
+            c.agg.add(weight, scale, tensors)?;
+            Ok(scale)
+        });
         match result {
-            Ok(()) => {
+            Ok(scale) => {
                 c.status.insert(site.clone(), SiteStatus::Accepted);
                 let contribution = Contribution {
                     site: site.clone(),
                     num_examples: header.num_examples,
+                    weight,
+                    update_norm,
+                    scale,
                     metrics: header.metrics.clone(),
                     privacy: header.privacy,
                     update_digest: manifest_digest(&header.tensors),
@@ -397,7 +451,10 @@ impl RoundMachine {
         }
         let round = RoundId(self.completed + 1);
         let trainable = &self.settings.plan.trainable_tensors;
-        let agg = FedAvg::new(trainable.iter().filter_map(|n| self.global.get(n).map(|t| (n.as_str(), t.shape()))));
+        let agg = Aggregator::new(
+            self.settings.aggregation.method,
+            trainable.iter().filter_map(|n| self.global.get(n).map(|t| (n.as_str(), t.shape()))),
+        );
         let offered = std::mem::take(&mut self.ready);
         for site in &offered {
             let offer = offer(&self.settings, round, &self.manifest, self.digest, self.settings.round_deadline);
@@ -462,13 +519,34 @@ impl RoundMachine {
             self.after_round(now);
             return;
         }
-        let total_weight = c.agg.total_weight() as f64;
-        let mean_train_loss = c.contributions.iter().map(|k| k.metrics.train_loss * k.num_examples as f64).sum::<f64>() / total_weight;
-        // At least `min_sites` >= 1 updates were added, so the mean exists.
+        let total_weight: f64 = c.contributions.iter().map(|k| k.weight as f64).sum();
+        let mean_train_loss = c.contributions.iter().map(|k| k.metrics.train_loss * k.weight as f64).sum::<f64>() / total_weight;
+        // At least `min_sites` >= 1 updates were added, so the combined update exists.
         let Some(mean_delta) = c.agg.finish() else { unreachable!("accepted updates were added") };
         let mut model = (*self.global).clone();
         if let Err(e) = model.add_assign(&mean_delta) {
             unreachable!("mean delta has the global model's trainable shapes: {e}");
+        }
+        // Bounded finite updates keep a finite model finite, unless its values sit near
+        // f32's limits; a model that overflowed is never checkpointed or offered.
+        if let Some((name, count)) = mean_delta.names().find_map(|n| model.get(n)?.non_finite().map(|(_, count)| (n.to_owned(), count))) {
+            let failure = RoundFailure {
+                round: c.round,
+                attempt,
+                reason: format!("the new global model holds {count} non-finite values in {name}; the round is discarded"),
+                rejected: c.rejected,
+                declined: c.declined,
+                missed,
+                gave_up: self.failed_attempts + 1 >= self.settings.max_attempts,
+            };
+            self.failed_attempts += 1;
+            if failure.gave_up {
+                self.phase =
+                    Phase::Done { stopped: Some(format!("round {} failed {} times: {}", c.round, self.failed_attempts, failure.reason)) };
+            }
+            self.outputs.push_back(Output::RoundFailed(failure));
+            self.after_round(now);
+            return;
         }
         self.global = Arc::new(model);
         self.manifest = self.global.specs();
@@ -573,20 +651,22 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
     Ok(())
 }
 
-/// A record-level update must respect the update norm bound it declares.
-fn record_level_norm_check(used: &PrivacyUsed, tensors: &TensorSet) -> Result<(), Reject> {
-    if used.mode != PrivacyMode::RecordLevel {
-        return Ok(());
+/// How an update of L2 norm `norm` is taken under the bound: the factor it is scaled by
+/// (1 within the bound), or a refusal. f32 rounding of an update clipped exactly to the
+/// bound is allowed for.
+fn bound_scale(norm: f64, bound: f64, over: OverNorm) -> Result<f64, Reject> {
+    if !norm.is_finite() {
+        return Err(Reject::new(RejectCode::NonFinite, "the update's norm is not finite"));
     }
-    let norm = tensors.l2_norm();
-    // Allow f32 rounding of the clipped values.
-    if norm > used.update_clip_norm * (1.0 + 1e-4) {
-        return Err(Reject::new(
-            RejectCode::PolicyViolation,
-            format!("update norm {norm:.4} exceeds the declared bound {}", used.update_clip_norm),
-        ));
+    if norm <= bound * (1.0 + 1e-4) {
+        return Ok(1.0);
     }
-    Ok(())
+    match over {
+        OverNorm::Clip => Ok(bound / norm),
+        OverNorm::Refuse => {
+            Err(Reject::new(RejectCode::NormTooLarge, format!("update norm {norm:.4} exceeds the consortium's bound {bound}")))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -616,6 +696,7 @@ mod tests {
             max_update_bytes: 1 << 20,
             plan: TrainingPlan { batch_size: 8, ..TrainingPlan::minimal(Trainable::Head, vec!["classifier.weight".into()]) },
             policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
+            aggregation: Aggregation { max_update_norm: Some(100.0), ..Aggregation::default() },
             enrolled: ["a", "b", "c"].into_iter().map(site).collect(),
         }
     }
@@ -660,7 +741,7 @@ mod tests {
         let d = delta(v);
         let h = header(round, n, &d);
         m.begin_update(&site(s), &h)?;
-        m.finish_update(now, &site(s), &h, &d)
+        m.finish_update(now, &site(s), &h, d)
     }
 
     #[test]
@@ -718,7 +799,7 @@ mod tests {
         bad.get_mut("classifier.weight").unwrap().data_mut()[0] = f32::INFINITY;
         let h = header(1, 5, &bad);
         m.begin_update(&site("c"), &h).unwrap();
-        m.finish_update(t0, &site("c"), &h, &bad).unwrap_err();
+        m.finish_update(t0, &site("c"), &h, bad).unwrap_err();
         assert!(drain(&mut m).is_empty());
         send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
         let outs = drain(&mut m);
@@ -755,7 +836,7 @@ mod tests {
         bad.get_mut("classifier.weight").unwrap().data_mut()[2] = f32::NAN;
         let h = header(1, 50, &bad);
         m.begin_update(&site("c"), &h).unwrap();
-        assert_eq!(m.finish_update(t0, &site("c"), &h, &bad).unwrap_err().code, RejectCode::NonFinite);
+        assert_eq!(m.finish_update(t0, &site("c"), &h, bad).unwrap_err().code, RejectCode::NonFinite);
         // Wrong shapes are caught from the header alone.
         let mut wrong = TensorSet::new();
         wrong.insert("classifier.weight", Tensor::new(vec![4], vec![0.0; 4]).unwrap());
@@ -861,6 +942,124 @@ mod tests {
         used.mode = PrivacyMode::SiteLevel;
         used.noise_multiplier = f64::NAN;
         assert!(check_policy(&policy, &used).is_err(), "NaN never passes");
+    }
+
+    /// Runs one round of sites a, b, c sending `v * ones` with `n` examples each; returns
+    /// the checkpoint's classifier weights, or the failure.
+    fn one_round(settings: Settings, global: Arc<TensorSet>, sends: &[(&str, u64, f32)]) -> Result<Vec<f32>, RoundFailure> {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings, global, 0).unwrap();
+        for (s, _, _) in sends {
+            m.handle_ready(t0, site(s));
+        }
+        drain(&mut m);
+        for &(s, n, v) in sends {
+            let _ = send(&mut m, t0, s, 1, n, v);
+        }
+        let outs = drain(&mut m);
+        if let Some(cp) = checkpoint(&outs) {
+            return Ok(cp.model.get("classifier.weight").unwrap().data().to_vec());
+        }
+        match outs.into_iter().find_map(|o| if let Output::RoundFailed(f) = o { Some(f) } else { None }) {
+            Some(f) => Err(f),
+            None => panic!("the round neither completed nor failed"),
+        }
+    }
+
+    /// The takeover of issue 17: one site claims 2^29 examples and sends a huge update.
+    /// Its weight is clamped and its update clipped to the coordinator's own bound, so the
+    /// new model stays within the bound of what the honest sites' mean makes it.
+    #[test]
+    fn one_site_cannot_set_the_global_model() {
+        let bound = 2.0;
+        let mut s = settings(3, 1);
+        s.aggregation = Aggregation { max_update_norm: Some(bound), max_examples_per_site: 1000, ..Aggregation::default() };
+        let attacked = one_round(s, global(), &[("a", 1000, 0.5), ("b", 1000, 0.25), ("c", crate::aggregate::MAX_EXAMPLES, 1e30)]).unwrap();
+        // The honest mean moves each of the 4 weights by 0.375 from 1.0.
+        let honest_mean = [1.375f32; 4];
+        let dist = attacked.iter().zip(honest_mean).map(|(x, h)| f64::from(x - h).powi(2)).sum::<f64>().sqrt();
+        assert!(dist <= bound, "the attacker moved the model {dist} from the honest mean");
+        // Clipped to norm 2 over 4 values: 1.0 each; equal clamped weights: (0.5 + 0.25 + 1) / 3.
+        assert_eq!(attacked, [1.0 + 1.75 / 3.0; 4]);
+
+        // Under "refuse" the attacker's update is refused and named, and the honest sites
+        // still make the round (quorum 2 here).
+        let mut refuse = settings(2, 1);
+        refuse.aggregation = Aggregation { max_update_norm: Some(bound), over_norm: OverNorm::Refuse, ..Aggregation::default() };
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(refuse, global(), 0).unwrap();
+        for x in ["a", "b", "c"] {
+            m.handle_ready(t0, site(x));
+        }
+        drain(&mut m);
+        assert_eq!(send(&mut m, t0, "c", 1, 10, 1e30).unwrap_err().code, RejectCode::NormTooLarge);
+        send(&mut m, t0, "a", 1, 10, 0.5).unwrap();
+        send(&mut m, t0, "b", 1, 30, 0.25).unwrap();
+        let outs = drain(&mut m);
+        let cp = checkpoint(&outs).expect("the honest sites complete the round");
+        assert_eq!(cp.summary.rejected[0].1.code, RejectCode::NormTooLarge);
+        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[1.3125; 4]);
+    }
+
+    #[test]
+    fn weights_are_clamped_or_equal_and_recorded() {
+        let mut s = settings(2, 1);
+        s.aggregation.max_examples_per_site = 100;
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(s.clone(), global(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        send(&mut m, t0, "a", 1, 1_000_000, 2.0).unwrap();
+        send(&mut m, t0, "b", 1, 100, 0.0).unwrap();
+        let outs = drain(&mut m);
+        let cp = checkpoint(&outs).unwrap();
+        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[2.0; 4], "1 + (100*2 + 100*0)/200");
+        let a = &cp.summary.contributions[0];
+        assert_eq!((a.num_examples, a.weight, a.update_norm, a.scale), (1_000_000, 100, 4.0, 1.0));
+
+        s.aggregation.weighting = Weighting::Equal;
+        assert_eq!(one_round(s, global(), &[("a", 900, 3.0), ("b", 100, 1.0)]).unwrap(), [3.0; 4]);
+    }
+
+    #[test]
+    fn the_median_resists_one_wild_site() {
+        let mut s = settings(3, 1);
+        s.aggregation =
+            Aggregation { method: fedward_shared::config::AggregationMethod::Median, max_update_norm: Some(1e6), ..Aggregation::default() };
+        assert_eq!(one_round(s, global(), &[("a", 10, 0.5), ("b", 10, 0.25), ("c", 10, 400.0)]).unwrap(), [1.5; 4]);
+    }
+
+    /// The coordinator never checkpoints or offers a model that overflowed.
+    #[test]
+    fn a_new_global_model_that_is_not_finite_fails_the_round() {
+        let mut g = (*global()).clone();
+        g.insert("classifier.weight", Tensor::new(vec![2, 2], vec![f32::MAX; 4]).unwrap());
+        let mut s = settings(2, 1);
+        s.aggregation.max_update_norm = Some(f64::from(f32::MAX));
+        let failure = one_round(s, Arc::new(g), &[("a", 10, f32::MAX / 4.0), ("b", 10, f32::MAX / 4.0)]).unwrap_err();
+        assert!(failure.reason.contains("non-finite"), "{}", failure.reason);
+    }
+
+    #[test]
+    fn the_bound_comes_from_the_plan_never_from_the_site() {
+        let record = PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.1, update_clip_norm: 7.0 };
+        assert_eq!(update_bound(None, &record, 100), Some(7.0));
+        assert_eq!(update_bound(Some(3.0), &record, 100), Some(3.0));
+        let site_level = PrivacyPlan::SiteLevel { noise_multiplier: 2.0, clip_norm: 0.5 };
+        // 0.5 * (1 + 2 * (sqrt(10000) + 10)) = 110.5
+        assert_eq!(update_bound(None, &site_level, 10_000), Some(110.5));
+        assert_eq!(update_bound(None, &PrivacyPlan::Off, 100), None);
+        let mut s = settings(1, 1);
+        s.aggregation.max_update_norm = None;
+        assert!(matches!(RoundMachine::new(s, global(), 0), Err(SettingsError::NoUpdateBound)));
+
+        // A record-level site that declares a looser bound than the plan's is still held
+        // to the plan's (clipped here).
+        let mut s = settings(1, 1);
+        s.plan.privacy = record;
+        s.aggregation.max_update_norm = None;
+        assert_eq!(one_round(s, global(), &[("a", 10, 100.0)]).unwrap(), [1.0 + 3.5; 4]);
     }
 
     #[test]

@@ -238,7 +238,7 @@ fn handle_event(
         }
         Event::AbortUpdate { site } => machine.abort_update(&site),
         Event::RejectUpdate { site, reject } => machine.reject_update(now, &site, reject),
-        Event::FinishUpdate { site, header, tensors, reply } => match machine.finish_update(now, &site, &header, &tensors) {
+        Event::FinishUpdate { site, header, tensors, reply } => match machine.finish_update(now, &site, &header, tensors) {
             // Acknowledged once the ledger holds it (`Output::Accepted`).
             Ok(ack) => {
                 pending_acks.insert(site, (reply, ack));

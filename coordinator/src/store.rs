@@ -171,6 +171,9 @@ fn record_of_summary(s: &RoundSummary, now_rfc3339: &str) -> RoundRecord {
             .map(|c| SiteRecord {
                 site: c.site.to_string(),
                 num_examples: c.num_examples,
+                weight: Some(c.weight),
+                update_norm: Some(c.update_norm),
+                scale: Some(c.scale),
                 train_loss: c.metrics.train_loss,
                 val_accuracy: c.metrics.val_accuracy,
                 val_macro_f1: c.metrics.val_macro_f1,

@@ -55,7 +55,44 @@ pub struct RawCoordinatorConfig {
     pub sites: Vec<RawSite>,
     #[serde(default)]
     pub ledger: RawLedger,
+    #[serde(default)]
+    pub aggregation: RawAggregation,
 }
+
+/// How the coordinator combines a round's updates, and the bounds it puts on each.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAggregation {
+    /// `fedavg` (norm-bounded, weighted), `median` or `trimmed-mean` (coordinate-wise).
+    pub method: String,
+    /// `trimmed-mean`: the share of values dropped at each end of every coordinate.
+    pub trim_fraction: f64,
+    /// `examples` (FedAvg weights each site by its examples, clamped) or `equal`.
+    pub weighting: String,
+    /// The most examples one site's update may weigh, whatever it claims.
+    pub max_examples_per_site: u64,
+    /// The L2 bound on every update. Default: the privacy plan's (record-level: the update
+    /// clip norm; site-level: the clip norm plus what the noise can add); required without DP.
+    pub max_update_norm: Option<f64>,
+    /// What happens to an update above the bound: `clip` (scaled down to it) or `refuse`.
+    pub over_norm: String,
+}
+
+impl Default for RawAggregation {
+    fn default() -> Self {
+        Self {
+            method: "fedavg".into(),
+            trim_fraction: 0.1,
+            weighting: "examples".into(),
+            max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
+            max_update_norm: None,
+            over_norm: "clip".into(),
+        }
+    }
+}
+
+/// The default clamp on one site's FedAvg weight: a large hospital's labelled notes.
+pub const DEFAULT_MAX_EXAMPLES_PER_SITE: u64 = 100_000;
 
 /// The coordinator's signed ledger of accepted updates.
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +223,122 @@ pub struct RawSite {
 // ---------------------------------------------------------------------------
 // Typed coordinator config.
 
+/// How a round's updates are combined.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AggregationMethod {
+    /// The weighted mean of the (norm-bounded) updates: memory O(model), whatever the
+    /// number of sites.
+    FedAvg,
+    /// The coordinate-wise median, one site one vote: holds every update of the round.
+    Median,
+    /// The coordinate-wise mean after dropping `trim_fraction` of the values at each end,
+    /// one site one vote: holds every update of the round.
+    TrimmedMean { trim_fraction: f64 },
+}
+
+impl AggregationMethod {
+    /// Whether the method keeps every update of the round until it closes (memory
+    /// O(sites x model)) rather than a running sum (O(model)).
+    pub fn holds_updates(&self) -> bool {
+        !matches!(self, Self::FedAvg)
+    }
+}
+
+impl std::fmt::Display for AggregationMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::FedAvg => f.write_str("fedavg"),
+            Self::Median => f.write_str("median"),
+            Self::TrimmedMean { trim_fraction } => write!(f, "trimmed-mean ({trim_fraction} trimmed at each end)"),
+        }
+    }
+}
+
+/// How much each site's update weighs in FedAvg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weighting {
+    /// By the examples the site trained on, clamped to `max_examples_per_site`.
+    Examples,
+    /// Every site the same.
+    Equal,
+}
+
+/// What happens to an update whose L2 norm is above the bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverNorm {
+    /// Scaled down to the bound (norm-bounded FedAvg).
+    Clip,
+    /// Refused, with the reason sent to the site and recorded.
+    Refuse,
+}
+
+/// The coordinator's own bounds on what one site's update can do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Aggregation {
+    pub method: AggregationMethod,
+    pub weighting: Weighting,
+    pub max_examples_per_site: u64,
+    /// `None`: derived from the privacy plan once the model's size is known.
+    pub max_update_norm: Option<f64>,
+    pub over_norm: OverNorm,
+}
+
+impl Default for Aggregation {
+    fn default() -> Self {
+        Self {
+            method: AggregationMethod::FedAvg,
+            weighting: Weighting::Examples,
+            max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
+            max_update_norm: None,
+            over_norm: OverNorm::Clip,
+        }
+    }
+}
+
+impl Aggregation {
+    /// Validates `[aggregation]` against the privacy mode it bounds.
+    pub fn from_raw(raw: &RawAggregation, mode: PrivacyMode) -> Result<Self, ConfigError> {
+        let method = match raw.method.as_str() {
+            "fedavg" => AggregationMethod::FedAvg,
+            "median" => AggregationMethod::Median,
+            "trimmed-mean" => {
+                if !(raw.trim_fraction > 0.0 && raw.trim_fraction < 0.5) {
+                    return Err(invalid("aggregation.trim_fraction", "must be in (0, 0.5)"));
+                }
+                AggregationMethod::TrimmedMean { trim_fraction: raw.trim_fraction }
+            }
+            other => {
+                return Err(invalid("aggregation.method", format!("unknown method {other:?}: expected fedavg, median or trimmed-mean")))
+            }
+        };
+        let weighting = match raw.weighting.as_str() {
+            "examples" => Weighting::Examples,
+            "equal" => Weighting::Equal,
+            other => return Err(invalid("aggregation.weighting", format!("unknown weighting {other:?}: expected examples or equal"))),
+        };
+        let over_norm = match raw.over_norm.as_str() {
+            "clip" => OverNorm::Clip,
+            "refuse" => OverNorm::Refuse,
+            other => return Err(invalid("aggregation.over_norm", format!("unknown action {other:?}: expected clip or refuse"))),
+        };
+        if raw.max_examples_per_site == 0 {
+            return Err(invalid("aggregation.max_examples_per_site", "must be at least 1"));
+        }
+        match raw.max_update_norm {
+            Some(b) if !(b > 0.0 && b.is_finite()) => return Err(invalid("aggregation.max_update_norm", "must be a positive number")),
+            None if mode == PrivacyMode::Off => {
+                return Err(invalid(
+                    "aggregation.max_update_norm",
+                    "is required when privacy.mode = \"off\": without DP nothing else bounds how far one site's update can move the \
+                     global model (state.json records each update's norm, to choose it from)",
+                ))
+            }
+            _ => {}
+        }
+        Ok(Self { method, weighting, max_examples_per_site: raw.max_examples_per_site, max_update_norm: raw.max_update_norm, over_norm })
+    }
+}
+
 /// PEM file locations.
 #[derive(Clone, Debug)]
 pub struct TlsPaths {
@@ -220,6 +373,8 @@ pub struct CoordinatorConfig {
     /// model is loaded).
     pub plan: TrainingPlan,
     pub policy: PrivacyPolicy,
+    /// How updates are bounded and combined.
+    pub aggregation: Aggregation,
     pub sites: Vec<Site>,
     /// The ledger's ed25519 signing key (0600).
     pub ledger_key: PathBuf,
@@ -265,6 +420,7 @@ impl CoordinatorConfig {
         }
         let labels = validate_labels(raw.model.labels)?;
         let (plan, policy) = training_plan(&raw.training, &raw.privacy)?;
+        let aggregation = Aggregation::from_raw(&raw.aggregation, policy.mode)?;
         let state_dir = resolve(base_dir, raw.server.state_dir);
         let tls = tls_paths(base_dir, raw.tls);
         let ledger_key = match raw.ledger.signing_key {
@@ -290,6 +446,7 @@ impl CoordinatorConfig {
             init_seed: raw.model.init_seed,
             plan,
             policy,
+            aggregation,
             sites,
             ledger_key,
             ledger_file,
@@ -619,6 +776,24 @@ name = "Hospital B"
         // The ledger defaults: the key beside the TLS key, the file in the state directory.
         assert_eq!(c.ledger_key, Path::new("/etc/fedward/ledger.key"));
         assert_eq!(c.ledger_file, Path::new("/srv/fedward/state/ledger.jsonl"));
+        // Aggregation defaults: norm-bounded FedAvg, clamped example weights, the bound
+        // from the privacy plan.
+        assert_eq!(c.aggregation, Aggregation::default());
+        let text = format!(
+            "{}\n[aggregation]\nmethod = \"trimmed-mean\"\ntrim_fraction = 0.2\nweighting = \"equal\"\nmax_update_norm = 3.5\nover_norm = \"refuse\"\n",
+            COORD.replace("mode = \"site-level\"", "mode = \"off\"")
+        );
+        let c = CoordinatorConfig::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(
+            c.aggregation,
+            Aggregation {
+                method: AggregationMethod::TrimmedMean { trim_fraction: 0.2 },
+                weighting: Weighting::Equal,
+                max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
+                max_update_norm: Some(3.5),
+                over_norm: OverNorm::Refuse,
+            }
+        );
         let text = format!("{COORD}\n[ledger]\nsigning_key = \"keys/ledger.key\"\nfile = \"/var/log/fedward/ledger.jsonl\"\n");
         let c = CoordinatorConfig::parse(&text, Path::new("/srv/fedward")).unwrap();
         assert_eq!(c.ledger_key, Path::new("/srv/fedward/keys/ledger.key"));
@@ -639,6 +814,16 @@ name = "Hospital B"
             (COORD.replace("id = \"b\"", "id = \"Bad Site\""), "sites.id"),
             (COORD.replace("\"127.0.0.1:7443\"", "\"nowhere\""), "server.listen"),
             (COORD.replace("noise_multiplier = 1.2", "noise_multiplier = 0.5"), "privacy"),
+            (format!("{COORD}\n[aggregation]\nmethod = \"mean\"\n"), "aggregation.method"),
+            (format!("{COORD}\n[aggregation]\nmethod = \"trimmed-mean\"\ntrim_fraction = 0.5\n"), "aggregation.trim_fraction"),
+            (format!("{COORD}\n[aggregation]\nweighting = \"votes\"\n"), "aggregation.weighting"),
+            (format!("{COORD}\n[aggregation]\nover_norm = \"drop\"\n"), "aggregation.over_norm"),
+            (format!("{COORD}\n[aggregation]\nmax_examples_per_site = 0\n"), "aggregation.max_examples_per_site"),
+            (format!("{COORD}\n[aggregation]\nmax_update_norm = nan\n"), "aggregation.max_update_norm"),
+            (format!("{COORD}\n[aggregation]\nmax_update_norm = inf\n"), "aggregation.max_update_norm"),
+            (format!("{COORD}\n[aggregation]\nmax_update_norm = -1.0\n"), "aggregation.max_update_norm"),
+            // Without DP the consortium must say how far one update may move the model.
+            (COORD.replace("mode = \"site-level\"", "mode = \"off\""), "aggregation.max_update_norm"),
         ];
         for (text, field) in cases {
             let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();

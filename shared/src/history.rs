@@ -20,7 +20,18 @@ pub fn checkpoint_name(round: u64) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SiteRecord {
     pub site: String,
+    /// The examples the site claimed.
     pub num_examples: u64,
+    /// What its update weighed (the claim clamped, or 1 under equal weighting). Absent in
+    /// records written before the coordinator bounded updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u64>,
+    /// The update's L2 norm as it arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_norm: Option<f64>,
+    /// What the norm bound scaled it by (1: within the bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
     pub train_loss: f64,
     pub val_accuracy: Option<f64>,
     pub val_macro_f1: Option<f64>,

@@ -328,6 +328,10 @@ pub enum RejectCode {
     InvalidWeight,
     TooLarge,
     ShuttingDown,
+    /// The update's L2 norm is above the consortium's bound (under `over_norm = "refuse"`).
+    NormTooLarge,
+    /// A transfer ran below the minimum rate or past its time.
+    TooSlow,
 }
 
 impl std::fmt::Display for RejectCode {
@@ -350,6 +354,8 @@ impl std::fmt::Display for RejectCode {
             Self::InvalidWeight => "invalid-weight",
             Self::TooLarge => "too-large",
             Self::ShuttingDown => "shutting-down",
+            Self::NormTooLarge => "norm-too-large",
+            Self::TooSlow => "too-slow",
         };
         f.write_str(s)
     }

@@ -23,6 +23,7 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         addr: "127.0.0.1:0".parse().unwrap(),
         privacy: no_privacy().0,
         policy: no_privacy().1,
+        aggregation: test_aggregation(),
     }
 }
 

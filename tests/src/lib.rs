@@ -18,7 +18,7 @@ use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::store::Store;
 use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
-use fedward_shared::config::SiteBudget;
+use fedward_shared::config::{Aggregation, SiteBudget};
 use fedward_shared::ledger_key::{self, PUBLIC_KEY_FILE, SIGNING_KEY_FILE};
 use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
@@ -125,6 +125,14 @@ pub struct CoordinatorSpec {
     /// The privacy plan offered every round, and the policy updates are checked against.
     pub privacy: PrivacyPlan,
     pub policy: PrivacyPolicy,
+    /// The coordinator's bounds on updates and how it combines them.
+    pub aggregation: Aggregation,
+}
+
+/// FedAvg with a bound far above what the scripted trainer sends (the tiny model's
+/// trainable values are few, and its deltas small).
+pub fn test_aggregation() -> Aggregation {
+    Aggregation { max_update_norm: Some(1e3), ..Aggregation::default() }
 }
 
 /// No differential privacy, and a policy that accepts that.
@@ -176,6 +184,7 @@ impl CoordinatorHandle {
             max_update_bytes: 64 << 20,
             plan,
             policy: spec.policy,
+            aggregation: spec.aggregation,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
         };
         let machine = RoundMachine::new(settings, Arc::new(model), completed).expect("machine");
