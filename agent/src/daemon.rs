@@ -24,8 +24,8 @@ use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_models::{TrainContext, Trainer};
-use fedward_net::{client_endpoint, read_message, read_tensors, write_message, write_tensors, ConnectionEnd, StreamError};
-use fedward_shared::config::SiteBudget;
+use fedward_net::{client_endpoint, paced, read_message, read_tensors, within, write_message, write_tensors, ConnectionEnd, StreamError};
+use fedward_shared::config::{Pace, SiteBudget, Transport};
 use fedward_shared::dp::NoiseRng;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
@@ -37,7 +37,7 @@ use fedward_shared::wire::{
 
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
-use crate::session::{assemble, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
+use crate::session::{assemble, check_tensors_reply, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]
@@ -53,8 +53,11 @@ pub struct DaemonOptions {
     /// Give up after this many failed attempts in a row (0: never).
     pub max_connect_attempts: u32,
     pub exit_when_finished: bool,
-    /// A coordinator silent for this long is considered gone (keep-alives every quarter).
-    pub idle_timeout: Duration,
+    /// Timeouts, keep-alives and the minimum transfer rate.
+    pub transport: Transport,
+    /// The largest global model the agent downloads, in bytes: what a coordinator
+    /// declares is checked against it before anything is allocated.
+    pub max_model_bytes: usize,
     /// Seed of the backoff jitter and, in tests only, of DP noise; `None` seeds from the OS.
     pub seed: Option<u64>,
     /// Fault injection for tests: stop as if the process died right after the ledger
@@ -240,7 +243,7 @@ async fn connect_and_serve(
     failures: &mut u32,
 ) -> Result<SessionEnd, String> {
     let remote = resolve(&opts.coordinator_addr).await.map_err(|e| e.to_string())?;
-    let endpoint = client_endpoint(remote, (*opts.tls).clone(), opts.idle_timeout).map_err(|e| format!("endpoint: {e}"))?;
+    let endpoint = client_endpoint(remote, (*opts.tls).clone(), &opts.transport).map_err(|e| format!("endpoint: {e}"))?;
     let connecting = endpoint.connect(remote, &opts.server_name).map_err(|e| format!("connect: {e}"))?;
     let conn = match connecting.await {
         Ok(c) => c,
@@ -248,7 +251,7 @@ async fn connect_and_serve(
     };
     // With TLS 1.3 a refused client certificate only shows on the first stream, so the
     // agent believes it is admitted only once the coordinator says Welcome.
-    let welcome = match request(&conn, &Message::Hello(hello())).await {
+    let welcome = match request(&conn, &Message::Hello(hello()), Some(opts.transport.request_timeout)).await {
         Ok(Message::Welcome(w)) => w,
         Ok(Message::Reject(r)) => return Ok(SessionEnd::Refused(r.to_string())),
         Ok(other) => return Ok(SessionEnd::Lost(format!("unexpected answer to hello: {}", other.kind()))),
@@ -284,7 +287,7 @@ async fn serve(
 ) -> SessionEnd {
     loop {
         let have_model = state.cache.as_ref().map(TensorSet::digest);
-        let offer = match request(conn, &Message::Ready(Ready { have_model })).await {
+        let offer = match request(conn, &Message::Ready(Ready { have_model }), None).await {
             Ok(Message::RoundOffer(o)) => o,
             Ok(Message::Finished(f)) => return SessionEnd::Finished { completed_rounds: f.completed_rounds },
             Ok(Message::Reject(r)) => return SessionEnd::Lost(format!("ready refused: {r}")),
@@ -321,19 +324,19 @@ async fn take_round(
         Prior::Unrecoverable => {
             let message =
                 "this round's update is in the ledger but its cached copy is missing; declining rather than releasing the round twice";
-            return send_decline(conn, &offer, DeclineReason::TrainingFailed, message.into()).await;
+            return send_decline(conn, &opts.transport, &offer, DeclineReason::TrainingFailed, message.into()).await;
         }
     }
     let spent = match ledger.accountant() {
         Ok(a) => a,
         Err(e) => {
             let message = format!("the site's ledger cannot be accounted: {e}");
-            return send_decline(conn, &offer, DeclineReason::BudgetExhausted, message).await;
+            return send_decline(conn, &opts.transport, &offer, DeclineReason::BudgetExhausted, message).await;
         }
     };
     let approved = match review_offer(&offer, &opts.budget, &spent) {
         Decision::Train(a) => a,
-        Decision::Decline { reason, message } => return send_decline(conn, &offer, reason, message).await,
+        Decision::Decline { reason, message } => return send_decline(conn, &opts.transport, &offer, reason, message).await,
     };
     info!(
         epsilon_before = approved.epsilon_before,
@@ -376,7 +379,7 @@ async fn take_round(
         Err(e) => {
             // Errors of the trainer and of `privatize` name no record and no value.
             error!(cause = %e, "local training failed");
-            return send_decline(conn, &offer, DeclineReason::TrainingFailed, e).await;
+            return send_decline(conn, &opts.transport, &offer, DeclineReason::TrainingFailed, e).await;
         }
     };
     update.metrics.train_secs = started.elapsed().as_secs_f64();
@@ -408,7 +411,7 @@ async fn take_round(
         warn!("test fault: stopping after the ledger write, before sending");
         return Err(SessionEnd::Fault(offer.round.0));
     }
-    send_update(conn, &released.header, &released.delta).await?;
+    send_update(conn, &opts.transport, &released.header, &released.delta).await?;
     state.rounds_trained += 1;
     Ok(())
 }
@@ -454,7 +457,7 @@ async fn resend(conn: &quinn::Connection, opts: &DaemonOptions, offer: &RoundOff
     match loaded {
         Ok(Some(r)) if r.header.round == offer.round && r.model_digest == offer.model_digest => {
             info!(update = %r.delta.digest().short(), "this round is already recorded: resending the same update");
-            send_update(conn, &r.header, &r.delta).await
+            send_update(conn, &opts.transport, &r.header, &r.delta).await
         }
         other => {
             if let Err(e) = other {
@@ -462,7 +465,7 @@ async fn resend(conn: &quinn::Connection, opts: &DaemonOptions, offer: &RoundOff
             }
             let message =
                 "this round's update is in the ledger but its cached copy is unusable; declining rather than releasing the round twice";
-            send_decline(conn, offer, DeclineReason::TrainingFailed, message.into()).await
+            send_decline(conn, &opts.transport, offer, DeclineReason::TrainingFailed, message.into()).await
         }
     }
 }
@@ -473,6 +476,9 @@ async fn fetch_model(
     state: &mut AgentState,
     offer: &RoundOffer,
 ) -> Result<TensorSet, SessionEnd> {
+    // What the offer declares is bounded before anything is requested or allocated.
+    let model_bytes = wire::declared_payload_bytes(&offer.manifest, opts.max_model_bytes)
+        .map_err(|e| SessionEnd::Lost(format!("the offered model is beyond this site's limit: {e}")))?;
     let names = tensors_to_fetch(&offer.manifest, state.cache.as_ref());
     let started = Instant::now();
     let fetched = if names.is_empty() {
@@ -480,22 +486,21 @@ async fn fetch_model(
     } else {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
         let req = Message::ModelRequest(ModelRequest { round: offer.round, names: names.clone() });
-        let exchange = async {
+        let exchange = paced(opts.transport.pace, model_bytes, "model download", async {
             write_message(&mut send, &req).await?;
             send.finish()?;
             match read_message(&mut recv).await? {
                 Message::Tensors(specs) => {
-                    // The coordinator must send exactly what was asked, within the limits.
-                    if specs.iter().map(|s| &s.name).ne(names.iter()) {
-                        return Ok(Err("the coordinator sent other tensors than requested".to_owned()));
+                    // Exactly what was asked, as offered: checked before any allocation.
+                    if let Err(e) = check_tensors_reply(&offer.manifest, &names, &specs) {
+                        return Ok(Err(e));
                     }
-                    wire::declared_payload_bytes(&specs, usize::MAX / 2)?;
                     Ok(Ok(read_tensors(&mut recv, &specs).await?))
                 }
                 Message::Reject(r) => Ok(Err(format!("model request refused: {r}"))),
                 other => Ok(Err(format!("unexpected answer to a model request: {}", other.kind()))),
             }
-        };
+        });
         match exchange.await {
             Ok(Ok(set)) => set,
             Ok(Err(msg)) => return Err(SessionEnd::Lost(msg)),
@@ -528,17 +533,19 @@ async fn fetch_model(
     Ok(model)
 }
 
-async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, delta: &TensorSet) -> Result<(), SessionEnd> {
+async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &UpdateHeader, delta: &TensorSet) -> Result<(), SessionEnd> {
     let specs = &header.tensors;
     let mib = delta.byte_len() as f64 / (1 << 20) as f64;
     let started = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
-    let exchange = async {
+    // The coordinator answers once the update is folded in and recorded in its ledger.
+    let pace = Pace { allowance: transport.pace.allowance + transport.request_timeout, ..transport.pace };
+    let exchange = paced(pace, delta.byte_len(), "update upload", async {
         write_message(&mut send, &Message::Update(header.clone())).await?;
         write_tensors(&mut send, delta, specs).await?;
         send.finish()?;
         read_message(&mut recv).await
-    };
+    });
     match exchange.await {
         Ok(Message::Ack(_)) => {
             let secs = started.elapsed().as_secs_f64();
@@ -560,10 +567,16 @@ async fn send_update(conn: &quinn::Connection, header: &UpdateHeader, delta: &Te
     }
 }
 
-async fn send_decline(conn: &quinn::Connection, offer: &RoundOffer, reason: DeclineReason, message: String) -> Result<(), SessionEnd> {
+async fn send_decline(
+    conn: &quinn::Connection,
+    transport: &Transport,
+    offer: &RoundOffer,
+    reason: DeclineReason,
+    message: String,
+) -> Result<(), SessionEnd> {
     warn!(?reason, %message, "declining the round");
     let msg = Message::Decline(Decline { round: offer.round, reason, message });
-    match request(conn, &msg).await {
+    match request(conn, &msg, Some(transport.request_timeout)).await {
         Ok(Message::Ack(_)) => Ok(()),
         Ok(Message::Reject(r)) => {
             debug!(reason = %r, "decline not recorded");
@@ -574,12 +587,19 @@ async fn send_decline(conn: &quinn::Connection, offer: &RoundOffer, reason: Decl
     }
 }
 
-/// One request/answer exchange on a fresh stream.
-async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message, StreamError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_message(&mut send, msg).await?;
-    send.finish()?;
-    read_message(&mut recv).await
+/// One request/answer exchange on a fresh stream, within `limit` when the answer is not
+/// one that may take long to come (an offer waits for the round to start).
+async fn request(conn: &quinn::Connection, msg: &Message, limit: Option<Duration>) -> Result<Message, StreamError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_message(&mut send, msg).await?;
+        send.finish()?;
+        read_message(&mut recv).await
+    };
+    match limit {
+        Some(limit) => within(limit, "request", exchange).await,
+        None => exchange.await,
+    }
 }
 
 /// Turns a failed stream into a session end, reading the connection's close reason: a

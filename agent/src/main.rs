@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -372,7 +371,8 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         max_backoff: cfg.max_backoff,
         max_connect_attempts: cfg.max_connect_attempts,
         exit_when_finished: cfg.exit_when_finished,
-        idle_timeout: Duration::from_secs(60),
+        transport: cfg.transport,
+        max_model_bytes: cfg.max_model_bytes,
         seed: None,
         fail_after_ledger_write: false,
     };

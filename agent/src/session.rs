@@ -176,6 +176,35 @@ pub enum AssembleError {
     Digest { expected: Digest, actual: Digest },
 }
 
+/// Checks a `Tensors` reply against the request and the offer before anything is
+/// allocated: exactly the requested names, in order, each with the shape and digest the
+/// offer's manifest gave it.
+pub fn check_tensors_reply(manifest: &[TensorSpec], requested: &[String], reply: &[TensorSpec]) -> Result<(), String> {
+    if reply.len() != requested.len() {
+        return Err(format!("the coordinator sent {} tensors for {} requested", reply.len(), requested.len()));
+    }
+    for (spec, name) in reply.iter().zip(requested) {
+        if &spec.name != name {
+            return Err(format!("the coordinator sent tensor {} where {name} was requested", spec.name));
+        }
+        match manifest.iter().find(|m| m.name == spec.name) {
+            Some(offered) if offered == spec => {}
+            Some(offered) => {
+                return Err(format!(
+                    "the coordinator sent {} as {:?} (digest {}), but offered it as {:?} (digest {})",
+                    spec.name,
+                    spec.shape,
+                    spec.digest.short(),
+                    offered.shape,
+                    offered.digest.short()
+                ))
+            }
+            None => return Err(format!("the coordinator sent tensor {}, which its offer does not list", spec.name)),
+        }
+    }
+    Ok(())
+}
+
 /// Builds the round's global model from cached tensors that still match and the fetched
 /// ones, and checks it against the offer's digest.
 pub fn assemble(
@@ -258,6 +287,31 @@ mod tests {
     const SITE: PrivacyPlan = PrivacyPlan::SiteLevel { noise_multiplier: 4.0, clip_norm: 1.0 };
     const RECORD: PrivacyPlan =
         PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.05, update_clip_norm: 5.0 };
+
+    /// A coordinator may lie in its `Tensors` reply: a shape other than offered (a huge
+    /// allocation), a tensor not requested, or one sent twice, all refused before any
+    /// allocation.
+    #[test]
+    fn a_tensors_reply_must_match_the_request_and_the_offer() {
+        let o = offer(PrivacyPlan::Off);
+        let names = vec!["classifier.weight".to_owned()];
+        let asked: Vec<TensorSpec> = o.manifest.iter().filter(|s| s.name == names[0]).cloned().collect();
+        assert_eq!(check_tensors_reply(&o.manifest, &names, &asked), Ok(()));
+        let mut huge = asked.clone();
+        huge[0].shape = vec![1 << 28];
+        assert!(check_tensors_reply(&o.manifest, &names, &huge).unwrap_err().contains("offered it as [2]"));
+        let mut other_digest = asked.clone();
+        other_digest[0].digest = Digest([9; 32]);
+        assert!(check_tensors_reply(&o.manifest, &names, &other_digest).is_err());
+        let twice = [asked.clone(), asked.clone()].concat();
+        assert!(check_tensors_reply(&o.manifest, &names, &twice).is_err());
+        let mut unlisted = asked.clone();
+        unlisted[0].name = "bert.pooler.dense.weight".into();
+        assert!(check_tensors_reply(&o.manifest, &["bert.pooler.dense.weight".to_owned()], &unlisted)
+            .unwrap_err()
+            .contains("does not list"));
+        assert!(check_tensors_reply(&o.manifest, &names, &[]).is_err());
+    }
 
     #[test]
     fn a_site_that_requires_dp_declines_a_plan_without_it() {

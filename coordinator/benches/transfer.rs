@@ -206,7 +206,7 @@ async fn main() -> Result<()> {
     up_rx.recv_timeout(Duration::from_secs(120)).context("coordinator did not start")?;
 
     let addr = format!("127.0.0.1:{port}").parse()?;
-    let endpoint = client_endpoint(addr, pki.site_tls.clone(), Duration::from_secs(30))?;
+    let endpoint = client_endpoint(addr, pki.site_tls.clone(), &Default::default())?;
     let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
     async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message> {
         let (mut send, mut recv) = conn.open_bi().await?;

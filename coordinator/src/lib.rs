@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod aggregate;
+pub mod gate;
 pub mod ledger;
 pub mod round;
 pub mod server;

@@ -263,8 +263,8 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     // Verified (chain and every seal) before anything is appended.
     let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
         .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
-    let endpoint =
-        fedward_net::server_endpoint(cfg.listen, tls_cfg, Duration::from_secs(60)).with_context(|| format!("binding {}", cfg.listen))?;
+    let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission)
+        .with_context(|| format!("binding {}", cfg.listen))?;
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let (status_tx, status_rx) = watch::channel(StatusView::default());
     if let Some(admin) = cfg.admin_listen {
@@ -273,7 +273,12 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
             .with_context(|| format!("binding the admin endpoint {admin}"))?;
         info!(addr = %bound, "admin dashboard at http://{bound}/");
     }
-    let options = ServerOptions { max_concurrent_uploads: cfg.max_concurrent_uploads, finish_grace: Duration::from_secs(30) };
+    let options = ServerOptions {
+        max_concurrent_uploads: cfg.max_concurrent_uploads,
+        finish_grace: Duration::from_secs(30),
+        transport: cfg.transport,
+        admission: cfg.admission,
+    };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

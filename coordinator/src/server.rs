@@ -21,13 +21,15 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use fedward_net::{read_message, read_tensors, reply, write_message, write_tensors, StreamError};
+use fedward_net::{paced, read_message, read_tensors, reply, within, write_message, write_tensors, StreamError};
+use fedward_shared::config::{Admission, Transport};
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{
     self, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome, PROTOCOL_VERSION,
 };
 
+use crate::gate::{Gate, Verdict};
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
 use crate::round::{Output, PhaseView, RoundMachine};
 use crate::store::{Store, StoreError};
@@ -60,6 +62,10 @@ pub struct ServerOptions {
     pub max_concurrent_uploads: usize,
     /// After the last round, how long to wait for agents to hear `Finished` and leave.
     pub finish_grace: Duration,
+    /// Timeouts and the minimum transfer rate.
+    pub transport: Transport,
+    /// What unauthenticated peers may cost.
+    pub admission: Admission,
 }
 
 /// What the dashboard shows; published after every event.
@@ -99,6 +105,7 @@ struct Shared {
     enrolled: BTreeSet<SiteId>,
     uploads: Semaphore,
     status: watch::Receiver<StatusView>,
+    transport: Transport,
 }
 
 /// Acks held back until the update's ledger entry is durable.
@@ -124,7 +131,9 @@ pub async fn run(
         enrolled: enrolled.clone(),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
         status: status_tx.subscribe(),
+        transport: options.transport,
     });
+    let gate = Gate::new(options.admission);
     let store = Arc::new(Mutex::new(store));
     let ledger = Arc::new(Mutex::new(ledger));
     let completed = machine.completed_rounds();
@@ -167,9 +176,23 @@ pub async fn run(
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break final_outcome(&machine) };
-                let conn_id = next_conn_id;
-                next_conn_id += 1;
-                tokio::spawn(handle_connection(incoming, conn_id, shared.clone()));
+                let remote = incoming.remote_address();
+                match gate.admit(remote.ip(), incoming.remote_address_validated()) {
+                    Verdict::Accept(ticket) => {
+                        let conn_id = next_conn_id;
+                        next_conn_id += 1;
+                        tokio::spawn(handle_connection(incoming, ticket, conn_id, shared.clone()));
+                    }
+                    Verdict::Retry => {
+                        if let Err(e) = incoming.retry() {
+                            debug!(%remote, cause = %e, "could not ask for address validation");
+                        }
+                    }
+                    Verdict::Refuse { reason } => {
+                        debug!(%remote, reason, "handshake refused");
+                        incoming.refuse();
+                    }
+                }
             }
         }
         if let Err(e) = drain_outputs(&mut machine, &store, &ledger, &mut waiting, &mut pending_acks, &connections).await {
@@ -372,15 +395,29 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "unknown".into())
 }
 
-async fn handle_connection(incoming: quinn::Incoming, conn_id: usize, shared: Arc<Shared>) {
+async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticket, conn_id: usize, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
+    let handshake = match incoming.accept() {
+        Ok(connecting) => tokio::time::timeout(shared.transport.handshake_timeout, connecting).await,
         Err(e) => {
+            debug!(%remote, cause = %e, "handshake not started");
+            return;
+        }
+    };
+    // The handshake is over, one way or another: its place at the gate is free.
+    drop(ticket);
+    let conn = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             // Failed handshakes include clients with certificates from another CA or
             // expired ones: rustls names the reason.
             let hint = fedward_shared::tls::explain_handshake_error(&e.to_string()).unwrap_or("");
             warn!(%remote, cause = %e, hint, "TLS handshake failed; connection refused");
+            return;
+        }
+        Err(_) => {
+            // Dropping the handshake in progress closes it.
+            debug!(%remote, "handshake took too long; dropped");
             return;
         }
     };
@@ -405,8 +442,23 @@ async fn handle_connection(incoming: quinn::Incoming, conn_id: usize, shared: Ar
             return;
         }
         let current: CurrentModel = Arc::default();
+        // An admitted site that opens no stream in time is holding a connection for nothing.
+        let mut first = true;
         loop {
-            match conn.accept_bi().await {
+            let next = if first {
+                match tokio::time::timeout(shared.transport.request_timeout, conn.accept_bi()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        info!("no request within the request timeout; closing the connection");
+                        conn.close(wire::CLOSE_NORMAL.into(), b"no request in time");
+                        break;
+                    }
+                }
+            } else {
+                conn.accept_bi().await
+            };
+            first = false;
+            match next {
                 Ok((send, recv)) => {
                     let ctx = StreamCtx { site: site.clone(), shared: shared.clone(), current: current.clone() };
                     tokio::spawn(handle_stream(ctx, send, recv).in_current_span());
@@ -454,9 +506,17 @@ async fn refuse(conn: &quinn::Connection, code: RejectCode, reason: &str) {
     conn.close(wire::CLOSE_REFUSED.into(), &text);
 }
 
-/// The round and global model last offered on a connection, which its update streams are
-/// checked against.
-type CurrentModel = Arc<Mutex<Option<(RoundId, Arc<TensorSet>)>>>;
+/// The round, global model and manifest last offered on a connection, which its model
+/// requests and update streams are checked against.
+type CurrentModel = Arc<Mutex<Option<Offered>>>;
+
+#[derive(Clone)]
+struct Offered {
+    round: RoundId,
+    model: Arc<TensorSet>,
+    /// The offer's manifest by name: digests computed once, when the model was made.
+    manifest: Arc<HashMap<String, TensorSpec>>,
+}
 
 struct StreamCtx {
     site: SiteId,
@@ -465,7 +525,7 @@ struct StreamCtx {
 }
 
 async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let msg = match read_message(&mut recv).await {
+    let msg = match within(ctx.shared.transport.request_timeout, "request", read_message(&mut recv)).await {
         Ok(m) => m,
         Err(e) => {
             warn!(cause = %e, "malformed request");
@@ -512,7 +572,9 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             match rx.await {
                 Ok(ReadyReply::Offer(offer, model)) => {
                     info!(round = %offer.round, "round offered");
-                    *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((offer.round, model));
+                    let manifest = offer.manifest.iter().map(|s| (s.name.clone(), s.clone())).collect();
+                    *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Offered { round: offer.round, model, manifest: Arc::new(manifest) });
                     reply(send, &Message::RoundOffer(*offer)).await
                 }
                 Ok(ReadyReply::Finished(f)) => reply(send, &Message::Finished(f)).await,
@@ -521,32 +583,29 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
         }
         Message::ModelRequest(req) => {
             let current = ctx.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let model = match current {
-                Some((round, model)) if round == req.round => model,
+            let offered = match current {
+                Some(o) if o.round == req.round => o,
                 _ => {
                     let r = Reject::new(RejectCode::StaleRound, format!("round {} was not offered on this connection", req.round));
                     return reply(send, &Message::Reject(r)).await;
                 }
             };
-            let mut specs: Vec<TensorSpec> = Vec::with_capacity(req.names.len());
-            for name in &req.names {
-                match model.get(name) {
-                    Some(t) => specs.push(TensorSpec { name: name.clone(), shape: t.shape().to_vec(), digest: t.digest() }),
-                    None => {
-                        let r = Reject::new(RejectCode::UnknownTensor, format!("the global model has no tensor {name}"));
-                        return reply(send, &Message::Reject(r)).await;
-                    }
+            let specs = match requested_specs(&offered.manifest, &req.names) {
+                Ok(specs) => specs,
+                Err(r) => {
+                    warn!(code = %r.code, reason = %r.message, "model request refused");
+                    return reply(send, &Message::Reject(r)).await;
                 }
-            }
+            };
             let bytes: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * 4).sum();
             let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
-            async {
+            paced(ctx.shared.transport.pace, bytes, "model download", async {
                 write_message(send, &Message::Tensors(specs.clone())).await?;
-                write_tensors(send, &model, &specs).await?;
+                write_tensors(send, &offered.model, &specs).await?;
                 send.finish()?;
                 debug!("model sent");
                 Ok(())
-            }
+            })
             .instrument(span)
             .await
         }
@@ -577,8 +636,9 @@ async fn receive_update(
     let events = &ctx.shared.events;
     let site = &ctx.site;
     let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
-    // Bounds memory: at most this many updates are held at once, whatever the sites do.
-    let Ok(_permit) = ctx.shared.uploads.acquire().await else { return reply(send, &Message::Reject(gone())).await };
+    let closed = || Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round));
+    // Admission first (one upload per site, checked from the header alone), so a site
+    // that is refused never holds an upload slot.
     let (tx, rx) = oneshot::channel();
     let ev = Event::BeginUpdate { site: site.clone(), header: header.clone(), reply: tx };
     let admitted = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
@@ -587,12 +647,38 @@ async fn receive_update(
         let _ = recv.stop(0u32.into());
         return reply(send, &Message::Reject(reject)).await;
     }
+    // Bounds memory: at most this many updates are received at once, whatever the sites
+    // do. Closing the round gives up the wait and the transfer alike.
+    let round_over = round_closed(ctx.shared.status.clone(), header.round);
+    tokio::pin!(round_over);
+    let permit = tokio::select! {
+        permit = ctx.shared.uploads.acquire() => permit,
+        () = &mut round_over => {
+            let _ = recv.stop(0u32.into());
+            return reply(send, &Message::Reject(closed())).await;
+        }
+    };
+    let Ok(_permit) = permit else { return reply(send, &Message::Reject(gone())).await };
     let started = Instant::now();
-    let tensors = match read_tensors(recv, &header.tensors).await {
+    let bytes = wire::declared_payload_bytes(&header.tensors, usize::MAX).unwrap_or(usize::MAX);
+    let transfer = paced(ctx.shared.transport.pace, bytes, "update upload", read_tensors(recv, &header.tensors));
+    let received = tokio::select! {
+        received = transfer => received,
+        () = &mut round_over => {
+            info!("round closed while the update was arriving; transfer stopped");
+            let _ = recv.stop(0u32.into());
+            return reply(send, &Message::Reject(closed())).await;
+        }
+    };
+    let tensors = match received {
         Ok(t) => t,
-        Err(StreamError::Tensors(e)) => {
-            let reject = Reject::new(RejectCode::DigestMismatch, e.to_string());
+        Err(e @ (StreamError::Tensors(_) | StreamError::TooSlow { .. })) => {
+            // A digest that does not match, or a site too slow to finish: its answer for
+            // the round, recorded, so the round need not wait for it.
+            let code = if matches!(e, StreamError::TooSlow { .. }) { RejectCode::TooSlow } else { RejectCode::DigestMismatch };
+            let reject = Reject::new(code, e.to_string());
             warn!(code = %reject.code, reason = %reject.message, "update refused");
+            let _ = recv.stop(0u32.into());
             let _ = events.send(Event::RejectUpdate { site: site.clone(), reject: reject.clone() }).await;
             return reply(send, &Message::Reject(reject)).await;
         }
@@ -619,9 +705,59 @@ async fn receive_update(
     reply(send, &answer_message(answer)).await
 }
 
+/// Resolves once `round` is no longer the open round (or the server is gone).
+async fn round_closed(mut status: watch::Receiver<StatusView>, round: RoundId) {
+    let _ = status.wait_for(|s| s.open_round != Some(round.0)).await;
+}
+
+/// The specs of the requested tensors, from the offer's manifest (digests already
+/// computed). Refused before any work: more names than the model has, a name twice, or a
+/// name the model lacks.
+fn requested_specs(manifest: &HashMap<String, TensorSpec>, names: &[String]) -> Result<Vec<TensorSpec>, Reject> {
+    if names.len() > manifest.len() {
+        return Err(Reject::new(
+            RejectCode::Malformed,
+            format!("{} tensors requested, the global model has {}", names.len(), manifest.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    names
+        .iter()
+        .map(|name| {
+            if !seen.insert(name.as_str()) {
+                return Err(Reject::new(RejectCode::Malformed, format!("tensor {name} requested twice")));
+            }
+            manifest
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Reject::new(RejectCode::UnknownTensor, format!("the global model has no tensor {name}")))
+        })
+        .collect()
+}
+
 fn answer_message(answer: Result<Ack, Reject>) -> Message {
     match answer {
         Ok(ack) => Message::Ack(ack),
         Err(r) => Message::Reject(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedward_shared::tensor::Digest;
+
+    use super::*;
+
+    #[test]
+    fn a_model_request_is_checked_against_the_manifest_before_any_work() {
+        let spec = |name: &str| TensorSpec { name: name.into(), shape: vec![2, 3], digest: Digest([1; 32]) };
+        let manifest: HashMap<String, TensorSpec> = ["a", "b"].iter().map(|n| (n.to_string(), spec(n))).collect();
+        let names = |ns: &[&str]| ns.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(requested_specs(&manifest, &names(&["b", "a"])).unwrap(), vec![spec("b"), spec("a")]);
+        // The amplification of issue 17: one large tensor named thousands of times.
+        let amplified = vec!["a".to_owned(); 10_000];
+        assert_eq!(requested_specs(&manifest, &amplified).unwrap_err().code, RejectCode::Malformed);
+        assert_eq!(requested_specs(&manifest, &names(&["a", "a"])).unwrap_err().code, RejectCode::Malformed);
+        assert_eq!(requested_specs(&manifest, &names(&["c"])).unwrap_err().code, RejectCode::UnknownTensor);
     }
 }

@@ -57,6 +57,121 @@ pub struct RawCoordinatorConfig {
     pub ledger: RawLedger,
     #[serde(default)]
     pub aggregation: RawAggregation,
+    #[serde(default)]
+    pub transport: RawTransport,
+}
+
+/// Timeouts and rates of the QUIC transport, the same keys at the coordinator and the agent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTransport {
+    /// A connection with no traffic (keep-alives included) for this long is dropped.
+    pub idle_timeout: String,
+    /// How often an idle connection sends a keep-alive (below `idle_timeout`).
+    pub keep_alive: String,
+    /// The longest a QUIC and TLS handshake may take.
+    pub handshake_timeout: String,
+    /// The longest a peer may take to send a request or answer one (not counting the
+    /// tensor bytes that follow, which `min_transfer_rate_kib` paces).
+    pub request_timeout: String,
+    /// Tensor bytes must move at least this fast (KiB/s), after `transfer_allowance`.
+    pub min_transfer_rate_kib: u64,
+    /// Time a tensor transfer gets on top of its bytes at the minimum rate.
+    pub transfer_allowance: String,
+}
+
+impl Default for RawTransport {
+    fn default() -> Self {
+        Self {
+            idle_timeout: "60s".into(),
+            keep_alive: "15s".into(),
+            handshake_timeout: "10s".into(),
+            request_timeout: "30s".into(),
+            min_transfer_rate_kib: 128,
+            transfer_allowance: "30s".into(),
+        }
+    }
+}
+
+/// How long a peer may take to move tensor bytes: a fixed allowance plus the bytes at a
+/// minimum rate. A transfer past that is too slow, whatever its cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    pub allowance: Duration,
+    pub min_bytes_per_sec: u64,
+}
+
+impl Pace {
+    /// The time `bytes` may take.
+    pub fn time_for(&self, bytes: u64) -> Duration {
+        self.allowance + Duration::from_secs_f64(bytes as f64 / self.min_bytes_per_sec.max(1) as f64)
+    }
+}
+
+/// The transport's validated settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transport {
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    pub handshake_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pace: Pace,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        // The defaults of `RawTransport`, which parse.
+        Self::from_raw(&RawTransport::default()).unwrap_or_else(|_| unreachable!("the default transport settings are valid"))
+    }
+}
+
+impl Transport {
+    pub fn from_raw(raw: &RawTransport) -> Result<Self, ConfigError> {
+        let idle_timeout = parse_duration("transport.idle_timeout", &raw.idle_timeout)?;
+        let keep_alive = parse_duration("transport.keep_alive", &raw.keep_alive)?;
+        if keep_alive >= idle_timeout {
+            return Err(invalid("transport.keep_alive", "must be shorter than transport.idle_timeout"));
+        }
+        if raw.min_transfer_rate_kib == 0 {
+            return Err(invalid("transport.min_transfer_rate_kib", "must be at least 1"));
+        }
+        Ok(Self {
+            idle_timeout,
+            keep_alive,
+            handshake_timeout: parse_duration("transport.handshake_timeout", &raw.handshake_timeout)?,
+            request_timeout: parse_duration("transport.request_timeout", &raw.request_timeout)?,
+            pace: Pace {
+                allowance: parse_duration("transport.transfer_allowance", &raw.transfer_allowance)?,
+                min_bytes_per_sec: raw.min_transfer_rate_kib.saturating_mul(1024),
+            },
+        })
+    }
+}
+
+/// What the coordinator admits before a peer has authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// Handshakes in progress at once, from anyone; beyond it new ones are refused.
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one IP address.
+    pub max_handshakes_per_ip: usize,
+    /// Concurrent request streams one connection may open (the agent needs two).
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self { max_handshakes: DEFAULT_MAX_HANDSHAKES, max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP, max_streams_per_connection: 4 }
+    }
+}
+
+const DEFAULT_MAX_HANDSHAKES: usize = 64;
+const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 8;
+fn default_max_handshakes() -> usize {
+    DEFAULT_MAX_HANDSHAKES
+}
+fn default_max_handshakes_per_ip() -> usize {
+    DEFAULT_MAX_HANDSHAKES_PER_IP
 }
 
 /// How the coordinator combines a round's updates, and the bounds it puts on each.
@@ -110,8 +225,15 @@ pub struct RawLedger {
 pub struct RawServer {
     pub listen: String,
     pub state_dir: PathBuf,
-    /// Dashboard and health endpoints (HTTP, bind to loopback or an admin network).
+    /// Dashboard and health endpoints (HTTP, loopback only until admin access is
+    /// authenticated).
     pub admin_listen: Option<String>,
+    /// Handshakes in progress at once, from anyone.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one IP address.
+    #[serde(default = "default_max_handshakes_per_ip")]
+    pub max_handshakes_per_ip: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,6 +497,8 @@ pub struct CoordinatorConfig {
     pub policy: PrivacyPolicy,
     /// How updates are bounded and combined.
     pub aggregation: Aggregation,
+    pub transport: Transport,
+    pub admission: Admission,
     pub sites: Vec<Site>,
     /// The ledger's ed25519 signing key (0600).
     pub ledger_key: PathBuf,
@@ -421,6 +545,26 @@ impl CoordinatorConfig {
         let labels = validate_labels(raw.model.labels)?;
         let (plan, policy) = training_plan(&raw.training, &raw.privacy)?;
         let aggregation = Aggregation::from_raw(&raw.aggregation, policy.mode)?;
+        let transport = Transport::from_raw(&raw.transport)?;
+        if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
+            return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
+        }
+        if let Some(admin) = admin_listen {
+            if !admin.ip().is_loopback() {
+                return Err(invalid(
+                    "server.admin_listen",
+                    format!(
+                        "{admin} is not a loopback address: the admin endpoints have no authentication yet, so they may listen on \
+                         127.0.0.1 or [::1] only (reach them from elsewhere through an SSH tunnel or an authenticating proxy)"
+                    ),
+                ));
+            }
+        }
+        let admission = Admission {
+            max_handshakes: raw.server.max_handshakes,
+            max_handshakes_per_ip: raw.server.max_handshakes_per_ip,
+            ..Admission::default()
+        };
         let state_dir = resolve(base_dir, raw.server.state_dir);
         let tls = tls_paths(base_dir, raw.tls);
         let ledger_key = match raw.ledger.signing_key {
@@ -447,6 +591,8 @@ impl CoordinatorConfig {
             plan,
             policy,
             aggregation,
+            transport,
+            admission,
             sites,
             ledger_key,
             ledger_file,
@@ -552,6 +698,8 @@ pub struct RawAgentConfig {
     pub model: RawAgentModel,
     pub budget: RawBudget,
     pub agent: RawAgent,
+    #[serde(default)]
+    pub transport: RawTransport,
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,6 +725,13 @@ pub struct RawAgentModel {
     pub base: PathBuf,
     #[serde(default)]
     pub labels: Option<Vec<String>>,
+    /// The largest global model the agent downloads, in MiB.
+    #[serde(default = "default_max_model_mib")]
+    pub max_model_mib: usize,
+}
+
+fn default_max_model_mib() -> usize {
+    4096
 }
 
 #[derive(Debug, Deserialize)]
@@ -635,6 +790,8 @@ pub struct AgentConfig {
     pub train_data: PathBuf,
     pub validation_data: Option<PathBuf>,
     pub model_base: PathBuf,
+    /// The largest global model the agent downloads, in bytes.
+    pub max_model_bytes: usize,
     pub labels: Vec<String>,
     pub budget: SiteBudget,
     pub state_dir: PathBuf,
@@ -642,6 +799,7 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     pub max_connect_attempts: u32,
     pub exit_when_finished: bool,
+    pub transport: Transport,
 }
 
 impl AgentConfig {
@@ -675,6 +833,7 @@ impl AgentConfig {
             train_data: resolve(base_dir, raw.data.train),
             validation_data: raw.data.validation.map(|p| resolve(base_dir, p)),
             model_base: resolve(base_dir, raw.model.base),
+            max_model_bytes: raw.model.max_model_mib.saturating_mul(1 << 20),
             labels: validate_labels(raw.model.labels)?,
             budget: SiteBudget { max_epsilon: b.max_epsilon, delta: b.delta, max_rounds: b.max_rounds, require_dp: b.require_dp },
             state_dir: resolve(base_dir, raw.agent.state_dir),
@@ -682,6 +841,7 @@ impl AgentConfig {
             max_backoff: parse_duration("agent.max_backoff", &raw.agent.max_backoff)?,
             max_connect_attempts: raw.agent.max_connect_attempts,
             exit_when_finished: raw.agent.exit_when_finished,
+            transport: Transport::from_raw(&raw.transport)?,
         })
     }
 }

@@ -24,6 +24,9 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         privacy: no_privacy().0,
         policy: no_privacy().1,
         aggregation: test_aggregation(),
+        transport: test_transport(),
+        admission: Default::default(),
+        max_concurrent_uploads: 2,
     }
 }
 
@@ -246,7 +249,7 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new("e2e");
     let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 1, vec!["alpha"]));
-    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("alpha")).clone(), &test_transport()).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
 
     async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Message {
@@ -350,7 +353,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
 
     // The cheating site speaks the protocol by hand and declares sigma 0.5. It is ready
     // before the honest sites connect, so it is certainly offered the round.
-    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), Duration::from_secs(3)).unwrap();
+    let endpoint = fedward_net::client_endpoint(coord.addr, (*pki.site_tls("cheat")).clone(), &test_transport()).unwrap();
     let conn = endpoint.connect(coord.addr, SERVER_NAME).unwrap().await.unwrap();
     async fn exchange(conn: &quinn::Connection, msg: &Message, tensors: Option<&fedward_shared::tensor::TensorSet>) -> Message {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

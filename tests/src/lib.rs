@@ -18,7 +18,7 @@ use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::store::Store;
 use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
-use fedward_shared::config::{Aggregation, SiteBudget};
+use fedward_shared::config::{Admission, Aggregation, Pace, SiteBudget, Transport};
 use fedward_shared::ledger_key::{self, PUBLIC_KEY_FILE, SIGNING_KEY_FILE};
 use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
@@ -127,6 +127,20 @@ pub struct CoordinatorSpec {
     pub policy: PrivacyPolicy,
     /// The coordinator's bounds on updates and how it combines them.
     pub aggregation: Aggregation,
+    pub transport: Transport,
+    pub admission: Admission,
+    pub max_concurrent_uploads: usize,
+}
+
+/// Short timeouts, so a test sees a dead peer quickly, with room for a loaded machine.
+pub fn test_transport() -> Transport {
+    Transport {
+        idle_timeout: Duration::from_secs(3),
+        keep_alive: Duration::from_millis(750),
+        handshake_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        pace: Pace { allowance: Duration::from_secs(5), min_bytes_per_sec: 1 << 20 },
+    }
 }
 
 /// FedAvg with a bound far above what the scripted trainer sends (the tiny model's
@@ -198,13 +212,18 @@ impl CoordinatorHandle {
         let tls = pki.server_tls();
         let endpoint = {
             let _in_runtime = runtime.enter();
-            fedward_net::server_endpoint(spec.addr, tls, Duration::from_secs(3)).expect("bind")
+            fedward_net::server_endpoint(spec.addr, tls, &spec.transport, &spec.admission).expect("bind")
         };
         let addr = endpoint.local_addr().expect("addr");
         let (status_tx, status) = watch::channel(StatusView::default());
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let (result_tx, result_rx) = oneshot::channel();
-        let options = ServerOptions { max_concurrent_uploads: 2, finish_grace: Duration::from_secs(5) };
+        let options = ServerOptions {
+            max_concurrent_uploads: spec.max_concurrent_uploads,
+            finish_grace: Duration::from_secs(5),
+            transport: spec.transport,
+            admission: spec.admission,
+        };
         runtime.spawn(async move {
             let shutdown = async {
                 let _ = shutdown_rx.await;
@@ -332,7 +351,8 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         max_backoff: Duration::from_millis(400),
         max_connect_attempts: max_attempts,
         exit_when_finished: true,
-        idle_timeout: Duration::from_secs(3),
+        transport: test_transport(),
+        max_model_bytes: 64 << 20,
         seed: Some(7),
         fail_after_ledger_write: false,
     }

@@ -5,10 +5,12 @@
 //! Thin: the frame format and every check on what a peer declares live in
 //! `fedward_shared::wire` (pure); this crate only moves bytes.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedward_shared::config::{Admission, Pace, Transport};
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{self, DecodeError, Message, TensorStreamError};
 
@@ -31,17 +33,45 @@ pub enum StreamError {
     Encode(#[from] wire::EncodeError),
     #[error(transparent)]
     Tensors(#[from] TensorStreamError),
+    #[error("too slow: {what} took longer than {limit:?}")]
+    TooSlow { what: &'static str, limit: Duration },
 }
 
-/// Reads one framed message; the length is checked before the payload is allocated.
+/// Runs `io` for at most `limit`; past it the exchange is [`StreamError::TooSlow`] (and
+/// dropping `io` stops it).
+pub async fn within<T>(limit: Duration, what: &'static str, io: impl Future<Output = Result<T, StreamError>>) -> Result<T, StreamError> {
+    tokio::time::timeout(limit, io).await.unwrap_or(Err(StreamError::TooSlow { what, limit }))
+}
+
+/// [`within`] the time `pace` gives `bytes`.
+pub async fn paced<T>(
+    pace: Pace,
+    bytes: usize,
+    what: &'static str,
+    io: impl Future<Output = Result<T, StreamError>>,
+) -> Result<T, StreamError> {
+    within(pace.time_for(bytes as u64), what, io).await
+}
+
+/// Reads one framed message. The declared length is checked against the limit first, and
+/// the buffer grows only as bytes arrive, so a peer that declares a large frame and sends
+/// nothing holds no memory for it.
 pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, StreamError> {
     let mut header = [0u8; 4];
     recv.read_exact(&mut header).await.map_err(finished_is_closed)?;
     let len = wire::frame_len(header)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(finished_is_closed)?;
+    let mut payload = Vec::with_capacity(len.min(FIRST_READ));
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await.map_err(|e| StreamError::Read(quinn::ReadExactError::ReadError(e)))? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => return Err(StreamError::Closed),
+        }
+    }
     Ok(wire::decode_payload(&payload)?)
 }
+
+/// What a frame buffer starts at: most frames (everything but an offer's manifest) fit.
+const FIRST_READ: usize = 16 << 10;
 
 /// Writes one framed message.
 pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), StreamError> {
@@ -128,36 +158,54 @@ impl ConnectionEnd {
     }
 }
 
-/// A quinn server endpoint on `addr`, with 4 MiB UDP buffers.
-pub fn server_endpoint(addr: SocketAddr, tls: rustls::ServerConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
+/// A quinn server endpoint on `addr`, with 4 MiB UDP buffers and the transport settings
+/// below.
+///
+/// Before authentication a peer gets little: at most `max_handshakes` connections may be
+/// in their handshake at once (the shell also counts per address and asks for address
+/// validation under load), each buffering at most 64 KiB of early data, 4 MiB in all.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    transport: &Transport,
+    admission: &Admission,
+) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = transport_config(idle_timeout)?;
-    transport.max_concurrent_bidi_streams(16u32.into());
-    server.transport_config(Arc::new(transport));
+    let mut settings = transport_config(transport)?;
+    // The agent opens request streams; the coordinator never reads a unidirectional one.
+    settings.max_concurrent_bidi_streams(admission.max_streams_per_connection.into());
+    server.transport_config(Arc::new(settings));
+    server.max_incoming(admission.max_handshakes.max(1));
+    server.incoming_buffer_size(64 << 10);
+    server.incoming_buffer_size_total(4 << 20);
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))
 }
 
 /// A client endpoint on an ephemeral port of `remote`'s address family, with 4 MiB UDP
-/// buffers.
-pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, idle_timeout: Duration) -> std::io::Result<quinn::Endpoint> {
+/// buffers. The coordinator may open no stream towards it.
+pub fn client_endpoint(remote: SocketAddr, tls: rustls::ClientConfig, transport: &Transport) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(idle_timeout)?));
+    let mut settings = transport_config(transport)?;
+    settings.max_concurrent_bidi_streams(0u32.into());
+    client.transport_config(Arc::new(settings));
     let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(std::io::Error::other)?;
     let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(local)?, Arc::new(quinn::TokioRuntime))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
 
-/// The settings both sides share: the idle timeout, and keep-alives at a quarter of it.
-fn transport_config(idle_timeout: Duration) -> std::io::Result<quinn::TransportConfig> {
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
-    transport.keep_alive_interval(Some(idle_timeout / 4));
-    Ok(transport)
+/// The settings both sides share: the idle timeout and keep-alive from the config, and no
+/// unidirectional streams (fedward never uses them, so a peer may not park data in them).
+fn transport_config(transport: &Transport) -> std::io::Result<quinn::TransportConfig> {
+    let mut settings = quinn::TransportConfig::default();
+    settings.max_idle_timeout(Some(transport.idle_timeout.try_into().map_err(std::io::Error::other)?));
+    settings.keep_alive_interval(Some(transport.keep_alive));
+    settings.max_concurrent_uni_streams(0u32.into());
+    Ok(settings)
 }
 
 /// A UDP socket bound to `addr` with 4 MiB buffers: the default ~208 KB loses packets at
