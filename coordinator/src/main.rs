@@ -268,7 +268,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let (status_tx, status_rx) = watch::channel(StatusView::default());
     if let Some(admin) = cfg.admin_listen {
-        let bound = fedward_coordinator::admin::serve(admin, status_rx, cfg.state_dir.clone())
+        let bound = fedward_coordinator::admin::serve(admin, status_rx, cfg.state_dir.clone(), Default::default())
             .await
             .with_context(|| format!("binding the admin endpoint {admin}"))?;
         info!(addr = %bound, "admin dashboard at http://{bound}/");
