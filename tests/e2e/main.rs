@@ -1,6 +1,7 @@
 //! End-to-end tests over real QUIC with mutual TLS on 127.0.0.1: federation rounds,
 //! refusals, a coordinator crash and restart, a malformed update, an agent crash between
-//! its ledger write and the send, and an update outside the privacy policy.
+//! its ledger write and the send, and an update outside the privacy policy; `hostile`
+//! holds the peers that misbehave on purpose.
 
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use fedward_shared::pki::Validity;
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan};
 use fedward_shared::wire::{self, Message, PrivacyPolicy, Ready, RejectCode};
 use fedward_tests::*;
+
+mod hostile;
 
 fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'static str>) -> CoordinatorSpec {
     CoordinatorSpec {

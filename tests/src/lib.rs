@@ -24,7 +24,7 @@ use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::tls::{self, TlsMaterial};
-use fedward_shared::wire::{LocalMetrics, PrivacyPolicy, RoundId, SiteId};
+use fedward_shared::wire::{Hello, LocalMetrics, Message, PrivacyPolicy, Ready, RoundId, RoundOffer, SiteId, PROTOCOL_VERSION};
 
 /// The DNS name in the test coordinator's certificate.
 pub const SERVER_NAME: &str = "coordinator.test";
@@ -382,4 +382,56 @@ pub fn apply_weighted_mean(model: &mut TensorSet, updates: &[(u64, &TensorSet)])
 pub fn init_logging() {
     let filter = std::env::var("FEDWARD_LOG").unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A site driven by hand over real QUIC, for tests that misbehave on purpose: it speaks
+/// the protocol message by message and can lie in any field.
+pub struct ManualSite {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+impl ManualSite {
+    /// Connects as `site` and says hello; the coordinator must welcome it.
+    pub async fn connect(pki: &TestPki, site: &str, addr: SocketAddr) -> Self {
+        let endpoint = fedward_net::client_endpoint(addr, (*pki.site_tls(site)).clone(), &test_transport()).expect("endpoint");
+        let conn = endpoint.connect(addr, SERVER_NAME).expect("connect").await.expect("handshake");
+        let me = Self { endpoint, conn };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, software: "manual".into(), capabilities: vec![] };
+        assert!(matches!(me.exchange(&Message::Hello(hello), None).await, Message::Welcome(_)), "welcomed");
+        me
+    }
+
+    /// Sends `msg` (then `tensors`' bytes, if any) on a fresh stream and reads the answer.
+    pub async fn exchange(&self, msg: &Message, tensors: Option<&TensorSet>) -> Message {
+        let (mut send, mut recv) = self.conn.open_bi().await.expect("stream");
+        fedward_net::write_message(&mut send, msg).await.expect("write");
+        if let Some(t) = tensors {
+            // The coordinator may refuse on the header alone and stop reading.
+            let _ = fedward_net::write_tensors(&mut send, t, &t.specs()).await;
+        }
+        let _ = send.finish();
+        fedward_net::read_message(&mut recv).await.expect("answer")
+    }
+
+    /// Says ready on a task of its own (the answer comes when a round opens).
+    pub fn ready(&self) -> tokio::task::JoinHandle<Message> {
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+            fedward_net::write_message(&mut send, &Message::Ready(Ready { have_model: None })).await.expect("write");
+            let _ = send.finish();
+            fedward_net::read_message(&mut recv).await.expect("offer")
+        })
+    }
+}
+
+/// A delta of `value` for every trainable tensor of an offer.
+pub fn delta_for(offer: &RoundOffer, value: f32) -> TensorSet {
+    let mut delta = TensorSet::new();
+    for spec in offer.manifest.iter().filter(|s| offer.plan.trainable_tensors.contains(&s.name)) {
+        let n = spec.shape.iter().product();
+        delta.insert(spec.name.clone(), Tensor::new(spec.shape.clone(), vec![value; n]).expect("shape"));
+    }
+    delta
 }
