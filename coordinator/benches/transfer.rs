@@ -6,48 +6,22 @@
 //! with `scripts/bench.sh transfer` (`cargo bench`: a release build); prints a table and
 //! writes JSON to `--out`.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 
-use fedward_net::{client_endpoint, read_message, read_tensors, write_message, write_tensors};
-use fedward_shared::pki::{self, CertifiedKey, Validity};
+use fedward_net::{read_message, read_tensors, write_message};
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::{Tensor, TensorSet};
-use fedward_shared::tls::{self, TlsMaterial};
-use fedward_shared::wire::{self, Hello, LocalMetrics, Message, ModelRequest, PrivacyUsed, Ready, SiteId, UpdateHeader};
-
-const SERVER_NAME: &str = "coordinator.bench";
-const SITE: &str = "bench-site";
-
-/// A throwaway consortium: its CA, the coordinator's certificate, and the one site's TLS.
-struct BenchPki {
-    ca: CertifiedKey,
-    server: CertifiedKey,
-    site_tls: rustls::ClientConfig,
-}
-
-impl BenchPki {
-    fn new() -> Result<Self> {
-        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
-        let ca = pki::create_ca("bench", validity, [1; 16])?;
-        let server = pki::issue_server(&ca, &[SERVER_NAME.to_owned()], &["127.0.0.1".parse()?], validity, [2; 16])?;
-        let site = SiteId::new(SITE).context("site id")?;
-        let request = pki::site_request(&site)?;
-        let cert = pki::sign_site_request(&ca, &request.csr_pem, &site, validity, [3; 16])?;
-        let site_tls = tls::client_config(&TlsMaterial {
-            ca_pem: ca.cert_pem.as_bytes(),
-            cert_pem: cert.as_bytes(),
-            key_pem: request.key_pem.as_bytes(),
-        })?;
-        Ok(Self { ca, server, site_tls })
-    }
-}
+use fedward_shared::wire::{Message, ModelRequest, Ready};
+use support::{Consortium, CoordinatorProcess, HandSite};
 
 /// all-MiniLM-L6-v2's shapes: 22.7M parameters with a 4-label head.
 fn minilm_shaped_model(rng: &mut impl Rng) -> TensorSet {
@@ -96,11 +70,6 @@ fn minilm_shaped_model(rng: &mut impl Rng) -> TensorSet {
         .collect()
 }
 
-fn rss_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn tcp_copy(bytes: &[u8]) -> Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -123,102 +92,22 @@ fn tcp_copy(bytes: &[u8]) -> Result<f64> {
     Ok(n as f64 / 1e6 / secs)
 }
 
-struct Coordinator(Child);
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn write_setup(dir: &Path, pki: &BenchPki, model: &TensorSet, port: u16) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir.join("pki"))?;
-    std::fs::write(dir.join("pki/ca.crt"), &pki.ca.cert_pem)?;
-    std::fs::write(dir.join("pki/coordinator.crt"), &pki.server.cert_pem)?;
-    fedward_shared::fsutil::write_private_new(&dir.join("pki/coordinator.key"), pki.server.key_pem.as_bytes())?;
-    // The ledger key, where the config's default looks for it (beside coordinator.key).
-    fedward_shared::ledger_key::write_keypair(&dir.join("pki"), [42; 32])?;
-    std::fs::write(dir.join("init.safetensors"), model.to_safetensors(None)?)?;
-    let config = format!(
-        r#"[server]
-listen = "127.0.0.1:{port}"
-state_dir = "state"
-[tls]
-ca_cert = "pki/ca.crt"
-cert = "pki/coordinator.crt"
-key = "pki/coordinator.key"
-[federation]
-rounds = 1
-min_sites = 1
-round_deadline = "10m"
-max_concurrent_uploads = 1
-[model]
-init = "init.safetensors"
-[training]
-trainable = "all"
-[privacy]
-mode = "off"
-[[sites]]
-id = "{SITE}"
-"#
-    );
-    let path = dir.join("coordinator.toml");
-    std::fs::write(&path, config)?;
-    Ok(path)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let out: Option<PathBuf> = std::env::args().skip_while(|a| a != "--out").nth(1).map(PathBuf::from);
-    let dir = tempfile::tempdir()?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let model = minilm_shaped_model(&mut rng);
     let params = model.element_count();
     let mb = model.byte_len() as f64 / 1e6;
     println!("update: {params} parameters, {mb:.1} MB");
 
-    let pki = BenchPki::new()?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let config = write_setup(dir.path(), &pki, &model, port)?;
-    // Cargo builds the package's binary for its benches and names it here.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("FEDWARD_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let stderr = child.stderr.take().context("stderr")?;
-    let _coordinator = Coordinator(child);
-    // Wait for the coordinator to say it listens, then keep draining its log.
-    let (up_tx, up_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening for agents") {
-                let _ = up_tx.send(());
-            }
-        }
-    });
-    up_rx.recv_timeout(Duration::from_secs(120)).context("coordinator did not start")?;
-
-    let addr = format!("127.0.0.1:{port}").parse()?;
-    let endpoint = client_endpoint(addr, pki.site_tls.clone(), &Default::default())?;
-    let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
-    async fn request(conn: &quinn::Connection, msg: &Message) -> Result<Message> {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_message(&mut send, msg).await?;
-        send.finish()?;
-        Ok(read_message(&mut recv).await?)
-    }
-    let hello = Hello { protocol_version: wire::PROTOCOL_VERSION, software: "bench".into(), capabilities: vec![] };
-    let Message::Welcome(_) = request(&conn, &Message::Hello(hello)).await? else { bail!("not welcomed") };
-    let Message::RoundOffer(offer) = request(&conn, &Message::Ready(Ready { have_model: None })).await? else { bail!("no offer") };
+    let consortium = Consortium::new(&model, "all", &["bench-site".to_owned()], 1, "[aggregation]\nmax_update_norm = 1e9\n")?;
+    let coordinator = CoordinatorProcess::start(&consortium)?;
+    let site = HandSite::connect(consortium.addr, consortium.site_tls("bench-site")?, 1).await?;
+    let offer = site.offer().await?;
     assert_eq!(offer.plan.privacy, PrivacyPlan::Off);
-    let rss_before_kib = rss_kib(pid, "VmRSS:").unwrap_or(0);
+    let conn = &site.conn;
+    let rss_before_kib = coordinator.rss_kib("VmRSS:");
 
     // Download: the coordinator streams the global model.
     let started = Instant::now();
@@ -232,25 +121,13 @@ async fn main() -> Result<()> {
 
     // Upload: one update of every tensor.
     let delta = model;
-    let specs = delta.specs();
-    let header = UpdateHeader {
-        round: offer.round,
-        num_examples: 1000,
-        metrics: LocalMetrics::default(),
-        tensors: specs.clone(),
-        privacy: PrivacyUsed::off(),
-    };
     let started = Instant::now();
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_message(&mut send, &Message::Update(header)).await?;
-    write_tensors(&mut send, &delta, &specs).await?;
-    send.finish()?;
-    let answer = read_message(&mut recv).await?;
+    let answer = site.send_update(&offer, &delta, 1000).await?;
     let upload_secs = started.elapsed().as_secs_f64();
     let Message::Ack(_) = answer else { bail!("update not accepted: {answer:?}") };
     let upload_mbps = mb / upload_secs;
-    let peak_kib = rss_kib(pid, "VmHWM:").unwrap_or(0);
-    let _ = request(&conn, &Message::Ready(Ready { have_model: None })).await;
+    let peak_kib = coordinator.rss_kib("VmHWM:");
+    let _ = site.request(&Message::Ready(Ready { have_model: None })).await;
     conn.close(0u32.into(), b"bench done");
 
     // The same bytes over raw TCP on loopback, in the same run.

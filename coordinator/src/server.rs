@@ -513,7 +513,9 @@ type CurrentModel = Arc<Mutex<Option<Offered>>>;
 #[derive(Clone)]
 struct Offered {
     round: RoundId,
-    model: Arc<TensorSet>,
+    /// Weak: a connection must not keep a round's model alive once the round has closed
+    /// and the coordinator moved on (an idle site would hold a whole model otherwise).
+    model: std::sync::Weak<TensorSet>,
     /// The offer's manifest by name: digests computed once, when the model was made.
     manifest: Arc<HashMap<String, TensorSpec>>,
 }
@@ -574,7 +576,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
                     info!(round = %offer.round, "round offered");
                     let manifest = offer.manifest.iter().map(|s| (s.name.clone(), s.clone())).collect();
                     *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Offered { round: offer.round, model, manifest: Arc::new(manifest) });
+                        Some(Offered { round: offer.round, model: Arc::downgrade(&model), manifest: Arc::new(manifest) });
                     reply(send, &Message::RoundOffer(*offer)).await
                 }
                 Ok(ReadyReply::Finished(f)) => reply(send, &Message::Finished(f)).await,
@@ -590,6 +592,10 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
                     return reply(send, &Message::Reject(r)).await;
                 }
             };
+            let Some(model) = offered.model.upgrade() else {
+                let r = Reject::new(RejectCode::StaleRound, format!("round {} has closed", req.round));
+                return reply(send, &Message::Reject(r)).await;
+            };
             let specs = match requested_specs(&offered.manifest, &req.names) {
                 Ok(specs) => specs,
                 Err(r) => {
@@ -601,7 +607,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
             paced(ctx.shared.transport.pace, bytes, "model download", async {
                 write_message(send, &Message::Tensors(specs.clone())).await?;
-                write_tensors(send, &offered.model, &specs).await?;
+                write_tensors(send, &model, &specs).await?;
                 send.finish()?;
                 debug!("model sent");
                 Ok(())

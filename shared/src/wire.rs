@@ -205,6 +205,13 @@ pub struct RoundOffer {
     pub total_rounds: u64,
 }
 
+impl RoundOffer {
+    /// The manifest's entries for the tensors the plan trains: what an update carries.
+    pub fn trainable_specs(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.manifest.iter().filter(|s| self.plan.trainable_tensors.contains(&s.name))
+    }
+}
+
 /// The federation has run all its rounds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finished {

@@ -426,12 +426,10 @@ impl ManualSite {
     }
 }
 
-/// A delta of `value` for every trainable tensor of an offer.
+/// A delta of `value` for every tensor an update of `offer` carries.
 pub fn delta_for(offer: &RoundOffer, value: f32) -> TensorSet {
-    let mut delta = TensorSet::new();
-    for spec in offer.manifest.iter().filter(|s| offer.plan.trainable_tensors.contains(&s.name)) {
-        let n = spec.shape.iter().product();
-        delta.insert(spec.name.clone(), Tensor::new(spec.shape.clone(), vec![value; n]).expect("shape"));
-    }
-    delta
+    offer
+        .trainable_specs()
+        .map(|s| (s.name.clone(), Tensor::new(s.shape.clone(), vec![value; s.shape.iter().product()]).expect("shape")))
+        .collect()
 }

@@ -1,0 +1,257 @@
+//! Support for running the real `fedward-coordinator` binary as a process: a throwaway
+//! consortium on disk (PKI, ledger keys, initial model, config), the process with its
+//! memory readings, and a site that speaks the protocol by hand. Shared by the
+//! coordinator's process-level tests and its transfer bench (which includes this file).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use fedward_net::{client_endpoint, read_message, write_message, write_tensors};
+use fedward_shared::config::Transport;
+use fedward_shared::pki::{self, CertifiedKey, Validity};
+use fedward_shared::tensor::{Tensor, TensorSet};
+use fedward_shared::tls::{self, TlsMaterial};
+use fedward_shared::wire::{self, Hello, LocalMetrics, Message, PrivacyUsed, Ready, RoundOffer, SiteId, UpdateHeader};
+
+pub const SERVER_NAME: &str = "coordinator.test";
+
+/// A consortium written to a directory: its CA, the coordinator's certificate and ledger
+/// keys, an initial model and a config enrolling `sites`.
+pub struct Consortium {
+    pub dir: tempfile::TempDir,
+    pub ca: CertifiedKey,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl Consortium {
+    /// `extra` is appended to the config (TOML tables of its own: `[aggregation]`, ...).
+    pub fn new(model: &TensorSet, trainable: &str, sites: &[String], min_sites: usize, extra: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
+        let ca = pki::create_ca("test", validity, [1; 16])?;
+        let server = pki::issue_server(&ca, &[SERVER_NAME.to_owned()], &["127.0.0.1".parse()?], validity, [2; 16])?;
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("pki"))?;
+        std::fs::write(p.join("pki/ca.crt"), &ca.cert_pem)?;
+        std::fs::write(p.join("pki/coordinator.crt"), &server.cert_pem)?;
+        fedward_shared::fsutil::write_private_new(&p.join("pki/coordinator.key"), server.key_pem.as_bytes())?;
+        // The ledger key, where the config's default looks for it (beside coordinator.key).
+        fedward_shared::ledger_key::write_keypair(&p.join("pki"), [42; 32])?;
+        std::fs::write(p.join("init.safetensors"), model.to_safetensors(None)?)?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let enrolled: String = sites.iter().map(|s| format!("[[sites]]\nid = \"{s}\"\n")).collect();
+        let config = format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+state_dir = "state"
+[tls]
+ca_cert = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+[federation]
+rounds = 1
+min_sites = {min_sites}
+round_deadline = "10m"
+max_concurrent_uploads = 1
+[model]
+init = "init.safetensors"
+[training]
+trainable = "{trainable}"
+[privacy]
+mode = "off"
+{extra}
+{enrolled}"#,
+        );
+        let path = p.join("coordinator.toml");
+        std::fs::write(&path, config)?;
+        Ok(Self { addr: format!("127.0.0.1:{port}").parse()?, config: path, ca, dir })
+    }
+
+    /// A site's TLS: a key made "at the site", a certificate signed by the CA.
+    pub fn site_tls(&self, site: &str) -> Result<rustls::ClientConfig> {
+        let id = SiteId::new(site).context("site id")?;
+        let request = pki::site_request(&id)?;
+        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
+        let cert = pki::sign_site_request(&self.ca, &request.csr_pem, &id, validity, [3; 16])?;
+        Ok(tls::client_config(&TlsMaterial {
+            ca_pem: self.ca.cert_pem.as_bytes(),
+            cert_pem: cert.as_bytes(),
+            key_pem: request.key_pem.as_bytes(),
+        })?)
+    }
+
+    /// A client whose certificate another CA signed: anyone on the net, to this
+    /// consortium. It trusts the coordinator, so it gets as far as a handshake can.
+    pub fn outsider_tls(&self) -> Result<rustls::ClientConfig> {
+        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
+        let rogue = pki::create_ca("rogue", validity, [9; 16])?;
+        let id = SiteId::new("outsider").context("site id")?;
+        let request = pki::site_request(&id)?;
+        let cert = pki::sign_site_request(&rogue, &request.csr_pem, &id, validity, [8; 16])?;
+        Ok(tls::client_config(&TlsMaterial {
+            ca_pem: self.ca.cert_pem.as_bytes(),
+            cert_pem: cert.as_bytes(),
+            key_pem: request.key_pem.as_bytes(),
+        })?)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+/// The coordinator binary running `serve` on a consortium's config; killed on drop.
+pub struct CoordinatorProcess {
+    child: Child,
+    pub pid: u32,
+}
+
+impl CoordinatorProcess {
+    /// Starts it and waits until it says it listens.
+    pub fn start(consortium: &Consortium) -> Result<Self> {
+        // Cargo builds the package's binary for its tests and benches and names it here.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&consortium.config)
+            .env("FEDWARD_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let stderr = child.stderr.take().context("stderr")?;
+        let me = Self { child, pid };
+        // Wait for the coordinator to say it listens (or to stop, with what it said), then
+        // keep draining its log.
+        let (up_tx, up_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut said = Vec::new();
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening for agents") {
+                    let _ = up_tx.send(Ok(()));
+                } else if said.len() < 20 {
+                    said.push(line);
+                }
+            }
+            let _ = up_tx.send(Err(said.join("\n")));
+        });
+        match up_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Ok(())) => Ok(me),
+            Ok(Err(said)) => bail!("the coordinator stopped before listening:\n{said}"),
+            Err(_) => bail!("the coordinator did not start in time"),
+        }
+    }
+
+    /// Resident memory now (`VmRSS`), or its peak (`VmHWM`), in KiB.
+    pub fn rss_kib(&self, field: &str) -> u64 {
+        rss_kib(self.pid, field).unwrap_or(0)
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(mut self) -> Result<std::process::ExitStatus> {
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A model with all-MiniLM-L6-v2's word embeddings (30522 x 384, 47 MB: what a
+/// coordinator holds in production), a pooler and the head that trains.
+pub fn minilm_embedding_model() -> TensorSet {
+    let mut m = TensorSet::new();
+    let t = |shape: Vec<usize>| Tensor::new(shape.clone(), vec![0.01; shape.iter().product()]).expect("shape");
+    m.insert("bert.embeddings.word_embeddings.weight", t(vec![30522, 384]));
+    m.insert("bert.pooler.dense.weight", t(vec![384, 384]));
+    m.insert("bert.pooler.dense.bias", t(vec![384]));
+    m.insert("classifier.weight", t(vec![4, 384]));
+    m.insert("classifier.bias", t(vec![4]));
+    m
+}
+
+/// A connection that has said hello, as `site` would.
+pub struct HandSite {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+}
+
+impl HandSite {
+    /// Connects with `tls` and says hello, retrying a refused handshake (a busy gate) until
+    /// it gets in or `attempts` run out.
+    pub async fn connect(addr: SocketAddr, tls: rustls::ClientConfig, attempts: u32) -> Result<Self> {
+        let endpoint = client_endpoint(addr, tls, &Transport::default())?;
+        let mut last = String::new();
+        for _ in 0..attempts {
+            match endpoint.connect(addr, SERVER_NAME)?.await {
+                Ok(conn) => {
+                    let me = Self { endpoint, conn };
+                    let hello = Hello { protocol_version: wire::PROTOCOL_VERSION, software: "hand".into(), capabilities: vec![] };
+                    match me.request(&Message::Hello(hello)).await? {
+                        Message::Welcome(_) => return Ok(me),
+                        other => bail!("not welcomed: {other:?}"),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::task::yield_now().await;
+        }
+        bail!("could not connect in {attempts} attempts: {last}")
+    }
+
+    pub async fn request(&self, msg: &Message) -> Result<Message> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_message(&mut send, msg).await?;
+        send.finish()?;
+        Ok(read_message(&mut recv).await?)
+    }
+
+    /// Says ready and waits for the offer.
+    pub async fn offer(&self) -> Result<RoundOffer> {
+        match self.request(&Message::Ready(Ready { have_model: None })).await? {
+            Message::RoundOffer(o) => Ok(o),
+            other => bail!("expected an offer, got {other:?}"),
+        }
+    }
+
+    /// Sends `delta` as the round's update; returns the coordinator's answer.
+    pub async fn send_update(&self, offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Result<Message> {
+        let specs = delta.specs();
+        let header = UpdateHeader {
+            round: offer.round,
+            num_examples,
+            metrics: LocalMetrics::default(),
+            tensors: specs.clone(),
+            privacy: PrivacyUsed::off(),
+        };
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_message(&mut send, &Message::Update(header)).await?;
+        write_tensors(&mut send, delta, &specs).await?;
+        send.finish()?;
+        Ok(read_message(&mut recv).await?)
+    }
+}
+
+/// A delta of `value` for every tensor an update of `offer` carries.
+pub fn delta_for(offer: &RoundOffer, value: f32) -> TensorSet {
+    offer
+        .trainable_specs()
+        .map(|s| (s.name.clone(), Tensor::new(s.shape.clone(), vec![value; s.shape.iter().product()]).expect("shape")))
+        .collect()
+}
