@@ -5,9 +5,12 @@
 //! One file, written atomically ([`fsutil::atomic_write`], 0600) *before* the ledger
 //! append, so whenever the ledger holds a release its update is on disk: a magic line,
 //! the 32-byte digest of the global model it was trained from, the framed `Update`
-//! message exactly as it is sent (`shared::wire`), then the raw little-endian f32 bytes of
-//! each tensor in the header's order. Reading checks every tensor against the digest the
-//! header declares. The next round's update replaces it.
+//! message exactly as it is sent (`shared::wire`), the raw little-endian f32 bytes of
+//! each tensor in the header's order, and a blake3 digest of everything before it. Reading
+//! checks that digest first: the header's fields (examples, privacy parameters) are resent
+//! as they are and must be what the ledger recorded, so a damaged byte anywhere refuses
+//! the file (a property test found that v1, which checked only the tensors, took a flipped
+//! header byte). The next round's update replaces it.
 
 use std::io;
 use std::path::Path;
@@ -18,7 +21,9 @@ use fedward_shared::wire::{self, Message, UpdateHeader};
 
 /// The cache's file name in the agent's state directory.
 pub const RELEASED_UPDATE: &str = "released-update.bin";
-const MAGIC: &[u8] = b"fedward-released-update-v1\n";
+const MAGIC: &[u8] = b"fedward-released-update-v2\n";
+/// The trailing blake3 digest over the rest of the file.
+const CHECKSUM_LEN: usize = 32;
 /// An update this large is not one the agent wrote (the wire limit is per tensor; this is
 /// only a guard against reading a wrong file whole).
 const MAX_TOTAL_BYTES: usize = 1 << 34;
@@ -59,13 +64,19 @@ impl ReleasedUpdate {
                 self.delta.get(&spec.name).ok_or_else(|| OutboxError::Corrupt(format!("tensor {} is declared but absent", spec.name)))?;
             out.extend_from_slice(&t.le_bytes());
         }
+        let checksum = blake3::hash(&out);
+        out.extend_from_slice(checksum.as_bytes());
         Ok(out)
     }
 
     /// Parses and verifies the file's bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, OutboxError> {
         let corrupt = |m: &str| OutboxError::Corrupt(m.to_owned());
-        let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| corrupt("not a released-update file"))?;
+        let (body, checksum) = bytes.split_at_checked(bytes.len().saturating_sub(CHECKSUM_LEN)).ok_or_else(|| corrupt("truncated"))?;
+        if checksum.len() != CHECKSUM_LEN || blake3::hash(body).as_bytes() != checksum {
+            return Err(corrupt("checksum mismatch: the file is damaged or not a released-update file"));
+        }
+        let rest = body.strip_prefix(MAGIC).ok_or_else(|| corrupt("not a released-update file"))?;
         let (digest, rest) = rest.split_at_checked(32).ok_or_else(|| corrupt("truncated model digest"))?;
         let model_digest = Digest(digest.try_into().map_err(|_| corrupt("model digest"))?);
         let (msg, used) =
@@ -149,11 +160,42 @@ mod tests {
         let bytes = released().encode().unwrap();
         let mut flipped = bytes.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(matches!(ReleasedUpdate::decode(&flipped), Err(OutboxError::Corrupt(m)) if m.contains("digest")));
+        assert!(matches!(ReleasedUpdate::decode(&flipped), Err(OutboxError::Corrupt(m)) if m.contains("checksum")));
+        // A byte of the header (here the number of examples' encoding) is caught too.
+        let header_at = MAGIC.len() + 32 + 6;
+        let mut header = bytes.clone();
+        header[header_at] ^= 1;
+        assert!(matches!(ReleasedUpdate::decode(&header), Err(OutboxError::Corrupt(m)) if m.contains("checksum")));
         assert!(ReleasedUpdate::decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(ReleasedUpdate::decode(&bytes[1..]).is_err());
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(ReleasedUpdate::decode(&longer).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { failure_persistence: None, ..Default::default() })]
+
+        /// The cache is read back after a crash, whatever the crash left: arbitrary or
+        /// damaged bytes give an error, never a panic.
+        #[test]
+        fn a_damaged_cache_is_refused_not_trusted(
+            flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..6),
+            cut in 0usize..4096,
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let mut bytes = released().encode().unwrap();
+            let intact = flips.is_empty() && cut >= bytes.len();
+            for (i, b) in flips {
+                let n = bytes.len();
+                bytes[i % n] = b;
+            }
+            bytes.truncate(cut);
+            if let Ok(back) = ReleasedUpdate::decode(&bytes) {
+                // Only an undamaged file (or a flip that changed nothing) decodes, to itself.
+                proptest::prop_assert!(intact || back == released());
+            }
+            let _ = ReleasedUpdate::decode(&noise);
+        }
     }
 }
