@@ -33,6 +33,58 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
     }
 }
 
+/// A hundred agents in one process against one coordinator: every round completes with
+/// all of them, and the model is their weighted mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_agents_complete_their_rounds() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let sites: Vec<&'static str> = (0..100).map(|i| &*Box::leak(format!("site-{i:03}").into_boxed_str())).collect();
+    let mut s = spec(dir.path(), 2, sites.len(), sites.clone());
+    // One loopback address for a hundred sites: the per-address handshake limit is for
+    // sites that each have their own.
+    s.admission.max_handshakes_per_ip = s.admission.max_handshakes;
+    let coord = CoordinatorHandle::start(&pki, s);
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let (trainer, sent) = ScriptedTrainer::new(0.001 * i as f32, 100 + i as u64);
+        agents.push(spawn_agent(agent_options(coord.addr, pki.site_tls(site), &dir.path().join(site), 0), trainer));
+        logs.push(sent);
+    }
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 2 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    assert_model_is_the_weighted_mean(&dir.path().join("coordinator"), 2, &logs);
+}
+
+/// Recomputes the global model from what the agents actually sent, round by round, and
+/// compares it with the coordinator's last checkpoint.
+fn assert_model_is_the_weighted_mean(state_dir: &std::path::Path, rounds: u64, logs: &[std::sync::Arc<std::sync::Mutex<Vec<Sent>>>]) {
+    let mut expected = tiny_global();
+    for round in 1..=rounds {
+        let sent: Vec<Sent> = logs
+            .iter()
+            .map(|l| l.lock().unwrap().iter().find(|s| s.round.0 == round).cloned().expect("each agent sent each round"))
+            .collect();
+        // Every agent trained on the same global model, the one the coordinator built.
+        assert!(sent.iter().all(|s| s.global_digest == expected.digest().to_hex()), "round {round}");
+        let updates: Vec<(u64, &_)> = sent.iter().map(|s| (s.num_examples, &s.delta)).collect();
+        apply_weighted_mean(&mut expected, &updates);
+    }
+    let store = Store::open(state_dir).unwrap();
+    let (model, completed) = store.load_current().unwrap().unwrap();
+    assert_eq!(completed, rounds);
+    for (name, t) in model.iter() {
+        let e = expected.get(name).unwrap();
+        for (a, b) in t.data().iter().zip(e.data()) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     init_logging();
@@ -52,27 +104,9 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     }
     assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
 
-    // Recompute the global model from what the agents actually sent.
-    let mut expected = tiny_global();
-    for round in 1..=2 {
-        let sent: Vec<Sent> = logs
-            .iter()
-            .map(|l| l.lock().unwrap().iter().find(|s| s.round.0 == round).cloned().expect("each agent sent each round"))
-            .collect();
-        // Every agent trained on the same global model, the one the coordinator built.
-        assert!(sent.iter().all(|s| s.global_digest == expected.digest().to_hex()), "round {round}");
-        let updates: Vec<(u64, &_)> = sent.iter().map(|s| (s.num_examples, &s.delta)).collect();
-        apply_weighted_mean(&mut expected, &updates);
-    }
+    assert_model_is_the_weighted_mean(&dir.path().join("coordinator"), 2, &logs);
     let store = Store::open(&dir.path().join("coordinator")).unwrap();
-    let (model, completed) = store.load_current().unwrap().unwrap();
-    assert_eq!(completed, 2);
-    for (name, t) in model.iter() {
-        let e = expected.get(name).unwrap();
-        for (a, b) in t.data().iter().zip(e.data()) {
-            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}: {a} vs {b}");
-        }
-    }
+    let (model, _) = store.load_current().unwrap().unwrap();
     // Frozen tensors never moved.
     assert_eq!(model.get("bert.encoder.layer.0.output.dense.weight"), tiny_global().get("bert.encoder.layer.0.output.dense.weight"));
     let history = &store.state().unwrap().history;
