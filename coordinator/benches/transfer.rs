@@ -101,7 +101,7 @@ async fn main() -> Result<()> {
     let mb = model.byte_len() as f64 / 1e6;
     println!("update: {params} parameters, {mb:.1} MB");
 
-    let consortium = Consortium::new(&model, "all", &["bench-site".to_owned()], 1, "[aggregation]\nmax_update_norm = 1e9\n")?;
+    let consortium = Consortium::new(&model, "all", &["bench-site".to_owned()], 1, 1, "[aggregation]\nmax_update_norm = 1e9\n")?;
     let coordinator = CoordinatorProcess::start(&consortium)?;
     let site = HandSite::connect(consortium.addr, consortium.site_tls("bench-site")?, 1).await?;
     let offer = site.offer().await?;

@@ -3,7 +3,6 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -213,26 +212,28 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
     let mut store = Store::open(&cfg.state_dir)?;
-    let (model, completed) = match store.load_current()? {
-        Some((model, completed)) => {
+    // Only the manifest stays in memory: checkpoints are read tensor by tensor.
+    let (manifest, completed) = match store.current()? {
+        Some((manifest, completed)) => {
             info!(completed, state_dir = %cfg.state_dir.display(), "resuming from saved state");
-            (model, completed)
+            (manifest, completed)
         }
         None => {
             let model = load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed)?;
-            store.save_initial(&model)?;
+            let manifest = store.save_initial(&model)?;
             info!(
                 init = %cfg.model_init.display(),
                 tensors = model.len(),
                 parameters = model.element_count(),
                 "initialised round 0 from the base model"
             );
-            (model, 0)
+            (manifest, 0)
         }
     };
     let mut plan = cfg.plan.clone();
-    plan.trainable_tensors = plan.trainable.select(model.names());
-    let trainable_params: usize = plan.trainable_tensors.iter().filter_map(|n| model.get(n)).map(|t| t.len()).sum();
+    plan.trainable_tensors = plan.trainable.select(manifest.iter().map(|s| s.name.as_str()));
+    let trainable_params: usize =
+        manifest.iter().filter(|s| plan.trainable_tensors.contains(&s.name)).map(|s| fedward_shared::tensor::element_count(&s.shape)).sum();
     info!(
         trainable = %plan.trainable,
         tensors = plan.trainable_tensors.len(),
@@ -251,7 +252,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         aggregation: cfg.aggregation,
         enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
     };
-    let machine = RoundMachine::new(settings, Arc::new(model), completed)?;
+    let machine = RoundMachine::new(settings, manifest, completed)?;
     info!(
         method = %cfg.aggregation.method,
         update_bound = machine.update_bound(),

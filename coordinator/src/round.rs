@@ -4,12 +4,15 @@
 //! Sans-IO in the style of quinn-proto: inputs arrive through `handle_*` calls that carry
 //! the current time, outputs leave through [`RoundMachine::poll_output`] as data, and the
 //! next deadline through [`RoundMachine::poll_timeout`]. This module does no I/O and never
-//! reads the clock. The shell must persist an [`Output::Checkpoint`] before it acts on any
-//! output that follows it, and record an [`Output::Accepted`] in the ledger before it
-//! acknowledges that update to the site.
+//! reads the clock. The shell must persist an [`Output::Checkpoint`] and report the result
+//! ([`RoundMachine::handle_checkpointed`]) before the federation moves on, and record an
+//! [`Output::Accepted`] in the ledger before it acknowledges that update to the site.
+//!
+//! The machine holds no model, only its manifest: the shell keeps the checkpoints and
+//! writes each new one from the last and the round's combined update (so the coordinator
+//! never holds a whole model beside the running sum and the updates being received).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedward_shared::config::{Aggregation, OverNorm, Weighting};
@@ -71,14 +74,15 @@ pub struct RoundSummary {
     /// Example-weighted mean of the sites' training loss.
     pub mean_train_loss: f64,
     pub duration: Duration,
-    pub model_digest: Digest,
 }
 
-/// The new global model after a round, to be made durable before anything else happens.
+/// A round's outcome to be made durable before anything else happens: the checkpoint
+/// after `completed_rounds` is the previous one plus `update` (the combined update of
+/// the trainable tensors).
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     pub completed_rounds: u64,
-    pub model: Arc<TensorSet>,
+    pub update: TensorSet,
     pub summary: RoundSummary,
 }
 
@@ -122,10 +126,24 @@ pub enum Output {
 /// Where the federation stands, for dashboards.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PhaseView {
-    WaitingForQuorum { ready: usize, needed: usize },
-    Collecting { round: RoundId, offered: usize, accepted: usize, answered: usize },
+    WaitingForQuorum {
+        ready: usize,
+        needed: usize,
+    },
+    Collecting {
+        round: RoundId,
+        offered: usize,
+        accepted: usize,
+        answered: usize,
+    },
+    /// The round closed; its checkpoint is being written.
+    Checkpointing {
+        round: RoundId,
+    },
     Finished,
-    Stopped { reason: String },
+    Stopped {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -150,10 +168,21 @@ struct Collecting {
     rejected: Vec<(SiteId, Reject)>,
 }
 
+/// A closed round whose checkpoint the shell is writing: what a failure would report.
+#[derive(Debug)]
+struct Committing {
+    round: RoundId,
+    attempt: u32,
+    declined: Vec<(SiteId, DeclineReason, String)>,
+    rejected: Vec<(SiteId, Reject)>,
+    missed: Vec<SiteId>,
+}
+
 #[derive(Debug)]
 enum Phase {
     Waiting,
     Collecting(Box<Collecting>),
+    Checkpointing(Box<Committing>),
     Done { stopped: Option<String> },
 }
 
@@ -164,7 +193,6 @@ pub struct RoundMachine {
     /// The L2 bound on every update: configured, or derived from the privacy plan.
     update_bound: f64,
     completed: u64,
-    global: Arc<TensorSet>,
     manifest: Vec<TensorSpec>,
     digest: Digest,
     ready: BTreeSet<SiteId>,
@@ -200,25 +228,28 @@ pub fn update_bound(configured: Option<f64>, privacy: &PrivacyPlan, trainable_va
 }
 
 impl RoundMachine {
-    /// Starts (or resumes, after `completed` rounds) with `global` as the current model.
-    pub fn new(settings: Settings, global: Arc<TensorSet>, completed: u64) -> Result<Self, SettingsError> {
+    /// Starts (or resumes, after `completed` rounds) with the model of `manifest` as the
+    /// current one.
+    pub fn new(settings: Settings, manifest: Vec<TensorSpec>, completed: u64) -> Result<Self, SettingsError> {
         if settings.plan.trainable_tensors.is_empty() {
             return Err(SettingsError::NothingTrains);
         }
-        if let Some(t) = settings.plan.trainable_tensors.iter().find(|t| !global.contains(t)) {
+        if let Some(t) = settings.plan.trainable_tensors.iter().find(|t| !manifest.iter().any(|s| &s.name == *t)) {
             return Err(SettingsError::UnknownTrainable(t.clone()));
         }
-        let trainable_values = settings.plan.trainable_tensors.iter().filter_map(|n| global.get(n)).map(|t| t.len()).sum();
+        let trainable_values = manifest
+            .iter()
+            .filter(|s| settings.plan.trainable_tensors.contains(&s.name))
+            .map(|s| fedward_shared::tensor::element_count(&s.shape))
+            .sum();
         let update_bound = update_bound(settings.aggregation.max_update_norm, &settings.plan.privacy, trainable_values)
             .ok_or(SettingsError::NoUpdateBound)?;
-        let manifest = global.specs();
         let digest = manifest_digest(&manifest);
         let phase = if completed >= settings.total_rounds { Phase::Done { stopped: None } } else { Phase::Waiting };
         Ok(Self {
             settings,
             update_bound,
             completed,
-            global,
             manifest,
             digest,
             ready: BTreeSet::new(),
@@ -241,8 +272,9 @@ impl RoundMachine {
         self.update_bound
     }
 
-    pub fn global(&self) -> &Arc<TensorSet> {
-        &self.global
+    /// The current global model's manifest.
+    pub fn manifest(&self) -> &[TensorSpec] {
+        &self.manifest
     }
 
     pub fn model_digest(&self) -> Digest {
@@ -270,6 +302,7 @@ impl RoundMachine {
                 accepted: c.contributions.len(),
                 answered: c.status.values().filter(|s| **s != SiteStatus::Uploading).count(),
             },
+            Phase::Checkpointing(c) => PhaseView::Checkpointing { round: c.round },
             Phase::Done { stopped: None } => PhaseView::Finished,
             Phase::Done { stopped: Some(reason) } => PhaseView::Stopped { reason: reason.clone() },
         }
@@ -333,7 +366,7 @@ impl RoundMachine {
             }
             Some(_) => return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already answered round {}", header.round))),
         }
-        check_header(&self.settings, &self.global, header)?;
+        check_header(&self.settings, &self.manifest, header)?;
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Uploading);
         }
@@ -453,7 +486,7 @@ impl RoundMachine {
         let trainable = &self.settings.plan.trainable_tensors;
         let agg = Aggregator::new(
             self.settings.aggregation.method,
-            trainable.iter().filter_map(|n| self.global.get(n).map(|t| (n.as_str(), t.shape()))),
+            self.manifest.iter().filter(|s| trainable.contains(&s.name)).map(|s| (s.name.as_str(), s.shape.as_slice())),
         );
         let offered = std::mem::take(&mut self.ready);
         for site in &offered {
@@ -522,45 +555,19 @@ impl RoundMachine {
         let total_weight: f64 = c.contributions.iter().map(|k| k.weight as f64).sum();
         let mean_train_loss = c.contributions.iter().map(|k| k.metrics.train_loss * k.weight as f64).sum::<f64>() / total_weight;
         // At least `min_sites` >= 1 updates were added, so the combined update exists.
-        let Some(mean_delta) = c.agg.finish() else { unreachable!("accepted updates were added") };
-        let mut model = (*self.global).clone();
-        if let Err(e) = model.add_assign(&mean_delta) {
-            unreachable!("mean delta has the global model's trainable shapes: {e}");
-        }
-        // Bounded finite updates keep a finite model finite, unless its values sit near
-        // f32's limits; a model that overflowed is never checkpointed or offered.
-        if let Some((name, count)) = mean_delta.names().find_map(|n| model.get(n)?.non_finite().map(|(_, count)| (n.to_owned(), count))) {
-            let failure = RoundFailure {
-                round: c.round,
-                attempt,
-                reason: format!("the new global model holds {count} non-finite values in {name}; the round is discarded"),
-                rejected: c.rejected,
-                declined: c.declined,
-                missed,
-                gave_up: self.failed_attempts + 1 >= self.settings.max_attempts,
-            };
-            self.failed_attempts += 1;
-            if failure.gave_up {
-                self.phase =
-                    Phase::Done { stopped: Some(format!("round {} failed {} times: {}", c.round, self.failed_attempts, failure.reason)) };
-            }
-            self.outputs.push_back(Output::RoundFailed(failure));
-            self.after_round(now);
-            return;
-        }
-        self.global = Arc::new(model);
-        self.manifest = self.global.specs();
-        self.digest = manifest_digest(&self.manifest);
-        self.completed += 1;
-        self.failed_attempts = 0;
-        if self.completed >= self.settings.total_rounds {
-            self.phase = Phase::Done { stopped: None };
-        }
+        let Some(update) = c.agg.finish() else { unreachable!("accepted updates were added") };
         let mut contributions = c.contributions;
         contributions.sort_by(|a, b| a.site.cmp(&b.site));
+        self.phase = Phase::Checkpointing(Box::new(Committing {
+            round: c.round,
+            attempt,
+            declined: c.declined.clone(),
+            rejected: c.rejected.clone(),
+            missed: missed.clone(),
+        }));
         self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
-            completed_rounds: self.completed,
-            model: self.global.clone(),
+            completed_rounds: self.completed + 1,
+            update,
             summary: RoundSummary {
                 round: c.round,
                 attempt,
@@ -570,9 +577,43 @@ impl RoundMachine {
                 missed,
                 mean_train_loss,
                 duration: now.saturating_duration_since(c.started),
-                model_digest: self.digest,
             },
         })));
+    }
+
+    /// The shell wrote the round's checkpoint (`Ok`, with the new model's manifest) or
+    /// could not use it (`Err`: the new model holds non-finite values, say). Either way the
+    /// federation moves on: to the next round, or to a retry of this one.
+    pub fn handle_checkpointed(&mut self, now: Instant, result: Result<Vec<TensorSpec>, String>) {
+        let Phase::Checkpointing(c) = std::mem::replace(&mut self.phase, Phase::Waiting) else { return };
+        match result {
+            Ok(manifest) => {
+                self.digest = manifest_digest(&manifest);
+                self.manifest = manifest;
+                self.completed += 1;
+                self.failed_attempts = 0;
+                if self.completed >= self.settings.total_rounds {
+                    self.phase = Phase::Done { stopped: None };
+                }
+            }
+            Err(reason) => {
+                self.failed_attempts += 1;
+                let gave_up = self.failed_attempts >= self.settings.max_attempts;
+                if gave_up {
+                    self.phase =
+                        Phase::Done { stopped: Some(format!("round {} failed {} times: {reason}", c.round, self.failed_attempts)) };
+                }
+                self.outputs.push_back(Output::RoundFailed(RoundFailure {
+                    round: c.round,
+                    attempt: c.attempt,
+                    reason,
+                    rejected: c.rejected,
+                    declined: c.declined,
+                    missed: c.missed,
+                    gave_up,
+                }));
+            }
+        }
         self.after_round(now);
     }
 
@@ -601,13 +642,13 @@ fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: D
 }
 
 /// Everything that can be checked before the bytes arrive.
-fn check_header(settings: &Settings, global: &TensorSet, h: &UpdateHeader) -> Result<(), Reject> {
+fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) -> Result<(), Reject> {
     let trainable = &settings.plan.trainable_tensors;
     for spec in &h.tensors {
         if !trainable.contains(&spec.name) {
             return Err(Reject::new(RejectCode::UnknownTensor, format!("tensor {} is not trainable in this round", spec.name)));
         }
-        let expected = global.get(&spec.name).map(|t| t.shape().to_vec()).unwrap_or_default();
+        let expected = manifest.iter().find(|s| s.name == spec.name).map(|s| s.shape.clone()).unwrap_or_default();
         if spec.shape != expected {
             return Err(Reject::new(
                 RejectCode::ShapeMismatch,
@@ -680,11 +721,25 @@ mod tests {
         SiteId::new(s).unwrap()
     }
 
-    fn global() -> Arc<TensorSet> {
+    fn global() -> TensorSet {
         let mut g = TensorSet::new();
         g.insert("classifier.weight", Tensor::new(vec![2, 2], vec![1.0, 1.0, 1.0, 1.0]).unwrap());
         g.insert("bert.embeddings.word_embeddings.weight", Tensor::new(vec![3], vec![0.5; 3]).unwrap());
-        Arc::new(g)
+        g
+    }
+
+    fn manifest() -> Vec<TensorSpec> {
+        global().specs()
+    }
+
+    /// What the shell does with a round's checkpoint: `base` plus the update, reported
+    /// back to the machine. Returns the new model.
+    fn commit(m: &mut RoundMachine, outs: &[Output], base: &TensorSet) -> TensorSet {
+        let cp = checkpoint(outs).expect("a checkpoint");
+        let mut model = base.clone();
+        model.add_assign(&cp.update).unwrap();
+        m.handle_checkpointed(Instant::now(), Ok(model.specs()));
+        model
     }
 
     fn settings(min_sites: usize, rounds: u64) -> Settings {
@@ -747,7 +802,7 @@ mod tests {
     #[test]
     fn waits_for_quorum_then_offers_to_all_ready_sites() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
         m.handle_ready(t0, site("a"));
         assert!(drain(&mut m).is_empty());
         assert_eq!(m.phase(), PhaseView::WaitingForQuorum { ready: 1, needed: 2 });
@@ -759,7 +814,7 @@ mod tests {
     #[test]
     fn a_full_round_averages_checkpoints_and_moves_on() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 2), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 2), manifest(), 0).unwrap();
         m.handle_ready(t0, site("a"));
         m.handle_ready(t0, site("b"));
         drain(&mut m);
@@ -768,13 +823,20 @@ mod tests {
         send(&mut m, t0, "b", 1, 300, 3.0).unwrap();
         let outs = drain(&mut m);
         let Some(cp) = checkpoint(&outs) else { panic!("expected a checkpoint first: {outs:?}") };
-        // 1 + (100*1 + 300*3)/400 = 3.5
-        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[3.5; 4]);
-        assert_eq!(cp.model.get("bert.embeddings.word_embeddings.weight").unwrap().data(), &[0.5; 3]);
+        // (100*1 + 300*3)/400 = 2.5, and only the trainable tensor is in the update.
+        assert_eq!(cp.update.get("classifier.weight").unwrap().data(), &[2.5; 4]);
+        assert_eq!(cp.update.len(), 1);
         assert_eq!(cp.completed_rounds, 1);
         assert_eq!(cp.summary.contributions.len(), 2);
-        // Only "a" was ready again, quorum is 2: round 2 waits.
+        // Nothing moves on until the shell reports the checkpoint written.
         assert!(offers(&outs).is_empty());
+        assert_eq!(m.phase(), PhaseView::Checkpointing { round: RoundId(1) });
+        let model = commit(&mut m, &outs, &global());
+        assert_eq!(model.get("classifier.weight").unwrap().data(), &[3.5; 4]);
+        assert_eq!(m.completed_rounds(), 1);
+        assert_eq!(m.model_digest(), model.digest());
+        // Only "a" was ready again, quorum is 2: round 2 waits.
+        assert!(offers(&drain(&mut m)).is_empty());
         m.handle_ready(t0, site("b"));
         assert_eq!(offers(&drain(&mut m)).len(), 2);
         assert_eq!(m.open_round(), Some(RoundId(2)));
@@ -785,7 +847,7 @@ mod tests {
     #[test]
     fn accepted_updates_are_announced_before_the_checkpoint() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
         for s in ["a", "b", "c"] {
             m.handle_ready(t0, site(s));
         }
@@ -810,7 +872,7 @@ mod tests {
     #[test]
     fn stale_duplicate_and_unoffered_updates_are_rejected_without_harm() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 3), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 3), manifest(), 0).unwrap();
         m.handle_ready(t0, site("a"));
         m.handle_ready(t0, site("b"));
         drain(&mut m);
@@ -821,13 +883,13 @@ mod tests {
         send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
         let outs = drain(&mut m);
         let Some(cp) = checkpoint(&outs) else { panic!("{outs:?}") };
-        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[2.0; 4]);
+        assert_eq!(cp.update.get("classifier.weight").unwrap().data(), &[1.0; 4]);
     }
 
     #[test]
     fn malformed_update_is_rejected_and_the_round_completes_with_the_others() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
         for s in ["a", "b", "c"] {
             m.handle_ready(t0, site(s));
         }
@@ -848,16 +910,17 @@ mod tests {
         send(&mut m, t0, "b", 1, 30, 6.0).unwrap();
         let outs = drain(&mut m);
         let Some(cp) = checkpoint(&outs) else { panic!("{outs:?}") };
-        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[6.0; 4]);
+        assert_eq!(cp.update.get("classifier.weight").unwrap().data(), &[5.0; 4]);
         assert_eq!(cp.summary.rejected.len(), 1);
         assert_eq!(cp.summary.rejected[0].0, site("c"));
+        commit(&mut m, &outs, &global());
         assert!(m.is_done());
     }
 
     #[test]
     fn deadline_leaves_out_the_late_site_when_quorum_holds() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
         for s in ["a", "b", "c"] {
             m.handle_ready(t0, site(s));
         }
@@ -879,7 +942,7 @@ mod tests {
     #[test]
     fn round_fails_clearly_without_quorum_and_gives_up_after_max_attempts() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(2, 1), global(), 0).unwrap();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
         m.handle_ready(t0, site("a"));
         m.handle_ready(t0, site("b"));
         drain(&mut m);
@@ -890,7 +953,7 @@ mod tests {
         assert!(f.reason.contains("only 1 of the 2 sites"), "{}", f.reason);
         assert!(!f.gave_up);
         assert_eq!(m.completed_rounds(), 0);
-        assert_eq!(m.global().get("classifier.weight").unwrap().data(), &[1.0; 4], "global model untouched");
+        assert_eq!(m.manifest(), manifest(), "global model untouched");
         // Second attempt of round 1, also failing: the federation stops.
         let t1 = t0 + Duration::from_secs(61);
         m.handle_ready(t1, site("a"));
@@ -908,7 +971,7 @@ mod tests {
     #[test]
     fn late_joiner_is_offered_the_open_round_and_resumed_machine_continues() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(1, 5), global(), 3).unwrap();
+        let mut m = RoundMachine::new(settings(1, 5), manifest(), 3).unwrap();
         m.handle_ready(t0, site("a"));
         assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(4))]);
         m.handle_ready(t0 + Duration::from_secs(10), site("b"));
@@ -946,9 +1009,9 @@ mod tests {
 
     /// Runs one round of sites a, b, c sending `v * ones` with `n` examples each; returns
     /// the checkpoint's classifier weights, or the failure.
-    fn one_round(settings: Settings, global: Arc<TensorSet>, sends: &[(&str, u64, f32)]) -> Result<Vec<f32>, RoundFailure> {
+    fn one_round(settings: Settings, global: TensorSet, sends: &[(&str, u64, f32)]) -> Result<Vec<f32>, RoundFailure> {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings, global, 0).unwrap();
+        let mut m = RoundMachine::new(settings, global.specs(), 0).unwrap();
         for (s, _, _) in sends {
             m.handle_ready(t0, site(s));
         }
@@ -957,8 +1020,8 @@ mod tests {
             let _ = send(&mut m, t0, s, 1, n, v);
         }
         let outs = drain(&mut m);
-        if let Some(cp) = checkpoint(&outs) {
-            return Ok(cp.model.get("classifier.weight").unwrap().data().to_vec());
+        if checkpoint(&outs).is_some() {
+            return Ok(commit(&mut m, &outs, &global).get("classifier.weight").unwrap().data().to_vec());
         }
         match outs.into_iter().find_map(|o| if let Output::RoundFailed(f) = o { Some(f) } else { None }) {
             Some(f) => Err(f),
@@ -987,7 +1050,7 @@ mod tests {
         let mut refuse = settings(2, 1);
         refuse.aggregation = Aggregation { max_update_norm: Some(bound), over_norm: OverNorm::Refuse, ..Aggregation::default() };
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(refuse, global(), 0).unwrap();
+        let mut m = RoundMachine::new(refuse, manifest(), 0).unwrap();
         for x in ["a", "b", "c"] {
             m.handle_ready(t0, site(x));
         }
@@ -998,7 +1061,7 @@ mod tests {
         let outs = drain(&mut m);
         let cp = checkpoint(&outs).expect("the honest sites complete the round");
         assert_eq!(cp.summary.rejected[0].1.code, RejectCode::NormTooLarge);
-        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[1.3125; 4]);
+        assert_eq!(cp.update.get("classifier.weight").unwrap().data(), &[0.3125; 4]);
     }
 
     #[test]
@@ -1006,7 +1069,7 @@ mod tests {
         let mut s = settings(2, 1);
         s.aggregation.max_examples_per_site = 100;
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(s.clone(), global(), 0).unwrap();
+        let mut m = RoundMachine::new(s.clone(), manifest(), 0).unwrap();
         m.handle_ready(t0, site("a"));
         m.handle_ready(t0, site("b"));
         drain(&mut m);
@@ -1014,7 +1077,7 @@ mod tests {
         send(&mut m, t0, "b", 1, 100, 0.0).unwrap();
         let outs = drain(&mut m);
         let cp = checkpoint(&outs).unwrap();
-        assert_eq!(cp.model.get("classifier.weight").unwrap().data(), &[2.0; 4], "1 + (100*2 + 100*0)/200");
+        assert_eq!(cp.update.get("classifier.weight").unwrap().data(), &[1.0; 4], "(100*2 + 100*0)/200");
         let a = &cp.summary.contributions[0];
         assert_eq!((a.num_examples, a.weight, a.update_norm, a.scale), (1_000_000, 100, 4.0, 1.0));
 
@@ -1030,15 +1093,23 @@ mod tests {
         assert_eq!(one_round(s, global(), &[("a", 10, 0.5), ("b", 10, 0.25), ("c", 10, 400.0)]).unwrap(), [1.5; 4]);
     }
 
-    /// The coordinator never checkpoints or offers a model that overflowed.
+    /// A checkpoint the shell could not use (the store found the new model non-finite)
+    /// fails the round with the shell's reason; the model stays and the round is retried.
     #[test]
-    fn a_new_global_model_that_is_not_finite_fails_the_round() {
-        let mut g = (*global()).clone();
-        g.insert("classifier.weight", Tensor::new(vec![2, 2], vec![f32::MAX; 4]).unwrap());
-        let mut s = settings(2, 1);
-        s.aggregation.max_update_norm = Some(f64::from(f32::MAX));
-        let failure = one_round(s, Arc::new(g), &[("a", 10, f32::MAX / 4.0), ("b", 10, f32::MAX / 4.0)]).unwrap_err();
-        assert!(failure.reason.contains("non-finite"), "{}", failure.reason);
+    fn a_checkpoint_the_shell_refuses_fails_the_round() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(1, 2), manifest(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        drain(&mut m);
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        assert!(checkpoint(&drain(&mut m)).is_some());
+        m.handle_ready(t0, site("a"));
+        m.handle_checkpointed(t0, Err("the new global model would hold 4 non-finite values".into()));
+        let outs = drain(&mut m);
+        let Some(Output::RoundFailed(f)) = outs.first() else { panic!("{outs:?}") };
+        assert!(f.reason.contains("non-finite") && !f.gave_up, "{f:?}");
+        assert_eq!((m.completed_rounds(), m.manifest()), (0, &manifest()[..]));
+        assert_eq!(offers(&outs), [(site("a"), RoundId(1))], "round 1 again");
     }
 
     #[test]
@@ -1052,7 +1123,7 @@ mod tests {
         assert_eq!(update_bound(None, &PrivacyPlan::Off, 100), None);
         let mut s = settings(1, 1);
         s.aggregation.max_update_norm = None;
-        assert!(matches!(RoundMachine::new(s, global(), 0), Err(SettingsError::NoUpdateBound)));
+        assert!(matches!(RoundMachine::new(s, manifest(), 0), Err(SettingsError::NoUpdateBound)));
 
         // A record-level site that declares a looser bound than the plan's is still held
         // to the plan's (clipped here).
@@ -1060,12 +1131,13 @@ mod tests {
         s.plan.privacy = record;
         s.aggregation.max_update_norm = None;
         assert_eq!(one_round(s, global(), &[("a", 10, 100.0)]).unwrap(), [1.0 + 3.5; 4]);
+        assert_eq!(RoundMachine::new(settings(1, 1), manifest(), 0).unwrap().update_bound(), 100.0);
     }
 
     #[test]
     fn finished_federation_answers_ready_with_finished() {
         let t0 = Instant::now();
-        let mut m = RoundMachine::new(settings(1, 1), global(), 1).unwrap();
+        let mut m = RoundMachine::new(settings(1, 1), manifest(), 1).unwrap();
         m.handle_ready(t0, site("a"));
         assert!(matches!(&drain(&mut m)[..], [Output::Finished { finished, .. }] if finished.completed_rounds == 1));
     }

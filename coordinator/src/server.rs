@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use fedward_net::{paced, read_message, read_tensors, reply, within, write_message, write_tensors, StreamError};
+use fedward_net::{paced, read_message, read_tensors, reply, within, write_message, StreamError};
 use fedward_shared::config::{Admission, Transport};
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
@@ -31,8 +31,8 @@ use fedward_shared::wire::{
 
 use crate::gate::{Gate, Verdict};
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
-use crate::round::{Output, PhaseView, RoundMachine};
-use crate::store::{Store, StoreError};
+use crate::round::{Checkpoint, Output, PhaseView, RoundMachine};
+use crate::store::{Committed, ModelFile, Store, StoreError};
 
 /// Fatal coordinator errors (a site's misbehaviour is never one).
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,7 @@ pub struct StatusView {
 
 enum ReadyReply {
     // Boxed: an offer is far larger than the other answer, and each is sent once.
-    Offer(Box<RoundOffer>, Arc<TensorSet>),
+    Offer(Box<RoundOffer>, Arc<ModelFile>),
     Finished(Finished),
 }
 
@@ -143,6 +143,9 @@ pub async fn run(
         return Err(e);
     }
     let mut pending_acks = PendingAcks::new();
+    // The current checkpoint, opened for downloads once per model; connections hold it
+    // weakly, so replacing it ends the downloads of a closed round.
+    let mut model_file: Option<Arc<ModelFile>> = None;
     let mut connections: HashMap<SiteId, (usize, quinn::Connection)> = HashMap::new();
     let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
     let mut next_conn_id = 0usize;
@@ -195,7 +198,7 @@ pub async fn run(
                 }
             }
         }
-        if let Err(e) = drain_outputs(&mut machine, &store, &ledger, &mut waiting, &mut pending_acks, &connections).await {
+        if let Err(e) = drain_outputs(&mut machine, &store, &ledger, &mut model_file, &mut waiting, &mut pending_acks, &connections).await {
             error!(cause = %e, "stopping: the round could not be made durable");
             endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
             return Err(e);
@@ -296,6 +299,7 @@ async fn drain_outputs(
     machine: &mut RoundMachine,
     store: &Arc<Mutex<Store>>,
     ledger: &Arc<Mutex<CoordinatorLedger>>,
+    model_file: &mut Option<Arc<ModelFile>>,
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
     pending_acks: &mut PendingAcks,
     connections: &HashMap<SiteId, (usize, quinn::Connection)>,
@@ -312,26 +316,39 @@ async fn drain_outputs(
             Output::Checkpoint(cp) => {
                 let span = info_span!("checkpoint", round = %cp.summary.round);
                 let _g = span.enter();
-                let store = store.clone();
-                let cp2 = cp.clone();
-                let now = now_rfc3339();
-                tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).save_round(&cp2, &now))
-                    .await
-                    .map_err(|e| ServerError::Join(e.to_string()))??;
-                let round = cp.summary.round;
-                with_ledger(ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
-                let s = &cp.summary;
-                info!(
-                    sites = s.contributions.len(),
-                    examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
-                    mean_train_loss = format_args!("{:.4}", s.mean_train_loss),
-                    rejected = s.rejected.len(),
-                    declined = s.declined.len(),
-                    missed = s.missed.len(),
-                    secs = format_args!("{:.1}", s.duration.as_secs_f64()),
-                    model = %s.model_digest.short(),
-                    "round completed, checkpointed and sealed"
-                );
+                let Checkpoint { completed_rounds, update, summary } = *cp;
+                let (store2, previous, now) = (store.clone(), machine.manifest().to_vec(), now_rfc3339());
+                let (committed, s) = tokio::task::spawn_blocking(move || {
+                    let committed =
+                        store2.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &summary, completed_rounds, &now);
+                    (committed, summary)
+                })
+                .await
+                .map_err(|e| ServerError::Join(e.to_string()))?;
+                match committed? {
+                    Committed::Saved { manifest, digest } => {
+                        let round = s.round;
+                        with_ledger(ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
+                        info!(
+                            sites = s.contributions.len(),
+                            examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
+                            mean_train_loss = format_args!("{:.4}", s.mean_train_loss),
+                            rejected = s.rejected.len(),
+                            declined = s.declined.len(),
+                            missed = s.missed.len(),
+                            secs = format_args!("{:.1}", s.duration.as_secs_f64()),
+                            model = %digest.short(),
+                            "round completed, checkpointed and sealed"
+                        );
+                        *model_file = None;
+                        machine.handle_checkpointed(Instant::now(), Ok(manifest));
+                    }
+                    Committed::NonFinite { tensor, count } => {
+                        let reason =
+                            format!("the new global model would hold {count} non-finite values in {tensor}; the round is discarded");
+                        machine.handle_checkpointed(Instant::now(), Err(reason));
+                    }
+                }
             }
             Output::RoundFailed(f) => {
                 let store = store.clone();
@@ -347,7 +364,16 @@ async fn drain_outputs(
                 }
             }
             Output::Offer { to, offer } => {
-                let model = machine.global().clone();
+                let model = match model_file {
+                    Some(m) => m.clone(),
+                    None => {
+                        let (store, round) = (store.clone(), machine.completed_rounds());
+                        let opened = tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).model_file(round))
+                            .await
+                            .map_err(|e| ServerError::Join(e.to_string()))??;
+                        model_file.insert(Arc::new(opened)).clone()
+                    }
+                };
                 let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(Box::new(offer), model)).is_ok());
                 if !delivered && !connections.contains_key(&to) {
                     machine.handle_disconnected(Instant::now(), &to);
@@ -372,6 +398,7 @@ fn publish(
     let (phase, open_round, offered, accepted) = match machine.phase() {
         PhaseView::WaitingForQuorum { ready, needed } => (format!("waiting for quorum ({ready}/{needed} sites ready)"), None, 0, 0),
         PhaseView::Collecting { round, offered, accepted, .. } => ("collecting updates".to_owned(), Some(round.0), offered, accepted),
+        PhaseView::Checkpointing { round } => (format!("writing the checkpoint of round {round}"), None, 0, 0),
         PhaseView::Finished => ("finished".to_owned(), None, 0, 0),
         PhaseView::Stopped { reason } => (format!("stopped: {reason}"), None, 0, 0),
     };
@@ -513,9 +540,9 @@ type CurrentModel = Arc<Mutex<Option<Offered>>>;
 #[derive(Clone)]
 struct Offered {
     round: RoundId,
-    /// Weak: a connection must not keep a round's model alive once the round has closed
-    /// and the coordinator moved on (an idle site would hold a whole model otherwise).
-    model: std::sync::Weak<TensorSet>,
+    /// Weak: once the round has closed and the coordinator moved on, a connection's
+    /// request for its model is stale.
+    model: std::sync::Weak<ModelFile>,
     /// The offer's manifest by name: digests computed once, when the model was made.
     manifest: Arc<HashMap<String, TensorSpec>>,
 }
@@ -607,7 +634,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
             paced(ctx.shared.transport.pace, bytes, "model download", async {
                 write_message(send, &Message::Tensors(specs.clone())).await?;
-                write_tensors(send, &model, &specs).await?;
+                send_from_file(send, &model, &specs).await?;
                 send.finish()?;
                 debug!("model sent");
                 Ok(())
@@ -709,6 +736,26 @@ async fn receive_update(
         Err(r) => warn!(code = %r.code, reason = %r.message, "update refused"),
     }
     reply(send, &answer_message(answer)).await
+}
+
+/// Streams the named tensors' bytes from the checkpoint file, a chunk at a time.
+async fn send_from_file(send: &mut quinn::SendStream, model: &ModelFile, specs: &[TensorSpec]) -> Result<(), StreamError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let io = |e: std::io::Error| StreamError::File(e.to_string());
+    let mut file = tokio::fs::File::open(model.path()).await.map_err(io)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    for spec in specs {
+        let (offset, len) = model.range(&spec.name).ok_or_else(|| StreamError::File(format!("no tensor {}", spec.name)))?;
+        file.seek(std::io::SeekFrom::Start(offset)).await.map_err(io)?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            file.read_exact(&mut chunk[..n]).await.map_err(io)?;
+            send.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once `round` is no longer the open round (or the server is gone).

@@ -5,15 +5,24 @@
 //! digest, the history of rounds). Each file is written atomically (temp file, fsync,
 //! rename, directory fsync) and the checkpoint before the state that points to it, so a
 //! crash at any moment leaves a consistent state to resume from.
+//!
+//! The global model is not kept in memory: a checkpoint is read tensor by tensor
+//! ([`ModelFile`]), to serve downloads and to write the next round's checkpoint from the
+//! previous one and the round's combined update ([`Store::commit_round`]). What the
+//! coordinator holds of a model during a round is its manifest, the running sum of the
+//! trainable tensors and the updates being received.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_names};
 use fedward_shared::fsutil::{self, FsError};
 use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
-use fedward_shared::tensor::{TensorError, TensorSet};
+use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, TensorSet, TensorSpec};
 
-use crate::round::{Checkpoint, RoundFailure, RoundSummary};
+use crate::round::{RoundFailure, RoundSummary};
 
 /// Checkpoints older than this many rounds are pruned (round 0 is always kept).
 pub const KEEP_CHECKPOINTS: u64 = 5;
@@ -28,6 +37,101 @@ pub enum StoreError {
     Corrupt { path: PathBuf, detail: String },
     #[error("initial model {path}: {detail}")]
     Init { path: PathBuf, detail: String },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+}
+
+/// A checkpoint on disk, read tensor by tensor (f32 safetensors).
+#[derive(Debug)]
+pub struct ModelFile {
+    path: PathBuf,
+    /// Name -> shape, absolute byte offset, byte length.
+    entries: BTreeMap<String, (Vec<usize>, u64, usize)>,
+}
+
+/// The largest safetensors header accepted (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+impl ModelFile {
+    /// Reads and checks the header only.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let io_err = |error| StoreError::Io { path: path.to_owned(), error };
+        let corrupt = |detail: String| StoreError::Corrupt { path: path.to_owned(), detail };
+        let mut f = File::open(path).map_err(io_err)?;
+        let file_len = f.metadata().map_err(io_err)?.len();
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(io_err)?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER_BYTES || header_len + 8 > file_len {
+            return Err(corrupt(format!("safetensors header of {header_len} bytes in a file of {file_len}")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        f.read_exact(&mut header).map_err(io_err)?;
+        // The crate's own header type: offsets contiguous and sized by shape and dtype.
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| corrupt(format!("safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        if data_start + metadata.data_len() as u64 != file_len {
+            return Err(corrupt(format!("{} bytes of tensors declared, {} present", metadata.data_len(), file_len - data_start)));
+        }
+        let mut entries = BTreeMap::new();
+        for (name, info) in metadata.tensors() {
+            if info.dtype != safetensors::Dtype::F32 {
+                return Err(corrupt(format!("tensor {name} is {:?}, not F32", info.dtype)));
+            }
+            let (start, end) = info.data_offsets;
+            entries.insert(name, (info.shape.clone(), data_start + start as u64, end - start));
+        }
+        Ok(Self { path: path.to_owned(), entries })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where a tensor's little-endian f32 bytes lie: absolute offset and length.
+    pub fn range(&self, name: &str) -> Option<(u64, usize)> {
+        self.entries.get(name).map(|(_, offset, len)| (*offset, *len))
+    }
+
+    /// Reads one tensor.
+    pub fn read(&self, name: &str) -> Result<Tensor, StoreError> {
+        let (shape, offset, len) =
+            self.entries.get(name).ok_or_else(|| StoreError::Corrupt { path: self.path.clone(), detail: format!("no tensor {name}") })?;
+        let io_err = |error| StoreError::Io { path: self.path.clone(), error };
+        let mut f = File::open(&self.path).map_err(io_err)?;
+        f.seek(SeekFrom::Start(*offset)).map_err(io_err)?;
+        let mut t = Tensor::zeros(shape.clone());
+        f.read_exact(fedward_shared::wire::tensor_bytes_mut(&mut t)).map_err(io_err)?;
+        // Little-endian on disk; a no-op on little-endian hosts.
+        for v in t.data_mut() {
+            *v = f32::from_bits(u32::from_le(v.to_bits()));
+        }
+        debug_assert_eq!(t.len() * 4, *len);
+        Ok(t)
+    }
+
+    /// The manifest (name order), reading one tensor at a time.
+    pub fn manifest(&self) -> Result<Vec<TensorSpec>, StoreError> {
+        self.entries
+            .iter()
+            .map(|(name, (shape, _, _))| Ok(TensorSpec { name: name.clone(), shape: shape.clone(), digest: self.read(name)?.digest() }))
+            .collect()
+    }
+
+    /// The whole model, for tools and tests (the coordinator itself never needs it).
+    pub fn load(&self) -> Result<TensorSet, StoreError> {
+        self.entries.keys().map(|name| Ok((name.clone(), self.read(name)?))).collect()
+    }
+}
+
+/// What [`Store::commit_round`] made of a round.
+#[derive(Debug, PartialEq)]
+pub enum Committed {
+    /// The new checkpoint and the state pointing to it are durable.
+    Saved { manifest: Vec<TensorSpec>, digest: Digest },
+    /// The new model would hold non-finite values: nothing was written.
+    NonFinite { tensor: String, count: usize },
 }
 
 /// The state directory.
@@ -59,25 +163,35 @@ impl Store {
         &self.dir
     }
 
-    /// The current global model and completed rounds; the checkpoint's digest is checked
-    /// against the one recorded in the state.
-    pub fn load_current(&self) -> Result<Option<(TensorSet, u64)>, StoreError> {
+    /// The current checkpoint's manifest and the completed rounds, read tensor by tensor;
+    /// the checkpoint's digest is checked against the one recorded in the state.
+    pub fn current(&self) -> Result<Option<(Vec<TensorSpec>, u64)>, StoreError> {
         let Some(state) = &self.state else { return Ok(None) };
         let path = self.dir.join(&state.checkpoint);
-        let bytes = fsutil::read(&path)?;
-        let model = TensorSet::from_safetensors(&bytes, false).map_err(|error| StoreError::Tensors { path: path.clone(), error })?;
-        let digest = model.digest().to_hex();
+        let manifest = ModelFile::open(&path)?.manifest()?;
+        let digest = manifest_digest(&manifest).to_hex();
         if digest != state.model_digest {
             return Err(StoreError::Corrupt {
                 path,
                 detail: format!("checkpoint digest {digest} does not match state.json ({})", state.model_digest),
             });
         }
-        Ok(Some((model, state.completed_rounds)))
+        Ok(Some((manifest, state.completed_rounds)))
     }
 
-    /// Writes the initial model as round 0.
-    pub fn save_initial(&mut self, model: &TensorSet) -> Result<(), StoreError> {
+    /// The current global model, whole, and the completed rounds (for tools and tests).
+    pub fn load_current(&self) -> Result<Option<(TensorSet, u64)>, StoreError> {
+        let Some((_, completed)) = self.current()? else { return Ok(None) };
+        Ok(Some((self.model_file(completed)?.load()?, completed)))
+    }
+
+    /// The checkpoint after `round`, ready to be read tensor by tensor.
+    pub fn model_file(&self, round: u64) -> Result<ModelFile, StoreError> {
+        ModelFile::open(&self.checkpoint_path(round))
+    }
+
+    /// Writes the initial model as round 0; returns its manifest.
+    pub fn save_initial(&mut self, model: &TensorSet) -> Result<Vec<TensorSpec>, StoreError> {
         self.write_checkpoint(0, model)?;
         self.write_state(SavedState {
             format: 1,
@@ -85,12 +199,48 @@ impl Store {
             checkpoint: checkpoint_name(0),
             model_digest: model.digest().to_hex(),
             history: Vec::new(),
-        })
+        })?;
+        Ok(model.specs())
     }
 
-    /// Makes a completed round durable: checkpoint first, then the state pointing to it.
-    pub fn save_round(&mut self, cp: &Checkpoint, now_rfc3339: &str) -> Result<(), StoreError> {
-        self.write_checkpoint(cp.completed_rounds, &cp.model)?;
+    /// Makes a completed round durable: the checkpoint after round `completed` (the
+    /// previous one, `previous`, plus the round's combined `update` of its trainable
+    /// tensors), then the state pointing to it. Memory: the update, which becomes the new
+    /// values in place, and one tensor at a time of the rest. A new model with
+    /// non-finite values is not written.
+    pub fn commit_round(
+        &mut self,
+        previous: &[TensorSpec],
+        mut update: TensorSet,
+        summary: &RoundSummary,
+        completed: u64,
+        now_rfc3339: &str,
+    ) -> Result<Committed, StoreError> {
+        let before = self.model_file(completed - 1)?;
+        for (name, t) in update.iter_mut() {
+            let old = before.read(name)?;
+            if old.shape() != t.shape() {
+                return Err(StoreError::Corrupt {
+                    path: before.path.clone(),
+                    detail: format!("tensor {name} is {:?} on disk, {:?} in the update", old.shape(), t.shape()),
+                });
+            }
+            for (x, o) in t.data_mut().iter_mut().zip(old.data()) {
+                *x += o;
+            }
+            if let Some((_, count)) = t.non_finite() {
+                return Ok(Committed::NonFinite { tensor: name.to_owned(), count });
+            }
+        }
+        let manifest: Vec<TensorSpec> = previous
+            .iter()
+            .map(|s| match update.get(&s.name) {
+                Some(t) => TensorSpec { name: s.name.clone(), shape: s.shape.clone(), digest: t.digest() },
+                None => s.clone(),
+            })
+            .collect();
+        let digest = manifest_digest(&manifest);
+        self.write_checkpoint_from(completed, &before, &update)?;
         let mut state = self.state.clone().unwrap_or_else(|| SavedState {
             format: 1,
             completed_rounds: 0,
@@ -98,13 +248,13 @@ impl Store {
             model_digest: String::new(),
             history: Vec::new(),
         });
-        state.completed_rounds = cp.completed_rounds;
-        state.checkpoint = checkpoint_name(cp.completed_rounds);
-        state.model_digest = cp.summary.model_digest.to_hex();
-        state.history.push(record_of_summary(&cp.summary, now_rfc3339));
+        state.completed_rounds = completed;
+        state.checkpoint = checkpoint_name(completed);
+        state.model_digest = digest.to_hex();
+        state.history.push(record_of_summary(summary, digest, now_rfc3339));
         self.write_state(state)?;
-        self.prune(cp.completed_rounds);
-        Ok(())
+        self.prune(completed);
+        Ok(Committed::Saved { manifest, digest })
     }
 
     /// Records a failed round in the history.
@@ -133,8 +283,49 @@ impl Store {
 
     fn write_checkpoint(&self, round: u64, model: &TensorSet) -> Result<(), StoreError> {
         let path = self.checkpoint_path(round);
-        let meta = [("round".to_owned(), round.to_string()), ("format".to_owned(), "fedward-global".to_owned())];
-        fsutil::atomic_write_with(&path, |tmp| model.write_safetensors(tmp, Some(meta.into_iter().collect())))?;
+        fsutil::atomic_write_with(&path, |tmp| model.write_safetensors(tmp, Some(checkpoint_metadata(round))))?;
+        Ok(())
+    }
+
+    /// Writes the checkpoint after `round` from the one before it: the tensors in
+    /// `updated` from memory, every other one copied from `before`'s file. The layout is
+    /// the safetensors crate's (its header type, name order, an 8-byte aligned header).
+    fn write_checkpoint_from(&self, round: u64, before: &ModelFile, updated: &TensorSet) -> Result<(), StoreError> {
+        let path = self.checkpoint_path(round);
+        let mut offset = 0;
+        let mut infos = Vec::with_capacity(before.entries.len());
+        for (name, (shape, _, len)) in &before.entries {
+            let info = safetensors::tensor::TensorInfo {
+                dtype: safetensors::Dtype::F32,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + len),
+            };
+            infos.push((name.clone(), info));
+            offset += len;
+        }
+        let corrupt = |detail: String| StoreError::Corrupt { path: path.clone(), detail };
+        let metadata = safetensors::tensor::Metadata::new(Some(checkpoint_metadata(round)), infos).map_err(|e| corrupt(e.to_string()))?;
+        let mut header = serde_json::to_vec(&metadata).map_err(|e| corrupt(e.to_string()))?;
+        header.resize(header.len().next_multiple_of(8), b' ');
+        fsutil::atomic_write_with(&path, |tmp| -> io::Result<()> {
+            let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
+            out.write_all(&(header.len() as u64).to_le_bytes())?;
+            out.write_all(&header)?;
+            let mut source = File::open(&before.path)?;
+            for (name, (_, at, len)) in &before.entries {
+                match updated.get(name) {
+                    Some(t) => out.write_all(&t.le_bytes())?,
+                    None => {
+                        source.seek(SeekFrom::Start(*at))?;
+                        let copied = io::copy(&mut (&mut source).take(*len as u64), &mut out)?;
+                        if copied != *len as u64 {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("tensor {name} is cut short")));
+                        }
+                    }
+                }
+            }
+            out.flush()
+        })?;
         Ok(())
     }
 
@@ -158,7 +349,11 @@ impl Store {
     }
 }
 
-fn record_of_summary(s: &RoundSummary, now_rfc3339: &str) -> RoundRecord {
+fn checkpoint_metadata(round: u64) -> HashMap<String, String> {
+    [("round".to_owned(), round.to_string()), ("format".to_owned(), "fedward-global".to_owned())].into_iter().collect()
+}
+
+fn record_of_summary(s: &RoundSummary, model_digest: Digest, now_rfc3339: &str) -> RoundRecord {
     RoundRecord {
         round: s.round.0,
         attempt: s.attempt,
@@ -188,7 +383,7 @@ fn record_of_summary(s: &RoundSummary, now_rfc3339: &str) -> RoundRecord {
         rejected: s.rejected.iter().map(|(site, r)| (site.to_string(), r.to_string())).collect(),
         missed: s.missed.iter().map(ToString::to_string).collect(),
         mean_train_loss: Some(s.mean_train_loss),
-        model_digest: Some(s.model_digest.to_hex()),
+        model_digest: Some(model_digest.to_hex()),
     }
 }
 
@@ -213,7 +408,6 @@ pub fn load_initial_model(path: &Path, num_labels: usize, seed: u64) -> Result<T
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use fedward_shared::tensor::Tensor;
@@ -227,23 +421,24 @@ mod tests {
         m
     }
 
-    fn checkpoint(round: u64, v: f32) -> Checkpoint {
-        let m = model(v);
-        Checkpoint {
-            completed_rounds: round,
-            summary: RoundSummary {
-                round: RoundId(round),
-                attempt: 1,
-                contributions: Vec::new(),
-                declined: Vec::new(),
-                rejected: Vec::new(),
-                missed: Vec::new(),
-                mean_train_loss: 0.5,
-                duration: Duration::from_secs(3),
-                model_digest: m.digest(),
-            },
-            model: Arc::new(m),
+    fn summary(round: u64) -> RoundSummary {
+        RoundSummary {
+            round: RoundId(round),
+            attempt: 1,
+            contributions: Vec::new(),
+            declined: Vec::new(),
+            rejected: Vec::new(),
+            missed: Vec::new(),
+            mean_train_loss: 0.5,
+            duration: Duration::from_secs(3),
         }
+    }
+
+    /// A model with a frozen tensor beside the trainable one, as the coordinator sees it.
+    fn full_model(v: f32) -> TensorSet {
+        let mut m = model(v);
+        m.insert("bert.embeddings.word_embeddings.weight", Tensor::new(vec![3, 2], (0..6).map(|i| i as f32 * 0.5).collect()).unwrap());
+        m
     }
 
     #[test]
@@ -251,17 +446,52 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         assert!(store.load_current().unwrap().is_none());
-        store.save_initial(&model(0.0)).unwrap();
+        let mut manifest = store.save_initial(&full_model(0.0)).unwrap();
         for r in 1..=7 {
-            store.save_round(&checkpoint(r, r as f32), "t").unwrap();
+            // Each round adds 1 to the trainable tensor.
+            let Committed::Saved { manifest: next, digest } = store.commit_round(&manifest, model(1.0), &summary(r), r, "t").unwrap()
+            else {
+                panic!("finite")
+            };
+            assert_eq!(digest, full_model(r as f32).digest());
+            manifest = next;
         }
         let reopened = Store::open(dir.path()).unwrap();
         let (m, completed) = reopened.load_current().unwrap().unwrap();
-        assert_eq!((m, completed), (model(7.0), 7));
+        assert_eq!((m, completed), (full_model(7.0), 7));
+        assert_eq!(reopened.current().unwrap().unwrap(), (full_model(7.0).specs(), 7));
         assert_eq!(reopened.state().unwrap().history.len(), 7);
         assert!(reopened.checkpoint_path(0).exists());
         assert!(!reopened.checkpoint_path(1).exists(), "old checkpoints are pruned");
         assert!(reopened.checkpoint_path(3).exists());
+        // A checkpoint written tensor by tensor is a valid safetensors file.
+        let bytes = std::fs::read(reopened.checkpoint_path(7)).unwrap();
+        assert_eq!(TensorSet::from_safetensors(&bytes, false).unwrap(), full_model(7.0));
+    }
+
+    /// The coordinator never checkpoints or offers a model that overflowed.
+    #[test]
+    fn a_round_that_would_overflow_the_model_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let manifest = store.save_initial(&full_model(f32::MAX)).unwrap();
+        let committed = store.commit_round(&manifest, model(f32::MAX), &summary(1), 1, "t").unwrap();
+        assert_eq!(committed, Committed::NonFinite { tensor: "classifier.weight".into(), count: 2 });
+        assert!(!store.checkpoint_path(1).exists());
+        assert_eq!(Store::open(dir.path()).unwrap().current().unwrap().unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_refused_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.save_initial(&full_model(0.0)).unwrap();
+        let path = store.checkpoint_path(0);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(ModelFile::open(&path).unwrap_err().to_string().contains("present"));
+        std::fs::write(&path, u64::MAX.to_le_bytes()).unwrap();
+        assert!(ModelFile::open(&path).is_err());
     }
 
     #[test]
@@ -271,7 +501,7 @@ mod tests {
         store.save_initial(&model(0.0)).unwrap();
         let bytes = model(9.0).to_safetensors(None).unwrap();
         std::fs::write(store.checkpoint_path(0), bytes).unwrap();
-        let err = Store::open(dir.path()).unwrap().load_current().unwrap_err();
+        let err = Store::open(dir.path()).unwrap().current().unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
     }
 

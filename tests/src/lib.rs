@@ -180,15 +180,11 @@ impl CoordinatorHandle {
     /// Starts a coordinator; resumes from `state_dir` when it holds a saved state.
     pub fn start(pki: &TestPki, spec: CoordinatorSpec) -> Self {
         let mut store = Store::open(&spec.state_dir).expect("store");
-        let (model, completed) = match store.load_current().expect("load state") {
+        let (manifest, completed) = match store.current().expect("load state") {
             Some(x) => x,
-            None => {
-                let m = tiny_global();
-                store.save_initial(&m).expect("save initial");
-                (m, 0)
-            }
+            None => (store.save_initial(&tiny_global()).expect("save initial"), 0),
         };
-        let mut plan = head_plan(&model);
+        let mut plan = head_plan(&tiny_global());
         plan.privacy = spec.privacy;
         let settings = Settings {
             total_rounds: spec.rounds,
@@ -201,7 +197,7 @@ impl CoordinatorHandle {
             aggregation: spec.aggregation,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
         };
-        let machine = RoundMachine::new(settings, Arc::new(model), completed).expect("machine");
+        let machine = RoundMachine::new(settings, manifest, completed).expect("machine");
         let keys = spec.state_dir.join("keys");
         if !keys.join(SIGNING_KEY_FILE).exists() {
             ledger_key::write_keypair(&keys, LEDGER_SEED).expect("ledger keys");

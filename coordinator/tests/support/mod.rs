@@ -32,7 +32,7 @@ pub struct Consortium {
 
 impl Consortium {
     /// `extra` is appended to the config (TOML tables of its own: `[aggregation]`, ...).
-    pub fn new(model: &TensorSet, trainable: &str, sites: &[String], min_sites: usize, extra: &str) -> Result<Self> {
+    pub fn new(model: &TensorSet, trainable: &str, sites: &[String], min_sites: usize, rounds: u64, extra: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
         let ca = pki::create_ca("test", validity, [1; 16])?;
@@ -56,7 +56,7 @@ ca_cert = "pki/ca.crt"
 cert = "pki/coordinator.crt"
 key = "pki/coordinator.key"
 [federation]
-rounds = 1
+rounds = {rounds}
 min_sites = {min_sites}
 round_deadline = "10m"
 max_concurrent_uploads = 1

@@ -33,6 +33,8 @@ pub enum StreamError {
     Encode(#[from] wire::EncodeError),
     #[error(transparent)]
     Tensors(#[from] TensorStreamError),
+    #[error("reading a local file: {0}")]
+    File(String),
     #[error("too slow: {what} took longer than {limit:?}")]
     TooSlow { what: &'static str, limit: Duration },
 }
