@@ -3,6 +3,8 @@
 # written to bench-out/. Each bench lives beside what it measures (a crate's benches/).
 #   scripts/bench.sh transfer   one 22.7M-parameter update over QUIC+mTLS vs raw TCP
 #                               (coordinator/benches/transfer.rs; runs the real coordinator)
+#   scripts/bench.sh scale      one round of 8 and of 100 sites with a 22.7M-parameter model:
+#                               the coordinator's peak memory (coordinator/benches/scale.rs)
 #   scripts/bench.sh train      MiniLM training/inference samples/s (models/benches/train.rs;
 #                               needs scripts/fetch-models.sh)
 set -euo pipefail
@@ -13,10 +15,13 @@ case "${1:-transfer}" in
   transfer)
     cargo bench --locked -p fedward-coordinator --bench transfer -- --out "$out/transfer.json"
     ;;
+  scale)
+    cargo bench --locked -p fedward-coordinator --bench scale -- --out "$out/scale.json" "${@:2}"
+    ;;
   train)
     scripts/fetch-models.sh
     cargo bench --locked -p fedward-models --bench train -- --out "$out/train.json"
     ;;
   *)
-    echo "usage: scripts/bench.sh transfer|train" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|scale|train" >&2; exit 2 ;;
 esac

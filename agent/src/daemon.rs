@@ -538,14 +538,25 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
     let mib = delta.byte_len() as f64 / (1 << 20) as f64;
     let started = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
-    // The coordinator answers once the update is folded in and recorded in its ledger.
     let pace = Pace { allowance: transport.pace.allowance + transport.request_timeout, ..transport.pace };
-    let exchange = paced(pace, delta.byte_len(), "update upload", async {
+    let exchange = async {
         write_message(&mut send, &Message::Update(header.clone())).await?;
-        write_tensors(&mut send, delta, specs).await?;
-        send.finish()?;
-        read_message(&mut recv).await
-    });
+        // The coordinator says when to send the bytes: once it has admitted the header and
+        // holds an upload slot (other sites' uploads may come first; the round's end bounds
+        // the wait).
+        match read_message(&mut recv).await? {
+            Message::Proceed(_) => {}
+            other => return Ok(other),
+        }
+        // Then the bytes, and the answer once the update is folded in and recorded in the
+        // coordinator's ledger.
+        paced(pace, delta.byte_len(), "update upload", async {
+            write_tensors(&mut send, delta, specs).await?;
+            send.finish()?;
+            read_message(&mut recv).await
+        })
+        .await
+    };
     match exchange.await {
         Ok(Message::Ack(_)) => {
             let secs = started.elapsed().as_secs_f64();

@@ -15,60 +15,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-use fedward_net::{read_message, read_tensors, write_message};
 use fedward_shared::plan::PrivacyPlan;
-use fedward_shared::tensor::{Tensor, TensorSet};
-use fedward_shared::wire::{Message, ModelRequest, Ready};
-use support::{Consortium, CoordinatorProcess, HandSite};
-
-/// all-MiniLM-L6-v2's shapes: 22.7M parameters with a 4-label head.
-fn minilm_shaped_model(rng: &mut impl Rng) -> TensorSet {
-    let (vocab, hidden, inter, layers) = (30522, 384, 1536, 6);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("bert.embeddings.word_embeddings.weight".into(), vec![vocab, hidden]),
-        ("bert.embeddings.position_embeddings.weight".into(), vec![512, hidden]),
-        ("bert.embeddings.token_type_embeddings.weight".into(), vec![2, hidden]),
-        ("bert.embeddings.LayerNorm.weight".into(), vec![hidden]),
-        ("bert.embeddings.LayerNorm.bias".into(), vec![hidden]),
-        ("bert.pooler.dense.weight".into(), vec![hidden, hidden]),
-        ("bert.pooler.dense.bias".into(), vec![hidden]),
-        ("classifier.weight".into(), vec![4, hidden]),
-        ("classifier.bias".into(), vec![4]),
-    ];
-    for l in 0..layers {
-        let p = format!("bert.encoder.layer.{l}");
-        for (n, s) in [
-            ("attention.self.query.weight", vec![hidden, hidden]),
-            ("attention.self.query.bias", vec![hidden]),
-            ("attention.self.key.weight", vec![hidden, hidden]),
-            ("attention.self.key.bias", vec![hidden]),
-            ("attention.self.value.weight", vec![hidden, hidden]),
-            ("attention.self.value.bias", vec![hidden]),
-            ("attention.output.dense.weight", vec![hidden, hidden]),
-            ("attention.output.dense.bias", vec![hidden]),
-            ("attention.output.LayerNorm.weight", vec![hidden]),
-            ("attention.output.LayerNorm.bias", vec![hidden]),
-            ("intermediate.dense.weight", vec![inter, hidden]),
-            ("intermediate.dense.bias", vec![inter]),
-            ("output.dense.weight", vec![hidden, inter]),
-            ("output.dense.bias", vec![hidden]),
-            ("output.LayerNorm.weight", vec![hidden]),
-            ("output.LayerNorm.bias", vec![hidden]),
-        ] {
-            shapes.push((format!("{p}.{n}"), s));
-        }
-    }
-    shapes
-        .into_iter()
-        .map(|(name, shape)| {
-            let n = shape.iter().product();
-            let data = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
-            (name, Tensor::new(shape, data).expect("shape"))
-        })
-        .collect()
-}
+use fedward_shared::wire::{Message, Ready};
+use support::{minilm_shaped_model, Consortium, CoordinatorProcess, HandSite};
 
 fn tcp_copy(bytes: &[u8]) -> Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -111,12 +62,7 @@ async fn main() -> Result<()> {
 
     // Download: the coordinator streams the global model.
     let started = Instant::now();
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let names: Vec<String> = offer.manifest.iter().map(|s| s.name.clone()).collect();
-    write_message(&mut send, &Message::ModelRequest(ModelRequest { round: offer.round, names })).await?;
-    send.finish()?;
-    let Message::Tensors(specs) = read_message(&mut recv).await? else { bail!("no tensors") };
-    let global = read_tensors(&mut recv, &specs).await?;
+    let global = site.download(&offer).await?;
     let download_mbps = global.byte_len() as f64 / 1e6 / started.elapsed().as_secs_f64();
 
     // Upload: one update of every tensor.

@@ -276,6 +276,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     }
     let options = ServerOptions {
         max_concurrent_uploads: cfg.max_concurrent_uploads,
+        max_concurrent_downloads: cfg.max_concurrent_downloads,
         finish_grace: Duration::from_secs(30),
         transport: cfg.transport,
         admission: cfg.admission,

@@ -60,6 +60,8 @@ pub enum RunOutcome {
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub max_concurrent_uploads: usize,
+    /// Model downloads served at once: each holds up to a connection's send window.
+    pub max_concurrent_downloads: usize,
     /// After the last round, how long to wait for agents to hear `Finished` and leave.
     pub finish_grace: Duration,
     /// Timeouts and the minimum transfer rate.
@@ -104,6 +106,7 @@ struct Shared {
     events: mpsc::Sender<Event>,
     enrolled: BTreeSet<SiteId>,
     uploads: Semaphore,
+    downloads: Semaphore,
     status: watch::Receiver<StatusView>,
     transport: Transport,
 }
@@ -130,6 +133,7 @@ pub async fn run(
         events: events_tx,
         enrolled: enrolled.clone(),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
+        downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
         transport: options.transport,
     });
@@ -632,6 +636,19 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             };
             let bytes: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * 4).sum();
             let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
+            // A download slot first (what many sites downloading at once may buffer is
+            // bounded by the slots); the round closing ends the wait.
+            let round_over = round_closed(ctx.shared.status.clone(), req.round);
+            let slot = tokio::select! {
+                slot = ctx.shared.downloads.acquire() => slot,
+                () = round_over => {
+                    let r = Reject::new(RejectCode::StaleRound, format!("round {} has closed", req.round));
+                    return reply(send, &Message::Reject(r)).await;
+                }
+            };
+            let Ok(_slot) = slot else {
+                return reply(send, &Message::Reject(Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down"))).await;
+            };
             paced(ctx.shared.transport.pace, bytes, "model download", async {
                 write_message(send, &Message::Tensors(specs.clone())).await?;
                 send_from_file(send, &model, &specs).await?;
@@ -692,6 +709,9 @@ async fn receive_update(
         }
     };
     let Ok(_permit) = permit else { return reply(send, &Message::Reject(gone())).await };
+    // Only now may the site send its bytes: a site waiting for a slot has nothing
+    // buffered here.
+    write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
     let started = Instant::now();
     let bytes = wire::declared_payload_bytes(&header.tensors, usize::MAX).unwrap_or(usize::MAX);
     let transfer = paced(ctx.shared.transport.pace, bytes, "update upload", read_tensors(recv, &header.tensors));

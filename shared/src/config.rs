@@ -249,6 +249,10 @@ pub struct RawFederation {
     /// How many updates may be received at once (bounds the coordinator's memory).
     #[serde(default = "default_concurrent_uploads")]
     pub max_concurrent_uploads: usize,
+    /// How many model downloads are served at once (each may buffer a connection's send
+    /// window, so this bounds what many sites starting a round together cost).
+    #[serde(default = "default_concurrent_downloads")]
+    pub max_concurrent_downloads: usize,
 }
 
 fn default_deadline() -> String {
@@ -257,8 +261,14 @@ fn default_deadline() -> String {
 fn default_max_update_mib() -> usize {
     512
 }
+fn default_concurrent_downloads() -> usize {
+    4
+}
+
+/// One update received at a time: each upload in flight holds a whole update, and one
+/// endpoint's uploads share one UDP socket's throughput anyway.
 fn default_concurrent_uploads() -> usize {
-    2
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -488,6 +498,7 @@ pub struct CoordinatorConfig {
     pub round_deadline: Duration,
     pub max_update_bytes: usize,
     pub max_concurrent_uploads: usize,
+    pub max_concurrent_downloads: usize,
     pub model_init: PathBuf,
     pub labels: Vec<String>,
     pub init_seed: u64,
@@ -522,8 +533,11 @@ impl CoordinatorConfig {
             return Err(invalid("federation.min_sites", "must be at least 1"));
         }
         let round_deadline = parse_duration("federation.round_deadline", &raw.federation.round_deadline)?;
-        if raw.federation.max_concurrent_uploads == 0 {
-            return Err(invalid("federation.max_concurrent_uploads", "must be at least 1"));
+        if raw.federation.max_concurrent_uploads == 0 || raw.federation.max_concurrent_downloads == 0 {
+            return Err(invalid(
+                "federation.max_concurrent_uploads",
+                "max_concurrent_uploads and max_concurrent_downloads must be at least 1",
+            ));
         }
         let mut sites = Vec::new();
         for s in raw.sites {
@@ -585,6 +599,7 @@ impl CoordinatorConfig {
             round_deadline,
             max_update_bytes: raw.federation.max_update_mib.saturating_mul(1 << 20),
             max_concurrent_uploads: raw.federation.max_concurrent_uploads,
+            max_concurrent_downloads: raw.federation.max_concurrent_downloads,
             model_init: resolve(base_dir, raw.model.init),
             labels,
             init_seed: raw.model.init_seed,

@@ -10,7 +10,7 @@
 //! | `Hello`                              | `Welcome` or `Reject`                        |
 //! | `Ready`                              | `RoundOffer` (when a round opens), `Finished` or `Reject` |
 //! | `ModelRequest`                       | `Tensors` followed by raw tensor bytes, or `Reject` |
-//! | `Update` followed by raw tensor bytes| `Ack` or `Reject`                            |
+//! | `Update`, then after `Proceed` the raw tensor bytes | `Proceed`, then `Ack`; or `Reject` |
 //! | `Decline`                            | `Ack`                                        |
 //!
 //! Tensors never travel inside a frame: a frame declares them ([`TensorSpec`]: name,
@@ -27,7 +27,7 @@ use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSp
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"fedward/1";
 /// Version carried in `Hello`; the coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Hard limit on one control frame's payload.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Hard limit on the values of one tensor a peer may declare (1 GiB of f32).
@@ -130,6 +130,10 @@ pub enum Message {
     Decline(Decline),
     Ack(Ack),
     Reject(Reject),
+    /// The update's header is admitted and an upload slot is held for it: send the bytes.
+    /// Until then an agent sends nothing after its header, so a coordinator with many sites
+    /// waiting buffers none of their updates.
+    Proceed(Ack),
 }
 
 impl Message {
@@ -147,6 +151,7 @@ impl Message {
             Self::Decline(_) => "decline",
             Self::Ack(_) => "ack",
             Self::Reject(_) => "reject",
+            Self::Proceed(_) => "proceed",
         }
     }
 }
@@ -568,6 +573,7 @@ mod tests {
             Message::Finished(Finished { completed_rounds: 5, model_digest: digest }),
             Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
             Message::Tensors(vec![spec()]),
+            Message::Proceed(Ack { round: RoundId(3) }),
             Message::Update(UpdateHeader {
                 round: RoundId(3),
                 num_examples: 412,

@@ -73,6 +73,16 @@ async fn one_enrolled_site_cannot_take_over_the_global_model() {
     assert!(evil_record.scale.unwrap() < 1e-29, "recorded as clipped: {evil_record:?}");
 }
 
+/// The coordinator's last word on an upload stream (past its `Proceed`, if any).
+async fn final_answer(recv: &mut quinn::RecvStream) -> Message {
+    loop {
+        match fedward_net::read_message(recv).await.unwrap() {
+            Message::Proceed(_) => continue,
+            answer => return answer,
+        }
+    }
+}
+
 fn wire_max_examples() -> u64 {
     fedward_coordinator::aggregate::MAX_EXAMPLES
 }
@@ -106,8 +116,8 @@ async fn stalled_uploads_do_not_hold_up_the_honest_sites() {
         let delta = delta_for(&offer, 0.0);
         let (mut send, recv) = m.conn.open_bi().await.unwrap();
         fedward_net::write_message(&mut send, &update(&offer, &delta, 10)).await.unwrap();
+        // A few bytes without waiting to be told, and nothing more: the stream stays open.
         send.write_all(&[0u8; 8]).await.unwrap();
-        // ... and nothing more: the stream stays open.
         stalled_streams.push((send, recv));
     }
     let mut agents = Vec::new();
@@ -119,7 +129,7 @@ async fn stalled_uploads_do_not_hold_up_the_honest_sites() {
         assert!(matches!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 1, .. }));
     }
     for (_, recv) in &mut stalled_streams {
-        let Message::Reject(r) = fedward_net::read_message(recv).await.unwrap() else { panic!("expected a reject") };
+        let Message::Reject(r) = final_answer(recv).await else { panic!("expected a reject") };
         assert_eq!(r.code, RejectCode::TooSlow, "{}", r.message);
     }
     drop(stalled_streams);
@@ -151,7 +161,7 @@ async fn closing_a_round_stops_the_uploads_still_arriving() {
     send.write_all(&[0u8; 8]).await.unwrap();
     // The round closes at its deadline without the slow site (quorum 1 is not met, so it
     // fails): the stalled upload is answered then.
-    let Message::Reject(r) = fedward_net::read_message(&mut recv).await.unwrap() else { panic!("expected a reject") };
+    let Message::Reject(r) = final_answer(&mut recv).await else { panic!("expected a reject") };
     assert_eq!(r.code, RejectCode::StaleRound, "{}", r.message);
     assert!(r.message.contains("closed while the update was arriving"), "{}", r.message);
     drop((send, recv, slow));

@@ -216,6 +216,7 @@ impl CoordinatorHandle {
         let (result_tx, result_rx) = oneshot::channel();
         let options = ServerOptions {
             max_concurrent_uploads: spec.max_concurrent_uploads,
+            max_concurrent_downloads: 4,
             finish_grace: Duration::from_secs(5),
             transport: spec.transport,
             admission: spec.admission,
@@ -398,13 +399,17 @@ impl ManualSite {
         me
     }
 
-    /// Sends `msg` (then `tensors`' bytes, if any) on a fresh stream and reads the answer.
+    /// Sends `msg` on a fresh stream and reads the answer; with `tensors`, an update: their
+    /// bytes follow once the coordinator says `Proceed`, and the answer after them is
+    /// returned (a refusal of the header alone is returned as it comes).
     pub async fn exchange(&self, msg: &Message, tensors: Option<&TensorSet>) -> Message {
         let (mut send, mut recv) = self.conn.open_bi().await.expect("stream");
         fedward_net::write_message(&mut send, msg).await.expect("write");
         if let Some(t) = tensors {
-            // The coordinator may refuse on the header alone and stop reading.
-            let _ = fedward_net::write_tensors(&mut send, t, &t.specs()).await;
+            match fedward_net::read_message(&mut recv).await.expect("answer to the header") {
+                Message::Proceed(_) => fedward_net::write_tensors(&mut send, t, &t.specs()).await.expect("bytes"),
+                refused => return refused,
+            }
         }
         let _ = send.finish();
         fedward_net::read_message(&mut recv).await.expect("answer")

@@ -32,6 +32,8 @@ pub struct Consortium {
 
 impl Consortium {
     /// `extra` is appended to the config (TOML tables of its own: `[aggregation]`, ...).
+    /// Every site connects from 127.0.0.1, so the per-address handshake limit is raised to
+    /// the number of sites when that is above the default.
     pub fn new(model: &TensorSet, trainable: &str, sites: &[String], min_sites: usize, rounds: u64, extra: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
@@ -47,10 +49,15 @@ impl Consortium {
         std::fs::write(p.join("init.safetensors"), model.to_safetensors(None)?)?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         let enrolled: String = sites.iter().map(|s| format!("[[sites]]\nid = \"{s}\"\n")).collect();
+        let defaults = fedward_shared::config::Admission::default();
+        let per_ip = defaults.max_handshakes_per_ip.max(sites.len());
+        let max_handshakes = defaults.max_handshakes.max(per_ip);
         let config = format!(
             r#"[server]
 listen = "127.0.0.1:{port}"
 state_dir = "state"
+max_handshakes = {max_handshakes}
+max_handshakes_per_ip = {per_ip}
 [tls]
 ca_cert = "pki/ca.crt"
 cert = "pki/coordinator.crt"
@@ -186,6 +193,53 @@ pub fn minilm_embedding_model() -> TensorSet {
     m
 }
 
+/// all-MiniLM-L6-v2's shapes: 22.7M parameters with a 4-label head.
+pub fn minilm_shaped_model(rng: &mut impl rand::Rng) -> TensorSet {
+    let (vocab, hidden, inter, layers) = (30522, 384, 1536, 6);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("bert.embeddings.word_embeddings.weight".into(), vec![vocab, hidden]),
+        ("bert.embeddings.position_embeddings.weight".into(), vec![512, hidden]),
+        ("bert.embeddings.token_type_embeddings.weight".into(), vec![2, hidden]),
+        ("bert.embeddings.LayerNorm.weight".into(), vec![hidden]),
+        ("bert.embeddings.LayerNorm.bias".into(), vec![hidden]),
+        ("bert.pooler.dense.weight".into(), vec![hidden, hidden]),
+        ("bert.pooler.dense.bias".into(), vec![hidden]),
+        ("classifier.weight".into(), vec![4, hidden]),
+        ("classifier.bias".into(), vec![4]),
+    ];
+    for l in 0..layers {
+        let p = format!("bert.encoder.layer.{l}");
+        for (n, s) in [
+            ("attention.self.query.weight", vec![hidden, hidden]),
+            ("attention.self.query.bias", vec![hidden]),
+            ("attention.self.key.weight", vec![hidden, hidden]),
+            ("attention.self.key.bias", vec![hidden]),
+            ("attention.self.value.weight", vec![hidden, hidden]),
+            ("attention.self.value.bias", vec![hidden]),
+            ("attention.output.dense.weight", vec![hidden, hidden]),
+            ("attention.output.dense.bias", vec![hidden]),
+            ("attention.output.LayerNorm.weight", vec![hidden]),
+            ("attention.output.LayerNorm.bias", vec![hidden]),
+            ("intermediate.dense.weight", vec![inter, hidden]),
+            ("intermediate.dense.bias", vec![inter]),
+            ("output.dense.weight", vec![hidden, inter]),
+            ("output.dense.bias", vec![hidden]),
+            ("output.LayerNorm.weight", vec![hidden]),
+            ("output.LayerNorm.bias", vec![hidden]),
+        ] {
+            shapes.push((format!("{p}.{n}"), s));
+        }
+    }
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let data = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+            (name, Tensor::new(shape, data).expect("shape"))
+        })
+        .collect()
+}
+
 /// A connection that has said hello, as `site` would.
 pub struct HandSite {
     pub endpoint: quinn::Endpoint,
@@ -230,6 +284,16 @@ impl HandSite {
         }
     }
 
+    /// Downloads the offer's whole model; returns it.
+    pub async fn download(&self, offer: &RoundOffer) -> Result<TensorSet> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let names = offer.manifest.iter().map(|s| s.name.clone()).collect();
+        write_message(&mut send, &Message::ModelRequest(wire::ModelRequest { round: offer.round, names })).await?;
+        send.finish()?;
+        let Message::Tensors(specs) = read_message(&mut recv).await? else { bail!("no tensors") };
+        Ok(fedward_net::read_tensors(&mut recv, &specs).await?)
+    }
+
     /// Sends `delta` as the round's update; returns the coordinator's answer.
     pub async fn send_update(&self, offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Result<Message> {
         let specs = delta.specs();
@@ -242,6 +306,10 @@ impl HandSite {
         };
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_message(&mut send, &Message::Update(header)).await?;
+        match read_message(&mut recv).await? {
+            Message::Proceed(_) => {}
+            refused => return Ok(refused),
+        }
         write_tensors(&mut send, delta, &specs).await?;
         send.finish()?;
         Ok(read_message(&mut recv).await?)
