@@ -116,6 +116,12 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
         None => rand_chacha::ChaCha20Rng::from_os_rng(),
     };
     std::fs::create_dir_all(&opts.state_dir).map_err(|e| DaemonError::State(format!("{}: {e}", opts.state_dir.display())))?;
+    // One daemon per state directory: two would both pass the budget check against one
+    // ledger. Held until this function returns.
+    let _lock = fsutil::lock_dir(&opts.state_dir).map_err(|e| DaemonError::State(e.to_string()))?;
+    for removed in fsutil::remove_temp_files(&opts.state_dir).map_err(|e| DaemonError::State(e.to_string()))? {
+        warn!(path = %removed.display(), "removed the leftover of an interrupted write");
+    }
     let ledger = open_ledger(&opts)?;
     let released = load_released(&opts);
     let mut state = AgentState { trainer: Some(trainer), cache: load_cache(&opts), rounds_trained: 0, ledger: Some(ledger), released };

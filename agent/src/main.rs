@@ -377,10 +377,7 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         fail_after_ledger_write: false,
     };
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match daemon::run(opts, trainer, shutdown).await? {
+    match daemon::run(opts, trainer, fedward_net::shutdown_signal()).await? {
         DaemonOutcome::Finished { completed_rounds, rounds_trained } => {
             info!(completed_rounds, rounds_trained, "done");
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info};
 
 use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
@@ -211,7 +211,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
     .context("building the TLS configuration")?;
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
-    let mut store = Store::open(&cfg.state_dir)?;
+    let mut store = Store::open_exclusive(&cfg.state_dir)?;
     // Only the manifest stays in memory: checkpoints are read tensor by tensor.
     let (manifest, completed) = match store.current()? {
         Some((manifest, completed)) => {
@@ -281,10 +281,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         transport: cfg.transport,
         admission: cfg.admission,
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await? {
+    match server::run(endpoint, machine, store, ledger, options, status_tx, fedward_net::shutdown_signal()).await? {
         RunOutcome::Completed { rounds } => {
             info!(rounds, "federation completed");
             Ok(ExitCode::SUCCESS)
@@ -293,7 +290,13 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
             info!(completed, "stopped; restart with the same state directory to resume");
             Ok(ExitCode::SUCCESS)
         }
-        RunOutcome::Stopped { reason } => bail!("federation stopped: {reason}"),
+        RunOutcome::Stopped { reason } => {
+            // Restarting cannot help (the shipped units do not restart on this status); the
+            // reason is also in state.json's history.
+            error!(%reason, "federation stopped");
+            eprintln!("error: federation stopped: {reason}");
+            Ok(ExitCode::from(fedward_shared::cli::EXIT_FEDERATION_STOPPED))
+        }
     }
 }
 

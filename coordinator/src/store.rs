@@ -139,6 +139,8 @@ pub enum Committed {
 pub struct Store {
     dir: PathBuf,
     state: Option<SavedState>,
+    /// Held by the coordinator that serves from this directory ([`Store::open_exclusive`]).
+    _lock: Option<fsutil::DirLock>,
 }
 
 impl Store {
@@ -152,7 +154,20 @@ impl Store {
         } else {
             None
         };
-        Ok(Self { dir: dir.to_owned(), state })
+        Ok(Self { dir: dir.to_owned(), state, _lock: None })
+    }
+
+    /// Opens the directory for a coordinator to serve from: no other process may hold it
+    /// (`state directory in use` at once otherwise), and what interrupted writes left behind
+    /// (a checkpoint's temp file can be as large as the model) is removed first.
+    pub fn open_exclusive(dir: &Path) -> Result<Self, StoreError> {
+        let lock = fsutil::lock_dir(dir)?;
+        for sub in [dir.to_owned(), dir.join("checkpoints")] {
+            for removed in fsutil::remove_temp_files(&sub)? {
+                tracing::warn!(path = %removed.display(), "removed the leftover of an interrupted write");
+            }
+        }
+        Ok(Self { _lock: Some(lock), ..Self::open(dir)? })
     }
 
     pub fn state(&self) -> Option<&SavedState> {

@@ -562,13 +562,20 @@ where
     }
 }
 
+/// The coordinator's exit status when the federation stopped after a round failed too
+/// many times: not a crash, and restarting does not help (the shipped units do not).
+pub const EXIT_FEDERATION_STOPPED: u8 = 3;
+
 /// How a binary ends on a fatal error: prints `error: ` and [`error_line`] to stderr, and
 /// gives exit code 64 when a usage or configuration error is among the causes, else 1.
 pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> std::process::ExitCode {
     eprintln!("error: {}", error_line(error));
     let mut cause = Some(error);
     while let Some(e) = cause {
-        if e.downcast_ref::<CliError>().is_some_and(CliError::is_usage) || e.downcast_ref::<crate::config::ConfigError>().is_some() {
+        if e.downcast_ref::<CliError>().is_some_and(CliError::is_usage)
+            || e.downcast_ref::<crate::config::ConfigError>().is_some()
+            || e.downcast_ref::<crate::fsutil::FsError>().is_some_and(crate::fsutil::FsError::is_misconfiguration)
+        {
             return std::process::ExitCode::from(64);
         }
         cause = e.source();
@@ -618,6 +625,19 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("bad certificate")]
     struct Inner(#[source] std::io::Error);
+
+    /// A key others can read is a setting to fix (exit 64: systemd does not restart it),
+    /// wherever it sits among the causes; an I/O failure is not.
+    #[test]
+    fn a_misconfiguration_among_the_causes_exits_64() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("building the TLS configuration")]
+        struct Context(#[source] FsError);
+        let open_key = FsError::KeyTooOpen { path: "site.key".into(), mode: 0o644 };
+        assert_eq!(exit_code(&Context(open_key)), std::process::ExitCode::from(64));
+        let missing = FsError::Io { path: "site.key".into(), error: std::io::Error::from(std::io::ErrorKind::NotFound) };
+        assert_eq!(exit_code(&Context(missing)), std::process::ExitCode::FAILURE);
+    }
 
     #[test]
     fn error_line_names_each_cause_once() {

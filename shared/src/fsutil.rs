@@ -17,6 +17,71 @@ pub enum FsError {
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error("{path} already exists; refusing to overwrite (move it away first)")]
     Exists { path: PathBuf },
+    #[error("state directory {dir} is in use by another fedward process{holder}; stop it first (or point this one at another directory)")]
+    InUse { dir: PathBuf, holder: String },
+}
+
+impl FsError {
+    /// A setting the operator must change (no retry helps): a key others can read.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, Self::KeyTooOpen { .. })
+    }
+}
+
+/// The lock file's name inside a locked directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive hold on a state directory, released when dropped (or when the process
+/// dies: the operating system drops the lock with the file).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the directory for this process alone: two daemons on one state directory would
+/// both pass a budget check against one ledger, or overwrite each other's checkpoints.
+/// Fails at once, naming the holder's pid, when another process holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, FsError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).ok().map(|pid| pid.trim().to_owned()).filter(|p| !p.is_empty());
+            return Err(FsError::InUse { dir: dir.to_owned(), holder: holder.map(|p| format!(" (pid {p})")).unwrap_or_default() });
+        }
+        Err(fs::TryLockError::Error(error)) => return Err(FsError::Io { path, error }),
+    }
+    file.set_len(0).and_then(|()| file.write_all(std::process::id().to_string().as_bytes())).map_err(io_err(&path))?;
+    Ok(DirLock { _file: file })
+}
+
+/// Removes what interrupted atomic writes left in `dir` (`.NAME.tmp-PID` files): the
+/// caller holds the directory's lock, so no write of another process is in progress.
+/// Returns what was removed.
+pub fn remove_temp_files(dir: &Path) -> Result<Vec<PathBuf>, FsError> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(error) => return Err(FsError::Io { path: dir.to_owned(), error }),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_temp_name(&name) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// `.NAME.tmp-PID`, the names [`atomic_write`] and [`atomic_write_with`] write to.
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FsError + '_ {
@@ -117,6 +182,31 @@ fn open_new(path: &Path, private: bool, truncate: bool) -> Result<File, FsError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_locked_directory_is_refused_to_a_second_holder_and_freed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = lock_dir(dir.path()).unwrap();
+        let err = lock_dir(dir.path()).unwrap_err();
+        assert!(matches!(err, FsError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(lock);
+        lock_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_interrupted_writes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".state.json.tmp-123", ".round-00004.safetensors.tmp-9", "state.json", ".lock", "notes.tmp-1", ".x.tmp-abc"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let mut removed: Vec<String> =
+            remove_temp_files(dir.path()).unwrap().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        removed.sort();
+        assert_eq!(removed, [".round-00004.safetensors.tmp-9", ".state.json.tmp-123"]);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
+        assert!(remove_temp_files(&dir.path().join("absent")).unwrap().is_empty());
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

@@ -185,6 +185,29 @@ async fn client_with_an_expired_certificate_is_refused() {
     assert!(reason.contains("expired"), "{reason}");
 }
 
+/// Two agents on one state directory would both pass the budget check against one ledger:
+/// the second stops at once, naming the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_stops_at_once() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 2, vec!["alpha", "beta"]));
+    let state = dir.path().join("alpha");
+    let (first_trainer, _) = ScriptedTrainer::new(0.01, 10);
+    let first = spawn_agent(agent_options(coord.addr, pki.site_tls("alpha"), &state, 0), first_trainer);
+    // The first holds the directory once its ledger exists (it opens it after the lock).
+    let ledger = state.join(fedward_agent::daemon::LEDGER);
+    let mut status = coord.status.clone();
+    status.wait_for(|s| s.connected.iter().any(|c| c == "alpha")).await.unwrap();
+    assert!(ledger.exists());
+    let (second_trainer, _) = ScriptedTrainer::new(0.01, 10);
+    let second = spawn_agent(agent_options(coord.addr, pki.site_tls("alpha"), &state, 0), second_trainer).await.unwrap();
+    let Err(DaemonError::State(reason)) = second else { panic!("expected a refusal: {second:?}") };
+    assert!(reason.contains("in use by another fedward process"), "{reason}");
+    first.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unenrolled_site_is_refused_with_the_reason() {
     init_logging();

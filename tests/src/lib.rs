@@ -179,7 +179,7 @@ pub struct CoordinatorHandle {
 impl CoordinatorHandle {
     /// Starts a coordinator; resumes from `state_dir` when it holds a saved state.
     pub fn start(pki: &TestPki, spec: CoordinatorSpec) -> Self {
-        let mut store = Store::open(&spec.state_dir).expect("store");
+        let mut store = Store::open_exclusive(&spec.state_dir).expect("store");
         let (manifest, completed) = match store.current().expect("load state") {
             Some(x) => x,
             None => (store.save_initial(&tiny_global()).expect("save initial"), 0),

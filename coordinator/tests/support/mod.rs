@@ -166,6 +166,13 @@ impl CoordinatorProcess {
     pub fn wait(mut self) -> Result<std::process::ExitStatus> {
         Ok(self.child.wait()?)
     }
+
+    /// Sends SIGTERM (what systemd and Kubernetes send) and waits for the exit.
+    pub fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        let sent = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM failed");
+        Ok(self.child.wait()?)
+    }
 }
 
 impl Drop for CoordinatorProcess {

@@ -357,6 +357,10 @@ pub enum ImportError {
     DuplicateColumn { column: String },
     #[error("{} of {} rows rejected ({:.1}%), more than the allowed {:.1}%", report.rejected, report.rows_read, 100.0 * report.rejected_fraction(), 100.0 * max_fraction)]
     TooManyRejected { max_fraction: f64, report: Box<ImportReport> },
+    /// Nothing to train on: an empty file, or every row rejected. Writing an empty
+    /// training file would leave the site's agent with nothing to do, silently.
+    #[error("no valid rows: {} rows read, {} rejected", report.rows_read, report.rejected)]
+    NoRows { report: Box<ImportReport> },
 }
 
 /// Reads and validates a file.
@@ -396,6 +400,9 @@ pub fn import_bytes(input: &[u8], cfg: &ImportConfig) -> Result<Imported, Import
         Format::Csv => read_csv(input, cfg, &mut acc)?,
     }
     let imported = acc.finish();
+    if imported.rows.is_empty() {
+        return Err(ImportError::NoRows { report: Box::new(imported.report) });
+    }
     if let Some(max_fraction) = cfg.max_bad_fraction {
         if imported.report.rejected_fraction() > max_fraction {
             return Err(ImportError::TooManyRejected { max_fraction, report: Box::new(imported.report) });
@@ -874,7 +881,11 @@ mod tests {
         let c = cfg(Format::Csv);
         assert!(matches!(import_bytes(b"", &c), Err(ImportError::NoHeader)));
         assert!(matches!(import_bytes(b"note,label\nx,bed\n", &c), Err(ImportError::MissingColumn { column }) if column == "text"));
-        assert!(import_bytes(b"text,Text,label\n", &c).is_ok());
+        assert!(import_bytes(b"text,Text,label\nx,x,bed\n", &c).is_ok());
+        // A header and nothing else, or nothing valid: an error, never an empty file.
+        assert!(matches!(import_bytes(b"text,label\n", &c), Err(ImportError::NoRows { .. })));
+        assert!(matches!(import_bytes(b"text,label\n,bed\nnote,chair\n", &c), Err(ImportError::NoRows { report }) if report.rejected == 2));
+        assert!(matches!(import_bytes(b"", &cfg(Format::Jsonl)), Err(ImportError::NoRows { .. })));
         assert!(matches!(import_bytes(b"TEXT,Text,label\n", &c), Err(ImportError::DuplicateColumn { .. })));
         assert!(matches!(
             import_bytes(b"\n\"text,label\n", &c),

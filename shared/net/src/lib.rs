@@ -119,6 +119,31 @@ fn finished_is_closed(e: quinn::ReadExactError) -> StreamError {
     }
 }
 
+/// Resolves on the first SIGINT or SIGTERM (what systemd and Kubernetes send to stop a
+/// service): the daemons' cue to stop taking work, finish what must be durable and exit 0.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            // No SIGTERM handler could be installed: Ctrl-C still works.
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// How a connection ended, as the side that sees it must act on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectionEnd {

@@ -1,0 +1,40 @@
+//! The coordinator as an operator runs it (issue 18): one process per state directory,
+//! leftovers of interrupted writes cleared at start, and SIGTERM as a clean stop.
+
+mod support;
+
+use anyhow::Result;
+
+use support::{minilm_embedding_model, Consortium, CoordinatorProcess};
+
+fn consortium() -> Result<Consortium> {
+    let sites = vec!["alpha".to_owned()];
+    Consortium::new(&minilm_embedding_model(), "head", &sites, 1, 1, "[aggregation]\nmax_update_norm = 10.0\n")
+}
+
+#[test]
+fn a_second_coordinator_on_the_same_state_directory_fails_at_once() -> Result<()> {
+    let c = consortium()?;
+    let _first = CoordinatorProcess::start(&c)?;
+    let second = CoordinatorProcess::start(&c).err().expect("the second coordinator must not start");
+    let said = format!("{second:#}");
+    assert!(said.contains("state directory") && said.contains("in use by another fedward process (pid"), "{said}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_the_coordinator_cleanly_and_leftovers_are_cleared_at_start() -> Result<()> {
+    let c = consortium()?;
+    // What a crash in the middle of a checkpoint write leaves behind.
+    let checkpoints = c.state_dir().join("checkpoints");
+    std::fs::create_dir_all(&checkpoints)?;
+    let leftover = checkpoints.join(".round-00003.safetensors.tmp-4242");
+    std::fs::write(&leftover, vec![0u8; 1 << 20])?;
+    let coordinator = CoordinatorProcess::start(&c)?;
+    assert!(!leftover.exists(), "the leftover temp file is removed at start");
+    let status = coordinator.terminate()?;
+    assert!(status.success(), "SIGTERM is a clean stop, exit 0: {status}");
+    // And the state directory is free again.
+    drop(CoordinatorProcess::start(&c)?);
+    Ok(())
+}
