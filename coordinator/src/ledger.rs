@@ -68,8 +68,24 @@ impl CoordinatorLedger {
         self.file.path()
     }
 
-    /// Records an accepted update, durably.
-    pub fn record_accepted(&mut self, round: RoundId, c: &Contribution, now: OffsetDateTime) -> Result<Entry, CoordinatorLedgerError> {
+    /// Records an accepted update, durably; `None` when the ledger already holds this very
+    /// update (same site, round and digest). That is a round redone after a failure or a
+    /// restart, to which the site rightly resent what it had released: one release, one
+    /// entry, or an auditor would count its privacy spend twice.
+    pub fn record_accepted(
+        &mut self,
+        round: RoundId,
+        c: &Contribution,
+        now: OffsetDateTime,
+    ) -> Result<Option<Entry>, CoordinatorLedgerError> {
+        let already =
+            self.ledger().entries().iter().any(
+                |e| matches!(&e.body, Body::Accepted(a) if a.site == c.site && a.round == round && a.update_digest == c.update_digest),
+            );
+        if already {
+            info!(site = %c.site, round = %round, "update already in the ledger (a redone round); not recorded twice");
+            return Ok(None);
+        }
         let record = AcceptedRecord {
             site: c.site.clone(),
             round,
@@ -78,7 +94,7 @@ impl CoordinatorLedger {
             update_digest: c.update_digest,
             time: fedward_shared::ledger::format_time(now)?,
         };
-        Ok(self.file.append(Body::Accepted(record))?)
+        Ok(Some(self.file.append(Body::Accepted(record))?))
     }
 
     /// Seals the chain head for a completed round, durably.
@@ -139,6 +155,24 @@ mod tests {
             privacy: PrivacyUsed::off(),
             update_digest: Digest([1; 32]),
         }
+    }
+
+    #[test]
+    fn a_redone_round_does_not_record_the_same_update_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        assert!(l.record_accepted(RoundId(1), &contribution("a"), T).unwrap().is_some());
+        // The round failed or the coordinator restarted; the site resends what it released.
+        drop(l);
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        assert!(l.record_accepted(RoundId(1), &contribution("a"), T).unwrap().is_none());
+        // Another update for the round (the site trained again on a different model) is a
+        // second release and is recorded.
+        let mut other = contribution("a");
+        other.update_digest = Digest([2; 32]);
+        assert!(l.record_accepted(RoundId(1), &other, T).unwrap().is_some());
+        assert_eq!(l.ledger().entries().len(), 2);
     }
 
     #[test]

@@ -185,6 +185,56 @@ async fn client_with_an_expired_certificate_is_refused() {
     assert!(reason.contains("expired"), "{reason}");
 }
 
+/// A round that fails after a site's update was accepted is redone, and the site rightly
+/// resends what it released. Before, the coordinator recorded it twice: the audit then
+/// recomputed the site's epsilon from two releases (epsilon-under-counted) and reconcile
+/// reported a duplicate round. Now one release is one entry, and both pass, under DP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redone_round_records_a_resent_update_once_and_the_audit_passes() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 1, 2, vec!["alpha", "beta", "idle"]);
+    s.privacy = PrivacyPlan::RecordLevel { noise_multiplier: 1.2, clip_norm: 1.0, sampling_rate: 0.25, update_clip_norm: 0.05 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    s.deadline = Duration::from_secs(3);
+    let coord = CoordinatorHandle::start(&pki, s);
+    // Attempt 1: alpha and a site that never answers; alpha's update is accepted, and the
+    // round fails at its deadline without quorum.
+    let idle = ManualSite::connect(&pki, "idle", coord.addr).await;
+    let _idle_offer = idle.ready();
+    let mut status = coord.status.clone();
+    status.wait_for(|s| s.phase.starts_with("waiting for quorum (1/")).await.unwrap();
+    let (alpha_trainer, _) = ScriptedTrainer::new(0.01, 100);
+    let mut alpha_opts = agent_options(coord.addr, pki.site_tls("alpha"), &dir.path().join("alpha"), 0);
+    alpha_opts.budget.require_dp = true;
+    let alpha = spawn_agent(alpha_opts, alpha_trainer);
+    status.wait_for(|s| s.accepted == 1).await.unwrap();
+    status.wait_for(|s| s.phase.starts_with("waiting for quorum")).await.unwrap();
+    // Attempt 2: beta comes; alpha resends its recorded update.
+    let (beta_trainer, _) = ScriptedTrainer::new(0.02, 100);
+    let mut beta_opts = agent_options(coord.addr, pki.site_tls("beta"), &dir.path().join("beta"), 0);
+    beta_opts.budget.require_dp = true;
+    let beta = spawn_agent(beta_opts, beta_trainer);
+    for a in [alpha, beta] {
+        assert!(matches!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 1, .. }));
+    }
+    drop(idle);
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 1 });
+
+    assert_eq!(site_releases(&dir.path().join("alpha")).len(), 1, "alpha released once");
+    let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+    let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+    let bytes = std::fs::read(&ledger_file).unwrap();
+    let audit = fedward_shared::audit::audit_ledger(&bytes, Some(&key), None);
+    let alpha_entries = audit.parsed.iter().filter(|e| matches!(&e.body, Body::Accepted(a) if a.site.as_str() == "alpha")).count();
+    assert_eq!(alpha_entries, 1, "one release, one entry");
+    assert!(audit.passed(), "{:?}", audit.findings);
+    let site_bytes = std::fs::read(dir.path().join("alpha").join(fedward_agent::daemon::LEDGER)).unwrap();
+    let reconciled = fedward_shared::audit::reconcile_ledgers(&wire::SiteId::new("alpha").unwrap(), &site_bytes, &bytes, Some(&key));
+    assert!(reconciled.passed(), "{:?}", reconciled.mismatches);
+}
+
 /// Two agents on one state directory would both pass the budget check against one ledger:
 /// the second stops at once, naming the holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
