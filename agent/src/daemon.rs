@@ -78,6 +78,10 @@ pub enum DaemonOutcome {
 pub enum DaemonError {
     #[error("the coordinator refused this site: {0}")]
     Refused(String),
+    /// A setting of this site can never work (it trusts another CA, expects another server
+    /// name, names an address that does not resolve): retrying cannot help.
+    #[error("this site's configuration cannot work: {0}")]
+    Misconfigured(String),
     #[error("gave up after {attempts} failed connection attempts; last error: {last}")]
     GaveUp { attempts: u32, last: String },
     #[error("cannot resolve coordinator address {addr}: {detail}")]
@@ -98,6 +102,8 @@ enum SessionEnd {
     /// Transient: reconnect after a backoff.
     Lost(String),
     Refused(String),
+    /// A setting here can never work.
+    Misconfigured(String),
     /// The agent cannot go on safely (its ledger cannot be written): stop.
     Fatal(String),
     /// The test hook stopped the agent after recording round `0`.
@@ -142,6 +148,10 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
             Ok(SessionEnd::Refused(reason)) => {
                 error!(%reason, "refused by the coordinator; fix the cause and restart the agent");
                 return Err(DaemonError::Refused(reason));
+            }
+            Ok(SessionEnd::Misconfigured(reason)) => {
+                error!(%reason, "this site's configuration cannot work; fix it and restart the agent");
+                return Err(DaemonError::Misconfigured(reason));
             }
             Ok(SessionEnd::Fatal(reason)) => {
                 error!(%reason, "stopping: local state is unusable");
@@ -248,7 +258,15 @@ async fn connect_and_serve(
     rng: &mut rand_chacha::ChaCha20Rng,
     failures: &mut u32,
 ) -> Result<SessionEnd, String> {
-    let remote = resolve(&opts.coordinator_addr).await.map_err(|e| e.to_string())?;
+    let remote = match resolve(&opts.coordinator_addr).await {
+        Ok(r) => r,
+        // A name that does not resolve may come back (DNS is down); one without a port
+        // or otherwise malformed never will.
+        Err(DaemonError::Address { addr, detail }) if detail.contains("invalid socket address") => {
+            return Ok(SessionEnd::Misconfigured(format!("coordinator address {addr:?} is not host:port ({detail})")))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let endpoint = client_endpoint(remote, (*opts.tls).clone(), &opts.transport).map_err(|e| format!("endpoint: {e}"))?;
     let connecting = endpoint.connect(remote, &opts.server_name).map_err(|e| format!("connect: {e}"))?;
     let conn = match connecting.await {
@@ -628,10 +646,11 @@ fn stream_failure(conn: &quinn::Connection, e: StreamError) -> SessionEnd {
     }
 }
 
-/// A refusal is final; a connection merely lost is retried.
+/// A refusal or a misconfiguration is final; a connection merely lost is retried.
 fn classify_connection_error(e: &quinn::ConnectionError) -> Option<SessionEnd> {
     match ConnectionEnd::of(e) {
         ConnectionEnd::Refused(reason) => Some(SessionEnd::Refused(reason)),
+        ConnectionEnd::Misconfigured(reason) => Some(SessionEnd::Misconfigured(reason)),
         ConnectionEnd::Lost(_) => None,
     }
 }

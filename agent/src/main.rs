@@ -377,7 +377,15 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         fail_after_ledger_write: false,
     };
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
-    match daemon::run(opts, trainer, fedward_net::shutdown_signal()).await? {
+    let outcome = match daemon::run(opts, trainer, fedward_net::shutdown_signal()).await {
+        // What no retry can fix is a configuration error: exit 64, which the shipped unit
+        // does not restart.
+        Err(daemon::DaemonError::Misconfigured(reason)) => {
+            return Err(fedward_shared::config::ConfigError::Invalid { field: "coordinator", message: reason }.into())
+        }
+        other => other?,
+    };
+    match outcome {
         DaemonOutcome::Finished { completed_rounds, rounds_trained } => {
             info!(completed_rounds, rounds_trained, "done");
         }

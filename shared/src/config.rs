@@ -823,8 +823,11 @@ impl AgentConfig {
     }
 
     pub fn from_raw(raw: RawAgentConfig, base_dir: &Path) -> Result<Self, ConfigError> {
-        if raw.coordinator.address.trim().is_empty() {
-            return Err(invalid("coordinator.address", "must be host:port"));
+        let has_port =
+            raw.coordinator.address.rsplit_once(':').is_some_and(|(host, port)| !host.trim().is_empty() && port.parse::<u16>().is_ok());
+        if !has_port {
+            // An agent would otherwise retry a name it can never resolve, forever.
+            return Err(invalid("coordinator.address", format!("{:?} must be host:port", raw.coordinator.address)));
         }
         if raw.coordinator.server_name.trim().is_empty() {
             return Err(invalid("coordinator.server_name", "must name the coordinator's certificate"));
@@ -1054,5 +1057,14 @@ state_dir = "state"
         }
         let bad = text.replace("state_dir = \"state\"", "state_dir = \"state\"\ndevice = \"gpu\"");
         assert!(AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string().starts_with("agent.device"));
+        // An address without a port would be retried forever: refused here instead.
+        for address in ["coordinator.example", "coordinator.example:", ":7443", "host:port", "host:70000"] {
+            let bad = text.replace("127.0.0.1:7443", address);
+            let err = AgentConfig::parse(&bad, Path::new("/")).unwrap_err().to_string();
+            assert!(err.starts_with("coordinator.address"), "{address}: {err}");
+        }
+        for address in ["fedward.example.org:7443", "[::1]:7443"] {
+            AgentConfig::parse(&text.replace("127.0.0.1:7443", address), Path::new("/")).unwrap();
+        }
     }
 }

@@ -98,7 +98,7 @@ pub fn explain_handshake_error(err: &str) -> Option<&'static str> {
         Some("the certificate has expired (or the clock is wrong)")
     } else if e.contains("notvalidyet") {
         Some("the certificate is not valid yet (check the clock)")
-    } else if e.contains("notvalidforname") {
+    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
         Some("the coordinator's certificate does not match the configured server name")
     } else if e.contains("certificate required") || e.contains("certificaterequired") {
         Some("the peer sent no client certificate")

@@ -272,6 +272,34 @@ async fn unenrolled_site_is_refused_with_the_reason() {
     assert!(sent.lock().unwrap().is_empty());
 }
 
+/// An agent trusting the wrong CA, or expecting another server name, can never connect:
+/// it stops at once with the reason (exit 64 in the binary), not after endless retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_trust_the_coordinator_stops_with_the_reason() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("consortium");
+    let other = TestPki::new("elsewhere");
+    let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 1, vec!["alpha"]));
+    // Retrying forever (0) as the shipped config does: the test ends only if the agent stops.
+    let (trainer, _) = ScriptedTrainer::new(1.0, 10);
+    let wrong_ca = agent_options(
+        coord.addr,
+        pki.site_tls_with("alpha", Validity::days_from(time::OffsetDateTime::now_utc(), 1), &other),
+        &dir.path().join("a"),
+        0,
+    );
+    let err = spawn_agent(wrong_ca, trainer).await.unwrap().unwrap_err();
+    let DaemonError::Misconfigured(reason) = &err else { panic!("expected a misconfiguration, got {err}") };
+    assert!(reason.contains("not issued by the consortium CA"), "{reason}");
+    let (trainer, _) = ScriptedTrainer::new(1.0, 10);
+    let mut wrong_name = agent_options(coord.addr, pki.site_tls("alpha"), &dir.path().join("b"), 0);
+    wrong_name.server_name = "somebody-else.test".into();
+    let err = spawn_agent(wrong_name, trainer).await.unwrap().unwrap_err();
+    let DaemonError::Misconfigured(reason) = &err else { panic!("expected a misconfiguration, got {err}") };
+    assert!(reason.contains("does not match the configured server name"), "{reason}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_coordinator_restarts_resumes_at_the_right_round_and_finishes() {
     init_logging();

@@ -151,6 +151,10 @@ pub enum ConnectionEnd {
     /// refused the handshake): final, retrying cannot help. Carries the reason, with a hint
     /// for an operator where a TLS failure has a usual cause.
     Refused(String),
+    /// Our own side refused the peer during the handshake (its certificate is not from the
+    /// CA we trust, or not for the name we expect): a setting here is wrong, and retrying
+    /// cannot help.
+    Misconfigured(String),
     /// Anything else (timeouts, resets, a peer going away): transient.
     Lost(String),
 }
@@ -173,10 +177,11 @@ impl ConnectionEnd {
                     Self::Lost(e.to_string())
                 }
             }
+            // Raised here, not sent by the peer: our own TLS check of its certificate.
             quinn::ConnectionError::TransportError(t) => {
                 let text = t.to_string();
                 match fedward_shared::tls::explain_handshake_error(&text) {
-                    Some(hint) => Self::Refused(format!("TLS handshake failed: {text} ({hint})")),
+                    Some(hint) => Self::Misconfigured(format!("TLS handshake failed: {text} ({hint})")),
                     None => Self::Lost(e.to_string()),
                 }
             }
