@@ -122,7 +122,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Predict { model, text, input, device, max_seq_len } => {
             let dev = fedward_models::train::device(&device)?;
-            let (model, encoder) = fedward_models::io::load_dir(&model, None, 0, &dev)?;
+            let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
             let texts = match (text, input) {
                 (Some(t), _) => vec![t],
                 (None, Some(path)) => fedward_models::text::read_texts_jsonl(&path)?,
@@ -153,7 +153,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Eval { model, data, json, device, max_seq_len } => {
             let dev = fedward_models::train::device(&device)?;
-            let (model, encoder) = fedward_models::io::load_dir(&model, None, 0, &dev)?;
+            let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
             let examples = fedward_models::text::read_jsonl(&data, &model.labels)?;
             let report = fedward_models::train::evaluate(&model, &encoder, &examples, max_seq_len)?;
             if json {

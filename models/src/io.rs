@@ -54,10 +54,26 @@ fn labels_of(config: &Value) -> Option<Vec<String>> {
 
 /// Loads a model directory. `labels` is used when the directory declares none (a
 /// pretrained base); a directory with its own labels must agree with `labels` if given.
+/// A base without a classification head gets one seeded by `head_seed` (to train).
 pub fn load_dir(
     dir: &Path,
     labels: Option<&[String]>,
     head_seed: u64,
+    device: &Device,
+) -> Result<(BertClassifier, TextEncoder), ModelDirError> {
+    load(dir, labels, Some(head_seed), device)
+}
+
+/// Loads a model directory to classify with: it must hold a trained classification head.
+/// A pretrained base has none, and a seeded one would give random labels.
+pub fn load_trained_dir(dir: &Path, device: &Device) -> Result<(BertClassifier, TextEncoder), ModelDirError> {
+    load(dir, None, None, device)
+}
+
+fn load(
+    dir: &Path,
+    labels: Option<&[String]>,
+    head_seed: Option<u64>,
     device: &Device,
 ) -> Result<(BertClassifier, TextEncoder), ModelDirError> {
     let config_path = dir.join("config.json");
@@ -80,8 +96,19 @@ pub fn load_dir(
     let set = TensorSet::from_safetensors(&read(&weights_path)?, true)
         .map_err(|e| ModelDirError::Invalid { path: weights_path.clone(), detail: e.to_string() })?;
     let mut set = normalise_bert_names(set);
-    ensure_classification_head(&mut set, labels.len(), head_seed)
-        .map_err(|e| ModelDirError::Invalid { path: weights_path, detail: e.to_string() })?;
+    match head_seed {
+        Some(seed) => ensure_classification_head(&mut set, labels.len(), seed)
+            .map_err(|e| ModelDirError::Invalid { path: weights_path, detail: e.to_string() })?,
+        None if !set.contains("classifier.weight") || !set.contains("classifier.bias") => {
+            return Err(ModelDirError::Invalid {
+                path: weights_path,
+                detail: "no trained classification head (classifier.weight, classifier.bias): this is a base model, which would \
+                         give random labels; classify with a global model (`fedward-agent export`)"
+                    .into(),
+            })
+        }
+        None => {}
+    }
     let model = BertClassifier::from_tensors(config, labels, &set, device)?;
     let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"))?;
     Ok((model, encoder))
@@ -156,6 +183,25 @@ mod tests {
     }
 
     #[test]
+    fn a_base_model_loads_to_train_and_never_to_classify() {
+        let encoder = TextEncoder::tiny(&["please", "admit"]);
+        let labels: Vec<String> = ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect();
+        let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels, 5, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        export_dir(&model, &encoder, dir.path()).unwrap();
+        // A base without the head loads to train (a seeded head), never to classify.
+        let weights = dir.path().join("model.safetensors");
+        let mut base = TensorSet::from_safetensors(&std::fs::read(&weights).unwrap(), false).unwrap();
+        base.remove("classifier.weight");
+        base.remove("classifier.bias");
+        std::fs::write(&weights, base.to_safetensors(None).unwrap()).unwrap();
+        load_dir(dir.path(), None, 0, &Device::Cpu).unwrap();
+        let Err(err) = load_trained_dir(dir.path(), &Device::Cpu) else { panic!("a base model loaded to classify") };
+        let err = err.to_string();
+        assert!(err.contains("no trained classification head"), "{err}");
+    }
+
+    #[test]
     fn export_then_import_gives_identical_logits_and_transformers_names() {
         let encoder = TextEncoder::tiny(&["please", "admit", "ward", "scan", "now"]);
         let labels: Vec<String> = ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect();
@@ -165,6 +211,8 @@ mod tests {
         let (back, back_enc) = load_dir(dir.path(), None, 0, &Device::Cpu).unwrap();
         assert_eq!(back.labels, labels);
         assert_eq!(logits(&model, &encoder), logits(&back, &back_enc));
+        let (trained, _) = load_trained_dir(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(logits(&model, &encoder), logits(&trained, &back_enc));
 
         // The key names transformers' BertForSequenceClassification uses, for 2 layers.
         let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
