@@ -106,20 +106,7 @@ enum Command {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(ConfigFile { config }) => tokio::runtime::Runtime::new()?.block_on(run_daemon(load_config(&config)?)),
-        Command::CheckConfig(ConfigFile { config }) => {
-            let cfg = load_config(&config)?;
-            client_tls(&cfg)?;
-            println!("config ok: {}", config.display());
-            println!("  coordinator {} ({})", cfg.coordinator_addr, cfg.server_name);
-            println!("  training data {}", cfg.train_data.display());
-            println!(
-                "  budget: epsilon <= {} at delta {}{}",
-                cfg.budget.max_epsilon,
-                cfg.budget.delta,
-                cfg.budget.max_rounds.map(|r| format!(", at most {r} rounds")).unwrap_or_default()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::CheckConfig(ConfigFile { config }) => check_config(&config),
         Command::Predict { model, text, input, device, max_seq_len } => {
             let dev = fedward_models::train::device(&device)?;
             let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
@@ -342,6 +329,49 @@ enum PkiCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+/// Checks the config and every file it names, as the daemon would use them: the TLS
+/// material (parses, the key is the certificate's, the certificate chains to the CA as a
+/// site's and is valid now), the training and validation data (parse, known labels), the
+/// base model (loads) and the state directory. What fails is a configuration error (64).
+fn check_config(path: &Path) -> Result<ExitCode> {
+    let cfg = load_config(path)?;
+    let bad = |field: &'static str| move |e: anyhow::Error| anyhow::Error::from(fedward_shared::cli::setting_error(field, e.as_ref()));
+    let read = |p: &Path, field| fsutil::read(p).map_err(|e| bad(field)(e.into()));
+    let material = (
+        read(&cfg.tls.ca_cert, "tls.ca_cert")?,
+        read(&cfg.tls.cert, "tls.cert")?,
+        fsutil::read_private_key(&cfg.tls.key).map_err(|e| bad("tls.key")(e.into()))?,
+    );
+    let m = TlsMaterial { ca_pem: &material.0, cert_pem: &material.1, key_pem: &material.2 };
+    client_tls(&cfg).map_err(bad("tls"))?;
+    tls::check_certificate(&m, tls::Role::Site, rustls::pki_types::UnixTime::now()).map_err(|e| bad("tls.cert")(e.into()))?;
+    let train = fedward_models::text::read_jsonl(&cfg.train_data, &cfg.labels).map_err(|e| bad("data.train")(e.into()))?;
+    let validation = match &cfg.validation_data {
+        Some(p) => Some(fedward_models::text::read_jsonl(p, &cfg.labels).map_err(|e| bad("data.validation")(e.into()))?.len()),
+        None => None,
+    };
+    fedward_models::io::load_dir(&cfg.model_base, Some(&cfg.labels), 0, &candle_core::Device::Cpu)
+        .map_err(|e| bad("model.base")(e.into()))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| bad("agent.state_dir")(anyhow::anyhow!("{}: {e}", cfg.state_dir.display())))?;
+    println!("config ok: {}", path.display());
+    println!("  coordinator {} ({})", cfg.coordinator_addr, cfg.server_name);
+    println!("  certificate chains to {} and is valid now; the key is its own", cfg.tls.ca_cert.display());
+    println!(
+        "  training data {} ({} notes){}",
+        cfg.train_data.display(),
+        train.len(),
+        validation.map(|n| format!(", validation {n} notes")).unwrap_or_default()
+    );
+    println!("  base model {} loads", cfg.model_base.display());
+    println!(
+        "  budget: epsilon <= {} at delta {}{}",
+        cfg.budget.max_epsilon,
+        cfg.budget.delta,
+        cfg.budget.max_rounds.map(|r| format!(", at most {r} rounds")).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(path: &Path) -> Result<AgentConfig> {

@@ -122,31 +122,7 @@ enum PkiCommand {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Serve(ConfigFile { config }) => tokio::runtime::Runtime::new()?.block_on(serve(load_config(&config)?)),
-        Command::CheckConfig(ConfigFile { config }) => {
-            let cfg = load_config(&config)?;
-            println!("config ok: {}", config.display());
-            println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
-            println!("  {} rounds, quorum {} of {} sites, deadline {:?}", cfg.rounds, cfg.min_sites, cfg.sites.len(), cfg.round_deadline);
-            println!(
-                "  trains {} with {} (learning rate {}), privacy {}",
-                cfg.plan.trainable,
-                cfg.plan.optimizer,
-                cfg.plan.learning_rate,
-                cfg.plan.privacy.mode_name()
-            );
-            println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
-            let a = &cfg.aggregation;
-            println!(
-                "  aggregation {}, weights {:?} (at most {} examples a site), update norm bound {} ({:?} above it)",
-                a.method,
-                a.weighting,
-                a.max_examples_per_site,
-                a.max_update_norm.map_or("from the privacy plan".to_owned(), |b| b.to_string()),
-                a.over_norm
-            );
-            ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::CheckConfig(ConfigFile { config }) => check_config(&config),
         Command::Status { state_dir, json } => {
             let store = Store::open(&state_dir)?;
             let Some(state) = store.state() else { bail!("{} holds no coordinator state", state_dir.display()) };
@@ -186,6 +162,61 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 /// Writes a fresh ledger key pair (seeded from the OS) into `dir`.
+/// Checks the config and every file it names, as `serve` would use them: the TLS
+/// material (parses, the key is the certificate's, the certificate chains to the CA as a
+/// server's and is valid now), the ledger key, and the model (the state directory's current
+/// checkpoint, verified, or else the initial model, loaded). What fails is a
+/// configuration error (64).
+fn check_config(path: &Path) -> Result<ExitCode> {
+    let cfg = load_config(path)?;
+    let bad = |field: &'static str| move |e: anyhow::Error| anyhow::Error::from(fedward_shared::cli::setting_error(field, e.as_ref()));
+    let read = |p: &Path, field| fsutil::read(p).map_err(|e| bad(field)(e.into()));
+    let material = (
+        read(&cfg.tls.ca_cert, "tls.ca_cert")?,
+        read(&cfg.tls.cert, "tls.cert")?,
+        fsutil::read_private_key(&cfg.tls.key).map_err(|e| bad("tls.key")(e.into()))?,
+    );
+    let m = TlsMaterial { ca_pem: &material.0, cert_pem: &material.1, key_pem: &material.2 };
+    tls::server_config(&m).map_err(|e| bad("tls")(e.into()))?;
+    let cert_pem = String::from_utf8_lossy(&material.1);
+    let name = pki::pem_to_der(&cert_pem).and_then(|der| pki::cert_info(&der)).map_err(|e| bad("tls.cert")(e.into()))?.dns_names;
+    let name = name.first().ok_or_else(|| bad("tls.cert")(anyhow::anyhow!("the certificate names no server")))?;
+    tls::check_certificate(&m, tls::Role::Coordinator { server_name: name }, rustls::pki_types::UnixTime::now())
+        .map_err(|e| bad("tls.cert")(e.into()))?;
+    ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT).map_err(bad("ledger.signing_key"))?;
+    let store = Store::open(&cfg.state_dir).map_err(|e| bad("server.state_dir")(e.into()))?;
+    let model = match store.current().map_err(|e| bad("server.state_dir")(e.into()))? {
+        Some((manifest, completed)) => format!("state after round {completed} verified ({} tensors)", manifest.len()),
+        None => {
+            let m = load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed).map_err(|e| bad("model.init")(e.into()))?;
+            format!("initial model {} loads ({} parameters)", cfg.model_init.display(), m.element_count())
+        }
+    };
+    println!("config ok: {}", path.display());
+    println!("  certificate for {name} chains to {} and is valid now; the key is its own", cfg.tls.ca_cert.display());
+    println!("  {model}");
+    println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
+    println!("  {} rounds, quorum {} of {} sites, deadline {:?}", cfg.rounds, cfg.min_sites, cfg.sites.len(), cfg.round_deadline);
+    println!(
+        "  trains {} with {} (learning rate {}), privacy {}",
+        cfg.plan.trainable,
+        cfg.plan.optimizer,
+        cfg.plan.learning_rate,
+        cfg.plan.privacy.mode_name()
+    );
+    println!("  ledger {} signed with {}", cfg.ledger_file.display(), cfg.ledger_key.display());
+    let a = &cfg.aggregation;
+    println!(
+        "  aggregation {}, weights {:?} (at most {} examples a site), update norm bound {} ({:?} above it)",
+        a.method,
+        a.weighting,
+        a.max_examples_per_site,
+        a.max_update_norm.map_or("from the privacy plan".to_owned(), |b| b.to_string()),
+        a.over_norm
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn ledger_keygen(dir: &Path) -> Result<()> {
     use rand::RngCore;
     let mut seed = [0u8; 32];

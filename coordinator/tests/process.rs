@@ -38,3 +38,38 @@ fn sigterm_stops_the_coordinator_cleanly_and_leftovers_are_cleared_at_start() ->
     drop(CoordinatorProcess::start(&c)?);
     Ok(())
 }
+
+fn check_config(c: &Consortium) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+        .args(["check-config", "--config"])
+        .arg(&c.config)
+        .output()
+        .unwrap()
+}
+
+/// check-config said "config ok" with the initial model or the certificate missing.
+#[test]
+fn check_config_checks_every_file_it_names() -> Result<()> {
+    let c = consortium()?;
+    let out = check_config(&c);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("initial model"));
+    let refused = |out: std::process::Output, field: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains(&format!("error: {field}:")), "{field}: {stderr}");
+    };
+    let init = c.dir.path().join("init.safetensors");
+    let model = std::fs::read(&init)?;
+    std::fs::remove_file(&init)?;
+    refused(check_config(&c), "model.init");
+    std::fs::write(&init, model)?;
+    // A CA file that did not issue the coordinator's certificate.
+    let validity = fedward_shared::pki::Validity::days_from(time::OffsetDateTime::now_utc(), 1);
+    let other = fedward_shared::pki::create_ca("elsewhere", validity, [7; 16])?;
+    std::fs::write(c.dir.path().join("pki/ca.crt"), other.cert_pem)?;
+    refused(check_config(&c), "tls.cert");
+    std::fs::remove_file(c.dir.path().join("pki/ca.crt"))?;
+    refused(check_config(&c), "tls.ca_cert");
+    Ok(())
+}

@@ -583,6 +583,12 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> std::process::Exi
     std::process::ExitCode::FAILURE
 }
 
+/// A file or setting a config names that `check-config` found unusable: a configuration
+/// error (exit 64) naming the field and every cause once.
+pub fn setting_error(field: &'static str, cause: &(dyn std::error::Error + 'static)) -> crate::config::ConfigError {
+    crate::config::ConfigError::Invalid { field, message: error_line(cause) }
+}
+
 /// One line for an error and its causes, `error: cause: cause ..` as anyhow's `{:#}` prints
 /// it, except that a cause whose text the line already ends with is not repeated: many of
 /// our errors carry their cause's text in their own message (so that a plain `{e}` in a log

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -67,6 +68,41 @@ pub fn client_config(m: &TlsMaterial<'_>) -> Result<rustls::ClientConfig, TlsErr
     Ok(cfg)
 }
 
+/// Which end of the connection a certificate serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Role<'a> {
+    /// The coordinator's certificate, which must name `server_name`.
+    Coordinator { server_name: &'a str },
+    /// A site's client certificate.
+    Site,
+}
+
+/// What `check-config` checks of TLS material beyond building a configuration (which
+/// already refuses a key that is not the certificate's): the certificate chains to the
+/// configured CA for its role, and is valid at `now`. A wrong CA file, an expired
+/// certificate or one issued for the other role is caught before anything connects.
+pub fn check_certificate(m: &TlsMaterial<'_>, role: Role<'_>, now: rustls_pki_types::UnixTime) -> Result<(), TlsError> {
+    let roots = Arc::new(root_store(m.ca_pem)?);
+    let chain = certs(m.cert_pem, "certificate")?;
+    let (end_entity, intermediates) = chain.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
+    match role {
+        Role::Site => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots, provider()).build().map_err(|e| TlsError::Verifier(e.to_string()))?;
+            verifier.verify_client_cert(end_entity, intermediates, now)?;
+        }
+        Role::Coordinator { server_name } => {
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+                .map_err(|e| TlsError::Verifier(format!("server name {server_name:?}: {e}")))?;
+            verifier.verify_server_cert(end_entity, intermediates, &name, &[], now)?;
+        }
+    }
+    Ok(())
+}
+
 fn root_store(ca_pem: &[u8]) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs(ca_pem, "CA certificate")? {
@@ -106,5 +142,63 @@ pub fn explain_handshake_error(err: &str) -> Option<&'static str> {
         Some("the certificate has been revoked")
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::pki::{self, Validity};
+    use crate::wire::SiteId;
+
+    fn now() -> rustls_pki_types::UnixTime {
+        rustls_pki_types::UnixTime::now()
+    }
+
+    #[test]
+    fn check_certificate_catches_the_wrong_ca_role_and_name() {
+        let validity = Validity::days_from(OffsetDateTime::now_utc(), 1);
+        let ca = pki::create_ca("consortium", validity, [1; 16]).unwrap();
+        let other = pki::create_ca("elsewhere", validity, [2; 16]).unwrap();
+        let server = pki::issue_server(&ca, &["coordinator.test".into()], &[], validity, [3; 16]).unwrap();
+        let site = SiteId::new("alpha").unwrap();
+        let request = pki::site_request(&site).unwrap();
+        let site_cert = pki::sign_site_request(&ca, &request.csr_pem, &site, validity, [4; 16]).unwrap();
+        let m = |ca: &pki::CertifiedKey, cert: &str, key: &str| (ca.cert_pem.clone(), cert.to_owned(), key.to_owned());
+        let check = |(ca, cert, key): (String, String, String), role| {
+            check_certificate(&TlsMaterial { ca_pem: ca.as_bytes(), cert_pem: cert.as_bytes(), key_pem: key.as_bytes() }, role, now())
+        };
+        let coordinator = Role::Coordinator { server_name: "coordinator.test" };
+        check(m(&ca, &server.cert_pem, &server.key_pem), coordinator).unwrap();
+        check(m(&ca, &site_cert, &request.key_pem), Role::Site).unwrap();
+        // The configured CA did not issue it.
+        let err = check(m(&other, &site_cert, &request.key_pem), Role::Site).unwrap_err().to_string();
+        assert!(explain_handshake_error(&err).is_some_and(|h| h.contains("consortium CA")), "{err}");
+        // A server certificate for another name, and a site certificate used as a server's.
+        let err = check(m(&ca, &server.cert_pem, &server.key_pem), Role::Coordinator { server_name: "other.test" }).unwrap_err();
+        assert!(explain_handshake_error(&err.to_string()).is_some(), "{err}");
+        assert!(check(m(&ca, &site_cert, &request.key_pem), coordinator).is_err());
+        // An expired certificate.
+        let past = Validity {
+            not_before: OffsetDateTime::now_utc() - time::Duration::days(10),
+            not_after: OffsetDateTime::now_utc() - time::Duration::days(1),
+        };
+        let expired = pki::sign_site_request(&ca, &request.csr_pem, &site, past, [5; 16]).unwrap();
+        let err = check(m(&ca, &expired, &request.key_pem), Role::Site).unwrap_err().to_string();
+        assert!(err.to_ascii_lowercase().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let validity = Validity::days_from(OffsetDateTime::now_utc(), 1);
+        let ca = pki::create_ca("consortium", validity, [1; 16]).unwrap();
+        let site = SiteId::new("alpha").unwrap();
+        let request = pki::site_request(&site).unwrap();
+        let cert = pki::sign_site_request(&ca, &request.csr_pem, &site, validity, [4; 16]).unwrap();
+        let stranger = pki::site_request(&site).unwrap();
+        let m = TlsMaterial { ca_pem: ca.cert_pem.as_bytes(), cert_pem: cert.as_bytes(), key_pem: stranger.key_pem.as_bytes() };
+        assert!(client_config(&m).is_err());
     }
 }
