@@ -18,9 +18,11 @@ use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
+use fedward_shared::dp::Release;
 use fedward_shared::ledger::{key_id, AcceptedRecord, Body, Entry, Ledger, LedgerError};
 use fedward_shared::ledger_file::{recover_truncated_tail, LedgerFile, LedgerFileError};
-use fedward_shared::wire::RoundId;
+use fedward_shared::tensor::Digest;
+use fedward_shared::wire::{RoundId, SiteId};
 
 use crate::round::Contribution;
 
@@ -66,6 +68,19 @@ impl CoordinatorLedger {
 
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// Every update the ledger records as accepted, with the release its site declared:
+    /// what each site's later declarations are held to.
+    pub fn accepted(&self) -> Vec<(SiteId, RoundId, Digest, Release)> {
+        self.ledger()
+            .entries()
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Accepted(a) => Some((a.site.clone(), a.round, a.update_digest, a.privacy.release())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Records an accepted update, durably; `None` when the ledger already holds this very

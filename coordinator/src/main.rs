@@ -283,7 +283,11 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         aggregation: cfg.aggregation,
         enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
     };
-    let machine = RoundMachine::new(settings, manifest, completed)?;
+    // Verified (chain and every seal) before anything is appended.
+    let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
+        .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
+    // Each site's declared spend is held to what this ledger accepted from it.
+    let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?;
     info!(
         method = %cfg.aggregation.method,
         update_bound = machine.update_bound(),
@@ -292,9 +296,6 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         max_examples_per_site = cfg.aggregation.max_examples_per_site,
         "every update is held to the coordinator's own bounds"
     );
-    // Verified (chain and every seal) before anything is appended.
-    let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
-        .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
     let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission)
         .with_context(|| format!("binding {}", cfg.listen))?;
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use fedward_shared::config::{Aggregation, OverNorm, Weighting};
+use fedward_shared::dp::{Accountant, Release};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
@@ -186,6 +187,25 @@ enum Phase {
     Done { stopped: Option<String> },
 }
 
+/// What the coordinator has accepted from one site: the releases its ledger holds, so a
+/// site cannot declare less spent than that (a lost or reset site ledger starts over at
+/// zero; the coordinator's count does not).
+#[derive(Clone, Debug, Default)]
+struct SiteSpend {
+    accountant: Accountant,
+    /// Updates already counted: a redone round's resent update is not counted twice.
+    counted: BTreeSet<(RoundId, Digest)>,
+}
+
+impl SiteSpend {
+    fn count(&mut self, round: RoundId, digest: Digest, release: &Release) -> Result<(), fedward_shared::dp::DpError> {
+        if self.counted.insert((round, digest)) {
+            self.accountant.record(release)?;
+        }
+        Ok(())
+    }
+}
+
 /// The coordinator's federation logic.
 #[derive(Debug)]
 pub struct RoundMachine {
@@ -199,6 +219,7 @@ pub struct RoundMachine {
     phase: Phase,
     failed_attempts: u32,
     outputs: VecDeque<Output>,
+    spent: BTreeMap<SiteId, SiteSpend>,
 }
 
 /// Settings that do not fit the global model.
@@ -210,6 +231,8 @@ pub enum SettingsError {
     NothingTrains,
     #[error("no bound on the update norm: privacy mode off needs aggregation.max_update_norm")]
     NoUpdateBound,
+    #[error("the ledger's accepted updates cannot be accounted: {0}")]
+    Ledger(String),
 }
 
 /// The L2 bound every update is held to: `configured`, else what the privacy plan implies
@@ -256,6 +279,7 @@ impl RoundMachine {
             phase,
             failed_attempts: 0,
             outputs: VecDeque::new(),
+            spent: BTreeMap::new(),
         })
     }
 
@@ -270,6 +294,15 @@ impl RoundMachine {
     /// The L2 bound every update is held to.
     pub fn update_bound(&self) -> f64 {
         self.update_bound
+    }
+
+    /// What the coordinator's ledger says it accepted before (site, round, update digest,
+    /// the release it declared): each site's declared spend is held to at least that.
+    pub fn with_accepted(mut self, accepted: impl IntoIterator<Item = (SiteId, RoundId, Digest, Release)>) -> Result<Self, SettingsError> {
+        for (site, round, digest, release) in accepted {
+            self.spent.entry(site).or_default().count(round, digest, &release).map_err(|e| SettingsError::Ledger(e.to_string()))?;
+        }
+        Ok(self)
     }
 
     /// The current global model's manifest.
@@ -367,6 +400,7 @@ impl RoundMachine {
             Some(_) => return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already answered round {}", header.round))),
         }
         check_header(&self.settings, &self.manifest, header)?;
+        check_declared_spend(self.spent.get(site), header)?;
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Uploading);
         }
@@ -427,6 +461,14 @@ impl RoundMachine {
                     update_digest: manifest_digest(&header.tensors),
                 };
                 c.contributions.push(contribution.clone());
+                if contribution.privacy.mode != PrivacyMode::Off {
+                    // Checked against this same accountant at admission, so it records.
+                    let _ = self.spent.entry(site.clone()).or_default().count(
+                        header.round,
+                        contribution.update_digest,
+                        &header.privacy.release(),
+                    );
+                }
                 self.outputs.push_back(Output::Accepted { round: header.round, contribution });
                 let ack = Ack { round: header.round };
                 self.maybe_close(now);
@@ -665,6 +707,40 @@ fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) 
         return Err(Reject::new(RejectCode::InvalidWeight, format!("invalid number of examples {}", h.num_examples)));
     }
     check_policy(&settings.policy, &h.privacy)
+}
+
+/// A site's declared cumulative epsilon against what the coordinator itself accepted from
+/// it (plus this update, unless it was counted already). A site that declares less has
+/// lost or reset its ledger, or lies: its spend cannot start over, so the update is refused
+/// with both figures.
+fn check_declared_spend(spent: Option<&SiteSpend>, h: &UpdateHeader) -> Result<(), Reject> {
+    let used = &h.privacy;
+    if used.mode == PrivacyMode::Off {
+        return Ok(());
+    }
+    let violation = |m: String| Err(Reject::new(RejectCode::PolicyViolation, m));
+    let empty = SiteSpend::default();
+    let spent = spent.unwrap_or(&empty);
+    let digest = manifest_digest(&h.tensors);
+    let counted = if spent.counted.contains(&(h.round, digest)) {
+        spent.accountant.epsilon(used.delta)
+    } else {
+        spent.accountant.epsilon_after(&used.release(), used.delta)
+    };
+    let counted = match counted {
+        Ok(e) => e,
+        Err(e) => return violation(format!("the declared privacy cannot be accounted with this site's accepted updates: {e}")),
+    };
+    // Both sides compute with the same accountant; allow float noise only. NaN is short.
+    let declared_enough = used.epsilon_after.partial_cmp(&(counted * (1.0 - 1e-9) - 1e-12)).is_some_and(|o| o.is_ge());
+    if !declared_enough {
+        return violation(format!(
+            "declared cumulative epsilon {} after this update, but the updates the coordinator accepted from this site come to {counted:.6} \
+             at delta {}: a site ledger lost or reset cannot start its spend over",
+            used.epsilon_after, used.delta
+        ));
+    }
+    Ok(())
 }
 
 /// The consortium's privacy policy against what the site declares it used.
@@ -1132,6 +1208,54 @@ mod tests {
         s.aggregation.max_update_norm = None;
         assert_eq!(one_round(s, global(), &[("a", 10, 100.0)]).unwrap(), [1.0 + 3.5; 4]);
         assert_eq!(RoundMachine::new(settings(1, 1), manifest(), 0).unwrap().update_bound(), 100.0);
+    }
+
+    /// A site whose ledger was lost or reset declares its spend from zero again; the
+    /// coordinator counts what it accepted and refuses the update, with both figures. A
+    /// redone round's resent update is not counted twice.
+    #[test]
+    fn a_site_cannot_declare_less_spent_than_the_coordinator_accepted() {
+        let release = Release::record_level(1.0, 0.1, 10);
+        let mut s = settings(1, 4);
+        s.plan.privacy = PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.1, update_clip_norm: 100.0 };
+        s.policy = PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+        let ledger = [(site("a"), RoundId(1), Digest([1; 32]), release), (site("a"), RoundId(2), Digest([2; 32]), release)];
+        let mut m = RoundMachine::new(s, manifest(), 2).unwrap().with_accepted(ledger).unwrap();
+        let t0 = Instant::now();
+        m.handle_ready(t0, site("a"));
+        drain(&mut m);
+        let epsilon = |n: usize| {
+            let mut acc = Accountant::new();
+            for _ in 0..n {
+                acc.record(&release).unwrap();
+            }
+            acc.epsilon(1e-5).unwrap()
+        };
+        let d = delta(0.1);
+        let mut h = header(3, 10, &d);
+        h.privacy = PrivacyUsed {
+            mode: PrivacyMode::RecordLevel,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampling_rate: 0.1,
+            steps: 10,
+            update_clip_norm: 100.0,
+            epsilon_after: epsilon(1),
+            delta: 1e-5,
+        };
+        let refused = m.begin_update(&site("a"), &h).unwrap_err();
+        assert_eq!(refused.code, RejectCode::PolicyViolation);
+        assert!(refused.message.contains("lost or reset"), "{}", refused.message);
+        // What it really spent after three releases passes.
+        h.privacy.epsilon_after = epsilon(3);
+        m.begin_update(&site("a"), &h).unwrap();
+        m.finish_update(t0, &site("a"), &h, d.clone()).unwrap();
+        drain(&mut m);
+        // Round 3's update is now counted; resending it (a redone round) declares the
+        // same spend and is not counted again.
+        let spent = &m.spent[&site("a")];
+        assert_eq!((spent.accountant.releases(), spent.counted.len()), (3, 3));
+        assert!(check_declared_spend(Some(spent), &h).is_ok());
     }
 
     #[test]

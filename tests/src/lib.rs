@@ -197,13 +197,13 @@ impl CoordinatorHandle {
             aggregation: spec.aggregation,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
         };
-        let machine = RoundMachine::new(settings, manifest, completed).expect("machine");
         let keys = spec.state_dir.join("keys");
         if !keys.join(SIGNING_KEY_FILE).exists() {
             ledger_key::write_keypair(&keys, LEDGER_SEED).expect("ledger keys");
         }
         let key = ledger_key::read_signing_key(&keys.join(SIGNING_KEY_FILE)).expect("ledger key");
         let ledger = CoordinatorLedger::open(&ledger_paths(&spec.state_dir).0, key).expect("ledger");
+        let machine = RoundMachine::new(settings, manifest, completed).expect("machine").with_accepted(ledger.accepted()).expect("spend");
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let tls = pki.server_tls();
         let endpoint = {
