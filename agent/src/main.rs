@@ -390,6 +390,7 @@ fn client_tls(cfg: &AgentConfig) -> Result<rustls::ClientConfig> {
 }
 
 async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
+    let shutdown = fedward_net::shutdown_signal();
     let tls = client_tls(&cfg)?;
     let trainer = fedward_agent::trainer::build(&cfg).context("preparing local training")?;
     let opts = DaemonOptions {
@@ -407,7 +408,7 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         fail_after_ledger_write: false,
     };
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
-    let outcome = match daemon::run(opts, trainer, fedward_net::shutdown_signal()).await {
+    let outcome = match daemon::run(opts, trainer, shutdown).await {
         // What no retry can fix is a configuration error: exit 64, which the shipped unit
         // does not restart.
         Err(daemon::DaemonError::Misconfigured(reason)) => {

@@ -70,6 +70,24 @@ impl CoordinatorLedger {
         self.file.path()
     }
 
+    /// The rounds the ledger seals, in order, and the rounds with accepted entries after
+    /// its last seal.
+    pub fn rounds(&self) -> (Vec<u64>, Vec<u64>) {
+        let mut sealed = Vec::new();
+        let mut unsealed = Vec::new();
+        for e in self.ledger().entries() {
+            match &e.body {
+                Body::Seal(s) => {
+                    sealed.push(s.round.0);
+                    unsealed.clear();
+                }
+                Body::Accepted(a) if !unsealed.contains(&a.round.0) => unsealed.push(a.round.0),
+                _ => {}
+            }
+        }
+        (sealed, unsealed)
+    }
+
     /// Every update the ledger records as accepted, with the release its site declared:
     /// what each site's later declarations are held to.
     pub fn accepted(&self) -> Vec<(SiteId, RoundId, Digest, Release)> {

@@ -9,4 +9,5 @@ pub mod gate;
 pub mod ledger;
 pub mod round;
 pub mod server;
+pub mod startup;
 pub mod store;

@@ -13,6 +13,7 @@ use tracing::{error, info};
 use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
+use fedward_coordinator::startup;
 use fedward_coordinator::store::{load_initial_model, Store};
 use fedward_shared::cli::{AuditCommand, ConfigFile, PrivacyCommand};
 use fedward_shared::config::CoordinatorConfig;
@@ -32,7 +33,16 @@ use fedward_shared::wire::SiteId;
 #[command(name = "fedward-coordinator", version, propagate_version = true)]
 enum Command {
     /// Run the federation described by a config file.
-    Serve(ConfigFile),
+    Serve {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// When state.json is lost beside checkpoints and a ledger, rebuild it from the
+        /// newest checkpoint the ledger sealed; when the ledger lacks rounds state.json
+        /// completed, go on past the gap (logged, and in the history). Without it the
+        /// coordinator refuses to start on either, naming what is missing.
+        #[arg(long)]
+        recover: bool,
+    },
     /// Check a config file and print what it would run, without binding anything.
     CheckConfig(ConfigFile),
     /// Show the rounds recorded in a state directory.
@@ -121,7 +131,7 @@ enum PkiCommand {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Serve(ConfigFile { config }) => tokio::runtime::Runtime::new()?.block_on(serve(load_config(&config)?)),
+        Command::Serve { file, recover } => tokio::runtime::Runtime::new()?.block_on(serve(load_config(&file.config)?, recover)),
         Command::CheckConfig(ConfigFile { config }) => check_config(&config),
         Command::Status { state_dir, json } => {
             let store = Store::open(&state_dir)?;
@@ -233,7 +243,8 @@ fn load_config(path: &Path) -> Result<CoordinatorConfig> {
     CoordinatorConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))
 }
 
-async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
+async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
+    let shutdown = fedward_net::shutdown_signal();
     let tls_cfg = tls::server_config(&TlsMaterial {
         ca_pem: &fsutil::read(&cfg.tls.ca_cert)?,
         cert_pem: &fsutil::read(&cfg.tls.cert)?,
@@ -243,24 +254,15 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
     let mut store = Store::open_exclusive(&cfg.state_dir)?;
-    // Only the manifest stays in memory: checkpoints are read tensor by tensor.
-    let (manifest, completed) = match store.current()? {
-        Some((manifest, completed)) => {
-            info!(completed, state_dir = %cfg.state_dir.display(), "resuming from saved state");
-            (manifest, completed)
-        }
-        None => {
-            let model = load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed)?;
-            let manifest = store.save_initial(&model)?;
-            info!(
-                init = %cfg.model_init.display(),
-                tensors = model.len(),
-                parameters = model.element_count(),
-                "initialised round 0 from the base model"
-            );
-            (manifest, 0)
-        }
-    };
+    // Verified (chain and every seal) before anything is appended.
+    let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
+        .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
+    // state.json, the checkpoints and the ledger must agree; only the manifest stays in
+    // memory (checkpoints are read tensor by tensor).
+    let (manifest, completed) = startup::open(&mut store, &ledger, recover, &server::now_rfc3339(), || {
+        load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed)
+    })?;
+    info!(completed, state_dir = %cfg.state_dir.display(), "state checked against the ledger");
     let mut plan = cfg.plan.clone();
     plan.trainable_tensors = plan.trainable.select(manifest.iter().map(|s| s.name.as_str()));
     let trainable_params: usize =
@@ -283,9 +285,6 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         aggregation: cfg.aggregation,
         enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
     };
-    // Verified (chain and every seal) before anything is appended.
-    let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
-        .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
     // Each site's declared spend is held to what this ledger accepted from it.
     let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?;
     info!(
@@ -313,7 +312,7 @@ async fn serve(cfg: CoordinatorConfig) -> Result<ExitCode> {
         transport: cfg.transport,
         admission: cfg.admission,
     };
-    match server::run(endpoint, machine, store, ledger, options, status_tx, fedward_net::shutdown_signal()).await? {
+    match server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await? {
         RunOutcome::Completed { rounds } => {
             info!(rounds, "federation completed");
             Ok(ExitCode::SUCCESS)

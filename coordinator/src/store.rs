@@ -272,6 +272,46 @@ impl Store {
         Ok(Committed::Saved { manifest, digest })
     }
 
+    /// The rounds with a checkpoint on disk.
+    pub fn checkpoint_rounds(&self) -> Result<Vec<u64>, StoreError> {
+        let dir = self.dir.join("checkpoints");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(StoreError::Io { path: dir, error }),
+        };
+        let mut rounds: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("round-")?.strip_suffix(".safetensors")?.parse().ok()
+            })
+            .collect();
+        rounds.sort_unstable();
+        Ok(rounds)
+    }
+
+    /// Recovery: writes `state.json` anew at round `at` from that round's checkpoint (its
+    /// digest computed), with a history that says so.
+    pub fn rebuild_state(&mut self, at: u64, now_rfc3339: &str) -> Result<(), StoreError> {
+        let manifest = self.model_file(at)?.manifest()?;
+        let state = SavedState {
+            format: 1,
+            completed_rounds: at,
+            checkpoint: checkpoint_name(at),
+            model_digest: manifest_digest(&manifest).to_hex(),
+            history: vec![note_record(at, &format!("recovered: state.json rebuilt from the checkpoint of round {at}"), now_rfc3339)],
+        };
+        self.write_state(state)
+    }
+
+    /// Adds an operator-facing note to the history (a recovery, say).
+    pub fn note(&mut self, text: &str, now_rfc3339: &str) -> Result<(), StoreError> {
+        let Some(mut state) = self.state.clone() else { return Ok(()) };
+        state.history.push(note_record(state.completed_rounds, text, now_rfc3339));
+        self.write_state(state)
+    }
+
     /// Records a failed round in the history.
     pub fn save_failure(&mut self, f: &RoundFailure, now_rfc3339: &str) -> Result<(), StoreError> {
         let Some(mut state) = self.state.clone() else { return Ok(()) };
@@ -361,6 +401,22 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+fn note_record(round: u64, text: &str, now_rfc3339: &str) -> RoundRecord {
+    RoundRecord {
+        round,
+        attempt: 0,
+        outcome: text.to_owned(),
+        finished_at: now_rfc3339.to_owned(),
+        duration_secs: 0.0,
+        sites: Vec::new(),
+        declined: Vec::new(),
+        rejected: Vec::new(),
+        missed: Vec::new(),
+        mean_train_loss: None,
+        model_digest: None,
     }
 }
 

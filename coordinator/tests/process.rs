@@ -73,3 +73,43 @@ fn check_config_checks_every_file_it_names() -> Result<()> {
     refused(check_config(&c), "tls.ca_cert");
     Ok(())
 }
+
+/// Losing state.json restarted the federation at round 0, and a ledger that lost its last
+/// round went unnoticed. Now both stop the coordinator, naming what is missing, and
+/// `--recover` rebuilds state.json from the newest checkpoint the ledger sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_state_file_or_ledger_tail_stops_the_coordinator_until_recovery() -> Result<()> {
+    let sites = vec!["alpha".to_owned()];
+    let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 1, 3, "[aggregation]\nmax_update_norm = 10.0\n")?;
+    let coordinator = CoordinatorProcess::start(&c)?;
+    let alpha = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1000).await?;
+    for value in [0.01, 0.02] {
+        let offer = alpha.offer().await?;
+        let answer = alpha.send_update(&offer, &support::delta_for(&offer, value), 100).await?;
+        assert!(matches!(answer, fedward_shared::wire::Message::Ack(_)), "{answer:?}");
+    }
+    // Round 3's offer comes once round 2 is checkpointed and sealed.
+    alpha.offer().await?;
+    drop(alpha);
+    assert!(coordinator.terminate()?.success());
+
+    let state_file = c.state_dir().join(fedward_shared::history::STATE_FILE);
+    std::fs::remove_file(&state_file)?;
+    let said = format!("{:#}", CoordinatorProcess::start(&c).err().expect("no start without state.json"));
+    assert!(said.contains("state.json is missing") && said.contains("--recover"), "{said}");
+    let recovered = CoordinatorProcess::start_with(&c, &["--recover"])?;
+    assert!(recovered.terminate()?.success());
+    let state: fedward_shared::history::SavedState = serde_json::from_slice(&std::fs::read(&state_file)?)?;
+    assert_eq!(state.completed_rounds, 2);
+    assert!(state.history[0].outcome.starts_with("recovered"), "{:?}", state.history);
+
+    // The ledger loses its last round (its accepted entry and its seal).
+    let ledger = c.state_dir().join("ledger.jsonl");
+    let text = std::fs::read_to_string(&ledger)?;
+    let first_seal = text.lines().position(|l| l.contains("\"seal\"")).expect("round 1 sealed");
+    let kept: String = text.lines().take(first_seal + 1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&ledger, kept)?;
+    let said = format!("{:#}", CoordinatorProcess::start(&c).err().expect("no start with the ledger's tail lost"));
+    assert!(said.contains("the ledger lacks round(s) [2]"), "{said}");
+    Ok(())
+}

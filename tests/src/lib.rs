@@ -180,10 +180,6 @@ impl CoordinatorHandle {
     /// Starts a coordinator; resumes from `state_dir` when it holds a saved state.
     pub fn start(pki: &TestPki, spec: CoordinatorSpec) -> Self {
         let mut store = Store::open_exclusive(&spec.state_dir).expect("store");
-        let (manifest, completed) = match store.current().expect("load state") {
-            Some(x) => x,
-            None => (store.save_initial(&tiny_global()).expect("save initial"), 0),
-        };
         let mut plan = head_plan(&tiny_global());
         plan.privacy = spec.privacy;
         let settings = Settings {
@@ -203,6 +199,8 @@ impl CoordinatorHandle {
         }
         let key = ledger_key::read_signing_key(&keys.join(SIGNING_KEY_FILE)).expect("ledger key");
         let ledger = CoordinatorLedger::open(&ledger_paths(&spec.state_dir).0, key).expect("ledger");
+        let (manifest, completed) = fedward_coordinator::startup::open(&mut store, &ledger, false, "now", || Ok(tiny_global()))
+            .expect("state agrees with the ledger");
         let machine = RoundMachine::new(settings, manifest, completed).expect("machine").with_accepted(ledger.accepted()).expect("spend");
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let tls = pki.server_tls();

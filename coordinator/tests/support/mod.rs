@@ -123,10 +123,16 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts it and waits until it says it listens.
     pub fn start(consortium: &Consortium) -> Result<Self> {
+        Self::start_with(consortium, &[])
+    }
+
+    /// Starts `serve` with `args` added.
+    pub fn start_with(consortium: &Consortium, args: &[&str]) -> Result<Self> {
         // Cargo builds the package's binary for its tests and benches and names it here.
         let mut child = Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
             .args(["serve", "--config"])
             .arg(&consortium.config)
+            .args(args)
             .env("FEDWARD_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -119,28 +119,26 @@ fn finished_is_closed(e: quinn::ReadExactError) -> StreamError {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM (what systemd and Kubernetes send to stop a
-/// service): the daemons' cue to stop taking work, finish what must be durable and exit 0.
-pub async fn shutdown_signal() {
+/// A future that resolves on the first SIGINT or SIGTERM (what systemd and Kubernetes
+/// send to stop a service): the daemons' cue to stop taking work, finish what must be
+/// durable and exit 0. The handlers are installed when this is called, not when the future
+/// is first polled, so a signal that comes during start-up is not lost (the default
+/// action would kill the process). Call it inside the runtime, first thing.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let interrupt = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = term.recv() => {}
             }
-            // No SIGTERM handler could be installed: Ctrl-C still works.
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        // No SIGTERM handler could be installed: Ctrl-C still works.
+        let _ = interrupt.await;
     }
 }
 
