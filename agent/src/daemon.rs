@@ -37,7 +37,9 @@ use fedward_shared::wire::{
 
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
-use crate::session::{assemble, check_tensors_reply, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior};
+use crate::session::{
+    assemble, check_tensors_reply, fits_deadline, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior,
+};
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]
@@ -130,7 +132,14 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     }
     let ledger = open_ledger(&opts)?;
     let released = load_released(&opts);
-    let mut state = AgentState { trainer: Some(trainer), cache: load_cache(&opts), rounds_trained: 0, ledger: Some(ledger), released };
+    let mut state = AgentState {
+        trainer: Some(trainer),
+        cache: load_cache(&opts),
+        rounds_trained: 0,
+        ledger: Some(ledger),
+        released,
+        last_train_secs: None,
+    };
     let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
@@ -191,6 +200,8 @@ struct AgentState {
     ledger: Option<LedgerFile>,
     /// What the released-update cache holds (the update itself stays on disk).
     released: Option<CachedRelease>,
+    /// How long the last round's training took, to judge whether the next fits its deadline.
+    last_train_secs: Option<f64>,
 }
 
 /// Opens (and verifies) the site's ledger. An incomplete last line is a crash mid-append:
@@ -341,6 +352,7 @@ async fn take_round(
         deadline_secs = offer.deadline_secs,
         "round offered"
     );
+    let deadline = Instant::now() + Duration::from_secs(offer.deadline_secs);
     let ledger = state.ledger.as_ref().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?.ledger();
     match prior_release(&offer, last_release(ledger), state.released.as_ref()) {
         Prior::Fresh => {}
@@ -370,6 +382,9 @@ async fn take_round(
         "round within the site's budget"
     );
     let model = fetch_model(conn, opts, state, &offer).await?;
+    if let Err(message) = fits_deadline(state.last_train_secs, deadline.saturating_duration_since(Instant::now()).as_secs_f64()) {
+        return send_decline(conn, &opts.transport, &offer, DeclineReason::DeadlineTooShort, message).await;
+    }
 
     let Some(mut trainer) = state.trainer.take() else {
         return Err(SessionEnd::Lost("trainer unavailable".into()));
@@ -407,6 +422,7 @@ async fn take_round(
         }
     };
     update.metrics.train_secs = started.elapsed().as_secs_f64();
+    state.last_train_secs = Some(update.metrics.train_secs);
     info!(
         examples = update.num_examples,
         train_loss = format_args!("{:.4}", update.metrics.train_loss),

@@ -156,6 +156,20 @@ pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: O
     }
 }
 
+/// Whether a round left with `left_secs` before its deadline can be trained in time,
+/// judged by how long the site's last round took (with a quarter to spare): training one
+/// the coordinator will not wait for spends privacy for nothing. Without a last round to
+/// go by, the site tries.
+pub fn fits_deadline(last_train_secs: Option<f64>, left_secs: f64) -> Result<(), String> {
+    match last_train_secs {
+        Some(last) if last * 1.25 > left_secs => Err(format!(
+            "the last round took {last:.0} s to train and {left_secs:.0} s are left before the deadline; declining rather than \
+             spending privacy on an update the coordinator will not wait for"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The tensors of `manifest` that `cache` lacks or holds with another digest.
 pub fn tensors_to_fetch(manifest: &[TensorSpec], cache: Option<&TensorSet>) -> Vec<String> {
     manifest
@@ -311,6 +325,14 @@ mod tests {
             .unwrap_err()
             .contains("does not list"));
         assert!(check_tensors_reply(&o.manifest, &names, &[]).is_err());
+    }
+
+    #[test]
+    fn a_round_that_cannot_be_trained_in_time_is_declined() {
+        assert!(fits_deadline(None, 1.0).is_ok(), "the first round is tried");
+        assert!(fits_deadline(Some(100.0), 600.0).is_ok());
+        let err = fits_deadline(Some(100.0), 110.0).unwrap_err();
+        assert!(err.contains("100 s to train") && err.contains("110 s are left"), "{err}");
     }
 
     #[test]

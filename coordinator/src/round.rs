@@ -362,8 +362,11 @@ impl RoundMachine {
                 self.outputs.push_back(Output::Finished { to: site, finished });
                 return;
             }
-            Phase::Collecting(c) if now < c.deadline && !c.status.contains_key(&site) => {
-                // A late joiner (or a reconnecting site) still has time to train this round.
+            Phase::Collecting(c) if now < c.deadline && matches!(c.status.get(&site), None | Some(SiteStatus::Gone)) => {
+                // A late joiner, or a site whose connection dropped before it answered, still
+                // has time for this round: a reconnected site resends the update it already
+                // released instead of training and spending again next round.
+                c.status.remove(&site);
                 c.offered.insert(site.clone());
                 let offer = offer(&self.settings, c.round, &self.manifest, self.digest, c.deadline - now);
                 self.outputs.push_back(Output::Offer { to: site, offer });
@@ -1054,6 +1057,28 @@ mod tests {
         let outs = drain(&mut m);
         let Output::Offer { offer, .. } = &outs[0] else { panic!("{outs:?}") };
         assert_eq!((offer.round, offer.deadline_secs), (RoundId(4), 50));
+    }
+
+    /// A site whose connection dropped was marked gone and never offered the open round
+    /// again, so its recorded release was never sent and it trained (and spent) again the
+    /// next round. Now it is offered the round again while the deadline allows.
+    #[test]
+    fn a_site_that_reconnects_before_the_deadline_is_offered_the_open_round_again() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 1), manifest(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        m.handle_disconnected(t0 + Duration::from_secs(5), &site("a"));
+        assert!(drain(&mut m).is_empty(), "b may still answer: the round stays open");
+        m.handle_ready(t0 + Duration::from_secs(10), site("a"));
+        let outs = drain(&mut m);
+        let Some(Output::Offer { to, offer }) = outs.first() else { panic!("{outs:?}") };
+        assert_eq!((to, offer.round, offer.deadline_secs), (&site("a"), RoundId(1), 50));
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
+        let outs = drain(&mut m);
+        assert_eq!(checkpoint(&outs).expect("both made the round").summary.contributions.len(), 2);
     }
 
     #[test]

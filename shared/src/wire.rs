@@ -305,6 +305,8 @@ pub enum DeclineReason {
     TrainingFailed,
     /// The global model does not fit the site's model.
     ModelMismatch,
+    /// The site could not finish training before the round's deadline.
+    DeadlineTooShort,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
