@@ -295,7 +295,8 @@ async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
         max_examples_per_site = cfg.aggregation.max_examples_per_site,
         "every update is held to the coordinator's own bounds"
     );
-    let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission)
+    let reset_secret = store.reset_secret()?;
+    let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission, &reset_secret)
         .with_context(|| format!("binding {}", cfg.listen))?;
     info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let (status_tx, status_rx) = watch::channel(StatusView::default());

@@ -24,6 +24,9 @@ use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, Tenso
 
 use crate::round::{RoundFailure, RoundSummary};
 
+/// The stateless-reset secret's file in the state directory.
+pub const RESET_KEY_FILE: &str = "reset.key";
+
 /// Checkpoints older than this many rounds are pruned (round 0 is always kept).
 pub const KEEP_CHECKPOINTS: u64 = 5;
 
@@ -270,6 +273,21 @@ impl Store {
         self.write_state(state)?;
         self.prune(completed);
         Ok(Committed::Saved { manifest, digest })
+    }
+
+    /// The secret that keys QUIC's stateless resets (`reset.key`, 0600): made once from
+    /// the operating system's randomness and kept, so a restarted coordinator can reset
+    /// its predecessor's connections at once.
+    pub fn reset_secret(&self) -> Result<[u8; 32], StoreError> {
+        let path = self.dir.join(RESET_KEY_FILE);
+        if path.exists() {
+            let bytes = fsutil::read_private_key(&path)?;
+            return bytes.try_into().map_err(|b: Vec<u8>| StoreError::Corrupt { path, detail: format!("{} bytes, expected 32", b.len()) });
+        }
+        let secret: [u8; 32] = rand::random();
+        fsutil::write_private_new(&path, &secret)?;
+        fsutil::sync_dir(&self.dir)?;
+        Ok(secret)
     }
 
     /// The rounds with a checkpoint on disk.

@@ -113,3 +113,20 @@ async fn a_lost_state_file_or_ledger_tail_stops_the_coordinator_until_recovery()
     assert!(said.contains("the ledger lacks round(s) [2]"), "{said}");
     Ok(())
 }
+
+/// A restarted coordinator answers its predecessor's connections with a stateless reset
+/// (the reset key persists in the state directory): a site learns of the restart on its
+/// next packet, not after its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_resets_old_connections_at_once() -> Result<()> {
+    let c = consortium()?;
+    let first = CoordinatorProcess::start(&c)?;
+    let site = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
+    // SIGKILL: no goodbye reaches the site.
+    drop(first);
+    let _second = CoordinatorProcess::start(&c)?;
+    let ready = fedward_shared::wire::Message::Ready(fedward_shared::wire::Ready { have_model: None });
+    assert!(site.request(&ready).await.is_err());
+    assert!(matches!(site.conn.close_reason(), Some(quinn::ConnectionError::Reset)), "{:?}", site.conn.close_reason());
+    Ok(())
+}

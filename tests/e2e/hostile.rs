@@ -196,7 +196,8 @@ async fn an_agent_refuses_tensors_shaped_other_than_offered() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new("e2e");
     let endpoint =
-        fedward_net::server_endpoint("127.0.0.1:0".parse().unwrap(), pki.server_tls(), &test_transport(), &Default::default()).unwrap();
+        fedward_net::server_endpoint("127.0.0.1:0".parse().unwrap(), pki.server_tls(), &test_transport(), &Default::default(), &[7; 32])
+            .unwrap();
     let addr = endpoint.local_addr().unwrap();
     let model = tiny_global();
     let fake = tokio::spawn(async move {

@@ -203,10 +203,11 @@ impl CoordinatorHandle {
             .expect("state agrees with the ledger");
         let machine = RoundMachine::new(settings, manifest, completed).expect("machine").with_accepted(ledger.accepted()).expect("spend");
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let reset_secret = store.reset_secret().expect("reset secret");
         let tls = pki.server_tls();
         let endpoint = {
             let _in_runtime = runtime.enter();
-            fedward_net::server_endpoint(spec.addr, tls, &spec.transport, &spec.admission).expect("bind")
+            fedward_net::server_endpoint(spec.addr, tls, &spec.transport, &spec.admission, &reset_secret).expect("bind")
         };
         let addr = endpoint.local_addr().expect("addr");
         let (status_tx, status) = watch::channel(StatusView::default());

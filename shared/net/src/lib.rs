@@ -194,11 +194,17 @@ impl ConnectionEnd {
 /// Before authentication a peer gets little: at most `max_handshakes` connections may be
 /// in their handshake at once (the shell also counts per address and asks for address
 /// validation under load), each buffering at most 64 KiB of early data, 4 MiB in all.
+///
+/// `reset_secret` keys QUIC's stateless resets. Kept across restarts (the coordinator keeps
+/// it in its state directory), it lets a restarted coordinator answer packets of the
+/// connections its predecessor held with a reset, so agents learn of the restart at once
+/// instead of after their idle timeout.
 pub fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     transport: &Transport,
     admission: &Admission,
+    reset_secret: &[u8; 32],
 ) -> std::io::Result<quinn::Endpoint> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
@@ -210,7 +216,16 @@ pub fn server_endpoint(
     server.max_incoming(admission.max_handshakes.max(1));
     server.incoming_buffer_size(64 << 10);
     server.incoming_buffer_size_total(4 << 20);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+    // The endpoint drops, without a reset, packets whose connection ID its generator does
+    // not recognise; the default generator is keyed at random per process, so a restarted
+    // coordinator would not recognise its predecessor's IDs. Key it from the same secret
+    // (under its own label, so the two keys stay independent).
+    let tag = ring::hmac::sign(&reset_key, b"fedward connection id key");
+    let cid_key = u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("HMAC-SHA256 tag is 32 bytes"));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    quinn::Endpoint::new(endpoint_config, Some(server), udp_socket(addr)?, Arc::new(quinn::TokioRuntime))
 }
 
 /// A client endpoint on an ephemeral port of `remote`'s address family, with 4 MiB UDP
@@ -247,4 +262,16 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_or_timeout_is_a_lost_connection_worth_retrying() {
+        for e in [quinn::ConnectionError::Reset, quinn::ConnectionError::TimedOut, quinn::ConnectionError::LocallyClosed] {
+            assert!(matches!(ConnectionEnd::of(&e), ConnectionEnd::Lost(_)), "{e}");
+        }
+    }
 }
