@@ -29,7 +29,7 @@ use fedward_shared::config::{Pace, SiteBudget, Transport};
 use fedward_shared::dp::NoiseRng;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
-use fedward_shared::ledger_file::{self, LedgerFile};
+use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{
     self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
@@ -204,15 +204,25 @@ struct AgentState {
     last_train_secs: Option<f64>,
 }
 
-/// Opens (and verifies) the site's ledger. An incomplete last line is a crash mid-append:
-/// nothing was sent for it, so it is dropped. Any other problem stops the agent, which
-/// cannot know its spend without a valid ledger.
+/// Opens (and verifies) the site's ledger. A last line cut short by a crash is settled so
+/// that nothing is under-counted: a whole entry that lost its newline, or the beginning of
+/// the release the released-update cache holds (the cache is written before the ledger
+/// append), is completed and counts as spent; anything else stops the agent, which
+/// cannot know its spend without a whole ledger.
 fn open_ledger(opts: &DaemonOptions) -> Result<LedgerFile, DaemonError> {
     let path = opts.state_dir.join(LEDGER);
     if path.exists() {
-        let dropped = ledger_file::recover_truncated_tail(&path).map_err(|e| DaemonError::State(e.to_string()))?;
-        if dropped > 0 {
-            warn!(path = %path.display(), bytes = dropped, "dropped an incomplete last ledger line (a crash mid-append; nothing was sent for it)");
+        // A cache that cannot be read cannot complete a cut line; `repair_cut_tail` then
+        // refuses what it cannot recognise, and the agent stops with the reason.
+        let writing = ReleasedUpdate::load(&opts.state_dir).ok().flatten().map(|r| Body::Release(r.record));
+        let repair =
+            ledger_file::repair_cut_tail(&path, None, writing.as_ref(), Fragment::Keep).map_err(|e| DaemonError::State(e.to_string()))?;
+        if let TailRepair::Completed { seq } = repair {
+            warn!(
+                path = %path.display(),
+                seq,
+                "the ledger's last release was cut short by a crash; completed it, and it counts as spent (it may have been sent)"
+            );
         }
     }
     let ledger = LedgerFile::open(&path, None).map_err(|e| DaemonError::State(e.to_string()))?;
@@ -442,11 +452,11 @@ async fn take_round(
         tensors: update.delta.specs(),
         privacy: used,
     };
-    let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta };
     let record =
-        ReleaseRecord::new(site.clone(), offer.round, &used, update.num_examples, approved.epsilon_before, released.delta.digest(), now())
+        ReleaseRecord::new(site.clone(), offer.round, &used, update.num_examples, approved.epsilon_before, update.delta.digest(), now())
             .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
-    let released = record_release(opts, state, released, record).await?;
+    let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta, record };
+    let released = record_release(opts, state, released).await?;
     if opts.fail_after_ledger_write {
         warn!("test fault: stopping after the ledger write, before sending");
         return Err(SessionEnd::Fault(offer.round.0));
@@ -459,19 +469,13 @@ async fn take_round(
 /// Makes the release durable before anything is sent: the update goes to the cache (atomic
 /// write), then its record to the ledger (fsync). Both on a blocking thread. A failure of
 /// either stops the agent: an update the ledger does not hold must never leave.
-async fn record_release(
-    opts: &DaemonOptions,
-    state: &mut AgentState,
-    released: ReleasedUpdate,
-    record: ReleaseRecord,
-) -> Result<ReleasedUpdate, SessionEnd> {
+async fn record_release(opts: &DaemonOptions, state: &mut AgentState, released: ReleasedUpdate) -> Result<ReleasedUpdate, SessionEnd> {
     let mut ledger = state.ledger.take().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?;
     let state_dir = opts.state_dir.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let result = released
-            .save(&state_dir)
-            .map_err(|e| format!("caching the update: {e}"))
-            .and_then(|()| ledger.append(Body::Release(record)).map(|_| ()).map_err(|e| format!("recording the release: {e}")));
+        let result = released.save(&state_dir).map_err(|e| format!("caching the update: {e}")).and_then(|()| {
+            ledger.append(Body::Release(released.record.clone())).map(|_| ()).map_err(|e| format!("recording the release: {e}"))
+        });
         (ledger, released, result)
     })
     .await;

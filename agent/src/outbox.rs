@@ -4,7 +4,9 @@
 //!
 //! One file, written atomically ([`fsutil::atomic_write`], 0600) *before* the ledger
 //! append, so whenever the ledger holds a release its update is on disk: a magic line,
-//! the 32-byte digest of the global model it was trained from, the framed `Update`
+//! the 32-byte digest of the global model it was trained from, the ledger record of the
+//! release (a u32 little-endian length and its JSON: what a crash may leave cut short in
+//! the ledger is completed from it, see `daemon::open_ledger`), the framed `Update`
 //! message exactly as it is sent (`shared::wire`), the raw little-endian f32 bytes of
 //! each tensor in the header's order, and a blake3 digest of everything before it. Reading
 //! checks that digest first: the header's fields (examples, privacy parameters) are resent
@@ -16,12 +18,13 @@ use std::io;
 use std::path::Path;
 
 use fedward_shared::fsutil::{self, FsError};
+use fedward_shared::ledger::ReleaseRecord;
 use fedward_shared::tensor::{Digest, TensorSet};
 use fedward_shared::wire::{self, Message, UpdateHeader};
 
 /// The cache's file name in the agent's state directory.
 pub const RELEASED_UPDATE: &str = "released-update.bin";
-const MAGIC: &[u8] = b"fedward-released-update-v2\n";
+const MAGIC: &[u8] = b"fedward-released-update-v3\n";
 /// The trailing blake3 digest over the rest of the file.
 const CHECKSUM_LEN: usize = 32;
 /// An update this large is not one the agent wrote (the wire limit is per tensor; this is
@@ -36,6 +39,8 @@ pub struct ReleasedUpdate {
     /// The header exactly as sent (round, examples, metrics, tensor specs, privacy).
     pub header: UpdateHeader,
     pub delta: TensorSet,
+    /// Its record, as appended to the site's ledger.
+    pub record: ReleaseRecord,
 }
 
 /// Why the cache could not be written or read back.
@@ -58,6 +63,11 @@ impl ReleasedUpdate {
         let mut out = Vec::with_capacity(MAGIC.len() + 32 + frame.len() + self.delta.byte_len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.model_digest.0);
+        let record = serde_json::to_vec(&self.record).map_err(|e| OutboxError::Corrupt(format!("ledger record: {e}")))?;
+        out.extend_from_slice(
+            &u32::try_from(record.len()).map_err(|_| OutboxError::Corrupt("ledger record too long".into()))?.to_le_bytes(),
+        );
+        out.extend_from_slice(&record);
         out.extend_from_slice(&frame);
         for spec in &self.header.tensors {
             let t =
@@ -79,6 +89,10 @@ impl ReleasedUpdate {
         let rest = body.strip_prefix(MAGIC).ok_or_else(|| corrupt("not a released-update file"))?;
         let (digest, rest) = rest.split_at_checked(32).ok_or_else(|| corrupt("truncated model digest"))?;
         let model_digest = Digest(digest.try_into().map_err(|_| corrupt("model digest"))?);
+        let (len, rest) = rest.split_at_checked(4).ok_or_else(|| corrupt("truncated ledger record"))?;
+        let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt("ledger record length"))?) as usize;
+        let (record, rest) = rest.split_at_checked(len).ok_or_else(|| corrupt("truncated ledger record"))?;
+        let record: ReleaseRecord = serde_json::from_slice(record).map_err(|e| OutboxError::Corrupt(format!("ledger record: {e}")))?;
         let (msg, used) =
             wire::decode(rest).map_err(|e| OutboxError::Corrupt(e.to_string()))?.ok_or_else(|| corrupt("truncated update header"))?;
         let Message::Update(header) = msg else { return Err(corrupt("the header is not an update")) };
@@ -97,7 +111,10 @@ impl ReleasedUpdate {
             wire::finish_tensor(spec, &mut t).map_err(|e| OutboxError::Corrupt(e.to_string()))?;
             delta.insert(spec.name.clone(), t);
         }
-        Ok(Self { model_digest, header, delta })
+        if record.round != header.round || record.update_digest != delta.digest() {
+            return Err(corrupt("the ledger record is not this update's"));
+        }
+        Ok(Self { model_digest, header, delta, record })
     }
 
     /// Writes the cache atomically (temp file, fsync, rename, directory fsync), owner-only.
@@ -135,7 +152,17 @@ mod tests {
             tensors: delta.specs(),
             privacy: PrivacyUsed::off(),
         };
-        ReleasedUpdate { model_digest: Digest([9; 32]), header, delta }
+        let record = ReleaseRecord::new(
+            fedward_shared::wire::SiteId::new("alpha").unwrap(),
+            header.round,
+            &header.privacy,
+            header.num_examples,
+            0.0,
+            delta.digest(),
+            time::OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        ReleasedUpdate { model_digest: Digest([9; 32]), header, delta, record }
     }
 
     #[test]
@@ -162,7 +189,7 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 1;
         assert!(matches!(ReleasedUpdate::decode(&flipped), Err(OutboxError::Corrupt(m)) if m.contains("checksum")));
         // A byte of the header (here the number of examples' encoding) is caught too.
-        let header_at = MAGIC.len() + 32 + 6;
+        let header_at = MAGIC.len() + 32 + 4 + serde_json::to_vec(&released().record).unwrap().len() + 6;
         let mut header = bytes.clone();
         header[header_at] ^= 1;
         assert!(matches!(ReleasedUpdate::decode(&header), Err(OutboxError::Corrupt(m)) if m.contains("checksum")));

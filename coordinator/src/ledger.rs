@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use fedward_shared::dp::Release;
 use fedward_shared::ledger::{key_id, AcceptedRecord, Body, Entry, Ledger, LedgerError};
-use fedward_shared::ledger_file::{recover_truncated_tail, LedgerFile, LedgerFileError};
+use fedward_shared::ledger_file::{repair_cut_tail, Fragment, LedgerFile, LedgerFileError, TailRepair};
 use fedward_shared::tensor::Digest;
 use fedward_shared::wire::{RoundId, SiteId};
 
@@ -47,9 +47,16 @@ impl CoordinatorLedger {
     /// at `path` against `key`'s public half.
     pub fn open(path: &Path, key: SigningKey) -> Result<Self, CoordinatorLedgerError> {
         if path.exists() {
-            let dropped = recover_truncated_tail(path)?;
-            if dropped > 0 {
-                warn!(path = %path.display(), bytes = dropped, "removed an incomplete last ledger line (an append cut short; it was never acknowledged)");
+            // An update is acknowledged only after its entry is appended, so a fragment of
+            // some other entry was never acted on and may go.
+            match repair_cut_tail(path, Some(&key.verifying_key()), None, Fragment::Drop)? {
+                TailRepair::Intact => {}
+                TailRepair::Completed { seq } => {
+                    warn!(path = %path.display(), seq, "the ledger's last line lacked its newline; completed it (the entry stands)")
+                }
+                TailRepair::Dropped { bytes } => {
+                    warn!(path = %path.display(), bytes, "removed an incomplete last ledger line (an append cut short; it was never acknowledged)")
+                }
             }
         }
         let file = LedgerFile::open(path, Some(&key.verifying_key()))?;

@@ -4,8 +4,11 @@
 //! `fsync`s the file (and, when the file was just created, its directory) before
 //! returning, so the caller can send the update only once the record of it is durable.
 //! A crash mid-write leaves an incomplete last line, which [`LedgerFile::open`] refuses
-//! and [`recover_truncated_tail`] removes: nothing was sent for it, because sending
-//! happens only after a successful append.
+//! and [`repair_cut_tail`] settles before opening. It never under-counts: a cut-short line
+//! that holds a whole entry, or the beginning of the entry the caller knows it was
+//! writing, is completed and stands; only a caller for whom an unacknowledged append
+//! cannot have been acted on (the coordinator acknowledges after the append) may drop
+//! another fragment.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -24,8 +27,14 @@ pub enum LedgerFileError {
     Invalid { path: PathBuf, problems: Vec<Problem> },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("ledger {path}: an earlier append failed part-way; reopen it (after recover_truncated_tail) before appending")]
+    #[error("ledger {path}: an earlier append failed part-way; reopen it (after repair_cut_tail) before appending")]
     NeedsRecovery { path: PathBuf },
+    #[error(
+        "ledger {path} ends in {bytes} bytes of a cut-short line that is neither a whole entry nor the start of the \
+         release this site recorded last, so what it counted cannot be known; it was left as it is (restore the ledger \
+         from a backup)"
+    )]
+    UnknownCutLine { path: PathBuf, bytes: usize },
 }
 
 /// An open ledger file and its verified contents.
@@ -95,21 +104,81 @@ pub fn read_all(path: impl AsRef<Path>) -> Result<Vec<u8>, LedgerFileError> {
     fs::read(path).map_err(|error| LedgerFileError::Io { path: path.to_path_buf(), error })
 }
 
-/// Removes an incomplete final line (a write cut short by a crash), fsyncs, and returns
-/// how many bytes were dropped. Complete lines are never touched.
-pub fn recover_truncated_tail(path: impl AsRef<Path>) -> Result<usize, LedgerFileError> {
+/// What [`repair_cut_tail`] found at the end of a ledger and did about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TailRepair {
+    /// The file ends in a complete line.
+    Intact,
+    /// The last line was cut short but is an entry the ledger can hold (whole but for its
+    /// newline, or the beginning of the entry the caller was writing): it was completed,
+    /// so the entry stands and counts.
+    Completed { seq: u64 },
+    /// The last line was a fragment of an entry nobody acted on: removed.
+    Dropped { bytes: usize },
+}
+
+/// Whether a fragment that is no known entry may be dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// The caller acts on an entry only once its append returned (the coordinator
+    /// acknowledges an update after recording it): an unknown fragment was never acted on.
+    Drop,
+    /// Refuse to guess ([`LedgerFileError::UnknownCutLine`]), leaving the file untouched.
+    Keep,
+}
+
+/// Settles a last line cut short by a crash, fsyncing what it changes. It completes the
+/// line when it holds a whole entry (only the newline missing) or is a prefix of the line
+/// `writing` makes as the next entry (the entry the caller was appending, which may have
+/// been acted on); any other fragment is dropped or refused as `fragment` says. Complete
+/// lines are never touched.
+pub fn repair_cut_tail(
+    path: impl AsRef<Path>,
+    trusted: Option<&VerifyingKey>,
+    writing: Option<&Body>,
+    fragment: Fragment,
+) -> Result<TailRepair, LedgerFileError> {
     let path = path.as_ref();
     let io_err = |error| LedgerFileError::Io { path: path.to_path_buf(), error };
     let bytes = fs::read(path).map_err(io_err)?;
-    let report = ledger::verify(&bytes, None);
+    let report = ledger::verify(&bytes, trusted);
     if !report.problems.iter().any(|p| p.kind == ProblemKind::TruncatedFinalLine) {
-        return Ok(0);
+        return Ok(TailRepair::Intact);
     }
     let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
-    file.set_len(keep as u64).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    Ok(bytes.len() - keep)
+    let cut = &bytes[keep..];
+    let mut whole = bytes.clone();
+    whole.push(b'\n');
+    let completed = ledger::verify(&whole, trusted);
+    let rest: Option<Vec<u8>> = if completed.problems.is_empty() {
+        Some(b"\n".to_vec())
+    } else {
+        // The entry the caller was writing, as it would have been written after the
+        // complete lines: the same bytes, since an entry is a pure function of its
+        // predecessors and its body.
+        let before = ledger::verify(&bytes[..keep], trusted);
+        Ledger::from_verified(&before)
+            .zip(writing)
+            .and_then(|(ledger, body)| ledger.prepare(body.clone()).ok())
+            .map(|entry| entry.to_line())
+            .filter(|line| line.starts_with(cut))
+            .map(|line| line[cut.len()..].to_vec())
+    };
+    match (rest, fragment) {
+        (Some(rest), _) => {
+            let mut file = OpenOptions::new().append(true).open(path).map_err(io_err)?;
+            file.write_all(&rest).and_then(|()| file.sync_all()).map_err(io_err)?;
+            let seq = ledger::verify(&fs::read(path).map_err(io_err)?, trusted).entries.last().map_or(0, |e| e.seq);
+            Ok(TailRepair::Completed { seq })
+        }
+        (None, Fragment::Drop) => {
+            let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
+            file.set_len(keep as u64).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+            Ok(TailRepair::Dropped { bytes: cut.len() })
+        }
+        (None, Fragment::Keep) => Err(LedgerFileError::UnknownCutLine { path: path.to_path_buf(), bytes: cut.len() }),
+    }
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
@@ -181,8 +250,8 @@ mod tests {
         drop(f);
         let err = LedgerFile::open(&path, None).unwrap_err();
         assert!(err.to_string().contains("truncated final line"), "{err}");
-        assert_eq!(recover_truncated_tail(&path).unwrap(), line.len() / 2);
-        assert_eq!(recover_truncated_tail(&path).unwrap(), 0);
+        assert_eq!(repair_cut_tail(&path, None, None, Fragment::Drop).unwrap(), TailRepair::Dropped { bytes: line.len() / 2 });
+        assert_eq!(repair_cut_tail(&path, None, None, Fragment::Drop).unwrap(), TailRepair::Intact);
         let mut f = LedgerFile::open(&path, None).unwrap();
         f.append(body(4)).unwrap();
         assert_eq!(LedgerFile::open(&path, None).unwrap().ledger().entries().len(), 4);
@@ -201,5 +270,54 @@ mod tests {
         fs::write(&path, text).unwrap();
         let err = LedgerFile::open(&path, None).unwrap_err();
         assert!(err.to_string().contains("edited"), "{err}");
+    }
+
+    /// A ledger of two releases whose third was cut after `keep` bytes of its line.
+    fn cut_after(dir: &Path, keep: impl Fn(usize) -> usize) -> (PathBuf, Vec<u8>) {
+        let path = dir.join("ledger.jsonl");
+        let mut f = LedgerFile::open(&path, None).unwrap();
+        f.append(body(1)).unwrap();
+        f.append(body(2)).unwrap();
+        let line = f.ledger().prepare(body(3)).unwrap().to_line();
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(&line[..keep(line.len())]).unwrap();
+        (path, line)
+    }
+
+    /// The issue-18 case: a release whose line lost only its newline was sent; dropping it
+    /// under-counted the spend. It is completed and counts.
+    #[test]
+    fn a_whole_entry_without_its_newline_is_completed_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = cut_after(dir.path(), |len| len - 1);
+        assert_eq!(repair_cut_tail(&path, None, None, Fragment::Drop).unwrap(), TailRepair::Completed { seq: 2 });
+        let f = LedgerFile::open(&path, None).unwrap();
+        assert_eq!(f.ledger().accountant().unwrap().releases(), 3);
+    }
+
+    /// A fragment of the release the caller was writing is completed to that release.
+    #[test]
+    fn a_fragment_of_the_entry_being_written_is_completed_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, line) = cut_after(dir.path(), |len| len / 3);
+        assert_eq!(repair_cut_tail(&path, None, Some(&body(3)), Fragment::Keep).unwrap(), TailRepair::Completed { seq: 2 });
+        assert!(read_all(&path).unwrap().ends_with(&line));
+        assert_eq!(LedgerFile::open(&path, None).unwrap().ledger().entries().len(), 3);
+    }
+
+    /// A fragment that is not the entry being written: kept as it is and refused when the
+    /// caller may have acted on it, dropped when it cannot have.
+    #[test]
+    fn an_unknown_fragment_is_refused_or_dropped_as_the_caller_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, line) = cut_after(dir.path(), |len| len / 3);
+        let before = read_all(&path).unwrap();
+        for writing in [None, Some(&body(4))] {
+            let err = repair_cut_tail(&path, None, writing, Fragment::Keep).unwrap_err();
+            assert!(matches!(err, LedgerFileError::UnknownCutLine { bytes, .. } if bytes == line.len() / 3), "{err}");
+            assert_eq!(read_all(&path).unwrap(), before, "nothing changed");
+        }
+        assert_eq!(repair_cut_tail(&path, None, Some(&body(4)), Fragment::Drop).unwrap(), TailRepair::Dropped { bytes: line.len() / 3 });
+        assert_eq!(LedgerFile::open(&path, None).unwrap().ledger().entries().len(), 2);
     }
 }

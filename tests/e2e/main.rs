@@ -479,6 +479,58 @@ async fn crash_between_ledger_write_and_send_resends_the_recorded_update_without
     }
 }
 
+/// A crash that cuts the ledger's last release short (here after the update was recorded
+/// and before it was sent; a lost disk tail looks the same after a send) must not
+/// under-count: the agent completes the line from its released-update cache, counts it,
+/// and resends the same update. Before, it dropped the line as "nothing was sent" and
+/// trained and released round 1 again. A fragment it cannot recognise stops it, untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_cut_short_in_the_ledger_still_counts_and_is_resent() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 2, 1, vec!["alpha"]);
+    s.privacy = PrivacyPlan::SiteLevel { noise_multiplier: 2.0, clip_norm: 0.5 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    let coord = CoordinatorHandle::start(&pki, s);
+    let agent_dir = dir.path().join("alpha");
+    let ledger = agent_dir.join(fedward_agent::daemon::LEDGER);
+
+    let (trainer, _) = ScriptedTrainer::new(1.0, 40);
+    let mut opts = agent_options(coord.addr, pki.site_tls("alpha"), &agent_dir, 0);
+    opts.budget.require_dp = true;
+    opts.fail_after_ledger_write = true;
+    assert!(matches!(spawn_agent(opts.clone(), trainer).await.unwrap(), Err(DaemonError::InjectedFault(1))));
+    let recorded = site_releases(&agent_dir);
+    let whole = std::fs::read(&ledger).unwrap();
+    let cut = &whole[..whole.len() * 2 / 3];
+    assert!(!cut.ends_with(b"\n"));
+
+    // A fragment that is not the cached release: the agent stops and changes nothing.
+    let mut foreign = cut.to_vec();
+    foreign.extend_from_slice(b"tampered");
+    std::fs::write(&ledger, &foreign).unwrap();
+    opts.fail_after_ledger_write = false;
+    let (trainer, _) = ScriptedTrainer::new(1.0, 40);
+    let err = spawn_agent(opts.clone(), trainer).await.unwrap().unwrap_err();
+    assert!(matches!(&err, DaemonError::State(m) if m.contains("cut-short line")), "{err}");
+    assert_eq!(std::fs::read(&ledger).unwrap(), foreign);
+
+    // The release cut short: completed, counted, resent.
+    std::fs::write(&ledger, cut).unwrap();
+    let (trainer, run) = ScriptedTrainer::new(1.0, 40);
+    opts.seed = Some(99);
+    let outcome = spawn_agent(opts, trainer).await.unwrap().unwrap();
+    assert_eq!(outcome, DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 1 });
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    let trained: Vec<u64> = run.lock().unwrap().iter().map(|s| s.round.0).collect();
+    assert_eq!(trained, [2], "round 1 was resent, not trained again");
+    let releases = site_releases(&agent_dir);
+    assert_eq!(releases.len(), 2);
+    assert_eq!(releases[0], recorded[0], "the cut release, completed as it was");
+    assert!(std::fs::read(&ledger).unwrap().starts_with(&whole));
+}
+
 /// A site whose update declares less noise than the consortium's minimum is rejected with
 /// the reason; the round completes with the other sites' record-level updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
