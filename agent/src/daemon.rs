@@ -444,6 +444,20 @@ async fn take_round(
         noise_std = applied.noise_std,
         "local training done"
     );
+    // Privacy is spent when the release is recorded, so nothing is recorded for an update
+    // that can never be sent: the connection ended for good while it trained (replaced by
+    // another agent, refused), or the round's deadline has passed (the offer's whole
+    // seconds were rounded down, hence the grace). A connection merely lost is recorded
+    // anyway: the reconnected site resends the same update to the still-open round instead
+    // of training again.
+    if let Some(end) = conn.close_reason().as_ref().and_then(classify_connection_error) {
+        warn!("the connection ended for good during training; the update is discarded unrecorded (no privacy spent)");
+        return Err(end);
+    }
+    if Instant::now() > deadline + Duration::from_secs(1) {
+        warn!("the round's deadline passed during training; the update is discarded unrecorded (no privacy spent)");
+        return Ok(());
+    }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let header = UpdateHeader {
         round: offer.round,

@@ -248,7 +248,7 @@ fn handle_event(
         Event::Connected { site, conn_id, conn } => {
             if let Some((_, old)) = connections.insert(site.clone(), (conn_id, conn)) {
                 info!(site = %site, "site reconnected; closing its previous connection");
-                old.close(wire::CLOSE_NORMAL.into(), b"replaced by a newer connection from the same site");
+                old.close(wire::CLOSE_REPLACED.into(), b"replaced by a newer connection from the same site");
             }
         }
         Event::Disconnected { site, conn_id } => {

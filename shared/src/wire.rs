@@ -36,6 +36,10 @@ pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
 pub const CLOSE_REFUSED: u32 = 0x10;
 /// QUIC application error code for a clean goodbye.
 pub const CLOSE_NORMAL: u32 = 0;
+/// QUIC application error code the coordinator closes a site's older connection with when
+/// the site connects again: the newer connection wins. A live agent that receives it
+/// shares its site's identity with another agent, which no retry resolves.
+pub const CLOSE_REPLACED: u32 = 0x11;
 
 /// A consortium member's identity, taken from its certificate's DNS SAN.
 ///

@@ -531,6 +531,43 @@ async fn a_release_cut_short_in_the_ledger_still_counts_and_is_resent() {
     assert!(std::fs::read(&ledger).unwrap().starts_with(&whole));
 }
 
+/// Two agents with one site's certificate (on different state directories): the newer
+/// connection wins, the older agent stops with the reason (exit 64, not a reconnect that
+/// knocks the newer off), and records no release for the update it can no longer send.
+/// Before, the two took turns knocking each other off, and the older recorded a release
+/// that was never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_agents_with_one_certificate_the_newer_wins_and_the_older_spends_nothing() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 1, 1, vec!["alpha"]);
+    s.privacy = PrivacyPlan::SiteLevel { noise_multiplier: 2.0, clip_norm: 0.5 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    let coord = CoordinatorHandle::start(&pki, s);
+
+    let (older_trainer, gate) = GatedTrainer::new(1.0, 40);
+    let mut older_opts = agent_options(coord.addr, pki.site_tls("alpha"), &dir.path().join("older"), 2);
+    older_opts.budget.require_dp = true;
+    let older = spawn_agent(older_opts, older_trainer);
+    let (round, gate) = gate.started().await;
+    assert_eq!(round.0, 1);
+
+    let (newer_trainer, newer_run) = ScriptedTrainer::new(2.0, 40);
+    let mut newer_opts = agent_options(coord.addr, pki.site_tls("alpha"), &dir.path().join("newer"), 0);
+    newer_opts.budget.require_dp = true;
+    let newer = spawn_agent(newer_opts, newer_trainer);
+    assert_eq!(newer.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 1, rounds_trained: 1 });
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 1 });
+    assert_eq!(newer_run.lock().unwrap().len(), 1);
+
+    gate.open();
+    let err = older.await.unwrap().unwrap_err();
+    assert!(matches!(&err, DaemonError::Misconfigured(m) if m.contains("another agent connected with this site's certificate")), "{err}");
+    assert!(site_releases(&dir.path().join("older")).is_empty(), "nothing recorded for an update that could not be sent");
+    assert_eq!(site_releases(&dir.path().join("newer")).len(), 1);
+}
+
 /// A site whose update declares less noise than the consortium's minimum is rejected with
 /// the reason; the round completes with the other sites' record-level updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

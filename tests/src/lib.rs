@@ -336,6 +336,55 @@ impl Trainer for ScriptedTrainer {
     }
 }
 
+/// A [`ScriptedTrainer`] that says when training starts and then waits for the test to
+/// let it finish: a test can act while an agent is mid-round, without sleeps.
+pub struct GatedTrainer {
+    pub inner: ScriptedTrainer,
+    started: std::sync::mpsc::Sender<RoundId>,
+    gate: std::sync::mpsc::Receiver<()>,
+}
+
+/// The test's side of a [`GatedTrainer`].
+pub struct Gate {
+    started: std::sync::mpsc::Receiver<RoundId>,
+    open: std::sync::mpsc::Sender<()>,
+}
+
+impl GatedTrainer {
+    pub fn new(value: f32, examples: u64) -> (Self, Gate) {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        (
+            Self { inner: ScriptedTrainer::new(value, examples).0, started: started_tx, gate: open_rx },
+            Gate { started: started_rx, open: open_tx },
+        )
+    }
+}
+
+impl Gate {
+    /// Waits until the trainer has started a round, and returns it.
+    pub async fn started(self) -> (RoundId, Self) {
+        tokio::task::spawn_blocking(move || (self.started.recv().expect("trainer gone"), self)).await.expect("join")
+    }
+
+    /// Lets the waiting round finish.
+    pub fn open(&self) {
+        let _ = self.open.send(());
+    }
+}
+
+impl Trainer for GatedTrainer {
+    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
+        let _ = self.started.send(ctx.round);
+        let _ = self.gate.recv();
+        self.inner.train(ctx, global, plan)
+    }
+
+    fn num_examples(&self) -> u64 {
+        self.inner.num_examples()
+    }
+}
+
 /// Daemon options for a test agent.
 pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir: &Path, max_attempts: u32) -> DaemonOptions {
     DaemonOptions {

@@ -150,7 +150,8 @@ pub enum ConnectionEnd {
     /// for an operator where a TLS failure has a usual cause.
     Refused(String),
     /// Our own side refused the peer during the handshake (its certificate is not from the
-    /// CA we trust, or not for the name we expect): a setting here is wrong, and retrying
+    /// CA we trust, or not for the name we expect), or the peer replaced this connection
+    /// with a newer one under the same identity: a setting here is wrong, and retrying
     /// cannot help.
     Misconfigured(String),
     /// Anything else (timeouts, resets, a peer going away): transient.
@@ -163,6 +164,15 @@ impl ConnectionEnd {
         match e {
             quinn::ConnectionError::ApplicationClosed(close) if close.error_code == wire::CLOSE_REFUSED.into() => {
                 Self::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            // Our own stale connections are dropped before we reconnect, so a replaced one
+            // that is still ours means another process holds this identity.
+            quinn::ConnectionError::ApplicationClosed(close) if close.error_code == wire::CLOSE_REPLACED.into() => {
+                Self::Misconfigured(format!(
+                    "the coordinator closed this connection ({}): another agent connected with this site's certificate; \
+                     a site runs one agent, so this one stops",
+                    String::from_utf8_lossy(&close.reason)
+                ))
             }
             quinn::ConnectionError::ConnectionClosed(close) => {
                 let text = close.to_string();
