@@ -27,6 +27,7 @@ use fedward_models::{TrainContext, Trainer};
 use fedward_net::{client_endpoint, paced, read_message, read_tensors, within, write_message, write_tensors, ConnectionEnd, StreamError};
 use fedward_shared::config::{Pace, SiteBudget, Transport};
 use fedward_shared::dp::NoiseRng;
+use fedward_shared::failpoint;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
@@ -38,7 +39,8 @@ use fedward_shared::wire::{
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{privacy_used, privatize};
 use crate::session::{
-    assemble, check_tensors_reply, fits_deadline, prior_release, review_offer, tensors_to_fetch, CachedRelease, Decision, Prior,
+    assemble, check_tensors_reply, fits_deadline, prior_release, review_offer, tensors_to_fetch, unrecorded_acceptances, CachedRelease,
+    Decision, Prior,
 };
 
 /// How the daemon connects and behaves.
@@ -90,6 +92,10 @@ pub enum DaemonError {
     Address { addr: String, detail: String },
     #[error("local state: {0}")]
     State(String),
+    /// The coordinator accepted updates from this site that its ledger does not record:
+    /// the ledger was lost, replaced or restored from an older copy.
+    #[error("this site's ledger is behind the coordinator's: {0}")]
+    LedgerBehind(String),
     /// The [`DaemonOptions::fail_after_ledger_write`] test hook fired.
     #[doc(hidden)]
     #[error("fault injected after the ledger write of round {0}")]
@@ -108,6 +114,8 @@ enum SessionEnd {
     Misconfigured(String),
     /// The agent cannot go on safely (its ledger cannot be written): stop.
     Fatal(String),
+    /// The coordinator accepted updates this site's ledger lacks: stop before spending.
+    LedgerBehind(String),
     /// The test hook stopped the agent after recording round `0`.
     Fault(u64),
 }
@@ -165,6 +173,10 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
             Ok(SessionEnd::Fatal(reason)) => {
                 error!(%reason, "stopping: local state is unusable");
                 return Err(DaemonError::State(reason));
+            }
+            Ok(SessionEnd::LedgerBehind(reason)) => {
+                error!(%reason, "stopping: this site's ledger does not hold what the coordinator accepted from it");
+                return Err(DaemonError::LedgerBehind(reason));
             }
             Ok(SessionEnd::Fault(round)) => return Err(DaemonError::InjectedFault(round)),
             Ok(SessionEnd::Lost(cause)) | Err(cause) => {
@@ -303,6 +315,20 @@ async fn connect_and_serve(
         Err(e) => return Ok(stream_failure(&conn, e)),
     };
     *failures = 0;
+    let ledger = state.ledger.as_ref().ok_or_else(|| "ledger unavailable".to_owned())?;
+    let unrecorded = unrecorded_acceptances(ledger.ledger(), &welcome.accepted);
+    if !unrecorded.is_empty() {
+        conn.close(wire::CLOSE_NORMAL.into(), b"agent stopping: its ledger is behind");
+        let listed: Vec<String> = unrecorded.iter().map(|a| format!("round {} update {}", a.round, a.update_digest.short())).collect();
+        return Ok(SessionEnd::LedgerBehind(format!(
+            "the coordinator accepted {} update(s) from this site that the ledger {} does not record ({}); the ledger was lost, \
+             replaced or restored from an older copy, so this site's spend cannot be counted. Restore the ledger; the agent will \
+             not train on a budget it cannot count",
+            unrecorded.len(),
+            ledger.path().display(),
+            listed.join(", ")
+        )));
+    }
     let span = info_span!("agent", site = %welcome.site);
     let end = async {
         info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
@@ -471,6 +497,7 @@ async fn take_round(
             .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
     let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta, record };
     let released = record_release(opts, state, released).await?;
+    failpoint::crash_point(failpoint::AGENT_AFTER_LEDGER_APPEND);
     if opts.fail_after_ledger_write {
         warn!("test fault: stopping after the ledger write, before sending");
         return Err(SessionEnd::Fault(offer.round.0));
@@ -553,6 +580,7 @@ async fn fetch_model(
                     if let Err(e) = check_tensors_reply(&offer.manifest, &names, &specs) {
                         return Ok(Err(e));
                     }
+                    failpoint::crash_point(failpoint::AGENT_DOWNLOAD);
                     Ok(Ok(read_tensors(&mut recv, &specs).await?))
                 }
                 Message::Reject(r) => Ok(Err(format!("model request refused: {r}"))),
@@ -606,6 +634,7 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
             Message::Proceed(_) => {}
             other => return Ok(other),
         }
+        failpoint::crash_point(failpoint::AGENT_UPLOAD);
         // Then the bytes, and the answer once the update is folded in and recorded in the
         // coordinator's ledger.
         paced(pace, delta.byte_len(), "update upload", async {
@@ -617,6 +646,7 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
     };
     match exchange.await {
         Ok(Message::Ack(_)) => {
+            failpoint::crash_point(failpoint::AGENT_AFTER_ACK);
             let secs = started.elapsed().as_secs_f64();
             info!(
                 tensors = specs.len(),

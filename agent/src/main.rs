@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tracing::info;
+use tracing::{error, info};
 
 use fedward_agent::daemon::{self, DaemonOptions, DaemonOutcome};
 use fedward_shared::cli::ConfigFile;
@@ -16,6 +16,14 @@ use fedward_shared::pki;
 use fedward_shared::tls::{self, TlsMaterial};
 use fedward_shared::wire::SiteId;
 
+/// The version `--version` prints; it says when crash points are built in (the chaos
+/// suite checks, a release build never has them).
+const VERSION: &str = if fedward_shared::failpoint::ENABLED {
+    concat!(env!("CARGO_PKG_VERSION"), " (with crash points for the chaos suite)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// The fedward agent: trains the consortium's shared model on this hospital's notes.
 ///
 /// No note ever leaves the hospital: the agent dials out to the coordinator (it opens no
@@ -23,7 +31,7 @@ use fedward_shared::wire::SiteId;
 /// recording its privacy spend. Logs go to stderr; set FEDWARD_LOG (e.g. `info`, `debug`)
 /// and FEDWARD_LOG_FORMAT=json for machine-readable logs.
 #[derive(Parser)]
-#[command(name = "fedward-agent", version, propagate_version = true)]
+#[command(name = "fedward-agent", version = VERSION, propagate_version = true)]
 enum Command {
     /// Run the daemon: connect to the coordinator and take part in rounds.
     Run(ConfigFile),
@@ -413,6 +421,13 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         // does not restart.
         Err(daemon::DaemonError::Misconfigured(reason)) => {
             return Err(fedward_shared::config::ConfigError::Invalid { field: "coordinator", message: reason }.into())
+        }
+        // Its ledger must be restored first: as with the coordinator's inconsistent state,
+        // exit 65, which the shipped unit does not restart.
+        Err(e @ daemon::DaemonError::LedgerBehind(_)) => {
+            error!(cause = %e, "not training on a budget that cannot be counted");
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(fedward_shared::cli::EXIT_STATE_INCONSISTENT));
         }
         other => other?,
     };

@@ -9,10 +9,10 @@
 
 use fedward_shared::config::SiteBudget;
 use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
-use fedward_shared::ledger::ReleaseRecord;
+use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
-use fedward_shared::wire::{DeclineReason, RoundId, RoundOffer};
+use fedward_shared::wire::{AcceptedUpdate, DeclineReason, RoundId, RoundOffer};
 
 /// What to do with an offer.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,6 +154,21 @@ pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: O
         }
         _ => Prior::Unrecoverable,
     }
+}
+
+/// The updates the coordinator lists as accepted from this site (its `Welcome`) that the
+/// site's ledger does not hold as releases. Every accepted update was recorded before it
+/// was sent, so any here means the ledger lost releases.
+pub fn unrecorded_acceptances(ledger: &Ledger, accepted: &[AcceptedUpdate]) -> Vec<AcceptedUpdate> {
+    let recorded: std::collections::BTreeSet<(RoundId, Digest)> = ledger
+        .entries()
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Release(r) => Some((r.round, r.update_digest)),
+            _ => None,
+        })
+        .collect();
+    accepted.iter().copied().filter(|a| !recorded.contains(&(a.round, a.update_digest))).collect()
 }
 
 /// Whether a round left with `left_secs` before its deadline can be trained in time,
@@ -430,6 +445,23 @@ mod tests {
             time::OffsetDateTime::UNIX_EPOCH,
         )
         .unwrap()
+    }
+
+    /// A ledger that lost releases the coordinator accepted is caught before any spend.
+    #[test]
+    fn acceptances_the_ledger_lacks_are_found() {
+        let mut ledger = Ledger::new();
+        for round in 1..=2 {
+            let entry = ledger.prepare(Body::Release(release_record(round, Digest([round as u8; 32])))).unwrap();
+            ledger.push(entry).unwrap();
+        }
+        let accepted = |round: u64, d: u8| AcceptedUpdate { round: RoundId(round), update_digest: Digest([d; 32]) };
+        assert!(unrecorded_acceptances(&ledger, &[accepted(1, 1), accepted(2, 2)]).is_empty());
+        assert!(unrecorded_acceptances(&ledger, &[]).is_empty());
+        assert_eq!(unrecorded_acceptances(&ledger, &[accepted(2, 2), accepted(3, 3)]), [accepted(3, 3)]);
+        // The same round with another update (not what this ledger released) is missing too.
+        assert_eq!(unrecorded_acceptances(&ledger, &[accepted(1, 9)]), [accepted(1, 9)]);
+        assert_eq!(unrecorded_acceptances(&Ledger::new(), &[accepted(1, 1)]).len(), 1);
     }
 
     #[test]

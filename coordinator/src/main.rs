@@ -23,6 +23,14 @@ use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::tls::{self, TlsMaterial};
 use fedward_shared::wire::SiteId;
 
+/// The version `--version` prints; it says when crash points are built in (the chaos
+/// suite checks, a release build never has them).
+const VERSION: &str = if fedward_shared::failpoint::ENABLED {
+    concat!(env!("CARGO_PKG_VERSION"), " (with crash points for the chaos suite)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 /// The fedward coordinator: runs federated rounds for a hospital consortium.
 ///
 /// Hospitals' agents dial in over QUIC with mutual TLS; the coordinator averages their
@@ -30,7 +38,7 @@ use fedward_shared::wire::SiteId;
 /// global model. Logs go to stderr; set FEDWARD_LOG (e.g. `info`, `debug`) and
 /// FEDWARD_LOG_FORMAT=json for machine-readable logs.
 #[derive(Parser)]
-#[command(name = "fedward-coordinator", version, propagate_version = true)]
+#[command(name = "fedward-coordinator", version = VERSION, propagate_version = true)]
 enum Command {
     /// Run the federation described by a config file.
     Serve {
@@ -259,9 +267,17 @@ async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
         .with_context(|| format!("opening the ledger {}", cfg.ledger_file.display()))?;
     // state.json, the checkpoints and the ledger must agree; only the manifest stays in
     // memory (checkpoints are read tensor by tensor).
-    let (manifest, completed) = startup::open(&mut store, &ledger, recover, &server::now_rfc3339(), || {
+    let opened = startup::open(&mut store, &ledger, recover, &server::now_rfc3339(), || {
         load_initial_model(&cfg.model_init, cfg.labels.len(), cfg.init_seed)
-    })?;
+    });
+    let (manifest, completed) = match opened {
+        Err(startup::StartupError::Inconsistent(e)) => {
+            error!(cause = %e, "the state directory and the ledger disagree; not serving");
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(fedward_shared::cli::EXIT_STATE_INCONSISTENT));
+        }
+        other => other?,
+    };
     info!(completed, state_dir = %cfg.state_dir.display(), "state checked against the ledger");
     let mut plan = cfg.plan.clone();
     plan.trainable_tensors = plan.trainable.select(manifest.iter().map(|s| s.name.as_str()));

@@ -20,8 +20,8 @@ use fedward_shared::dp::{Accountant, Release};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId, RoundOffer, SiteId,
-    UpdateHeader,
+    AcceptedUpdate, Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId,
+    RoundOffer, SiteId, UpdateHeader,
 };
 
 use crate::aggregate::Aggregator;
@@ -303,6 +303,13 @@ impl RoundMachine {
             self.spent.entry(site).or_default().count(round, digest, &release).map_err(|e| SettingsError::Ledger(e.to_string()))?;
         }
         Ok(self)
+    }
+
+    /// The updates accepted from `site` (this run's and those its ledger held at start).
+    pub fn accepted_from(&self, site: &SiteId) -> Vec<AcceptedUpdate> {
+        self.spent
+            .get(site)
+            .map_or_else(Vec::new, |s| s.counted.iter().map(|&(round, update_digest)| AcceptedUpdate { round, update_digest }).collect())
     }
 
     /// The current global model's manifest.

@@ -23,10 +23,12 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_net::{paced, read_message, read_tensors, reply, within, write_message, StreamError};
 use fedward_shared::config::{Admission, Transport};
+use fedward_shared::failpoint;
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome, PROTOCOL_VERSION,
+    self, AcceptedUpdate, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome,
+    PROTOCOL_VERSION,
 };
 
 use crate::gate::{Gate, Verdict};
@@ -91,14 +93,47 @@ enum ReadyReply {
 }
 
 enum Event {
-    Connected { site: SiteId, conn_id: usize, conn: quinn::Connection },
-    Disconnected { site: SiteId, conn_id: usize },
-    Ready { site: SiteId, reply: oneshot::Sender<ReadyReply> },
-    BeginUpdate { site: SiteId, header: UpdateHeader, reply: oneshot::Sender<Result<(), Reject>> },
-    AbortUpdate { site: SiteId },
-    RejectUpdate { site: SiteId, reject: Reject },
-    FinishUpdate { site: SiteId, header: UpdateHeader, tensors: TensorSet, reply: oneshot::Sender<Result<Ack, Reject>> },
-    Decline { site: SiteId, decline: Decline, reply: oneshot::Sender<Result<Ack, Reject>> },
+    Connected {
+        site: SiteId,
+        conn_id: usize,
+        conn: quinn::Connection,
+    },
+    Disconnected {
+        site: SiteId,
+        conn_id: usize,
+    },
+    Ready {
+        site: SiteId,
+        reply: oneshot::Sender<ReadyReply>,
+    },
+    /// What a site's `Welcome` lists as accepted from it.
+    Accepted {
+        site: SiteId,
+        reply: oneshot::Sender<Vec<AcceptedUpdate>>,
+    },
+    BeginUpdate {
+        site: SiteId,
+        header: UpdateHeader,
+        reply: oneshot::Sender<Result<(), Reject>>,
+    },
+    AbortUpdate {
+        site: SiteId,
+    },
+    RejectUpdate {
+        site: SiteId,
+        reject: Reject,
+    },
+    FinishUpdate {
+        site: SiteId,
+        header: UpdateHeader,
+        tensors: TensorSet,
+        reply: oneshot::Sender<Result<Ack, Reject>>,
+    },
+    Decline {
+        site: SiteId,
+        decline: Decline,
+        reply: oneshot::Sender<Result<Ack, Reject>>,
+    },
 }
 
 /// What every connection task shares.
@@ -263,6 +298,9 @@ fn handle_event(
             waiting.insert(site.clone(), reply);
             machine.handle_ready(now, site);
         }
+        Event::Accepted { site, reply } => {
+            let _ = reply.send(machine.accepted_from(&site));
+        }
         Event::BeginUpdate { site, header, reply } => {
             let _ = reply.send(machine.begin_update(&site, &header));
         }
@@ -313,6 +351,7 @@ async fn drain_outputs(
             Output::Accepted { round, contribution } => {
                 let site = contribution.site.clone();
                 with_ledger(ledger, move |l| l.record_accepted(round, &contribution, now_utc()).map(|_| ())).await?;
+                failpoint::crash_point(failpoint::COORDINATOR_AFTER_ACCEPTED);
                 if let Some((reply, ack)) = pending_acks.remove(&site) {
                     let _ = reply.send(Ok(ack));
                 }
@@ -331,6 +370,7 @@ async fn drain_outputs(
                 .map_err(|e| ServerError::Join(e.to_string()))?;
                 match committed? {
                     Committed::Saved { manifest, digest } => {
+                        failpoint::crash_point(failpoint::COORDINATOR_BEFORE_SEAL);
                         let round = s.round;
                         with_ledger(ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
                         info!(
@@ -586,6 +626,11 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             }
             let status = ctx.shared.status.borrow().clone();
             info!(software = %hello.software, "hello");
+            let (tx, rx) = oneshot::channel();
+            if events.send(Event::Accepted { site: ctx.site.clone(), reply: tx }).await.is_err() {
+                return reply(send, &Message::Reject(gone())).await;
+            }
+            let Ok(accepted) = rx.await else { return reply(send, &Message::Reject(gone())).await };
             reply(
                 send,
                 &Message::Welcome(Welcome {
@@ -593,6 +638,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
                     protocol_version: PROTOCOL_VERSION,
                     completed_rounds: status.completed_rounds,
                     total_rounds: status.total_rounds,
+                    accepted,
                 }),
             )
             .await
@@ -651,6 +697,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             };
             paced(ctx.shared.transport.pace, bytes, "model download", async {
                 write_message(send, &Message::Tensors(specs.clone())).await?;
+                failpoint::crash_point(failpoint::COORDINATOR_DOWNLOAD);
                 send_from_file(send, &model, &specs).await?;
                 send.finish()?;
                 debug!("model sent");
@@ -712,6 +759,7 @@ async fn receive_update(
     // Only now may the site send its bytes: a site waiting for a slot has nothing
     // buffered here.
     write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
+    failpoint::crash_point(failpoint::COORDINATOR_UPLOAD);
     let started = Instant::now();
     let bytes = wire::declared_payload_bytes(&header.tensors, usize::MAX).unwrap_or(usize::MAX);
     let transfer = paced(ctx.shared.transport.pace, bytes, "update upload", read_tensors(recv, &header.tensors));

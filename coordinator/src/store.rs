@@ -18,6 +18,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_names};
+use fedward_shared::failpoint;
 use fedward_shared::fsutil::{self, FsError};
 use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
 use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, TensorSet, TensorSpec};
@@ -259,6 +260,7 @@ impl Store {
             .collect();
         let digest = manifest_digest(&manifest);
         self.write_checkpoint_from(completed, &before, &update)?;
+        failpoint::crash_point(failpoint::COORDINATOR_AFTER_CHECKPOINT);
         let mut state = self.state.clone().unwrap_or_else(|| SavedState {
             format: 1,
             completed_rounds: 0,
@@ -384,6 +386,11 @@ impl Store {
             let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
             out.write_all(&(header.len() as u64).to_le_bytes())?;
             out.write_all(&header)?;
+            if failpoint::ENABLED {
+                // What a crash leaves: a temporary file with part of the checkpoint in it.
+                out.flush()?;
+                failpoint::crash_point(failpoint::COORDINATOR_CHECKPOINT_WRITE);
+            }
             let mut source = File::open(&before.path)?;
             for (name, (_, at, len)) in &before.entries {
                 match updated.get(name) {

@@ -556,6 +556,7 @@ where
     E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
 {
     init_tracing();
+    crate::failpoint::setup();
     match run(C::parse()) {
         Ok(code) => code,
         Err(e) => exit_code(e.as_ref()),
@@ -565,6 +566,13 @@ where
 /// The coordinator's exit status when the federation stopped after a round failed too
 /// many times: not a crash, and restarting does not help (the shipped units do not).
 pub const EXIT_FEDERATION_STOPPED: u8 = 3;
+
+/// The exit status when a daemon's state disagrees with its ledger or with the other side
+/// (the coordinator: a lost `state.json`, a ledger that lost its tail; an agent: a ledger
+/// lacking updates the coordinator accepted from the site): an operator must restore a
+/// file (or start the coordinator with `--recover`), so restarting as it is cannot help
+/// (sysexits' EX_DATAERR; the shipped units do not restart on it).
+pub const EXIT_STATE_INCONSISTENT: u8 = 65;
 
 /// How a binary ends on a fatal error: prints `error: ` and [`error_line`] to stderr, and
 /// gives exit code 64 when a usage or configuration error is among the causes, else 1.

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod dp;
+pub mod failpoint;
 pub mod fsutil;
 pub mod history;
 pub mod ledger;

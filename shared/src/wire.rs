@@ -26,8 +26,9 @@ use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSp
 
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"fedward/1";
-/// Version carried in `Hello`; the coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
+/// update's bytes; 3: `Welcome` lists the updates accepted from the site.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Hard limit on one control frame's payload.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Hard limit on the values of one tensor a peer may declare (1 GiB of f32).
@@ -178,6 +179,18 @@ pub struct Welcome {
     /// Rounds completed so far and rounds planned.
     pub completed_rounds: u64,
     pub total_rounds: u64,
+    /// Every update the coordinator's ledger holds as accepted from this site. Each was
+    /// recorded in the site's ledger before it was sent, so one the site's ledger lacks
+    /// means that ledger was lost, replaced or restored from an older copy: the agent stops
+    /// before it spends again on a budget it can no longer count.
+    pub accepted: Vec<AcceptedUpdate>,
+}
+
+/// An update the coordinator accepted, as [`Welcome`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AcceptedUpdate {
+    pub round: RoundId,
+    pub update_digest: Digest,
 }
 
 /// The agent is ready for the next round; `have_model` is the digest of the global model
@@ -565,7 +578,13 @@ mod tests {
                 software: "fedward-agent 0.1.0".into(),
                 capabilities: vec![Capability::ModelCache, Capability::RecordLevelDp],
             }),
-            Message::Welcome(Welcome { site, protocol_version: 1, completed_rounds: 2, total_rounds: 5 }),
+            Message::Welcome(Welcome {
+                site,
+                protocol_version: 1,
+                completed_rounds: 2,
+                total_rounds: 5,
+                accepted: vec![AcceptedUpdate { round: RoundId(1), update_digest: digest }],
+            }),
             Message::Ready(Ready { have_model: Some(digest) }),
             Message::RoundOffer(RoundOffer {
                 round: RoundId(3),
@@ -667,9 +686,14 @@ mod tests {
         for bad in ["", "-x", "Upper", "a.b", "a b", &"x".repeat(64)] {
             assert!(SiteId::new(bad).is_err(), "{bad:?}");
         }
-        let bytes =
-            encode(&Message::Welcome(Welcome { site: SiteId("BAD ID".into()), protocol_version: 1, completed_rounds: 0, total_rounds: 1 }))
-                .unwrap();
+        let bytes = encode(&Message::Welcome(Welcome {
+            site: SiteId("BAD ID".into()),
+            protocol_version: 1,
+            completed_rounds: 0,
+            total_rounds: 1,
+            accepted: Vec::new(),
+        }))
+        .unwrap();
         assert!(decode(&bytes).is_err(), "a peer cannot smuggle an invalid site id");
     }
 

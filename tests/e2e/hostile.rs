@@ -210,6 +210,7 @@ async fn an_agent_refuses_tensors_shaped_other_than_offered() {
                     protocol_version: wire::PROTOCOL_VERSION,
                     completed_rounds: 0,
                     total_rounds: 1,
+                    accepted: Vec::new(),
                 }),
                 Message::Ready(_) => {
                     let manifest = model.specs();

@@ -568,6 +568,45 @@ async fn of_two_agents_with_one_certificate_the_newer_wins_and_the_older_spends_
     assert_eq!(site_releases(&dir.path().join("newer")).len(), 1);
 }
 
+/// A site whose ledger was deleted (or restored from an older copy) would start over at
+/// epsilon 0. The coordinator lists what it accepted from the site in its welcome; the
+/// agent finds its ledger lacks round 1's release and stops before it trains or spends.
+/// Before, it trained and released again, counting from zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_ledger_was_lost_stops_before_spending_again() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 2, 1, vec!["alpha"]);
+    s.privacy = PrivacyPlan::SiteLevel { noise_multiplier: 2.0, clip_norm: 0.5 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 };
+    let coord = CoordinatorHandle::start(&pki, s);
+    let agent_dir = dir.path().join("alpha");
+    let mut opts = agent_options(coord.addr, pki.site_tls("alpha"), &agent_dir, 0);
+    opts.budget.require_dp = true;
+
+    // Round 1 is accepted (round 2 is offered only after it completes); the agent stops
+    // while it trains round 2.
+    let (trainer, gate) = GatedTrainer::new(1.0, 40);
+    let agent = spawn_agent(opts.clone(), trainer);
+    let (round, gate) = gate.started().await;
+    assert_eq!(round.0, 1);
+    gate.open();
+    let (round, gate) = gate.started().await;
+    assert_eq!(round.0, 2);
+    agent.abort();
+    let _ = agent.await;
+    gate.open();
+    assert_eq!(site_releases(&agent_dir).len(), 1);
+
+    std::fs::remove_file(agent_dir.join(fedward_agent::daemon::LEDGER)).unwrap();
+    let (trainer, run) = ScriptedTrainer::new(1.0, 40);
+    let err = spawn_agent(opts, trainer).await.unwrap().unwrap_err();
+    assert!(matches!(&err, DaemonError::LedgerBehind(m) if m.contains("round 1 update")), "{err}");
+    assert!(run.lock().unwrap().is_empty(), "nothing trained");
+    assert!(site_releases(&agent_dir).is_empty(), "nothing spent");
+}
+
 /// A site whose update declares less noise than the consortium's minimum is rejected with
 /// the reason; the round completes with the other sites' record-level updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
