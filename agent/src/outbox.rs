@@ -119,7 +119,9 @@ impl ReleasedUpdate {
 
     /// Writes the cache atomically (temp file, fsync, rename, directory fsync), owner-only.
     pub fn save(&self, state_dir: &Path) -> Result<(), OutboxError> {
-        fsutil::atomic_write(&state_dir.join(RELEASED_UPDATE), &self.encode()?, true)?;
+        let bytes = self.encode()?;
+        fsutil::atomic_write(&state_dir.join(RELEASED_UPDATE), &bytes, true)?;
+        fedward_shared::failpoint::keep_copy(&format!("{}.bin", self.delta.digest().to_hex()), &bytes);
         Ok(())
     }
 

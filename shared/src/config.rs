@@ -67,7 +67,9 @@ pub struct RawCoordinatorConfig {
 pub struct RawTransport {
     /// A connection with no traffic (keep-alives included) for this long is dropped.
     pub idle_timeout: String,
-    /// How often an idle connection sends a keep-alive (below `idle_timeout`).
+    /// How often an idle connection sends a keep-alive (below `idle_timeout`). An agent
+    /// learns of a restarted coordinator on its next packet (a stateless reset), so this
+    /// bounds how long that takes.
     pub keep_alive: String,
     /// The longest a QUIC and TLS handshake may take.
     pub handshake_timeout: String,
@@ -84,7 +86,7 @@ impl Default for RawTransport {
     fn default() -> Self {
         Self {
             idle_timeout: "60s".into(),
-            keep_alive: "15s".into(),
+            keep_alive: "5s".into(),
             handshake_timeout: "10s".into(),
             request_timeout: "30s".into(),
             min_transfer_rate_kib: 128,

@@ -20,6 +20,7 @@ pub const CRASH_POINTS: &[&str] = &[
     COORDINATOR_CHECKPOINT_WRITE,
     COORDINATOR_AFTER_CHECKPOINT,
     COORDINATOR_BEFORE_SEAL,
+    LEDGER_APPEND_TORN,
 ];
 
 /// The agent has asked for the global model and not yet read it.
@@ -43,6 +44,9 @@ pub const COORDINATOR_AFTER_CHECKPOINT: &str = "coordinator-after-checkpoint";
 /// A round is checkpointed and in `state.json`, not yet sealed in the ledger.
 pub const COORDINATOR_BEFORE_SEAL: &str = "coordinator-before-seal";
 
+/// Half of a ledger line is written (either daemon's ledger): a torn append.
+pub const LEDGER_APPEND_TORN: &str = "ledger-append-torn";
+
 /// Reads `FAILPOINTS` once, at start (with the `failpoints` feature; else nothing).
 pub fn setup() {
     #[cfg(feature = "failpoints")]
@@ -61,4 +65,21 @@ pub fn crash_point(name: &'static str) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
     let _ = name;
+}
+
+/// The directory the chaos suite keeps released updates in (`FEDWARD_CHAOS_ARCHIVE`).
+pub const ARCHIVE_ENV: &str = "FEDWARD_CHAOS_ARCHIVE";
+
+/// With the `failpoints` feature and [`ARCHIVE_ENV`] set, keeps a copy of `bytes` as
+/// `<dir>/<name>`: the chaos suite keeps every update a site releases, to recompute the
+/// global model from them. Otherwise nothing (and never in a release build).
+pub fn keep_copy(name: &str, bytes: &[u8]) {
+    #[cfg(feature = "failpoints")]
+    if let Some(dir) = std::env::var_os(ARCHIVE_ENV) {
+        let dir = std::path::Path::new(&dir);
+        if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(dir.join(name), bytes)) {
+            eprintln!("fedward: cannot keep a copy for the chaos suite in {}: {e}", dir.display());
+        }
+    }
+    let _ = (name, bytes);
 }

@@ -88,7 +88,18 @@ impl LedgerFile {
         }
         // Check it extends the head before touching the file.
         self.ledger.check_next(&entry)?;
-        let written = self.file.write_all(&entry.to_line()).and_then(|()| self.file.sync_data());
+        let line = entry.to_line();
+        let written = if crate::failpoint::ENABLED {
+            // The chaos suite's torn write: half the line on disk, then the crash.
+            let (head, tail) = line.split_at(line.len() / 2);
+            self.file
+                .write_all(head)
+                .map(|()| crate::failpoint::crash_point(crate::failpoint::LEDGER_APPEND_TORN))
+                .and_then(|()| self.file.write_all(tail))
+        } else {
+            self.file.write_all(&line)
+        };
+        let written = written.and_then(|()| self.file.sync_data());
         if let Err(error) = written {
             self.poisoned = true;
             return Err(LedgerFileError::Io { path: self.path.clone(), error });
