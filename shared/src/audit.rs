@@ -412,9 +412,10 @@ pub struct ReconcileAudit {
 }
 
 impl ReconcileAudit {
-    /// Both ledgers pass and nothing disagrees.
+    /// Both ledgers pass and nothing disagrees in the unsafe direction (a release the
+    /// coordinator never accepted is a warning: the site's count is the higher one).
     pub fn passed(&self) -> bool {
-        self.mismatches.is_empty() && self.site_ledger.passed() && self.coordinator_ledger.passed()
+        !has_failure(&self.mismatches) && self.site_ledger.passed() && self.coordinator_ledger.passed()
     }
 }
 
@@ -433,6 +434,10 @@ pub fn reconcile_ledgers(site: &SiteId, site_bytes: &[u8], coordinator_bytes: &[
     }
 }
 
+fn has_failure(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| f.severity == Severity::Fail)
+}
+
 fn mismatch_finding(m: &Mismatch) -> Finding {
     let code = match m {
         Mismatch::NoReleaseAtSite { .. } => "no-release-at-site",
@@ -441,11 +446,15 @@ fn mismatch_finding(m: &Mismatch) -> Finding {
         Mismatch::ParameterMismatch { .. } => "parameter-mismatch",
         Mismatch::DuplicateRound { .. } => "duplicate-round",
     };
-    let mut message = m.to_string();
-    if let Mismatch::NotAccepted { .. } = m {
-        message.push_str(" (rejected or late? it still counts against the site's budget)");
+    match m {
+        // A release the coordinator did not take: rejected, late, or cut off by a crash
+        // or a lost connection. The site counted it, so its budget is over-counted, never
+        // under-counted: worth a look, not a failed audit.
+        Mismatch::NotAccepted { .. } => {
+            Finding::warn(code, format!("{m} (rejected, late or cut off? it still counts against the site's budget)"))
+        }
+        _ => Finding::fail(code, None, m.to_string()),
     }
-    Finding::fail(code, None, message)
 }
 
 /// A ledger in a report, named by the file it came from.
@@ -510,7 +519,8 @@ pub fn build_report(
             }
         }
     }
-    let passed = ledgers.iter().chain(&coordinator).all(|n| n.audit.passed()) && reconciliations.iter().all(|r| r.mismatches.is_empty());
+    let passed =
+        ledgers.iter().chain(&coordinator).all(|n| n.audit.passed()) && reconciliations.iter().all(|r| !has_failure(&r.mismatches));
     Report { generated_at, passed, delta, ledgers, coordinator, reconciliations }
 }
 
@@ -609,7 +619,8 @@ pub fn render_reconcile_text(site_name: &str, coordinator_name: &str, r: &Reconc
         let _ = writeln!(s, "ledger {name}: {} ledger, {} entries, {} problems", a.kind, a.entries, a.failures());
         render_findings(&mut s, &a.findings);
     }
-    let _ = writeln!(s, "site {}: {} rounds match, {} mismatches", r.site, r.matched, r.mismatches.len());
+    let fails = r.mismatches.iter().filter(|f| f.severity == Severity::Fail).count();
+    let _ = writeln!(s, "site {}: {} rounds match, {fails} mismatches, {} warnings", r.site, r.matched, r.mismatches.len() - fails);
     render_findings(&mut s, &r.mismatches);
     let _ = writeln!(s, "verdict: {}", if r.passed() { "PASS" } else { "FAIL" });
     s
@@ -1030,7 +1041,13 @@ pub(crate) mod tests {
         assert_eq!(r.matched, 3);
         let a4 = site_ledger("alpha", 4);
         let r = reconcile_ledgers(&site, &a4.to_bytes(), &c.to_bytes(), Some(&vk));
-        assert_eq!(r.mismatches.iter().map(|f| f.code).collect::<Vec<_>>(), ["not-accepted"]);
+        // Released but never accepted: the site over-counts, the safe direction.
+        assert_eq!(r.mismatches.iter().map(|f| (f.code, f.severity)).collect::<Vec<_>>(), [("not-accepted", Severity::Warn)]);
+        assert!(r.passed());
+        // Accepted but never released: the site's ledger under-counts.
+        let a2 = site_ledger("alpha", 2);
+        let r = reconcile_ledgers(&site, &a2.to_bytes(), &c.to_bytes(), Some(&vk));
+        assert_eq!(r.mismatches.iter().map(|f| (f.code, f.severity)).collect::<Vec<_>>(), [("no-release-at-site", Severity::Fail)]);
         assert!(!r.passed());
     }
 

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 use fedward_agent::outbox::ReleasedUpdate;
 use fedward_shared::failpoint;
-use fedward_shared::history::{checkpoint_name, SavedState, STATE_FILE};
+use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, STATE_FILE};
 use fedward_shared::ledger::{self, Body, Ledger};
 use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::SiteId;
@@ -38,8 +38,11 @@ const MAX_EPSILON: f64 = 50.0;
 const DELTA: f64 = 1e-5;
 /// A federation that completes no round for this long is wedged.
 const WEDGE: Duration = Duration::from_secs(180);
-/// How long agents get to leave once the coordinator has finished.
-const AGENTS_LEAVE: Duration = Duration::from_secs(60);
+/// How long agents get to leave once the coordinator has finished. Those connected at the
+/// end are told at once; one whose connection broke just before cannot learn it (the
+/// coordinator is gone and it retries for ever, as a daemon should), so it gets SIGTERM,
+/// which it must obey cleanly.
+const AGENTS_LEAVE: Duration = Duration::from_secs(10);
 const COORDINATOR_POINTS: &[&str] = &[
     failpoint::COORDINATOR_DOWNLOAD,
     failpoint::COORDINATOR_UPLOAD,
@@ -196,7 +199,7 @@ impl Consortium {
         }
         let data = dir.join("data");
         let mut synth = vec!["data".to_owned(), "synth".into(), "--out".into(), p(&data), "--seed".into(), settings.seed.to_string()];
-        synth.extend(["--notes-per-site".into(), "60".into()]);
+        synth.extend(["--notes-per-site".into(), "300".into()]);
         for (site, style) in &SITES[..settings.sites] {
             synth.extend(["--site".into(), format!("{site}={style}")]);
         }
@@ -432,15 +435,23 @@ struct Chaos<'a> {
     completed: u64,
     last_progress: Instant,
     /// A coordinator (re)start whose agents have not all reconnected yet.
-    recovering: Option<Instant>,
+    recovering: Option<Recovery>,
+    /// Seconds from a coordinator's restart to the next completed round.
     recoveries: Vec<f64>,
+    /// Seconds from a coordinator's restart until every running agent is connected again.
+    reconnects: Vec<f64>,
     stopped_by_signal: Vec<String>,
+    /// The round history in the `state.json` files the faults deleted: `--recover` cannot
+    /// bring it back (the checkpoints and the ledger do not hold each site's weight), so the
+    /// final check reads it from here.
+    lost_history: Vec<RoundRecord>,
+    began: Instant,
 }
 
 impl<'a> Chaos<'a> {
     fn new(settings: &'a Settings, bins: Bins, consortium: Consortium) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-        let next_fault = Instant::now() + Duration::from_millis(rng.random_range(1500..4000));
+        let next_fault = Instant::now() + Duration::from_millis(rng.random_range(500..2000));
         Self {
             settings,
             bins,
@@ -460,7 +471,10 @@ impl<'a> Chaos<'a> {
             last_progress: Instant::now(),
             recovering: None,
             recoveries: Vec::new(),
+            reconnects: Vec::new(),
             stopped_by_signal: Vec::new(),
+            lost_history: Vec::new(),
+            began: Instant::now(),
         }
     }
 
@@ -481,7 +495,9 @@ impl<'a> Chaos<'a> {
     fn start(&mut self, who: Who, recover: bool) -> Result<()> {
         let armed = if self.faulting() && self.rng.random_bool(0.6) { Some(self.next_point(who)) } else { None };
         let (program, mut args) = match who {
-            Who::Coordinator => (&self.bins.coordinator, vec!["serve".to_owned(), "--config".into(), path_str(&self.consortium.coordinator_toml)]),
+            Who::Coordinator => {
+                (&self.bins.coordinator, vec!["serve".to_owned(), "--config".into(), path_str(&self.consortium.coordinator_toml)])
+            }
             Who::Agent(i) => (&self.bins.agent, vec!["run".to_owned(), "--config".into(), path_str(&self.consortium.agent_toml[i])]),
         };
         if recover {
@@ -490,13 +506,25 @@ impl<'a> Chaos<'a> {
         let name = self.name(who);
         let mut log = fs::OpenOptions::new().create(true).append(true).open(self.consortium.logs.join(format!("{name}.log")))?;
         self.starts += 1;
-        writeln!(log, "=== chaos: start {} of {name}{}{}", self.starts, if recover { " --recover" } else { "" }, match &armed {
-            Some(a) => format!(", armed {a}"),
-            None => String::new(),
-        })?;
+        self.note(&format!(
+            "start {} of {name}{}{}",
+            self.starts,
+            if recover { " --recover" } else { "" },
+            armed.as_ref().map_or(String::new(), |a| format!(", armed {a}"))
+        ));
+        writeln!(
+            log,
+            "=== chaos: start {} of {name}{}{}",
+            self.starts,
+            if recover { " --recover" } else { "" },
+            match &armed {
+                Some(a) => format!(", armed {a}"),
+                None => String::new(),
+            }
+        )?;
         let mut cmd = Command::new(program);
         cmd.args(&args)
-            .env("FEDWARD_LOG", "info")
+            .env("FEDWARD_LOG", std::env::var("FEDWARD_CHAOS_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .env("RAYON_NUM_THREADS", "1")
             .env(failpoint::ARCHIVE_ENV, &self.consortium.archive)
@@ -517,7 +545,7 @@ impl<'a> Chaos<'a> {
         });
         self.alive.insert(who, Life { pid, armed, killed_by_us: None });
         if who == Who::Coordinator && self.starts > 1 + self.consortium.sites.len() {
-            self.recovering = Some(Instant::now());
+            self.recovering = Some(Recovery { since: Instant::now(), completed: self.completed, reconnected: false });
         }
         Ok(())
     }
@@ -538,21 +566,54 @@ impl<'a> Chaos<'a> {
         format!("{point}={skips}*off->return")
     }
 
+    /// One line of the run's own story in `logs/chaos.log`, for whoever reads a failure.
+    fn note(&self, what: &str) {
+        let line = format!("{:9.3} {what}\n", self.began.elapsed().as_secs_f64());
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.consortium.logs.join("chaos.log"))
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+
     fn kill(&mut self, who: Who, why: &str) {
+        if self.alive.contains_key(&who) {
+            self.note(&format!("SIGKILL {} ({why})", self.name(who)));
+        }
         if let Some(life) = self.alive.get_mut(&who) {
             life.killed_by_us = Some(why.to_owned());
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(life.pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 
-    /// Kills `who` and handles exits until its own has come.
-    fn kill_and_wait(&mut self, who: Who, why: &str) -> Result<()> {
-        self.kill(who, why);
-        while self.alive.contains_key(&who) {
-            let (w, pid, status) = self.exits.1.recv_timeout(Duration::from_secs(30)).context("a killed process did not exit")?;
-            self.on_exit(w, pid, status)?;
+    /// Kills `who` and waits for its exit, without restarting it (other processes' exits
+    /// are handled as usual). False when it had finished on its own first: the federation
+    /// is over and the fault comes too late.
+    fn kill_and_wait(&mut self, who: Who, why: &str) -> Result<bool> {
+        if !self.alive.contains_key(&who) {
+            return Ok(false);
         }
-        Ok(())
+        self.kill(who, why);
+        loop {
+            let (w, pid, status) = self.exits.1.recv_timeout(Duration::from_secs(30)).context("a killed process did not exit")?;
+            if w != who || self.alive.get(&who).is_none_or(|l| l.pid != pid) {
+                self.on_exit(w, pid, status)?;
+                continue;
+            }
+            let life = self.alive.remove(&who).expect("alive");
+            self.note(&format!("{} exited: {status}", self.name(who)));
+            if who == Who::Coordinator {
+                self.recovering = None;
+            }
+            if status.success() {
+                self.finished.insert(who);
+                return Ok(false);
+            }
+            ensure!(status.signal() == Some(9), "{} exited with {status} when killed", self.name(who));
+            let name = self.name(who);
+            self.count_kill(&name, &life);
+            return Ok(true);
+        }
     }
 
     fn drive(&mut self) -> Result<()> {
@@ -575,11 +636,23 @@ impl<'a> Chaos<'a> {
                 self.completed,
                 self.alive.keys().map(|w| self.name(*w)).collect::<Vec<_>>()
             );
-            if let Some(since) = self.recovering {
-                let running: BTreeSet<String> =
-                    self.alive.keys().filter(|w| matches!(w, Who::Agent(_))).map(|w| self.name(*w)).collect();
-                if self.consortium.connected().is_some_and(|c| running.is_subset(&c)) {
-                    self.recoveries.push(since.elapsed().as_secs_f64());
+            if let Some(r) = &mut self.recovering {
+                if !r.reconnected {
+                    let running: BTreeSet<String> = self
+                        .alive
+                        .keys()
+                        .filter_map(|w| match w {
+                            Who::Agent(i) => Some(self.consortium.sites[*i].clone()),
+                            Who::Coordinator => None,
+                        })
+                        .collect();
+                    if self.consortium.connected().is_some_and(|c| running.is_subset(&c)) {
+                        self.reconnects.push(r.since.elapsed().as_secs_f64());
+                        r.reconnected = true;
+                    }
+                }
+                if self.completed > r.completed {
+                    self.recoveries.push(r.since.elapsed().as_secs_f64());
                     self.recovering = None;
                 }
             }
@@ -588,7 +661,7 @@ impl<'a> Chaos<'a> {
             }
             if self.faulting() && now >= self.next_fault {
                 self.fault()?;
-                self.next_fault = Instant::now() + Duration::from_millis(self.rng.random_range(1000..5000));
+                self.next_fault = Instant::now() + Duration::from_millis(self.rng.random_range(500..2500));
             }
             let tick = if self.recovering.is_some() { Duration::from_millis(50) } else { Duration::from_millis(250) };
             match self.exits.1.recv_timeout(tick) {
@@ -604,7 +677,7 @@ impl<'a> Chaos<'a> {
     fn fault(&mut self) -> Result<()> {
         let agent = Who::Agent(self.rng.random_range(0..self.consortium.sites.len()));
         let roll = self.rng.random_range(0..9);
-        if self.settings.file_faults && roll < 3 {
+        if self.settings.file_faults && roll < 3 && self.expect.is_empty() {
             let fault = FILE_FAULTS[self.file_turn % FILE_FAULTS.len()];
             self.file_turn += 1;
             return self.file_fault(fault, agent);
@@ -625,7 +698,10 @@ impl<'a> Chaos<'a> {
         let c = &self.consortium;
         let (who, expect) = match fault {
             FileFault::StateLost | FileFault::LedgerTailLost | FileFault::SealLost | FileFault::CoordinatorLineCut => {
-                self.kill_and_wait(Who::Coordinator, &format!("{fault:?}"))?;
+                if !self.kill_and_wait(Who::Coordinator, &format!("{fault:?}"))? {
+                    self.file_faults.push(format!("{fault:?} (too late: the coordinator had finished)"));
+                    return Ok(());
+                }
                 let c = &self.consortium;
                 let ledger = c.coordinator_ledger();
                 let bytes = fs::read(&ledger).unwrap_or_default();
@@ -633,8 +709,14 @@ impl<'a> Chaos<'a> {
                 let seals: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| is_seal(l)).map(|(n, _)| n).collect();
                 let expect = match fault {
                     FileFault::StateLost => {
-                        fs::remove_file(c.coordinator_state.join(STATE_FILE))?;
-                        Some(Expect { fault, says: "state.json is missing", then: Then::Recover })
+                        let path = c.coordinator_state.join(STATE_FILE);
+                        let lost: SavedState = serde_json::from_slice(&fs::read(&path)?)?;
+                        // Before the first round left a trace, a lost state.json is a fresh
+                        // start, rightly.
+                        let traces = lost.completed_rounds > 0 || !bytes.is_empty();
+                        self.lost_history.extend(lost.history);
+                        fs::remove_file(path)?;
+                        traces.then_some(Expect { fault, says: "state.json is missing", then: Then::Recover })
                     }
                     FileFault::LedgerTailLost if !seals.is_empty() => {
                         let keep = if seals.len() >= 2 { seals[seals.len() - 2] + 1 } else { 0 };
@@ -659,7 +741,10 @@ impl<'a> Chaos<'a> {
             FileFault::SiteLedgerLost | FileFault::SiteLineCut => {
                 let site = c.sites[i].clone();
                 let accepted = accepted_from(&fs::read(c.coordinator_ledger()).unwrap_or_default(), &site);
-                self.kill_and_wait(agent, &format!("{fault:?}"))?;
+                if !self.kill_and_wait(agent, &format!("{fault:?}"))? {
+                    self.file_faults.push(format!("{fault:?} (too late: the agent had stopped)"));
+                    return Ok(());
+                }
                 let path = self.consortium.site_ledger(i);
                 let bytes = fs::read(&path).unwrap_or_default();
                 let expect = match fault {
@@ -682,6 +767,7 @@ impl<'a> Chaos<'a> {
             }
         };
         self.file_faults.push(format!("{fault:?}"));
+        self.note(&format!("file fault {fault:?} done, expecting {:?}", expect.as_ref().map(|e| e.says)));
         if let Some(e) = expect {
             self.expect.insert(who, e);
         }
@@ -694,6 +780,7 @@ impl<'a> Chaos<'a> {
         }
         let life = self.alive.remove(&who).expect("alive");
         let name = self.name(who);
+        self.note(&format!("{name} exited: {status}"));
         if who == Who::Coordinator {
             self.recovering = None;
         }
@@ -797,8 +884,11 @@ impl<'a> Chaos<'a> {
         for (_, how) in &self.kills {
             *kills_by_kind.entry(how.clone()).or_default() += 1;
         }
-        let mut recoveries = self.recoveries.clone();
-        recoveries.sort_by(f64::total_cmp);
+        let sorted = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v
+        };
         Report {
             dir: self.consortium.dir.clone(),
             seed: self.settings.seed,
@@ -808,9 +898,11 @@ impl<'a> Chaos<'a> {
             kills_by_kind,
             file_faults: self.file_faults.clone(),
             processes_started: self.starts,
-            recoveries,
+            recoveries: sorted(&self.recoveries),
+            reconnects: sorted(&self.reconnects),
             stopped_by_signal: self.stopped_by_signal.clone(),
             wall_secs: wall.as_secs_f64(),
+            lost_history: self.lost_history.clone(),
             ..Report::default()
         }
     }
@@ -830,6 +922,7 @@ pub struct Report {
     file_faults: Vec<String>,
     processes_started: usize,
     recoveries: Vec<f64>,
+    reconnects: Vec<f64>,
     stopped_by_signal: Vec<String>,
     double_counted: usize,
     max_epsilon_spent: f64,
@@ -839,6 +932,7 @@ pub struct Report {
     wall_secs: f64,
     broken: Vec<String>,
     log_tails: String,
+    lost_history: Vec<RoundRecord>,
 }
 
 impl Report {
@@ -859,15 +953,30 @@ impl Report {
     }
 
     fn check_all(&mut self, c: &Consortium) -> Result<()> {
-        // Every planned round completed exactly once.
+        // Every planned round completed exactly once: in the round history (with what
+        // deleted state.json files held) and in the ledger's seals.
         let state: SavedState = serde_json::from_slice(&fs::read(c.coordinator_state.join(STATE_FILE))?)?;
         self.rounds_completed = state.completed_rounds;
-        let completed: Vec<_> = state.history.iter().filter(|r| r.outcome == "completed").collect();
-        self.failed_attempts = state.history.iter().filter(|r| r.outcome != "completed" && !r.outcome.starts_with("recovered")).count();
+        let history: Vec<RoundRecord> = self.lost_history.iter().chain(&state.history).cloned().collect();
+        let completed: Vec<&RoundRecord> = history.iter().filter(|r| r.outcome == "completed").collect();
+        self.failed_attempts = history.iter().filter(|r| r.outcome != "completed" && !r.outcome.starts_with("recovered")).count();
+        let coordinator_bytes = fs::read(c.coordinator_ledger())?;
+        let seals: Vec<u64> = verified(&coordinator_bytes)?
+            .entries()
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Seal(s) => Some(s.round.0),
+                _ => None,
+            })
+            .collect();
         for round in 1..=c.rounds {
             let n = completed.iter().filter(|r| r.round == round).count();
             if n != 1 {
                 self.broken.push(format!("round {round} completed {n} times"));
+            }
+            let sealed = seals.iter().filter(|r| **r == round).count();
+            if sealed != 1 {
+                self.broken.push(format!("round {round} sealed {sealed} times in the coordinator's ledger"));
             }
         }
         if state.completed_rounds != c.rounds {
@@ -876,7 +985,6 @@ impl Report {
 
         // Ledgers: the coordinator's and every site's verify and reconcile.
         let key = fedward_shared::ledger_key::read_public_key(&c.ledger_pub)?;
-        let coordinator_bytes = fs::read(c.coordinator_ledger())?;
         let audit = fedward_shared::audit::audit_ledger(&coordinator_bytes, Some(&key), Some(DELTA));
         self.audits += 1;
         if audit.passed() {
@@ -939,7 +1047,7 @@ impl Report {
         let last = read_model(c.rounds)?;
         let mut expected: BTreeMap<String, Vec<f64>> =
             initial.iter().map(|(n, t)| (n.to_owned(), t.data().iter().map(|&x| f64::from(x)).collect())).collect();
-        let mut rounds = completed.clone();
+        let mut rounds = completed;
         rounds.sort_by_key(|r| r.round);
         for record in rounds {
             let total: f64 = record.sites.iter().map(|s| s.weight.unwrap_or(s.num_examples) as f64).sum();
@@ -947,10 +1055,14 @@ impl Report {
             for s in &record.sites {
                 let key = (s.site.clone(), record.round, s.update_digest.clone());
                 if !releases.contains_key(&key) {
-                    self.broken.push(format!("round {}: {}'s update {} is in no release of its ledger", record.round, s.site, s.update_digest));
+                    self.broken
+                        .push(format!("round {}: {}'s update {} is in no release of its ledger", record.round, s.site, s.update_digest));
                 }
                 if !accepted.contains_key(&key) {
-                    self.broken.push(format!("round {}: {}'s update {} is not in the coordinator's ledger", record.round, s.site, s.update_digest));
+                    self.broken.push(format!(
+                        "round {}: {}'s update {} is not in the coordinator's ledger",
+                        record.round, s.site, s.update_digest
+                    ));
                 }
                 let path = c.archive.join(format!("{}.bin", s.update_digest));
                 let released = ReleasedUpdate::decode(&fs::read(&path).with_context(|| format!("{}", path.display()))?)?;
@@ -993,11 +1105,10 @@ impl Report {
     }
 
     pub fn summary(&self) -> String {
-        let median = self.recoveries.get(self.recoveries.len() / 2).copied();
         format!(
             "chaos (seed {}): {} sites, {}/{} rounds completed, {} failed attempts, {} kills {:?}, file faults {:?}, {} process \
-             starts, recovery after a coordinator restart median {} max {} s ({} measured), {} double-counted, audits {}/{} \
-             passed, max epsilon {:.3}, model error {:.2e}, {:.0} s{}",
+             starts, after a coordinator restart: next round completed in {}, all agents reconnected in {}, {} double-counted, \
+             audits {}/{} passed, max epsilon {:.3}, model error {:.2e}, {:.0} s{}",
             self.seed,
             self.sites,
             self.rounds_completed,
@@ -1007,9 +1118,8 @@ impl Report {
             self.kills_by_kind,
             self.file_faults,
             self.processes_started,
-            median.map_or("-".into(), |m| format!("{m:.2}")),
-            self.recoveries.last().map_or("-".into(), |m| format!("{m:.2}")),
-            self.recoveries.len(),
+            spread(&self.recoveries),
+            spread(&self.reconnects),
             self.double_counted,
             self.audits_passed,
             self.audits,
@@ -1021,7 +1131,7 @@ impl Report {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        let median = self.recoveries.get(self.recoveries.len() / 2).copied();
+        let figures = |v: &[f64]| serde_json::json!({ "measured": v.len(), "median": v.get(v.len() / 2), "max": v.last() });
         serde_json::json!({
             "seed": self.seed,
             "sites": self.sites,
@@ -1038,7 +1148,8 @@ impl Report {
             "audits_passed": self.audits_passed,
             "max_epsilon_spent": self.max_epsilon_spent,
             "model_max_abs_error": self.model_max_error,
-            "recovery_secs": { "measured": self.recoveries.len(), "median": median, "max": self.recoveries.last() },
+            "restart_to_next_round_secs": figures(&self.recoveries),
+            "restart_to_all_reconnected_secs": figures(&self.reconnects),
             "stopped_by_sigterm": self.stopped_by_signal,
             "wall_secs": self.wall_secs,
             "broken": self.broken,
@@ -1048,6 +1159,22 @@ impl Report {
 
 fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_owned()
+}
+
+/// A coordinator restart being timed.
+struct Recovery {
+    since: Instant,
+    /// Rounds completed when it started.
+    completed: u64,
+    reconnected: bool,
+}
+
+/// "median m s, max x s (n measured)" of sorted seconds.
+fn spread(sorted: &[f64]) -> String {
+    match (sorted.get(sorted.len() / 2), sorted.last()) {
+        (Some(m), Some(x)) => format!("median {m:.2} s, max {x:.2} s ({} measured)", sorted.len()),
+        _ => "- (none measured)".into(),
+    }
 }
 
 fn is_seal(line: &[u8]) -> bool {

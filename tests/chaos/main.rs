@@ -17,7 +17,7 @@ mod harness;
 
 #[test]
 fn a_short_chaos_run_loses_nothing_and_counts_nothing_twice() {
-    let settings = harness::Settings::from_env(harness::Settings { seed: 1, rounds: 6, kills: 6, ..harness::Settings::default() });
+    let settings = harness::Settings::from_env(harness::Settings { seed: 1, rounds: 8, kills: 8, ..harness::Settings::default() });
     let report = harness::run(&settings).unwrap_or_else(|e| panic!("chaos run (seed {}): {e:#}", settings.seed));
     println!("{}", report.summary());
     if let Some(path) = &settings.report {
