@@ -423,7 +423,7 @@ struct Chaos<'a> {
     bins: Bins,
     consortium: Consortium,
     rng: ChaCha8Rng,
-    exits: (mpsc::Sender<(Who, u32, ExitStatus)>, mpsc::Receiver<(Who, u32, ExitStatus)>),
+    exits: (mpsc::Sender<Exit>, mpsc::Receiver<Exit>),
     alive: BTreeMap<Who, Life>,
     finished: BTreeSet<Who>,
     expect: BTreeMap<Who, Expect>,
@@ -1170,6 +1170,9 @@ impl Report {
 fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_owned()
 }
+
+/// A process's exit as its waiter thread reports it: who, which pid, how.
+type Exit = (Who, u32, ExitStatus);
 
 /// A coordinator restart being timed.
 struct Recovery {
