@@ -967,7 +967,16 @@ impl Report {
         // deleted state.json files held) and in the ledger's seals.
         let state: SavedState = serde_json::from_slice(&fs::read(c.coordinator_state.join(STATE_FILE))?)?;
         self.rounds_completed = state.completed_rounds;
-        let history: Vec<RoundRecord> = self.lost_history.iter().chain(&state.history).cloned().collect();
+        // `--recover` restarts from the newest round the ledger sealed: a round completed
+        // after it (checkpointed, not sealed, then state.json lost) is redone, and its
+        // earlier record superseded.
+        let mut history: Vec<RoundRecord> = Vec::new();
+        for record in self.lost_history.iter().chain(&state.history) {
+            if record.outcome.starts_with("recovered") {
+                history.retain(|r| r.round <= record.round);
+            }
+            history.push(record.clone());
+        }
         let completed: Vec<&RoundRecord> = history.iter().filter(|r| r.outcome == "completed").collect();
         self.failed_attempts = history.iter().filter(|r| r.outcome != "completed" && !r.outcome.starts_with("recovered")).count();
         let coordinator_bytes = fs::read(c.coordinator_ledger())?;
