@@ -37,10 +37,10 @@ use fedward_shared::wire::{
 };
 
 use crate::outbox::ReleasedUpdate;
-use crate::privacy::{privacy_used, privatize};
+use crate::privacy::{disclosed, privacy_used, privatize};
 use crate::session::{
-    assemble, check_tensors_reply, fits_deadline, prior_release, review_offer, tensors_to_fetch, unrecorded_acceptances, CachedRelease,
-    Decision, Prior,
+    assemble, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
+    unrecorded_acceptances, CachedRelease, Decision, Prior,
 };
 
 /// How the daemon connects and behaves.
@@ -138,6 +138,9 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     for removed in fsutil::remove_temp_files(&opts.state_dir).map_err(|e| DaemonError::State(e.to_string()))? {
         warn!(path = %removed.display(), "removed the leftover of an interrupted write");
     }
+    // The site this agent is: the name in the certificate it presents, never the name a
+    // coordinator says back (its ledger records releases under this one).
+    let site = own_site(&opts.tls).map_err(DaemonError::Misconfigured)?;
     let ledger = open_ledger(&opts)?;
     let released = load_released(&opts);
     let mut state = AgentState {
@@ -152,7 +155,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     loop {
         let attempt = tokio::select! {
             () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
-            end = connect_and_serve(&opts, &mut state, &mut rng, &mut failures) => end,
+            end = connect_and_serve(&opts, &site, &mut state, &mut rng, &mut failures) => end,
         };
         match attempt {
             Ok(SessionEnd::Finished { completed_rounds }) => {
@@ -287,6 +290,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, DaemonError> {
 
 async fn connect_and_serve(
     opts: &DaemonOptions,
+    site: &SiteId,
     state: &mut AgentState,
     rng: &mut rand_chacha::ChaCha20Rng,
     failures: &mut u32,
@@ -315,6 +319,10 @@ async fn connect_and_serve(
         Err(e) => return Ok(stream_failure(&conn, e)),
     };
     *failures = 0;
+    if let Err(reason) = check_welcome_site(site, &welcome.site) {
+        conn.close(wire::CLOSE_NORMAL.into(), b"agent stopping: the coordinator names another site");
+        return Ok(SessionEnd::Misconfigured(reason));
+    }
     let ledger = state.ledger.as_ref().ok_or_else(|| "ledger unavailable".to_owned())?;
     let unrecorded = unrecorded_acceptances(ledger.ledger(), &welcome.accepted);
     if !unrecorded.is_empty() {
@@ -329,10 +337,10 @@ async fn connect_and_serve(
             listed.join(", ")
         )));
     }
-    let span = info_span!("agent", site = %welcome.site);
+    let span = info_span!("agent", site = %site);
     let end = async {
         info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
-        serve(&conn, opts, state, rng, &welcome.site).await
+        serve(&conn, opts, state, rng, site).await
     }
     .instrument(span)
     .await;
@@ -485,16 +493,11 @@ async fn take_round(
         return Ok(());
     }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
-    let header = UpdateHeader {
-        round: offer.round,
-        num_examples: update.num_examples,
-        metrics: update.metrics.clone(),
-        tensors: update.delta.specs(),
-        privacy: used,
-    };
-    let record =
-        ReleaseRecord::new(site.clone(), offer.round, &used, update.num_examples, approved.epsilon_before, update.delta.digest(), now())
-            .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
+    let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
+    let header = UpdateHeader { round: offer.round, num_examples, metrics, tensors: update.delta.specs(), privacy: used };
+    // The ledger records what was released: the count as sent.
+    let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update.delta.digest(), now())
+        .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
     let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta, record };
     let released = record_release(opts, state, released).await?;
     failpoint::crash_point(failpoint::AGENT_AFTER_LEDGER_APPEND);
@@ -673,8 +676,9 @@ async fn send_decline(
     reason: DeclineReason,
     message: String,
 ) -> Result<(), SessionEnd> {
+    // The detail stays in this log; the coordinator gets the reason code.
     warn!(?reason, %message, "declining the round");
-    let msg = Message::Decline(Decline { round: offer.round, reason, message });
+    let msg = Message::Decline(Decline { round: offer.round, reason });
     match request(conn, &msg, Some(transport.request_timeout)).await {
         Ok(Message::Ack(_)) => Ok(()),
         Ok(Message::Reject(r)) => {
@@ -684,6 +688,17 @@ async fn send_decline(
         Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to a decline: {}", other.kind()))),
         Err(e) => Err(stream_failure(conn, e)),
     }
+}
+
+/// The site named by the certificate this agent presents (the one its TLS configuration
+/// would send): what the coordinator identifies it by, and what its ledger records.
+fn own_site(tls: &rustls::ClientConfig) -> Result<SiteId, String> {
+    let key = tls
+        .client_auth_cert_resolver
+        .resolve(&[], &[rustls::SignatureScheme::ECDSA_NISTP256_SHA256, rustls::SignatureScheme::ED25519])
+        .ok_or("the TLS configuration presents no client certificate")?;
+    let cert = key.end_entity_cert().map_err(|e| format!("the client certificate: {e}"))?;
+    fedward_shared::pki::site_of_cert(cert.as_ref()).map_err(|e| format!("the client certificate names no site: {e}"))
 }
 
 /// One request/answer exchange on a fresh stream, within `limit` when the answer is not

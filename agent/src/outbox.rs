@@ -24,7 +24,7 @@ use fedward_shared::wire::{self, Message, UpdateHeader};
 
 /// The cache's file name in the agent's state directory.
 pub const RELEASED_UPDATE: &str = "released-update.bin";
-const MAGIC: &[u8] = b"fedward-released-update-v3\n";
+const MAGIC: &[u8] = b"fedward-released-update-v4\n";
 /// The trailing blake3 digest over the rest of the file.
 const CHECKSUM_LEN: usize = 32;
 /// An update this large is not one the agent wrote (the wire limit is per tensor; this is
@@ -150,7 +150,7 @@ mod tests {
         let header = UpdateHeader {
             round: RoundId(4),
             num_examples: 120,
-            metrics: LocalMetrics { train_loss: 0.5, ..Default::default() },
+            metrics: Some(LocalMetrics { train_loss: 0.5, ..Default::default() }),
             tensors: delta.specs(),
             privacy: PrivacyUsed::off(),
         };

@@ -10,11 +10,11 @@
 //! already did (clipping is idempotent) and keeps the coordinator's norm check from
 //! rejecting it if a trainer forgot.
 
-use fedward_shared::dp::{clip_tensors, DpError, GaussianNoise, NoiseError, NoiseRng};
+use fedward_shared::dp::{clip_tensors, coarse_count, DpError, GaussianNoise, NoiseError, NoiseRng};
 use fedward_shared::plan::PrivacyMode;
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::TensorSet;
-use fedward_shared::wire::PrivacyUsed;
+use fedward_shared::wire::{LocalMetrics, PrivacyUsed};
 
 use crate::session::Approved;
 
@@ -72,6 +72,17 @@ pub fn privatize(
 
 /// What the update header (and the ledger) declare: the parameters actually used, and the
 /// site's cumulative epsilon after this release at its budget's `delta`.
+/// What an update's header says beside the update itself: under a DP plan, a coarsened
+/// example count and no metrics, unless the site opted in (`share_metrics`); without DP
+/// nothing is protected anyway, so the exact figures.
+pub fn disclosed(plan: &PrivacyPlan, share_metrics: bool, num_examples: u64, metrics: &LocalMetrics) -> (u64, Option<LocalMetrics>) {
+    if share_metrics || matches!(plan, PrivacyPlan::Off) {
+        (num_examples, Some(metrics.clone()))
+    } else {
+        (coarse_count(num_examples), None)
+    }
+}
+
 pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> PrivacyUsed {
     let r = &approved.release;
     match *plan {
@@ -169,6 +180,15 @@ mod tests {
         let mut same = small.clone();
         privatize(&plan, &ok, 10, &mut same, &mut rng).unwrap();
         assert_eq!(same, small);
+    }
+
+    #[test]
+    fn under_dp_the_header_withholds_metrics_and_coarsens_the_count_unless_shared() {
+        let metrics = LocalMetrics { train_loss: 0.42, val_accuracy: Some(0.91), ..Default::default() };
+        let dp = PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: 1.0 };
+        assert_eq!(disclosed(&dp, false, 1234, &metrics), (1200, None));
+        assert_eq!(disclosed(&dp, true, 1234, &metrics), (1234, Some(metrics.clone())));
+        assert_eq!(disclosed(&PrivacyPlan::Off, false, 1234, &metrics), (1234, Some(metrics)));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
-use fedward_shared::wire::{AcceptedUpdate, DeclineReason, RoundId, RoundOffer};
+use fedward_shared::wire::{AcceptedUpdate, DeclineReason, RoundId, RoundOffer, SiteId};
 
 /// What to do with an offer.
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +156,20 @@ pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: O
     }
 }
 
+/// A coordinator that greets this agent as another site than its certificate names is not
+/// one to train for: either it is misconfigured or it is not the consortium's coordinator.
+/// Nothing is recorded under a name the coordinator chose.
+pub fn check_welcome_site(own: &SiteId, welcomed_as: &SiteId) -> Result<(), String> {
+    if own == welcomed_as {
+        Ok(())
+    } else {
+        Err(format!(
+            "the coordinator admitted this agent as site {welcomed_as:?}, but its certificate names {own:?}: check the coordinator's \
+             enrolment and that this is the consortium's coordinator"
+        ))
+    }
+}
+
 /// The updates the coordinator lists as accepted from this site (its `Welcome`) that the
 /// site's ledger does not hold as releases. Every accepted update was recorded before it
 /// was sent, so any here means the ledger lost releases.
@@ -288,7 +302,7 @@ mod tests {
     }
 
     fn budget(require_dp: bool, max_rounds: Option<u64>) -> SiteBudget {
-        SiteBudget { max_epsilon: 8.0, delta: 1e-5, max_rounds, require_dp }
+        SiteBudget { max_epsilon: 8.0, delta: 1e-5, max_rounds, require_dp, share_metrics: false }
     }
 
     fn spent(releases: &[Release]) -> Accountant {
@@ -379,7 +393,7 @@ mod tests {
             let release = Release::planned(&plan, 1).unwrap();
             let acc = spent(&[release, release]);
             let after_three = acc.epsilon_after(&release, 1e-5).unwrap();
-            let at = SiteBudget { max_epsilon: after_three, delta: 1e-5, max_rounds: None, require_dp: true };
+            let at = SiteBudget { max_epsilon: after_three, delta: 1e-5, max_rounds: None, require_dp: true, share_metrics: false };
             let a = approved(&review_offer(&offer(plan), &at, &acc));
             assert_eq!(a.epsilon_after, after_three);
             assert_eq!(a.epsilon_before, acc.epsilon(1e-5).unwrap());
@@ -448,6 +462,14 @@ mod tests {
     }
 
     /// A ledger that lost releases the coordinator accepted is caught before any spend.
+    #[test]
+    fn a_welcome_naming_another_site_is_refused() {
+        let own = SiteId::new("alpha").unwrap();
+        assert!(check_welcome_site(&own, &own).is_ok());
+        let reason = check_welcome_site(&own, &SiteId::new("beta").unwrap()).unwrap_err();
+        assert!(reason.contains("\"beta\"") && reason.contains("\"alpha\""), "{reason}");
+    }
+
     #[test]
     fn acceptances_the_ledger_lacks_are_found() {
         let mut ledger = Ledger::new();

@@ -173,7 +173,7 @@ impl CoordinatorLedger {
 mod tests {
     use fedward_shared::ledger::verify;
     use fedward_shared::tensor::Digest;
-    use fedward_shared::wire::{LocalMetrics, PrivacyUsed, SiteId};
+    use fedward_shared::wire::{PrivacyUsed, SiteId};
     use time::macros::datetime;
 
     use super::*;
@@ -191,7 +191,7 @@ mod tests {
             weight: 10,
             update_norm: 1.0,
             scale: 1.0,
-            metrics: LocalMetrics::default(),
+            metrics: None,
             privacy: PrivacyUsed::off(),
             update_digest: Digest([1; 32]),
         }

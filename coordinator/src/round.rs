@@ -56,7 +56,9 @@ pub struct Contribution {
     pub update_norm: f64,
     /// What the norm bound scaled the update by (1 when it was within the bound).
     pub scale: f64,
-    pub metrics: LocalMetrics,
+    /// The site's local figures, when it shared them (never under a DP plan unless the
+    /// site opted in) and they were finite.
+    pub metrics: Option<LocalMetrics>,
     pub privacy: PrivacyUsed,
     /// Digest of the update's tensor manifest (names, shapes, tensor digests).
     pub update_digest: Digest,
@@ -68,12 +70,12 @@ pub struct RoundSummary {
     pub round: RoundId,
     pub attempt: u32,
     pub contributions: Vec<Contribution>,
-    pub declined: Vec<(SiteId, DeclineReason, String)>,
+    pub declined: Vec<(SiteId, DeclineReason)>,
     pub rejected: Vec<(SiteId, Reject)>,
     /// Offered sites that neither answered nor were refused before the round closed.
     pub missed: Vec<SiteId>,
-    /// Example-weighted mean of the sites' training loss.
-    pub mean_train_loss: f64,
+    /// Weighted mean of the training loss of the sites that shared it.
+    pub mean_train_loss: Option<f64>,
     pub duration: Duration,
 }
 
@@ -94,7 +96,7 @@ pub struct RoundFailure {
     pub attempt: u32,
     pub reason: String,
     pub rejected: Vec<(SiteId, Reject)>,
-    pub declined: Vec<(SiteId, DeclineReason, String)>,
+    pub declined: Vec<(SiteId, DeclineReason)>,
     pub missed: Vec<SiteId>,
     /// No further attempt will be made: the federation has stopped.
     pub gave_up: bool,
@@ -165,7 +167,7 @@ struct Collecting {
     status: BTreeMap<SiteId, SiteStatus>,
     agg: Aggregator,
     contributions: Vec<Contribution>,
-    declined: Vec<(SiteId, DeclineReason, String)>,
+    declined: Vec<(SiteId, DeclineReason)>,
     rejected: Vec<(SiteId, Reject)>,
 }
 
@@ -174,7 +176,7 @@ struct Collecting {
 struct Committing {
     round: RoundId,
     attempt: u32,
-    declined: Vec<(SiteId, DeclineReason, String)>,
+    declined: Vec<(SiteId, DeclineReason)>,
     rejected: Vec<(SiteId, Reject)>,
     missed: Vec<SiteId>,
 }
@@ -466,7 +468,7 @@ impl RoundMachine {
                     weight,
                     update_norm,
                     scale,
-                    metrics: header.metrics.clone(),
+                    metrics: header.metrics.clone().filter(all_finite),
                     privacy: header.privacy,
                     update_digest: manifest_digest(&header.tensors),
                 };
@@ -501,7 +503,7 @@ impl RoundMachine {
         }
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Declined);
-            c.declined.push((site.clone(), decline.reason, decline.message.clone()));
+            c.declined.push((site.clone(), decline.reason));
         }
         self.maybe_close(now);
         Ok(Ack { round: decline.round })
@@ -604,8 +606,10 @@ impl RoundMachine {
             self.after_round(now);
             return;
         }
-        let total_weight: f64 = c.contributions.iter().map(|k| k.weight as f64).sum();
-        let mean_train_loss = c.contributions.iter().map(|k| k.metrics.train_loss * k.weight as f64).sum::<f64>() / total_weight;
+        let shared: Vec<(f64, f64)> =
+            c.contributions.iter().filter_map(|k| k.metrics.as_ref().map(|m| (m.train_loss, k.weight as f64))).collect();
+        let shared_weight: f64 = shared.iter().map(|(_, w)| w).sum();
+        let mean_train_loss = (shared_weight > 0.0).then(|| shared.iter().map(|(l, w)| l * w).sum::<f64>() / shared_weight);
         // At least `min_sites` >= 1 updates were added, so the combined update exists.
         let Some(update) = c.agg.finish() else { unreachable!("accepted updates were added") };
         let mut contributions = c.contributions;
@@ -694,6 +698,12 @@ fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: D
 }
 
 /// Everything that can be checked before the bytes arrive.
+/// Figures a site may lie about are only for display; a non-finite one is dropped (as if
+/// withheld) so it can neither poison a mean nor the state file.
+fn all_finite(m: &LocalMetrics) -> bool {
+    [Some(m.train_loss), m.val_loss, m.val_accuracy, m.val_macro_f1, Some(m.train_secs)].iter().flatten().all(|x| x.is_finite())
+}
+
 fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) -> Result<(), Reject> {
     let trainable = &settings.plan.trainable_tensors;
     for spec in &h.tensors {
@@ -852,7 +862,7 @@ mod tests {
         UpdateHeader {
             round: RoundId(round),
             num_examples: n,
-            metrics: LocalMetrics { train_loss: 1.0, ..Default::default() },
+            metrics: Some(LocalMetrics { train_loss: 1.0, ..Default::default() }),
             tensors: d.specs(),
             privacy: PrivacyUsed::off(),
         }
@@ -1045,7 +1055,7 @@ mod tests {
         m.handle_ready(t1, site("a"));
         m.handle_ready(t1, site("b"));
         assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(1)), (site("b"), RoundId(1))]);
-        let decline = Decline { round: RoundId(1), reason: DeclineReason::BudgetExhausted, message: "spent".into() };
+        let decline = Decline { round: RoundId(1), reason: DeclineReason::BudgetExhausted };
         m.handle_decline(t1, &site("a"), &decline).unwrap();
         m.handle_disconnected(t1, &site("b"));
         let outs = drain(&mut m);

@@ -376,7 +376,7 @@ async fn drain_outputs(
                         info!(
                             sites = s.contributions.len(),
                             examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
-                            mean_train_loss = format_args!("{:.4}", s.mean_train_loss),
+                            mean_train_loss = s.mean_train_loss.map_or("withheld".into(), |l| format!("{l:.4}")),
                             rejected = s.rejected.len(),
                             declined = s.declined.len(),
                             missed = s.missed.len(),
@@ -711,7 +711,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             receive_update(ctx, header, send, recv).instrument(span).await
         }
         Message::Decline(decline) => {
-            info!(round = %decline.round, reason = ?decline.reason, message = %decline.message, "site declined the round");
+            info!(round = %decline.round, reason = ?decline.reason, "site declined the round: {}", decline.reason);
             let (tx, rx) = oneshot::channel();
             let ev = Event::Decline { site: ctx.site.clone(), decline, reply: tx };
             let answer = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };

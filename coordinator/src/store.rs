@@ -342,7 +342,7 @@ impl Store {
             finished_at: now_rfc3339.to_owned(),
             duration_secs: 0.0,
             sites: Vec::new(),
-            declined: f.declined.iter().map(|(s, r, m)| (s.to_string(), format!("{r:?}: {m}"))).collect(),
+            declined: f.declined.iter().map(|(s, r)| (s.to_string(), format!("{r:?}: {r}"))).collect(),
             rejected: f.rejected.iter().map(|(s, r)| (s.to_string(), r.to_string())).collect(),
             missed: f.missed.iter().map(ToString::to_string).collect(),
             mean_train_loss: None,
@@ -465,9 +465,9 @@ fn record_of_summary(s: &RoundSummary, model_digest: Digest, now_rfc3339: &str) 
                 weight: Some(c.weight),
                 update_norm: Some(c.update_norm),
                 scale: Some(c.scale),
-                train_loss: c.metrics.train_loss,
-                val_accuracy: c.metrics.val_accuracy,
-                val_macro_f1: c.metrics.val_macro_f1,
+                train_loss: c.metrics.as_ref().map(|m| m.train_loss),
+                val_accuracy: c.metrics.as_ref().and_then(|m| m.val_accuracy),
+                val_macro_f1: c.metrics.as_ref().and_then(|m| m.val_macro_f1),
                 privacy_mode: c.privacy.mode.to_string(),
                 noise_multiplier: c.privacy.noise_multiplier,
                 clip_norm: c.privacy.clip_norm,
@@ -475,10 +475,10 @@ fn record_of_summary(s: &RoundSummary, model_digest: Digest, now_rfc3339: &str) 
                 update_digest: c.update_digest.to_hex(),
             })
             .collect(),
-        declined: s.declined.iter().map(|(site, r, m)| (site.to_string(), format!("{r:?}: {m}"))).collect(),
+        declined: s.declined.iter().map(|(site, r)| (site.to_string(), format!("{r:?}: {r}"))).collect(),
         rejected: s.rejected.iter().map(|(site, r)| (site.to_string(), r.to_string())).collect(),
         missed: s.missed.iter().map(ToString::to_string).collect(),
-        mean_train_loss: Some(s.mean_train_loss),
+        mean_train_loss: s.mean_train_loss,
         model_digest: Some(model_digest.to_hex()),
     }
 }
@@ -525,7 +525,7 @@ mod tests {
             declined: Vec::new(),
             rejected: Vec::new(),
             missed: Vec::new(),
-            mean_train_loss: 0.5,
+            mean_train_loss: Some(0.5),
             duration: Duration::from_secs(3),
         }
     }

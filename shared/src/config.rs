@@ -760,6 +760,11 @@ pub struct RawBudget {
     /// Refuse plans without differential privacy (the default).
     #[serde(default = "default_true")]
     pub require_dp: bool,
+    /// Under a DP plan, send the exact example count and the local training figures
+    /// (loss, validation accuracy and macro-F1, seconds) with each update. Off by default:
+    /// they are outside the DP guarantee (see docs/PRIVACY.md).
+    #[serde(default)]
+    pub share_metrics: bool,
 }
 
 fn default_true() -> bool {
@@ -796,6 +801,8 @@ pub struct SiteBudget {
     pub delta: f64,
     pub max_rounds: Option<u64>,
     pub require_dp: bool,
+    /// Send exact counts and metrics under a DP plan (opt-in).
+    pub share_metrics: bool,
 }
 
 /// The agent's validated configuration.
@@ -855,7 +862,13 @@ impl AgentConfig {
             model_base: resolve(base_dir, raw.model.base),
             max_model_bytes: raw.model.max_model_mib.saturating_mul(1 << 20),
             labels: validate_labels(raw.model.labels)?,
-            budget: SiteBudget { max_epsilon: b.max_epsilon, delta: b.delta, max_rounds: b.max_rounds, require_dp: b.require_dp },
+            budget: SiteBudget {
+                max_epsilon: b.max_epsilon,
+                delta: b.delta,
+                max_rounds: b.max_rounds,
+                require_dp: b.require_dp,
+                share_metrics: b.share_metrics,
+            },
             state_dir: resolve(base_dir, raw.agent.state_dir),
             device,
             max_backoff: parse_duration("agent.max_backoff", &raw.agent.max_backoff)?,

@@ -32,7 +32,9 @@ pub struct SiteRecord {
     /// What the norm bound scaled it by (1: within the bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
-    pub train_loss: f64,
+    /// Absent when the site withheld its metrics (the default under a DP plan).
+    #[serde(default)]
+    pub train_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
     pub val_macro_f1: Option<f64>,
     pub privacy_mode: String,

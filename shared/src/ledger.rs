@@ -1231,7 +1231,6 @@ mod tests {
     #[test]
     fn constructors_agree_on_the_digest() {
         use crate::tensor::{Tensor, TensorSet};
-        use crate::wire::LocalMetrics;
 
         let mut update = TensorSet::new();
         update.insert("classifier.weight", Tensor::new(vec![2, 2], vec![0.1, 0.2, 0.3, 0.4]).unwrap());
@@ -1246,8 +1245,7 @@ mod tests {
             epsilon_after: 0.9,
             delta: 1e-5,
         };
-        let header =
-            UpdateHeader { round: RoundId(3), num_examples: 500, metrics: LocalMetrics::default(), tensors: update.specs(), privacy: used };
+        let header = UpdateHeader { round: RoundId(3), num_examples: 500, metrics: None, tensors: update.specs(), privacy: used };
         let mut site_l = Ledger::new();
         let release = ReleaseRecord::new(site(), RoundId(3), &used, 500, 0.0, update.digest(), T0).unwrap();
         site_l.append(Body::Release(release)).unwrap();

@@ -27,8 +27,11 @@ use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSp
 /// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
 pub const ALPN: &[u8] = b"fedward/1";
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
-/// update's bytes; 3: `Welcome` lists the updates accepted from the site.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
+/// metrics may be withheld and a decline carries only its reason code.
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The longest software name a `Hello` may carry.
+pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Hard limit on the values of one tensor a peer may declare (1 GiB of f32).
@@ -303,9 +306,12 @@ impl PrivacyUsed {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateHeader {
     pub round: RoundId,
-    /// Examples behind the update: the FedAvg weight.
+    /// Examples behind the update: the FedAvg weight. Under a DP plan, coarsened
+    /// ([`crate::dp::coarse_count`]) unless the site shares its metrics.
     pub num_examples: u64,
-    pub metrics: LocalMetrics,
+    /// Local training figures; `None` (withheld) under a DP plan unless the site opts in
+    /// (`share_metrics`): exact losses and accuracies are outside the DP guarantee.
+    pub metrics: Option<LocalMetrics>,
     /// The delta of every trainable tensor, in this order.
     pub tensors: Vec<TensorSpec>,
     pub privacy: PrivacyUsed,
@@ -326,12 +332,24 @@ pub enum DeclineReason {
     DeadlineTooShort,
 }
 
+impl std::fmt::Display for DeclineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::BudgetExhausted => "the round would exceed the site's privacy budget",
+            Self::PlanUnacceptable => "the offered plan is outside what the site accepts",
+            Self::TrainingFailed => "local training failed",
+            Self::ModelMismatch => "the global model does not fit the site's model",
+            Self::DeadlineTooShort => "the site cannot finish training before the deadline",
+        })
+    }
+}
+
+/// A site's "not this round": the reason code only. The detail stays in the site's own
+/// log, since text built from local errors could carry anything.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decline {
     pub round: RoundId,
     pub reason: DeclineReason,
-    /// Human-readable detail; never record data.
-    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -602,15 +620,11 @@ mod tests {
             Message::Update(UpdateHeader {
                 round: RoundId(3),
                 num_examples: 412,
-                metrics: LocalMetrics { train_loss: 0.4, val_accuracy: Some(0.9), ..Default::default() },
+                metrics: Some(LocalMetrics { train_loss: 0.4, val_accuracy: Some(0.9), ..Default::default() }),
                 tensors: vec![spec()],
                 privacy: PrivacyUsed::off(),
             }),
-            Message::Decline(Decline {
-                round: RoundId(3),
-                reason: DeclineReason::BudgetExhausted,
-                message: "epsilon 8.2 would exceed 8".into(),
-            }),
+            Message::Decline(Decline { round: RoundId(3), reason: DeclineReason::BudgetExhausted }),
             Message::Ack(Ack { round: RoundId(3) }),
             Message::Reject(Reject::new(RejectCode::StaleRound, "update for round 2, round 3 is open")),
         ]

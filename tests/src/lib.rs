@@ -392,7 +392,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         server_name: SERVER_NAME.to_owned(),
         tls,
         state_dir: state_dir.to_owned(),
-        budget: SiteBudget { max_epsilon: 10.0, delta: 1e-5, max_rounds: None, require_dp: false },
+        budget: SiteBudget { max_epsilon: 10.0, delta: 1e-5, max_rounds: None, require_dp: false, share_metrics: false },
         max_backoff: Duration::from_millis(400),
         max_connect_attempts: max_attempts,
         exit_when_finished: true,

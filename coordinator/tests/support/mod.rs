@@ -17,7 +17,7 @@ use fedward_shared::config::Transport;
 use fedward_shared::pki::{self, CertifiedKey, Validity};
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::tls::{self, TlsMaterial};
-use fedward_shared::wire::{self, Hello, LocalMetrics, Message, PrivacyUsed, Ready, RoundOffer, SiteId, UpdateHeader};
+use fedward_shared::wire::{self, Hello, Message, PrivacyUsed, Ready, RoundOffer, SiteId, UpdateHeader};
 
 pub const SERVER_NAME: &str = "coordinator.test";
 
@@ -310,13 +310,7 @@ impl HandSite {
     /// Sends `delta` as the round's update; returns the coordinator's answer.
     pub async fn send_update(&self, offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Result<Message> {
         let specs = delta.specs();
-        let header = UpdateHeader {
-            round: offer.round,
-            num_examples,
-            metrics: LocalMetrics::default(),
-            tensors: specs.clone(),
-            privacy: PrivacyUsed::off(),
-        };
+        let header = UpdateHeader { round: offer.round, num_examples, metrics: None, tensors: specs.clone(), privacy: PrivacyUsed::off() };
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_message(&mut send, &Message::Update(header)).await?;
         match read_message(&mut recv).await? {

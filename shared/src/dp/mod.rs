@@ -46,6 +46,20 @@ pub use sampling::{dp_sgd_steps, poisson_sample};
 
 use crate::plan::PrivacyMode;
 
+/// The example count a site sends under a DP plan (its FedAvg weight): `n` rounded to two
+/// significant figures and to a multiple of 10, never below 10. Adding or removing one
+/// record moves it only at a bucket's edge, and a small site's exact size does not leave
+/// it. This is coarsening, not a DP guarantee: a count that crosses an edge still shows.
+/// The weight it gives is within 5% of the exact one for sites of 100 records or more.
+pub fn coarse_count(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let digits = n.ilog10() + 1;
+    let unit = 10u64.pow(digits.saturating_sub(2)).max(10);
+    ((n + unit / 2) / unit * unit).max(10)
+}
+
 /// Invalid DP parameters or an accounting that cannot be done.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum DpError {
@@ -66,5 +80,20 @@ pub enum DpError {
 impl DpError {
     pub(crate) fn invalid(name: &'static str, value: f64, expected: &'static str) -> Self {
         Self::InvalidParameter { name, value, expected }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_coarsened_to_two_figures_and_tens() {
+        let sent: Vec<u64> = [0, 1, 5, 14, 15, 87, 210, 1234, 1750, 99_999].iter().map(|&n| coarse_count(n)).collect();
+        assert_eq!(sent, [0, 10, 10, 10, 20, 90, 210, 1200, 1800, 100_000]);
+        for n in 100..20_000u64 {
+            let c = coarse_count(n) as f64;
+            assert!((c - n as f64).abs() <= 0.05 * n as f64, "{n} -> {c}");
+        }
     }
 }
