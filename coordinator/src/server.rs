@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -513,6 +514,7 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
             return;
         }
         let current: CurrentModel = Arc::default();
+        let greeted = Arc::new(AtomicBool::new(false));
         // An admitted site that opens no stream in time is holding a connection for nothing.
         let mut first = true;
         loop {
@@ -531,7 +533,7 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
             first = false;
             match next {
                 Ok((send, recv)) => {
-                    let ctx = StreamCtx { site: site.clone(), shared: shared.clone(), current: current.clone() };
+                    let ctx = StreamCtx { site: site.clone(), shared: shared.clone(), current: current.clone(), greeted: greeted.clone() };
                     tokio::spawn(handle_stream(ctx, send, recv).in_current_span());
                 }
                 Err(e) => {
@@ -595,6 +597,9 @@ struct StreamCtx {
     site: SiteId,
     shared: Arc<Shared>,
     current: CurrentModel,
+    /// The connection's `Hello` was answered with `Welcome`: until then nothing else is
+    /// served (a peer of another protocol version must not get further).
+    greeted: Arc<AtomicBool>,
 }
 
 async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -615,8 +620,16 @@ async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: qu
 async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), StreamError> {
     let events = &ctx.shared.events;
     let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
+    if !matches!(msg, Message::Hello(_)) && !ctx.greeted.load(Ordering::Acquire) {
+        warn!(request = msg.kind(), "request before hello");
+        return reply(send, &Message::Reject(Reject::new(RejectCode::Malformed, "say Hello first"))).await;
+    }
     match msg {
         Message::Hello(hello) => {
+            if let Err(e) = hello.check() {
+                warn!(cause = %e, "malformed hello");
+                return reply(send, &Message::Reject(Reject::new(RejectCode::Malformed, e))).await;
+            }
             if hello.protocol_version != PROTOCOL_VERSION {
                 let r = Reject::new(
                     RejectCode::UnsupportedVersion,
@@ -631,6 +644,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
                 return reply(send, &Message::Reject(gone())).await;
             }
             let Ok(accepted) = rx.await else { return reply(send, &Message::Reject(gone())).await };
+            ctx.greeted.store(true, Ordering::Release);
             reply(
                 send,
                 &Message::Welcome(Welcome {

@@ -1,5 +1,6 @@
 //! The coordinator as an operator runs it (issue 18): one process per state directory,
-//! leftovers of interrupted writes cleared at start, and SIGTERM as a clean stop.
+//! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
+//! served before a valid hello.
 
 mod support;
 
@@ -128,5 +129,25 @@ async fn a_restarted_coordinator_resets_old_connections_at_once() -> Result<()> 
     let ready = fedward_shared::wire::Message::Ready(fedward_shared::wire::Ready { have_model: None });
     assert!(site.request(&ready).await.is_err());
     assert!(matches!(site.conn.close_reason(), Some(quinn::ConnectionError::Reset)), "{:?}", site.conn.close_reason());
+    Ok(())
+}
+
+#[tokio::test]
+async fn nothing_is_served_before_a_valid_hello() -> Result<()> {
+    use fedward_shared::wire::{self, Hello, Message, Ready, RejectCode};
+    let c = consortium()?;
+    let _coordinator = CoordinatorProcess::start(&c)?;
+    let site = support::HandSite::connect_without_hello(c.addr, c.site_tls("alpha")?).await?;
+    let refused = |m: Message, code: RejectCode, says: &str| match m {
+        Message::Reject(r) => assert!(r.code == code && r.message.contains(says), "{r}"),
+        other => panic!("expected a reject, got {other:?}"),
+    };
+    refused(site.request(&Message::Ready(Ready { have_model: None })).await?, RejectCode::Malformed, "Hello first");
+    let hello = |software: String| Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software, capabilities: vec![] });
+    refused(site.request(&hello("x".repeat(10_000))).await?, RejectCode::Malformed, "at most 64");
+    refused(site.request(&hello("agent\nforged log line".into())).await?, RejectCode::Malformed, "control characters");
+    refused(site.request(&Message::Ready(Ready { have_model: None })).await?, RejectCode::Malformed, "Hello first");
+    assert!(matches!(site.request(&hello("fedward-agent 0.1.0".into())).await?, Message::Welcome(_)));
+    assert!(matches!(site.request(&Message::Ready(Ready { have_model: None })).await?, Message::RoundOffer(_)));
     Ok(())
 }

@@ -168,9 +168,23 @@ impl Message {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u32,
-    /// Free text such as `fedward-agent 0.1.0`.
+    /// Free text such as `fedward-agent 0.1.0`: at most [`MAX_SOFTWARE_LEN`] bytes of
+    /// printable characters (it is logged).
     pub software: String,
     pub capabilities: Vec<Capability>,
+}
+
+impl Hello {
+    /// What a coordinator checks of a hello before it logs or answers anything else.
+    pub fn check(&self) -> Result<(), String> {
+        if self.software.len() > MAX_SOFTWARE_LEN {
+            return Err(format!("the software name is {} bytes; at most {MAX_SOFTWARE_LEN}", self.software.len()));
+        }
+        if self.software.chars().any(char::is_control) {
+            return Err("the software name holds control characters".into());
+        }
+        Ok(())
+    }
 }
 
 /// The coordinator's admission of a site.
@@ -417,9 +431,27 @@ pub struct Reject {
 }
 
 impl Reject {
+    /// A refusal; the message is cut to [`MAX_REJECT_MESSAGE`] bytes, because it may quote
+    /// what a peer sent (a tensor name, a shape) and ends up in logs and the round history.
     pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: clip_text(message.into(), MAX_REJECT_MESSAGE) }
     }
+}
+
+/// The longest message a [`Reject`] made here carries, in bytes.
+pub const MAX_REJECT_MESSAGE: usize = 512;
+
+/// `text` cut to at most `max` bytes at a character boundary, with "…" when cut.
+pub fn clip_text(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 impl std::fmt::Display for Reject {
@@ -564,6 +596,17 @@ mod tests {
     use super::*;
     use crate::plan::{PrivacyPlan, Trainable};
     use crate::tensor::TensorSet;
+
+    #[test]
+    fn peer_text_is_bounded_before_it_is_logged_or_stored() {
+        let hello = |software: &str| Hello { protocol_version: PROTOCOL_VERSION, software: software.into(), capabilities: vec![] };
+        assert!(hello("fedward-agent 0.1.0").check().is_ok());
+        assert!(hello(&"x".repeat(MAX_SOFTWARE_LEN + 1)).check().unwrap_err().contains("at most 64"));
+        assert!(hello("agent\nERROR forged log line").check().is_err());
+        let long = Reject::new(RejectCode::UnknownTensor, format!("tensor {} is not trainable", "é".repeat(10_000)));
+        assert!(long.message.len() <= MAX_REJECT_MESSAGE && long.message.ends_with('…'), "{}", long.message.len());
+        assert_eq!(Reject::new(RejectCode::Malformed, "short").message, "short");
+    }
 
     fn spec() -> TensorSpec {
         let t = Tensor::new(vec![2, 2], vec![1.0, -2.0, 3.5, 0.0]).unwrap();

@@ -414,12 +414,16 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
         panic!("expected a reject")
     };
     assert_eq!(r.code, RejectCode::Malformed);
+    // Anything but a hello before the hello.
     let ack = wire::encode(&Message::Ack(wire::Ack { round: wire::RoundId(1) })).unwrap();
     let Message::Reject(r) = exchange(&conn, &ack).await else { panic!("expected a reject") };
-    assert_eq!(r.code, RejectCode::UnexpectedMessage);
+    assert!(r.code == RejectCode::Malformed && r.message.contains("Hello first"), "{r}");
     // The connection survived all of it.
     let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "probe".into(), capabilities: vec![] };
     assert!(matches!(exchange(&conn, &wire::encode(&Message::Hello(hello)).unwrap()).await, Message::Welcome(_)));
+    // A message a site never sends.
+    let Message::Reject(r) = exchange(&conn, &ack).await else { panic!("expected a reject") };
+    assert_eq!(r.code, RejectCode::UnexpectedMessage);
     let old = wire::Hello { protocol_version: 99, software: "old".into(), capabilities: vec![] };
     let Message::Reject(r) = exchange(&conn, &wire::encode(&Message::Hello(old)).unwrap()).await else { panic!() };
     assert_eq!(r.code, RejectCode::UnsupportedVersion);

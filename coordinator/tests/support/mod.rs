@@ -282,6 +282,13 @@ impl HandSite {
         bail!("could not connect in {attempts} attempts: {last}")
     }
 
+    /// Connects with `tls` and says nothing yet: a peer that skips the hello.
+    pub async fn connect_without_hello(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<Self> {
+        let endpoint = client_endpoint(addr, tls, &Transport::default())?;
+        let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
+        Ok(Self { endpoint, conn })
+    }
+
     pub async fn request(&self, msg: &Message) -> Result<Message> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_message(&mut send, msg).await?;
