@@ -130,6 +130,24 @@ enum PkiCommand {
         #[arg(long, default_value_t = 397)]
         days: u32,
     },
+    /// Revoke a site's certificates (`--site`: every one `pki sign` issued to it) or one
+    /// certificate (`--serial`), and write the CA's revocation list, crl.pem, beside
+    /// ca.crt. Name it in the coordinator's `[tls] crl`; it is read at start (and on
+    /// SIGHUP where supported). The CA key signs the list, so run it where ca.key is.
+    Revoke {
+        /// Directory holding ca.crt and ca.key (and issued.jsonl, revoked.json).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Revoke every certificate issued to this site.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        site: Option<SiteId>,
+        /// Revoke the certificate with this serial (as `pki show` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Why: unspecified, key-compromise, superseded or cessation-of-operation.
+        #[arg(long, default_value = "unspecified", value_parser = clap::builder::PossibleValuesParser::new(pki::REVOCATION_REASONS))]
+        reason: String,
+    },
     /// Print a certificate's subject, names, issuer and validity.
     Show {
         /// A PEM certificate.
@@ -195,7 +213,8 @@ fn check_config(path: &Path) -> Result<ExitCode> {
         fsutil::read_private_key(&cfg.tls.key).map_err(|e| bad("tls.key")(e.into()))?,
     );
     let m = TlsMaterial { ca_pem: &material.0, cert_pem: &material.1, key_pem: &material.2 };
-    tls::server_config(&m).map_err(|e| bad("tls")(e.into()))?;
+    let crl = cfg.tls.crl.as_ref().map(|p| read(p, "tls.crl")).transpose()?;
+    tls::server_config(&m, crl.as_deref()).map_err(|e| bad(if crl.is_some() { "tls.crl" } else { "tls" })(e.into()))?;
     let cert_pem = String::from_utf8_lossy(&material.1);
     let name = pki::pem_to_der(&cert_pem).and_then(|der| pki::cert_info(&der)).map_err(|e| bad("tls.cert")(e.into()))?.dns_names;
     let name = name.first().ok_or_else(|| bad("tls.cert")(anyhow::anyhow!("the certificate names no server")))?;
@@ -253,11 +272,15 @@ fn load_config(path: &Path) -> Result<CoordinatorConfig> {
 
 async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
     let shutdown = fedward_net::shutdown_signal();
-    let tls_cfg = tls::server_config(&TlsMaterial {
-        ca_pem: &fsutil::read(&cfg.tls.ca_cert)?,
-        cert_pem: &fsutil::read(&cfg.tls.cert)?,
-        key_pem: &fsutil::read_private_key(&cfg.tls.key)?,
-    })
+    let crl = cfg.tls.crl.as_ref().map(|p| fsutil::read(p)).transpose()?;
+    let tls_cfg = tls::server_config(
+        &TlsMaterial {
+            ca_pem: &fsutil::read(&cfg.tls.ca_cert)?,
+            cert_pem: &fsutil::read(&cfg.tls.cert)?,
+            key_pem: &fsutil::read_private_key(&cfg.tls.key)?,
+        },
+        crl.as_deref(),
+    )
     .context("building the TLS configuration")?;
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
@@ -362,6 +385,22 @@ fn serial() -> [u8; 16] {
     s
 }
 
+/// In the CA directory: what `pki sign` issued, what `pki revoke` revoked, and the CRL.
+const ISSUED_FILE: &str = "issued.jsonl";
+const REVOKED_FILE: &str = "revoked.json";
+const CRL_FILE: &str = "crl.pem";
+/// The next-update date a CRL announces (for other verifiers; the coordinator keeps using
+/// an overdue list).
+const CRL_NEXT_UPDATE_DAYS: u32 = 30;
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
 fn pki_command(cmd: PkiCommand) -> Result<()> {
     match cmd {
         PkiCommand::Init { dir, consortium, server_names, server_ips, ca_days, days } => {
@@ -386,8 +425,70 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             let cert = pki::sign_site_request(&ca, &csr_pem, &site, Validity::days_from(now(), days), serial())
                 .with_context(|| format!("signing {}", csr.display()))?;
             fsutil::write_public_new(&out, cert.as_bytes())?;
+            // The CA's own register of what it signed, for `pki revoke --site`.
+            let info = pki::cert_info(&pki::pem_to_der(&cert)?)?;
+            let issued = pki::IssuedCert { site: site.to_string(), serial: info.serial_hex, not_after: info.not_after.to_string() };
+            append_line(&ca_dir.join(ISSUED_FILE), &serde_json::to_string(&issued)?)?;
             println!("signed a certificate for site {site}: {} (valid {days} days)", out.display());
             println!("enrol the site in the coordinator config with:\n\n[[sites]]\nid = \"{site}\"\n");
+            Ok(())
+        }
+        PkiCommand::Revoke { ca_dir, site, serial, reason } => {
+            let ca = CertifiedKey {
+                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
+                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
+            };
+            let revoked_path = ca_dir.join(REVOKED_FILE);
+            let mut revoked: Vec<pki::RevokedCert> = match fsutil::read(&revoked_path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", revoked_path.display()))?,
+                Err(_) if !revoked_path.exists() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let serials: Vec<(String, Option<String>)> = match (&site, serial) {
+                (Some(site), _) => {
+                    let issued_path = ca_dir.join(ISSUED_FILE);
+                    let text = String::from_utf8(fsutil::read(&issued_path).with_context(|| {
+                        format!("{} lists what `pki sign` issued; without it revoke by --serial", issued_path.display())
+                    })?)?;
+                    let mine: Vec<(String, Option<String>)> = text
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(serde_json::from_str::<pki::IssuedCert>)
+                        .collect::<Result<Vec<_>, _>>()
+                        .with_context(|| format!("reading {}", issued_path.display()))?
+                        .into_iter()
+                        .filter(|c| c.site == site.as_str())
+                        .map(|c| (c.serial, Some(c.site)))
+                        .collect();
+                    anyhow::ensure!(!mine.is_empty(), "{} lists no certificate for site {site}", issued_path.display());
+                    mine
+                }
+                (None, Some(serial)) => {
+                    pki::serial_bytes(&serial)?;
+                    vec![(serial, None)]
+                }
+                (None, None) => unreachable!("clap requires --site or --serial"),
+            };
+            let at = fedward_coordinator::server::now_rfc3339();
+            let mut added = 0;
+            for (serial, site) in serials {
+                if revoked.iter().any(|r| pki::serial_bytes(&r.serial).ok() == pki::serial_bytes(&serial).ok()) {
+                    println!("already revoked: {serial}");
+                    continue;
+                }
+                println!("revoked {serial}{}", site.as_deref().map(|s| format!(" (site {s})")).unwrap_or_default());
+                revoked.push(pki::RevokedCert { serial, site, revoked_at: at.clone(), reason: reason.clone() });
+                added += 1;
+            }
+            // The list only grows, so its length numbers it.
+            let crl = pki::build_crl(&ca, &revoked, revoked.len() as u64, now(), CRL_NEXT_UPDATE_DAYS)?;
+            fsutil::atomic_write(&revoked_path, &serde_json::to_vec_pretty(&revoked)?, false)?;
+            fsutil::atomic_write(&ca_dir.join(CRL_FILE), crl.as_bytes(), false)?;
+            println!(
+                "{added} newly revoked, {} in all; wrote {}: copy it to the coordinator's `[tls] crl` path",
+                revoked.len(),
+                ca_dir.join(CRL_FILE).display()
+            );
             Ok(())
         }
         PkiCommand::Show { cert } => {

@@ -1,6 +1,6 @@
 //! The coordinator as an operator runs it (issue 18): one process per state directory,
 //! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
-//! served before a valid hello.
+//! served before a valid hello, and a revoked certificate refused.
 
 mod support;
 
@@ -149,5 +149,71 @@ async fn nothing_is_served_before_a_valid_hello() -> Result<()> {
     refused(site.request(&Message::Ready(Ready { have_model: None })).await?, RejectCode::Malformed, "Hello first");
     assert!(matches!(site.request(&hello("fedward-agent 0.1.0".into())).await?, Message::Welcome(_)));
     assert!(matches!(site.request(&Message::Ready(Ready { have_model: None })).await?, Message::RoundOffer(_)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_at_the_handshake() -> Result<()> {
+    let sites = vec!["alpha".to_owned(), "beta".to_owned()];
+    let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 1, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
+    let pki_dir = c.dir.path().join("pki");
+    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    // Alpha's certificate carries serial 0x0505..., beta's 0x0606...: revoke alpha's.
+    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+        .args(["pki", "revoke", "--ca-dir"])
+        .arg(&pki_dir)
+        .args(["--serial", &"05".repeat(16), "--reason", "key-compromise"])
+        .output()?;
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    let config = std::fs::read_to_string(&c.config)?;
+    std::fs::write(&c.config, config.replace("key = \"pki/coordinator.key\"", "key = \"pki/coordinator.key\"\ncrl = \"pki/crl.pem\""))?;
+    let _coordinator = CoordinatorProcess::start(&c)?;
+    let refused = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [5; 16])?, 1).await.err().expect("alpha is revoked");
+    assert!(format!("{refused:#}").to_lowercase().contains("revoked"), "{refused:#}");
+    support::HandSite::connect(c.addr, c.site_tls_with_serial("beta", [6; 16])?, 1).await?;
+    Ok(())
+}
+
+#[test]
+fn revoking_a_site_revokes_every_certificate_signed_for_it() -> Result<()> {
+    use fedward_shared::pki;
+    let c = consortium()?;
+    let pki_dir = c.dir.path().join("pki");
+    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    let cli = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator")).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let dir = pki_dir.to_str().expect("utf-8");
+    let mut serials = Vec::new();
+    for (site, n) in [("gamma", 1), ("gamma", 2), ("delta", 1)] {
+        let request = pki::site_request(&fedward_shared::wire::SiteId::new(site)?)?;
+        let csr = pki_dir.join(format!("{site}-{n}.csr"));
+        let crt = pki_dir.join(format!("{site}-{n}.crt"));
+        std::fs::write(&csr, &request.csr_pem)?;
+        cli(&[
+            "pki",
+            "sign",
+            "--ca-dir",
+            dir,
+            "--csr",
+            csr.to_str().expect("utf-8"),
+            "--site",
+            site,
+            "--out",
+            crt.to_str().expect("utf-8"),
+        ])?;
+        serials.push((site, pki::cert_info(&pki::pem_to_der(&std::fs::read_to_string(&crt)?)?)?.serial_hex));
+    }
+    let said = cli(&["pki", "revoke", "--ca-dir", dir, "--site", "gamma"])?;
+    assert!(said.contains("2 newly revoked, 2 in all"), "{said}");
+    let revoked: Vec<pki::RevokedCert> = serde_json::from_slice(&std::fs::read(pki_dir.join("revoked.json"))?)?;
+    let listed: Vec<&str> = revoked.iter().map(|r| r.serial.as_str()).collect();
+    let gamma: Vec<&str> = serials.iter().filter(|(s, _)| *s == "gamma").map(|(_, x)| x.as_str()).collect();
+    assert_eq!(listed, gamma);
+    assert!(std::fs::read_to_string(pki_dir.join("crl.pem"))?.contains("BEGIN X509 CRL"));
+    // Again: nothing new, and the list stays as it was.
+    assert!(cli(&["pki", "revoke", "--ca-dir", dir, "--site", "gamma"])?.contains("0 newly revoked, 2 in all"));
     Ok(())
 }

@@ -38,6 +38,9 @@ pub struct RawTls {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The coordinator only: the CA's revocation list (`pki revoke` writes it).
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -479,6 +482,8 @@ pub struct TlsPaths {
     pub ca_cert: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The revocation list client certificates are checked against (coordinator only).
+    pub crl: Option<PathBuf>,
 }
 
 /// An enrolled site.
@@ -853,6 +858,9 @@ impl AgentConfig {
         if !(device == "auto" || device == "cpu" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok())) {
             return Err(invalid("agent.device", "must be auto, cpu or cuda:N"));
         }
+        if raw.tls.crl.is_some() {
+            return Err(invalid("tls.crl", "only the coordinator checks revocation; an agent has no revocation list"));
+        }
         Ok(Self {
             coordinator_addr: raw.coordinator.address,
             server_name: raw.coordinator.server_name,
@@ -897,7 +905,12 @@ fn validate_labels(labels: Option<Vec<String>>) -> Result<Vec<String>, ConfigErr
 }
 
 fn tls_paths(base: &Path, raw: RawTls) -> TlsPaths {
-    TlsPaths { ca_cert: resolve(base, raw.ca_cert), cert: resolve(base, raw.cert), key: resolve(base, raw.key) }
+    TlsPaths {
+        ca_cert: resolve(base, raw.ca_cert),
+        cert: resolve(base, raw.cert),
+        key: resolve(base, raw.key),
+        crl: raw.crl.map(|c| resolve(base, c)),
+    }
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {

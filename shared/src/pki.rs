@@ -8,9 +8,11 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType,
+    SerialNumber,
 };
+use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::wire::SiteId;
@@ -213,6 +215,77 @@ pub fn site_of_cert(der: &[u8]) -> Result<SiteId, PkiError> {
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     use rustls_pki_types::pem::PemObject;
     rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map(|c| c.to_vec()).map_err(|e| PkiError::Parse(format!("{e:?}")))
+}
+
+/// A site certificate the CA signed, as `pki sign` records it in the CA directory's
+/// `issued.jsonl`, so that `pki revoke --site` finds every certificate of a site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IssuedCert {
+    pub site: String,
+    /// As [`CertInfo::serial_hex`] prints it (`aa:bb:...`).
+    pub serial: String,
+    pub not_after: String,
+}
+
+/// A revoked certificate, as `pki revoke` keeps it in the CA directory's `revoked.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevokedCert {
+    pub serial: String,
+    /// The site it was issued to, where known.
+    pub site: Option<String>,
+    pub revoked_at: String,
+    /// `key-compromise`, `superseded`, `cessation-of-operation` or `unspecified`.
+    pub reason: String,
+}
+
+/// The revocation reasons `pki revoke --reason` takes, as RFC 5280 names them.
+pub const REVOCATION_REASONS: &[&str] = &["unspecified", "key-compromise", "superseded", "cessation-of-operation"];
+
+/// The CRL, PEM, signed by the CA: every certificate in `revoked`, numbered `crl_number`
+/// (each new list must have a higher one), issued `now` and announcing the next within
+/// `next_days`. The coordinator does not treat an overdue list as void (a revocation
+/// never expires); the date is for other verifiers.
+pub fn build_crl(
+    ca: &CertifiedKey,
+    revoked: &[RevokedCert],
+    crl_number: u64,
+    now: OffsetDateTime,
+    next_days: u32,
+) -> Result<String, PkiError> {
+    let revoked_certs = revoked
+        .iter()
+        .map(|r| {
+            let reason_code = match r.reason.as_str() {
+                "key-compromise" => RevocationReason::KeyCompromise,
+                "superseded" => RevocationReason::Superseded,
+                "cessation-of-operation" => RevocationReason::CessationOfOperation,
+                _ => RevocationReason::Unspecified,
+            };
+            let revocation_time = OffsetDateTime::parse(&r.revoked_at, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| PkiError::Parse(format!("revocation time {:?}: {e}", r.revoked_at)))?;
+            Ok(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial_bytes(&r.serial)?),
+                revocation_time,
+                reason_code: Some(reason_code),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(i64::from(next_days.max(1))),
+        crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer(ca)?)?.pem()?)
+}
+
+/// The bytes of a serial printed as `aa:bb:...` (or plain hex).
+pub fn serial_bytes(serial: &str) -> Result<Vec<u8>, PkiError> {
+    let hex: String = serial.chars().filter(|c| *c != ':').collect();
+    hex::decode(&hex).map_err(|e| PkiError::Parse(format!("serial {serial:?}: {e}")))
 }
 
 fn issuer(ca: &CertifiedKey) -> Result<Issuer<'static, KeyPair>, PkiError> {

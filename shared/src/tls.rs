@@ -44,11 +44,26 @@ pub struct TlsMaterial<'a> {
 }
 
 /// The coordinator's TLS config: requires a client certificate from the consortium CA.
-pub fn server_config(m: &TlsMaterial<'_>) -> Result<rustls::ServerConfig, TlsError> {
+///
+/// `crl_pem`, the consortium's revocation list (`pki revoke`), when there is one: a client
+/// certificate it lists fails the handshake. Only the site's own certificate is checked
+/// (the CA is the root), and a list past its next-update date still counts: a revocation
+/// never lapses.
+pub fn server_config(m: &TlsMaterial<'_>, crl_pem: Option<&[u8]>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let roots = Arc::new(root_store(m.ca_pem)?);
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build().map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    if let Some(pem) = crl_pem {
+        use rustls::pki_types::pem::PemObject;
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Verifier(format!("the revocation list: {e:?}")))?;
+        if crls.is_empty() {
+            return Err(TlsError::Verifier("the revocation list file holds no CRL".into()));
+        }
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

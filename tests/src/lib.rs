@@ -58,11 +58,14 @@ impl TestPki {
     }
 
     pub fn server_tls(&self) -> rustls::ServerConfig {
-        tls::server_config(&TlsMaterial {
-            ca_pem: self.ca.cert_pem.as_bytes(),
-            cert_pem: self.server.cert_pem.as_bytes(),
-            key_pem: self.server.key_pem.as_bytes(),
-        })
+        tls::server_config(
+            &TlsMaterial {
+                ca_pem: self.ca.cert_pem.as_bytes(),
+                cert_pem: self.server.cert_pem.as_bytes(),
+                key_pem: self.server.key_pem.as_bytes(),
+            },
+            None,
+        )
         .expect("server tls")
     }
 

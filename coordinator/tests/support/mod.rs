@@ -83,10 +83,15 @@ mode = "off"
 
     /// A site's TLS: a key made "at the site", a certificate signed by the CA.
     pub fn site_tls(&self, site: &str) -> Result<rustls::ClientConfig> {
+        self.site_tls_with_serial(site, [3; 16])
+    }
+
+    /// A site's client config, its certificate carrying `serial`.
+    pub fn site_tls_with_serial(&self, site: &str, serial: [u8; 16]) -> Result<rustls::ClientConfig> {
         let id = SiteId::new(site).context("site id")?;
         let request = pki::site_request(&id)?;
         let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
-        let cert = pki::sign_site_request(&self.ca, &request.csr_pem, &id, validity, [3; 16])?;
+        let cert = pki::sign_site_request(&self.ca, &request.csr_pem, &id, validity, serial)?;
         Ok(tls::client_config(&TlsMaterial {
             ca_pem: self.ca.cert_pem.as_bytes(),
             cert_pem: cert.as_bytes(),
