@@ -157,7 +157,9 @@ enum PkiCommand {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Serve { file, recover } => tokio::runtime::Runtime::new()?.block_on(serve(load_config(&file.config)?, recover)),
+        Command::Serve { file, recover } => {
+            tokio::runtime::Runtime::new()?.block_on(serve(load_config(&file.config)?, file.config.clone(), recover))
+        }
         Command::CheckConfig(ConfigFile { config }) => check_config(&config),
         Command::Status { state_dir, json } => {
             let store = Store::open(&state_dir)?;
@@ -270,8 +272,9 @@ fn load_config(path: &Path) -> Result<CoordinatorConfig> {
     CoordinatorConfig::parse(&text, base).with_context(|| format!("invalid config {}", path.display()))
 }
 
-async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
-    let shutdown = fedward_net::shutdown_signal();
+/// The TLS configuration (with the revocation list) and the revoked serials, as the
+/// config's files say now.
+fn load_tls(cfg: &CoordinatorConfig) -> Result<(rustls::ServerConfig, std::collections::BTreeSet<Vec<u8>>)> {
     let crl = cfg.tls.crl.as_ref().map(|p| fsutil::read(p)).transpose()?;
     let tls_cfg = tls::server_config(
         &TlsMaterial {
@@ -282,6 +285,42 @@ async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
         crl.as_deref(),
     )
     .context("building the TLS configuration")?;
+    let revoked = match &crl {
+        Some(pem) => pki::crl_serials(pem).context("reading the revocation list")?.into_iter().collect(),
+        None => Default::default(),
+    };
+    Ok((tls_cfg, revoked))
+}
+
+/// On SIGHUP: the config file read again, and its enrolment and revocation list handed to
+/// the running server (nothing else in it changes while the coordinator runs). A config
+/// that does not load is logged and the rules in force stay.
+fn spawn_reloader(mut hup: tokio::signal::unix::Signal, path: PathBuf, tx: tokio::sync::mpsc::Sender<server::Access>) {
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!(config = %path.display(), "SIGHUP: reloading the enrolled sites and the revocation list");
+            let access = load_config(&path).and_then(|cfg| {
+                let (tls_cfg, revoked) = load_tls(&cfg)?;
+                let quic = fedward_net::server_config(tls_cfg, &cfg.transport, &cfg.admission)?;
+                Ok(server::Access { quic, enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(), revoked })
+            });
+            match access {
+                Ok(a) => {
+                    if tx.send(a).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => error!(cause = %format!("{e:#}"), "reload failed; the access rules in force stay"),
+            }
+        }
+    });
+}
+
+async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> Result<ExitCode> {
+    let shutdown = fedward_net::shutdown_signal();
+    // Installed before anything slow: SIGHUP's default action would end the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (tls_cfg, _) = load_tls(&cfg)?;
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
     let mut store = Store::open_exclusive(&cfg.state_dir)?;
@@ -352,7 +391,10 @@ async fn serve(cfg: CoordinatorConfig, recover: bool) -> Result<ExitCode> {
         transport: cfg.transport,
         admission: cfg.admission,
     };
-    match server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await? {
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    spawn_reloader(hup, config_path, reload_tx);
+    let controls = server::Controls { status: status_tx, shutdown, reload: reload_rx };
+    match server::run(endpoint, machine, store, ledger, options, controls).await? {
         RunOutcome::Completed { rounds } => {
             info!(rounds, "federation completed");
             Ok(ExitCode::SUCCESS)

@@ -137,10 +137,20 @@ enum Event {
     },
 }
 
+/// Who may connect, as the coordinator's config and CA say at a (re)load: `serve` builds
+/// one at start and one on each SIGHUP.
+pub struct Access {
+    /// The QUIC server side (the TLS config with the CRL): new handshakes use it.
+    pub quic: quinn::ServerConfig,
+    pub enrolled: BTreeSet<SiteId>,
+    /// Serials of revoked client certificates: a live connection presenting one is closed.
+    pub revoked: BTreeSet<Vec<u8>>,
+}
+
 /// What every connection task shares.
 struct Shared {
     events: mpsc::Sender<Event>,
-    enrolled: BTreeSet<SiteId>,
+    enrolled: std::sync::RwLock<BTreeSet<SiteId>>,
     uploads: Semaphore,
     downloads: Semaphore,
     status: watch::Receiver<StatusView>,
@@ -150,7 +160,16 @@ struct Shared {
 /// Acks held back until the update's ledger entry is durable.
 type PendingAcks = HashMap<SiteId, (oneshot::Sender<Result<Ack, Reject>>, Ack)>;
 
-/// Runs the federation until it completes, stops, or `shutdown` resolves.
+/// How the process talks to a running server: the status it publishes, the signal to
+/// stop, and access rules to reload.
+pub struct Controls<S> {
+    pub status: watch::Sender<StatusView>,
+    pub shutdown: S,
+    /// Each [`Access`] received replaces the rules in force (SIGHUP in `serve`).
+    pub reload: mpsc::Receiver<Access>,
+}
+
+/// Runs the federation until it completes, stops, or `controls.shutdown` resolves.
 ///
 /// `ledger` must be opened (and so verified) from the same state as `store`; a round the
 /// store completed without a seal (a crash in between) is sealed first.
@@ -160,14 +179,14 @@ pub async fn run(
     store: Store,
     ledger: CoordinatorLedger,
     options: ServerOptions,
-    status_tx: watch::Sender<StatusView>,
-    shutdown: impl Future<Output = ()>,
+    controls: Controls<impl Future<Output = ()>>,
 ) -> Result<RunOutcome, ServerError> {
+    let Controls { status: status_tx, shutdown, mut reload } = controls;
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
-    let enrolled = machine.settings().enrolled.clone();
+    let mut enrolled = machine.settings().enrolled.clone();
     let shared = Arc::new(Shared {
         events: events_tx,
-        enrolled: enrolled.clone(),
+        enrolled: std::sync::RwLock::new(enrolled.clone()),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
         downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
@@ -209,6 +228,33 @@ pub async fn run(
             }
             Some(ev) = events.recv() => {
                 handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks);
+            }
+            Some(access) = reload.recv() => {
+                endpoint.set_server_config(Some(access.quic));
+                for gone in enrolled.difference(&access.enrolled) {
+                    info!(site = %gone, "site removed from the enrolment");
+                }
+                for new in access.enrolled.difference(&enrolled) {
+                    info!(site = %new, "site enrolled");
+                }
+                enrolled = access.enrolled;
+                *shared.enrolled.write().unwrap_or_else(|p| p.into_inner()) = enrolled.clone();
+                // Live connections answer to the new rules at once; the round goes on for
+                // the others, and a closed site's update in flight is dropped with it.
+                for (site, (_, conn)) in &connections {
+                    let reason = if !enrolled.contains(site) {
+                        Some(format!("site {site} is no longer enrolled in this consortium"))
+                    } else if peer_serial(conn).is_some_and(|s| access.revoked.contains(&s)) {
+                        Some(format!("the certificate of site {site} was revoked by the consortium"))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        warn!(site = %site, %reason, "closing the connection");
+                        conn.close(wire::CLOSE_REFUSED.into(), reason.as_bytes());
+                    }
+                }
+                info!(enrolled = enrolled.len(), revoked = access.revoked.len(), "access rules reloaded");
             }
             () = sleep_until_opt(timeout), if timeout.is_some() => {
                 machine.handle_timeout(Instant::now());
@@ -501,7 +547,8 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
             return;
         }
     };
-    if !shared.enrolled.contains(&site) {
+    let enrolled = shared.enrolled.read().unwrap_or_else(|p| p.into_inner()).contains(&site);
+    if !enrolled {
         let reason = format!("site {site} is not enrolled in this consortium");
         warn!(%remote, site = %site, "refusing connection from an unenrolled site");
         refuse(&conn, RejectCode::NotEnrolled, &reason).await;
@@ -556,6 +603,12 @@ fn peer_site(conn: &quinn::Connection) -> Result<SiteId, String> {
         .ok_or("no client certificate")?;
     let leaf = certs.first().ok_or("empty client certificate chain")?;
     site_of_cert(leaf).map_err(|e| format!("client certificate names no valid site: {e}"))
+}
+
+/// The serial of the peer's certificate.
+fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    fedward_shared::pki::serial_of_cert(certs.first()?.as_ref()).ok()
 }
 
 /// Answers the client's first stream with a reject and closes the connection, so the

@@ -1,6 +1,7 @@
 //! The coordinator as an operator runs it (issue 18): one process per state directory,
 //! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
-//! served before a valid hello, and a revoked certificate refused.
+//! served before a valid hello, a revoked certificate refused, and enrolment and
+//! revocation reloaded on SIGHUP while the federation runs.
 
 mod support;
 
@@ -215,5 +216,68 @@ fn revoking_a_site_revokes_every_certificate_signed_for_it() -> Result<()> {
     assert!(std::fs::read_to_string(pki_dir.join("crl.pem"))?.contains("BEGIN X509 CRL"));
     // Again: nothing new, and the list stays as it was.
     assert!(cli(&["pki", "revoke", "--ca-dir", dir, "--site", "gamma"])?.contains("0 newly revoked, 2 in all"));
+    Ok(())
+}
+
+/// What a live connection was closed with, waiting at most a minute (a bound on a hang,
+/// not a synchronisation: the close is what is awaited).
+async fn closed_with(site: &support::HandSite) -> String {
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(60), site.conn.closed()).await.expect("the connection is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_enrolment_and_revocation_without_disturbing_the_others() -> Result<()> {
+    use fedward_shared::wire::{Message, Ready};
+    let sites = vec!["alpha".to_owned(), "beta".to_owned(), "gamma".to_owned()];
+    // Three sites must be ready for a round: none starts, the connections stay up.
+    let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 3, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
+    let pki_dir = c.dir.path().join("pki");
+    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    let config = std::fs::read_to_string(&c.config)?;
+    // Delta is not enrolled yet.
+    let coordinator = CoordinatorProcess::start(&c)?;
+    let alpha = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [5; 16])?, 1).await?;
+    let beta = support::HandSite::connect(c.addr, c.site_tls_with_serial("beta", [6; 16])?, 1).await?;
+    let gamma = support::HandSite::connect(c.addr, c.site_tls_with_serial("gamma", [7; 16])?, 1).await?;
+    let delta_tls = c.site_tls_with_serial("delta", [8; 16])?;
+    assert!(support::HandSite::connect(c.addr, delta_tls.clone(), 1).await.is_err(), "delta is not enrolled yet");
+    let hup = || -> Result<()> {
+        anyhow::ensure!(std::process::Command::new("kill").args(["-HUP", &coordinator.pid.to_string()]).status()?.success());
+        Ok(())
+    };
+
+    // Alpha's certificate is revoked, beta leaves the consortium, delta joins: one reload.
+    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+        .args(["pki", "revoke", "--ca-dir"])
+        .arg(&pki_dir)
+        .args(["--serial", &"05".repeat(16)])
+        .output()?;
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    let reloaded = config
+        .replace("key = \"pki/coordinator.key\"", "key = \"pki/coordinator.key\"\ncrl = \"pki/crl.pem\"")
+        .replace("[[sites]]\nid = \"beta\"\n", "")
+        + "\n[[sites]]\nid = \"delta\"\n";
+    std::fs::write(&c.config, reloaded)?;
+    hup()?;
+    let (alpha_said, beta_said) = tokio::join!(closed_with(&alpha), closed_with(&beta));
+    assert!(alpha_said.contains("revoked"), "{alpha_said}");
+    assert!(beta_said.contains("no longer enrolled"), "{beta_said}");
+    // Gamma is undisturbed, delta gets in, and both are served.
+    let delta = support::HandSite::connect(c.addr, delta_tls, 1).await?;
+    for site in [&gamma, &delta] {
+        let reply =
+            tokio::time::timeout(std::time::Duration::from_millis(200), site.request(&Message::Ready(Ready { have_model: None }))).await;
+        // Not enough sites for a round: the ready stays pending, which is a served request
+        // on a live connection (a closed one fails at once).
+        assert!(reply.is_err(), "expected a pending ready, got {reply:?}");
+        assert!(site.conn.close_reason().is_none());
+    }
+    // Alpha cannot come back with the revoked certificate.
+    let again = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [5; 16])?, 1).await.err().expect("revoked");
+    assert!(format!("{again:#}").to_lowercase().contains("revoked"), "{again:#}");
     Ok(())
 }

@@ -282,6 +282,25 @@ pub fn build_crl(
     Ok(params.signed_by(&issuer(ca)?)?.pem()?)
 }
 
+/// The serial of a DER certificate, as bytes (as a CRL lists it).
+pub fn serial_of_cert(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
+/// The serials a PEM revocation list names (for closing live connections of revoked
+/// certificates; the handshake check is rustls' own).
+pub fn crl_serials(pem: &[u8]) -> Result<Vec<Vec<u8>>, PkiError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut serials = Vec::new();
+    for der in rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(pem) {
+        let der = der.map_err(|e| PkiError::Parse(format!("revocation list: {e:?}")))?;
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| PkiError::Parse(format!("revocation list: {e}")))?;
+        serials.extend(crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()));
+    }
+    Ok(serials)
+}
+
 /// The bytes of a serial printed as `aa:bb:...` (or plain hex).
 pub fn serial_bytes(serial: &str) -> Result<Vec<u8>, PkiError> {
     let hex: String = serial.chars().filter(|c| *c != ':').collect();
@@ -316,6 +335,21 @@ fn set_validity(params: &mut CertificateParams, validity: Validity, serial: [u8;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crl_lists_the_revoked_serials_and_is_signed_by_the_ca() {
+        let now = OffsetDateTime::now_utc();
+        let ca = create_ca("test", Validity::days_from(now, 10), [1; 16]).unwrap();
+        let revoked = |serial: &str| RevokedCert {
+            serial: serial.into(),
+            site: None,
+            revoked_at: "2026-12-07T00:00:00Z".into(),
+            reason: "key-compromise".into(),
+        };
+        let crl = build_crl(&ca, &[revoked("05:05:05"), revoked("0a0b")], 2, now, 30).unwrap();
+        assert_eq!(crl_serials(crl.as_bytes()).unwrap(), [vec![5, 5, 5], vec![10, 11]]);
+        assert!(build_crl(&ca, &[revoked("not hex")], 1, now, 30).is_err());
+    }
 
     fn now() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_780_000_000).unwrap()

@@ -227,7 +227,10 @@ impl CoordinatorHandle {
             let shutdown = async {
                 let _ = shutdown_rx.await;
             };
-            let outcome = server::run(endpoint, machine, store, ledger, options, status_tx, shutdown).await.expect("server run");
+            // No reloads here: the sender is dropped, so that branch never fires.
+            let (_, reload) = tokio::sync::mpsc::channel(1);
+            let controls = server::Controls { status: status_tx, shutdown, reload };
+            let outcome = server::run(endpoint, machine, store, ledger, options, controls).await.expect("server run");
             let _ = result_tx.send(outcome);
         });
         Self { addr, status, shutdown: Some(shutdown_tx), result: Some(result_rx), runtime: Some(runtime) }

@@ -198,6 +198,22 @@ impl ConnectionEnd {
     }
 }
 
+/// The QUIC server side of `tls` with the transport settings below: what an endpoint
+/// starts with, and what replaces it when the coordinator reloads its access rules.
+pub fn server_config(tls: rustls::ServerConfig, transport: &Transport, admission: &Admission) -> std::io::Result<quinn::ServerConfig> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut settings = transport_config(transport)?;
+    // The agent opens request streams; the coordinator never reads a unidirectional one.
+    settings.max_concurrent_bidi_streams(admission.max_streams_per_connection.into());
+    server.transport_config(Arc::new(settings));
+    server.max_incoming(admission.max_handshakes.max(1));
+    server.incoming_buffer_size(64 << 10);
+    server.incoming_buffer_size_total(4 << 20);
+    Ok(server)
+}
+
 /// A quinn server endpoint on `addr`, with 4 MiB UDP buffers and the transport settings
 /// below.
 ///
@@ -216,16 +232,7 @@ pub fn server_endpoint(
     admission: &Admission,
     reset_secret: &[u8; 32],
 ) -> std::io::Result<quinn::Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| std::io::Error::other(format!("tls config unusable for QUIC: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut settings = transport_config(transport)?;
-    // The agent opens request streams; the coordinator never reads a unidirectional one.
-    settings.max_concurrent_bidi_streams(admission.max_streams_per_connection.into());
-    server.transport_config(Arc::new(settings));
-    server.max_incoming(admission.max_handshakes.max(1));
-    server.incoming_buffer_size(64 << 10);
-    server.incoming_buffer_size_total(4 << 20);
+    let server = server_config(tls, transport, admission)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
     // The endpoint drops, without a reset, packets whose connection ID its generator does
     // not recognise; the default generator is keyed at random per process, so a restarted
