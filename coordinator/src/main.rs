@@ -292,6 +292,11 @@ fn load_tls(cfg: &CoordinatorConfig) -> Result<(rustls::ServerConfig, std::colle
     Ok((tls_cfg, revoked))
 }
 
+/// The sites the config pins to one certificate.
+fn pins(cfg: &CoordinatorConfig) -> std::collections::BTreeMap<SiteId, [u8; 32]> {
+    cfg.sites.iter().filter_map(|s| Some((s.id.clone(), s.fingerprint?))).collect()
+}
+
 /// On SIGHUP: the config file read again, and its enrolment and revocation list handed to
 /// the running server (nothing else in it changes while the coordinator runs). A config
 /// that does not load is logged and the rules in force stay.
@@ -302,7 +307,7 @@ fn spawn_reloader(mut hup: tokio::signal::unix::Signal, path: PathBuf, tx: tokio
             let access = load_config(&path).and_then(|cfg| {
                 let (tls_cfg, revoked) = load_tls(&cfg)?;
                 let quic = fedward_net::server_config(tls_cfg, &cfg.transport, &cfg.admission)?;
-                Ok(server::Access { quic, enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(), revoked })
+                Ok(server::Access { quic, enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(), revoked, pins: pins(&cfg) })
             });
             match access {
                 Ok(a) => {
@@ -390,6 +395,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         finish_grace: Duration::from_secs(30),
         transport: cfg.transport,
         admission: cfg.admission,
+        pins: pins(&cfg),
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     spawn_reloader(hup, config_path, reload_tx);
@@ -542,6 +548,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             println!("valid from: {}", info.not_before);
             println!("valid to:   {}", info.not_after);
             println!("serial:     {}", info.serial_hex);
+            println!("sha256:     {}", pki::format_fingerprint(&pki::fingerprint(&pki::pem_to_der(&pem)?)));
             Ok(())
         }
     }

@@ -12,7 +12,7 @@
 //! the server with [`ServerError::Ledger`]: the site whose update it was gets no `Ack`
 //! (it sees the coordinator shutting down) and the round is redone after a restart.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +71,9 @@ pub struct ServerOptions {
     pub transport: Transport,
     /// What unauthenticated peers may cost.
     pub admission: Admission,
+    /// Sites pinned to one certificate (SHA-256 fingerprints); the others are identified
+    /// by any certificate of the CA that names them.
+    pub pins: BTreeMap<SiteId, [u8; 32]>,
 }
 
 /// What the dashboard shows; published after every event.
@@ -145,12 +148,15 @@ pub struct Access {
     pub enrolled: BTreeSet<SiteId>,
     /// Serials of revoked client certificates: a live connection presenting one is closed.
     pub revoked: BTreeSet<Vec<u8>>,
+    /// Pinned certificates, as [`ServerOptions::pins`].
+    pub pins: BTreeMap<SiteId, [u8; 32]>,
 }
 
 /// What every connection task shares.
 struct Shared {
     events: mpsc::Sender<Event>,
     enrolled: std::sync::RwLock<BTreeSet<SiteId>>,
+    pins: std::sync::RwLock<BTreeMap<SiteId, [u8; 32]>>,
     uploads: Semaphore,
     downloads: Semaphore,
     status: watch::Receiver<StatusView>,
@@ -187,6 +193,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         events: events_tx,
         enrolled: std::sync::RwLock::new(enrolled.clone()),
+        pins: std::sync::RwLock::new(options.pins.clone()),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
         downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
@@ -239,6 +246,7 @@ pub async fn run(
                 }
                 enrolled = access.enrolled;
                 *shared.enrolled.write().unwrap_or_else(|p| p.into_inner()) = enrolled.clone();
+                *shared.pins.write().unwrap_or_else(|p| p.into_inner()) = access.pins.clone();
                 // Live connections answer to the new rules at once; the round goes on for
                 // the others, and a closed site's update in flight is dropped with it.
                 for (site, (_, conn)) in &connections {
@@ -247,7 +255,7 @@ pub async fn run(
                     } else if peer_serial(conn).is_some_and(|s| access.revoked.contains(&s)) {
                         Some(format!("the certificate of site {site} was revoked by the consortium"))
                     } else {
-                        None
+                        pin_mismatch(conn, site, &access.pins)
                     };
                     if let Some(reason) = reason {
                         warn!(site = %site, %reason, "closing the connection");
@@ -554,6 +562,12 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
         refuse(&conn, RejectCode::NotEnrolled, &reason).await;
         return;
     }
+    let mismatch = pin_mismatch(&conn, &site, &shared.pins.read().unwrap_or_else(|p| p.into_inner()));
+    if let Some(reason) = mismatch {
+        warn!(%remote, site = %site, "refusing a certificate other than the site's pinned one");
+        refuse(&conn, RejectCode::NotEnrolled, &reason).await;
+        return;
+    }
     let span = info_span!("site", site = %site);
     async move {
         info!(%remote, "site connected");
@@ -603,6 +617,22 @@ fn peer_site(conn: &quinn::Connection) -> Result<SiteId, String> {
         .ok_or("no client certificate")?;
     let leaf = certs.first().ok_or("empty client certificate chain")?;
     site_of_cert(leaf).map_err(|e| format!("client certificate names no valid site: {e}"))
+}
+
+/// Why the peer's certificate is not the one `site` is pinned to, if it is pinned.
+fn pin_mismatch(conn: &quinn::Connection, site: &SiteId, pins: &BTreeMap<SiteId, [u8; 32]>) -> Option<String> {
+    let pinned = pins.get(site)?;
+    let presented = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| fedward_shared::pki::fingerprint(c.as_ref())));
+    (presented.as_ref() != Some(pinned)).then(|| {
+        format!(
+            "site {site} is pinned to the certificate {}; this one is {}",
+            fedward_shared::pki::format_fingerprint(pinned),
+            presented.map_or("unreadable".into(), |f| fedward_shared::pki::format_fingerprint(&f))
+        )
+    })
 }
 
 /// The serial of the peer's certificate.

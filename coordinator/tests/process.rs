@@ -1,7 +1,8 @@
 //! The coordinator as an operator runs it (issue 18): one process per state directory,
 //! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
 //! served before a valid hello, a revoked certificate refused, and enrolment and
-//! revocation reloaded on SIGHUP while the federation runs.
+//! revocation reloaded on SIGHUP while the federation runs, and a site pinned to one
+//! certificate.
 
 mod support;
 
@@ -279,5 +280,23 @@ async fn sighup_reloads_enrolment_and_revocation_without_disturbing_the_others()
     // Alpha cannot come back with the revoked certificate.
     let again = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [5; 16])?, 1).await.err().expect("revoked");
     assert!(format!("{again:#}").to_lowercase().contains("revoked"), "{again:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pinned_site_is_only_its_pinned_certificate() -> Result<()> {
+    use fedward_shared::pki;
+    let c = consortium()?;
+    let (pinned_tls, pinned_cert) = c.site_tls_and_cert("alpha", [5; 16])?;
+    let fingerprint = pki::format_fingerprint(&pki::fingerprint(&pki::pem_to_der(&pinned_cert)?));
+    let config = std::fs::read_to_string(&c.config)?;
+    let pinned = config.replace("[[sites]]\nid = \"alpha\"\n", &format!("[[sites]]\nid = \"alpha\"\nfingerprint = \"{fingerprint}\"\n"));
+    assert_ne!(pinned, config);
+    std::fs::write(&c.config, pinned)?;
+    let _coordinator = CoordinatorProcess::start(&c)?;
+    // Another certificate the CA signed for alpha (a second key, say a stolen CSR signed).
+    let other = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [6; 16])?, 1).await.err().expect("not the pinned one");
+    assert!(format!("{other:#}").contains("pinned to the certificate"), "{other:#}");
+    support::HandSite::connect(c.addr, pinned_tls, 1).await?;
     Ok(())
 }

@@ -355,6 +355,9 @@ pub struct RawSite {
     pub id: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// Pin the site to one certificate: its SHA-256 fingerprint as `pki show` prints it.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -491,6 +494,8 @@ pub struct TlsPaths {
 pub struct Site {
     pub id: SiteId,
     pub name: String,
+    /// When set, only the certificate with this SHA-256 fingerprint is this site.
+    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// The coordinator's validated configuration.
@@ -552,7 +557,11 @@ impl CoordinatorConfig {
             if sites.iter().any(|x: &Site| x.id == id) {
                 return Err(invalid("sites.id", format!("site {id} is enrolled twice")));
             }
-            sites.push(Site { name: s.name.unwrap_or_else(|| id.to_string()), id });
+            let fingerprint = s
+                .fingerprint
+                .map(|f| crate::pki::parse_fingerprint(&f).map_err(|e| invalid("sites.fingerprint", format!("site {id}: {e}"))))
+                .transpose()?;
+            sites.push(Site { name: s.name.unwrap_or_else(|| id.to_string()), id, fingerprint });
         }
         if sites.is_empty() {
             return Err(invalid("sites", "no site is enrolled; add [[sites]] entries with an id"));

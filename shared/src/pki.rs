@@ -282,6 +282,25 @@ pub fn build_crl(
     Ok(params.signed_by(&issuer(ca)?)?.pem()?)
 }
 
+/// The SHA-256 fingerprint of a DER certificate (what `openssl x509 -fingerprint -sha256`
+/// prints), for pinning a site to one certificate.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der).into()
+}
+
+/// `AA:BB:...` (or plain hex, either case) as a fingerprint.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], PkiError> {
+    let hex: String = text.trim().trim_start_matches("sha256:").chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&hex).map_err(|e| PkiError::Parse(format!("fingerprint {text:?}: {e}")))?;
+    bytes.try_into().map_err(|b: Vec<u8>| PkiError::Parse(format!("fingerprint {text:?}: {} bytes, a SHA-256 has 32", b.len())))
+}
+
+/// A fingerprint as `pki show` prints it: upper-case hex pairs joined by colons.
+pub fn format_fingerprint(f: &[u8; 32]) -> String {
+    f.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
 /// The serial of a DER certificate, as bytes (as a CRL lists it).
 pub fn serial_of_cert(der: &[u8]) -> Result<Vec<u8>, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
@@ -335,6 +354,17 @@ fn set_validity(params: &mut CertificateParams, validity: Validity, serial: [u8;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_print_and_parse_back() {
+        let f = fingerprint(b"a certificate");
+        let printed = format_fingerprint(&f);
+        assert_eq!(printed.len(), 32 * 3 - 1);
+        assert_eq!(parse_fingerprint(&printed).unwrap(), f);
+        assert_eq!(parse_fingerprint(&format!("sha256:{}", printed.replace(':', "").to_lowercase())).unwrap(), f);
+        assert!(parse_fingerprint("AB:CD").unwrap_err().to_string().contains("2 bytes"));
+        assert!(parse_fingerprint("not hex").is_err());
+    }
 
     #[test]
     fn a_crl_lists_the_revoked_serials_and_is_signed_by_the_ca() {

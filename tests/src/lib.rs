@@ -222,6 +222,7 @@ impl CoordinatorHandle {
             finish_grace: Duration::from_secs(5),
             transport: spec.transport,
             admission: spec.admission,
+            pins: Default::default(),
         };
         runtime.spawn(async move {
             let shutdown = async {

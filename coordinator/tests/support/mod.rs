@@ -88,15 +88,21 @@ mode = "off"
 
     /// A site's client config, its certificate carrying `serial`.
     pub fn site_tls_with_serial(&self, site: &str, serial: [u8; 16]) -> Result<rustls::ClientConfig> {
+        Ok(self.site_tls_and_cert(site, serial)?.0)
+    }
+
+    /// A site's client config and its certificate (PEM).
+    pub fn site_tls_and_cert(&self, site: &str, serial: [u8; 16]) -> Result<(rustls::ClientConfig, String)> {
         let id = SiteId::new(site).context("site id")?;
         let request = pki::site_request(&id)?;
         let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
         let cert = pki::sign_site_request(&self.ca, &request.csr_pem, &id, validity, serial)?;
-        Ok(tls::client_config(&TlsMaterial {
+        let tls = tls::client_config(&TlsMaterial {
             ca_pem: self.ca.cert_pem.as_bytes(),
             cert_pem: cert.as_bytes(),
             key_pem: request.key_pem.as_bytes(),
-        })?)
+        })?;
+        Ok((tls, cert))
     }
 
     /// A client whose certificate another CA signed: anyone on the net, to this
