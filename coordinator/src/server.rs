@@ -574,6 +574,22 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
         if shared.events.send(Event::Connected { site: site.clone(), conn_id, conn: conn.clone() }).await.is_err() {
             return;
         }
+        // A connection does not outlive the certificate it was admitted with.
+        if let Some(left) = certificate_time_left(&conn) {
+            let watched = conn.clone();
+            tokio::spawn(
+                async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(left) => {
+                            warn!("the site's certificate expired; closing its connection");
+                            watched.close(wire::CLOSE_REFUSED.into(), b"the site's certificate expired: renew it (pki request, pki sign)");
+                        }
+                        _ = watched.closed() => {}
+                    }
+                }
+                .in_current_span(),
+            );
+        }
         let current: CurrentModel = Arc::default();
         let greeted = Arc::new(AtomicBool::new(false));
         // An admitted site that opens no stream in time is holding a connection for nothing.
@@ -633,6 +649,14 @@ fn pin_mismatch(conn: &quinn::Connection, site: &SiteId, pins: &BTreeMap<SiteId,
             presented.map_or("unreadable".into(), |f| fedward_shared::pki::format_fingerprint(&f))
         )
     })
+}
+
+/// How long the peer's certificate stays valid.
+fn certificate_time_left(conn: &quinn::Connection) -> Option<Duration> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let info = fedward_shared::pki::cert_info(certs.first()?.as_ref()).ok()?;
+    let left = info.not_after - time::OffsetDateTime::now_utc();
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 /// The serial of the peer's certificate.

@@ -2,7 +2,7 @@
 //! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
 //! served before a valid hello, a revoked certificate refused, and enrolment and
 //! revocation reloaded on SIGHUP while the federation runs, and a site pinned to one
-//! certificate.
+//! certificate; a connection closed when its certificate expires.
 
 mod support;
 
@@ -298,5 +298,17 @@ async fn a_pinned_site_is_only_its_pinned_certificate() -> Result<()> {
     let other = support::HandSite::connect(c.addr, c.site_tls_with_serial("alpha", [6; 16])?, 1).await.err().expect("not the pinned one");
     assert!(format!("{other:#}").contains("pinned to the certificate"), "{other:#}");
     support::HandSite::connect(c.addr, pinned_tls, 1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_certificate_expires() -> Result<()> {
+    let c = consortium()?;
+    let _coordinator = CoordinatorProcess::start(&c)?;
+    let now = time::OffsetDateTime::now_utc();
+    let brief = fedward_shared::pki::Validity { not_before: now - time::Duration::hours(1), not_after: now + time::Duration::seconds(5) };
+    let site = support::HandSite::connect(c.addr, c.site_tls_valid("alpha", [5; 16], brief)?.0, 1).await?;
+    let said = closed_with(&site).await;
+    assert!(said.contains("certificate expired"), "{said}");
     Ok(())
 }

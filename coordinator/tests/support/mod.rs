@@ -93,9 +93,13 @@ mode = "off"
 
     /// A site's client config and its certificate (PEM).
     pub fn site_tls_and_cert(&self, site: &str, serial: [u8; 16]) -> Result<(rustls::ClientConfig, String)> {
+        self.site_tls_valid(site, serial, Validity::days_from(time::OffsetDateTime::now_utc(), 1))
+    }
+
+    /// A site's client config and certificate, valid for `validity`.
+    pub fn site_tls_valid(&self, site: &str, serial: [u8; 16], validity: Validity) -> Result<(rustls::ClientConfig, String)> {
         let id = SiteId::new(site).context("site id")?;
         let request = pki::site_request(&id)?;
-        let validity = Validity::days_from(time::OffsetDateTime::now_utc(), 1);
         let cert = pki::sign_site_request(&self.ca, &request.csr_pem, &id, validity, serial)?;
         let tls = tls::client_config(&TlsMaterial {
             ca_pem: self.ca.cert_pem.as_bytes(),
