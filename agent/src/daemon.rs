@@ -39,7 +39,7 @@ use fedward_shared::wire::{
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{disclosed, privacy_used, privatize};
 use crate::session::{
-    assemble, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
+    assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
     unrecorded_acceptances, CachedRelease, Decision, Prior,
 };
 
@@ -141,6 +141,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     // The site this agent is: the name in the certificate it presents, never the name a
     // coordinator says back (its ledger records releases under this one).
     let site = own_site(&opts.tls).map_err(DaemonError::Misconfigured)?;
+    warn_of_expiry(&opts.tls);
     let ledger = open_ledger(&opts)?;
     let released = load_released(&opts);
     let mut state = AgentState {
@@ -340,6 +341,7 @@ async fn connect_and_serve(
     let span = info_span!("agent", site = %site);
     let end = async {
         info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
+        warn_of_expiry(&opts.tls);
         serve(&conn, opts, state, rng, site).await
     }
     .instrument(span)
@@ -690,15 +692,31 @@ async fn send_decline(
     }
 }
 
-/// The site named by the certificate this agent presents (the one its TLS configuration
-/// would send): what the coordinator identifies it by, and what its ledger records.
-fn own_site(tls: &rustls::ClientConfig) -> Result<SiteId, String> {
+/// The certificate this agent presents (the one its TLS configuration would send).
+fn own_certificate(tls: &rustls::ClientConfig) -> Result<fedward_shared::pki::CertInfo, String> {
     let key = tls
         .client_auth_cert_resolver
         .resolve(&[], &[rustls::SignatureScheme::ECDSA_NISTP256_SHA256, rustls::SignatureScheme::ED25519])
         .ok_or("the TLS configuration presents no client certificate")?;
     let cert = key.end_entity_cert().map_err(|e| format!("the client certificate: {e}"))?;
-    fedward_shared::pki::site_of_cert(cert.as_ref()).map_err(|e| format!("the client certificate names no site: {e}"))
+    fedward_shared::pki::cert_info(cert.as_ref()).map_err(|e| format!("the client certificate: {e}"))
+}
+
+/// The site named by the certificate this agent presents: what the coordinator identifies
+/// it by, and what its ledger records.
+fn own_site(tls: &rustls::ClientConfig) -> Result<SiteId, String> {
+    let info = own_certificate(tls)?;
+    match info.dns_names.as_slice() {
+        [one] => SiteId::new(one.clone()).map_err(|e| format!("the client certificate names no valid site: {e}")),
+        _ => Err(format!("the client certificate must name exactly one site, it names {:?}", info.dns_names)),
+    }
+}
+
+/// Logs, at error level, a certificate that has expired or soon will.
+fn warn_of_expiry(tls: &rustls::ClientConfig) {
+    if let Some(warning) = own_certificate(tls).ok().and_then(|c| certificate_warning(now(), c.not_after)) {
+        error!("{warning}");
+    }
 }
 
 /// One request/answer exchange on a fresh stream, within `limit` when the answer is not

@@ -156,6 +156,25 @@ pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: O
     }
 }
 
+/// How long before its certificate expires a site is warned, at every (re)connection.
+pub const CERTIFICATE_WARNING: time::Duration = time::Duration::days(14);
+
+/// The warning a site whose certificate runs out within [`CERTIFICATE_WARNING`] logs
+/// (loudly: when it lapses the coordinator closes the connection and refuses it).
+pub fn certificate_warning(now: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Option<String> {
+    let left = not_after - now;
+    if left <= time::Duration::ZERO {
+        Some(format!("this site's certificate expired at {not_after}: the coordinator will refuse it; renew it (fedward-agent pki request, then the admin's pki sign)"))
+    } else if left <= CERTIFICATE_WARNING {
+        Some(format!(
+            "this site's certificate expires in {} day(s), at {not_after}: renew it before then (fedward-agent pki request, then the admin's pki sign), or the coordinator will close the connection and refuse it",
+            left.whole_days()
+        ))
+    } else {
+        None
+    }
+}
+
 /// A coordinator that greets this agent as another site than its certificate names is not
 /// one to train for: either it is misconfigured or it is not the consortium's coordinator.
 /// Nothing is recorded under a name the coordinator chose.
@@ -462,6 +481,14 @@ mod tests {
     }
 
     /// A ledger that lost releases the coordinator accepted is caught before any spend.
+    #[test]
+    fn a_certificate_near_its_end_is_warned_about() {
+        let now = time::OffsetDateTime::now_utc();
+        assert_eq!(certificate_warning(now, now + time::Duration::days(30)), None);
+        assert!(certificate_warning(now, now + time::Duration::days(3)).unwrap().contains("expires in 3 day(s)"));
+        assert!(certificate_warning(now, now - time::Duration::hours(1)).unwrap().contains("expired at"));
+    }
+
     #[test]
     fn a_welcome_naming_another_site_is_refused() {
         let own = SiteId::new("alpha").unwrap();
