@@ -346,13 +346,8 @@ enum PkiCommand {
 fn check_config(path: &Path) -> Result<ExitCode> {
     let cfg = load_config(path)?;
     let bad = |field: &'static str| move |e: anyhow::Error| anyhow::Error::from(fedward_shared::cli::setting_error(field, e.as_ref()));
-    let read = |p: &Path, field| fsutil::read(p).map_err(|e| bad(field)(e.into()));
-    let material = (
-        read(&cfg.tls.ca_cert, "tls.ca_cert")?,
-        read(&cfg.tls.cert, "tls.cert")?,
-        fsutil::read_private_key(&cfg.tls.key).map_err(|e| bad("tls.key")(e.into()))?,
-    );
-    let m = TlsMaterial { ca_pem: &material.0, cert_pem: &material.1, key_pem: &material.2 };
+    let files = fedward_shared::cli::TlsFiles::read(&cfg.tls)?;
+    let m = files.material();
     client_tls(&cfg).map_err(bad("tls"))?;
     tls::check_certificate(&m, tls::Role::Site, rustls::pki_types::UnixTime::now()).map_err(|e| bad("tls.cert")(e.into()))?;
     let train = fedward_models::text::read_jsonl(&cfg.train_data, &cfg.labels).map_err(|e| bad("data.train")(e.into()))?;

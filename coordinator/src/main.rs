@@ -209,15 +209,11 @@ fn check_config(path: &Path) -> Result<ExitCode> {
     let cfg = load_config(path)?;
     let bad = |field: &'static str| move |e: anyhow::Error| anyhow::Error::from(fedward_shared::cli::setting_error(field, e.as_ref()));
     let read = |p: &Path, field| fsutil::read(p).map_err(|e| bad(field)(e.into()));
-    let material = (
-        read(&cfg.tls.ca_cert, "tls.ca_cert")?,
-        read(&cfg.tls.cert, "tls.cert")?,
-        fsutil::read_private_key(&cfg.tls.key).map_err(|e| bad("tls.key")(e.into()))?,
-    );
-    let m = TlsMaterial { ca_pem: &material.0, cert_pem: &material.1, key_pem: &material.2 };
+    let files = fedward_shared::cli::TlsFiles::read(&cfg.tls)?;
+    let m = files.material();
     let crl = cfg.tls.crl.as_ref().map(|p| read(p, "tls.crl")).transpose()?;
     tls::server_config(&m, crl.as_deref()).map_err(|e| bad(if crl.is_some() { "tls.crl" } else { "tls" })(e.into()))?;
-    let cert_pem = String::from_utf8_lossy(&material.1);
+    let cert_pem = String::from_utf8_lossy(&files.cert_pem);
     let name = pki::pem_to_der(&cert_pem).and_then(|der| pki::cert_info(&der)).map_err(|e| bad("tls.cert")(e.into()))?.dns_names;
     let name = name.first().ok_or_else(|| bad("tls.cert")(anyhow::anyhow!("the certificate names no server")))?;
     tls::check_certificate(&m, tls::Role::Coordinator { server_name: name }, rustls::pki_types::UnixTime::now())

@@ -604,6 +604,29 @@ pub fn setting_error(field: &'static str, cause: &(dyn std::error::Error + 'stat
     crate::config::ConfigError::Invalid { field, message: error_line(cause) }
 }
 
+/// The TLS files a config names, as `check-config` reads them: one that cannot be read is
+/// a configuration error naming its field.
+pub struct TlsFiles {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsFiles {
+    pub fn read(paths: &crate::config::TlsPaths) -> Result<Self, crate::config::ConfigError> {
+        let read = |p: &Path, field| crate::fsutil::read(p).map_err(|e| setting_error(field, &e));
+        Ok(Self {
+            ca_pem: read(&paths.ca_cert, "tls.ca_cert")?,
+            cert_pem: read(&paths.cert, "tls.cert")?,
+            key_pem: crate::fsutil::read_private_key(&paths.key).map_err(|e| setting_error("tls.key", &e))?,
+        })
+    }
+
+    pub fn material(&self) -> crate::tls::TlsMaterial<'_> {
+        crate::tls::TlsMaterial { ca_pem: &self.ca_pem, cert_pem: &self.cert_pem, key_pem: &self.key_pem }
+    }
+}
+
 /// One line for an error and its causes, `error: cause: cause ..` as anyhow's `{:#}` prints
 /// it, except that a cause whose text the line already ends with is not repeated: many of
 /// our errors carry their cause's text in their own message (so that a plain `{e}` in a log
