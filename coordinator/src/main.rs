@@ -130,6 +130,27 @@ enum PkiCommand {
         #[arg(long, default_value_t = 397)]
         days: u32,
     },
+    /// Issue a new server certificate for the coordinator (rotation before the old one
+    /// expires, or a new name): writes coordinator.crt and coordinator.key into --out-dir,
+    /// which must not hold them yet. Put them where `[tls] cert` and `key` point and send
+    /// the coordinator SIGHUP: new connections get the new certificate, live ones go on.
+    Server {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write coordinator.crt and coordinator.key.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// DNS names the coordinator is reached at (repeatable).
+        #[arg(long = "server-name", required = true)]
+        server_names: Vec<String>,
+        /// IP addresses the coordinator is reached at (repeatable).
+        #[arg(long = "server-ip")]
+        server_ips: Vec<IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+    },
     /// Revoke a site's certificates (`--site`: every one `pki sign` issued to it) or one
     /// certificate (`--serial`), and write the CA's revocation list, crl.pem, beside
     /// ca.crt. Name it in the coordinator's `[tls] crl`; it is read at start (and on
@@ -293,8 +314,9 @@ fn pins(cfg: &CoordinatorConfig) -> std::collections::BTreeMap<SiteId, [u8; 32]>
     cfg.sites.iter().filter_map(|s| Some((s.id.clone(), s.fingerprint?))).collect()
 }
 
-/// On SIGHUP: the config file read again, and its enrolment and revocation list handed to
-/// the running server (nothing else in it changes while the coordinator runs). A config
+/// On SIGHUP: the config file read again, and its TLS files (the coordinator's certificate
+/// and key, the CA, the revocation list) and enrolment handed to the running server;
+/// nothing else in it changes while the coordinator runs. A config
 /// that does not load is logged and the rules in force stay.
 fn spawn_reloader(mut hup: tokio::signal::unix::Signal, path: PathBuf, tx: tokio::sync::mpsc::Sender<server::Access>) {
     tokio::spawn(async move {
@@ -475,6 +497,21 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             append_line(&ca_dir.join(ISSUED_FILE), &serde_json::to_string(&issued)?)?;
             println!("signed a certificate for site {site}: {} (valid {days} days)", out.display());
             println!("enrol the site in the coordinator config with:\n\n[[sites]]\nid = \"{site}\"\n");
+            Ok(())
+        }
+        PkiCommand::Server { ca_dir, out_dir, server_names, server_ips, days } => {
+            let ca = CertifiedKey {
+                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
+                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
+            };
+            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), serial())?;
+            fsutil::write_private_new(&out_dir.join("coordinator.key"), server.key_pem.as_bytes())?;
+            fsutil::write_public_new(&out_dir.join("coordinator.crt"), server.cert_pem.as_bytes())?;
+            println!(
+                "issued a coordinator certificate for {} in {} (valid {days} days); install it and send the coordinator SIGHUP",
+                server_names.join(", "),
+                out_dir.display()
+            );
             Ok(())
         }
         PkiCommand::Revoke { ca_dir, site, serial, reason } => {

@@ -2,11 +2,12 @@
 //! leftovers of interrupted writes cleared at start, SIGTERM as a clean stop, and nothing
 //! served before a valid hello, a revoked certificate refused, and enrolment and
 //! revocation reloaded on SIGHUP while the federation runs, and a site pinned to one
-//! certificate; a connection closed when its certificate expires.
+//! certificate; a connection closed when its certificate expires; the coordinator's own
+//! certificate rotated on SIGHUP.
 
 mod support;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use support::{minilm_embedding_model, Consortium, CoordinatorProcess};
 
@@ -310,5 +311,52 @@ async fn a_connection_is_closed_when_its_certificate_expires() -> Result<()> {
     let site = support::HandSite::connect(c.addr, c.site_tls_valid("alpha", [5; 16], brief)?.0, 1).await?;
     let said = closed_with(&site).await;
     assert!(said.contains("certificate expired"), "{said}");
+    Ok(())
+}
+
+/// The serial of the certificate the coordinator presented on `site`'s connection.
+fn served_serial(site: &support::HandSite) -> Result<String> {
+    let certs = site
+        .conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .context("no server certificate")?;
+    Ok(fedward_shared::pki::cert_info(certs.first().context("empty chain")?.as_ref())?.serial_hex)
+}
+
+#[tokio::test]
+async fn the_coordinators_certificate_is_rotated_on_sighup_without_a_restart() -> Result<()> {
+    use fedward_shared::pki;
+    let sites = vec!["alpha".to_owned(), "beta".to_owned()];
+    let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 2, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
+    let pki_dir = c.dir.path().join("pki");
+    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    let coordinator = CoordinatorProcess::start(&c)?;
+    let alpha = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
+    let old = served_serial(&alpha)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+        .args(["pki", "server", "--ca-dir"])
+        .arg(&pki_dir)
+        .arg("--out-dir")
+        .arg(pki_dir.join("next"))
+        .args(["--server-name", support::SERVER_NAME, "--server-ip", "127.0.0.1"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let next = pki::cert_info(&pki::pem_to_der(&std::fs::read_to_string(pki_dir.join("next/coordinator.crt"))?)?)?.serial_hex;
+    std::fs::rename(pki_dir.join("next/coordinator.crt"), pki_dir.join("coordinator.crt"))?;
+    std::fs::rename(pki_dir.join("next/coordinator.key"), pki_dir.join("coordinator.key"))?;
+    assert!(std::process::Command::new("kill").args(["-HUP", &coordinator.pid.to_string()]).status()?.success());
+    // The reload is asynchronous: new connections until one is served the new certificate.
+    let mut served = old.clone();
+    for _ in 0..200 {
+        let beta = support::HandSite::connect(c.addr, c.site_tls("beta")?, 1).await?;
+        served = served_serial(&beta)?;
+        beta.conn.close(0u32.into(), b"probe done");
+        if served == next {
+            break;
+        }
+    }
+    assert_eq!(served, next, "the new certificate is served (the old one was {old})");
+    assert!(alpha.conn.close_reason().is_none(), "the live connection goes on");
     Ok(())
 }
