@@ -456,7 +456,7 @@ async fn take_round(
     .await;
     let (trainer, result) = match joined {
         Ok(x) => x,
-        Err(e) => return Err(SessionEnd::Refused(format!("training thread panicked: {e}"))),
+        Err(e) => return Err(SessionEnd::Fatal(format!("training thread panicked: {e}"))),
     };
     state.trainer = Some(trainer);
     let (mut update, applied) = match result {

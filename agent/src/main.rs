@@ -417,6 +417,16 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         Err(daemon::DaemonError::Misconfigured(reason)) => {
             return Err(fedward_shared::config::ConfigError::Invalid { field: "coordinator", message: reason }.into())
         }
+        // Refused by the consortium (not enrolled, certificate revoked, expired or from
+        // another CA): only the admin or a new certificate can change that, so it is a
+        // configuration error too, and restarting would only be refused again.
+        Err(daemon::DaemonError::Refused(reason)) => {
+            return Err(fedward_shared::config::ConfigError::Invalid {
+                field: "tls.cert",
+                message: format!("the coordinator refused this site: {reason}"),
+            }
+            .into())
+        }
         // Its ledger must be restored first: as with the coordinator's inconsistent state,
         // exit 65, which the shipped unit does not restart.
         Err(e @ daemon::DaemonError::LedgerBehind(_)) => {
