@@ -43,6 +43,20 @@ fn sigterm_stops_the_coordinator_cleanly_and_leftovers_are_cleared_at_start() ->
     Ok(())
 }
 
+/// The consortium's CA directory, with the CA key the `pki` commands need written into it.
+fn ca_dir(c: &Consortium) -> Result<String> {
+    let dir = c.dir.path().join("pki");
+    fedward_shared::fsutil::write_private_new(&dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    Ok(dir.to_str().context("utf-8 path")?.to_owned())
+}
+
+/// `fedward-coordinator ARGS`, which must succeed: its standard output.
+fn cli(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator")).args(args).output()?;
+    anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 fn check_config(c: &Consortium) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
         .args(["check-config", "--config"])
@@ -159,15 +173,8 @@ async fn nothing_is_served_before_a_valid_hello() -> Result<()> {
 async fn a_revoked_certificate_is_refused_at_the_handshake() -> Result<()> {
     let sites = vec!["alpha".to_owned(), "beta".to_owned()];
     let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 1, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
-    let pki_dir = c.dir.path().join("pki");
-    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
     // Alpha's certificate carries serial 0x0505..., beta's 0x0606...: revoke alpha's.
-    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
-        .args(["pki", "revoke", "--ca-dir"])
-        .arg(&pki_dir)
-        .args(["--serial", &"05".repeat(16), "--reason", "key-compromise"])
-        .output()?;
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    cli(&["pki", "revoke", "--ca-dir", &ca_dir(&c)?, "--serial", &"05".repeat(16), "--reason", "key-compromise"])?;
     let config = std::fs::read_to_string(&c.config)?;
     std::fs::write(&c.config, config.replace("key = \"pki/coordinator.key\"", "key = \"pki/coordinator.key\"\ncrl = \"pki/crl.pem\""))?;
     let _coordinator = CoordinatorProcess::start(&c)?;
@@ -181,14 +188,8 @@ async fn a_revoked_certificate_is_refused_at_the_handshake() -> Result<()> {
 fn revoking_a_site_revokes_every_certificate_signed_for_it() -> Result<()> {
     use fedward_shared::pki;
     let c = consortium()?;
-    let pki_dir = c.dir.path().join("pki");
-    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
-    let cli = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator")).args(args).output()?;
-        anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8(out.stdout)?)
-    };
-    let dir = pki_dir.to_str().expect("utf-8");
+    let dir = &ca_dir(&c)?;
+    let pki_dir = std::path::Path::new(dir);
     let mut serials = Vec::new();
     for (site, n) in [("gamma", 1), ("gamma", 2), ("delta", 1)] {
         let request = pki::site_request(&fedward_shared::wire::SiteId::new(site)?)?;
@@ -237,8 +238,7 @@ async fn sighup_reloads_enrolment_and_revocation_without_disturbing_the_others()
     let sites = vec!["alpha".to_owned(), "beta".to_owned(), "gamma".to_owned()];
     // Three sites must be ready for a round: none starts, the connections stay up.
     let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 3, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
-    let pki_dir = c.dir.path().join("pki");
-    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    let dir = ca_dir(&c)?;
     let config = std::fs::read_to_string(&c.config)?;
     // Delta is not enrolled yet.
     let coordinator = CoordinatorProcess::start(&c)?;
@@ -253,12 +253,7 @@ async fn sighup_reloads_enrolment_and_revocation_without_disturbing_the_others()
     };
 
     // Alpha's certificate is revoked, beta leaves the consortium, delta joins: one reload.
-    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
-        .args(["pki", "revoke", "--ca-dir"])
-        .arg(&pki_dir)
-        .args(["--serial", &"05".repeat(16)])
-        .output()?;
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    cli(&["pki", "revoke", "--ca-dir", &dir, "--serial", &"05".repeat(16)])?;
     let reloaded = config
         .replace("key = \"pki/coordinator.key\"", "key = \"pki/coordinator.key\"\ncrl = \"pki/crl.pem\"")
         .replace("[[sites]]\nid = \"beta\"\n", "")
@@ -329,19 +324,13 @@ async fn the_coordinators_certificate_is_rotated_on_sighup_without_a_restart() -
     use fedward_shared::pki;
     let sites = vec!["alpha".to_owned(), "beta".to_owned()];
     let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 2, 1, "[aggregation]\nmax_update_norm = 10.0\n")?;
-    let pki_dir = c.dir.path().join("pki");
-    fedward_shared::fsutil::write_private_new(&pki_dir.join("ca.key"), c.ca.key_pem.as_bytes())?;
+    let dir = ca_dir(&c)?;
+    let pki_dir = std::path::Path::new(&dir);
     let coordinator = CoordinatorProcess::start(&c)?;
     let alpha = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
     let old = served_serial(&alpha)?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
-        .args(["pki", "server", "--ca-dir"])
-        .arg(&pki_dir)
-        .arg("--out-dir")
-        .arg(pki_dir.join("next"))
-        .args(["--server-name", support::SERVER_NAME, "--server-ip", "127.0.0.1"])
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let next_dir = format!("{dir}/next");
+    cli(&["pki", "server", "--ca-dir", &dir, "--out-dir", &next_dir, "--server-name", support::SERVER_NAME, "--server-ip", "127.0.0.1"])?;
     let next = pki::cert_info(&pki::pem_to_der(&std::fs::read_to_string(pki_dir.join("next/coordinator.crt"))?)?)?.serial_hex;
     std::fs::rename(pki_dir.join("next/coordinator.crt"), pki_dir.join("coordinator.crt"))?;
     std::fs::rename(pki_dir.join("next/coordinator.key"), pki_dir.join("coordinator.key"))?;
