@@ -157,6 +157,9 @@ struct Shared {
     events: mpsc::Sender<Event>,
     enrolled: std::sync::RwLock<BTreeSet<SiteId>>,
     pins: std::sync::RwLock<BTreeMap<SiteId, [u8; 32]>>,
+    /// Serials revoked by the last reload: a handshake that began under the previous TLS
+    /// configuration is checked against them too (at start the TLS check covers all).
+    revoked: std::sync::RwLock<BTreeSet<Vec<u8>>>,
     uploads: Semaphore,
     downloads: Semaphore,
     status: watch::Receiver<StatusView>,
@@ -194,6 +197,7 @@ pub async fn run(
         events: events_tx,
         enrolled: std::sync::RwLock::new(enrolled.clone()),
         pins: std::sync::RwLock::new(options.pins.clone()),
+        revoked: std::sync::RwLock::default(),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
         downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
@@ -247,6 +251,7 @@ pub async fn run(
                 enrolled = access.enrolled;
                 *shared.enrolled.write().unwrap_or_else(|p| p.into_inner()) = enrolled.clone();
                 *shared.pins.write().unwrap_or_else(|p| p.into_inner()) = access.pins.clone();
+                *shared.revoked.write().unwrap_or_else(|p| p.into_inner()) = access.revoked.clone();
                 // Live connections answer to the new rules at once; the round goes on for
                 // the others, and a closed site's update in flight is dropped with it.
                 for (site, (_, conn)) in &connections {
@@ -560,6 +565,12 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
         let reason = format!("site {site} is not enrolled in this consortium");
         warn!(%remote, site = %site, "refusing connection from an unenrolled site");
         refuse(&conn, RejectCode::NotEnrolled, &reason).await;
+        return;
+    }
+    let revoked = peer_serial(&conn).is_some_and(|s| shared.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(&s));
+    if revoked {
+        warn!(%remote, site = %site, "refusing a revoked certificate");
+        refuse(&conn, RejectCode::NotEnrolled, &format!("the certificate of site {site} was revoked by the consortium")).await;
         return;
     }
     let mismatch = pin_mismatch(&conn, &site, &shared.pins.read().unwrap_or_else(|p| p.into_inner()));
