@@ -692,29 +692,25 @@ async fn send_decline(
     }
 }
 
-/// The certificate this agent presents (the one its TLS configuration would send).
-fn own_certificate(tls: &rustls::ClientConfig) -> Result<fedward_shared::pki::CertInfo, String> {
+/// The certificate this agent presents (the one its TLS configuration would send), DER.
+fn own_certificate(tls: &rustls::ClientConfig) -> Result<Vec<u8>, String> {
     let key = tls
         .client_auth_cert_resolver
         .resolve(&[], &[rustls::SignatureScheme::ECDSA_NISTP256_SHA256, rustls::SignatureScheme::ED25519])
         .ok_or("the TLS configuration presents no client certificate")?;
-    let cert = key.end_entity_cert().map_err(|e| format!("the client certificate: {e}"))?;
-    fedward_shared::pki::cert_info(cert.as_ref()).map_err(|e| format!("the client certificate: {e}"))
+    Ok(key.end_entity_cert().map_err(|e| format!("the client certificate: {e}"))?.to_vec())
 }
 
 /// The site named by the certificate this agent presents: what the coordinator identifies
 /// it by, and what its ledger records.
 fn own_site(tls: &rustls::ClientConfig) -> Result<SiteId, String> {
-    let info = own_certificate(tls)?;
-    match info.dns_names.as_slice() {
-        [one] => SiteId::new(one.clone()).map_err(|e| format!("the client certificate names no valid site: {e}")),
-        _ => Err(format!("the client certificate must name exactly one site, it names {:?}", info.dns_names)),
-    }
+    fedward_shared::pki::site_of_cert(&own_certificate(tls)?).map_err(|e| format!("the client certificate names no valid site: {e}"))
 }
 
 /// Logs, at error level, a certificate that has expired or soon will.
 fn warn_of_expiry(tls: &rustls::ClientConfig) {
-    if let Some(warning) = own_certificate(tls).ok().and_then(|c| certificate_warning(now(), c.not_after)) {
+    let not_after = own_certificate(tls).ok().and_then(|der| fedward_shared::pki::cert_info(&der).ok()).map(|c| c.not_after);
+    if let Some(warning) = not_after.and_then(|t| certificate_warning(now(), t)) {
         error!("{warning}");
     }
 }

@@ -638,21 +638,20 @@ async fn handle_connection(incoming: quinn::Incoming, ticket: crate::gate::Ticke
 
 /// The site named by the peer's certificate (already verified against the CA by rustls).
 fn peer_site(conn: &quinn::Connection) -> Result<SiteId, String> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-        .ok_or("no client certificate")?;
-    let leaf = certs.first().ok_or("empty client certificate chain")?;
-    site_of_cert(leaf).map_err(|e| format!("client certificate names no valid site: {e}"))
+    let leaf = peer_leaf(conn).ok_or("no client certificate")?;
+    site_of_cert(&leaf).map_err(|e| format!("client certificate names no valid site: {e}"))
+}
+
+/// The peer's own certificate (the first of its chain, as rustls verified it).
+fn peer_leaf(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().cloned()
 }
 
 /// Why the peer's certificate is not the one `site` is pinned to, if it is pinned.
 fn pin_mismatch(conn: &quinn::Connection, site: &SiteId, pins: &BTreeMap<SiteId, [u8; 32]>) -> Option<String> {
     let pinned = pins.get(site)?;
-    let presented = conn
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
-        .and_then(|certs| certs.first().map(|c| fedward_shared::pki::fingerprint(c.as_ref())));
+    let presented = peer_leaf(conn).map(|c| fedward_shared::pki::fingerprint(c.as_ref()));
     (presented.as_ref() != Some(pinned)).then(|| {
         format!(
             "site {site} is pinned to the certificate {}; this one is {}",
@@ -664,16 +663,14 @@ fn pin_mismatch(conn: &quinn::Connection, site: &SiteId, pins: &BTreeMap<SiteId,
 
 /// How long the peer's certificate stays valid.
 fn certificate_time_left(conn: &quinn::Connection) -> Option<Duration> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    let info = fedward_shared::pki::cert_info(certs.first()?.as_ref()).ok()?;
+    let info = fedward_shared::pki::cert_info(peer_leaf(conn)?.as_ref()).ok()?;
     let left = info.not_after - time::OffsetDateTime::now_utc();
     Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 /// The serial of the peer's certificate.
 fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    fedward_shared::pki::serial_of_cert(certs.first()?.as_ref()).ok()
+    fedward_shared::pki::serial_of_cert(peer_leaf(conn)?.as_ref()).ok()
 }
 
 /// Answers the client's first stream with a reject and closes the connection, so the
