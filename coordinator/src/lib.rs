@@ -4,7 +4,9 @@
 //! the I/O shells around them.
 
 pub mod admin;
+pub mod admin_client;
 pub mod aggregate;
+pub mod control;
 pub mod gate;
 pub mod ledger;
 pub mod round;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use tracing::{error, info};
 
+use fedward_coordinator::control::ControlState;
 use fedward_coordinator::ledger::CoordinatorLedger;
 use fedward_coordinator::round::{RoundMachine, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
@@ -74,6 +75,98 @@ enum Command {
     /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+    /// Control a running coordinator through its admin endpoints (pause, resume, next
+    /// round, enrol, suspend, revoke; status, ledger and audit log), and manage the tokens
+    /// that grant that.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// How to reach the admin endpoints.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The admin endpoint: http://127.0.0.1:7080 on the coordinator's machine, or
+    /// https://NAME:PORT elsewhere.
+    #[arg(long, env = "FEDWARD_ADMIN_URL", default_value = "http://127.0.0.1:7080")]
+    url: String,
+    /// A file holding the caller's token (0600); or set FEDWARD_ADMIN_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The consortium CA, to check the coordinator's certificate on https:// URLs.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// The federation's phase, rounds and sites.
+    Status(AdminTarget),
+    /// Start no new round until `resume` (the open round goes on to its end; survives restarts).
+    Pause(AdminTarget),
+    /// Let rounds start again.
+    Resume(AdminTarget),
+    /// Start the next round now with the sites waiting (even while paused; the quorum still holds).
+    NextRound(AdminTarget),
+    /// Enrol a site (or lift its suspension) while the coordinator runs.
+    Enrol {
+        #[command(flatten)]
+        target: AdminTarget,
+        site: SiteId,
+        /// Pin the site to this certificate (SHA-256, as `pki show` prints it).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Suspend a site: its connection is closed and it is refused until enrolled again.
+    Suspend {
+        #[command(flatten)]
+        target: AdminTarget,
+        site: SiteId,
+    },
+    /// Refuse one certificate (by serial) on this coordinator at once; also run `pki
+    /// revoke` where the CA key is, for the signed CRL.
+    Revoke {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        serial: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Print the coordinator's signed ledger (auditor role).
+    Ledger(AdminTarget),
+    /// Print the admin audit log: who did what, when (auditor role).
+    Log(AdminTarget),
+    /// Manage the tokens file the coordinator's `[admin] tokens` names.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for a person or tool: prints it once; the file keeps only its hash.
+    Add {
+        /// The tokens file (created 0600 when missing).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Who holds it (shown in the admin audit log).
+        #[arg(long)]
+        name: String,
+        /// admin (reads and controls) or auditor (reads).
+        #[arg(long)]
+        role: fedward_shared::access::Role,
+    },
+    /// Withdraw a holder's token (effective at the next request).
+    Remove {
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List the holders and their roles.
+    List {
+        #[arg(long)]
+        tokens: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,6 +310,77 @@ fn run(command: Command) -> Result<ExitCode> {
             fedward_shared::cli::run_privacy(&cmd, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Admin(AdminCommand::Token(cmd)) => token_command(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Admin(cmd) => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(admin_command(cmd)),
+    }
+}
+
+fn read_tokens(path: &Path) -> Result<fedward_shared::access::Tokens> {
+    let text = String::from_utf8(fsutil::read_private_key(path)?)?;
+    fedward_shared::access::Tokens::parse(&text).with_context(|| format!("reading {}", path.display()))
+}
+
+fn token_command(cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Add { tokens, name, role } => {
+            let mut file = if tokens.exists() { read_tokens(&tokens)? } else { Default::default() };
+            let token = {
+                use rand::RngCore;
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                format!("{}{}", fedward_shared::access::TOKEN_PREFIX, hex::encode(secret))
+            };
+            file.add(&name, role, &token)?;
+            fsutil::atomic_write(&tokens, file.render().as_bytes(), true)?;
+            println!("{token}");
+            eprintln!("added {name} ({role}) to {}; the token above is shown once: give it to {name} in a 0600 file", tokens.display());
+        }
+        TokenCommand::Remove { tokens, name } => {
+            let mut file = read_tokens(&tokens)?;
+            anyhow::ensure!(file.remove(&name), "{} lists no {name}", tokens.display());
+            fsutil::atomic_write(&tokens, file.render().as_bytes(), true)?;
+            println!("removed {name}; their token stops working at their next request");
+        }
+        TokenCommand::List { tokens } => {
+            for h in read_tokens(&tokens)?.holders() {
+                println!("{:<24} {}", h.name, h.role);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn admin_command(cmd: AdminCommand) -> Result<ExitCode> {
+    let (target, path, body) = match cmd {
+        AdminCommand::Status(t) => (t, "/api/status".to_owned(), None),
+        AdminCommand::Pause(t) => (t, "/api/control/pause".to_owned(), Some(serde_json::json!({}))),
+        AdminCommand::Resume(t) => (t, "/api/control/resume".to_owned(), Some(serde_json::json!({}))),
+        AdminCommand::NextRound(t) => (t, "/api/control/next-round".to_owned(), Some(serde_json::json!({}))),
+        AdminCommand::Enrol { target, site, fingerprint } => {
+            (target, format!("/api/sites/{site}/enrol"), Some(serde_json::json!({ "fingerprint": fingerprint })))
+        }
+        AdminCommand::Suspend { target, site } => (target, format!("/api/sites/{site}/suspend"), Some(serde_json::json!({}))),
+        AdminCommand::Revoke { target, serial, reason } => {
+            (target, "/api/revocations".to_owned(), Some(serde_json::json!({ "serial": serial, "reason": reason })))
+        }
+        AdminCommand::Ledger(t) => (t, "/api/ledger".to_owned(), None),
+        AdminCommand::Log(t) => (t, "/api/admin-log".to_owned(), None),
+        AdminCommand::Token(_) => unreachable!("handled without a runtime"),
+    };
+    let token = match (&target.token_file, std::env::var("FEDWARD_ADMIN_TOKEN")) {
+        (Some(f), _) => Some(String::from_utf8(fsutil::read_private_key(f)?)?.trim().to_owned()),
+        (None, Ok(t)) => Some(t),
+        (None, Err(_)) => None,
+    };
+    let ca = target.ca_cert.as_ref().map(|p| fsutil::read(p)).transpose()?;
+    let client = fedward_coordinator::admin_client::AdminClient::new(&target.url, token, ca.as_deref())?;
+    let answer = client.call(&path, body).await?;
+    print!("{}", answer.body);
+    if (200..300).contains(&answer.status) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: the coordinator answered {}", answer.status);
+        Ok(ExitCode::FAILURE)
     }
 }
 
@@ -240,6 +404,13 @@ fn check_config(path: &Path) -> Result<ExitCode> {
     tls::check_certificate(&m, tls::Role::Coordinator { server_name: name }, rustls::pki_types::UnixTime::now())
         .map_err(|e| bad("tls.cert")(e.into()))?;
     ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT).map_err(bad("ledger.signing_key"))?;
+    let admin = match &cfg.admin_tokens {
+        Some(path) => {
+            let tokens = read_tokens(path).map_err(bad("admin.tokens"))?;
+            format!("{} token holders in {}", tokens.holders().len(), path.display())
+        }
+        None => "no authentication (loopback only)".to_owned(),
+    };
     let store = Store::open(&cfg.state_dir).map_err(|e| bad("server.state_dir")(e.into()))?;
     let model = match store.current().map_err(|e| bad("server.state_dir")(e.into()))? {
         Some((manifest, completed)) => format!("state after round {completed} verified ({} tensors)", manifest.len()),
@@ -251,7 +422,13 @@ fn check_config(path: &Path) -> Result<ExitCode> {
     println!("config ok: {}", path.display());
     println!("  certificate for {name} chains to {} and is valid now; the key is its own", cfg.tls.ca_cert.display());
     println!("  {model}");
-    println!("  listen {} (admin {:?}), state in {}", cfg.listen, cfg.admin_listen, cfg.state_dir.display());
+    println!(
+        "  listen {} (admin {:?}, {}, {admin}), state in {}",
+        cfg.listen,
+        cfg.admin_listen,
+        if cfg.admin_https { "https" } else { "http" },
+        cfg.state_dir.display()
+    );
     println!("  {} rounds, quorum {} of {} sites, deadline {:?}", cfg.rounds, cfg.min_sites, cfg.sites.len(), cfg.round_deadline);
     println!(
         "  trains {} with {} (learning rate {}), privacy {}",
@@ -314,26 +491,52 @@ fn pins(cfg: &CoordinatorConfig) -> std::collections::BTreeMap<SiteId, [u8; 32]>
     cfg.sites.iter().filter_map(|s| Some((s.id.clone(), s.fingerprint?))).collect()
 }
 
-/// On SIGHUP: the config file read again, and its TLS files (the coordinator's certificate
-/// and key, the CA, the revocation list) and enrolment handed to the running server;
-/// nothing else in it changes while the coordinator runs. A config
-/// that does not load is logged and the rules in force stay.
-fn spawn_reloader(mut hup: tokio::signal::unix::Signal, path: PathBuf, tx: tokio::sync::mpsc::Sender<server::Access>) {
+/// The access rules the config file, its TLS files and the admin's changes
+/// (`control.json`) say now.
+fn build_access(cfg: &CoordinatorConfig) -> Result<server::Access> {
+    let control = ControlState::load(&cfg.state_dir)?;
+    let (tls_cfg, mut revoked) = load_tls(cfg)?;
+    revoked.extend(control.revoked_serials().map_err(anyhow::Error::msg)?);
+    let quic = fedward_net::server_config(tls_cfg, &cfg.transport, &cfg.admission)?;
+    Ok(server::Access { quic, enrolled: control.enrolled(cfg.sites.iter().map(|s| s.id.clone())), revoked, pins: control.pins(pins(cfg)) })
+}
+
+/// On SIGHUP, and when an admin changed the enrolment through the admin endpoints: the
+/// config file read again, its TLS files (the coordinator's certificate and key, the CA,
+/// the revocation list), its enrolment and the admin's changes handed to the running
+/// server; nothing else in it changes while the coordinator runs. A config that does not
+/// load is logged (and answered to the admin) and the rules in force stay.
+fn spawn_reloader(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    mut requests: tokio::sync::mpsc::Receiver<fedward_coordinator::admin::ReloadRequest>,
+    tx: tokio::sync::mpsc::Sender<server::Access>,
+) {
     tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            info!(config = %path.display(), "SIGHUP: reloading the enrolled sites and the revocation list");
-            let access = load_config(&path).and_then(|cfg| {
-                let (tls_cfg, revoked) = load_tls(&cfg)?;
-                let quic = fedward_net::server_config(tls_cfg, &cfg.transport, &cfg.admission)?;
-                Ok(server::Access { quic, enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(), revoked, pins: pins(&cfg) })
-            });
-            match access {
+        loop {
+            let reply = tokio::select! {
+                Some(()) = hup.recv() => {
+                    info!(config = %path.display(), "SIGHUP: reloading the enrolled sites and the revocation list");
+                    None
+                }
+                Some(reply) = requests.recv() => Some(reply),
+                else => break,
+            };
+            let access = load_config(&path).and_then(|cfg| build_access(&cfg));
+            let result = match access {
                 Ok(a) => {
                     if tx.send(a).await.is_err() {
                         break;
                     }
+                    Ok(())
                 }
-                Err(e) => error!(cause = %format!("{e:#}"), "reload failed; the access rules in force stay"),
+                Err(e) => {
+                    error!(cause = %format!("{e:#}"), "reload failed; the access rules in force stay");
+                    Err(format!("the coordinator could not reload its access rules: {e:#}"))
+                }
+            };
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
             }
         }
     });
@@ -375,6 +578,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         update_mib = format_args!("{:.1}", trainable_params as f64 * 4.0 / (1 << 20) as f64),
         "training plan"
     );
+    let control = ControlState::load(&cfg.state_dir)?;
     let settings = Settings {
         total_rounds: cfg.rounds,
         min_sites: cfg.min_sites,
@@ -384,7 +588,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         plan,
         policy: cfg.policy,
         aggregation: cfg.aggregation,
-        enrolled: cfg.sites.iter().map(|s| s.id.clone()).collect(),
+        enrolled: control.enrolled(cfg.sites.iter().map(|s| s.id.clone())),
     };
     // Each site's declared spend is held to what this ledger accepted from it.
     let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?;
@@ -399,25 +603,52 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
     let reset_secret = store.reset_secret()?;
     let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission, &reset_secret)
         .with_context(|| format!("binding {}", cfg.listen))?;
-    info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let (status_tx, status_rx) = watch::channel(StatusView::default());
-    if let Some(admin) = cfg.admin_listen {
-        let bound = fedward_coordinator::admin::serve(admin, status_rx, cfg.state_dir.clone(), Default::default())
-            .await
-            .with_context(|| format!("binding the admin endpoint {admin}"))?;
-        info!(addr = %bound, "admin dashboard at http://{bound}/");
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(8);
+    let (reload_requests_tx, reload_requests_rx) = tokio::sync::mpsc::channel(8);
+    if let Some(addr) = cfg.admin_listen {
+        let tls = if cfg.admin_https {
+            let files = fedward_shared::cli::TlsFiles::read(&cfg.tls)?;
+            Some(std::sync::Arc::new(tls::admin_server_config(&files.cert_pem, &files.key_pem)?))
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Some(tokens) = &cfg.admin_tokens {
+            let holders = read_tokens(tokens).context("the admin tokens file ([admin] tokens)")?;
+            info!(holders = holders.holders().len(), tokens = %tokens.display(), "admin endpoints need a token");
+        } else {
+            tracing::warn!(%addr, "the admin endpoints are unauthenticated (loopback only): anyone on this machine may control the federation");
+        }
+        let options = fedward_coordinator::admin::AdminOptions {
+            addr,
+            tokens: cfg.admin_tokens.clone(),
+            tls,
+            state_dir: cfg.state_dir.clone(),
+            ledger_file: cfg.ledger_file.clone(),
+            ledger_public_key: ledger_key::format_public_key(&ledger_key::read_signing_key(&cfg.ledger_key)?.verifying_key()),
+            limits: Default::default(),
+        };
+        let links = fedward_coordinator::admin::AdminLinks { status: status_rx, commands: commands_tx, reload: reload_requests_tx };
+        let bound =
+            fedward_coordinator::admin::serve(options, links).await.with_context(|| format!("binding the admin endpoint {addr}"))?;
+        info!(addr = %bound, "admin dashboard at {scheme}://{bound}/");
     }
+    // Last: tests and scripts take this line as "ready", admin endpoint included.
+    info!(addr = %endpoint.local_addr()?, sites = cfg.sites.len(), "listening for agents (QUIC, mutual TLS)");
     let options = ServerOptions {
         max_concurrent_uploads: cfg.max_concurrent_uploads,
         max_concurrent_downloads: cfg.max_concurrent_downloads,
         finish_grace: Duration::from_secs(30),
         transport: cfg.transport,
         admission: cfg.admission,
-        pins: pins(&cfg),
+        pins: control.pins(pins(&cfg)),
+        revoked: control.revoked_serials().map_err(anyhow::Error::msg)?,
+        paused: control.paused,
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    spawn_reloader(hup, config_path, reload_tx);
-    let controls = server::Controls { status: status_tx, shutdown, reload: reload_rx };
+    spawn_reloader(hup, config_path, reload_requests_rx, reload_tx);
+    let controls = server::Controls { status: status_tx, shutdown, reload: reload_rx, commands: commands_rx };
     match server::run(endpoint, machine, store, ledger, options, controls).await? {
         RunOutcome::Completed { rounds } => {
             info!(rounds, "federation completed");

@@ -222,6 +222,19 @@ pub struct RoundMachine {
     failed_attempts: u32,
     outputs: VecDeque<Output>,
     spent: BTreeMap<SiteId, SiteSpend>,
+    /// An admin paused the federation: no round starts by itself (the open one finishes).
+    paused: bool,
+}
+
+/// Why an admin's "next round now" was not done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartRefused {
+    #[error("the federation is over")]
+    Over,
+    #[error("round {0} is still open")]
+    RoundOpen(RoundId),
+    #[error("only {ready} sites are waiting and a round needs {needed}")]
+    TooFewSites { ready: usize, needed: usize },
 }
 
 /// Settings that do not fit the global model.
@@ -282,7 +295,39 @@ impl RoundMachine {
             failed_attempts: 0,
             outputs: VecDeque::new(),
             spent: BTreeMap::new(),
+            paused: false,
         })
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Pauses or resumes the federation. Paused, no round starts by itself; the round
+    /// open now goes on to its end, and sites keep waiting connected. Resuming starts a
+    /// round at once when enough sites wait.
+    pub fn set_paused(&mut self, now: Instant, paused: bool) {
+        self.paused = paused;
+        if !paused {
+            self.maybe_start(now);
+        }
+    }
+
+    /// Starts the next round now with the sites waiting, paused or not (a paused
+    /// federation stays paused after it: one step). A round still needs `min_sites`: this
+    /// is about when, never about how few.
+    pub fn start_now(&mut self, now: Instant) -> Result<RoundId, StartRefused> {
+        match &self.phase {
+            Phase::Done { .. } => return Err(StartRefused::Over),
+            Phase::Collecting(c) => return Err(StartRefused::RoundOpen(c.round)),
+            Phase::Checkpointing(c) => return Err(StartRefused::RoundOpen(c.round)),
+            Phase::Waiting => {}
+        }
+        if self.ready.len() < self.settings.min_sites {
+            return Err(StartRefused::TooFewSites { ready: self.ready.len(), needed: self.settings.min_sites });
+        }
+        self.start(now);
+        Ok(RoundId(self.completed + 1))
     }
 
     pub fn completed_rounds(&self) -> u64 {
@@ -533,9 +578,12 @@ impl RoundMachine {
     }
 
     fn maybe_start(&mut self, now: Instant) {
-        if !matches!(self.phase, Phase::Waiting) || self.ready.len() < self.settings.min_sites {
-            return;
+        if !self.paused && matches!(self.phase, Phase::Waiting) && self.ready.len() >= self.settings.min_sites {
+            self.start(now);
         }
+    }
+
+    fn start(&mut self, now: Instant) {
         let round = RoundId(self.completed + 1);
         let trainable = &self.settings.plan.trainable_tensors;
         let agg = Aggregator::new(
@@ -905,6 +953,31 @@ mod tests {
         m.handle_ready(t0, site("b"));
         assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(1)), (site("b"), RoundId(1))]);
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn paused_no_round_starts_until_resumed_or_started_by_hand() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(2, 3), manifest(), 0).unwrap();
+        m.set_paused(t0, true);
+        m.handle_ready(t0, site("a"));
+        assert_eq!(m.start_now(t0), Err(StartRefused::TooFewSites { ready: 1, needed: 2 }));
+        m.handle_ready(t0, site("b"));
+        assert!(drain(&mut m).is_empty(), "paused: quorum alone starts nothing");
+        // One step by hand; the federation stays paused.
+        assert_eq!(m.start_now(t0), Ok(RoundId(1)));
+        assert_eq!(offers(&drain(&mut m)).len(), 2);
+        assert_eq!(m.start_now(t0), Err(StartRefused::RoundOpen(RoundId(1))));
+        send(&mut m, t0, "a", 1, 10, 1.0).unwrap();
+        send(&mut m, t0, "b", 1, 10, 1.0).unwrap();
+        let outs = drain(&mut m);
+        commit(&mut m, &outs, &global());
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        assert!(offers(&drain(&mut m)).is_empty() && m.is_paused());
+        // Resuming starts the waiting round at once.
+        m.set_paused(t0, false);
+        assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(2)), (site("b"), RoundId(2))]);
     }
 
     #[test]

@@ -74,12 +74,34 @@ pub struct ServerOptions {
     /// Sites pinned to one certificate (SHA-256 fingerprints); the others are identified
     /// by any certificate of the CA that names them.
     pub pins: BTreeMap<SiteId, [u8; 32]>,
+    /// Serials refused beyond what the TLS configuration's CRL refuses (an admin's
+    /// revocations on this coordinator).
+    pub revoked: BTreeSet<Vec<u8>>,
+    /// Start paused (an admin paused the federation before the restart).
+    pub paused: bool,
+}
+
+/// An admin's control of the running federation ([`crate::admin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Pause,
+    Resume,
+    /// Start the next round now with the sites waiting, even while paused.
+    NextRound,
+}
+
+/// An [`Op`] and where to say what came of it (`Err`: why it was not done).
+pub struct Command {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 /// What the dashboard shows; published after every event.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StatusView {
     pub phase: String,
+    /// An admin paused the federation: no new round starts by itself.
+    pub paused: bool,
     pub open_round: Option<u64>,
     pub completed_rounds: u64,
     pub total_rounds: u64,
@@ -176,6 +198,8 @@ pub struct Controls<S> {
     pub shutdown: S,
     /// Each [`Access`] received replaces the rules in force (SIGHUP in `serve`).
     pub reload: mpsc::Receiver<Access>,
+    /// An admin's pause, resume and next round.
+    pub commands: mpsc::Receiver<Command>,
 }
 
 /// Runs the federation until it completes, stops, or `controls.shutdown` resolves.
@@ -190,14 +214,14 @@ pub async fn run(
     options: ServerOptions,
     controls: Controls<impl Future<Output = ()>>,
 ) -> Result<RunOutcome, ServerError> {
-    let Controls { status: status_tx, shutdown, mut reload } = controls;
+    let Controls { status: status_tx, shutdown, mut reload, mut commands } = controls;
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     let mut enrolled = machine.settings().enrolled.clone();
     let shared = Arc::new(Shared {
         events: events_tx,
         enrolled: std::sync::RwLock::new(enrolled.clone()),
         pins: std::sync::RwLock::new(options.pins.clone()),
-        revoked: std::sync::RwLock::default(),
+        revoked: std::sync::RwLock::new(options.revoked.clone()),
         uploads: Semaphore::new(options.max_concurrent_uploads.max(1)),
         downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
@@ -220,6 +244,10 @@ pub async fn run(
     let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
     let mut next_conn_id = 0usize;
     let mut done_since: Option<Instant> = None;
+    machine.set_paused(Instant::now(), options.paused);
+    if options.paused {
+        warn!("the federation is paused (an admin's `admin pause`); `admin resume` starts rounds again");
+    }
     tokio::pin!(shutdown);
     publish(&status_tx, &machine, &connections, &enrolled);
     info!(
@@ -239,6 +267,25 @@ pub async fn run(
             }
             Some(ev) = events.recv() => {
                 handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks);
+            }
+            Some(Command { op, reply }) = commands.recv() => {
+                let now = Instant::now();
+                let result = match op {
+                    Op::Pause => {
+                        machine.set_paused(now, true);
+                        Ok(match machine.open_round() {
+                            Some(r) => format!("paused: round {r} goes on to its end; no round starts after it"),
+                            None => "paused: no round starts until resumed".to_owned(),
+                        })
+                    }
+                    Op::Resume => {
+                        machine.set_paused(now, false);
+                        Ok("resumed".to_owned())
+                    }
+                    Op::NextRound => machine.start_now(now).map(|r| format!("round {r} started")).map_err(|e| e.to_string()),
+                };
+                info!(?op, result = ?result, "admin control");
+                let _ = reply.send(result);
             }
             Some(access) = reload.recv() => {
                 endpoint.set_server_config(Some(access.quic));
@@ -500,6 +547,9 @@ fn publish(
     enrolled: &BTreeSet<SiteId>,
 ) {
     let (phase, open_round, offered, accepted) = match machine.phase() {
+        PhaseView::WaitingForQuorum { ready, needed } if machine.is_paused() => {
+            (format!("paused by an admin ({ready}/{needed} sites ready)"), None, 0, 0)
+        }
         PhaseView::WaitingForQuorum { ready, needed } => (format!("waiting for quorum ({ready}/{needed} sites ready)"), None, 0, 0),
         PhaseView::Collecting { round, offered, accepted, .. } => ("collecting updates".to_owned(), Some(round.0), offered, accepted),
         PhaseView::Checkpointing { round } => (format!("writing the checkpoint of round {round}"), None, 0, 0),
@@ -510,6 +560,7 @@ fn publish(
     connected.sort();
     tx.send_replace(StatusView {
         phase,
+        paused: machine.is_paused(),
         open_round,
         completed_rounds: machine.completed_rounds(),
         total_rounds: machine.settings().total_rounds,

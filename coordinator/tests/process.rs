@@ -349,3 +349,96 @@ async fn the_coordinators_certificate_is_rotated_on_sighup_without_a_restart() -
     assert!(alpha.conn.close_reason().is_none(), "the live connection goes on");
     Ok(())
 }
+
+/// `fedward-coordinator admin ARGS` against `url`: whether it succeeded, and what it
+/// printed (standard output, then standard error).
+fn admin(url: &str, ca: &str, token_file: Option<&std::path::Path>, args: &[&str]) -> Result<(bool, String)> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"));
+    cmd.arg("admin").args(args).args(["--url", url, "--ca-cert", ca]).env_remove("FEDWARD_ADMIN_TOKEN");
+    if let Some(f) = token_file {
+        cmd.arg("--token-file").arg(f);
+    }
+    let out = cmd.output()?;
+    Ok((out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))))
+}
+
+/// Issue 19, item 4: the admin endpoints over HTTPS with tokens; an auditor reads the ledger
+/// and the status and cannot control; an admin pauses, starts a round by hand and suspends
+/// a site while the federation runs; every control request is in the chained audit log.
+#[tokio::test]
+async fn admin_tokens_and_roles_control_a_running_federation() -> Result<()> {
+    use fedward_shared::wire::{Message, Ready};
+    let sites = vec!["alpha".to_owned(), "beta".to_owned()];
+    let c = Consortium::new(&minilm_embedding_model(), "head", &sites, 1, 3, "[aggregation]\nmax_update_norm = 10.0\n")?;
+    let p = c.dir.path();
+    let tokens = p.join("admin-tokens");
+    let tokens_arg = tokens.to_str().context("utf-8")?;
+    let mut token_files = Vec::new();
+    for (name, role) in [("alice", "admin"), ("audit-office", "auditor")] {
+        let token = cli(&["admin", "token", "add", "--tokens", tokens_arg, "--name", name, "--role", role])?;
+        let file = p.join(format!("{name}.token"));
+        fedward_shared::fsutil::write_private_new(&file, token.trim().as_bytes())?;
+        token_files.push(file);
+    }
+    assert!(!std::fs::read_to_string(&tokens)?.contains(std::fs::read_to_string(&token_files[0])?.trim()), "only hashes are kept");
+    let wrong = p.join("wrong.token");
+    fedward_shared::fsutil::write_private_new(&wrong, b"fwt_00000000")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = std::fs::read_to_string(&c.config)?.replace("[server]\n", &format!("[server]\nadmin_listen = \"127.0.0.1:{port}\"\n"))
+        + &format!("\n[admin]\ntokens = \"{tokens_arg}\"\nhttps = true\n");
+    std::fs::write(&c.config, config)?;
+    let coordinator = CoordinatorProcess::start(&c)?;
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = p.join("pki/ca.crt");
+    let ca = ca.to_str().context("utf-8")?;
+    let (alice, auditor) = (Some(token_files[0].as_path()), Some(token_files[1].as_path()));
+
+    // No token, a wrong one, or the clear-text port: refused.
+    let (ok, said) = admin(&url, ca, None, &["status"])?;
+    assert!(!ok && said.contains("401"), "{said}");
+    let (ok, said) = admin(&url, ca, Some(&wrong), &["status"])?;
+    assert!(!ok && said.contains("unknown token"), "{said}");
+    assert!(!admin(&format!("http://127.0.0.1:{port}"), ca, alice, &["status"])?.0, "no clear text on an HTTPS port");
+    // The auditor reads, and cannot pause.
+    let (ok, said) = admin(&url, ca, auditor, &["status"])?;
+    assert!(ok && said.contains("\"enrolled\""), "{said}");
+    assert!(admin(&url, ca, auditor, &["ledger"])?.0);
+    let (ok, said) = admin(&url, ca, auditor, &["pause"])?;
+    assert!(!ok && said.contains("403") && said.contains("auditor"), "{said}");
+
+    // The admin pauses: a ready site waits although the quorum (1) is there.
+    let (ok, said) = admin(&url, ca, alice, &["pause"])?;
+    assert!(ok && said.contains("paused"), "{said}");
+    let alpha = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
+    let beta = support::HandSite::connect(c.addr, c.site_tls("beta")?, 1).await?;
+    let ready = async { alpha.request(&Message::Ready(Ready { have_model: None })).await };
+    tokio::pin!(ready);
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(300), &mut ready).await.is_err(), "paused: no offer");
+    // One round by hand: the pending ready gets its offer.
+    let (ok, said) = admin(&url, ca, alice, &["next-round"])?;
+    assert!(ok && said.contains("round 1 started"), "{said}");
+    assert!(matches!(ready.await?, Message::RoundOffer(o) if o.round.0 == 1));
+    // Beta is suspended while the round runs: its connection is closed, alpha's goes on.
+    let (ok, said) = admin(&url, ca, alice, &["suspend", "beta"])?;
+    assert!(ok && said.contains("suspended"), "{said}");
+    assert!(closed_with(&beta).await.contains("no longer enrolled"));
+    assert!(alpha.conn.close_reason().is_none());
+    let status = admin(&url, ca, auditor, &["status"])?.1;
+    assert!(status.contains("\"paused\":true") && !status.contains("\"beta\""), "{status}");
+
+    // The log: the auditor's refused pause and the admin's three actions, chained.
+    let (ok, log) = admin(&url, ca, auditor, &["log"])?;
+    assert!(ok);
+    assert_eq!(fedward_shared::access::verify_chain(&log)?.0, 7, "{log}");
+    assert!(log.contains("\"who\":\"audit-office\"") && log.contains("refused: needs the admin role"), "{log}");
+    for action in ["\"pause\"", "\"nextround\"", "\"suspend\""] {
+        assert!(log.contains(action), "{action}: {log}");
+    }
+    // The pause outlives a restart.
+    alpha.conn.close(0u32.into(), b"test done");
+    assert!(coordinator.terminate()?.success());
+    let _again = CoordinatorProcess::start(&c)?;
+    let status = admin(&url, ca, auditor, &["status"])?.1;
+    assert!(status.contains("\"paused\":true"), "{status}");
+    Ok(())
+}

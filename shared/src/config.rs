@@ -62,6 +62,25 @@ pub struct RawCoordinatorConfig {
     pub aggregation: RawAggregation,
     #[serde(default)]
     pub transport: RawTransport,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+/// Who may use the admin endpoints (`server.admin_listen`); see [`crate::access`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// The tokens file (`name role sha256`, 0600), written by `fedward-coordinator admin
+    /// token add`.
+    pub tokens: Option<PathBuf>,
+    /// Serve the admin endpoints over HTTPS with the coordinator's certificate. Always on
+    /// when `admin_listen` is not a loopback address.
+    #[serde(default)]
+    pub https: bool,
+    /// Answer anyone who reaches the port, without a token: only for a loopback address on
+    /// a machine whose every local user may see and control the federation (a demo).
+    #[serde(default)]
+    pub unauthenticated_loopback: bool,
 }
 
 /// Timeouts and rates of the QUIC transport, the same keys at the coordinator and the agent.
@@ -230,8 +249,8 @@ pub struct RawLedger {
 pub struct RawServer {
     pub listen: String,
     pub state_dir: PathBuf,
-    /// Dashboard and health endpoints (HTTP, loopback only until admin access is
-    /// authenticated).
+    /// Dashboard, control and health endpoints (HTTP on loopback, HTTPS elsewhere; see
+    /// `[admin]`).
     pub admin_listen: Option<String>,
     /// Handshakes in progress at once, from anyone.
     #[serde(default = "default_max_handshakes")]
@@ -503,6 +522,10 @@ pub struct Site {
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// The admin tokens file; `None` only for an unauthenticated loopback endpoint.
+    pub admin_tokens: Option<PathBuf>,
+    /// HTTPS on the admin endpoint (with the coordinator's certificate).
+    pub admin_https: bool,
     pub state_dir: PathBuf,
     pub tls: TlsPaths,
     pub rounds: u64,
@@ -579,14 +602,29 @@ impl CoordinatorConfig {
         if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
             return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
         }
+        let admin_tokens = raw.admin.tokens.map(|p| resolve(base_dir, p));
+        let mut admin_https = raw.admin.https;
         if let Some(admin) = admin_listen {
+            if raw.admin.unauthenticated_loopback && admin_tokens.is_some() {
+                return Err(invalid("admin.unauthenticated_loopback", "set either admin.tokens or unauthenticated_loopback, not both"));
+            }
             if !admin.ip().is_loopback() {
+                if admin_tokens.is_none() {
+                    return Err(invalid(
+                        "admin.tokens",
+                        format!(
+                            "{admin} is not a loopback address: the admin endpoints need tokens there (create them with \
+                             `fedward-coordinator admin token add --tokens FILE --name NAME --role admin`)"
+                        ),
+                    ));
+                }
+                // Tokens never cross a network in the clear.
+                admin_https = true;
+            } else if admin_tokens.is_none() && !raw.admin.unauthenticated_loopback {
                 return Err(invalid(
-                    "server.admin_listen",
-                    format!(
-                        "{admin} is not a loopback address: the admin endpoints have no authentication yet, so they may listen on \
-                         127.0.0.1 or [::1] only (reach them from elsewhere through an SSH tunnel or an authenticating proxy)"
-                    ),
+                    "admin.tokens",
+                    "the admin endpoints need [admin] tokens = FILE (see `fedward-coordinator admin token add`), or, on a \
+                     loopback address whose local users may all control the federation, unauthenticated_loopback = true",
                 ));
             }
         }
@@ -608,6 +646,8 @@ impl CoordinatorConfig {
         Ok(Self {
             listen,
             admin_listen,
+            admin_tokens,
+            admin_https,
             state_dir,
             tls,
             rounds: raw.federation.rounds,
@@ -1052,6 +1092,27 @@ name = "Hospital B"
         let coordinator = CoordinatorConfig::parse(include_str!("../../deploy/config/coordinator.toml"), Path::new("/")).unwrap();
         assert_eq!(coordinator.plan.trainable.to_string(), "lora:8");
         AgentConfig::parse(include_str!("../../deploy/config/agent.toml"), Path::new("/")).unwrap();
+    }
+
+    #[test]
+    fn admin_endpoints_are_never_open_beyond_loopback() {
+        let with = |server: &str, admin: &str| format!("{}\n[admin]\n{admin}\n", COORD.replace("[server]", &format!("[server]\n{server}")));
+        let parse = |text: &str| CoordinatorConfig::parse(text, Path::new("/etc/fedward"));
+        // Loopback: tokens, or the explicit unauthenticated mode; neither is refused.
+        let c = parse(&with("admin_listen = \"127.0.0.1:7080\"", "tokens = \"admin-tokens\"")).unwrap();
+        assert_eq!(c.admin_tokens.as_deref(), Some(Path::new("/etc/fedward/admin-tokens")));
+        assert!(!c.admin_https);
+        let c = parse(&with("admin_listen = \"[::1]:7080\"", "unauthenticated_loopback = true")).unwrap();
+        assert!(c.admin_tokens.is_none());
+        let err = parse(&with("admin_listen = \"127.0.0.1:7080\"", "")).unwrap_err();
+        assert!(err.to_string().contains("admin.tokens"), "{err}");
+        // Elsewhere: tokens required, unauthenticated impossible, and always HTTPS.
+        let err = parse(&with("admin_listen = \"0.0.0.0:7080\"", "unauthenticated_loopback = true")).unwrap_err();
+        assert!(err.to_string().contains("not a loopback address"), "{err}");
+        let c = parse(&with("admin_listen = \"10.1.2.3:7080\"", "tokens = \"t\"")).unwrap();
+        assert!(c.admin_https);
+        let err = parse(&with("admin_listen = \"127.0.0.1:7080\"", "tokens = \"t\"\nunauthenticated_loopback = true")).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! This crate links no async runtime, no network stack and no ML framework: the agent,
 //! the coordinator and the models crate all build on it, and it depends on none of them.
 
+pub mod access;
 pub mod audit;
 pub mod checkpoint;
 pub mod cli;

@@ -72,6 +72,28 @@ pub fn server_config(m: &TlsMaterial<'_>, crl_pem: Option<&[u8]>) -> Result<rust
     Ok(cfg)
 }
 
+/// The admin endpoints' HTTPS: the coordinator's own certificate, TLS 1.3, no client
+/// certificate (callers present a bearer token inside the connection).
+pub fn admin_server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs(cert_pem, "server certificate")?, key(key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// What `fedward-coordinator admin` trusts when it calls the admin endpoints over HTTPS:
+/// the consortium CA only.
+pub fn admin_client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca_pem)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// The agent's TLS config: presents the site certificate, trusts only the consortium CA.
 pub fn client_config(m: &TlsMaterial<'_>) -> Result<rustls::ClientConfig, TlsError> {
     let roots = root_store(m.ca_pem)?;

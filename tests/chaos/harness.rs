@@ -233,6 +233,9 @@ listen = "127.0.0.1:{port}"
 state_dir = "{state}"
 admin_listen = "127.0.0.1:{admin_port}"
 
+[admin]
+unauthenticated_loopback = true
+
 [tls]
 ca_cert = "{ca}/ca.crt"
 cert = "{ca}/coordinator.crt"

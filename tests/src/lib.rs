@@ -223,14 +223,18 @@ impl CoordinatorHandle {
             transport: spec.transport,
             admission: spec.admission,
             pins: Default::default(),
+            revoked: Default::default(),
+            paused: false,
         };
         runtime.spawn(async move {
             let shutdown = async {
                 let _ = shutdown_rx.await;
             };
-            // No reloads here: the sender is dropped, so that branch never fires.
+            // No reloads or admin commands here: the senders are dropped, so those
+            // branches never fire.
             let (_, reload) = tokio::sync::mpsc::channel(1);
-            let controls = server::Controls { status: status_tx, shutdown, reload };
+            let (_, commands) = tokio::sync::mpsc::channel(1);
+            let controls = server::Controls { status: status_tx, shutdown, reload, commands };
             let outcome = server::run(endpoint, machine, store, ledger, options, controls).await.expect("server run");
             let _ = result_tx.send(outcome);
         });

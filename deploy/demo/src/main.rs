@@ -493,6 +493,7 @@ fn federate(
     let state_dir = dir.join("coordinator");
     let coordinator_toml = dir.join("coordinator.toml");
     fs::write(&coordinator_toml, coordinator_config(args, out, base, &state_dir, quic_port, admin_port, dp.as_ref()))?;
+    let admin_token = write_admin_token(&dir)?;
     let mut children: Vec<(String, Child)> = Vec::new();
     let result = (|| {
         let log = format!("{name}-coordinator");
@@ -506,7 +507,8 @@ fn federate(
             ));
         }
         println!(
-            "  coordinator on 127.0.0.1:{quic_port} (QUIC), dashboard http://127.0.0.1:{admin_port}/; logs in {}",
+            "  coordinator on 127.0.0.1:{quic_port} (QUIC), dashboard http://127.0.0.1:{admin_port}/ (any user name, the token in {} as the password); logs in {}",
+            admin_token.display(),
             tools.logs.display()
         );
         watch(&state_dir, scorer, &mut children, planned_rounds)
@@ -618,6 +620,21 @@ fn free_tcp_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// An admin token for the run's dashboard and control API: the coordinator's tokens file
+/// (`admin-tokens`, its hash) and the token itself (`admin.token`), both 0600.
+fn write_admin_token(run_dir: &Path) -> Result<PathBuf> {
+    use std::io::Read as _;
+    let mut secret = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+    let token = format!("{}{}", fedward_shared::access::TOKEN_PREFIX, secret.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut tokens = fedward_shared::access::Tokens::default();
+    tokens.add("demo-admin", fedward_shared::access::Role::Admin, &token)?;
+    fedward_shared::fsutil::atomic_write(&run_dir.join("admin-tokens"), tokens.render().as_bytes(), true)?;
+    let token_file = run_dir.join("admin.token");
+    fedward_shared::fsutil::atomic_write(&token_file, token.as_bytes(), true)?;
+    Ok(token_file)
+}
+
 fn coordinator_config(
     args: &Args,
     out: &Path,
@@ -648,6 +665,9 @@ fn coordinator_config(
 listen = "127.0.0.1:{port}"
 state_dir = "{state}"
 admin_listen = "127.0.0.1:{admin_port}"
+
+[admin]
+tokens = "{tokens}"
 
 [tls]
 ca_cert = "{ca}/ca.crt"
@@ -680,6 +700,7 @@ seed = {seed}
 {privacy}
 {sites}"#,
         state = state_dir.display(),
+        tokens = state_dir.with_file_name("admin-tokens").display(),
         ca = ca.display(),
         rounds = rounds_of(args, dp),
         n_sites = SITES.len(),
