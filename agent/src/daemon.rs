@@ -64,6 +64,9 @@ pub struct DaemonOptions {
     pub max_model_bytes: usize,
     /// Seed of the backoff jitter and, in tests only, of DP noise; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// Renew the certificate over the connection before it expires (`None`: never; the
+    /// site renews by hand).
+    pub renewal: Option<crate::renew::RenewalFiles>,
     /// Fault injection for tests: stop as if the process died right after the ledger
     /// recorded an update and before it is sent. Always `false` in production.
     #[doc(hidden)]
@@ -118,6 +121,8 @@ enum SessionEnd {
     LedgerBehind(String),
     /// The test hook stopped the agent after recording round `0`.
     Fault(u64),
+    /// A renewed certificate is installed: reconnect with it at once.
+    Renewed,
 }
 
 const MODEL_CACHE: &str = "global-model.safetensors";
@@ -142,6 +147,9 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     // coordinator says back (its ledger records releases under this one).
     let site = own_site(&opts.tls).map_err(DaemonError::Misconfigured)?;
     warn_of_expiry(&opts.tls);
+    // Replaced when the certificate is renewed.
+    let mut tls = opts.tls.clone();
+    let mut renewal = RenewalState::default();
     let ledger = open_ledger(&opts)?;
     let released = load_released(&opts);
     let mut state = AgentState {
@@ -156,8 +164,27 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     loop {
         let attempt = tokio::select! {
             () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
-            end = connect_and_serve(&opts, &site, &mut state, &mut rng, &mut failures) => end,
+            end = connect_and_serve(&opts, &tls, &site, &mut state, &mut renewal, &mut rng, &mut failures) => end,
         };
+        // However the session ended, the next connection presents the renewed certificate.
+        if renewal.installed {
+            let files = opts.renewal.as_ref().expect("installed only with renewal files");
+            let rebuilt = reload_tls(files).and_then(|t| match own_site(&t) {
+                Ok(s) if s == site => Ok(t),
+                Ok(s) => Err(format!("the renewed certificate names {s}, not {site}")),
+                Err(e) => Err(e),
+            });
+            match rebuilt {
+                Ok(t) => {
+                    tls = Arc::new(t);
+                    renewal = RenewalState::default();
+                    info!("the next connection presents the renewed certificate");
+                }
+                // The files were checked before they were installed; if they cannot be read
+                // back the site's set-up is broken.
+                Err(e) => return Err(DaemonError::Misconfigured(format!("the renewed certificate: {e}"))),
+            }
+        }
         match attempt {
             Ok(SessionEnd::Finished { completed_rounds }) => {
                 info!(completed_rounds, rounds_trained = state.rounds_trained, "federation finished");
@@ -183,6 +210,8 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
                 return Err(DaemonError::LedgerBehind(reason));
             }
             Ok(SessionEnd::Fault(round)) => return Err(DaemonError::InjectedFault(round)),
+            // Reconnects at once, with the certificate installed below.
+            Ok(SessionEnd::Renewed) => {}
             Ok(SessionEnd::Lost(cause)) | Err(cause) => {
                 failures += 1;
                 if opts.max_connect_attempts > 0 && failures >= opts.max_connect_attempts {
@@ -291,8 +320,10 @@ async fn resolve(addr: &str) -> Result<SocketAddr, DaemonError> {
 
 async fn connect_and_serve(
     opts: &DaemonOptions,
+    tls: &Arc<rustls::ClientConfig>,
     site: &SiteId,
     state: &mut AgentState,
+    renewal: &mut RenewalState,
     rng: &mut rand_chacha::ChaCha20Rng,
     failures: &mut u32,
 ) -> Result<SessionEnd, String> {
@@ -305,7 +336,7 @@ async fn connect_and_serve(
         }
         Err(e) => return Err(e.to_string()),
     };
-    let endpoint = client_endpoint(remote, (*opts.tls).clone(), &opts.transport).map_err(|e| format!("endpoint: {e}"))?;
+    let endpoint = client_endpoint(remote, (**tls).clone(), &opts.transport).map_err(|e| format!("endpoint: {e}"))?;
     let connecting = endpoint.connect(remote, &opts.server_name).map_err(|e| format!("connect: {e}"))?;
     let conn = match connecting.await {
         Ok(c) => c,
@@ -341,8 +372,8 @@ async fn connect_and_serve(
     let span = info_span!("agent", site = %site);
     let end = async {
         info!(completed = welcome.completed_rounds, total = welcome.total_rounds, "admitted by the coordinator");
-        warn_of_expiry(&opts.tls);
-        serve(&conn, opts, state, rng, site).await
+        warn_of_expiry(tls);
+        serve(&conn, opts, tls, state, renewal, rng, site).await
     }
     .instrument(span)
     .await;
@@ -362,13 +393,39 @@ fn hello() -> Hello {
 async fn serve(
     conn: &quinn::Connection,
     opts: &DaemonOptions,
+    tls: &rustls::ClientConfig,
     state: &mut AgentState,
+    renewal: &mut RenewalState,
     rng: &mut rand_chacha::ChaCha20Rng,
     site: &SiteId,
 ) -> SessionEnd {
     loop {
+        // A certificate renewed while this connection waited is taken into use here,
+        // between rounds: the offer that may have crossed the renewal is answered first.
+        if renewal.installed {
+            return SessionEnd::Renewed;
+        }
         let have_model = state.cache.as_ref().map(TensorSet::digest);
-        let offer = match request(conn, &Message::Ready(Ready { have_model }), None).await {
+        // While waiting for the next offer, the certificate is renewed when due; the wait
+        // goes on either way.
+        let ready_msg = Message::Ready(Ready { have_model });
+        let ready = request(conn, &ready_msg, None);
+        tokio::pin!(ready);
+        let answer = loop {
+            let due = opts.renewal.as_ref().and_then(|_| renewal.next_attempt(tls));
+            tokio::select! {
+                answer = &mut ready => break answer,
+                () = sleep_until_opt(due), if due.is_some() => {
+                    let files = opts.renewal.as_ref().expect("due only with renewal files");
+                    match renew(conn, opts, files, site, renewal).await {
+                        Ok(true) => renewal.installed = true,
+                        Ok(false) => {}
+                        Err(end) => return end,
+                    }
+                }
+            }
+        };
+        let offer = match answer {
             Ok(Message::RoundOffer(o)) => o,
             Ok(Message::Finished(f)) => return SessionEnd::Finished { completed_rounds: f.completed_rounds },
             Ok(Message::Reject(r)) => return SessionEnd::Lost(format!("ready refused: {r}")),
@@ -692,6 +749,101 @@ async fn send_decline(
     }
 }
 
+/// When the next renewal attempt is due: set from the certificate, pushed back after an
+/// attempt that could not finish (waiting for approval, or no issuing CA).
+#[derive(Debug, Default)]
+struct RenewalState {
+    not_before: Option<tokio::time::Instant>,
+    /// A renewed certificate is on disk; the connection still uses the old one.
+    installed: bool,
+}
+
+/// Asking again for a request that waits for an admin's approval.
+const RENEWAL_POLL: Duration = Duration::from_secs(60);
+/// Asking again after a coordinator could not renew.
+const RENEWAL_RETRY: Duration = Duration::from_secs(3600);
+
+impl RenewalState {
+    fn next_attempt(&self, tls: &rustls::ClientConfig) -> Option<tokio::time::Instant> {
+        if self.installed {
+            return None;
+        }
+        let info = own_certificate(tls).ok().and_then(|der| fedward_shared::pki::cert_info(&der).ok())?;
+        let due = crate::session::renewal_due(info.not_before, info.not_after);
+        let wait = Duration::try_from(due - now()).unwrap_or(Duration::ZERO);
+        let at = tokio::time::Instant::now() + wait;
+        Some(self.not_before.map_or(at, |nb| nb.max(at)))
+    }
+
+    fn retry_in(&mut self, wait: Duration) {
+        self.not_before = Some(tokio::time::Instant::now() + wait);
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One renewal attempt over the connection: `Ok(true)` when a new certificate is installed.
+async fn renew(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    files: &crate::renew::RenewalFiles,
+    site: &SiteId,
+    renewal: &mut RenewalState,
+) -> Result<bool, SessionEnd> {
+    let (state_dir, who) = (opts.state_dir.clone(), site.clone());
+    let made = tokio::task::spawn_blocking(move || crate::renew::pending_request(&state_dir, &who)).await;
+    let (key_pem, csr_pem) = match made {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            error!(cause = %e, "could not make a key for the certificate renewal");
+            renewal.retry_in(RENEWAL_RETRY);
+            return Ok(false);
+        }
+        Err(e) => return Err(SessionEnd::Fatal(format!("renewal task: {e}"))),
+    };
+    info!("renewing this site's certificate: a new key made here, its signing request sent to the coordinator");
+    match request(conn, &Message::Renew(wire::RenewRequest { csr_pem }), Some(opts.transport.request_timeout)).await {
+        Ok(Message::Renewed(wire::Renewed { chain_pem: Some(chain) })) => {
+            match crate::renew::install(files, &opts.state_dir, site, &key_pem, &chain) {
+                Ok((serial, not_after)) => {
+                    info!(%serial, %not_after, "installed the renewed certificate");
+                    Ok(true)
+                }
+                Err(e) => {
+                    error!(cause = %e, "the coordinator's renewed certificate was not installed");
+                    renewal.retry_in(RENEWAL_RETRY);
+                    Ok(false)
+                }
+            }
+        }
+        Ok(Message::Renewed(wire::Renewed { chain_pem: None })) => {
+            warn!("the certificate renewal waits for the consortium admin's approval (pki approve); asking again in a minute");
+            renewal.retry_in(RENEWAL_POLL);
+            Ok(false)
+        }
+        Ok(Message::Reject(r)) => {
+            error!(reason = %r, "the coordinator did not renew this site's certificate; renew it by hand before it expires");
+            renewal.retry_in(RENEWAL_RETRY);
+            Ok(false)
+        }
+        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to a renewal: {}", other.kind()))),
+        Err(e) => Err(stream_failure(conn, e)),
+    }
+}
+
+/// The TLS configuration from the (renewed) files.
+fn reload_tls(files: &crate::renew::RenewalFiles) -> Result<rustls::ClientConfig, String> {
+    let cert = fsutil::read(&files.cert).map_err(|e| e.to_string())?;
+    let key = fsutil::read_private_key(&files.key).map_err(|e| e.to_string())?;
+    fedward_shared::tls::client_config(&fedward_shared::tls::TlsMaterial { ca_pem: &files.ca_pem, cert_pem: &cert, key_pem: &key })
+        .map_err(|e| e.to_string())
+}
+
 /// The certificate this agent presents (the one its TLS configuration would send), DER.
 fn own_certificate(tls: &rustls::ClientConfig) -> Result<Vec<u8>, String> {
     let key = tls
@@ -709,8 +861,8 @@ fn own_site(tls: &rustls::ClientConfig) -> Result<SiteId, String> {
 
 /// Logs, at error level, a certificate that has expired or soon will.
 fn warn_of_expiry(tls: &rustls::ClientConfig) {
-    let not_after = own_certificate(tls).ok().and_then(|der| fedward_shared::pki::cert_info(&der).ok()).map(|c| c.not_after);
-    if let Some(warning) = not_after.and_then(|t| certificate_warning(now(), t)) {
+    let info = own_certificate(tls).ok().and_then(|der| fedward_shared::pki::cert_info(&der).ok());
+    if let Some(warning) = info.and_then(|c| certificate_warning(now(), c.not_before, c.not_after)) {
         error!("{warning}");
     }
 }

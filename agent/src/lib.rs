@@ -8,5 +8,6 @@ pub mod baseline;
 pub mod daemon;
 pub mod outbox;
 pub mod privacy;
+pub mod renew;
 pub mod session;
 pub mod trainer;

@@ -394,6 +394,9 @@ fn client_tls(cfg: &AgentConfig) -> Result<rustls::ClientConfig> {
 
 async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
     let shutdown = fedward_net::shutdown_signal();
+    if fedward_agent::renew::finish_interrupted_install(&cfg.tls.cert, &cfg.tls.key)? {
+        tracing::warn!("completed the install of a renewed certificate that a stop interrupted");
+    }
     let tls = client_tls(&cfg)?;
     let trainer = fedward_agent::trainer::build(&cfg).context("preparing local training")?;
     let opts = DaemonOptions {
@@ -408,6 +411,15 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         transport: cfg.transport,
         max_model_bytes: cfg.max_model_bytes,
         seed: None,
+        renewal: if cfg.auto_renew {
+            Some(fedward_agent::renew::RenewalFiles {
+                cert: cfg.tls.cert.clone(),
+                key: cfg.tls.key.clone(),
+                ca_pem: fsutil::read(&cfg.tls.ca_cert)?,
+            })
+        } else {
+            None
+        },
         fail_after_ledger_write: false,
     };
     info!(coordinator = %cfg.coordinator_addr, "agent starting");

@@ -156,23 +156,35 @@ pub fn prior_release(offer: &RoundOffer, last: Option<&ReleaseRecord>, cached: O
     }
 }
 
-/// How long before its certificate expires a site is warned, at every (re)connection.
+/// How long before its certificate expires a site is warned, at every (re)connection, at
+/// most: a short-lived certificate is warned about in its last quarter instead, after the
+/// renewal at its last third ([`renewal_due`]) should have replaced it.
 pub const CERTIFICATE_WARNING: time::Duration = time::Duration::days(14);
 
-/// The warning a site whose certificate runs out within [`CERTIFICATE_WARNING`] logs
-/// (loudly: when it lapses the coordinator closes the connection and refuses it).
-pub fn certificate_warning(now: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Option<String> {
+/// The warning a site whose certificate (valid `not_before` to `not_after`) runs out
+/// soon logs, loudly: when it lapses the coordinator closes the connection and refuses it.
+pub fn certificate_warning(now: time::OffsetDateTime, not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Option<String> {
     let left = not_after - now;
+    let threshold = CERTIFICATE_WARNING.min((not_after - not_before) / 4);
     if left <= time::Duration::ZERO {
         Some(format!("this site's certificate expired at {not_after}: the coordinator will refuse it; renew it (fedward-agent pki request, then the admin's pki sign)"))
-    } else if left <= CERTIFICATE_WARNING {
+    } else if left <= threshold {
         Some(format!(
-            "this site's certificate expires in {} day(s), at {not_after}: renew it before then (fedward-agent pki request, then the admin's pki sign), or the coordinator will close the connection and refuse it",
-            left.whole_days()
+            "this site's certificate expires in {} ({not_after}) and was not renewed automatically: check the agent's log for the \
+             renewal's failure, or renew it by hand (fedward-agent pki request, then the admin's pki sign); at expiry the coordinator \
+             closes the connection and refuses it",
+            humantime::format_duration(std::time::Duration::from_secs(left.whole_seconds().max(0) as u64))
         ))
     } else {
         None
     }
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed: once two thirds
+/// of its life are over (kubelet rotates at 70-90%), so a renewal that fails has a third
+/// of the lifetime to be retried and noticed.
+pub fn renewal_due(not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> time::OffsetDateTime {
+    not_after - (not_after - not_before) / 3
 }
 
 /// A coordinator that greets this agent as another site than its certificate names is not
@@ -484,9 +496,17 @@ mod tests {
     #[test]
     fn a_certificate_near_its_end_is_warned_about() {
         let now = time::OffsetDateTime::now_utc();
-        assert_eq!(certificate_warning(now, now + time::Duration::days(30)), None);
-        assert!(certificate_warning(now, now + time::Duration::days(3)).unwrap().contains("expires in 3 day(s)"));
-        assert!(certificate_warning(now, now - time::Duration::hours(1)).unwrap().contains("expired at"));
+        let days = time::Duration::days;
+        // A year's certificate: warned in its last 14 days.
+        let issued = now - days(300);
+        assert_eq!(certificate_warning(now, issued, now + days(30)), None);
+        assert!(certificate_warning(now, issued, now + days(3)).unwrap().contains("expires in 3days"));
+        assert!(certificate_warning(now, issued, now - time::Duration::hours(1)).unwrap().contains("expired at"));
+        // A 30-day certificate: renewed with 10 days left, warned with 7.5 left.
+        let issued = now - days(20);
+        assert_eq!(renewal_due(issued, now + days(10)), now);
+        assert_eq!(certificate_warning(now, issued, now + days(10)), None);
+        assert!(certificate_warning(now, issued, now + days(7)).unwrap().contains("not renewed automatically"));
     }
 
     #[test]

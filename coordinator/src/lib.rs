@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod control;
 pub mod gate;
 pub mod ledger;
+pub mod renewal;
 pub mod round;
 pub mod server;
 pub mod startup;

@@ -219,8 +219,9 @@ enum PkiCommand {
         /// Where to write the signed certificate.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 397)]
+        /// Validity in days: short, because agents renew over their connection before
+        /// expiry (`[renewal]` at the coordinator).
+        #[arg(long, default_value_t = 30)]
         days: u32,
     },
     /// Issue a new server certificate for the coordinator (rotation before the old one
@@ -261,6 +262,32 @@ enum PkiCommand {
         /// Why: unspecified, key-compromise, superseded or cessation-of-operation.
         #[arg(long, default_value = "unspecified", value_parser = clap::builder::PossibleValuesParser::new(pki::REVOCATION_REASONS))]
         reason: String,
+    },
+    /// Issue a new online issuing CA (rotation before the old one expires, or after its
+    /// key was exposed): writes issuing.crt and issuing.key into --out-dir. Run where the
+    /// root key is; install them where `[renewal]` points and restart the coordinator.
+    /// Certificates the old one issued stay valid until they expire (both chain to the root).
+    Issuing {
+        /// Directory holding ca.crt and ca.key (the root).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "fedward consortium")]
+        consortium: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+    },
+    /// List the certificate renewals waiting for approval (`[renewal] approval = true`).
+    Pending(ConfigFile),
+    /// Approve a site's waiting renewal: the issuing CA signs it, and the agent collects the
+    /// certificate the next time it asks (within minutes).
+    Approve {
+        #[command(flatten)]
+        file: ConfigFile,
+        #[arg(long)]
+        site: SiteId,
     },
     /// Print a certificate's subject, names, issuer and validity.
     Show {
@@ -546,7 +573,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
     let shutdown = fedward_net::shutdown_signal();
     // Installed before anything slow: SIGHUP's default action would end the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let (tls_cfg, _) = load_tls(&cfg)?;
+    let (tls_cfg, crl_serials) = load_tls(&cfg)?;
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
     let mut store = Store::open_exclusive(&cfg.state_dir)?;
@@ -603,7 +630,17 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
     let reset_secret = store.reset_secret()?;
     let endpoint = fedward_net::server_endpoint(cfg.listen, tls_cfg, &cfg.transport, &cfg.admission, &reset_secret)
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let (status_tx, status_rx) = watch::channel(StatusView::default());
+    // What the admin endpoints show until the server publishes its own view.
+    let starting = StatusView {
+        phase: "starting".to_owned(),
+        paused: control.paused,
+        completed_rounds: machine.completed_rounds(),
+        total_rounds: cfg.rounds,
+        enrolled: machine.settings().enrolled.iter().map(ToString::to_string).collect(),
+        model_digest: machine.model_digest().to_hex(),
+        ..StatusView::default()
+    };
+    let (status_tx, status_rx) = watch::channel(starting);
     let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(8);
     let (reload_requests_tx, reload_requests_rx) = tokio::sync::mpsc::channel(8);
     if let Some(addr) = cfg.admin_listen {
@@ -643,8 +680,15 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         transport: cfg.transport,
         admission: cfg.admission,
         pins: control.pins(pins(&cfg)),
-        revoked: control.revoked_serials().map_err(anyhow::Error::msg)?,
+        // The CRL's too: a certificate the issuing CA renewed is not the root CRL's to check.
+        revoked: crl_serials.into_iter().chain(control.revoked_serials().map_err(anyhow::Error::msg)?).collect(),
         paused: control.paused,
+        renewal: match &cfg.renewal {
+            Some(r) => Some(std::sync::Arc::new(
+                fedward_coordinator::renewal::Issuer::load(r, &cfg.state_dir).context("the issuing CA ([renewal])")?,
+            )),
+            None => None,
+        },
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     spawn_reloader(hup, config_path, reload_requests_rx, reload_tx);
@@ -702,16 +746,58 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
     match cmd {
         PkiCommand::Init { dir, consortium, server_names, server_ips, ca_days, days } => {
             let ca = pki::create_ca(&consortium, Validity::days_from(now(), ca_days), serial())?;
+            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), ca_days.min(730)), serial())?;
             let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), serial())?;
             fsutil::write_private_new(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
             fsutil::write_public_new(&dir.join("ca.crt"), ca.cert_pem.as_bytes())?;
+            fsutil::write_private_new(&dir.join("issuing.key"), issuing.key_pem.as_bytes())?;
+            fsutil::write_public_new(&dir.join("issuing.crt"), issuing.cert_pem.as_bytes())?;
             fsutil::write_private_new(&dir.join("coordinator.key"), server.key_pem.as_bytes())?;
             fsutil::write_public_new(&dir.join("coordinator.crt"), server.cert_pem.as_bytes())?;
             println!("created the consortium CA and the coordinator certificate in {}", dir.display());
             println!("  ca.crt          give to every site (public)");
-            println!("  ca.key          keep offline; needed only to sign site certificates (0600)");
+            println!("  ca.key          the root: keep offline; signs first site certificates and issuing CAs (0600)");
+            println!("  issuing.*       the online issuing CA: put on the coordinator for [renewal] (sites renew by themselves)");
             println!("  coordinator.*   the coordinator's TLS identity for {}", server_names.join(", "));
             ledger_keygen(&dir)
+        }
+        PkiCommand::Issuing { ca_dir, out_dir, consortium, days } => {
+            let ca = CertifiedKey {
+                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
+                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
+            };
+            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), days), serial())?;
+            fsutil::write_private_new(&out_dir.join("issuing.key"), issuing.key_pem.as_bytes())?;
+            fsutil::write_public_new(&out_dir.join("issuing.crt"), issuing.cert_pem.as_bytes())?;
+            println!(
+                "issued a new issuing CA in {} (valid {days} days); install it where [renewal] points and restart the coordinator",
+                out_dir.display()
+            );
+            Ok(())
+        }
+        PkiCommand::Pending(ConfigFile { config }) => {
+            let cfg = load_config(&config)?;
+            let renewal = cfg.renewal.as_ref().context("the config has no [renewal] section: this coordinator renews nothing")?;
+            let issuer = fedward_coordinator::renewal::Issuer::load(renewal, &cfg.state_dir)?;
+            let pending = issuer.pending()?;
+            if pending.is_empty() {
+                println!("no renewal is waiting");
+            }
+            for (site, csr) in pending {
+                let names = pki::request_site_names(&csr).unwrap_or_default();
+                let key = pki::request_public_key(&csr).map(|k| pki::format_fingerprint(&pki::fingerprint(&k))).unwrap_or_default();
+                println!("{site}: names {}; public key sha256 {key}", names.join(", "));
+            }
+            Ok(())
+        }
+        PkiCommand::Approve { file, site } => {
+            let cfg = load_config(&file.config)?;
+            let renewal = cfg.renewal.as_ref().context("the config has no [renewal] section: this coordinator renews nothing")?;
+            let issuer = fedward_coordinator::renewal::Issuer::load(renewal, &cfg.state_dir)?;
+            let chain = issuer.approve(&site, now())?;
+            let info = pki::cert_info(&pki::pem_to_der(&chain)?)?;
+            println!("approved: site {site} gets certificate {} (valid to {}) at its next request", info.serial_hex, info.not_after);
+            Ok(())
         }
         PkiCommand::Sign { ca_dir, csr, site, out, days } => {
             let ca = CertifiedKey {

@@ -79,6 +79,8 @@ pub struct ServerOptions {
     pub revoked: BTreeSet<Vec<u8>>,
     /// Start paused (an admin paused the federation before the restart).
     pub paused: bool,
+    /// The issuing CA that renews site certificates, when the consortium runs one here.
+    pub renewal: Option<Arc<crate::renewal::Issuer>>,
 }
 
 /// An admin's control of the running federation ([`crate::admin`]).
@@ -186,6 +188,7 @@ struct Shared {
     downloads: Semaphore,
     status: watch::Receiver<StatusView>,
     transport: Transport,
+    renewal: Option<Arc<crate::renewal::Issuer>>,
 }
 
 /// Acks held back until the update's ledger entry is durable.
@@ -226,6 +229,7 @@ pub async fn run(
         downloads: Semaphore::new(options.max_concurrent_downloads.max(1)),
         status: status_tx.subscribe(),
         transport: options.transport,
+        renewal: options.renewal.clone(),
     });
     let gate = Gate::new(options.admission);
     let store = Arc::new(Mutex::new(store));
@@ -822,6 +826,33 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
                 }),
             )
             .await
+        }
+        Message::Renew(request) => {
+            let Some(issuer) = ctx.shared.renewal.clone() else {
+                let r = Reject::new(
+                    RejectCode::RenewalUnavailable,
+                    "this coordinator issues no certificates; renew with `fedward-agent pki request` and the consortium's `pki sign`",
+                );
+                return reply(send, &Message::Reject(r)).await;
+            };
+            let site = ctx.site.clone();
+            let signed =
+                tokio::task::spawn_blocking(move || issuer.request(&site, &request.csr_pem, time::OffsetDateTime::now_utc())).await;
+            let answer = match signed {
+                Ok(Ok(chain_pem)) => {
+                    match &chain_pem {
+                        Some(_) => info!("issued a renewed certificate"),
+                        None => info!("a certificate renewal waits for an admin's `pki approve`"),
+                    }
+                    Message::Renewed(wire::Renewed { chain_pem })
+                }
+                Ok(Err(e)) => {
+                    warn!(cause = %e, "certificate renewal refused");
+                    Message::Reject(Reject::new(RejectCode::RenewalUnavailable, e.to_string()))
+                }
+                Err(e) => Message::Reject(Reject::new(RejectCode::RenewalUnavailable, format!("renewal failed: {e}"))),
+            };
+            reply(send, &answer).await
         }
         Message::Ready(_) => {
             let (tx, rx) = oneshot::channel();

@@ -41,6 +41,10 @@ pub struct RawTls {
     /// The coordinator only: the CA's revocation list (`pki revoke` writes it).
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// The agent only: before its certificate expires, make a new key and have the
+    /// coordinator's issuing CA sign it over the authenticated connection (default on).
+    #[serde(default)]
+    pub auto_renew: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +68,36 @@ pub struct RawCoordinatorConfig {
     pub transport: RawTransport,
     #[serde(default)]
     pub admin: RawAdmin,
+    pub renewal: Option<RawRenewal>,
+}
+
+/// The online issuing CA that renews site certificates (`pki init` makes it; the root key
+/// stays offline).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRenewal {
+    pub issuing_cert: PathBuf,
+    /// 0600.
+    pub issuing_key: PathBuf,
+    /// Validity of a renewed site certificate.
+    #[serde(default = "default_renewal_days")]
+    pub days: u32,
+    /// Queue each request for an admin (`pki pending`, `pki approve`) instead of signing.
+    #[serde(default)]
+    pub approval: bool,
+}
+
+fn default_renewal_days() -> u32 {
+    30
+}
+
+/// Where renewed site certificates come from.
+#[derive(Clone, Debug)]
+pub struct Renewal {
+    pub issuing_cert: PathBuf,
+    pub issuing_key: PathBuf,
+    pub days: u32,
+    pub approval: bool,
 }
 
 /// Who may use the admin endpoints (`server.admin_listen`); see [`crate::access`].
@@ -550,6 +584,8 @@ pub struct CoordinatorConfig {
     pub ledger_key: PathBuf,
     /// The coordinator's ledger of accepted updates and round seals.
     pub ledger_file: PathBuf,
+    /// Site certificate renewal, when the consortium runs an issuing CA here.
+    pub renewal: Option<Renewal>,
 }
 
 impl CoordinatorConfig {
@@ -601,6 +637,19 @@ impl CoordinatorConfig {
         let transport = Transport::from_raw(&raw.transport)?;
         if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
             return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
+        }
+        let renewal = match raw.renewal {
+            Some(r) if r.days == 0 || r.days > 397 => return Err(invalid("renewal.days", "must be 1 to 397")),
+            Some(r) => Some(Renewal {
+                issuing_cert: resolve(base_dir, r.issuing_cert),
+                issuing_key: resolve(base_dir, r.issuing_key),
+                days: r.days,
+                approval: r.approval,
+            }),
+            None => None,
+        };
+        if raw.tls.auto_renew.is_some() {
+            return Err(invalid("tls.auto_renew", "an agent setting; the coordinator's is [renewal]"));
         }
         let admin_tokens = raw.admin.tokens.map(|p| resolve(base_dir, p));
         let mut admin_https = raw.admin.https;
@@ -667,6 +716,7 @@ impl CoordinatorConfig {
             sites,
             ledger_key,
             ledger_file,
+            renewal,
         })
     }
 }
@@ -878,6 +928,8 @@ pub struct AgentConfig {
     pub max_connect_attempts: u32,
     pub exit_when_finished: bool,
     pub transport: Transport,
+    /// Renew the certificate over the connection before it expires.
+    pub auto_renew: bool,
 }
 
 impl AgentConfig {
@@ -910,7 +962,9 @@ impl AgentConfig {
         if raw.tls.crl.is_some() {
             return Err(invalid("tls.crl", "only the coordinator checks revocation; an agent has no revocation list"));
         }
+        let auto_renew = raw.tls.auto_renew.unwrap_or(true);
         Ok(Self {
+            auto_renew,
             coordinator_addr: raw.coordinator.address,
             server_name: raw.coordinator.server_name,
             tls: tls_paths(base_dir, raw.tls),

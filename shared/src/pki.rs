@@ -61,6 +61,12 @@ pub struct Validity {
 }
 
 impl Validity {
+    /// From an hour before `now` (clock skew between sites) for `seconds` seconds: for
+    /// tests of expiry and renewal.
+    pub fn seconds_from(now: OffsetDateTime, seconds: i64) -> Self {
+        Self { not_before: now - Duration::hours(1), not_after: now + Duration::seconds(seconds) }
+    }
+
     /// From an hour before `now` (clock skew between sites) for `days` days.
     pub fn days_from(now: OffsetDateTime, days: u32) -> Self {
         Self { not_before: now - Duration::hours(1), not_after: now + Duration::days(i64::from(days)) }
@@ -72,11 +78,56 @@ pub fn create_ca(consortium: &str, validity: Validity, serial: [u8; 16]) -> Resu
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(&format!("{consortium} fedward CA"), consortium);
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // One level below: the online issuing CA that renews site certificates.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     set_validity(&mut params, validity, serial)?;
     let cert = params.self_signed(&key)?;
     Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Creates the online issuing CA, signed by the (offline) root: it signs the sites'
+/// renewed certificates at the coordinator, and nothing below itself can be a CA.
+pub fn create_issuing_ca(root: &CertifiedKey, consortium: &str, validity: Validity, serial: [u8; 16]) -> Result<CertifiedKey, PkiError> {
+    let issuer = issuer(root)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&format!("{consortium} fedward issuing CA"), consortium);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, validity, serial)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// The certificate chain a site presents: its certificate, then the issuing CA's, when
+/// the issuing CA signed it (the root signs first certificates itself).
+pub fn site_chain(site_cert_pem: &str, issuing_cert_pem: &str) -> String {
+    format!("{}\n{}", site_cert_pem.trim_end(), issuing_cert_pem)
+}
+
+/// The public key (SubjectPublicKeyInfo, DER) a signing request asks to certify.
+pub fn request_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = pem_to_der_tagged(csr_pem, "CERTIFICATE REQUEST")?;
+    use x509_parser::prelude::FromDer as _;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// The public key (SubjectPublicKeyInfo, DER) a certificate certifies.
+pub fn cert_public_key(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+fn pem_to_der_tagged(pem: &str, tag: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| PkiError::Parse(e.to_string()))?;
+    if block.label != tag {
+        return Err(PkiError::Parse(format!("expected a PEM {tag}, found {}", block.label)));
+    }
+    Ok(block.contents)
 }
 
 /// Issues the coordinator's server certificate for the given DNS names and IP addresses.

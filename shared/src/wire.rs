@@ -29,7 +29,7 @@ pub const ALPN: &[u8] = b"fedward/1";
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
 /// metrics may be withheld and a decline carries only its reason code.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
@@ -142,6 +142,29 @@ pub enum Message {
     /// Until then an agent sends nothing after its header, so a coordinator with many sites
     /// waiting buffers none of their updates.
     Proceed(Ack),
+    /// The agent renews its certificate: a signing request for a key it just made.
+    Renew(RenewRequest),
+    /// The coordinator's answer to [`Message::Renew`].
+    Renewed(Renewed),
+}
+
+/// A site's request for a new certificate, sent over its authenticated connection before
+/// the one it presents expires. The request must name the site the connection is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// PEM, at most [`MAX_CSR_LEN`] bytes.
+    pub csr_pem: String,
+}
+
+/// The largest signing request a coordinator reads.
+pub const MAX_CSR_LEN: usize = 8 * 1024;
+
+/// A renewed certificate, or word that an admin must approve it first (`pki approve`;
+/// the agent asks again with the same request).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Renewed {
+    /// The new certificate and the issuing CA's (PEM); `None` while pending approval.
+    pub chain_pem: Option<String>,
 }
 
 impl Message {
@@ -160,6 +183,8 @@ impl Message {
             Self::Ack(_) => "ack",
             Self::Reject(_) => "reject",
             Self::Proceed(_) => "proceed",
+            Self::Renew(_) => "renew",
+            Self::Renewed(_) => "renewed",
         }
     }
 }
@@ -395,6 +420,9 @@ pub enum RejectCode {
     NormTooLarge,
     /// A transfer ran below the minimum rate or past its time.
     TooSlow,
+    /// This coordinator issues no certificates (no `[pki]` issuing key), or the request
+    /// could not be signed.
+    RenewalUnavailable,
 }
 
 impl std::fmt::Display for RejectCode {
@@ -419,6 +447,7 @@ impl std::fmt::Display for RejectCode {
             Self::ShuttingDown => "shutting-down",
             Self::NormTooLarge => "norm-too-large",
             Self::TooSlow => "too-slow",
+            Self::RenewalUnavailable => "renewal-unavailable",
         };
         f.write_str(s)
     }

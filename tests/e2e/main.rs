@@ -30,6 +30,7 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         transport: test_transport(),
         admission: Default::default(),
         max_concurrent_uploads: 2,
+        renewal: None,
     }
 }
 
@@ -712,4 +713,76 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
     let (model, _) = store.load_current().unwrap().unwrap();
     let moved = model.delta_from(&tiny_global()).unwrap();
     assert!(moved.l2_norm() <= 0.05 * (1.0 + 1e-6), "the mean of two updates within 0.05: {}", moved.l2_norm());
+}
+
+/// Issue 19, item 3: a site whose certificate has a minute left renews it over its
+/// connection (a key made at the site, the coordinator's online issuing CA signing it)
+/// and every round of the federation completes with both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_minute_certificate_is_renewed_without_interrupting_the_federation() {
+    use fedward_shared::pki;
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let pki_ = TestPki::new("e2e");
+    let now = time::OffsetDateTime::now_utc();
+    let issuing = pki::create_issuing_ca(&pki_.ca, "e2e", Validity::days_from(now, 2), [9; 16]).unwrap();
+    std::fs::write(p.join("issuing.crt"), &issuing.cert_pem).unwrap();
+    fedward_shared::fsutil::write_private_new(&p.join("issuing.key"), issuing.key_pem.as_bytes()).unwrap();
+    let state_dir = p.join("coordinator");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let renewal = fedward_shared::config::Renewal {
+        issuing_cert: p.join("issuing.crt"),
+        issuing_key: p.join("issuing.key"),
+        days: 30,
+        approval: false,
+    };
+    let mut s = spec(p, 3, 2, vec!["alpha", "beta"]);
+    s.renewal = Some(std::sync::Arc::new(fedward_coordinator::renewal::Issuer::load(&renewal, &state_dir).unwrap()));
+    let coord = CoordinatorHandle::start(&pki_, s);
+
+    // Alpha's certificate: one minute long, two thirds of it gone.
+    let alpha = fedward_shared::wire::SiteId::new("alpha").unwrap();
+    let request = pki::site_request(&alpha).unwrap();
+    let minute = Validity { not_before: now - time::Duration::seconds(40), not_after: now + time::Duration::seconds(20) };
+    let first = pki::sign_site_request(&pki_.ca, &request.csr_pem, &alpha, minute, [8; 16]).unwrap();
+    let files = fedward_agent::renew::RenewalFiles {
+        cert: p.join("alpha.crt"),
+        key: p.join("alpha.key"),
+        ca_pem: pki_.ca.cert_pem.clone().into_bytes(),
+    };
+    std::fs::write(&files.cert, &first).unwrap();
+    fedward_shared::fsutil::write_private_new(&files.key, request.key_pem.as_bytes()).unwrap();
+    let tls = fedward_shared::tls::client_config(&fedward_shared::tls::TlsMaterial {
+        ca_pem: pki_.ca.cert_pem.as_bytes(),
+        cert_pem: first.as_bytes(),
+        key_pem: request.key_pem.as_bytes(),
+    })
+    .unwrap();
+    let mut alpha_opts = agent_options(coord.addr, std::sync::Arc::new(tls), &p.join("agent-alpha"), 0);
+    alpha_opts.renewal = Some(files.clone());
+    let (alpha_trainer, _) = ScriptedTrainer::new(1.0, 100);
+    let (beta_trainer, _) = ScriptedTrainer::new(2.0, 100);
+    let agents = [
+        spawn_agent(alpha_opts, alpha_trainer),
+        spawn_agent(agent_options(coord.addr, pki_.site_tls("beta"), &p.join("agent-beta"), 0), beta_trainer),
+    ];
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 3, rounds_trained: 3 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 3 });
+
+    // The installed certificate: the issuing CA's, for alpha, for 30 days, with a key made
+    // at the site (not the first one).
+    let chain = std::fs::read_to_string(&files.cert).unwrap();
+    let info = pki::cert_info(&pki::pem_to_der(&chain).unwrap()).unwrap();
+    assert!(info.issuer.contains("issuing CA"), "{}", info.issuer);
+    assert!(info.not_after - now > time::Duration::days(29), "{}", info.not_after);
+    assert_ne!(std::fs::read_to_string(&files.key).unwrap(), request.key_pem);
+    let issued = std::fs::read_to_string(state_dir.join("renewals/issued.jsonl")).unwrap();
+    assert!(issued.contains("\"alpha\"") && issued.contains(&info.serial_hex), "{issued}");
+    // Never interrupted: three rounds, each with both sites, none failed.
+    let history = Store::open(&state_dir).unwrap().state().unwrap().history.clone();
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert!(history.iter().all(|r| r.sites.len() == 2), "{history:?}");
 }

@@ -133,6 +133,8 @@ pub struct CoordinatorSpec {
     pub transport: Transport,
     pub admission: Admission,
     pub max_concurrent_uploads: usize,
+    /// The issuing CA that renews site certificates, if any.
+    pub renewal: Option<Arc<fedward_coordinator::renewal::Issuer>>,
 }
 
 /// Short timeouts, so a test sees a dead peer quickly, with room for a loaded machine.
@@ -225,6 +227,7 @@ impl CoordinatorHandle {
             pins: Default::default(),
             revoked: Default::default(),
             paused: false,
+            renewal: spec.renewal.clone(),
         };
         runtime.spawn(async move {
             let shutdown = async {
@@ -410,6 +413,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         transport: test_transport(),
         max_model_bytes: 64 << 20,
         seed: Some(7),
+        renewal: None,
         fail_after_ledger_write: false,
     }
 }
