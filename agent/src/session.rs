@@ -506,7 +506,7 @@ mod tests {
         let issued = now - days(20);
         assert_eq!(renewal_due(issued, now + days(10)), now);
         assert_eq!(certificate_warning(now, issued, now + days(10)), None);
-        assert!(certificate_warning(now, issued, now + days(7)).unwrap().contains("not renewed automatically"));
+        assert!(certificate_warning(now, now - days(23), now + days(7)).unwrap().contains("not renewed automatically"));
     }
 
     #[test]

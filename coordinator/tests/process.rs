@@ -442,3 +442,43 @@ async fn admin_tokens_and_roles_control_a_running_federation() -> Result<()> {
     assert!(status.contains("\"paused\":true"), "{status}");
     Ok(())
 }
+
+/// Issue 19, item 3: with `[renewal] approval = true` a site's request waits until an admin
+/// approves it (`pki pending`, `pki approve`), then the same request collects the
+/// certificate; a coordinator without an issuing CA says so.
+#[tokio::test]
+async fn a_renewal_waits_for_the_admins_approval() -> Result<()> {
+    use fedward_shared::pki;
+    use fedward_shared::wire::{Message, RejectCode, RenewRequest, Renewed, SiteId};
+    let c = consortium()?;
+    let p = c.dir.path();
+    let alpha = SiteId::new("alpha")?;
+    let request = pki::site_request(&alpha)?;
+    let renew = Message::Renew(RenewRequest { csr_pem: request.csr_pem.clone() });
+    {
+        let _plain = CoordinatorProcess::start(&c)?;
+        let site = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
+        let answer = site.request(&renew).await?;
+        assert!(matches!(&answer, Message::Reject(r) if r.code == RejectCode::RenewalUnavailable), "{answer:?}");
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let issuing = pki::create_issuing_ca(&c.ca, "test", pki::Validity::days_from(now, 2), [9; 16])?;
+    std::fs::write(p.join("pki/issuing.crt"), &issuing.cert_pem)?;
+    fedward_shared::fsutil::write_private_new(&p.join("pki/issuing.key"), issuing.key_pem.as_bytes())?;
+    let config = std::fs::read_to_string(&c.config)?
+        + "\n[renewal]\nissuing_cert = \"pki/issuing.crt\"\nissuing_key = \"pki/issuing.key\"\napproval = true\n";
+    std::fs::write(&c.config, config)?;
+    let config_arg = c.config.to_str().context("utf-8")?;
+    let _coordinator = CoordinatorProcess::start(&c)?;
+    let site = support::HandSite::connect(c.addr, c.site_tls("alpha")?, 1).await?;
+    assert_eq!(site.request(&renew).await?, Message::Renewed(Renewed { chain_pem: None }));
+    let pending = cli(&["pki", "pending", "--config", config_arg])?;
+    assert!(pending.starts_with("alpha: names alpha"), "{pending}");
+    let approved = cli(&["pki", "approve", "--config", config_arg, "--site", "alpha"])?;
+    assert!(approved.contains("approved"), "{approved}");
+    let Message::Renewed(Renewed { chain_pem: Some(chain) }) = site.request(&renew).await? else { panic!("no certificate") };
+    let leaf = pki::pem_to_der(&chain)?;
+    assert_eq!(pki::cert_public_key(&leaf)?, pki::request_public_key(&request.csr_pem)?);
+    assert!(cli(&["pki", "pending", "--config", config_arg])?.contains("no renewal is waiting"));
+    Ok(())
+}
