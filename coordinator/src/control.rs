@@ -12,7 +12,6 @@
 //! request is answered (an audit device in Vault's sense: no record, no action).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -31,8 +30,6 @@ pub enum ControlError {
     Fs(#[from] FsError),
     #[error("{path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("could not write the admin audit log {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
 }
 
 /// A certificate serial an admin revoked on this coordinator.
@@ -150,9 +147,7 @@ impl AdminLog {
             prev: self.prev.clone(),
         };
         let line = serde_json::to_string(&entry).expect("serialisable");
-        let err = |source| ControlError::Log { path: self.path.clone(), source };
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(err)?;
-        f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(err)?;
+        fsutil::append_line(&self.path, &line)?;
         self.prev = chain_hash(&line);
         self.next_seq += 1;
         Ok(())

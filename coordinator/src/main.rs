@@ -576,6 +576,8 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
     let (tls_cfg, crl_serials) = load_tls(&cfg)?;
 
     let ledger_key = ledger_key::read_signing_key(&cfg.ledger_key).context(LEDGER_KEY_HINT)?;
+    // For auditors on the admin endpoints; the key itself goes to the ledger.
+    let ledger_public_key = ledger_key::format_public_key(&ledger_key.verifying_key());
     let mut store = Store::open_exclusive(&cfg.state_dir)?;
     // Verified (chain and every seal) before anything is appended.
     let ledger = CoordinatorLedger::open(&cfg.ledger_file, ledger_key)
@@ -663,7 +665,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
             tls,
             state_dir: cfg.state_dir.clone(),
             ledger_file: cfg.ledger_file.clone(),
-            ledger_public_key: ledger_key::format_public_key(&ledger_key::read_signing_key(&cfg.ledger_key)?.verifying_key()),
+            ledger_public_key,
             limits: Default::default(),
         };
         let links = fedward_coordinator::admin::AdminLinks { status: status_rx, commands: commands_tx, reload: reload_requests_tx };
@@ -719,13 +721,6 @@ fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-fn serial() -> [u8; 16] {
-    use rand::RngCore;
-    let mut s = [0u8; 16];
-    rand::rng().fill_bytes(&mut s);
-    s
-}
-
 /// In the CA directory: what `pki sign` issued, what `pki revoke` revoked, and the CRL.
 const ISSUED_FILE: &str = "issued.jsonl";
 const REVOKED_FILE: &str = "revoked.json";
@@ -734,20 +729,12 @@ const CRL_FILE: &str = "crl.pem";
 /// an overdue list).
 const CRL_NEXT_UPDATE_DAYS: u32 = 30;
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{line}")?;
-    f.sync_all()?;
-    Ok(())
-}
-
 fn pki_command(cmd: PkiCommand) -> Result<()> {
     match cmd {
         PkiCommand::Init { dir, consortium, server_names, server_ips, ca_days, days } => {
-            let ca = pki::create_ca(&consortium, Validity::days_from(now(), ca_days), serial())?;
-            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), ca_days.min(730)), serial())?;
-            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), serial())?;
+            let ca = pki::create_ca(&consortium, Validity::days_from(now(), ca_days), pki::random_serial())?;
+            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), ca_days.min(730)), pki::random_serial())?;
+            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), pki::random_serial())?;
             fsutil::write_private_new(&dir.join("ca.key"), ca.key_pem.as_bytes())?;
             fsutil::write_public_new(&dir.join("ca.crt"), ca.cert_pem.as_bytes())?;
             fsutil::write_private_new(&dir.join("issuing.key"), issuing.key_pem.as_bytes())?;
@@ -766,7 +753,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
                 cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
                 key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
             };
-            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), days), serial())?;
+            let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), days), pki::random_serial())?;
             fsutil::write_private_new(&out_dir.join("issuing.key"), issuing.key_pem.as_bytes())?;
             fsutil::write_public_new(&out_dir.join("issuing.crt"), issuing.cert_pem.as_bytes())?;
             println!(
@@ -805,13 +792,13 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
                 key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
             };
             let csr_pem = String::from_utf8(fsutil::read(&csr)?)?;
-            let cert = pki::sign_site_request(&ca, &csr_pem, &site, Validity::days_from(now(), days), serial())
+            let cert = pki::sign_site_request(&ca, &csr_pem, &site, Validity::days_from(now(), days), pki::random_serial())
                 .with_context(|| format!("signing {}", csr.display()))?;
             fsutil::write_public_new(&out, cert.as_bytes())?;
             // The CA's own register of what it signed, for `pki revoke --site`.
             let info = pki::cert_info(&pki::pem_to_der(&cert)?)?;
             let issued = pki::IssuedCert { site: site.to_string(), serial: info.serial_hex, not_after: info.not_after.to_string() };
-            append_line(&ca_dir.join(ISSUED_FILE), &serde_json::to_string(&issued)?)?;
+            fsutil::append_line(&ca_dir.join(ISSUED_FILE), &serde_json::to_string(&issued)?)?;
             println!("signed a certificate for site {site}: {} (valid {days} days)", out.display());
             println!("enrol the site in the coordinator config with:\n\n[[sites]]\nid = \"{site}\"\n");
             Ok(())
@@ -821,7 +808,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
                 cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
                 key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
             };
-            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), serial())?;
+            let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), pki::random_serial())?;
             fsutil::write_private_new(&out_dir.join("coordinator.key"), server.key_pem.as_bytes())?;
             fsutil::write_public_new(&out_dir.join("coordinator.crt"), server.cert_pem.as_bytes())?;
             println!(

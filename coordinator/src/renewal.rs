@@ -114,18 +114,13 @@ impl Issuer {
             }
             last.insert(site.clone(), Instant::now());
         }
-        let serial = {
-            use rand::RngCore;
-            let mut s = [0u8; 16];
-            rand::rng().fill_bytes(&mut s);
-            s
-        };
-        let cert = pki::sign_site_request(&self.ca, csr_pem, site, Validity::days_from(now, self.days), serial)
+        let cert = pki::sign_site_request(&self.ca, csr_pem, site, Validity::days_from(now, self.days), pki::random_serial())
             .map_err(|e| RenewalError::Invalid(e.to_string()))?;
         let info = pki::cert_info(&pki::pem_to_der(&cert).map_err(|e| RenewalError::Invalid(e.to_string()))?)
             .map_err(|e| RenewalError::Invalid(e.to_string()))?;
         let issued = IssuedCert { site: site.to_string(), serial: info.serial_hex, not_after: info.not_after.to_string() };
-        append_line(&self.dir.join(ISSUED_FILE), &serde_json::to_string(&issued).expect("serialisable"))?;
+        fsutil::append_line(&self.dir.join(ISSUED_FILE), &serde_json::to_string(&issued).expect("serialisable"))
+            .map_err(|e| RenewalError::Storage(e.to_string()))?;
         Ok(pki::site_chain(&cert, &self.ca.cert_pem))
     }
 
@@ -154,12 +149,6 @@ impl Issuer {
         std::fs::remove_file(&pending).map_err(|e| RenewalError::Storage(e.to_string()))?;
         Ok(chain)
     }
-}
-
-fn append_line(path: &Path, line: &str) -> Result<(), RenewalError> {
-    use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| RenewalError::Storage(e.to_string()))?;
-    writeln!(f, "{line}").and_then(|()| f.sync_all()).map_err(|e| RenewalError::Storage(e.to_string()))
 }
 
 #[cfg(test)]

@@ -154,6 +154,14 @@ pub fn read_private_key(path: &Path) -> Result<Vec<u8>, FsError> {
     fs::read(path).map_err(io_err(path))
 }
 
+/// Appends `line` and a newline to an append-only record (created if missing) and fsyncs
+/// it before returning.
+pub fn append_line(path: &Path, line: &str) -> Result<(), FsError> {
+    use std::io::Write as _;
+    let mut f = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
+    f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.sync_all()).map_err(io_err(path))
+}
+
 /// Reads a whole file, naming the path on error.
 pub fn read(path: &Path) -> Result<Vec<u8>, FsError> {
     fs::read(path).map_err(io_err(path))

@@ -73,6 +73,14 @@ impl Validity {
     }
 }
 
+/// A fresh certificate serial from the OS's RNG.
+pub fn random_serial() -> [u8; 16] {
+    use rand::RngCore;
+    let mut s = [0u8; 16];
+    rand::rng().fill_bytes(&mut s);
+    s
+}
+
 /// Creates the consortium CA.
 pub fn create_ca(consortium: &str, validity: Validity, serial: [u8; 16]) -> Result<CertifiedKey, PkiError> {
     let key = KeyPair::generate()?;
