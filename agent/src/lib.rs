@@ -4,6 +4,7 @@
 //! `session` and `privacy` are the pure core (what to do with an offer, what may leave the
 //! site); `daemon` is the network shell around them, over `fedward-net`.
 
+pub mod allocation;
 pub mod baseline;
 pub mod daemon;
 pub mod outbox;
