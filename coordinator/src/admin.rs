@@ -211,10 +211,7 @@ async fn authenticate(State((s, needed)): State<(AdminState, Role)>, mut request
             let Some(token) = presented else { return unauthorized("a token is needed (Authorization: Bearer TOKEN)") };
             // Read at each request: a removed token stops working at once. A tokens file
             // that cannot be read, or is open to others, lets nobody in.
-            let tokens = match fedward_shared::fsutil::read_private_key(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| Tokens::parse(&String::from_utf8_lossy(&b)).map_err(|e| e.to_string()))
-            {
+            let tokens = match Tokens::load(path) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(tokens = %path.display(), cause = %e, "the admin tokens file is unusable; refusing every request");

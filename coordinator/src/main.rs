@@ -343,8 +343,15 @@ fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn read_tokens(path: &Path) -> Result<fedward_shared::access::Tokens> {
-    let text = String::from_utf8(fsutil::read_private_key(path)?)?;
-    fedward_shared::access::Tokens::parse(&text).with_context(|| format!("reading {}", path.display()))
+    fedward_shared::access::Tokens::load(path).map_err(anyhow::Error::msg)
+}
+
+/// The root CA (certificate and its offline key) in `ca_dir`.
+fn read_ca(ca_dir: &Path) -> Result<CertifiedKey> {
+    Ok(CertifiedKey {
+        cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
+        key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
+    })
 }
 
 fn token_command(cmd: TokenCommand) -> Result<()> {
@@ -749,10 +756,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             ledger_keygen(&dir)
         }
         PkiCommand::Issuing { ca_dir, out_dir, consortium, days } => {
-            let ca = CertifiedKey {
-                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
-                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
-            };
+            let ca = read_ca(&ca_dir)?;
             let issuing = pki::create_issuing_ca(&ca, &consortium, Validity::days_from(now(), days), pki::random_serial())?;
             fsutil::write_private_new(&out_dir.join("issuing.key"), issuing.key_pem.as_bytes())?;
             fsutil::write_public_new(&out_dir.join("issuing.crt"), issuing.cert_pem.as_bytes())?;
@@ -787,10 +791,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             Ok(())
         }
         PkiCommand::Sign { ca_dir, csr, site, out, days } => {
-            let ca = CertifiedKey {
-                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
-                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
-            };
+            let ca = read_ca(&ca_dir)?;
             let csr_pem = String::from_utf8(fsutil::read(&csr)?)?;
             let cert = pki::sign_site_request(&ca, &csr_pem, &site, Validity::days_from(now(), days), pki::random_serial())
                 .with_context(|| format!("signing {}", csr.display()))?;
@@ -804,10 +805,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             Ok(())
         }
         PkiCommand::Server { ca_dir, out_dir, server_names, server_ips, days } => {
-            let ca = CertifiedKey {
-                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
-                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
-            };
+            let ca = read_ca(&ca_dir)?;
             let server = pki::issue_server(&ca, &server_names, &server_ips, Validity::days_from(now(), days), pki::random_serial())?;
             fsutil::write_private_new(&out_dir.join("coordinator.key"), server.key_pem.as_bytes())?;
             fsutil::write_public_new(&out_dir.join("coordinator.crt"), server.cert_pem.as_bytes())?;
@@ -819,10 +817,7 @@ fn pki_command(cmd: PkiCommand) -> Result<()> {
             Ok(())
         }
         PkiCommand::Revoke { ca_dir, site, serial, reason } => {
-            let ca = CertifiedKey {
-                cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
-                key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
-            };
+            let ca = read_ca(&ca_dir)?;
             let revoked_path = ca_dir.join(REVOKED_FILE);
             let mut revoked: Vec<pki::RevokedCert> = match fsutil::read(&revoked_path) {
                 Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", revoked_path.display()))?,

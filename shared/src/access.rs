@@ -110,6 +110,14 @@ impl Tokens {
         Ok(tokens)
     }
 
+    /// Reads a tokens file, which must be 0600 (only hashes are in it, but who may control
+    /// the federation is not for every local user to read or change).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let bytes = crate::fsutil::read_private_key(path).map_err(|e| e.to_string())?;
+        let text = String::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::from("# fedward admin tokens: name role sha256(token). Keep 0600; the tokens themselves are not stored.\n");
         for h in &self.holders {
