@@ -97,8 +97,11 @@ pub enum Decision {
 }
 
 /// How a plan was made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
+    /// First come, first served: arrival order, urgency ignored (the floor to beat).
+    Fcfs,
     Greedy,
     Exact,
     /// The epoch was too large for the exact solver.
@@ -111,6 +114,122 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     /// The summed value of the requests served.
     pub objective: f64,
+}
+
+/// A pool of interchangeable units: the beds of one ward with the same features, the
+/// doctors of one specialty on shift, the devices of one type.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub kind: Kind,
+    /// Ward (beds), specialty (doctors) or device type (devices).
+    pub group: String,
+    /// Bed features such as `isolation` or `monitored`.
+    #[serde(default)]
+    pub features: BTreeSet<String>,
+    pub total: u32,
+    pub free: u32,
+}
+
+impl Pool {
+    /// `kind:group` or `kind:group:feature+feature`, e.g. `bed:medical:isolation`.
+    pub fn id(&self) -> String {
+        let kind = match self.kind {
+            Kind::Doctor => "doctor",
+            Kind::Bed => "bed",
+            Kind::Device => "device",
+            Kind::Other => "other",
+        };
+        let mut id = format!("{kind}:{}", self.group);
+        if !self.features.is_empty() {
+            id.push(':');
+            id.push_str(&self.features.iter().cloned().collect::<Vec<_>>().join("+"));
+        }
+        id
+    }
+}
+
+/// Why a capacity is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CapacityError {
+    #[error("resource {index}: {reason}")]
+    Invalid { index: usize, reason: String },
+    #[error("resource {0} is listed twice")]
+    Duplicate(String),
+    #[error("no resource {0}")]
+    Unknown(String),
+    #[error("every unit of {0} is already free")]
+    AllFree(String),
+}
+
+/// The live inventory: every pool and how many of its units are free.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub resources: Vec<Pool>,
+}
+
+/// Names are short, printable and free of the `:`/`+` that build pool ids.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '))
+}
+
+impl Capacity {
+    /// Checks names, counts and that no pool appears twice.
+    pub fn validate(&self) -> Result<(), CapacityError> {
+        let mut seen = BTreeSet::new();
+        for (index, p) in self.resources.iter().enumerate() {
+            let invalid = |reason: &str| Err(CapacityError::Invalid { index, reason: reason.into() });
+            if p.kind == Kind::Other {
+                return invalid("kind must be doctor, bed or device");
+            }
+            if !valid_name(&p.group) {
+                return invalid("group must be 1-64 letters, digits, spaces, '-', '_' or '.'");
+            }
+            if p.features.iter().any(|f| !valid_name(f)) {
+                return invalid("features must be 1-64 letters, digits, spaces, '-', '_' or '.'");
+            }
+            if p.free > p.total {
+                return invalid("free exceeds total");
+            }
+            if !seen.insert(p.id()) {
+                return Err(CapacityError::Duplicate(p.id()));
+            }
+        }
+        Ok(())
+    }
+
+    /// One [`Unit`] per free unit; a unit's id is its pool's.
+    pub fn units(&self) -> Vec<Unit> {
+        self.resources
+            .iter()
+            .flat_map(|p| {
+                let unit = Unit { id: p.id(), kind: p.kind, group: p.group.clone(), features: p.features.clone() };
+                std::iter::repeat_n(unit, p.free as usize)
+            })
+            .collect()
+    }
+
+    fn pool_mut(&mut self, id: &str) -> Result<&mut Pool, CapacityError> {
+        self.resources.iter_mut().find(|p| p.id() == id).ok_or_else(|| CapacityError::Unknown(id.to_owned()))
+    }
+
+    /// Marks one unit of pool `id` in use.
+    pub fn take(&mut self, id: &str) -> Result<(), CapacityError> {
+        let pool = self.pool_mut(id)?;
+        pool.free = pool.free.checked_sub(1).ok_or_else(|| CapacityError::Invalid { index: 0, reason: format!("{id} has no free unit") })?;
+        Ok(())
+    }
+
+    /// Frees one unit of pool `id`.
+    pub fn release(&mut self, id: &str) -> Result<(), CapacityError> {
+        let pool = self.pool_mut(id)?;
+        if pool.free >= pool.total {
+            return Err(CapacityError::AllFree(id.to_owned()));
+        }
+        pool.free += 1;
+        Ok(())
+    }
 }
 
 /// The value of serving `r` now: `2^(5 - urgency)` (an urgency-1 request weighs sixteen
@@ -168,6 +287,23 @@ fn plan(method: Method, open: &[&Request], units: &[Unit], chosen: &[Option<usiz
     }
     decisions.extend(review);
     Plan { method, decisions, objective }
+}
+
+/// First come, first served: the longest-waiting request takes the first free unit that
+/// fits, whatever its urgency.
+pub fn fcfs(requests: &[Request], units: &[Unit], policy: &Policy) -> Plan {
+    let (mut open, review) = triage(requests, policy);
+    open.sort_by(|a, b| b.waited_secs.cmp(&a.waited_secs).then(a.id.cmp(&b.id)));
+    greedy_from(Method::Fcfs, &open, units, review, policy)
+}
+
+/// The plan `method` makes (`GreedyFallback` is chosen by [`optimal`], not asked for).
+pub fn decide(method: Method, requests: &[Request], units: &[Unit], policy: &Policy) -> Plan {
+    match method {
+        Method::Fcfs => fcfs(requests, units, policy),
+        Method::Greedy => greedy(requests, units, policy),
+        Method::Exact | Method::GreedyFallback => optimal(requests, units, policy),
+    }
 }
 
 /// The bed manager's way: by priority, the first free unit that fits.
