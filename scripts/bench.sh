@@ -7,6 +7,11 @@
 #                               the coordinator's peak memory (coordinator/benches/scale.rs)
 #   scripts/bench.sh train      MiniLM training/inference samples/s (models/benches/train.rs;
 #                               needs scripts/fetch-models.sh)
+#   scripts/bench.sh allocate   the allocation engine: one epoch of 200 requests x 500 units,
+#                               exact vs greedy (agent/examples/allocate_bench.rs). An example
+#                               built with the dev profile, the engine compiled into it at
+#                               opt-level 3: a release build of the agent's dependencies
+#                               (candle, quinn) would take longer than everything it measures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-out
@@ -22,6 +27,11 @@ case "${1:-transfer}" in
     scripts/fetch-models.sh
     cargo bench --locked -p fedward-models --bench train -- --out "$out/train.json"
     ;;
+  allocate)
+    cargo rustc --locked -p fedward-agent --example allocate_bench -- \
+      -C opt-level=3 -C debug-assertions=off -C overflow-checks=off
+    "${CARGO_TARGET_DIR:-target}/debug/examples/allocate_bench" --out "$out/allocate.json" "${@:2}"
+    ;;
   *)
-    echo "usage: scripts/bench.sh transfer|scale|train" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|scale|train|allocate" >&2; exit 2 ;;
 esac
