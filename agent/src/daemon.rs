@@ -125,7 +125,8 @@ enum SessionEnd {
     Renewed,
 }
 
-const MODEL_CACHE: &str = "global-model.safetensors";
+/// The latest global model, as received (the triage service serves it).
+pub const MODEL_CACHE: &str = "global-model.safetensors";
 /// The site's privacy ledger in the state directory.
 pub const LEDGER: &str = "ledger.jsonl";
 

@@ -10,5 +10,7 @@ pub mod daemon;
 pub mod outbox;
 pub mod privacy;
 pub mod renew;
+pub mod service;
 pub mod session;
+pub mod simulate;
 pub mod trainer;

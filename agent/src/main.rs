@@ -35,6 +35,20 @@ const VERSION: &str = if fedward_shared::failpoint::ENABLED {
 enum Command {
     /// Run the daemon: connect to the coordinator and take part in rounds.
     Run(ConfigFile),
+    /// Run the hospital's triage service: classify notes with the latest global model,
+    /// allocate doctors, beds and devices against live capacity, take clinicians'
+    /// corrections into the site's training data. HTTP on `[service] listen` (loopback by
+    /// default); see docs/ALLOCATION.md.
+    Serve {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Serve this exported model directory instead of the daemon's latest global model.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens per note after truncation.
+        #[arg(long, default_value_t = 128)]
+        max_seq_len: usize,
+    },
     /// Check a config file (and that its files are readable) without connecting.
     CheckConfig(ConfigFile),
     /// Manage this site's key and certificate.
@@ -109,11 +123,20 @@ enum Command {
     /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
     #[command(subcommand)]
     Privacy(fedward_shared::cli::PrivacyCommand),
+    /// Allocation of doctors, beds and devices: replay a day through the engine's methods.
+    #[command(subcommand)]
+    Allocate(AllocateCommand),
 }
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(ConfigFile { config }) => tokio::runtime::Runtime::new()?.block_on(run_daemon(load_config(&config)?)),
+        Command::Serve { config: ConfigFile { config }, model, max_seq_len } => {
+            let options = fedward_agent::service::ServeOptions { config: load_config(&config)?, model_dir: model, max_seq_len };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async { fedward_agent::service::serve(options, fedward_net::shutdown_signal()).await })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig(ConfigFile { config }) => check_config(&config),
         Command::Predict { model, text, input, device, max_seq_len } => {
             let dev = fedward_models::train::device(&device)?;
@@ -177,7 +200,181 @@ fn run(command: Command) -> Result<ExitCode> {
             fedward_shared::cli::run_privacy(&cmd, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Allocate(AllocateCommand::Simulate(args)) => allocate_simulate(args),
     }
+}
+
+#[derive(Subcommand)]
+enum AllocateCommand {
+    /// Replay a day of arrivals through FCFS, greedy and optimal allocation, on the same
+    /// arrivals and the same predictions, and report waits by urgency, the share of urgent
+    /// requests (urgency 1-2) served within the target, utilisation by kind,
+    /// misallocations caused by wrong predictions and decisions per second.
+    ///
+    /// Arrivals are Poisson with a daily profile (busiest at 14:00, quietest at 02:00);
+    /// each draws a labelled note (its true label is what the patient needs, the model's
+    /// prediction is what the engine acts on), an urgency, and the pool it needs from the
+    /// capacity file. Service times are log-normal: consultations (median 20 min), bed stays
+    /// (median 3 days), device use (median 6 h). A wrong assignment holds the wrong unit until
+    /// found (--detect-mins), then the request re-enters with its true label; a review takes
+    /// --review-mins. Every distribution is in docs/ALLOCATION.md ("The simulator").
+    /// Writes simulation.json and simulation.html (charts, no script) to --out, prints a table.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Model directory (an exported global model, or a local-only one) that classifies the notes.
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled notes ({"text", "label"} JSONL, e.g. the site's test split) the arrivals draw from.
+    #[arg(long)]
+    notes: PathBuf,
+    /// The hospital's capacity as JSON: {"resources": [{"kind": "bed", "group": "medical",
+    /// "features": ["isolation"], "total": 10, "free": 2}, ...]}, the format of `PUT /v1/capacity`.
+    /// Units not free at the start free after a partial service time.
+    #[arg(long)]
+    capacity: PathBuf,
+    /// Hours of arrivals (the run goes on until everyone who arrived is served, at most 7 days more).
+    #[arg(long, default_value_t = 24.0)]
+    hours: f64,
+    /// Seed of the arrivals, notes, urgencies, needs and service times.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Mean arrivals per hour over the day.
+    #[arg(long, default_value_t = 6.0)]
+    arrivals_per_hour: f64,
+    /// An urgent request (urgency 1-2) served within this many minutes is within target.
+    #[arg(long, default_value_t = 30)]
+    target_mins: u64,
+    /// Minutes until the staff find a wrong assignment and release the unit.
+    #[arg(long, default_value_t = 45)]
+    detect_mins: u64,
+    /// Minutes a person takes to resolve a review item.
+    #[arg(long, default_value_t = 15)]
+    review_mins: u64,
+    /// Decide only every N minutes instead of after every arrival and release.
+    #[arg(long)]
+    epoch_mins: Option<u64>,
+    /// Predictions less sure than this go to human review.
+    #[arg(long, default_value_t = 0.6)]
+    review_below: f64,
+    /// Value a request gains per hour waited in the optimal method's objective, in units of
+    /// an urgency-5 request (an urgency-1 request is worth 16).
+    #[arg(long, default_value_t = 0.5)]
+    wait_weight: f64,
+    /// Where to write simulation.json and simulation.html.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Tokens per note after truncation.
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+}
+
+/// `allocate simulate`: classifies the notes once, then hands the predictions to the pure
+/// simulator (`fedward_agent::simulate`).
+fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
+    use fedward_agent::allocation::{Capacity, Kind, Policy};
+    use fedward_agent::simulate::{self, Note, Settings, Workload};
+    let setting = |field: &'static str, message: String| fedward_shared::config::ConfigError::Invalid { field, message };
+    if !(args.hours.is_finite() && args.hours > 0.0 && args.hours <= 24.0 * 366.0) {
+        return Err(setting("hours", "must be more than 0 and at most a year".into()).into());
+    }
+    if !(0.0..=1.0).contains(&args.review_below) {
+        return Err(setting("review-below", "must be between 0 and 1".into()).into());
+    }
+    if !(args.wait_weight.is_finite() && args.wait_weight >= 0.0) {
+        return Err(setting("wait-weight", "must be 0 or more".into()).into());
+    }
+    let capacity: Capacity = serde_json::from_slice(&fsutil::read(&args.capacity)?)
+        .with_context(|| format!("reading the capacity {}", args.capacity.display()))?;
+    capacity.validate().with_context(|| format!("invalid capacity {}", args.capacity.display()))?;
+
+    let dev = fedward_models::train::device(&args.device)?;
+    let (model, encoder) = fedward_models::io::load_trained_dir(&args.model, &dev)?;
+    // Each of the model's labels as a kind; a label the engine does not know counts as `other`.
+    let kinds: Vec<Kind> = model
+        .labels
+        .iter()
+        .map(|l| match l.as_str() {
+            "doctor" => Kind::Doctor,
+            "bed" => Kind::Bed,
+            "device" => Kind::Device,
+            _ => Kind::Other,
+        })
+        .collect();
+    let examples = fedward_models::text::read_jsonl(&args.notes, &model.labels)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let started = std::time::Instant::now();
+    let probabilities = fedward_models::train::predict(&model, &encoder, &texts, args.max_seq_len)?;
+    info!(notes = texts.len(), secs = format_args!("{:.1}", started.elapsed().as_secs_f64()), "notes classified");
+    let order = [Kind::Doctor, Kind::Bed, Kind::Device, Kind::Other];
+    let notes: Vec<Note> = examples
+        .iter()
+        .zip(&probabilities)
+        .map(|(e, p)| {
+            let mut by_kind = [0.0; 4];
+            for (kind, v) in kinds.iter().zip(p) {
+                by_kind[order.iter().position(|k| k == kind).unwrap_or(3)] += f64::from(*v);
+            }
+            Note { truth: kinds[e.label], probabilities: by_kind }
+        })
+        .collect();
+    let accuracy = notes.iter().filter(|n| n.prediction().0 == n.truth).count() as f64 / notes.len().max(1) as f64;
+
+    let workload =
+        Workload { horizon_secs: (args.hours * 3600.0).round() as u64, arrivals_per_hour: args.arrivals_per_hour, ..Workload::default() };
+    let settings = Settings {
+        policy: Policy { review_below: args.review_below, wait_weight_per_hour: args.wait_weight, ..Policy::default() },
+        target_secs: args.target_mins * 60,
+        detect_secs: args.detect_mins * 60,
+        review_secs: args.review_mins * 60,
+        epoch_every_secs: args.epoch_mins.map(|m| m * 60),
+        ..Settings::default()
+    };
+    let scenario = simulate::generate(&workload, &capacity, &notes, args.seed).map_err(|e| setting("allocate simulate", e.to_string()))?;
+    // The engine's time only: the clock is read around each decision.
+    let clock_start = std::time::Instant::now();
+    let comparison = simulate::compare(&scenario, &capacity, &settings, args.seed, &mut || clock_start.elapsed().as_secs_f64());
+    let summary = serde_json::json!({
+        "model": args.model,
+        "notes": args.notes,
+        "notes_read": notes.len(),
+        "accuracy_on_notes": accuracy,
+        "capacity": capacity,
+        "workload": workload,
+        "settings": {
+            "review_below": args.review_below,
+            "wait_weight_per_hour": args.wait_weight,
+            "target_mins": args.target_mins,
+            "detect_mins": args.detect_mins,
+            "review_mins": args.review_mins,
+            "epoch_mins": args.epoch_mins,
+        },
+        "comparison": comparison,
+    });
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        fsutil::atomic_write(&out.join("simulation.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(), false)?;
+        let title = format!("Allocation simulator: {}", args.model.file_name().map_or("model".into(), |n| n.to_string_lossy()));
+        fsutil::atomic_write(&out.join("simulation.html"), simulate::html(&comparison, &title).as_bytes(), false)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("model {} on {} notes (accuracy {accuracy:.4})", args.model.display(), notes.len());
+        print!("{}", simulate::table(&comparison));
+        if let Some(out) = &args.out {
+            println!("wrote {} and {}", out.join("simulation.json").display(), out.join("simulation.html").display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -318,6 +515,10 @@ struct BaselineArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Also export each trained model to DIR/<name> (`centralized`, or the site's name), a
+    /// model directory for `predict`, `eval` and `allocate simulate`.
+    #[arg(long, value_name = "DIR")]
+    save_models: Option<PathBuf>,
 }
 
 fn parse_label_mapping(s: &str) -> Result<(String, String), String> {
@@ -603,6 +804,9 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
         threads,
     };
     let mut baselines = Baselines::new(recipe, &sites)?;
+    if let Some(dir) = &args.save_models {
+        baselines.save_models_to(dir);
+    }
     let results = match which {
         Which::Centralized => vec![baselines.centralized(&sites)?],
         Which::All => baselines.all(&sites)?,

@@ -256,19 +256,11 @@ async fn loopback_host_only(request: Request, next: Next) -> Response {
         None => None,
         Some(h) => Some(h.to_str().unwrap_or("")),
     };
-    if host.is_none_or(is_loopback_host) {
+    if host.is_none_or(fedward_shared::access::is_loopback_host) {
         next.run(request).await
     } else {
         (StatusCode::MISDIRECTED_REQUEST, "the admin endpoints answer only to localhost\n").into_response()
     }
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn ledger_file(State(s): State<AdminState>) -> Response {
@@ -613,10 +605,10 @@ mod tests {
     #[test]
     fn only_loopback_names_are_hosts() {
         for ok in ["localhost", "localhost:7080", "127.0.0.1", "127.0.0.1:7080", "[::1]:7080", "[::1]", "LOCALHOST"] {
-            assert!(is_loopback_host(ok), "{ok}");
+            assert!(fedward_shared::access::is_loopback_host(ok), "{ok}");
         }
         for bad in ["", "evil.example", "evil.example:7080", "10.0.0.1:7080", "localhost.evil.example", "[2001:db8::1]:80"] {
-            assert!(!is_loopback_host(bad), "{bad}");
+            assert!(!fedward_shared::access::is_loopback_host(bad), "{bad}");
         }
     }
 

@@ -145,6 +145,18 @@ impl BertTrainer {
         &self.model
     }
 
+    /// Trains on `train` from the next round on (a site's data grew or was corrected). The
+    /// privacy accounting does not depend on the number of examples (Poisson sampling at
+    /// the plan's rate), so this changes no spend.
+    pub fn replace_train(&mut self, train: Vec<Example>) -> Result<(), TrainError> {
+        if train.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        let threads = self.train.prefix_threads;
+        self.train = Prepared { prefix_threads: threads, ..Prepared::new(train) };
+        Ok(())
+    }
+
     pub fn model_mut(&mut self) -> &mut BertClassifier {
         &mut self.model
     }

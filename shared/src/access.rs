@@ -165,6 +165,17 @@ fn check_name(name: &str) -> Result<(), AccessError> {
     }
 }
 
+/// Whether an HTTP `Host` header names this machine (`localhost`, `127.0.0.1`, `[::1]`,
+/// with or without a port). A server on loopback answers only such requests, so that a
+/// web page cannot reach it through a name it rebinds to 127.0.0.1 (DNS rebinding).
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The token an HTTP `Authorization` header carries: `Bearer T`, or `Basic` with `T` as
 /// the password (what a browser's login prompt sends; the user name is ignored).
 pub fn token_from_authorization(header: &str) -> Option<String> {

@@ -821,6 +821,88 @@ pub struct RawAgentConfig {
     pub agent: RawAgent,
     #[serde(default)]
     pub transport: RawTransport,
+    #[serde(default)]
+    pub service: RawService,
+}
+
+/// The hospital's triage service (`fedward-agent serve`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Address of the HTTP API (default `127.0.0.1:8480`: loopback).
+    pub listen: Option<String>,
+    /// Predictions less confident than this go to a person (default 0.6).
+    pub review_below: Option<f64>,
+    /// `optimal` (default), `greedy` or `fcfs`.
+    pub method: Option<String>,
+    /// Value of an hour's wait, in urgency-5 requests (default 0.5).
+    pub wait_weight_per_hour: Option<f64>,
+    /// Longest exact solve before falling back to greedy (default `200ms`).
+    pub time_limit: Option<String>,
+    /// How often to look for a newer global model (default `10s`).
+    pub reload_every: Option<String>,
+    /// Recent decisions (and their notes, in memory only, for corrections) kept (default 1000).
+    pub keep_recent: Option<usize>,
+    /// Longest note accepted, in characters (default 2000).
+    pub max_note_chars: Option<usize>,
+    /// Bearer tokens (the `[admin] tokens` format) every route but `/healthz` then needs;
+    /// required when `listen` is not loopback.
+    pub tokens: Option<PathBuf>,
+}
+
+/// The triage service's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    pub listen: SocketAddr,
+    pub review_below: f64,
+    pub method: String,
+    pub wait_weight_per_hour: f64,
+    pub time_limit: Duration,
+    pub reload_every: Duration,
+    pub keep_recent: usize,
+    pub max_note_chars: usize,
+    pub tokens: Option<PathBuf>,
+}
+
+impl ServiceConfig {
+    fn from_raw(raw: RawService, base_dir: &Path) -> Result<Self, ConfigError> {
+        let listen = parse_addr("service.listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8480"))?;
+        if !listen.ip().is_loopback() && raw.tokens.is_none() {
+            // Notes are patient data: off this machine, only token holders may send them.
+            return Err(invalid("service.listen", "a non-loopback address needs service.tokens"));
+        }
+        let review_below = raw.review_below.unwrap_or(0.6);
+        if !(0.0..=1.0).contains(&review_below) {
+            return Err(invalid("service.review_below", "must be within 0..=1"));
+        }
+        let method = raw.method.unwrap_or_else(|| "optimal".into());
+        if !matches!(method.as_str(), "optimal" | "greedy" | "fcfs") {
+            return Err(invalid("service.method", "must be optimal, greedy or fcfs"));
+        }
+        let wait_weight_per_hour = raw.wait_weight_per_hour.unwrap_or(0.5);
+        if !wait_weight_per_hour.is_finite() || wait_weight_per_hour < 0.0 {
+            return Err(invalid("service.wait_weight_per_hour", "must be a finite number >= 0"));
+        }
+        let keep_recent = raw.keep_recent.unwrap_or(1000);
+        if !(1..=1_000_000).contains(&keep_recent) {
+            return Err(invalid("service.keep_recent", "must be within 1..=1000000"));
+        }
+        let max_note_chars = raw.max_note_chars.unwrap_or(2000);
+        if !(1..=100_000).contains(&max_note_chars) {
+            return Err(invalid("service.max_note_chars", "must be within 1..=100000"));
+        }
+        Ok(Self {
+            listen,
+            review_below,
+            method,
+            wait_weight_per_hour,
+            time_limit: parse_duration("service.time_limit", raw.time_limit.as_deref().unwrap_or("200ms"))?,
+            reload_every: parse_duration("service.reload_every", raw.reload_every.as_deref().unwrap_or("10s"))?,
+            keep_recent,
+            max_note_chars,
+            tokens: raw.tokens.map(|p| resolve(base_dir, p)),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -837,6 +919,8 @@ pub struct RawCoordinatorEndpoint {
 pub struct RawData {
     pub train: PathBuf,
     pub validation: Option<PathBuf>,
+    /// Clinicians' corrections from the triage service (default `<state_dir>/feedback.jsonl`).
+    pub feedback: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -917,6 +1001,9 @@ pub struct AgentConfig {
     pub tls: TlsPaths,
     pub train_data: PathBuf,
     pub validation_data: Option<PathBuf>,
+    /// Clinicians' corrections (JSONL, appended by the triage service, trained on with
+    /// `train_data`).
+    pub feedback_data: PathBuf,
     pub model_base: PathBuf,
     /// The largest global model the agent downloads, in bytes.
     pub max_model_bytes: usize,
@@ -930,6 +1017,7 @@ pub struct AgentConfig {
     pub transport: Transport,
     /// Renew the certificate over the connection before it expires.
     pub auto_renew: bool,
+    pub service: ServiceConfig,
 }
 
 impl AgentConfig {
@@ -963,8 +1051,11 @@ impl AgentConfig {
             return Err(invalid("tls.crl", "only the coordinator checks revocation; an agent has no revocation list"));
         }
         let auto_renew = raw.tls.auto_renew.unwrap_or(true);
+        let state_dir = resolve(base_dir, raw.agent.state_dir);
         Ok(Self {
             auto_renew,
+            service: ServiceConfig::from_raw(raw.service, base_dir)?,
+            feedback_data: raw.data.feedback.map_or_else(|| state_dir.join("feedback.jsonl"), |p| resolve(base_dir, p)),
             coordinator_addr: raw.coordinator.address,
             server_name: raw.coordinator.server_name,
             tls: tls_paths(base_dir, raw.tls),
@@ -980,7 +1071,7 @@ impl AgentConfig {
                 require_dp: b.require_dp,
                 share_metrics: b.share_metrics,
             },
-            state_dir: resolve(base_dir, raw.agent.state_dir),
+            state_dir,
             device,
             max_backoff: parse_duration("agent.max_backoff", &raw.agent.max_backoff)?,
             max_connect_attempts: raw.agent.max_connect_attempts,
