@@ -12,6 +12,9 @@
 #                               built with the dev profile, the engine compiled into it at
 #                               opt-level 3: a release build of the agent's dependencies
 #                               (candle, quinn) would take longer than everything it measures
+#   scripts/bench.sh triage     POST /v1/requests of the triage service, one at a time, beside
+#                               predict on the same notes (agent/benches/triage.rs; needs
+#                               scripts/fetch-models.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-out
@@ -32,6 +35,10 @@ case "${1:-transfer}" in
       -C opt-level=3 -C debug-assertions=off -C overflow-checks=off
     "${CARGO_TARGET_DIR:-target}/debug/examples/allocate_bench" --out "$out/allocate.json" "${@:2}"
     ;;
+  triage)
+    scripts/fetch-models.sh
+    cargo bench --locked -p fedward-agent --bench triage -- --out "$out/triage.json"
+    ;;
   *)
-    echo "usage: scripts/bench.sh transfer|scale|train|allocate" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|scale|train|allocate|triage" >&2; exit 2 ;;
 esac

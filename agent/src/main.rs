@@ -120,6 +120,9 @@ enum Command {
     /// Check privacy ledgers (chain, seals, recomputed epsilons) and write audit reports.
     #[command(subcommand)]
     Audit(fedward_shared::cli::AuditCommand),
+    /// Manage the tokens file `[service] tokens` names (who may use the triage service).
+    #[command(subcommand)]
+    Token(fedward_shared::cli::TokenCommand),
     /// Plan differential privacy: the epsilon a plan spends, or the noise a target needs.
     #[command(subcommand)]
     Privacy(fedward_shared::cli::PrivacyCommand),
@@ -138,6 +141,10 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(ConfigFile { config }) => check_config(&config),
+        Command::Token(cmd) => {
+            fedward_shared::cli::run_token(&cmd, &mut std::io::stdout(), &mut std::io::stderr())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Predict { model, text, input, device, max_seq_len } => {
             let dev = fedward_models::train::device(&device)?;
             let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;

@@ -32,6 +32,10 @@ fn write_global_model(state: &Path, seed: u64) {
 }
 
 fn site(dir: &Path) -> std::path::PathBuf {
+    site_with(dir, "")
+}
+
+fn site_with(dir: &Path, service_extra: &str) -> std::path::PathBuf {
     let (model, encoder) = tiny(1);
     fedward_models::io::export_dir(&model, &encoder, &dir.join("base")).unwrap();
     std::fs::write(dir.join("train.jsonl"), "{\"text\":\"needs a bed\",\"label\":\"bed\"}\n").unwrap();
@@ -59,7 +63,9 @@ device = "cpu"
 listen = "127.0.0.1:0"
 review_below = 0.0
 reload_every = "50ms"
-"#,
+"#
+        .to_owned()
+            + service_extra,
     )
     .unwrap();
     config
@@ -99,12 +105,16 @@ impl Service {
 
     /// One HTTP/1.1 exchange: the status and the JSON body.
     fn call(&self, method: &str, path: &str, body: Option<&str>, content_type: &str) -> (u16, Value) {
+        self.call_with(method, path, body, content_type, "")
+    }
+
+    fn call_with(&self, method: &str, path: &str, body: Option<&str>, content_type: &str, extra: &str) -> (u16, Value) {
         let mut stream = TcpStream::connect(&self.addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let body = body.unwrap_or("");
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
@@ -263,4 +273,36 @@ fn the_triage_service_allocates_takes_corrections_reloads_and_never_logs_a_note(
     let log = service.stop();
     assert!(log.contains("request decided") && log.contains("correction recorded"), "{log}");
     assert!(!log.to_lowercase().contains("zebra"), "a note reached the log:\n{log}");
+}
+
+/// With `[service] tokens`, every route but `/healthz` needs a listed token, read at each
+/// request; and a page on another name cannot reach the loopback service.
+#[test]
+fn tokens_guard_the_service_and_only_localhost_names_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = site_with(dir.path(), "tokens = \"service-tokens\"\n");
+    let agent = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_fedward-agent")).args(args).current_dir(dir.path()).output().unwrap();
+    let added = agent(&["token", "add", "--tokens", "service-tokens", "--name", "bed-manager", "--role", "auditor"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let token = String::from_utf8(added.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("fwt_"), "{token}");
+
+    let service = Service::start(&config);
+    assert_eq!(service.get("/healthz").0, 503, "healthz needs no token (and there is no model yet)");
+    assert_eq!(service.get("/v1/queue").0, 401);
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    assert_eq!(service.call_with("GET", "/v1/queue", None, "application/json", &bearer).0, 200);
+    assert_eq!(service.call_with("GET", "/v1/queue", None, "application/json", "Authorization: Bearer fwt_wrong\r\n").0, 401);
+
+    // DNS rebinding: a name that is not this machine's is refused.
+    let mut stream = TcpStream::connect(&service.addr).unwrap();
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 421"), "{response}");
+
+    let removed = agent(&["token", "remove", "--tokens", "service-tokens", "--name", "bed-manager"]);
+    assert!(removed.status.success());
+    assert_eq!(service.call_with("GET", "/v1/queue", None, "application/json", &bearer).0, 401, "a removed token stops at once");
+    service.stop();
 }

@@ -138,35 +138,7 @@ enum AdminCommand {
     Log(AdminTarget),
     /// Manage the tokens file the coordinator's `[admin] tokens` names.
     #[command(subcommand)]
-    Token(TokenCommand),
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create a token for a person or tool: prints it once; the file keeps only its hash.
-    Add {
-        /// The tokens file (created 0600 when missing).
-        #[arg(long)]
-        tokens: PathBuf,
-        /// Who holds it (shown in the admin audit log).
-        #[arg(long)]
-        name: String,
-        /// admin (reads and controls) or auditor (reads).
-        #[arg(long)]
-        role: fedward_shared::access::Role,
-    },
-    /// Withdraw a holder's token (effective at the next request).
-    Remove {
-        #[arg(long)]
-        tokens: PathBuf,
-        #[arg(long)]
-        name: String,
-    },
-    /// List the holders and their roles.
-    List {
-        #[arg(long)]
-        tokens: PathBuf,
-    },
+    Token(fedward_shared::cli::TokenCommand),
 }
 
 #[derive(Subcommand)]
@@ -337,7 +309,10 @@ fn run(command: Command) -> Result<ExitCode> {
             fedward_shared::cli::run_privacy(&cmd, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admin(AdminCommand::Token(cmd)) => token_command(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Admin(AdminCommand::Token(cmd)) => {
+            fedward_shared::cli::run_token(&cmd, &mut std::io::stdout(), &mut std::io::stderr())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Admin(cmd) => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(admin_command(cmd)),
     }
 }
@@ -352,36 +327,6 @@ fn read_ca(ca_dir: &Path) -> Result<CertifiedKey> {
         cert_pem: String::from_utf8(fsutil::read(&ca_dir.join("ca.crt"))?)?,
         key_pem: String::from_utf8(fsutil::read_private_key(&ca_dir.join("ca.key"))?)?,
     })
-}
-
-fn token_command(cmd: TokenCommand) -> Result<()> {
-    match cmd {
-        TokenCommand::Add { tokens, name, role } => {
-            let mut file = if tokens.exists() { read_tokens(&tokens)? } else { Default::default() };
-            let token = {
-                use rand::RngCore;
-                let mut secret = [0u8; 32];
-                rand::rng().fill_bytes(&mut secret);
-                format!("{}{}", fedward_shared::access::TOKEN_PREFIX, hex::encode(secret))
-            };
-            file.add(&name, role, &token)?;
-            fsutil::atomic_write(&tokens, file.render().as_bytes(), true)?;
-            println!("{token}");
-            eprintln!("added {name} ({role}) to {}; the token above is shown once: give it to {name} in a 0600 file", tokens.display());
-        }
-        TokenCommand::Remove { tokens, name } => {
-            let mut file = read_tokens(&tokens)?;
-            anyhow::ensure!(file.remove(&name), "{} lists no {name}", tokens.display());
-            fsutil::atomic_write(&tokens, file.render().as_bytes(), true)?;
-            println!("removed {name}; their token stops working at their next request");
-        }
-        TokenCommand::List { tokens } => {
-            for h in read_tokens(&tokens)?.holders() {
-                println!("{:<24} {}", h.name, h.role);
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn admin_command(cmd: AdminCommand) -> Result<ExitCode> {

@@ -173,6 +173,75 @@ pub struct SigmaArgs {
     pub plan: PlanArgs,
 }
 
+/// Manage a tokens file: the coordinator's `[admin] tokens`, the agent's `[service] tokens`.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "cli", derive(clap::Subcommand))]
+pub enum TokenCommand {
+    /// Create a token for a person or tool: prints it once; the file keeps only its hash.
+    Add {
+        /// The tokens file (created 0600 when missing).
+        #[cfg_attr(feature = "cli", arg(long))]
+        tokens: PathBuf,
+        /// Who holds it (shown in the audit log).
+        #[cfg_attr(feature = "cli", arg(long))]
+        name: String,
+        /// admin (reads and controls) or auditor (reads). The triage service lets any holder in.
+        #[cfg_attr(feature = "cli", arg(long))]
+        role: crate::access::Role,
+    },
+    /// Withdraw a holder's token (effective at the next request).
+    Remove {
+        #[cfg_attr(feature = "cli", arg(long))]
+        tokens: PathBuf,
+        #[cfg_attr(feature = "cli", arg(long))]
+        name: String,
+    },
+    /// List the holders and their roles.
+    List {
+        #[cfg_attr(feature = "cli", arg(long))]
+        tokens: PathBuf,
+    },
+}
+
+/// Runs a `token` command: a new token goes to `out` (once), what was done to `note`.
+pub fn run_token(cmd: &TokenCommand, out: &mut dyn Write, note: &mut dyn Write) -> Result<(), CliError> {
+    use crate::access::{Tokens, TOKEN_PREFIX};
+    let read = |path: &Path| Tokens::load(path).map_err(|message| invalid("tokens", message));
+    match cmd {
+        TokenCommand::Add { tokens, name, role } => {
+            let mut file = if tokens.exists() { read(tokens)? } else { Tokens::default() };
+            let token = {
+                use rand::RngCore;
+                let mut secret = [0u8; 32];
+                rand::rng().fill_bytes(&mut secret);
+                format!("{TOKEN_PREFIX}{}", hex::encode(secret))
+            };
+            file.add(name, *role, &token).map_err(|e| invalid("name", e.to_string()))?;
+            fsutil::atomic_write(tokens, file.render().as_bytes(), true)?;
+            writeln!(out, "{token}")?;
+            writeln!(
+                note,
+                "added {name} ({role}) to {}; the token above is shown once: give it to {name} in a 0600 file",
+                tokens.display()
+            )?;
+        }
+        TokenCommand::Remove { tokens, name } => {
+            let mut file = read(tokens)?;
+            if !file.remove(name) {
+                return Err(invalid("name", format!("{} lists no {name}", tokens.display())));
+            }
+            fsutil::atomic_write(tokens, file.render().as_bytes(), true)?;
+            writeln!(out, "removed {name}; their token stops working at their next request")?;
+        }
+        TokenCommand::List { tokens } => {
+            for h in read(tokens)?.holders() {
+                writeln!(out, "{:<24} {}", h.name, h.role)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Why a command could not run (its findings are not errors: see the `run_*` results).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
