@@ -565,6 +565,13 @@ fn check_config(path: &Path) -> Result<ExitCode> {
     };
     fedward_models::io::load_dir(&cfg.model_base, Some(&cfg.labels), 0, &candle_core::Device::Cpu)
         .map_err(|e| bad("model.base")(e.into()))?;
+    let corrections = match cfg.feedback_data.exists() {
+        true => fedward_models::text::read_jsonl(&cfg.feedback_data, &cfg.labels).map_err(|e| bad("data.feedback")(e.into()))?.len(),
+        false => 0,
+    };
+    if let Some(tokens) = &cfg.service.tokens {
+        fedward_shared::access::Tokens::load(tokens).map_err(|e| bad("service.tokens")(anyhow::anyhow!(e)))?;
+    }
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| bad("agent.state_dir")(anyhow::anyhow!("{}: {e}", cfg.state_dir.display())))?;
     println!("config ok: {}", path.display());
     println!("  coordinator {} ({})", cfg.coordinator_addr, cfg.server_name);
@@ -575,12 +582,19 @@ fn check_config(path: &Path) -> Result<ExitCode> {
         train.len(),
         validation.map(|n| format!(", validation {n} notes")).unwrap_or_default()
     );
+    println!("  corrections {} ({corrections} notes)", cfg.feedback_data.display());
     println!("  base model {} loads", cfg.model_base.display());
     println!(
         "  budget: epsilon <= {} at delta {}{}",
         cfg.budget.max_epsilon,
         cfg.budget.delta,
         cfg.budget.max_rounds.map(|r| format!(", at most {r} rounds")).unwrap_or_default()
+    );
+    println!(
+        "  triage service (fedward-agent serve) on {}, {} allocation, {}",
+        cfg.service.listen,
+        cfg.service.method,
+        if cfg.service.tokens.is_some() { "tokens required" } else { "loopback, no tokens" }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -81,6 +81,11 @@ fn missing_data_or_model_are_named() {
     std::fs::write(dir.path().join("train.jsonl"), "{\"text\":\"x\",\"label\":\"chair\"}\n").unwrap();
     refused(&check(&config), "data.train");
     std::fs::write(dir.path().join("train.jsonl"), "{\"text\":\"x\",\"label\":\"bed\"}\n").unwrap();
+    // The triage service's corrections are training data too.
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/feedback.jsonl"), "{\"text\":\"x\",\"label\":\"chair\"}\n").unwrap();
+    refused(&check(&config), "data.feedback");
+    std::fs::remove_file(dir.path().join("state/feedback.jsonl")).unwrap();
     std::fs::remove_file(dir.path().join("base/tokenizer.json")).unwrap();
     refused(&check(&config), "model.base");
 }
