@@ -42,6 +42,7 @@ use crate::session::{
     assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
     unrecorded_acceptances, CachedRelease, Decision, Prior,
 };
+use crate::status::{Phase, StatusWriter};
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]
@@ -160,12 +161,38 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
         ledger: Some(ledger),
         released,
         last_train_secs: None,
+        status: StatusWriter::new(&opts.state_dir, &opts.coordinator_addr),
     };
     let mut failures = 0u32;
+    let outcome = run_sessions(&opts, site, &mut tls, &mut renewal, &mut state, &mut rng, &mut failures, &mut shutdown).await;
+    let (phase, detail) = match &outcome {
+        Ok(DaemonOutcome::Finished { .. }) => (Phase::Finished, None),
+        Ok(DaemonOutcome::Shutdown) => (Phase::Stopped, Some("stopped by a signal".to_owned())),
+        Err(DaemonError::Refused(reason)) => (Phase::Refused, Some(reason.clone())),
+        Err(e) => (Phase::Stopped, Some(e.to_string())),
+    };
+    state.status.set(phase, detail);
+    outcome
+}
+
+/// Sessions one after the other, until one ends the daemon.
+#[allow(clippy::too_many_arguments)]
+async fn run_sessions(
+    opts: &DaemonOptions,
+    site: SiteId,
+    tls: &mut Arc<rustls::ClientConfig>,
+    renewal: &mut RenewalState,
+    state: &mut AgentState,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    failures: &mut u32,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<DaemonOutcome, DaemonError> {
     loop {
+        state.status.round(None);
+        state.status.set(Phase::Connecting, None);
         let attempt = tokio::select! {
-            () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
-            end = connect_and_serve(&opts, &tls, &site, &mut state, &mut renewal, &mut rng, &mut failures) => end,
+            () = &mut *shutdown => return Ok(DaemonOutcome::Shutdown),
+            end = connect_and_serve(opts, tls, &site, state, renewal, rng, failures) => end,
         };
         // However the session ended, the next connection presents the renewed certificate.
         if renewal.installed {
@@ -177,8 +204,8 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
             });
             match rebuilt {
                 Ok(t) => {
-                    tls = Arc::new(t);
-                    renewal = RenewalState::default();
+                    *tls = Arc::new(t);
+                    *renewal = RenewalState::default();
                     info!("the next connection presents the renewed certificate");
                 }
                 // The files were checked before they were installed; if they cannot be read
@@ -192,7 +219,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
                 if opts.exit_when_finished {
                     return Ok(DaemonOutcome::Finished { completed_rounds, rounds_trained: state.rounds_trained });
                 }
-                failures = 0;
+                *failures = 0;
             }
             Ok(SessionEnd::Refused(reason)) => {
                 error!(%reason, "refused by the coordinator; fix the cause and restart the agent");
@@ -214,14 +241,16 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
             // Reconnects at once, with the certificate installed below.
             Ok(SessionEnd::Renewed) => {}
             Ok(SessionEnd::Lost(cause)) | Err(cause) => {
-                failures += 1;
-                if opts.max_connect_attempts > 0 && failures >= opts.max_connect_attempts {
-                    return Err(DaemonError::GaveUp { attempts: failures, last: cause });
+                *failures += 1;
+                if opts.max_connect_attempts > 0 && *failures >= opts.max_connect_attempts {
+                    return Err(DaemonError::GaveUp { attempts: *failures, last: cause });
                 }
-                let delay = backoff(failures, opts.max_backoff, &mut rng);
-                warn!(%cause, attempt = failures, retry_in = ?delay, "connection lost; will retry");
+                let delay = backoff(*failures, opts.max_backoff, rng);
+                warn!(%cause, attempt = *failures, retry_in = ?delay, "connection lost; will retry");
+                state.status.failures(*failures);
+                state.status.set(Phase::Retrying, Some(format!("{cause} (next attempt in {:.0} s)", delay.as_secs_f64())));
                 tokio::select! {
-                    () = &mut shutdown => return Ok(DaemonOutcome::Shutdown),
+                    () = &mut *shutdown => return Ok(DaemonOutcome::Shutdown),
                     () = tokio::time::sleep(delay) => {}
                 }
             }
@@ -248,6 +277,8 @@ struct AgentState {
     released: Option<CachedRelease>,
     /// How long the last round's training took, to judge whether the next fits its deadline.
     last_train_secs: Option<f64>,
+    /// What `fedward-agent status` reads.
+    status: StatusWriter,
 }
 
 /// Opens (and verifies) the site's ledger. A last line cut short by a crash is settled so
@@ -352,6 +383,7 @@ async fn connect_and_serve(
         Err(e) => return Ok(stream_failure(&conn, e)),
     };
     *failures = 0;
+    state.status.failures(0);
     if let Err(reason) = check_welcome_site(site, &welcome.site) {
         conn.close(wire::CLOSE_NORMAL.into(), b"agent stopping: the coordinator names another site");
         return Ok(SessionEnd::Misconfigured(reason));
@@ -407,6 +439,8 @@ async fn serve(
             return SessionEnd::Renewed;
         }
         let have_model = state.cache.as_ref().map(TensorSet::digest);
+        state.status.round(None);
+        state.status.set(Phase::Waiting, None);
         // While waiting for the next offer, the certificate is renewed when due; the wait
         // goes on either way.
         let ready_msg = Message::Ready(Ready { have_model });
@@ -433,6 +467,8 @@ async fn serve(
             Ok(other) => return SessionEnd::Lost(format!("unexpected answer to ready: {}", other.kind())),
             Err(e) => return stream_failure(conn, e),
         };
+        state.status.round(Some(offer.round.0));
+        state.status.set(Phase::Training, None);
         let span = info_span!("round", round = %offer.round);
         let result = take_round(conn, opts, state, rng, site, offer).instrument(span).await;
         if let Err(end) = result {
@@ -565,7 +601,9 @@ async fn take_round(
         warn!("test fault: stopping after the ledger write, before sending");
         return Err(SessionEnd::Fault(offer.round.0));
     }
+    state.status.set(Phase::Uploading, None);
     send_update(conn, &opts.transport, &released.header, &released.delta).await?;
+    state.status.sent(offer.round.0, released.delta.byte_len());
     state.rounds_trained += 1;
     Ok(())
 }

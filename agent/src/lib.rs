@@ -13,4 +13,5 @@ pub mod renew;
 pub mod service;
 pub mod session;
 pub mod simulate;
+pub mod status;
 pub mod trainer;

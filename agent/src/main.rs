@@ -49,6 +49,16 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_seq_len: usize,
     },
+    /// Say how this site's agent is doing, in plain words: running or not and why, the
+    /// round, the last update sent, the privacy budget spent and left, the certificate's
+    /// expiry, the data set's size. Exit 0 when all is well, 1 when something needs a person.
+    Status {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Print the report as JSON (what the daemon's loopback /status endpoint answers).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file (and that its files are readable) without connecting.
     CheckConfig(ConfigFile),
     /// Manage this site's key and certificate.
@@ -141,6 +151,15 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig(ConfigFile { config }) => check_config(&config),
+        Command::Status { config: ConfigFile { config }, json } => {
+            let report = fedward_agent::status::compose(&load_config(&config)?, time::OffsetDateTime::now_utc());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", fedward_agent::status::render(&report));
+            }
+            Ok(if report.attention.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Token(cmd) => {
             fedward_shared::cli::run_token(&cmd, &mut std::io::stdout(), &mut std::io::stderr())?;
             Ok(ExitCode::SUCCESS)
@@ -317,26 +336,31 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
         })
         .collect();
     let examples = fedward_models::text::read_jsonl(&args.notes, &model.labels)?;
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let workload =
+        Workload { horizon_secs: (args.hours * 3600.0).round() as u64, arrivals_per_hour: args.arrivals_per_hour, ..Workload::default() };
+    // The draws depend on the true labels only: draw first, then classify only the notes
+    // the day draws (fewer than the file holds, often), and bring their predictions in.
+    let unknown = |e: &fedward_models::text::Example| Note { truth: kinds[e.label], probabilities: [0.25; 4] };
+    let mut notes: Vec<Note> = examples.iter().map(unknown).collect();
+    let mut scenario =
+        simulate::generate(&workload, &capacity, &notes, args.seed).map_err(|e| setting("allocate simulate", e.to_string()))?;
+    let drawn: std::collections::BTreeSet<usize> = scenario.arrivals.iter().map(|a| a.note).collect();
+    let texts: Vec<&str> = drawn.iter().map(|&i| examples[i].text.as_str()).collect();
     let started = std::time::Instant::now();
     let probabilities = fedward_models::train::predict(&model, &encoder, &texts, args.max_seq_len)?;
     info!(notes = texts.len(), secs = format_args!("{:.1}", started.elapsed().as_secs_f64()), "notes classified");
     let order = [Kind::Doctor, Kind::Bed, Kind::Device, Kind::Other];
-    let notes: Vec<Note> = examples
-        .iter()
-        .zip(&probabilities)
-        .map(|(e, p)| {
-            let mut by_kind = [0.0; 4];
-            for (kind, v) in kinds.iter().zip(p) {
-                by_kind[order.iter().position(|k| k == kind).unwrap_or(3)] += f64::from(*v);
-            }
-            Note { truth: kinds[e.label], probabilities: by_kind }
-        })
-        .collect();
-    let accuracy = notes.iter().filter(|n| n.prediction().0 == n.truth).count() as f64 / notes.len().max(1) as f64;
+    for (&i, p) in drawn.iter().zip(&probabilities) {
+        let mut by_kind = [0.0; 4];
+        for (kind, v) in kinds.iter().zip(p) {
+            by_kind[order.iter().position(|k| k == kind).unwrap_or(3)] += f64::from(*v);
+        }
+        notes[i].probabilities = by_kind;
+    }
+    scenario.set_predictions(&notes);
+    let right = drawn.iter().filter(|&&i| notes[i].prediction().0 == notes[i].truth).count();
+    let accuracy = right as f64 / drawn.len().max(1) as f64;
 
-    let workload =
-        Workload { horizon_secs: (args.hours * 3600.0).round() as u64, arrivals_per_hour: args.arrivals_per_hour, ..Workload::default() };
     let settings = Settings {
         policy: Policy { review_below: args.review_below, wait_weight_per_hour: args.wait_weight, ..Policy::default() },
         target_secs: args.target_mins * 60,
@@ -345,7 +369,6 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
         epoch_every_secs: args.epoch_mins.map(|m| m * 60),
         ..Settings::default()
     };
-    let scenario = simulate::generate(&workload, &capacity, &notes, args.seed).map_err(|e| setting("allocate simulate", e.to_string()))?;
     // The engine's time only: the clock is read around each decision.
     let clock_start = std::time::Instant::now();
     let comparison = simulate::compare(&scenario, &capacity, &settings, args.seed, &mut || clock_start.elapsed().as_secs_f64());
@@ -353,6 +376,7 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
         "model": args.model,
         "notes": args.notes,
         "notes_read": notes.len(),
+        "notes_drawn": drawn.len(),
         "accuracy_on_notes": accuracy,
         "capacity": capacity,
         "workload": workload,
@@ -375,7 +399,7 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("model {} on {} notes (accuracy {accuracy:.4})", args.model.display(), notes.len());
+        println!("model {}: accuracy {accuracy:.4} on the {} notes drawn of {}", args.model.display(), drawn.len(), notes.len());
         print!("{}", simulate::table(&comparison));
         if let Some(out) = &args.out {
             println!("wrote {} and {}", out.join("simulation.json").display(), out.join("simulation.html").display());
@@ -644,6 +668,9 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         },
         fail_after_ledger_write: false,
     };
+    if let Some(addr) = cfg.status_listen {
+        tokio::spawn(fedward_agent::status::serve_status(addr, Arc::new(cfg.clone())));
+    }
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
     let outcome = match daemon::run(opts, trainer, shutdown).await {
         // What no retry can fix is a configuration error: exit 64, which the shipped unit

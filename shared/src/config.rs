@@ -973,6 +973,9 @@ pub struct RawAgent {
     /// Exit once the coordinator says the federation is finished.
     #[serde(default = "default_true")]
     pub exit_when_finished: bool,
+    /// Loopback address of the daemon's `/status` endpoint (default `127.0.0.1:8479`;
+    /// `"off"` for none).
+    pub status_listen: Option<String>,
 }
 
 fn default_device() -> String {
@@ -1018,6 +1021,8 @@ pub struct AgentConfig {
     /// Renew the certificate over the connection before it expires.
     pub auto_renew: bool,
     pub service: ServiceConfig,
+    /// The daemon's loopback status endpoint, if any.
+    pub status_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -1052,7 +1057,18 @@ impl AgentConfig {
         }
         let auto_renew = raw.tls.auto_renew.unwrap_or(true);
         let state_dir = resolve(base_dir, raw.agent.state_dir);
+        let status_listen = match raw.agent.status_listen.as_deref().unwrap_or("127.0.0.1:8479") {
+            "off" => None,
+            a => {
+                let addr = parse_addr("agent.status_listen", a)?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid("agent.status_listen", "must be a loopback address (or \"off\")"));
+                }
+                Some(addr)
+            }
+        };
         Ok(Self {
+            status_listen,
             auto_renew,
             service: ServiceConfig::from_raw(raw.service, base_dir)?,
             feedback_data: raw.data.feedback.map_or_else(|| state_dir.join("feedback.jsonl"), |p| resolve(base_dir, p)),

@@ -121,6 +121,12 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
         assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 2 });
     }
     assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    // What `fedward-agent status` reads: finished, and the last update sent.
+    let status: fedward_agent::status::DaemonStatus =
+        serde_json::from_slice(&std::fs::read(dir.path().join("agent-0/status.json")).unwrap()).unwrap();
+    assert_eq!(status.phase, fedward_agent::status::Phase::Finished);
+    assert_eq!(status.last_update.as_ref().map(|u| u.round), Some(2));
+    assert!(status.last_update.unwrap().mib > 0.0);
 
     assert_model_is_the_weighted_mean(&dir.path().join("coordinator"), 2, &logs);
     let store = Store::open(&dir.path().join("coordinator")).unwrap();
@@ -285,6 +291,11 @@ async fn unenrolled_site_is_refused_with_the_reason() {
     let DaemonError::Refused(reason) = &err else { panic!("expected a refusal, got {err}") };
     assert!(reason.contains("site mallory is not enrolled"), "{reason}");
     assert!(sent.lock().unwrap().is_empty());
+    // The person on call reads why.
+    let status: fedward_agent::status::DaemonStatus =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    assert_eq!(status.phase, fedward_agent::status::Phase::Refused);
+    assert!(status.detail.unwrap().contains("site mallory is not enrolled"));
 }
 
 /// An agent trusting the wrong CA, or expecting another server name, can never connect:
