@@ -106,6 +106,8 @@ pub struct BaselineResult {
 pub struct Baselines {
     recipe: Recipe,
     test: EvalSet,
+    /// Where each trained model is exported (`DIR/<name>`), when asked.
+    save_dir: Option<PathBuf>,
 }
 
 impl Baselines {
@@ -117,7 +119,13 @@ impl Baselines {
         }
         let mut test = EvalSet::new(test);
         test.set_prefix_threads(recipe.threads);
-        Ok(Self { recipe, test })
+        Ok(Self { recipe, test, save_dir: None })
+    }
+
+    /// Exports every model trained from now on to `dir/<name>` (`centralized`, or the
+    /// site's name), a directory `predict`, `eval` and `allocate simulate` load.
+    pub fn save_models_to(&mut self, dir: &Path) {
+        self.save_dir = Some(dir.to_owned());
     }
 
     /// Examples in the pooled test split.
@@ -165,12 +173,12 @@ impl Baselines {
             slices.iter().map(|(name, indices)| Ok((*name, pooled.subset(self.load_base()?.0, indices)?))).collect::<Result<_>>()?;
         let prepared = started.elapsed().as_secs_f64();
         info!(secs = format_args!("{prepared:.1}"), "frozen prefix of the pooled training and test data computed");
-        let (recipe, test) = (&self.recipe, &self.test);
-        let centralized = move || train_and_test(recipe, test.clone(), "centralized", pooled, started);
+        let (recipe, test, save) = (&self.recipe, &self.test, self.save_dir.as_deref());
+        let centralized = move || train_and_test(recipe, test.clone(), "centralized", pooled, started, save);
         let local_only = move || {
             local
                 .into_iter()
-                .map(|(name, trainer)| train_and_test(recipe, test.clone(), name, trainer, Instant::now()))
+                .map(|(name, trainer)| train_and_test(recipe, test.clone(), name, trainer, Instant::now(), save))
                 .collect::<Result<Vec<_>>>()
         };
         let (centralized, local_only) = if recipe.threads > 1 {
@@ -191,7 +199,7 @@ impl Baselines {
         let (model, encoder) = self.load_base()?;
         let mut trainer = BertTrainer::new(model, encoder, train, None)?;
         trainer.set_prefix_threads(self.recipe.threads);
-        train_and_test(&self.recipe, self.test.clone(), name, trainer, started)
+        train_and_test(&self.recipe, self.test.clone(), name, trainer, started, self.save_dir.as_deref())
     }
 
     /// The base model with a freshly initialised head (the same seed every time).
@@ -206,12 +214,24 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
     handle.join().map_err(|_| anyhow::anyhow!("a baseline's training thread panicked"))?
 }
 
-fn train_and_test(recipe: &Recipe, mut test: EvalSet, name: &str, mut trainer: BertTrainer, started: Instant) -> Result<BaselineResult> {
+fn train_and_test(
+    recipe: &Recipe,
+    mut test: EvalSet,
+    name: &str,
+    mut trainer: BertTrainer,
+    started: Instant,
+    save: Option<&Path>,
+) -> Result<BaselineResult> {
     let plan = recipe.plan(trainer.model().tensor_set()?.names().collect());
     let train_examples = trainer.num_examples() as usize;
     info!(baseline = name, examples = train_examples, trainable = %plan.trainable, epochs = plan.local_epochs, "training baseline");
     let train_loss = trainer.fit(&plan, 0)?;
     let (_, test) = test.evaluate(trainer.model(), trainer.encoder(), &plan.trainable_tensors, plan.max_seq_len as usize)?;
+    if let Some(dir) = save {
+        let dir = dir.join(name);
+        fedward_models::io::export_dir(trainer.model(), trainer.encoder(), &dir)
+            .with_context(|| format!("exporting the {name} baseline to {}", dir.display()))?;
+    }
     let seconds = started.elapsed().as_secs_f64();
     info!(baseline = name, accuracy = test.accuracy, macro_f1 = test.macro_f1, secs = format_args!("{seconds:.1}"), "baseline done");
     Ok(BaselineResult { name: name.to_owned(), train_examples, train_loss, test, seconds })

@@ -4,7 +4,8 @@
 //! (`pki init`, `pki request`, `pki sign`), three hospitals' data (`data synth`), a
 //! coordinator and three agents talking QUIC with mutual TLS on 127.0.0.1, the baselines
 //! (`baseline all`: centralized and local-only in one process) and the export of the final model
-//! (`export`, checked with `eval`). This driver only writes configs, watches the
+//! (`export`, checked with `eval`), then the allocation simulator (`allocate simulate`) on one
+//! hospital with the federated and with its local-only model. This driver only writes configs, watches the
 //! coordinator's state directory and scores each round's global model on the pooled test
 //! split (in-process, with the frozen prefix cached across rounds), then writes the report.
 //! `deploy/demo.sh` builds the binaries and fetches the weights first.
@@ -121,7 +122,8 @@ struct Args {
     /// their ask last: cutting at 64 drops the ask of about one note in twelve.
     #[arg(long, default_value_t = 128)]
     max_seq_len: u32,
-    /// Skip the baselines (faster; the report then has no comparison).
+    /// Skip the baselines and the allocation simulator, which needs a local-only model
+    /// (faster; the report then has no comparison).
     #[arg(long)]
     skip_baselines: bool,
 }
@@ -318,9 +320,13 @@ fn run(args: &Args) -> Result<()> {
         )?;
     }
 
-    let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &base, &data)?) };
+    let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &out, &base, &data)?) };
+    let allocation = match &baselines {
+        Some(_) => Some(simulate_allocation(args, &tools, &out, &data, &labels)?),
+        None => None,
+    };
 
-    let report = Report::new(args, &runs, baselines.as_ref(), exported_accuracy, started.elapsed().as_secs_f64());
+    let report = Report::new(args, &runs, baselines.as_ref(), allocation.as_ref(), exported_accuracy, started.elapsed().as_secs_f64());
     fs::write(out.join("report.json"), serde_json::to_string_pretty(&report.json)? + "\n")?;
     fs::write(out.join("report.html"), report.html())?;
     println!("{}", report.summary);
@@ -762,7 +768,7 @@ struct Baselines {
     local_only: Vec<Value>,
 }
 
-fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result<Baselines> {
+fn run_baselines(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path) -> Result<Baselines> {
     step("baselines: centralized (all sites' data pooled) and local-only (each site alone), same recipe and epochs");
     let epochs = (args.rounds * args.local_epochs).to_string();
     let lr = args.learning_rate.to_string();
@@ -770,6 +776,7 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     let trainable = args.trainable.to_string();
     let max_seq_len = args.max_seq_len.to_string();
     let seed = args.seed.to_string();
+    let save = out.join("baseline-models");
     // One process for both: `baseline all` computes the frozen layers' output over the
     // pooled data once, on every core (its default `--threads`), then trains the
     // centralized model and the local-only ones side by side from it.
@@ -795,6 +802,8 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
         "--device",
         "cpu",
         "--json",
+        "--save-models",
+        s(&save),
     ];
     let output = tools.run_long(&tools.agent, &job, "baselines")?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
@@ -814,6 +823,284 @@ fn run_baselines(args: &Args, tools: &Tools, base: &Path, data: &Path) -> Result
     Ok(Baselines { centralized, local_only })
 }
 
+/// Mean arrivals per hour of the simulated day (about 190 patients in 24 hours).
+const DEMO_ARRIVALS_PER_HOUR: f64 = 8.0;
+/// The share of each kind's units the hospital's expected demand keeps busy: the
+/// simulated hospital is sized for its own case mix, tight but not overwhelmed (at the
+/// day's peak, 1.5 times the mean rate, demand exceeds it).
+const DEMO_LOAD: f64 = 0.9;
+
+/// A pool's kind, group, features and share of its kind's units.
+type Share = (&'static str, &'static str, &'static [&'static str], f64);
+
+/// The capacity the demo's hospital runs the simulator against, sized for the hospital's
+/// case mix (the label shares of its test notes) so that the mean demand keeps
+/// [`DEMO_LOAD`] of each kind's units busy: units = arrivals per hour x share x mean
+/// service hours / load, the means those of `fedward_agent::simulate::ServiceTimes`'s
+/// defaults (log-normal: consultation median 20 min, sigma 0.5; bed stay median 3 days,
+/// sigma 0.7; device use median 6 h, sigma 0.8). Each kind splits into fixed pools, and 10%
+/// of each pool is free at the start.
+fn demo_capacity(shares: [f64; 3]) -> Value {
+    let mean_hours = |median_hours: f64, sigma: f64| median_hours * (sigma * sigma / 2.0f64).exp();
+    let means = [mean_hours(20.0 / 60.0, 0.5), mean_hours(72.0, 0.7), mean_hours(6.0, 0.8)];
+    let pools: [&[Share]; 3] = [
+        &[("doctor", "emergency", &[], 0.5), ("doctor", "internal-medicine", &[], 0.3), ("doctor", "surgery", &[], 0.2)],
+        &[("bed", "medical", &[], 0.8), ("bed", "medical", &["isolation"], 0.08), ("bed", "icu", &["monitored"], 0.12)],
+        &[("device", "infusion-pump", &[], 0.5), ("device", "monitor", &[], 0.3), ("device", "ventilator", &[], 0.2)],
+    ];
+    let mut resources = Vec::new();
+    for k in 0..3 {
+        let units = (DEMO_ARRIVALS_PER_HOUR * shares[k] * means[k] / DEMO_LOAD).ceil().max(3.0);
+        for (kind, group, features, part) in pools[k] {
+            let total = (units * part).round().max(1.0) as u32;
+            let free = (f64::from(total) * 0.1).round().max(1.0) as u32;
+            resources.push(json!({"kind": kind, "group": group, "features": features, "total": total, "free": free}));
+        }
+    }
+    json!({ "resources": resources })
+}
+
+/// The simulator's day at one hospital, with the federated model and with its local-only one.
+struct Allocation {
+    site: String,
+    /// (model, the simulator's JSON summary): the federated model, then the local-only one.
+    runs: Vec<(String, Value)>,
+}
+
+/// Runs `allocate simulate` for the hospital whose test notes most often need a unit (where
+/// allocation matters most), with the exported federated model and with that hospital's
+/// local-only baseline, on the same arrivals (same seed).
+fn simulate_allocation(args: &Args, tools: &Tools, out: &Path, data: &Path, labels: &[String]) -> Result<Allocation> {
+    let other = labels.iter().position(|l| l == "other");
+    let mut best = (SITES[0], 0usize, Vec::new());
+    for site in SITES {
+        let notes = read_jsonl(&data.join(site).join("test.jsonl"), labels)?;
+        let needing = notes.iter().filter(|e| Some(e.label) != other).count();
+        if needing > best.1 || best.2.is_empty() {
+            best = (site, needing, notes);
+        }
+    }
+    let (site, _, notes) = best;
+    let share = |label: &str| {
+        let id = labels.iter().position(|l| l == label);
+        notes.iter().filter(|e| Some(e.label) == id).count() as f64 / notes.len().max(1) as f64
+    };
+    step(&format!(
+        "allocation: a simulated day at {site} (its test notes, {DEMO_ARRIVALS_PER_HOUR} arrivals an hour, FCFS, greedy and optimal), with the federated and the local-only model"
+    ));
+    let dir = out.join("allocation");
+    fs::create_dir_all(&dir)?;
+    let capacity = dir.join("capacity.json");
+    fs::write(&capacity, serde_json::to_string_pretty(&demo_capacity([share("doctor"), share("bed"), share("device")]))? + "\n")?;
+    let notes = data.join(site).join("test.jsonl");
+    let (seed, max_seq_len, rate) = (args.seed.to_string(), args.max_seq_len.to_string(), DEMO_ARRIVALS_PER_HOUR.to_string());
+    let mut runs = Vec::new();
+    for (name, model) in [("federated", out.join("model")), ("local-only", out.join("baseline-models").join(site))] {
+        let job_out = dir.join(name);
+        let job = [
+            "allocate",
+            "simulate",
+            "--model",
+            s(&model),
+            "--notes",
+            s(&notes),
+            "--capacity",
+            s(&capacity),
+            "--hours",
+            "24",
+            "--arrivals-per-hour",
+            &rate,
+            "--seed",
+            &seed,
+            "--max-seq-len",
+            &max_seq_len,
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            s(&job_out),
+        ];
+        let summary: Value = serde_json::from_str(&tools.run(&tools.agent, &job, &format!("allocate-{name}"))?)?;
+        runs.push((name.to_owned(), summary));
+    }
+    let a = Allocation { site: site.to_owned(), runs };
+    print!("{}", a.table());
+    Ok(a)
+}
+
+impl Allocation {
+    /// (model, method, outcome) for every run and method.
+    fn outcomes(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
+        self.runs.iter().flat_map(|(model, v)| {
+            v["comparison"]["outcomes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |o| (model.as_str(), o["method"].as_str().unwrap_or("?"), o))
+        })
+    }
+
+    fn table(&self) -> String {
+        let mut t = String::new();
+        let first = self.runs.first().map(|r| &r.1["comparison"]);
+        let _ = writeln!(
+            t,
+            "  {} arrivals in 24 h at {}; urgent = urgency 1-2, served within {} min",
+            first.map_or(Value::Null, |c| c["arrivals"].clone()),
+            self.site,
+            first.map_or(Value::Null, |c| c["target_mins"].clone())
+        );
+        let _ = writeln!(
+            t,
+            "  {:<11} {:>9} {:<8} {:>9} {:>10} {:>14} {:>15} {:>8}",
+            "model", "accuracy", "method", "urgent", "in target", "urgent wait", "misallocations", "reviews"
+        );
+        for (model, method, o) in self.outcomes() {
+            let accuracy = self.runs.iter().find(|r| r.0 == model).and_then(|r| r.1["accuracy_on_notes"].as_f64()).unwrap_or(f64::NAN);
+            let _ = writeln!(
+                t,
+                "  {:<11} {:>9.4} {:<8} {:>9} {:>9.1}% {:>10.1} min {:>15} {:>8}",
+                model,
+                accuracy,
+                method,
+                format!("{}/{}", o["urgent_within_target"], o["urgent"]),
+                100.0 * o["urgent_within_target_share"].as_f64().unwrap_or(f64::NAN),
+                o["urgent_mean_wait_mins"].as_f64().unwrap_or(f64::NAN),
+                o["misallocations"].as_u64().unwrap_or(0),
+                o["reviews"].as_u64().unwrap_or(0)
+            );
+        }
+        t
+    }
+
+    fn summary(&self) -> String {
+        format!("\n== allocation: what the federation buys in waiting times (one simulated day)\n{}", self.table())
+    }
+
+    fn json(&self) -> Value {
+        let mut by_model = serde_json::Map::new();
+        for (model, v) in &self.runs {
+            let methods: serde_json::Map<String, Value> = v["comparison"]["outcomes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| {
+                    let method = o["method"].as_str().unwrap_or("?").to_owned();
+                    (
+                        method,
+                        json!({
+                            "urgent": o["urgent"], "urgent_within_target": o["urgent_within_target"],
+                            "urgent_within_target_share": o["urgent_within_target_share"], "urgent_mean_wait_mins": o["urgent_mean_wait_mins"],
+                            "misallocations": o["misallocations"], "reviews": o["reviews"], "unserved": o["unserved"],
+                        }),
+                    )
+                })
+                .collect();
+            by_model.insert(
+                model.clone(),
+                json!({"accuracy_on_notes": v["accuracy_on_notes"], "methods": methods, "report": format!("allocation/{model}/simulation.json")}),
+            );
+        }
+        let first = self.runs.first().map(|r| r.1.clone()).unwrap_or(Value::Null);
+        json!({
+            "site": self.site,
+            "hours": 24,
+            "arrivals": first["comparison"]["arrivals"],
+            "target_mins": first["comparison"]["target_mins"],
+            "arrivals_per_hour": first["workload"]["arrivals_per_hour"],
+            "seed": first["comparison"]["seed"],
+            "capacity": "allocation/capacity.json",
+            "models": by_model,
+        })
+    }
+
+    /// The report's section: urgent requests within target by method for each model, and
+    /// the table.
+    fn html(&self) -> String {
+        let methods: Vec<String> = self
+            .runs
+            .first()
+            .and_then(|r| r.1["comparison"]["outcomes"].as_array())
+            .map(|os| os.iter().map(|o| o["method"].as_str().unwrap_or("?").to_owned()).collect())
+            .unwrap_or_default();
+        let series: Vec<(String, Vec<f64>)> = self
+            .runs
+            .iter()
+            .map(|(model, v)| {
+                let shares = v["comparison"]["outcomes"].as_array().into_iter().flatten();
+                (model.clone(), shares.map(|o| 100.0 * o["urgent_within_target_share"].as_f64().unwrap_or(f64::NAN)).collect())
+            })
+            .collect();
+        let links: Vec<String> = self.runs.iter().map(|(m, _)| format!(r#"<a href="allocation/{m}/simulation.html">{m}</a>"#)).collect();
+        format!(
+            "<h2>Allocation: what the federation buys in waiting times</h2>\n<p>One simulated day at {} (its test notes; `fedward-agent allocate simulate`), the same arrivals with each model: the share of urgent requests (urgency 1-2) served within the target, by allocation method. Full reports: {}.</p>\n{}\n<pre>{}</pre>\n",
+            html_escape(&self.site),
+            links.join(", "),
+            svg_bars(&methods, &series),
+            html_escape(&self.table())
+        )
+    }
+}
+
+/// Grouped bars of percentages: one group per category, one bar per series.
+fn svg_bars(categories: &[String], series: &[(String, Vec<f64>)]) -> String {
+    const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
+    let (w, h, left, right, top, bottom) = (720.0, 260.0, 50.0, 190.0, 20.0, 40.0);
+    let group_w = (w - left - right) / categories.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
+    let y = |v: f64| top + (h - top - bottom) * (1.0 - (v / 100.0).clamp(0.0, 1.0));
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">"#);
+    for tick in (0..=100).step_by(25) {
+        let v = f64::from(tick);
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick}%</text>"##,
+            w - right,
+            left - 6.0,
+            y(v) + 4.0,
+            y = y(v)
+        );
+    }
+    for (g, name) in categories.iter().enumerate() {
+        let x0 = left + group_w * g as f64 + group_w * 0.1;
+        for (k, (_, values)) in series.iter().enumerate() {
+            let v = values.get(g).copied().filter(|v| v.is_finite()).unwrap_or(0.0);
+            let x = x0 + bar_w * k as f64;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
+                y(v),
+                bar_w * 0.9,
+                (h - bottom - y(v)).max(0.0),
+                COLOURS[k % COLOURS.len()],
+                x + bar_w * 0.45,
+                y(v) - 3.0
+            );
+        }
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            x0 + group_w * 0.4,
+            h - bottom + 16.0,
+            html_escape(name)
+        );
+    }
+    for (k, (name, _)) in series.iter().enumerate() {
+        let c = COLOURS[k % COLOURS.len()];
+        let ly = top + 10.0 + 16.0 * k as f64;
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{}" y="{ly:.1}">{} model</text>"#,
+            w - right + 10.0,
+            ly - 9.0,
+            w - right + 26.0,
+            html_escape(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 /// The report: JSON, the printed summary, and the HTML page.
 struct Report {
     json: Value,
@@ -821,10 +1108,19 @@ struct Report {
     /// (run name, accuracy per round from 0).
     series: Vec<(String, Vec<f64>)>,
     references: Vec<(String, f64)>,
+    /// The allocation simulator's section, when it ran.
+    allocation_html: String,
 }
 
 impl Report {
-    fn new(args: &Args, runs: &[RunResult], baselines: Option<&Baselines>, exported_accuracy: f64, total_seconds: f64) -> Self {
+    fn new(
+        args: &Args,
+        runs: &[RunResult],
+        baselines: Option<&Baselines>,
+        allocation: Option<&Allocation>,
+        exported_accuracy: f64,
+        total_seconds: f64,
+    ) -> Self {
         let run_json = |r: &RunResult| {
             let last = r.rounds.last();
             json!({
@@ -891,11 +1187,16 @@ impl Report {
             json["local_only"] = Value::Object(local);
             json["checks"] = checks;
         }
+        if let Some(a) = allocation {
+            summary.push_str(&a.summary());
+            json["allocation"] = a.json();
+        }
         let series = runs
             .iter()
             .map(|r| (r.name.to_owned(), std::iter::once(r.initial.0).chain(r.rounds.iter().map(|x| x.accuracy)).collect()))
             .collect();
-        Self { json, summary, series, references }
+        let allocation_html = allocation.map(Allocation::html).unwrap_or_default();
+        Self { json, summary, series, references, allocation_html }
     }
 
     /// A self-contained page: the accuracy-per-round chart (inline SVG) and the tables.
@@ -931,11 +1232,12 @@ impl Report {
 <h2>Rounds</h2>
 <table><tr><th>run</th><th>round</th><th>sites</th><th>mean local loss</th><th>accuracy</th><th>macro-F1</th><th>epsilon</th><th>seconds</th></tr>
 {rows}</table>
-<h2>Summary</h2>
+{allocation}<h2>Summary</h2>
 <pre>{summary}</pre>
 </body></html>
 "#,
             chart = svg_chart(&self.series, &self.references),
+            allocation = self.allocation_html,
             summary = html_escape(&self.summary),
         )
     }
