@@ -36,6 +36,7 @@ use fedward_shared::wire::{
     self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
+use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{disclosed, privacy_used, privatize};
 use crate::session::{
@@ -248,6 +249,7 @@ async fn run_sessions(
                 let delay = backoff(*failures, opts.max_backoff, rng);
                 warn!(%cause, attempt = *failures, retry_in = ?delay, "connection lost; will retry");
                 state.status.failures(*failures);
+                metrics().connection_failures.inc();
                 state.status.set(Phase::Retrying, Some(format!("{cause} (next attempt in {:.0} s)", delay.as_secs_f64())));
                 tokio::select! {
                     () = &mut *shutdown => return Ok(DaemonOutcome::Shutdown),
@@ -384,6 +386,7 @@ async fn connect_and_serve(
     };
     *failures = 0;
     state.status.failures(0);
+    metrics().connected.set(1);
     if let Err(reason) = check_welcome_site(site, &welcome.site) {
         conn.close(wire::CLOSE_NORMAL.into(), b"agent stopping: the coordinator names another site");
         return Ok(SessionEnd::Misconfigured(reason));
@@ -410,6 +413,7 @@ async fn connect_and_serve(
     }
     .instrument(span)
     .await;
+    metrics().connected.set(0);
     conn.close(wire::CLOSE_NORMAL.into(), b"agent done");
     endpoint.wait_idle().await;
     Ok(end)
@@ -562,6 +566,7 @@ async fn take_round(
         }
     };
     update.metrics.train_secs = started.elapsed().as_secs_f64();
+    metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::train }).observe(update.metrics.train_secs);
     state.last_train_secs = Some(update.metrics.train_secs);
     info!(
         examples = update.num_examples,
@@ -695,6 +700,8 @@ async fn fetch_model(
         }
     };
     let bytes = fetched.byte_len();
+    metrics().received_bytes.inc_by(bytes as u64);
+    metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::download }).observe(started.elapsed().as_secs_f64());
     let model = assemble(&offer.manifest, offer.model_digest, state.cache.take(), fetched).map_err(|e| {
         error!(cause = %e, "global model failed verification");
         SessionEnd::Lost(e.to_string())
@@ -749,6 +756,9 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
         Ok(Message::Ack(_)) => {
             failpoint::crash_point(failpoint::AGENT_AFTER_ACK);
             let secs = started.elapsed().as_secs_f64();
+            metrics().updates_sent.inc();
+            metrics().sent_bytes.inc_by(delta.byte_len() as u64);
+            metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::upload }).observe(secs);
             info!(
                 tensors = specs.len(),
                 mib = format_args!("{mib:.2}"),
@@ -760,6 +770,7 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
         Ok(Message::Reject(r)) => {
             // The round goes on without this site; the next offer is a fresh start.
             error!(code = %r.code, reason = %r.message, "update rejected by the coordinator");
+            metrics().updates_rejected.inc();
             Ok(())
         }
         Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to an update: {}", other.kind()))),
@@ -776,6 +787,7 @@ async fn send_decline(
 ) -> Result<(), SessionEnd> {
     // The detail stays in this log; the coordinator gets the reason code.
     warn!(?reason, %message, "declining the round");
+    metrics().rounds_declined.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
     let msg = Message::Decline(Decline { round: offer.round, reason });
     match request(conn, &msg, Some(transport.request_timeout)).await {
         Ok(Message::Ack(_)) => Ok(()),

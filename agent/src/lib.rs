@@ -7,6 +7,7 @@
 pub mod allocation;
 pub mod baseline;
 pub mod daemon;
+pub mod metrics;
 pub mod outbox;
 pub mod privacy;
 pub mod renew;

@@ -139,6 +139,7 @@ pub struct Privacy {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Certificate {
     pub not_after: String,
+    pub not_after_unix: i64,
     pub days_left: f64,
 }
 
@@ -219,7 +220,11 @@ fn certificate(path: &Path, now: OffsetDateTime) -> Result<Certificate, String> 
     let pem = fsutil::read(path).map_err(|e| e.to_string())?;
     let der = rustls_pemfile_first_cert(&pem).ok_or_else(|| format!("{} holds no certificate", path.display()))?;
     let info = fedward_shared::pki::cert_info(&der).map_err(|e| e.to_string())?;
-    Ok(Certificate { not_after: rfc3339(info.not_after), days_left: (info.not_after - now).as_seconds_f64() / 86_400.0 })
+    Ok(Certificate {
+        not_after: rfc3339(info.not_after),
+        not_after_unix: info.not_after.unix_timestamp(),
+        days_left: (info.not_after - now).as_seconds_f64() / 86_400.0,
+    })
 }
 
 fn rustls_pemfile_first_cert(pem: &[u8]) -> Option<Vec<u8>> {
@@ -339,8 +344,8 @@ pub fn render(r: &Report) -> String {
     s
 }
 
-/// Serves `GET /status` (the report as JSON) on a loopback address until the runtime
-/// stops. A port already in use is logged and skipped: the daemon runs without it.
+/// Serves `GET /status` (the report as JSON) and `GET /metrics` (Prometheus) on a
+/// loopback address until the runtime stops. A port already in use is logged and skipped: the daemon runs without it.
 pub async fn serve_status(addr: std::net::SocketAddr, cfg: std::sync::Arc<AgentConfig>) {
     use axum::response::IntoResponse;
     use axum::routing::get;
@@ -351,19 +356,33 @@ pub async fn serve_status(addr: std::net::SocketAddr, cfg: std::sync::Arc<AgentC
             return;
         }
     };
-    let app = axum::Router::new().route(
-        "/status",
-        get(move || {
-            let cfg = cfg.clone();
-            async move {
-                let report = tokio::task::spawn_blocking(move || compose(&cfg, OffsetDateTime::now_utc())).await;
-                match report {
-                    Ok(r) => axum::Json(r).into_response(),
-                    Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    let report = move |cfg: std::sync::Arc<AgentConfig>| async move {
+        tokio::task::spawn_blocking(move || compose(&cfg, OffsetDateTime::now_utc())).await.ok()
+    };
+    let (for_status, for_metrics) = (cfg.clone(), cfg);
+    let app = axum::Router::new()
+        .route(
+            "/status",
+            get(move || async move {
+                match report(for_status.clone()).await {
+                    Some(r) => axum::Json(r).into_response(),
+                    None => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                match report(for_metrics.clone()).await {
+                    Some(r) => (
+                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        crate::metrics::metrics().render(&r),
+                    )
+                        .into_response(),
+                    None => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }),
+        );
     tracing::info!(%addr, "status endpoint listening");
     if let Err(e) = axum::serve(listener, app).await {
         warn!(cause = %e, "the status endpoint stopped");

@@ -1,4 +1,5 @@
-//! `fedward-agent check-config` as hospital IT runs it (issue 18): every file the config
+//! `fedward-agent check-config` and `status` as hospital IT runs them. check-config (issue
+//! 18): every file the config
 //! names is checked as the daemon would use it, and what is wrong is a configuration error
 //! (exit 64) naming the field, never "config ok".
 
@@ -102,4 +103,73 @@ fn a_certificate_from_another_ca_or_an_open_key_is_named() {
         std::fs::set_permissions(dir.path().join("site.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
         refused(&check(&config), "tls.key");
     }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// `fedward-agent status` and the daemon's loopback `/status` and `/metrics` (issue 22):
+/// while it runs (here: unable to reach any coordinator) and after SIGTERM, which it
+/// answers by stopping cleanly (exit 0).
+#[test]
+fn status_says_what_the_daemon_does_and_why_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = site(dir.path(), false);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    // Nothing listens on port 9 (discard) of loopback: the agent keeps trying.
+    let text = text
+        .replace("127.0.0.1:7443", "127.0.0.1:9")
+        .replace("state_dir = \"state\"", &format!("state_dir = \"state\"\nstatus_listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_fedward-agent"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Until the daemon has opened its state the report has no daemon part.
+    let status = loop {
+        if let Some((200, body)) = http_get(port, "/status").filter(|(_, b)| !b.contains("\"daemon\":null")) {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "the status endpoint never answered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["running"], true, "{status}");
+    assert!(["starting", "connecting", "retrying"].contains(&status["daemon"]["phase"].as_str().unwrap()), "{status}");
+    assert_eq!(status["training_notes"]["Ok"], 1, "{status}");
+    let (code, metrics) = http_get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for line in
+        ["fedward_agent_build_info{version=", "fedward_agent_running 1", "fedward_agent_training_notes 1", "fedward_agent_epsilon_budget 8"]
+    {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+
+    let report = Command::new(env!("CARGO_BIN_EXE_fedward-agent")).args(["status", "--config"]).arg(&config).output().unwrap();
+    let out = String::from_utf8_lossy(&report.stdout);
+    assert!(out.contains(&format!("running (pid {})", daemon.id())), "{out}");
+    assert!(out.contains("1 training notes") && out.contains("epsilon 0.000 spent of 8.000"), "{out}");
+    // A one-day certificate needs a person.
+    assert!(out.contains("ATTENTION: the certificate expires in"), "{out}");
+    assert_eq!(report.status.code(), Some(1));
+
+    let killed = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert_eq!(daemon.wait().unwrap().code(), Some(0), "SIGTERM stops the agent cleanly");
+    let report = Command::new(env!("CARGO_BIN_EXE_fedward-agent")).args(["status", "--config"]).arg(&config).output().unwrap();
+    let out = String::from_utf8_lossy(&report.stdout);
+    assert!(out.contains("NOT RUNNING") && out.contains("stopped by a signal"), "{out}");
+    assert_eq!(report.status.code(), Some(1));
 }
