@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 use crate::bert::{Batch, ModelError};
 
@@ -108,13 +108,29 @@ impl TextEncoder {
         &self.json
     }
 
-    /// Tokenizes with `[CLS]`/`[SEP]`, truncated to `max_len` tokens.
+    /// Tokenizes with `[CLS]`/`[SEP]`, truncated to `max_len` tokens (at least 2).
+    ///
+    /// The tokenizer runs without truncation and the last token (`[SEP]`) is moved up:
+    /// the same ids as the tokenizer's own right-truncation of a single sequence, without
+    /// cloning the tokenizer (its vocabulary) to set `max_len`, which cost more than
+    /// encoding a note (about 9 of 13 ms with MiniLM's).
     pub fn encode(&self, texts: &[&str], max_len: usize) -> Result<Vec<Encoded>, TextError> {
-        let mut tok = self.tokenizer.clone();
-        tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
-            .map_err(|e| TextError::Tokenizer(e.to_string()))?;
-        let encodings = tok.encode_batch(texts.to_vec(), true).map_err(|e| TextError::Tokenizer(e.to_string()))?;
-        Ok(encodings.into_iter().map(|e| Encoded { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() }).collect())
+        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| TextError::Tokenizer(e.to_string()))?;
+        let max_len = max_len.max(2);
+        Ok(encodings
+            .into_iter()
+            .map(|e| {
+                let (mut ids, mut type_ids) = (e.get_ids().to_vec(), e.get_type_ids().to_vec());
+                if ids.len() > max_len {
+                    for v in [&mut ids, &mut type_ids] {
+                        let last = v[v.len() - 1];
+                        v.truncate(max_len - 1);
+                        v.push(last);
+                    }
+                }
+                Encoded { ids, type_ids }
+            })
+            .collect())
     }
 }
 
@@ -194,6 +210,7 @@ pub fn read_texts_jsonl(path: &Path) -> Result<Vec<String>, TextError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokenizers::TruncationParams;
 
     #[test]
     fn tiny_tokenizer_adds_specials_and_truncates() {
@@ -203,6 +220,21 @@ mod tests {
         assert_eq!(out[0].ids[0], 2, "[CLS] first");
         assert_eq!(*out[0].ids.last().unwrap(), 3, "[SEP] last");
         assert_eq!(out[1].ids.len(), 3);
+    }
+
+    /// The truncation is the tokenizer's own, for every length around the note's.
+    #[test]
+    fn truncation_matches_the_tokenizers() {
+        let enc = TextEncoder::tiny(&["needs", "a", "bed", "now", "please"]);
+        let text = "needs a bed now please needs a bed x9 please now";
+        for max_len in 2..16 {
+            let mut tok = enc.tokenizer.clone();
+            tok.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() })).unwrap();
+            let theirs = tok.encode(text, true).unwrap();
+            let ours = &enc.encode(&[text], max_len).unwrap()[0];
+            assert_eq!(ours.ids, theirs.get_ids(), "max_len {max_len}");
+            assert_eq!(ours.type_ids, theirs.get_type_ids(), "max_len {max_len}");
+        }
     }
 
     #[test]
