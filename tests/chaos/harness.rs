@@ -314,6 +314,8 @@ device = "cpu"
 max_backoff = "1s"
 max_connect_attempts = 0
 exit_when_finished = true
+# several agents on one machine: `fedward-agent status` reads the files instead
+status_listen = "off"
 "#,
                     pki = p(&pki),
                     d = p(&site_data),

@@ -754,6 +754,8 @@ device = "cpu"
 max_backoff = "2s"
 max_connect_attempts = 30
 exit_when_finished = true
+# several agents on one machine: `fedward-agent status` reads the files instead
+status_listen = "off"
 "#,
         pki = pki.display(),
         d = site_data.display(),
