@@ -172,17 +172,23 @@ fn run(command: Command) -> Result<ExitCode> {
                 (None, Some(path)) => fedward_models::text::read_texts_jsonl(&path)?,
                 (None, None) => anyhow::bail!("give --text or --input"),
             };
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let probs = fedward_models::train::predict(&model, &encoder, &refs, max_seq_len)?;
+            // In chunks, written as they come: a progress bar on a terminal (none when
+            // stderr is piped), and memory bounded by the chunk, not the file.
+            let bar = progress(texts.len(), "classifying");
             let mut out = std::io::stdout().lock();
-            for p in probs {
-                let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-                let probabilities: serde_json::Map<String, serde_json::Value> =
-                    model.labels.iter().zip(&p).map(|(l, v)| (l.clone(), serde_json::Value::from(*v))).collect();
-                let line = serde_json::json!({"label": model.labels[best], "probabilities": probabilities});
-                use std::io::Write;
-                writeln!(out, "{line}")?;
+            for chunk in texts.chunks(PROGRESS_CHUNK) {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                for p in fedward_models::train::predict(&model, &encoder, &refs, max_seq_len)? {
+                    let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                    let probabilities: serde_json::Map<String, serde_json::Value> =
+                        model.labels.iter().zip(&p).map(|(l, v)| (l.clone(), serde_json::Value::from(*v))).collect();
+                    let line = serde_json::json!({"label": model.labels[best], "probabilities": probabilities});
+                    use std::io::Write;
+                    writeln!(out, "{line}")?;
+                }
+                bar.inc(chunk.len() as u64);
             }
+            bar.finish_and_clear();
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { checkpoint, base, labels, out } => {
@@ -191,7 +197,9 @@ fn run(command: Command) -> Result<ExitCode> {
             let set = fedward_shared::tensor::TensorSet::from_safetensors(&fsutil::read(&checkpoint)?, false)
                 .with_context(|| format!("reading {}", checkpoint.display()))?;
             model.load(&set).context("the checkpoint does not fit the base model")?;
+            let bar = spinner("exporting");
             fedward_models::io::export_dir(&model, &encoder, &out)?;
+            bar.finish_and_clear();
             println!("exported {} to {} (model {})", checkpoint.display(), out.display(), set.digest().short());
             Ok(ExitCode::SUCCESS)
         }
@@ -199,7 +207,18 @@ fn run(command: Command) -> Result<ExitCode> {
             let dev = fedward_models::train::device(&device)?;
             let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
             let examples = fedward_models::text::read_jsonl(&data, &model.labels)?;
-            let report = fedward_models::train::evaluate(&model, &encoder, &examples, max_seq_len)?;
+            let bar = progress(examples.len(), "evaluating");
+            let (mut truth, mut predicted) = (Vec::with_capacity(examples.len()), Vec::with_capacity(examples.len()));
+            for chunk in examples.chunks(PROGRESS_CHUNK) {
+                let refs: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+                for (e, p) in chunk.iter().zip(fedward_models::train::predict(&model, &encoder, &refs, max_seq_len)?) {
+                    truth.push(e.label);
+                    predicted.push(p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i));
+                }
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
+            let report = fedward_models::eval::classification_report(&truth, &predicted, &model.labels);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -623,6 +642,33 @@ fn check_config(path: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Notes per step of a long command's progress.
+const PROGRESS_CHUNK: usize = 256;
+
+/// A progress bar on stderr when it is a terminal; hidden (and free) when piped.
+fn progress(len: usize, what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} notes, {elapsed} ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    bar
+}
+
+/// A spinner with the elapsed time, for steps of unknown length; hidden when piped.
+fn spinner(what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_message(what);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
 fn load_config(path: &Path) -> Result<AgentConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -782,7 +828,9 @@ fn data_command(cmd: DataCommand) -> Result<ExitCode> {
             cfg.dedupe = dedupe;
             cfg.max_bad_fraction = max_bad_fraction;
             cfg.delimiter = delimiter as u8;
+            let bar = spinner("importing");
             let imported = import::import_file(&input, &cfg)?;
+            bar.finish_and_clear();
             // Patient notes: readable by the agent's user only.
             let mut bytes = Vec::new();
             import::write_jsonl(&mut bytes, &imported.rows)?;
@@ -855,6 +903,7 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
     if let Some(dir) = &args.save_models {
         baselines.save_models_to(dir);
     }
+    let bar = spinner("training the baselines");
     let results = match which {
         Which::Centralized => vec![baselines.centralized(&sites)?],
         Which::All => baselines.all(&sites)?,
@@ -866,6 +915,7 @@ fn baseline_command(cmd: BaselineCommand) -> Result<ExitCode> {
             chosen.map(|s| baselines.local_only(s)).collect::<Result<Vec<_>>>()?
         }
     };
+    bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
