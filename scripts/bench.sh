@@ -3,8 +3,11 @@
 # written to bench-out/. Each bench lives beside what it measures (a crate's benches/).
 #   scripts/bench.sh transfer   one 22.7M-parameter update over QUIC+mTLS vs raw TCP
 #                               (coordinator/benches/transfer.rs; runs the real coordinator)
-#   scripts/bench.sh scale      one round of 8 and of 100 sites with a 22.7M-parameter model:
-#                               the coordinator's peak memory (coordinator/benches/scale.rs)
+#   scripts/bench.sh scale      one round of 2, 8, 32 and 100 sites with a 22.7M-parameter
+#                               model: the coordinator's peak memory against the model's
+#                               bytes (coordinator/benches/scale.rs; --sites 8,100 to choose)
+#   scripts/bench.sh fold       FedAvg's check+fold of one 22.7M-parameter update vs a memcpy
+#                               of the same bytes in the same run (coordinator/benches/fold.rs)
 #   scripts/bench.sh train      MiniLM training/inference samples/s (models/benches/train.rs;
 #                               needs scripts/fetch-models.sh)
 #   scripts/bench.sh allocate   the allocation engine: one epoch of 200 requests x 500 units,
@@ -26,6 +29,9 @@ case "${1:-transfer}" in
   scale)
     cargo bench --locked -p fedward-coordinator --bench scale -- --out "$out/scale.json" "${@:2}"
     ;;
+  fold)
+    cargo bench --locked -p fedward-coordinator --bench fold -- --out "$out/fold.json" "${@:2}"
+    ;;
   train)
     scripts/fetch-models.sh
     cargo bench --locked -p fedward-models --bench train -- --out "$out/train.json"
@@ -40,5 +46,5 @@ case "${1:-transfer}" in
     cargo bench --locked -p fedward-agent --bench triage -- --out "$out/triage.json"
     ;;
   *)
-    echo "usage: scripts/bench.sh transfer|scale|train|allocate|triage" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|scale|fold|train|allocate|triage" >&2; exit 2 ;;
 esac

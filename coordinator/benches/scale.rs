@@ -2,8 +2,8 @@
 //! process with a 22.7M-parameter model (all-MiniLM-L6-v2's shapes, every tensor
 //! trainable): every site downloads the model and uploads a full update, and the
 //! coordinator's peak memory is set against the model's size. Sites run as hand-driven
-//! protocol clients in this process. `scripts/bench.sh scale` runs it at 8 and 100 sites
-//! (`--sites 8,100`); prints a table and writes JSON to `--out`.
+//! protocol clients in this process. `scripts/bench.sh scale` runs it at 2, 8, 32 and 100
+//! sites (`--sites 8,100` to choose); prints a table and writes JSON to `--out`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -26,6 +26,8 @@ struct Run {
     sites: usize,
     model_mib: f64,
     rss_before_mib: f64,
+    /// With every site connected and admitted, before the round: per-connection state.
+    rss_connected_mib: f64,
     peak_mib: f64,
     round_secs: f64,
 }
@@ -43,6 +45,7 @@ async fn run(sites: usize) -> Result<Run> {
     for name in &names {
         connected.push(Arc::new(HandSite::connect(consortium.addr, consortium.site_tls(name)?, 1000).await?));
     }
+    let rss_connected = coordinator.rss_kib("VmRSS:");
     let started = Instant::now();
     let offers = futures_join_all(connected.iter().map(|s| {
         let s = s.clone();
@@ -75,7 +78,14 @@ async fn run(sites: usize) -> Result<Run> {
     }
     let round_secs = started.elapsed().as_secs_f64();
     let peak = coordinator.rss_kib("VmHWM:");
-    Ok(Run { sites, model_mib, rss_before_mib: rss_before as f64 / 1024.0, peak_mib: peak as f64 / 1024.0, round_secs })
+    Ok(Run {
+        sites,
+        model_mib,
+        rss_before_mib: rss_before as f64 / 1024.0,
+        rss_connected_mib: rss_connected as f64 / 1024.0,
+        peak_mib: peak as f64 / 1024.0,
+        round_secs,
+    })
 }
 
 /// Runs the futures concurrently and collects their results in order.
@@ -101,16 +111,17 @@ fn main() -> Result<()> {
     let arg = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
     let out: Option<PathBuf> = arg("--out").map(PathBuf::from);
     let sites: Vec<usize> =
-        arg("--sites").unwrap_or_else(|| "8,100".into()).split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
+        arg("--sites").unwrap_or_else(|| "2,8,32,100".into()).split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut runs = Vec::new();
     for n in sites {
         let r = runtime.block_on(run(n))?;
         println!(
-            "{:>4} sites: model {:.1} MiB, coordinator RSS before {:.0} MiB, peak {:.0} MiB = {:.2}x the model, round {:.1} s",
+            "{:>4} sites: model {:.1} MiB, coordinator RSS before {:.0} MiB, sites connected {:.0} MiB, peak {:.0} MiB = {:.2}x the model, round {:.1} s",
             r.sites,
             r.model_mib,
             r.rss_before_mib,
+            r.rss_connected_mib,
             r.peak_mib,
             r.peak_mib / r.model_mib,
             r.round_secs
@@ -122,7 +133,7 @@ fn main() -> Result<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "sites": r.sites, "model_mib": r.model_mib, "coordinator_rss_before_mib": r.rss_before_mib,
+                    "sites": r.sites, "model_mib": r.model_mib, "coordinator_rss_before_mib": r.rss_before_mib, "coordinator_rss_connected_mib": r.rss_connected_mib,
                     "coordinator_peak_rss_mib": r.peak_mib, "peak_over_model": r.peak_mib / r.model_mib, "round_secs": r.round_secs,
                 })
             })

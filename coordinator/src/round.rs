@@ -13,9 +13,10 @@
 //! never holds a whole model beside the running sum and the updates being received).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedward_shared::config::{Aggregation, OverNorm, Weighting};
+use fedward_shared::config::{Aggregation, Weighting};
 use fedward_shared::dp::{Accountant, Release};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
@@ -24,7 +25,7 @@ use fedward_shared::wire::{
     RoundOffer, SiteId, UpdateHeader,
 };
 
-use crate::aggregate::Aggregator;
+use crate::aggregate::{Aggregator, FoldJob, Folded, Layout};
 
 /// Fixed parameters of a federation.
 #[derive(Clone, Debug)]
@@ -152,6 +153,8 @@ pub enum PhaseView {
 #[derive(Clone, Debug, PartialEq)]
 enum SiteStatus {
     Uploading,
+    /// Its bytes arrived; the shell is checking and folding them ([`FoldJob`]).
+    Folding,
     Accepted,
     Declined,
     Rejected,
@@ -165,7 +168,11 @@ struct Collecting {
     deadline: Instant,
     offered: BTreeSet<SiteId>,
     status: BTreeMap<SiteId, SiteStatus>,
-    agg: Aggregator,
+    /// Shared with the fold jobs the shell runs off its event loop.
+    agg: Arc<Mutex<Aggregator>>,
+    layout: Layout,
+    /// The deadline passed while folds were running: the round closes once they report.
+    closing: bool,
     contributions: Vec<Contribution>,
     declined: Vec<(SiteId, DeclineReason)>,
     rejected: Vec<(SiteId, Reject)>,
@@ -387,7 +394,7 @@ impl RoundMachine {
                 round: c.round,
                 offered: c.offered.len(),
                 accepted: c.contributions.len(),
-                answered: c.status.values().filter(|s| **s != SiteStatus::Uploading).count(),
+                answered: c.status.values().filter(|s| !matches!(s, SiteStatus::Uploading | SiteStatus::Folding)).count(),
             },
             Phase::Checkpointing(c) => PhaseView::Checkpointing { round: c.round },
             Phase::Done { stopped: None } => PhaseView::Finished,
@@ -403,7 +410,7 @@ impl RoundMachine {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Collecting(c) => Some(c.deadline),
+            Phase::Collecting(c) if !c.closing => Some(c.deadline),
             _ => None,
         }
     }
@@ -484,28 +491,49 @@ impl RoundMachine {
         }
     }
 
-    /// The update's bytes arrived with matching digests: bound it, check it and take it.
+    /// The update's bytes arrived with matching digests: bound it, check it and take it,
+    /// here and now ([`start_fold`](Self::start_fold), the job run, then
+    /// [`handle_folded`](Self::handle_folded)).
+    pub fn finish_update(&mut self, now: Instant, site: &SiteId, header: &UpdateHeader, tensors: TensorSet) -> Result<Ack, Reject> {
+        let job = self.start_fold(site, header, tensors)?;
+        let result = job.run();
+        self.handle_folded(now, site, header, result)
+    }
+
+    /// The update's bytes arrived with matching digests: the job that checks it (names,
+    /// shapes, finiteness, norm), bounds it and folds it, for the shell to run off its
+    /// event loop and report with [`handle_folded`](Self::handle_folded). The round does
+    /// not close while a job is out, not even at its deadline.
     ///
     /// The bound is the coordinator's own ([`update_bound`](Self::update_bound)), never
     /// one the site declares; the weight is the site's claim clamped to the consortium's
     /// `max_examples_per_site` (or 1 under equal weighting).
-    pub fn finish_update(&mut self, now: Instant, site: &SiteId, header: &UpdateHeader, tensors: TensorSet) -> Result<Ack, Reject> {
+    pub fn start_fold(&mut self, site: &SiteId, header: &UpdateHeader, tensors: TensorSet) -> Result<FoldJob, Reject> {
+        let weight = self.weight_of(header);
         let c = match &mut self.phase {
-            Phase::Collecting(c) if c.round == header.round && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
+            Phase::Collecting(c) if c.round == header.round && !c.closing && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
             _ => return Err(Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round))),
         };
-        let aggregation = &self.settings.aggregation;
-        let weight = match aggregation.weighting {
-            Weighting::Examples => header.num_examples.min(aggregation.max_examples_per_site),
-            Weighting::Equal => 1,
+        c.status.insert(site.clone(), SiteStatus::Folding);
+        Ok(FoldJob::new(c.agg.clone(), c.layout.clone(), weight, self.update_bound, self.settings.aggregation.over_norm, tensors))
+    }
+
+    /// What came of a [`FoldJob`]: the update taken (the site's `Ack`, once the shell has
+    /// recorded [`Output::Accepted`]) or refused (nothing of it was taken).
+    pub fn handle_folded(
+        &mut self,
+        now: Instant,
+        site: &SiteId,
+        header: &UpdateHeader,
+        result: Result<Folded, Reject>,
+    ) -> Result<Ack, Reject> {
+        let weight = self.weight_of(header);
+        let c = match &mut self.phase {
+            Phase::Collecting(c) if c.round == header.round && c.status.get(site) == Some(&SiteStatus::Folding) => c,
+            _ => return Err(Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round))),
         };
-        let update_norm = tensors.l2_norm();
-        let result = bound_scale(update_norm, self.update_bound, aggregation.over_norm).and_then(|scale| {
-            c.agg.add(weight, scale, tensors)?;
-            Ok(scale)
-        });
         match result {
-            Ok(scale) => {
+            Ok(Folded { update_norm, scale }) => {
                 c.status.insert(site.clone(), SiteStatus::Accepted);
                 let contribution = Contribution {
                     site: site.clone(),
@@ -540,6 +568,14 @@ impl RoundMachine {
         }
     }
 
+    fn weight_of(&self, header: &UpdateHeader) -> u64 {
+        let aggregation = &self.settings.aggregation;
+        match aggregation.weighting {
+            Weighting::Examples => header.num_examples.min(aggregation.max_examples_per_site),
+            Weighting::Equal => 1,
+        }
+    }
+
     /// A site declines the round.
     pub fn handle_decline(&mut self, now: Instant, site: &SiteId, decline: &Decline) -> Result<Ack, Reject> {
         let c = self.collecting_for(site, decline.round)?;
@@ -556,13 +592,23 @@ impl RoundMachine {
 
     /// Time has passed; closes the round at its deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if matches!(&self.phase, Phase::Collecting(c) if now >= c.deadline) {
-            self.close(now);
+        if let Phase::Collecting(c) = &mut self.phase {
+            if now >= c.deadline {
+                if c.status.values().any(|s| *s == SiteStatus::Folding) {
+                    // Folds are quick and bounded by the upload slots: wait for them.
+                    c.closing = true;
+                } else {
+                    self.close(now);
+                }
+            }
         }
     }
 
     fn collecting_for(&self, site: &SiteId, round: RoundId) -> Result<&Collecting, Reject> {
         match &self.phase {
+            Phase::Collecting(c) if c.round == round && c.closing => {
+                Err(Reject::new(RejectCode::StaleRound, format!("round {round} is closing: its deadline passed")))
+            }
             Phase::Collecting(c) if c.round == round => {
                 if c.offered.contains(site) {
                     Ok(c)
@@ -586,10 +632,9 @@ impl RoundMachine {
     fn start(&mut self, now: Instant) {
         let round = RoundId(self.completed + 1);
         let trainable = &self.settings.plan.trainable_tensors;
-        let agg = Aggregator::new(
-            self.settings.aggregation.method,
-            self.manifest.iter().filter(|s| trainable.contains(&s.name)).map(|s| (s.name.as_str(), s.shape.as_slice())),
-        );
+        let layout =
+            Layout::new(self.manifest.iter().filter(|s| trainable.contains(&s.name)).map(|s| (s.name.as_str(), s.shape.as_slice())));
+        let agg = Arc::new(Mutex::new(Aggregator::with_layout(self.settings.aggregation.method, layout.clone())));
         let offered = std::mem::take(&mut self.ready);
         for site in &offered {
             let offer = offer(&self.settings, round, &self.manifest, self.digest, self.settings.round_deadline);
@@ -602,6 +647,8 @@ impl RoundMachine {
             offered,
             status: BTreeMap::new(),
             agg,
+            layout,
+            closing: false,
             contributions: Vec::new(),
             declined: Vec::new(),
             rejected: Vec::new(),
@@ -610,7 +657,10 @@ impl RoundMachine {
 
     fn maybe_close(&mut self, now: Instant) {
         let all_answered = match &self.phase {
-            Phase::Collecting(c) => c.offered.iter().all(|s| matches!(c.status.get(s), Some(st) if *st != SiteStatus::Uploading)),
+            Phase::Collecting(c) if c.closing => !c.status.values().any(|s| *s == SiteStatus::Folding),
+            Phase::Collecting(c) => {
+                c.offered.iter().all(|s| matches!(c.status.get(s), Some(st) if !matches!(st, SiteStatus::Uploading | SiteStatus::Folding)))
+            }
             _ => false,
         };
         if all_answered {
@@ -659,7 +709,10 @@ impl RoundMachine {
         let shared_weight: f64 = shared.iter().map(|(_, w)| w).sum();
         let mean_train_loss = (shared_weight > 0.0).then(|| shared.iter().map(|(l, w)| l * w).sum::<f64>() / shared_weight);
         // At least `min_sites` >= 1 updates were added, so the combined update exists.
-        let Some(update) = c.agg.finish() else { unreachable!("accepted updates were added") };
+        // No fold is out (the round waits for them), so the sums are whole; a late job
+        // finds the aggregation closed.
+        let agg = c.agg.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(update) = agg.finish() else { unreachable!("accepted updates were added") };
         let mut contributions = c.contributions;
         contributions.sort_by(|a, b| a.site.cmp(&b.site));
         self.phase = Phase::Checkpointing(Box::new(Committing {
@@ -836,26 +889,9 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
     Ok(())
 }
 
-/// How an update of L2 norm `norm` is taken under the bound: the factor it is scaled by
-/// (1 within the bound), or a refusal. f32 rounding of an update clipped exactly to the
-/// bound is allowed for.
-fn bound_scale(norm: f64, bound: f64, over: OverNorm) -> Result<f64, Reject> {
-    if !norm.is_finite() {
-        return Err(Reject::new(RejectCode::NonFinite, "the update's norm is not finite"));
-    }
-    if norm <= bound * (1.0 + 1e-4) {
-        return Ok(1.0);
-    }
-    match over {
-        OverNorm::Clip => Ok(bound / norm),
-        OverNorm::Refuse => {
-            Err(Reject::new(RejectCode::NormTooLarge, format!("update norm {norm:.4} exceeds the consortium's bound {bound}")))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use fedward_shared::config::OverNorm;
     use fedward_shared::plan::Trainable;
     use fedward_shared::tensor::Tensor;
 
@@ -1084,6 +1120,31 @@ mod tests {
         assert_eq!(cp.summary.rejected[0].0, site("c"));
         commit(&mut m, &outs, &global());
         assert!(m.is_done());
+    }
+
+    #[test]
+    fn the_deadline_waits_for_a_fold_in_flight_and_refuses_new_uploads() {
+        let t0 = Instant::now();
+        let mut m = RoundMachine::new(settings(1, 1), manifest(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        m.handle_ready(t0, site("b"));
+        drain(&mut m);
+        let d = delta(1.0);
+        let h = header(1, 5, &d);
+        m.begin_update(&site("a"), &h).unwrap();
+        let job = m.start_fold(&site("a"), &h, d).unwrap();
+        let deadline = m.poll_timeout().unwrap();
+        m.handle_timeout(deadline);
+        // Still collecting, with no timeout to spin on, until the fold reports.
+        assert!(matches!(m.phase(), PhaseView::Collecting { .. }));
+        assert_eq!(m.poll_timeout(), None);
+        let late = delta(2.0);
+        assert_eq!(m.begin_update(&site("b"), &header(1, 5, &late)).unwrap_err().code, RejectCode::StaleRound);
+        m.handle_folded(deadline, &site("a"), &h, job.run()).unwrap();
+        let outs = drain(&mut m);
+        let cp = checkpoint(&outs).expect("the round closed with its one update");
+        assert_eq!(cp.summary.contributions.len(), 1);
+        assert_eq!(cp.summary.missed, vec![site("b")]);
     }
 
     #[test]

@@ -32,9 +32,10 @@ use fedward_shared::wire::{
     PROTOCOL_VERSION,
 };
 
+use crate::aggregate::{FoldJob, Folded};
 use crate::gate::{Gate, Verdict};
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
-use crate::round::{Checkpoint, Output, PhaseView, RoundMachine};
+use crate::round::{Checkpoint, Output, PhaseView, RoundMachine, RoundSummary};
 use crate::store::{Committed, ModelFile, Store, StoreError};
 
 /// Fatal coordinator errors (a site's misbehaviour is never one).
@@ -151,12 +152,23 @@ enum Event {
         site: SiteId,
         reject: Reject,
     },
+    /// The update's bytes arrived: the round machine hands back the job that checks and
+    /// folds them, which the stream's side runs on a blocking thread.
     FinishUpdate {
         site: SiteId,
         header: UpdateHeader,
         tensors: TensorSet,
+        reply: oneshot::Sender<Result<FoldJob, Reject>>,
+    },
+    /// What came of a fold job; always sent, whatever became of the stream.
+    Folded {
+        site: SiteId,
+        header: UpdateHeader,
+        result: Result<Folded, Reject>,
         reply: oneshot::Sender<Result<Ack, Reject>>,
     },
+    /// The round's checkpoint was written and sealed (or could not be), off the event loop.
+    Checkpointed(Result<(Committed, RoundSummary), ServerError>),
     Decline {
         site: SiteId,
         decline: Decline,
@@ -248,6 +260,8 @@ pub async fn run(
     let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
     let mut next_conn_id = 0usize;
     let mut done_since: Option<Instant> = None;
+    // The checkpoint being written, if any: a shutdown lets it finish.
+    let mut checkpointing: Option<tokio::task::JoinHandle<()>> = None;
     machine.set_paused(Instant::now(), options.paused);
     if options.paused {
         warn!("the federation is paused (an admin's `admin pause`); `admin resume` starts rounds again");
@@ -269,9 +283,20 @@ pub async fn run(
                 info!("shutdown requested");
                 break RunOutcome::Interrupted { completed: machine.completed_rounds() };
             }
-            Some(ev) = events.recv() => {
-                handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks);
-            }
+            Some(ev) = events.recv() => match ev {
+                Event::Checkpointed(done) => {
+                    checkpointing = None;
+                    match done {
+                        Ok((committed, summary)) => checkpointed(&mut machine, &mut model_file, committed, &summary),
+                        Err(e) => {
+                            error!(cause = %e, "stopping: the round could not be made durable");
+                            endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
+                            return Err(e);
+                        }
+                    }
+                }
+                ev => handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks),
+            },
             Some(Command { op, reply }) = commands.recv() => {
                 let now = Instant::now();
                 let result = match op {
@@ -348,7 +373,19 @@ pub async fn run(
                 }
             }
         }
-        if let Err(e) = drain_outputs(&mut machine, &store, &ledger, &mut model_file, &mut waiting, &mut pending_acks, &connections).await {
+        let drained = drain_outputs(
+            &mut machine,
+            &store,
+            &ledger,
+            &mut model_file,
+            &mut waiting,
+            &mut pending_acks,
+            &connections,
+            &shared.events,
+            &mut checkpointing,
+        )
+        .await;
+        if let Err(e) = drained {
             error!(cause = %e, "stopping: the round could not be made durable");
             endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
             return Err(e);
@@ -361,6 +398,10 @@ pub async fn run(
             }
         }
     };
+    if let Some(task) = checkpointing.take() {
+        // Its seal is what a restart would otherwise redo (`seal_missed`); let it land.
+        let _ = task.await;
+    }
     endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator shutting down");
     // Bounded: agents that do not answer the close are given up on.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
@@ -417,7 +458,10 @@ fn handle_event(
         }
         Event::AbortUpdate { site } => machine.abort_update(&site),
         Event::RejectUpdate { site, reject } => machine.reject_update(now, &site, reject),
-        Event::FinishUpdate { site, header, tensors, reply } => match machine.finish_update(now, &site, &header, tensors) {
+        Event::FinishUpdate { site, header, tensors, reply } => {
+            let _ = reply.send(machine.start_fold(&site, &header, tensors));
+        }
+        Event::Folded { site, header, result, reply } => match machine.handle_folded(now, &site, &header, result) {
             // Acknowledged once the ledger holds it (`Output::Accepted`).
             Ok(ack) => {
                 pending_acks.insert(site, (reply, ack));
@@ -429,6 +473,8 @@ fn handle_event(
         Event::Decline { site, decline, reply } => {
             let _ = reply.send(machine.handle_decline(now, &site, &decline));
         }
+        // Handled by the loop itself (it ends the run on a failure).
+        Event::Checkpointed(_) => {}
     }
 }
 
@@ -448,6 +494,8 @@ fn now_utc() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
+// The loop's own state, lent for the outputs; a struct would only rename it.
+#[allow(clippy::too_many_arguments)]
 async fn drain_outputs(
     machine: &mut RoundMachine,
     store: &Arc<Mutex<Store>>,
@@ -456,6 +504,8 @@ async fn drain_outputs(
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
     pending_acks: &mut PendingAcks,
     connections: &HashMap<SiteId, (usize, quinn::Connection)>,
+    events: &mpsc::Sender<Event>,
+    checkpointing: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> Result<(), ServerError> {
     while let Some(out) = machine.poll_output() {
         match out {
@@ -468,42 +518,20 @@ async fn drain_outputs(
                 }
             }
             Output::Checkpoint(cp) => {
-                let span = info_span!("checkpoint", round = %cp.summary.round);
-                let _g = span.enter();
+                // Written and sealed by a task of its own, so message handling goes on
+                // meanwhile; the machine makes no further output (no offer) until the loop
+                // reports the outcome (`Event::Checkpointed`).
                 let Checkpoint { completed_rounds, update, summary } = *cp;
-                let (store2, previous, now) = (store.clone(), machine.manifest().to_vec(), now_rfc3339());
-                let (committed, s) = tokio::task::spawn_blocking(move || {
-                    let committed =
-                        store2.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &summary, completed_rounds, &now);
-                    (committed, summary)
-                })
-                .await
-                .map_err(|e| ServerError::Join(e.to_string()))?;
-                match committed? {
-                    Committed::Saved { manifest, digest } => {
-                        failpoint::crash_point(failpoint::COORDINATOR_BEFORE_SEAL);
-                        let round = s.round;
-                        with_ledger(ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
-                        info!(
-                            sites = s.contributions.len(),
-                            examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
-                            mean_train_loss = s.mean_train_loss.map_or("withheld".into(), |l| format!("{l:.4}")),
-                            rejected = s.rejected.len(),
-                            declined = s.declined.len(),
-                            missed = s.missed.len(),
-                            secs = format_args!("{:.1}", s.duration.as_secs_f64()),
-                            model = %digest.short(),
-                            "round completed, checkpointed and sealed"
-                        );
-                        *model_file = None;
-                        machine.handle_checkpointed(Instant::now(), Ok(manifest));
+                let span = info_span!("checkpoint", round = %summary.round);
+                let (store, ledger, events) = (store.clone(), ledger.clone(), events.clone());
+                let (previous, now) = (machine.manifest().to_vec(), now_rfc3339());
+                *checkpointing = Some(tokio::spawn(
+                    async move {
+                        let done = commit_and_seal(store, ledger, previous, update, summary, completed_rounds, now).await;
+                        let _ = events.send(Event::Checkpointed(done)).await;
                     }
-                    Committed::NonFinite { tensor, count } => {
-                        let reason =
-                            format!("the new global model would hold {count} non-finite values in {tensor}; the round is discarded");
-                        machine.handle_checkpointed(Instant::now(), Err(reason));
-                    }
-                }
+                    .instrument(span),
+                ));
             }
             Output::RoundFailed(f) => {
                 let store = store.clone();
@@ -542,6 +570,57 @@ async fn drain_outputs(
         }
     }
     Ok(())
+}
+
+/// Writes a round's checkpoint on a blocking thread, then seals the round in the ledger.
+async fn commit_and_seal(
+    store: Arc<Mutex<Store>>,
+    ledger: Arc<Mutex<CoordinatorLedger>>,
+    previous: Vec<TensorSpec>,
+    update: TensorSet,
+    summary: RoundSummary,
+    completed_rounds: u64,
+    now: String,
+) -> Result<(Committed, RoundSummary), ServerError> {
+    let (committed, summary) = tokio::task::spawn_blocking(move || {
+        let committed = store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &summary, completed_rounds, &now);
+        (committed, summary)
+    })
+    .await
+    .map_err(|e| ServerError::Join(e.to_string()))?;
+    let committed = committed?;
+    if let Committed::Saved { .. } = &committed {
+        failpoint::crash_point(failpoint::COORDINATOR_BEFORE_SEAL);
+        let round = summary.round;
+        with_ledger(&ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
+    }
+    Ok((committed, summary))
+}
+
+/// The loop's side of a written checkpoint: the machine moves on (the next offers follow).
+fn checkpointed(machine: &mut RoundMachine, model_file: &mut Option<Arc<ModelFile>>, committed: Committed, s: &RoundSummary) {
+    let _g = info_span!("checkpoint", round = %s.round).entered();
+    match committed {
+        Committed::Saved { manifest, digest } => {
+            info!(
+                sites = s.contributions.len(),
+                examples = s.contributions.iter().map(|c| c.num_examples).sum::<u64>(),
+                mean_train_loss = s.mean_train_loss.map_or("withheld".into(), |l| format!("{l:.4}")),
+                rejected = s.rejected.len(),
+                declined = s.declined.len(),
+                missed = s.missed.len(),
+                secs = format_args!("{:.1}", s.duration.as_secs_f64()),
+                model = %digest.short(),
+                "round completed, checkpointed and sealed"
+            );
+            *model_file = None;
+            machine.handle_checkpointed(Instant::now(), Ok(manifest));
+        }
+        Committed::NonFinite { tensor, count } => {
+            let reason = format!("the new global model would hold {count} non-finite values in {tensor}; the round is discarded");
+            machine.handle_checkpointed(Instant::now(), Err(reason));
+        }
+    }
 }
 
 fn publish(
@@ -1004,7 +1083,24 @@ async fn receive_update(
     let mib = tensors.byte_len() as f64 / (1 << 20) as f64;
     let (tx, rx) = oneshot::channel();
     let ev = Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply: tx };
-    let answer = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let job = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let answer = match job {
+        Ok(job) => {
+            // The check and fold run on a blocking thread, so the event loop goes on
+            // serving the other sites; a task of its own reports the outcome even if this
+            // stream is dropped meanwhile (the round waits for it).
+            let (tx, rx) = oneshot::channel();
+            let (events, site, header) = (events.clone(), site.clone(), header.clone());
+            tokio::spawn(async move {
+                let result = tokio::task::spawn_blocking(move || job.run())
+                    .await
+                    .unwrap_or_else(|e| Err(Reject::new(RejectCode::Malformed, format!("the update could not be folded: {e}"))));
+                let _ = events.send(Event::Folded { site, header, result, reply: tx }).await;
+            });
+            rx.await.unwrap_or_else(|_| Err(gone()))
+        }
+        Err(reject) => Err(reject),
+    };
     match &answer {
         Ok(_) => info!(
             examples = header.num_examples,
