@@ -400,6 +400,9 @@ pub async fn run(
     };
     if let Some(task) = checkpointing.take() {
         // Its seal is what a restart would otherwise redo (`seal_missed`); let it land.
+        // Its report has nobody to read it: closed, the channel refuses it at once rather
+        // than leaving the task waiting for room.
+        events.close();
         let _ = task.await;
     }
     endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator shutting down");
