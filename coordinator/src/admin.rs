@@ -6,7 +6,8 @@
 //!
 //! Routes (`A`: auditor or admin; `C`: admin only; `-`: anyone):
 //! - `-` `GET /healthz` — `ok` while the coordinator runs (probes).
-//! - `A` `GET /` — the dashboard; `GET /api/status`, `GET /api/history` as JSON.
+//! - `A` `GET /` — the dashboard ([`crate::dashboard`]); `GET /api/status`, `GET /api/history`
+//!   and `GET /api/privacy` (each site's epsilon spent, from the ledger) as JSON.
 //! - `A` `GET /api/ledger` — the coordinator's signed ledger (JSON lines), and
 //!   `GET /api/ledger/public-key` — the key that verifies it (`audit verify`).
 //! - `A` `GET /api/admin-log` — the admin audit log (JSON lines, hash-chained).
@@ -134,6 +135,7 @@ pub async fn serve(options: AdminOptions, links: AdminLinks) -> anyhow::Result<S
         .route("/", get(dashboard))
         .route("/api/status", get(status_json))
         .route("/api/history", get(history_json))
+        .route("/api/privacy", get(privacy_json))
         .route("/api/ledger", get(ledger_file))
         .route("/api/ledger/public-key", get(|State(s): State<AdminState>| async move { s.ledger_public_key.to_string() }))
         .route("/api/admin-log", get(admin_log))
@@ -425,57 +427,25 @@ async fn history_json(State(s): State<AdminState>) -> Json<Vec<RoundRecord>> {
     Json(history(&s.state_dir))
 }
 
-async fn dashboard(State(s): State<AdminState>) -> impl IntoResponse {
-    let status = s.status.borrow().clone();
-    let rows: String = history(&s.state_dir)
-        .iter()
-        .rev()
-        .map(|r| {
-            format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td></tr>",
-                r.round,
-                esc(&r.outcome),
-                r.sites.iter().map(|x| esc(&x.site)).collect::<Vec<_>>().join(", "),
-                r.sites.iter().map(|x| x.num_examples).sum::<u64>(),
-                r.mean_train_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                r.duration_secs,
-                esc(&r.finished_at),
-            )
-        })
-        .collect();
-    let sites: String = status
-        .enrolled
-        .iter()
-        .map(|s| {
-            let on = status.connected.contains(s);
-            format!("<li class='{}'>{} — {}</li>", if on { "on" } else { "off" }, esc(s), if on { "connected" } else { "offline" })
-        })
-        .collect();
-    Html(format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>fedward coordinator</title><style>
-body{{font-family:system-ui,sans-serif;margin:2rem;color:#222}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}} .on{{color:#070}} .off{{color:#999}}
-code{{background:#f4f4f4;padding:0 .3rem}}</style></head><body>
-<h1>fedward coordinator</h1>
-<p><b>Phase:</b> {phase}{paused} &nbsp; <b>Rounds:</b> {done}/{total} &nbsp; <b>Open round:</b> {open} ({acc}/{off} updates)</p>
-<p><b>Global model:</b> <code>{digest}</code></p>
-<h2>Sites</h2><ul>{sites}</ul>
-<h2>Rounds</h2><table><tr><th>round</th><th>outcome</th><th>sites</th><th>examples</th><th>mean train loss</th><th>seconds</th><th>finished</th></tr>{rows}</table>
-</body></html>"#,
-        phase = esc(&status.phase),
-        paused = if status.paused { " <b style='color:#a00'>(paused)</b>" } else { "" },
-        done = status.completed_rounds,
-        total = status.total_rounds,
-        open = status.open_round.map_or("-".into(), |r| r.to_string()),
-        acc = status.accepted,
-        off = status.offered,
-        digest = esc(&status.model_digest),
-    ))
+/// Each site's spend as the ledger records it; read off the reactor (the ledger grows with
+/// every round).
+async fn spend(s: &AdminState) -> std::collections::BTreeMap<String, crate::dashboard::SiteSpend> {
+    let path = s.ledger_file.clone();
+    tokio::task::spawn_blocking(move || crate::dashboard::ledger_spend(&std::fs::read_to_string(path).unwrap_or_default()))
+        .await
+        .unwrap_or_default()
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+async fn privacy_json(State(s): State<AdminState>) -> Json<Vec<crate::dashboard::SiteSpend>> {
+    Json(spend(&s).await.into_values().collect())
+}
+
+async fn dashboard(State(s): State<AdminState>) -> impl IntoResponse {
+    let status = s.status.borrow().clone();
+    let spend = spend(&s).await;
+    let dir = s.state_dir.clone();
+    let history = tokio::task::spawn_blocking(move || history(&dir)).await.unwrap_or_default();
+    Html(crate::dashboard::render(&status, &history, &spend, time::OffsetDateTime::now_utc()))
 }
 
 #[cfg(test)]

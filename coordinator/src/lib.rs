@@ -7,6 +7,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod aggregate;
 pub mod control;
+pub mod dashboard;
 pub mod gate;
 pub mod ledger;
 pub mod renewal;

@@ -113,6 +113,26 @@ pub struct StatusView {
     pub model_digest: String,
     pub offered: usize,
     pub accepted: usize,
+    /// When the open round's deadline passes (RFC 3339), while updates are collected.
+    pub deadline: Option<String>,
+    /// Each enrolled site as this process has seen it, in site order.
+    pub sites: Vec<SiteView>,
+}
+
+/// What the coordinator has seen of one site since it started (nothing per record: times,
+/// the software it names, its certificate's expiry, the size of its last update).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SiteView {
+    pub site: String,
+    /// RFC 3339: its last connection, disconnection or request.
+    pub last_seen: Option<String>,
+    /// The `software` of its last `Hello`.
+    pub software: Option<String>,
+    /// RFC 3339: when the certificate of its last connection expires.
+    pub cert_expires: Option<String>,
+    /// Tensor bytes of the last update whose bytes arrived, and when they did.
+    pub last_update_bytes: Option<u64>,
+    pub last_update_at: Option<String>,
 }
 
 enum ReadyReply {
@@ -138,6 +158,8 @@ enum Event {
     /// What a site's `Welcome` lists as accepted from it.
     Accepted {
         site: SiteId,
+        /// What its `Hello` named (for the dashboard).
+        software: String,
         reply: oneshot::Sender<Vec<AcceptedUpdate>>,
     },
     BeginUpdate {
@@ -257,6 +279,8 @@ pub async fn run(
     // weakly, so replacing it ends the downloads of a closed round.
     let mut model_file: Option<Arc<ModelFile>> = None;
     let mut connections: HashMap<SiteId, (usize, quinn::Connection)> = HashMap::new();
+    // What the dashboard shows of each site; only the loop writes it.
+    let mut seen: BTreeMap<SiteId, SiteView> = BTreeMap::new();
     let mut waiting: HashMap<SiteId, oneshot::Sender<ReadyReply>> = HashMap::new();
     let mut next_conn_id = 0usize;
     let mut done_since: Option<Instant> = None;
@@ -267,7 +291,7 @@ pub async fn run(
         warn!("the federation is paused (an admin's `admin pause`); `admin resume` starts rounds again");
     }
     tokio::pin!(shutdown);
-    publish(&status_tx, &machine, &connections, &enrolled);
+    publish(&status_tx, &machine, &connections, &enrolled, &seen);
     info!(
         completed = machine.completed_rounds(),
         total = machine.settings().total_rounds,
@@ -295,7 +319,10 @@ pub async fn run(
                         }
                     }
                 }
-                ev => handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks),
+                ev => {
+                    note_site(&mut seen, &ev);
+                    handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks)
+                }
             },
             Some(Command { op, reply }) = commands.recv() => {
                 let now = Instant::now();
@@ -390,7 +417,7 @@ pub async fn run(
             endpoint.close(wire::CLOSE_NORMAL.into(), b"coordinator failed to persist state");
             return Err(e);
         }
-        publish(&status_tx, &machine, &connections, &enrolled);
+        publish(&status_tx, &machine, &connections, &enrolled, &seen);
         if machine.is_done() {
             done_since.get_or_insert_with(Instant::now);
             if connections.is_empty() {
@@ -453,7 +480,7 @@ fn handle_event(
             waiting.insert(site.clone(), reply);
             machine.handle_ready(now, site);
         }
-        Event::Accepted { site, reply } => {
+        Event::Accepted { site, reply, .. } => {
             let _ = reply.send(machine.accepted_from(&site));
         }
         Event::BeginUpdate { site, header, reply } => {
@@ -626,11 +653,45 @@ fn checkpointed(machine: &mut RoundMachine, model_file: &mut Option<Arc<ModelFil
     }
 }
 
+/// Notes in `seen` what `ev` tells of its site (the dashboard's sites table).
+fn note_site(seen: &mut BTreeMap<SiteId, SiteView>, ev: &Event) {
+    let site = match ev {
+        Event::Connected { site, .. }
+        | Event::Disconnected { site, .. }
+        | Event::Ready { site, .. }
+        | Event::Accepted { site, .. }
+        | Event::BeginUpdate { site, .. }
+        | Event::AbortUpdate { site }
+        | Event::RejectUpdate { site, .. }
+        | Event::FinishUpdate { site, .. }
+        | Event::Folded { site, .. }
+        | Event::Decline { site, .. } => site,
+        Event::Checkpointed(_) => return,
+    };
+    let now = now_rfc3339();
+    let view = seen.entry(site.clone()).or_insert_with(|| SiteView { site: site.to_string(), ..SiteView::default() });
+    match ev {
+        Event::Connected { conn, .. } => {
+            view.cert_expires = peer_leaf(conn)
+                .and_then(|c| fedward_shared::pki::cert_info(c.as_ref()).ok())
+                .and_then(|i| i.not_after.format(&time::format_description::well_known::Rfc3339).ok());
+        }
+        Event::Accepted { software, .. } => view.software = Some(software.clone()),
+        Event::FinishUpdate { tensors, .. } => {
+            view.last_update_bytes = Some(tensors.byte_len() as u64);
+            view.last_update_at = Some(now.clone());
+        }
+        _ => {}
+    }
+    view.last_seen = Some(now);
+}
+
 fn publish(
     tx: &watch::Sender<StatusView>,
     machine: &RoundMachine,
     connections: &HashMap<SiteId, (usize, quinn::Connection)>,
     enrolled: &BTreeSet<SiteId>,
+    seen: &BTreeMap<SiteId, SiteView>,
 ) {
     let (phase, open_round, offered, accepted) = match machine.phase() {
         PhaseView::WaitingForQuorum { ready, needed } if machine.is_paused() => {
@@ -655,6 +716,14 @@ fn publish(
         model_digest: machine.model_digest().to_hex(),
         offered,
         accepted,
+        deadline: open_round.and(machine.poll_timeout()).and_then(|at| {
+            let left = at.saturating_duration_since(Instant::now());
+            (time::OffsetDateTime::now_utc() + left).format(&time::format_description::well_known::Rfc3339).ok()
+        }),
+        sites: enrolled
+            .iter()
+            .map(|s| seen.get(s).cloned().unwrap_or_else(|| SiteView { site: s.to_string(), ..SiteView::default() }))
+            .collect(),
     });
 }
 
@@ -892,7 +961,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let status = ctx.shared.status.borrow().clone();
             info!(software = %hello.software, "hello");
             let (tx, rx) = oneshot::channel();
-            if events.send(Event::Accepted { site: ctx.site.clone(), reply: tx }).await.is_err() {
+            if events.send(Event::Accepted { site: ctx.site.clone(), software: hello.software.clone(), reply: tx }).await.is_err() {
                 return reply(send, &Message::Reject(gone())).await;
             }
             let Ok(accepted) = rx.await else { return reply(send, &Message::Reject(gone())).await };
