@@ -271,7 +271,7 @@ fn rounds_chart(history: &[RoundRecord]) -> String {
 
 /// Epsilon spent per site, on one scale; sites without differential privacy are marked.
 fn privacy_chart(status: &StatusView, spend: &BTreeMap<String, SiteSpend>, budget_declined: &BTreeMap<String, u64>) -> String {
-    const W: f64 = 420.0;
+    const W: f64 = 540.0;
     const ROW: f64 = 26.0;
     const LABEL: f64 = 110.0;
     let mut names: Vec<&String> = status.enrolled.iter().collect();
@@ -283,7 +283,7 @@ fn privacy_chart(status: &StatusView, spend: &BTreeMap<String, SiteSpend>, budge
     let most = spend.values().filter_map(|s| s.epsilon).fold(0.0f64, f64::max);
     let scale = if most > 0.0 { most * 1.15 } else { 1.0 };
     let h = ROW * names.len().max(1) as f64 + 30.0;
-    let bar_w = W - LABEL - 90.0;
+    let bar_w = W - LABEL - 200.0;
     let mut svg =
         format!("<svg id='privacy-chart' width='{W}' height='{h}' viewBox='0 0 {W} {h}' role='img' aria-label='epsilon spent per site'>");
     for (i, name) in names.iter().enumerate() {
