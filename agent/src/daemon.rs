@@ -127,10 +127,7 @@ enum SessionEnd {
     Renewed,
 }
 
-/// The latest global model, as received (the triage service serves it).
-pub const MODEL_CACHE: &str = "global-model.safetensors";
-/// The site's privacy ledger in the state directory.
-pub const LEDGER: &str = "ledger.jsonl";
+pub use crate::state_dir::{LEDGER, MODEL_CACHE};
 
 /// Runs until the federation is finished (when so configured), a refusal, or `shutdown`.
 pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl Future<Output = ()>) -> Result<DaemonOutcome, DaemonError> {

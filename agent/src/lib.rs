@@ -7,6 +7,7 @@
 pub mod allocation;
 pub mod baseline;
 pub mod daemon;
+pub mod endpoint;
 pub mod metrics;
 pub mod outbox;
 pub mod privacy;
@@ -14,5 +15,6 @@ pub mod renew;
 pub mod service;
 pub mod session;
 pub mod simulate;
+pub mod state_dir;
 pub mod status;
 pub mod trainer;

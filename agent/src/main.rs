@@ -715,7 +715,7 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
         fail_after_ledger_write: false,
     };
     if let Some(addr) = cfg.status_listen {
-        tokio::spawn(fedward_agent::status::serve_status(addr, Arc::new(cfg.clone())));
+        tokio::spawn(fedward_agent::endpoint::serve_status(addr, Arc::new(cfg.clone())));
     }
     info!(coordinator = %cfg.coordinator_addr, "agent starting");
     let outcome = match daemon::run(opts, trainer, shutdown).await {

@@ -16,8 +16,7 @@ use tracing::warn;
 use fedward_shared::config::AgentConfig;
 use fedward_shared::fsutil;
 
-/// The daemon's status file in the state directory.
-pub const STATUS_FILE: &str = "status.json";
+pub use crate::state_dir::STATUS_FILE;
 
 /// What the daemon is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +174,7 @@ pub fn compose(cfg: &AgentConfig, now: OffsetDateTime) -> Report {
     let training_notes = count(&cfg.train_data);
     let corrections = if cfg.feedback_data.exists() { count(&cfg.feedback_data).unwrap_or(0) } else { 0 };
     let validation_notes = cfg.validation_data.as_deref().map(count);
-    let global_model_received = std::fs::metadata(cfg.state_dir.join(crate::daemon::MODEL_CACHE))
+    let global_model_received = std::fs::metadata(cfg.state_dir.join(crate::state_dir::MODEL_CACHE))
         .and_then(|m| m.modified())
         .ok()
         .map(|t| rfc3339(OffsetDateTime::from(t)));
@@ -195,7 +194,7 @@ pub fn compose(cfg: &AgentConfig, now: OffsetDateTime) -> Report {
 }
 
 fn privacy(cfg: &AgentConfig) -> Result<Privacy, String> {
-    let path = cfg.state_dir.join(crate::daemon::LEDGER);
+    let path = cfg.state_dir.join(crate::state_dir::LEDGER);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -342,51 +341,6 @@ pub fn render(r: &Report) -> String {
         }
     }
     s
-}
-
-/// Serves `GET /status` (the report as JSON) and `GET /metrics` (Prometheus) on a
-/// loopback address until the runtime stops. A port already in use is logged and skipped: the daemon runs without it.
-pub async fn serve_status(addr: std::net::SocketAddr, cfg: std::sync::Arc<AgentConfig>) {
-    use axum::response::IntoResponse;
-    use axum::routing::get;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(%addr, cause = %e, "could not open the status endpoint; `fedward-agent status` still works");
-            return;
-        }
-    };
-    let report = move |cfg: std::sync::Arc<AgentConfig>| async move {
-        tokio::task::spawn_blocking(move || compose(&cfg, OffsetDateTime::now_utc())).await.ok()
-    };
-    let (for_status, for_metrics) = (cfg.clone(), cfg);
-    let app = axum::Router::new()
-        .route(
-            "/status",
-            get(move || async move {
-                match report(for_status.clone()).await {
-                    Some(r) => axum::Json(r).into_response(),
-                    None => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                match report(for_metrics.clone()).await {
-                    Some(r) => (
-                        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                        crate::metrics::metrics().render(&r),
-                    )
-                        .into_response(),
-                    None => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                }
-            }),
-        );
-    tracing::info!(%addr, "status endpoint listening");
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(cause = %e, "the status endpoint stopped");
-    }
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     let source = match &opts.model_dir {
         Some(dir) => ModelSource::Dir(dir.clone()),
         None => ModelSource::DaemonCache {
-            cache: cfg.state_dir.join(crate::daemon::MODEL_CACHE),
+            cache: cfg.state_dir.join(crate::state_dir::MODEL_CACHE),
             base: cfg.model_base.clone(),
             labels: cfg.labels.clone(),
         },
