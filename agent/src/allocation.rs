@@ -65,6 +65,29 @@ pub enum Kind {
     Other,
 }
 
+impl Kind {
+    /// The label's name, as in the JSON and in pool ids.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Doctor => "doctor",
+            Kind::Bed => "bed",
+            Kind::Device => "device",
+            Kind::Other => "other",
+        }
+    }
+
+    /// The kind a label names; any label but doctor, bed and device asks for nothing
+    /// this engine allocates.
+    pub fn of_label(label: &str) -> Kind {
+        match label {
+            "doctor" => Kind::Doctor,
+            "bed" => Kind::Bed,
+            "device" => Kind::Device,
+            _ => Kind::Other,
+        }
+    }
+}
+
 /// One free unit: a doctor on shift, a bed, a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unit {
@@ -171,13 +194,7 @@ pub struct Pool {
 impl Pool {
     /// `kind:group` or `kind:group:feature+feature`, e.g. `bed:medical:isolation`.
     pub fn id(&self) -> String {
-        let kind = match self.kind {
-            Kind::Doctor => "doctor",
-            Kind::Bed => "bed",
-            Kind::Device => "device",
-            Kind::Other => "other",
-        };
-        let mut id = format!("{kind}:{}", self.group);
+        let mut id = format!("{}:{}", self.kind.as_str(), self.group);
         if !self.features.is_empty() {
             id.push(':');
             id.push_str(&self.features.iter().cloned().collect::<Vec<_>>().join("+"));

@@ -344,16 +344,7 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
     let dev = fedward_models::train::device(&args.device)?;
     let (model, encoder) = fedward_models::io::load_trained_dir(&args.model, &dev)?;
     // Each of the model's labels as a kind; a label the engine does not know counts as `other`.
-    let kinds: Vec<Kind> = model
-        .labels
-        .iter()
-        .map(|l| match l.as_str() {
-            "doctor" => Kind::Doctor,
-            "bed" => Kind::Bed,
-            "device" => Kind::Device,
-            _ => Kind::Other,
-        })
-        .collect();
+    let kinds: Vec<Kind> = model.labels.iter().map(|l| Kind::of_label(l)).collect();
     let examples = fedward_models::text::read_jsonl(&args.notes, &model.labels)?;
     let workload =
         Workload { horizon_secs: (args.hours * 3600.0).round() as u64, arrivals_per_hour: args.arrivals_per_hour, ..Workload::default() };

@@ -11,6 +11,8 @@ use fedward_models::text::TextEncoder;
 use fedward_shared::pki::{self, Validity};
 use fedward_shared::wire::SiteId;
 
+mod common;
+
 /// A site's directory: PKI from `ca` (or another CA for the certificate when `rogue`),
 /// a tiny base model, training data and a config naming them.
 fn site(dir: &Path, rogue: bool) -> std::path::PathBuf {
@@ -28,29 +30,7 @@ fn site(dir: &Path, rogue: bool) -> std::path::PathBuf {
     let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels, 1, &candle_core::Device::Cpu).unwrap();
     fedward_models::io::export_dir(&model, &encoder, &dir.join("base")).unwrap();
     std::fs::write(dir.join("train.jsonl"), "{\"text\":\"needs a bed\",\"label\":\"bed\"}\n").unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        r#"[coordinator]
-address = "127.0.0.1:7443"
-server_name = "coordinator.test"
-[tls]
-ca_cert = "ca.crt"
-cert = "site.crt"
-key = "site.key"
-[data]
-train = "train.jsonl"
-[model]
-base = "base"
-[budget]
-max_epsilon = 8.0
-delta = 1e-5
-[agent]
-state_dir = "state"
-"#,
-    )
-    .unwrap();
-    config
+    common::write_config(dir, "")
 }
 
 fn check(config: &Path) -> Output {

@@ -13,6 +13,8 @@ use fedward_models::bert::{BertClassifier, BertConfig};
 use fedward_models::text::TextEncoder;
 use serde_json::{json, Value};
 
+mod common;
+
 const WORDS: [&str; 8] = ["needs", "a", "bed", "scan", "doctor", "pump", "zebra", "note"];
 
 fn labels() -> Vec<String> {
@@ -39,36 +41,10 @@ fn site_with(dir: &Path, service_extra: &str) -> std::path::PathBuf {
     let (model, encoder) = tiny(1);
     fedward_models::io::export_dir(&model, &encoder, &dir.join("base")).unwrap();
     std::fs::write(dir.join("train.jsonl"), "{\"text\":\"needs a bed\",\"label\":\"bed\"}\n").unwrap();
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        r#"[coordinator]
-address = "127.0.0.1:7443"
-server_name = "coordinator.test"
-[tls]
-ca_cert = "ca.crt"
-cert = "site.crt"
-key = "site.key"
-[data]
-train = "train.jsonl"
-[model]
-base = "base"
-[budget]
-max_epsilon = 8.0
-delta = 1e-5
-[agent]
-state_dir = "state"
-device = "cpu"
-[service]
-listen = "127.0.0.1:0"
-review_below = 0.0
-reload_every = "50ms"
-"#
-        .to_owned()
-            + service_extra,
+    common::write_config(
+        dir,
+        &format!("device = \"cpu\"\n[service]\nlisten = \"127.0.0.1:0\"\nreview_below = 0.0\nreload_every = \"50ms\"\n{service_extra}"),
     )
-    .unwrap();
-    config
 }
 
 struct Service {

@@ -399,10 +399,7 @@ fn bytes(b: u64) -> String {
     }
 }
 
-/// HTML-escapes text for element content and quoted attributes.
-pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
-}
+pub use fedward_shared::html::escape as esc;
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
 use crate::dp::Accountant;
+use crate::html::escape as esc;
 use crate::ledger::{self, AuditKind, Body, Entry, Mismatch, ProblemKind, UNDERCOUNT_TOLERANCE};
 use crate::plan::PrivacyMode;
 use crate::wire::SiteId;
@@ -769,22 +770,6 @@ fn severity_class(s: Severity) -> &'static str {
         Severity::Fail => "fail",
         Severity::Warn => "warn",
     }
-}
-
-/// Escapes text for HTML content and attributes.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 const COLOURS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];

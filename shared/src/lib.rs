@@ -13,6 +13,7 @@ pub mod dp;
 pub mod failpoint;
 pub mod fsutil;
 pub mod history;
+pub mod html;
 pub mod ledger;
 pub mod ledger_file;
 pub mod ledger_key;

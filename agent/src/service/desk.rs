@@ -332,7 +332,7 @@ impl Desk {
         if let Some(resource) = &freed {
             let _ = self.capacity.release(resource);
         }
-        let detail = format!("{} -> {}", kind_name(previous), kind_name(kind));
+        let detail = format!("{} -> {}", previous.as_str(), kind.as_str());
         self.log(now, Some(id), "corrected", freed.as_deref(), Some(detail));
         self.epoch(now);
         Ok(Corrected { note, request: self.view(id, now)? })
@@ -427,15 +427,6 @@ const NO_RESOURCE: &str = "the note asks for no doctor, bed or device";
 
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-pub fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Doctor => "doctor",
-        Kind::Bed => "bed",
-        Kind::Device => "device",
-        Kind::Other => "other",
-    }
 }
 
 #[cfg(test)]

@@ -312,7 +312,7 @@ async fn submit(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiE
     };
     let view = {
         let mut desk = lock(&s.desk);
-        desk.submit(new, body.note, kind_of(&label), confidence, now())?
+        desk.submit(new, body.note, Kind::of_label(&label), confidence, now())?
     };
     save_capacity(&s);
     info!(
@@ -331,15 +331,6 @@ async fn submit(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiE
         "model": model.version,
     });
     Ok((StatusCode::CREATED, Json(answer)).into_response())
-}
-
-fn kind_of(label: &str) -> Kind {
-    match label {
-        "doctor" => Kind::Doctor,
-        "bed" => Kind::Bed,
-        "device" => Kind::Device,
-        _ => Kind::Other,
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -422,7 +413,7 @@ async fn correct(State(s): State<AppState>, body: Bytes) -> Result<Response, Api
             return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "the correction could not be stored; see the service's log".into()));
         }
     };
-    let corrected = lock(&s.desk).correct(&body.request, kind_of(&label), now())?;
+    let corrected = lock(&s.desk).correct(&body.request, Kind::of_label(&label), now())?;
     save_capacity(&s);
     info!(request = %body.request, label = %label, stored = ?stored, "correction recorded");
     Ok(Json(serde_json::json!({ "request": corrected.request, "stored": stored })).into_response())

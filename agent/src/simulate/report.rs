@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{Comparison, Outcome};
+use fedward_shared::html::escape as esc;
 
 /// The plain table `allocate simulate` prints: one row per method.
 pub fn table(c: &Comparison) -> String {
@@ -156,78 +157,9 @@ fn per_method(c: &Comparison, f: impl Fn(&Outcome) -> Vec<f64>) -> Vec<(String, 
     c.outcomes.iter().map(|o| (o.method.clone(), f(o))).collect()
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
 /// Grouped bars: one group per category, one bar per series, the value above each bar.
 fn svg_bars(categories: &[String], series: &[(String, Vec<f64>)], unit: &str, max: Option<f64>) -> String {
-    const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
-    let (w, h, left, right, top, bottom) = (720.0, 260.0, 50.0, 130.0, 20.0, 40.0);
-    let top_value = max.unwrap_or_else(|| {
-        let m = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
-        if m > 0.0 {
-            m * 1.1
-        } else {
-            1.0
-        }
-    });
-    let plot_w = w - left - right;
-    let group_w = plot_w / categories.len().max(1) as f64;
-    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
-    let y = |v: f64| top + (h - top - bottom) * (1.0 - (v / top_value).clamp(0.0, 1.0));
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">"#);
-    for i in 0..=4 {
-        let v = top_value * f64::from(i) / 4.0;
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
-            w - right,
-            left - 6.0,
-            y(v) + 4.0,
-            y = y(v)
-        );
-    }
-    let _ = write!(
-        svg,
-        r#"<text x="12" y="{:.1}" transform="rotate(-90 12 {:.1})" text-anchor="middle">{}</text>"#,
-        h / 2.0,
-        h / 2.0,
-        esc(unit)
-    );
-    for (g, name) in categories.iter().enumerate() {
-        let x0 = left + group_w * g as f64 + group_w * 0.1;
-        for (k, (_, values)) in series.iter().enumerate() {
-            let v = values.get(g).copied().filter(|v| v.is_finite()).unwrap_or(0.0);
-            let x = x0 + bar_w * k as f64;
-            let _ = write!(
-                svg,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
-                y(v),
-                bar_w * 0.9,
-                (h - bottom - y(v)).max(0.0),
-                COLOURS[k % COLOURS.len()],
-                x + bar_w * 0.45,
-                y(v) - 3.0
-            );
-        }
-        let _ = write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, x0 + group_w * 0.4, h - bottom + 16.0, esc(name));
-    }
-    for (k, (name, _)) in series.iter().enumerate() {
-        let c = COLOURS[k % COLOURS.len()];
-        let ly = top + 10.0 + 16.0 * k as f64;
-        let _ = write!(
-            svg,
-            r#"<rect x="{}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{}" y="{:.1}">{}</text>"#,
-            w - right + 10.0,
-            ly - 9.0,
-            w - right + 26.0,
-            ly,
-            esc(name)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
+    fedward_shared::html::Bars { categories, series, axis: unit, max, percent: false, legend_suffix: "" }.svg()
 }
 
 #[cfg(test)]

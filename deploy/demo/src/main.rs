@@ -30,6 +30,7 @@ use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
 use fedward_shared::history::{checkpoint_name, SavedState, STATE_FILE};
+use fedward_shared::html::escape as html_escape;
 use fedward_shared::plan::{Optimizer, PrivacyMode, Trainable};
 use fedward_shared::tensor::TensorSet;
 
@@ -1044,63 +1045,9 @@ impl Allocation {
     }
 }
 
-/// Grouped bars of percentages: one group per category, one bar per series.
+/// Grouped bars of percentages: one group per category, one bar per model.
 fn svg_bars(categories: &[String], series: &[(String, Vec<f64>)]) -> String {
-    const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"];
-    let (w, h, left, right, top, bottom) = (720.0, 260.0, 50.0, 190.0, 20.0, 40.0);
-    let group_w = (w - left - right) / categories.len().max(1) as f64;
-    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
-    let y = |v: f64| top + (h - top - bottom) * (1.0 - (v / 100.0).clamp(0.0, 1.0));
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-size="12">"#);
-    for tick in (0..=100).step_by(25) {
-        let v = f64::from(tick);
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{tick}%</text>"##,
-            w - right,
-            left - 6.0,
-            y(v) + 4.0,
-            y = y(v)
-        );
-    }
-    for (g, name) in categories.iter().enumerate() {
-        let x0 = left + group_w * g as f64 + group_w * 0.1;
-        for (k, (_, values)) in series.iter().enumerate() {
-            let v = values.get(g).copied().filter(|v| v.is_finite()).unwrap_or(0.0);
-            let x = x0 + bar_w * k as f64;
-            let _ = write!(
-                svg,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.1}</text>"#,
-                y(v),
-                bar_w * 0.9,
-                (h - bottom - y(v)).max(0.0),
-                COLOURS[k % COLOURS.len()],
-                x + bar_w * 0.45,
-                y(v) - 3.0
-            );
-        }
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x0 + group_w * 0.4,
-            h - bottom + 16.0,
-            html_escape(name)
-        );
-    }
-    for (k, (name, _)) in series.iter().enumerate() {
-        let c = COLOURS[k % COLOURS.len()];
-        let ly = top + 10.0 + 16.0 * k as f64;
-        let _ = write!(
-            svg,
-            r#"<rect x="{}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{}" y="{ly:.1}">{} model</text>"#,
-            w - right + 10.0,
-            ly - 9.0,
-            w - right + 26.0,
-            html_escape(name)
-        );
-    }
-    svg.push_str("</svg>");
-    svg
+    fedward_shared::html::Bars { categories, series, axis: "", max: Some(100.0), percent: true, legend_suffix: " model" }.svg()
 }
 
 /// The report: JSON, the printed summary, and the HTML page.
@@ -1243,10 +1190,6 @@ impl Report {
             summary = html_escape(&self.summary),
         )
     }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Accuracy per round as lines, with the baselines as dashed horizontal references.
