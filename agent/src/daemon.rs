@@ -161,6 +161,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
         last_train_secs: None,
         status: StatusWriter::new(&opts.state_dir, &opts.coordinator_addr),
     };
+    info!(status = %opts.state_dir.join(crate::state_dir::STATUS_FILE).display(), "agent state ready");
     let mut failures = 0u32;
     let outcome = run_sessions(&opts, site, &mut tls, &mut renewal, &mut state, &mut rng, &mut failures, &mut shutdown).await;
     let (phase, detail) = match &outcome {

@@ -113,18 +113,20 @@ fn status_says_what_the_daemon_does_and_why_it_stopped() {
         .args(["run", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    // Until the daemon has opened its state the report has no daemon part.
-    let status = loop {
-        if let Some((200, body)) = http_get(port, "/status").filter(|(_, b)| !b.contains("\"daemon\":null")) {
-            break body;
-        }
-        assert!(std::time::Instant::now() < deadline, "the status endpoint never answered");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    // The endpoint listens, and the daemon has written its status file: both say so.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(daemon.stderr.take().unwrap()));
+    let (mut listening, mut ready) = (false, false);
+    while !(listening && ready) {
+        let line = lines.next().expect("the agent exited early").unwrap();
+        listening |= line.contains("status endpoint listening");
+        ready |= line.contains("agent state ready");
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let (code, status) = http_get(port, "/status").unwrap();
+    assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["running"], true, "{status}");
     assert!(["starting", "connecting", "retrying"].contains(&status["daemon"]["phase"].as_str().unwrap()), "{status}");

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -289,20 +289,23 @@ struct Driver {
 
 impl Driver {
     fn start(path: &PathBuf, port: u16) -> Result<Self> {
-        let child = Command::new(path).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-        let me = Self { child, addr: format!("127.0.0.1:{port}").parse()? };
-        let start = Instant::now();
+        let mut child = Command::new(path).arg(format!("--port={port}")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        // chromedriver says on stdout when it listens.
+        let stdout = child.stdout.take().context("chromedriver has no stdout")?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
         loop {
-            // A connection accepted while it is still starting may never be answered:
-            // ask again rather than wait.
-            if let Ok(status) = me.request("GET", "/status", None, Duration::from_secs(2)) {
-                if status["ready"] == true {
-                    return Ok(me);
-                }
+            match lines.next() {
+                Some(Ok(line)) if line.contains("started successfully") => break,
+                Some(Ok(_)) => {}
+                _ => bail!("chromedriver exited before it listened"),
             }
-            ensure!(start.elapsed() < Duration::from_secs(30), "chromedriver did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
         }
+        // Keep reading what it prints, so that a full pipe never blocks it.
+        std::thread::spawn(move || lines.for_each(drop));
+        let me = Self { child, addr: format!("127.0.0.1:{port}").parse()? };
+        let status = me.request("GET", "/status", None, Duration::from_secs(30))?;
+        ensure!(status["ready"] == true, "chromedriver is not ready: {status}");
+        Ok(me)
     }
 
     /// One WebDriver command: its `value`, or the WebDriver error.
