@@ -13,46 +13,41 @@
 //!   the constraints (resource kind, specialty/ward/device type, bed features such as
 //!   isolation).
 //!
-//! # How the exact solver works, and why not Kuhn-Munkres, min-cost flow or a MIP
+//! # The exact solver: Kuhn-Munkres, per kind, over pools
 //!
-//! A request's value does not depend on which unit serves it, and units that differ only
-//! in id (the beds of one pool) are interchangeable. So the problem is: choose the most
-//! valuable set of requests that can all be served at once. Those sets are the independent
-//! sets of a transversal matroid (requests on one side, unit classes with their counts on
-//! the other), and for a matroid the greedy choice is exact (Rado-Edmonds): take requests
-//! by value, most valuable first, and keep each one iff the kept set plus it can still be
-//! matched, which (Berge) holds iff an augmenting path starts from it. The search runs on
-//! the graph of requests and unit *classes* (capacity = free units), one breadth-first
-//! search per request: O(requests x edges), where edges are (request, fitting class) pairs.
-//! The answer is the one a min-cost flow gives on the same network (source -> request at
-//! minus its value, request -> each fitting class, class -> sink up to its free units).
+//! One epoch is an assignment problem: requests on one side, free units on the other, a
+//! request's value on every pair that fits, plus a "not served now" column per request.
+//! It is solved exactly with the Kuhn-Munkres (Hungarian) algorithm of the `pathfinding`
+//! crate, a well-kept pure-Rust solver, rather than by code of our own. Why this one:
+//! - the problem is a bipartite assignment with a linear objective, which is exactly what
+//!   Kuhn-Munkres solves, without the LP/MIP machinery (HiGHS, CBC: C/C++ through bindings)
+//!   whose relaxation would be integral here anyway, and without a min-cost-flow crate of
+//!   doubtful upkeep;
+//! - it is fast enough: an epoch of 200 requests against 500 units takes a few
+//!   milliseconds (BENCHMARKS.md, "Allocation engine"), against the 50 ms asked for.
 //!
-//! - Kuhn-Munkres (`pathfinding`, the previous engine) needs a dense requests x (units +
-//!   requests) matrix and O(n^2 m) time: an epoch of 200 requests x 500 units took 4-5 ms
-//!   median and up to 13 ms, against 0.12-0.16 ms median and 0.6 ms at p99 here, the
-//!   whole call included (BENCHMARKS.md, "Allocation engine"). It stays as the tests' second
-//!   oracle. Splitting it per kind or per connected component would shrink the matrix,
-//!   but every unit would still be a column; pools are the bigger lever, and they also
-//!   make components unnecessary (the search never leaves a request's component).
-//! - A min-cost flow crate would solve that network with more machinery (potentials, a
-//!   cost per arc) for the same answer; an LP/MIP crate (HiGHS, CBC through bindings)
-//!   links a C/C++ solver for a problem whose LP is integral anyway. The search here is
-//!   short, has no dependency, and checks its time limit between requests.
+//! Two facts make it smaller. A request fits only units of its predicted kind, so each kind
+//! is its own problem. And units of one pool are interchangeable, so a pool contributes at
+//! most as many columns as there are requests of its kind (more could never be used); the
+//! kept requests then take a pool's units in priority order, lowest index first. Ties among
+//! plans of equal value go to the higher-priority requests, and a request prefers the
+//! plainest fitting pool (fewest features), keeping isolation and monitored beds for those
+//! who need them (both through tie-break terms below one millionth of value).
 //!
 //! Correctness is checked against brute force (every feasible assignment) on hundreds of
-//! small seeded instances and against Kuhn-Munkres on larger ones (the tests below). Among
-//! plans of equal value, requests of higher priority are kept first, and a request tries
-//! the plainest fitting class first (fewest features), which keeps isolation and monitored
-//! beds for those who need them. Units of one class go to the kept requests in priority
-//! order, lowest index first.
+//! small seeded instances (the tests below).
 //!
-//! An epoch larger than [`Policy::max_exact_cells`], or one the solver cannot finish within
-//! [`Policy::time_limit`], gets the greedy plan, marked [`Method::GreedyFallback`].
+//! An epoch larger than [`Policy::max_exact_cells`] (the solver is cubic), or one whose
+//! solves have not finished within [`Policy::time_limit`] (checked between the kinds' solves),
+//! gets the greedy plan, marked [`Method::GreedyFallback`].
 //!
 //! Predictions below [`Policy::review_below`] are never auto-assigned: they go to a human
 //! review queue. A note predicted `other` asks for no resource this engine allocates.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
+
+use pathfinding::kuhn_munkres::kuhn_munkres;
+use pathfinding::matrix::Matrix;
 use std::time::{Duration, Instant};
 
 /// What a note asks for.
@@ -126,13 +121,14 @@ pub struct Policy {
     /// beyond it, greedy. A bound on its memory and work before it starts.
     pub max_exact_cells: usize,
     /// How long the exact solver may run; past it, greedy ([`Method::GreedyFallback`]).
-    /// `None`: no limit. Checked before each request the solver places.
+    /// `None`: no limit. Checked before each kind's solve (one solve cannot be interrupted:
+    /// `max_exact_cells` bounds it).
     pub time_limit: Option<Duration>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { review_below: 0.6, wait_weight_per_hour: 0.5, max_exact_cells: 4_000_000, time_limit: Some(Duration::from_millis(200)) }
+        Self { review_below: 0.6, wait_weight_per_hour: 0.5, max_exact_cells: 1_000_000, time_limit: Some(Duration::from_millis(200)) }
     }
 }
 
@@ -447,9 +443,19 @@ pub fn optimal(requests: &[Request], units: &[Unit], policy: &Policy) -> Plan {
     }
 }
 
-/// A unit for each request of the most valuable set that can be served together (the
-/// module's documentation says why this is exact); `None` once `deadline` (start, limit)
-/// has passed.
+/// A unit for each request of the most valuable set that can be served together, solved
+/// with Kuhn-Munkres (`pathfinding`) per kind; `None` once `deadline` (start, limit) has
+/// passed between the solves.
+///
+/// Per kind, the rows are the open requests of that kind that some class fits; the
+/// columns are the units of the fitting classes, at most as many per class as there are
+/// rows (more could never be used), then one "not served now" column per row (weight 0 on
+/// its own row), so a perfect assignment always exists. A fitting pair weighs the request's
+/// value in millionths, scaled by [`TIE`], plus a tie-break below one millionth of value:
+/// the request's priority (its place in `open`), then the plainer class (fewer features),
+/// so among plans of equal value the higher-priority requests are kept and isolation or
+/// monitored beds stay for those who need them. A pair that does not fit weighs far below
+/// anything, so it is never chosen. i128 weights leave room for all of it.
 fn most_valuable(
     open: &[&Request],
     classes: &Classes,
@@ -457,69 +463,45 @@ fn most_valuable(
     policy: &Policy,
     deadline: Option<(Instant, Duration)>,
 ) -> Option<Vec<Option<usize>>> {
-    let n_classes = classes.members.len();
-    let values: Vec<f64> = open.iter().map(|r| value(r, policy)).collect();
-    // Most valuable first; `open` is in priority order and the sort is stable, so equal
-    // values keep it.
-    let mut order: Vec<usize> = (0..open.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
-
-    // The kept requests in each class, and each request's class.
-    let mut holders: Vec<Vec<usize>> = vec![Vec::new(); n_classes];
-    let mut class_of: Vec<Option<usize>> = vec![None; open.len()];
-    // The search from request `r`: `seen[c] == r` once it reached class `c`, and
-    // `parent[c]` is the (class, kept request) it came through, `None` straight from `r`.
-    let mut seen = vec![usize::MAX; n_classes];
-    let mut parent: Vec<Option<(usize, usize)>> = vec![None; n_classes];
-    let mut queue = VecDeque::new();
-    for &r in &order {
+    const TIE: i128 = 1 << 40;
+    let forbidden: i128 = -(1 << 100);
+    let n = open.len();
+    let mut class_of: Vec<Option<usize>> = vec![None; n];
+    for kind in [Kind::Doctor, Kind::Bed, Kind::Device] {
         if let Some((started, limit)) = deadline {
             if started.elapsed() >= limit {
                 return None;
             }
         }
-        queue.clear();
-        for &c in &fit[r] {
-            if seen[c] != r {
-                seen[c] = r;
-                parent[c] = None;
-                queue.push_back(c);
-            }
+        let rows: Vec<usize> = (0..n).filter(|&r| open[r].kind == kind && !fit[r].is_empty()).collect();
+        if rows.is_empty() {
+            continue;
         }
-        let mut free = None;
-        while let Some(c) = queue.pop_front() {
-            if holders[c].len() < classes.members[c].len() {
-                free = Some(c);
-                break;
-            }
-            for &h in &holders[c] {
-                for &d in &fit[h] {
-                    if seen[d] != r {
-                        seen[d] = r;
-                        parent[d] = Some((c, h));
-                        queue.push_back(d);
-                    }
+        let fitting: BTreeSet<usize> = rows.iter().flat_map(|&r| fit[r].iter().copied()).collect();
+        let columns: Vec<usize> =
+            fitting.into_iter().flat_map(|c| std::iter::repeat_n(c, classes.members[c].len().min(rows.len()))).collect();
+        let weights = Matrix::from_fn(rows.len(), columns.len() + rows.len(), |(i, j)| {
+            let r = rows[i];
+            match columns.get(j) {
+                Some(&c) if fit[r].contains(&c) => {
+                    let micros = (value(open[r], policy) * 1e6).round() as i128;
+                    let plain = 63 - classes.first[c].features.len().min(63) as i128;
+                    micros * TIE + (n - r) as i128 * 64 + plain
                 }
+                Some(_) => forbidden,
+                None if j - columns.len() == i => 0,
+                None => forbidden,
+            }
+        });
+        let (_, assignment) = kuhn_munkres(&weights);
+        for (i, j) in assignment.into_iter().enumerate() {
+            if let Some(&c) = columns.get(j) {
+                class_of[rows[i]] = Some(c);
             }
         }
-        // No augmenting path: the kept set already needs every unit `r` could have.
-        let Some(mut c) = free else { continue };
-        // Shift along the path: each kept request on it moves on to the next class, and the
-        // last class has a free unit.
-        while let Some((from, h)) = parent[c] {
-            // `h` was found among `holders[from]`, which has not changed since.
-            if let Some(at) = holders[from].iter().position(|&x| x == h) {
-                holders[from].swap_remove(at);
-            }
-            holders[c].push(h);
-            class_of[h] = Some(c);
-            c = from;
-        }
-        holders[c].push(r);
-        class_of[r] = Some(c);
     }
     // A class's units go to its kept requests in priority order, lowest index first.
-    let mut next = vec![0; n_classes];
+    let mut next = vec![0; classes.members.len()];
     Some(
         class_of
             .into_iter()
@@ -956,8 +938,8 @@ mod tests {
         assert!(beaten >= 5, "greedy was beaten on only {beaten} epochs");
     }
 
-    /// Kuhn-Munkres over every unit (the previous engine) as a second oracle, on epochs too
-    /// large for brute force. Values are whole hundredths, so its integer weights are exact.
+    /// Kuhn-Munkres over every unit in one matrix (no split by kind, no pools) as a second
+    /// oracle, on epochs too large for brute force. Values are whole hundredths, so its integer weights are exact.
     #[test]
     fn the_exact_plan_matches_kuhn_munkres_on_larger_random_epochs() {
         use pathfinding::kuhn_munkres::kuhn_munkres;
