@@ -136,6 +136,7 @@ pub async fn serve(options: AdminOptions, links: AdminLinks) -> anyhow::Result<S
         .route("/api/status", get(status_json))
         .route("/api/history", get(history_json))
         .route("/api/privacy", get(privacy_json))
+        .route("/metrics", get(metrics_text))
         .route("/api/ledger", get(ledger_file))
         .route("/api/ledger/public-key", get(|State(s): State<AdminState>| async move { s.ledger_public_key.to_string() }))
         .route("/api/admin-log", get(admin_log))
@@ -438,6 +439,35 @@ async fn spend(s: &AdminState) -> std::collections::BTreeMap<String, crate::dash
 
 async fn privacy_json(State(s): State<AdminState>) -> Json<Vec<crate::dashboard::SiteSpend>> {
     Json(spend(&s).await.into_values().collect())
+}
+
+/// Prometheus exposition: the live counters, and what the status, the history and the
+/// ledger say now.
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    let status = s.status.borrow().clone();
+    let spend = spend(&s).await;
+    let dir = s.state_dir.clone();
+    let history = tokio::task::spawn_blocking(move || history(&dir)).await.unwrap_or_default();
+    let count = |prefix: &str| history.iter().filter(|r| r.outcome.starts_with(prefix)).count() as u64;
+    let scrape = crate::metrics::Scrape {
+        rounds_completed_in_history: count("completed"),
+        rounds_failed_in_history: count("failed"),
+        completed_rounds: status.completed_rounds,
+        total_rounds: status.total_rounds,
+        sites_connected: status.connected.len(),
+        sites_enrolled: status.enrolled.len(),
+        paused: status.paused,
+        spend: spend.values().map(|p| (p.site.clone(), p.epsilon, p.updates, p.last_round)).collect(),
+        certificate_expiry: status
+            .sites
+            .iter()
+            .filter_map(|v| {
+                let t = time::OffsetDateTime::parse(v.cert_expires.as_deref()?, &time::format_description::well_known::Rfc3339).ok()?;
+                Some((v.site.clone(), t.unix_timestamp()))
+            })
+            .collect(),
+    };
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], crate::metrics::metrics().render(&scrape))
 }
 
 async fn dashboard(State(s): State<AdminState>) -> impl IntoResponse {

@@ -10,6 +10,7 @@ pub mod control;
 pub mod dashboard;
 pub mod gate;
 pub mod ledger;
+pub mod metrics;
 pub mod renewal;
 pub mod round;
 pub mod server;

@@ -35,6 +35,7 @@ use fedward_shared::wire::{
 use crate::aggregate::{FoldJob, Folded};
 use crate::gate::{Gate, Verdict};
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
+use crate::metrics::{metrics, CodeLabel, Phase as MetricPhase};
 use crate::round::{Checkpoint, Output, PhaseView, RoundMachine, RoundSummary};
 use crate::store::{Committed, ModelFile, Store, StoreError};
 
@@ -557,7 +558,9 @@ async fn drain_outputs(
                 let (previous, now) = (machine.manifest().to_vec(), now_rfc3339());
                 *checkpointing = Some(tokio::spawn(
                     async move {
+                        let started = Instant::now();
                         let done = commit_and_seal(store, ledger, previous, update, summary, completed_rounds, now).await;
+                        metrics().observe(MetricPhase::checkpoint, started.elapsed().as_secs_f64());
                         let _ = events.send(Event::Checkpointed(done)).await;
                     }
                     .instrument(span),
@@ -643,6 +646,7 @@ fn checkpointed(machine: &mut RoundMachine, model_file: &mut Option<Arc<ModelFil
                 model = %digest.short(),
                 "round completed, checkpointed and sealed"
             );
+            metrics().observe(MetricPhase::round, s.duration.as_secs_f64());
             *model_file = None;
             machine.handle_checkpointed(Instant::now(), Ok(manifest));
         }
@@ -1141,6 +1145,7 @@ async fn receive_update(
             let code = if matches!(e, StreamError::TooSlow { .. }) { RejectCode::TooSlow } else { RejectCode::DigestMismatch };
             let reject = Reject::new(code, e.to_string());
             warn!(code = %reject.code, reason = %reject.message, "update refused");
+            metrics().updates_rejected.get_or_create(&CodeLabel { code: reject.code.to_string() }).inc();
             let _ = recv.stop(0u32.into());
             let _ = events.send(Event::RejectUpdate { site: site.clone(), reject: reject.clone() }).await;
             return reply(send, &Message::Reject(reject)).await;
@@ -1152,7 +1157,8 @@ async fn receive_update(
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    let mib = tensors.byte_len() as f64 / (1 << 20) as f64;
+    let bytes = tensors.byte_len();
+    let mib = bytes as f64 / (1 << 20) as f64;
     let (tx, rx) = oneshot::channel();
     let ev = Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply: tx };
     let job = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
@@ -1164,15 +1170,33 @@ async fn receive_update(
             let (tx, rx) = oneshot::channel();
             let (events, site, header) = (events.clone(), site.clone(), header.clone());
             tokio::spawn(async move {
-                let result = tokio::task::spawn_blocking(move || job.run())
-                    .await
-                    .unwrap_or_else(|e| Err(Reject::new(RejectCode::Malformed, format!("the update could not be folded: {e}"))));
+                let result = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let result = job.run();
+                    metrics().observe(MetricPhase::aggregate, started.elapsed().as_secs_f64());
+                    result
+                })
+                .await
+                .unwrap_or_else(|e| Err(Reject::new(RejectCode::Malformed, format!("the update could not be folded: {e}"))));
                 let _ = events.send(Event::Folded { site, header, result, reply: tx }).await;
             });
             rx.await.unwrap_or_else(|_| Err(gone()))
         }
         Err(reject) => Err(reject),
     };
+    match &answer {
+        Ok(_) => {
+            metrics().updates_accepted.inc();
+            metrics().received_bytes.inc_by(bytes as u64);
+            metrics().observe(MetricPhase::upload, secs);
+            if let Some(train) = header.metrics.as_ref().map(|m| m.train_secs).filter(|t| t.is_finite() && *t >= 0.0) {
+                metrics().observe(MetricPhase::train, train);
+            }
+        }
+        Err(r) => {
+            metrics().updates_rejected.get_or_create(&CodeLabel { code: r.code.to_string() }).inc();
+        }
+    }
     match &answer {
         Ok(_) => info!(
             examples = header.num_examples,
@@ -1188,6 +1212,7 @@ async fn receive_update(
 /// Streams the named tensors' bytes from the checkpoint file, a chunk at a time.
 async fn send_from_file(send: &mut quinn::SendStream, model: &ModelFile, specs: &[TensorSpec]) -> Result<(), StreamError> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let started = Instant::now();
     let io = |e: std::io::Error| StreamError::File(e.to_string());
     let mut file = tokio::fs::File::open(model.path()).await.map_err(io)?;
     let mut chunk = vec![0u8; 1 << 20];
@@ -1199,9 +1224,11 @@ async fn send_from_file(send: &mut quinn::SendStream, model: &ModelFile, specs: 
             let n = left.min(chunk.len());
             file.read_exact(&mut chunk[..n]).await.map_err(io)?;
             send.write_all(&chunk[..n]).await?;
+            metrics().sent_bytes.inc_by(n as u64);
             left -= n;
         }
     }
+    metrics().observe(MetricPhase::download, started.elapsed().as_secs_f64());
     Ok(())
 }
 

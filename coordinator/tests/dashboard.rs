@@ -3,7 +3,8 @@
 //! site declining round 2 for its budget), then headless Chromium, driven over WebDriver
 //! (raw HTTP to `chromedriver`), opens the dashboard with an auditor's token; the test reads
 //! the rendered DOM (the sites table, the rounds chart, the privacy chart, the round
-//! history, the countdown) and saves a screenshot under `target/tmp/`.
+//! history, the countdown) and saves a screenshot under `target/tmp/`. Before the browser,
+//! `GET /metrics` (Prometheus) must show the same federation.
 //!
 //! Without `chromium` and `chromedriver` on the PATH the test says so and skips (`.ci/run`
 //! installs both); with `FEDWARD_REQUIRE_BROWSER=1` it fails instead.
@@ -33,8 +34,6 @@ const SIGMA: f64 = 1.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_federation_in_a_real_browser() -> Result<()> {
-    let Some(browser) = Browser::find()? else { return Ok(()) };
-
     // Three sites, two needed; three rounds so that the coordinator is still serving (round
     // 3 open) when the browser looks.
     let names: Vec<String> = ["alpha", "beta", "gamma"].map(String::from).to_vec();
@@ -81,6 +80,29 @@ async fn the_dashboard_shows_the_federation_in_a_real_browser() -> Result<()> {
     let spent: Vec<f64> = sites.iter().map(|(_, a)| a.epsilon(DELTA)).collect::<Result<_, _>>()?;
 
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+
+    // Prometheus's view of the same federation (no browser needed).
+    let metrics = tokio::task::spawn_blocking(move || scrape(admin)).await??;
+    for line in [
+        "fedward_coordinator_rounds{outcome=\"completed\"} 2",
+        "fedward_coordinator_completed_rounds 2",
+        "fedward_coordinator_total_rounds 3",
+        "fedward_coordinator_sites_connected 3",
+        "fedward_coordinator_updates_accepted_total 5",
+        "fedward_coordinator_ledger_updates{site=\"gamma\"} 1",
+        "fedward_coordinator_phase_seconds_count{phase=\"checkpoint\"} 2",
+        "fedward_coordinator_phase_seconds_count{phase=\"upload\"} 5",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+    let alpha: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fedward_coordinator_epsilon_spent{site=\"alpha\"} "))
+        .context("alpha's epsilon")?
+        .parse()?;
+    assert!((alpha - spent[0]).abs() < 1e-9, "{alpha} vs {}", spent[0]);
+
+    let Some(browser) = Browser::find()? else { return Ok(()) };
     let page = tokio::task::spawn_blocking(move || browser.look(admin)).await??;
 
     // The header: phase, completed rounds, the countdown (the page's script ran).
@@ -128,6 +150,16 @@ async fn the_dashboard_shows_the_federation_in_a_real_browser() -> Result<()> {
     assert_eq!(history[1]["participants"], "3: alpha, beta, gamma");
     assert!(history[0]["text"].as_str().unwrap_or("").contains("gamma declined"), "{:#}", history[0]);
     Ok(())
+}
+
+/// `GET /metrics` with the auditor's token.
+fn scrape(admin: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect(admin)?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
+    Ok(response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
 /// Sends `value` everywhere as `offer`'s update under site-level DP, with the cumulative
