@@ -13,6 +13,7 @@
 #      and site-a's triage service started from them, each compose health check command
 #      run as written until it passes (the agent admitted by the coordinator with the
 #      prepared certificates), then SIGTERM to each, which must exit 0.
+#   4. Prometheus: promtool checks the alert rules and the scrape config, where installed.
 #   3. k8s: deploy/check_deploy.py: a schema subset of every object (unknown fields,
 #      apiVersion, names, selectors, volumes, mounts, probes), and agreement with
 #      deploy/config/: ports, loopback binds probed with exec from inside the pod, keys
@@ -144,5 +145,22 @@ pids=()
 
 # 3. k8s ---------------------------------------------------------------------------------
 python3 deploy/check_deploy.py k8s
+
+# 4. Prometheus ---------------------------------------------------------------------------
+# The alert rules parse and evaluate as PromQL; the scrape config is checked with its token
+# file stood in (Debian: apt-get install prometheus, for promtool).
+echo "prometheus:"
+if command -v promtool >/dev/null; then
+  promtool check rules deploy/prometheus/alerts.yml >/dev/null || fail "deploy/prometheus/alerts.yml: promtool check rules failed"
+  mkdir -p "$tmp/prometheus"
+  echo "fwt_stand_in" > "$tmp/prometheus/token"
+  cp deploy/prometheus/alerts.yml "$tmp/prometheus/"
+  sed "s|/etc/prometheus/fedward-token|$tmp/prometheus/token|; s|/etc/fedward/pki/ca.crt|$tmp/prometheus/token|" \
+    deploy/prometheus/prometheus.yml > "$tmp/prometheus/prometheus.yml"
+  promtool check config "$tmp/prometheus/prometheus.yml" >/dev/null || fail "deploy/prometheus/prometheus.yml: promtool check config failed"
+  echo "  ok: alert rules and scrape config (promtool)"
+else
+  echo "  skipped: no promtool (apt-get install prometheus)"
+fi
 
 echo "check-deploy: all passed in $((SECONDS - started)) s"
