@@ -165,7 +165,9 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     let mut failures = 0u32;
     let outcome = run_sessions(&opts, site, &mut tls, &mut renewal, &mut state, &mut rng, &mut failures, &mut shutdown).await;
     let (phase, detail) = match &outcome {
-        Ok(DaemonOutcome::Finished { .. }) => (Phase::Finished, None),
+        Ok(DaemonOutcome::Finished { completed_rounds, rounds_trained }) => {
+            (Phase::Finished, Some(format!("after {completed_rounds} rounds, {rounds_trained} trained here")))
+        }
         Ok(DaemonOutcome::Shutdown) => (Phase::Stopped, Some("stopped by a signal".to_owned())),
         Err(DaemonError::Refused(reason)) => (Phase::Refused, Some(reason.clone())),
         Err(e) => (Phase::Stopped, Some(e.to_string())),
@@ -187,8 +189,12 @@ async fn run_sessions(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<DaemonOutcome, DaemonError> {
     loop {
-        state.status.round(None);
-        state.status.set(Phase::Connecting, None);
+        // "Finished" stays until a new federation admits the agent: what the person on
+        // call needs to know, rather than the reconnection attempts in between.
+        if state.status.phase() != Phase::Finished {
+            state.status.round(None);
+            state.status.set(Phase::Connecting, None);
+        }
         let attempt = tokio::select! {
             () = &mut *shutdown => return Ok(DaemonOutcome::Shutdown),
             end = connect_and_serve(opts, tls, &site, state, renewal, rng, failures) => end,
@@ -215,6 +221,8 @@ async fn run_sessions(
         match attempt {
             Ok(SessionEnd::Finished { completed_rounds }) => {
                 info!(completed_rounds, rounds_trained = state.rounds_trained, "federation finished");
+                state.status.round(None);
+                state.status.set(Phase::Finished, Some(format!("after {completed_rounds} rounds, {} trained here", state.rounds_trained)));
                 if opts.exit_when_finished {
                     return Ok(DaemonOutcome::Finished { completed_rounds, rounds_trained: state.rounds_trained });
                 }
@@ -248,7 +256,9 @@ async fn run_sessions(
                 warn!(%cause, attempt = *failures, retry_in = ?delay, "connection lost; will retry");
                 state.status.failures(*failures);
                 metrics().connection_failures.inc();
-                state.status.set(Phase::Retrying, Some(format!("{cause} (next attempt in {:.0} s)", delay.as_secs_f64())));
+                if state.status.phase() != Phase::Finished {
+                    state.status.set(Phase::Retrying, Some(format!("{cause} (next attempt in {:.0} s)", delay.as_secs_f64())));
+                }
                 tokio::select! {
                     () = &mut *shutdown => return Ok(DaemonOutcome::Shutdown),
                     () = tokio::time::sleep(delay) => {}

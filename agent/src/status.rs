@@ -101,6 +101,10 @@ impl StatusWriter {
         self.write();
     }
 
+    pub fn phase(&self) -> Phase {
+        self.status.phase
+    }
+
     pub fn round(&mut self, round: Option<u64>) {
         self.status.round = round;
     }
@@ -165,9 +169,9 @@ fn process_alive(pid: u32) -> bool {
 /// Reads the site's state and files into a report.
 pub fn compose(cfg: &AgentConfig, now: OffsetDateTime) -> Report {
     let daemon: Option<DaemonStatus> = std::fs::read(cfg.state_dir.join(STATUS_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let running = daemon.as_ref().is_some_and(|d| {
-        !matches!(d.phase, Phase::Stopped | Phase::Finished | Phase::Refused) && (d.pid == std::process::id() || process_alive(d.pid))
-    });
+    let running = daemon
+        .as_ref()
+        .is_some_and(|d| !matches!(d.phase, Phase::Stopped | Phase::Refused) && (d.pid == std::process::id() || process_alive(d.pid)));
     let privacy = privacy(cfg);
     let certificate = certificate(&cfg.tls.cert, now);
     let count = |p: &Path| fedward_models::text::read_jsonl(p, &cfg.labels).map(|v| v.len()).map_err(|e| e.to_string());
@@ -236,6 +240,8 @@ fn attention(r: &Report) -> Vec<String> {
     let mut out = Vec::new();
     match &r.daemon {
         None => out.push("the daemon has never run with this state directory (no status file)".to_owned()),
+        // An agent that exits when its federation finishes did its job.
+        Some(d) if !r.running && d.phase == Phase::Finished => {}
         Some(d) if !r.running => {
             let why = d.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
             let phase = serde_json::to_value(d.phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
@@ -281,6 +287,7 @@ pub fn render(r: &Report) -> String {
                 Phase::Uploading => format!("sending its update for round {}", d.round.unwrap_or_default()),
                 Phase::Retrying => format!("not connected, retrying ({} failed attempts in a row)", d.failures),
                 Phase::Refused => "refused by the coordinator".to_owned(),
+                Phase::Finished if r.running => "the federation is finished; waiting for the next one".to_owned(),
                 Phase::Finished => "the federation is finished".to_owned(),
                 Phase::Stopped => "stopped".to_owned(),
             };
@@ -419,5 +426,26 @@ state_dir = "state"
         assert_eq!(r.attention[0], "the daemon is not running (last state: retrying: handshake: timed out)");
         assert!(r.attention[1].starts_with("the certificate expires in 3.0 days"), "{}", r.attention[1]);
         assert!(render(&r).contains("NOT RUNNING"));
+    }
+
+    #[test]
+    fn a_finished_federation_is_said_so_whether_the_agent_waits_or_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = site(dir.path(), 30);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w = StatusWriter::new(&cfg.state_dir, "127.0.0.1:7443");
+        w.set(Phase::Finished, Some("after 5 rounds, 5 trained here".into()));
+        let r = compose(&cfg, OffsetDateTime::now_utc());
+        assert!(r.running && r.attention.is_empty(), "{:?}", r.attention);
+        assert!(render(&r).contains("the federation is finished; waiting for the next one"));
+        // An agent with exit_when_finished has gone: nothing to attend to.
+        let path = cfg.state_dir.join(STATUS_FILE);
+        let mut status: DaemonStatus = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        status.pid = u32::MAX - 1;
+        std::fs::write(&path, serde_json::to_vec(&status).unwrap()).unwrap();
+        let r = compose(&cfg, OffsetDateTime::now_utc());
+        assert!(!r.running && r.attention.is_empty(), "{:?}", r.attention);
+        let text = render(&r);
+        assert!(text.contains("the federation is finished since") && text.contains("after 5 rounds"), "{text}");
     }
 }

@@ -127,8 +127,10 @@ enum AdminCommand {
     Revoke {
         #[command(flatten)]
         target: AdminTarget,
+        /// The certificate's serial, in hex (as `pki show` prints it).
         #[arg(long)]
         serial: String,
+        /// Why, for the audit log: unspecified, key-compromise, superseded or cessation-of-operation.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -220,7 +222,7 @@ enum PkiCommand {
     /// Revoke a site's certificates (`--site`: every one `pki sign` issued to it) or one
     /// certificate (`--serial`), and write the CA's revocation list, crl.pem, beside
     /// ca.crt. Name it in the coordinator's `[tls] crl`; it is read at start (and on
-    /// SIGHUP where supported). The CA key signs the list, so run it where ca.key is.
+    /// SIGHUP). The CA key signs the list, so run it where ca.key is.
     Revoke {
         /// Directory holding ca.crt and ca.key (and issued.jsonl, revoked.json).
         #[arg(long)]
@@ -243,8 +245,10 @@ enum PkiCommand {
         /// Directory holding ca.crt and ca.key (the root).
         #[arg(long)]
         ca_dir: PathBuf,
+        /// Where to write issuing.crt and issuing.key (the key 0600; it must not exist yet).
         #[arg(long)]
         out_dir: PathBuf,
+        /// The consortium's name, in the issuing CA's subject.
         #[arg(long, default_value = "fedward consortium")]
         consortium: String,
         /// Validity in days.
@@ -258,6 +262,7 @@ enum PkiCommand {
     Approve {
         #[command(flatten)]
         file: ConfigFile,
+        /// The site whose waiting renewal to sign (as `pki pending` lists it).
         #[arg(long)]
         site: SiteId,
     },

@@ -185,19 +185,23 @@ pub enum TokenCommand {
         /// Who holds it (shown in the audit log).
         #[cfg_attr(feature = "cli", arg(long))]
         name: String,
-        /// admin (reads and controls) or auditor (reads). The triage service lets any holder in.
+        /// admin (reads and controls) or auditor (reads); the agent's triage service lets
+        /// any holder of its tokens file in.
         #[cfg_attr(feature = "cli", arg(long))]
         role: crate::access::Role,
     },
     /// Withdraw a holder's token (effective at the next request).
     Remove {
+        /// The tokens file.
         #[cfg_attr(feature = "cli", arg(long))]
         tokens: PathBuf,
+        /// The holder whose token to withdraw.
         #[cfg_attr(feature = "cli", arg(long))]
         name: String,
     },
     /// List the holders and their roles.
     List {
+        /// The tokens file.
         #[cfg_attr(feature = "cli", arg(long))]
         tokens: PathBuf,
     },

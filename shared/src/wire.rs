@@ -420,7 +420,7 @@ pub enum RejectCode {
     NormTooLarge,
     /// A transfer ran below the minimum rate or past its time.
     TooSlow,
-    /// This coordinator issues no certificates (no `[pki]` issuing key), or the request
+    /// This coordinator issues no certificates (no `[renewal]` issuing CA), or the request
     /// could not be signed.
     RenewalUnavailable,
 }
