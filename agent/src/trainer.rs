@@ -94,19 +94,32 @@ struct SiteTrainer {
     seen: Seen,
 }
 
-impl Trainer for SiteTrainer {
-    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
-        if seen(&self.data.feedback) != self.seen {
-            match self.data.load() {
-                Ok((train, seen)) => {
-                    info!(train = train.len(), "site data re-read with clinicians' corrections");
-                    self.inner.replace_train(train)?;
-                    self.seen = seen;
-                }
-                // The round goes on with the data already loaded; the next one retries.
-                Err(e) => warn!(cause = %e, "could not re-read the site's data; training on what was loaded"),
+impl SiteTrainer {
+    /// Re-reads the site's data when the feedback file changed since the last read; whether
+    /// it did. A file that cannot be read leaves the data already loaded (the next round
+    /// retries).
+    fn refresh(&mut self) -> Result<bool, TrainError> {
+        if seen(&self.data.feedback) == self.seen {
+            return Ok(false);
+        }
+        match self.data.load() {
+            Ok((train, seen)) => {
+                info!(train = train.len(), "site data re-read with clinicians' corrections");
+                self.inner.replace_train(train)?;
+                self.seen = seen;
+                Ok(true)
+            }
+            Err(e) => {
+                warn!(cause = %e, "could not re-read the site's data; training on what was loaded");
+                Ok(false)
             }
         }
+    }
+}
+
+impl Trainer for SiteTrainer {
+    fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
+        self.refresh()?;
         self.inner.train(ctx, global, plan)
     }
 
@@ -121,6 +134,31 @@ mod tests {
 
     fn ex(text: &str, label: usize) -> Example {
         Example { text: text.into(), label }
+    }
+
+    /// The triage service appends a correction; the next round trains on it.
+    #[test]
+    fn a_new_correction_is_trained_on_from_the_next_round() {
+        use fedward_models::bert::{BertClassifier, BertConfig};
+        use fedward_models::text::TextEncoder;
+        let dir = tempfile::tempdir().unwrap();
+        let labels: Vec<String> = ["doctor", "bed", "device", "other"].iter().map(|s| (*s).to_owned()).collect();
+        let encoder = TextEncoder::tiny(&["needs", "a", "bed", "scan"]);
+        let model = BertClassifier::random(BertConfig::tiny(encoder.vocab_size()), labels.clone(), 1, &candle_core::Device::Cpu).unwrap();
+        let (train, feedback) = (dir.path().join("train.jsonl"), dir.path().join("feedback.jsonl"));
+        std::fs::write(&train, "{\"text\":\"needs a bed\",\"label\":\"bed\"}\n").unwrap();
+        let data = SiteData { train: train.clone(), feedback: feedback.clone(), labels };
+        let (examples, seen) = data.load().unwrap();
+        let mut trainer = SiteTrainer { inner: BertTrainer::new(model, encoder, examples, None).unwrap(), data, seen };
+        assert!(!trainer.refresh().unwrap(), "nothing changed");
+        fedward_shared::fsutil::append_line(&feedback, "{\"text\":\"needs a scan\",\"label\":\"device\"}").unwrap();
+        assert!(trainer.refresh().unwrap());
+        assert_eq!(trainer.num_examples(), 2);
+        // A correction of an imported note replaces its label rather than adding a row.
+        fedward_shared::fsutil::append_line(&feedback, "{\"text\":\"needs a bed\",\"label\":\"doctor\"}").unwrap();
+        assert!(trainer.refresh().unwrap());
+        assert_eq!(trainer.num_examples(), 2);
+        assert!(!trainer.refresh().unwrap());
     }
 
     #[test]
