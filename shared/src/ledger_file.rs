@@ -54,7 +54,13 @@ impl LedgerFile {
         let path = path.as_ref().to_path_buf();
         let io_err = |error| LedgerFileError::Io { path: path.clone(), error };
         let existed = path.exists();
-        let file = OpenOptions::new().create(true).append(true).read(true).open(&path).map_err(io_err)?;
+        let mut options = OpenOptions::new();
+        options.create(true).append(true).read(true);
+        // Like the rest of a state directory, readable by its owner only, whatever the
+        // umask (the shipped units set 0077; containers and hand-run binaries may not).
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&path).map_err(io_err)?;
         if !existed {
             file.sync_all().map_err(io_err)?;
             sync_parent(&path).map_err(io_err)?;
@@ -237,6 +243,17 @@ mod tests {
             update_digest: Digest([round as u8; 32]),
             time: format_time(datetime!(2025-03-01 12:00:00 UTC)).unwrap(),
         })
+    }
+
+    /// Found by the guides' check: under umask 022 the ledger was made 0644.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_ledger_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        LedgerFile::open(&path, None).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
