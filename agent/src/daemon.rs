@@ -31,9 +31,10 @@ use fedward_shared::failpoint;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
-use fedward_shared::tensor::TensorSet;
+use fedward_shared::tensor::{Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
+    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundId, RoundOffer, SiteId, UpdateHeader,
+    PROTOCOL_VERSION,
 };
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
@@ -474,7 +475,21 @@ async fn serve(
         };
         let offer = match answer {
             Ok(Message::RoundOffer(o)) => o,
-            Ok(Message::Finished(f)) => return SessionEnd::Finished { completed_rounds: f.completed_rounds },
+            Ok(Message::Finished(f)) => {
+                // The hospital's service serves the cached model: it must be the one the
+                // federation ended with. A failed fetch ends the session as lost, and the
+                // reconnected agent hears `Finished` again and retries.
+                if state.cache.as_ref().map(TensorSet::digest) != Some(f.model_digest) {
+                    state.status.set(Phase::Waiting, Some("fetching the final global model".into()));
+                    let span = info_span!("final", round = f.completed_rounds);
+                    if let Err(end) =
+                        fetch_model(conn, opts, state, RoundId(f.completed_rounds), f.model_digest, &f.manifest).instrument(span).await
+                    {
+                        return end;
+                    }
+                }
+                return SessionEnd::Finished { completed_rounds: f.completed_rounds };
+            }
             Ok(Message::Reject(r)) => return SessionEnd::Lost(format!("ready refused: {r}")),
             Ok(other) => return SessionEnd::Lost(format!("unexpected answer to ready: {}", other.kind())),
             Err(e) => return stream_failure(conn, e),
@@ -533,7 +548,7 @@ async fn take_round(
         steps = approved.release.steps,
         "round within the site's budget"
     );
-    let model = fetch_model(conn, opts, state, &offer).await?;
+    let model = fetch_model(conn, opts, state, offer.round, offer.model_digest, &offer.manifest).await?;
     if let Err(message) = fits_deadline(state.last_train_secs, deadline.saturating_duration_since(Instant::now()).as_secs_f64()) {
         return send_decline(conn, &opts.transport, &offer, DeclineReason::DeadlineTooShort, message).await;
     }
@@ -669,29 +684,33 @@ async fn resend(conn: &quinn::Connection, opts: &DaemonOptions, offer: &RoundOff
     }
 }
 
+/// Brings the cached global model to the one offered (`digest`, described by `manifest`):
+/// only the tensors whose digests differ are fetched, and the whole is verified.
 async fn fetch_model(
     conn: &quinn::Connection,
     opts: &DaemonOptions,
     state: &mut AgentState,
-    offer: &RoundOffer,
+    round: RoundId,
+    digest: Digest,
+    manifest: &[TensorSpec],
 ) -> Result<TensorSet, SessionEnd> {
     // What the offer declares is bounded before anything is requested or allocated.
-    let model_bytes = wire::declared_payload_bytes(&offer.manifest, opts.max_model_bytes)
+    let model_bytes = wire::declared_payload_bytes(manifest, opts.max_model_bytes)
         .map_err(|e| SessionEnd::Lost(format!("the offered model is beyond this site's limit: {e}")))?;
-    let names = tensors_to_fetch(&offer.manifest, state.cache.as_ref());
+    let names = tensors_to_fetch(manifest, state.cache.as_ref());
     let started = Instant::now();
     let fetched = if names.is_empty() {
         TensorSet::new()
     } else {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
-        let req = Message::ModelRequest(ModelRequest { round: offer.round, names: names.clone() });
+        let req = Message::ModelRequest(ModelRequest { round, names: names.clone() });
         let exchange = paced(opts.transport.pace, model_bytes, "model download", async {
             write_message(&mut send, &req).await?;
             send.finish()?;
             match read_message(&mut recv).await? {
                 Message::Tensors(specs) => {
                     // Exactly what was asked, as offered: checked before any allocation.
-                    if let Err(e) = check_tensors_reply(&offer.manifest, &names, &specs) {
+                    if let Err(e) = check_tensors_reply(manifest, &names, &specs) {
                         return Ok(Err(e));
                     }
                     failpoint::crash_point(failpoint::AGENT_DOWNLOAD);
@@ -710,7 +729,7 @@ async fn fetch_model(
     let bytes = fetched.byte_len();
     metrics().received_bytes.inc_by(bytes as u64);
     metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::download }).observe(started.elapsed().as_secs_f64());
-    let model = assemble(&offer.manifest, offer.model_digest, state.cache.take(), fetched).map_err(|e| {
+    let model = assemble(manifest, digest, state.cache.take(), fetched).map_err(|e| {
         error!(cause = %e, "global model failed verification");
         SessionEnd::Lost(e.to_string())
     })?;
@@ -718,7 +737,7 @@ async fn fetch_model(
         fetched_tensors = names.len(),
         mib = format_args!("{:.1}", bytes as f64 / (1 << 20) as f64),
         secs = format_args!("{:.2}", started.elapsed().as_secs_f64()),
-        digest = %offer.model_digest.short(),
+        digest = %digest.short(),
         "global model received and verified"
     );
     if !names.is_empty() {

@@ -419,7 +419,7 @@ impl RoundMachine {
     pub fn handle_ready(&mut self, now: Instant, site: SiteId) {
         match &mut self.phase {
             Phase::Done { .. } => {
-                let finished = Finished { completed_rounds: self.completed, model_digest: self.digest };
+                let finished = self.finished();
                 self.outputs.push_back(Output::Finished { to: site, finished });
                 return;
             }
@@ -774,9 +774,13 @@ impl RoundMachine {
         self.after_round(now);
     }
 
+    fn finished(&self) -> Finished {
+        Finished { completed_rounds: self.completed, model_digest: self.digest, manifest: self.manifest.clone() }
+    }
+
     fn after_round(&mut self, now: Instant) {
         if self.is_done() {
-            let finished = Finished { completed_rounds: self.completed, model_digest: self.digest };
+            let finished = self.finished();
             for site in std::mem::take(&mut self.ready) {
                 self.outputs.push_back(Output::Finished { to: site, finished: finished.clone() });
             }

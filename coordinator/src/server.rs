@@ -139,7 +139,8 @@ pub struct SiteView {
 enum ReadyReply {
     // Boxed: an offer is far larger than the other answer, and each is sent once.
     Offer(Box<RoundOffer>, Arc<ModelFile>),
-    Finished(Finished),
+    /// With the final model, which the agent may still fetch.
+    Finished(Finished, Arc<ModelFile>),
 }
 
 enum Event {
@@ -401,6 +402,10 @@ pub async fn run(
                 }
             }
         }
+        // Published before the outputs are drained as well: a site offered a round asks for
+        // its model at once, and its download must not find the status still showing the
+        // round as not open (it would be refused as closed).
+        publish(&status_tx, &machine, &connections, &enrolled, &seen);
         let drained = drain_outputs(
             &mut machine,
             &store,
@@ -580,16 +585,7 @@ async fn drain_outputs(
                 }
             }
             Output::Offer { to, offer } => {
-                let model = match model_file {
-                    Some(m) => m.clone(),
-                    None => {
-                        let (store, round) = (store.clone(), machine.completed_rounds());
-                        let opened = tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).model_file(round))
-                            .await
-                            .map_err(|e| ServerError::Join(e.to_string()))??;
-                        model_file.insert(Arc::new(opened)).clone()
-                    }
-                };
+                let model = open_model_file(store, machine.completed_rounds(), model_file).await?;
                 let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(Box::new(offer), model)).is_ok());
                 if !delivered && !connections.contains_key(&to) {
                     machine.handle_disconnected(Instant::now(), &to);
@@ -597,12 +593,29 @@ async fn drain_outputs(
             }
             Output::Finished { to, finished } => {
                 if let Some(tx) = waiting.remove(&to) {
-                    let _ = tx.send(ReadyReply::Finished(finished));
+                    let model = open_model_file(store, machine.completed_rounds(), model_file).await?;
+                    let _ = tx.send(ReadyReply::Finished(finished, model));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The current checkpoint opened for downloads, once per model.
+async fn open_model_file(
+    store: &Arc<Mutex<Store>>,
+    completed_rounds: u64,
+    model_file: &mut Option<Arc<ModelFile>>,
+) -> Result<Arc<ModelFile>, ServerError> {
+    if let Some(m) = model_file {
+        return Ok(m.clone());
+    }
+    let store = store.clone();
+    let opened = tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).model_file(completed_rounds))
+        .await
+        .map_err(|e| ServerError::Join(e.to_string()))??;
+    Ok(model_file.insert(Arc::new(opened)).clone())
 }
 
 /// Writes a round's checkpoint on a blocking thread, then seals the round in the ledger.
@@ -916,6 +929,8 @@ struct Offered {
     model: std::sync::Weak<ModelFile>,
     /// The offer's manifest by name: digests computed once, when the model was made.
     manifest: Arc<HashMap<String, TensorSpec>>,
+    /// The federation's final model: no round closes under its download.
+    last: bool,
 }
 
 struct StreamCtx {
@@ -925,6 +940,14 @@ struct StreamCtx {
     /// The connection's `Hello` was answered with `Welcome`: until then nothing else is
     /// served (a peer of another protocol version must not get further).
     greeted: Arc<AtomicBool>,
+}
+
+impl StreamCtx {
+    /// Puts `model` on offer to this connection: its model requests are checked against it.
+    fn offered(&self, round: RoundId, model: &Arc<ModelFile>, manifest: &[TensorSpec], last: bool) {
+        let manifest = Arc::new(manifest.iter().map(|s| (s.name.clone(), s.clone())).collect());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Offered { round, model: Arc::downgrade(model), manifest, last });
+    }
 }
 
 async fn handle_stream(ctx: StreamCtx, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -1017,12 +1040,15 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             match rx.await {
                 Ok(ReadyReply::Offer(offer, model)) => {
                     info!(round = %offer.round, "round offered");
-                    let manifest = offer.manifest.iter().map(|s| (s.name.clone(), s.clone())).collect();
-                    *ctx.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Offered { round: offer.round, model: Arc::downgrade(&model), manifest: Arc::new(manifest) });
+                    ctx.offered(offer.round, &model, &offer.manifest, false);
                     reply(send, &Message::RoundOffer(*offer)).await
                 }
-                Ok(ReadyReply::Finished(f)) => reply(send, &Message::Finished(f)).await,
+                Ok(ReadyReply::Finished(f, model)) => {
+                    // The final model stays on offer to this connection: an agent with an
+                    // older copy fetches it before it leaves.
+                    ctx.offered(RoundId(f.completed_rounds), &model, &f.manifest, true);
+                    reply(send, &Message::Finished(f)).await
+                }
                 Err(_) => reply(send, &Message::Reject(gone())).await,
             }
         }
@@ -1050,7 +1076,12 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let span = info_span!("model", round = %req.round, tensors = specs.len(), mib = bytes >> 20);
             // A download slot first (what many sites downloading at once may buffer is
             // bounded by the slots); the round closing ends the wait.
-            let round_over = round_closed(ctx.shared.status.clone(), req.round);
+            let round_over = async {
+                if offered.last {
+                    std::future::pending::<()>().await;
+                }
+                round_closed(ctx.shared.status.clone(), req.round).await;
+            };
             let slot = tokio::select! {
                 slot = ctx.shared.downloads.acquire() => slot,
                 () = round_over => {

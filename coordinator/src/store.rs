@@ -358,7 +358,7 @@ impl Store {
 
     fn write_checkpoint(&self, round: u64, model: &TensorSet) -> Result<(), StoreError> {
         let path = self.checkpoint_path(round);
-        fsutil::atomic_write_with(&path, |tmp| model.write_safetensors(tmp, Some(checkpoint_metadata(round))))?;
+        fsutil::atomic_write_with(&path, true, |tmp| model.write_safetensors(tmp, Some(checkpoint_metadata(round))))?;
         Ok(())
     }
 
@@ -382,7 +382,7 @@ impl Store {
         let metadata = safetensors::tensor::Metadata::new(Some(checkpoint_metadata(round)), infos).map_err(|e| corrupt(e.to_string()))?;
         let mut header = serde_json::to_vec(&metadata).map_err(|e| corrupt(e.to_string()))?;
         header.resize(header.len().next_multiple_of(8), b' ');
-        fsutil::atomic_write_with(&path, |tmp| -> io::Result<()> {
+        fsutil::atomic_write_with(&path, true, |tmp| -> io::Result<()> {
             let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
             out.write_all(&(header.len() as u64).to_le_bytes())?;
             out.write_all(&header)?;

@@ -105,8 +105,13 @@ pub fn atomic_write(path: &Path, bytes: &[u8], private: bool) -> Result<(), FsEr
 }
 
 /// Like [`atomic_write`], but `write` produces the temp file itself (e.g. a serialiser
-/// that streams to a path); it is then fsynced and renamed over `path`.
-pub fn atomic_write_with<E: std::fmt::Display>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), FsError> {
+/// that streams to a path); it is then made owner-only when `private` (whatever mode the
+/// writer created it with and whatever the umask), fsynced and renamed over `path`.
+pub fn atomic_write_with<E: std::fmt::Display>(
+    path: &Path,
+    private: bool,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), FsError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -114,6 +119,11 @@ pub fn atomic_write_with<E: std::fmt::Display>(path: &Path, write: impl FnOnce(&
     if let Err(e) = write(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(FsError::Io { path: tmp, error: io::Error::other(e.to_string()) });
+    }
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io_err(&tmp))?;
     }
     File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
@@ -224,6 +234,23 @@ mod tests {
         atomic_write(&p, b"two", false).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_written_by_a_serialiser_is_0600_on_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("checkpoint.safetensors");
+        for bytes in [b"one", b"two"] {
+            // The writer creates the file as it likes (here readable by all).
+            atomic_write_with(&p, true, |tmp| -> io::Result<()> {
+                fs::write(tmp, bytes)?;
+                fs::set_permissions(tmp, fs::Permissions::from_mode(0o644))
+            })
+            .unwrap();
+            assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(fs::read(&p).unwrap(), bytes);
+        }
     }
 
     #[cfg(unix)]

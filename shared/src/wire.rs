@@ -28,8 +28,9 @@ use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSp
 pub const ALPN: &[u8] = b"fedward/1";
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
-/// metrics may be withheld and a decline carries only its reason code.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// metrics may be withheld and a decline carries only its reason code; 5: certificate
+/// renewal over the connection; 6: `Finished` carries the final model's manifest.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
@@ -276,11 +277,15 @@ impl RoundOffer {
     }
 }
 
-/// The federation has run all its rounds.
+/// The federation has run all its rounds. The final global model's manifest comes with
+/// it, so an agent whose cached copy is older asks for what changed (`ModelRequest` with
+/// `round` = `completed_rounds`) before it leaves: the hospital's service must serve the
+/// model the federation ended with, not the one of the round before.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finished {
     pub completed_rounds: u64,
     pub model_digest: Digest,
+    pub manifest: Vec<TensorSpec>,
 }
 
 /// Asks for the named tensors of the round's global model.
@@ -685,7 +690,7 @@ mod tests {
                 deadline_secs: 600,
                 total_rounds: 5,
             }),
-            Message::Finished(Finished { completed_rounds: 5, model_digest: digest }),
+            Message::Finished(Finished { completed_rounds: 5, model_digest: digest, manifest: vec![] }),
             Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
             Message::Tensors(vec![spec()]),
             Message::Proceed(Ack { round: RoundId(3) }),

@@ -131,6 +131,13 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     assert_model_is_the_weighted_mean(&dir.path().join("coordinator"), 2, &logs);
     let store = Store::open(&dir.path().join("coordinator")).unwrap();
     let (model, _) = store.load_current().unwrap().unwrap();
+    // Every hospital holds the model the federation ended with (what its triage service
+    // serves), not the one its last round started from.
+    for i in 0..3 {
+        let cache = std::fs::read(dir.path().join(format!("agent-{i}")).join(fedward_agent::state_dir::MODEL_CACHE)).unwrap();
+        let cached = fedward_shared::tensor::TensorSet::from_safetensors(&cache, false).unwrap();
+        assert_eq!(cached.digest(), model.digest(), "agent-{i} keeps a model older than the final one");
+    }
     // Frozen tensors never moved.
     assert_eq!(model.get("bert.encoder.layer.0.output.dense.weight"), tiny_global().get("bert.encoder.layer.0.output.dense.weight"));
     let history = &store.state().unwrap().history;
