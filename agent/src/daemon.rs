@@ -33,8 +33,8 @@ use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
 use fedward_shared::tensor::{Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Capability, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundId, RoundOffer, SiteId, UpdateHeader,
-    PROTOCOL_VERSION,
+    self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundId, RoundOffer, SiteId,
+    UpdateHeader, PROTOCOL_VERSION,
 };
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
@@ -387,7 +387,7 @@ async fn connect_and_serve(
     };
     // With TLS 1.3 a refused client certificate only shows on the first stream, so the
     // agent believes it is admitted only once the coordinator says Welcome.
-    let welcome = match request(&conn, &Message::Hello(hello()), Some(opts.transport.request_timeout)).await {
+    let welcome = match request(&conn, &Message::Hello(hello(&opts.budget)), Some(opts.transport.request_timeout)).await {
         Ok(Message::Welcome(w)) => w,
         Ok(Message::Reject(r)) => return Ok(SessionEnd::Refused(r.to_string())),
         Ok(other) => return Ok(SessionEnd::Lost(format!("unexpected answer to hello: {}", other.kind()))),
@@ -428,11 +428,13 @@ async fn connect_and_serve(
     Ok(end)
 }
 
-fn hello() -> Hello {
+fn hello(budget: &SiteBudget) -> Hello {
     Hello {
         protocol_version: PROTOCOL_VERSION,
         software: format!("fedward-agent {}", env!("CARGO_PKG_VERSION")),
         capabilities: vec![Capability::ModelCache, Capability::RecordLevelDp, Capability::SiteLevelDp],
+        // Declared for the dashboard; the site alone enforces it.
+        budget: Some(DeclaredBudget { epsilon: budget.max_epsilon, delta: budget.delta }),
     }
 }
 

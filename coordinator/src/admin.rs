@@ -466,6 +466,7 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
                 Some((v.site.clone(), t.unix_timestamp()))
             })
             .collect(),
+        declared_budget: status.sites.iter().filter_map(|v| Some((v.site.clone(), v.budget?.epsilon))).collect(),
     };
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], crate::metrics::metrics().render(&scrape))
 }

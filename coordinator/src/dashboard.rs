@@ -7,9 +7,9 @@
 //! last update's size and time from [`StatusView::sites`] (what this process has seen since
 //! it started); epsilon spent from the ledger's `accepted` entries (the cumulative epsilon
 //! each site declared with its last accepted update, which the round machine checked
-//! against its own accounting); rounds from the history. A site's own budget is not sent
-//! to the coordinator: the page says so, and marks a site that declined a round because
-//! the round would exceed it. Nothing per record is shown, only per-site and per-round
+//! against its own accounting) set against the budget the site declared in its hello
+//! (only the site enforces it; the page says so); rounds from the history. A site that
+//! declined a round because the round would exceed its budget is marked. Nothing per record is shown, only per-site and per-round
 //! figures. Pure: text in, text out (the admin shell reads the files).
 
 use std::collections::BTreeMap;
@@ -99,7 +99,7 @@ code{background:#eee;padding:0 .3rem} .paused{color:#a00;font-weight:700} .fail{
 </style></head><body>
 "#;
 
-const TAIL: &str = r#"<p class="muted">Refreshes every 10 s. Epsilon: each site's cumulative spend as declared with its last update the coordinator accepted (its ledger). A site's own budget stays at the site (<code>fedward-agent status</code> there); sites that declined a round for their budget are marked.</p>
+const TAIL: &str = r#"<p class="muted">Refreshes every 10 s. Epsilon: each site's cumulative spend as declared with its last update the coordinator accepted (its ledger). Budget: what the site declared when it connected (its <code>[budget]</code>); the site alone enforces it (<code>fedward-agent status</code> there); a bar is full when the budget is spent, red from 90%; sites that declined a round for their budget are marked.</p>
 <script>
 (function(){var el=document.getElementById('time-left');if(!el||!el.dataset.deadline)return;
 var end=Date.parse(el.dataset.deadline);function tick(){var s=Math.max(0,Math.round((end-Date.now())/1000));
@@ -177,9 +177,20 @@ fn sites_table(
             Some(_) => "<span class='warn'>unbounded (no DP)</span>".into(),
             None => "<span class='muted'>none accepted</span>".into(),
         };
-        let budget = match budget_declined.get(name) {
-            Some(r) => format!("<span class='warn'>exhausted (declined round {r})</span>"),
-            None => "<span class='muted'>kept at the site</span>".into(),
+        let budget = match (budget_declined.get(name), view.budget, s.and_then(|s| s.epsilon)) {
+            (Some(r), _, _) => format!("<span class='warn'>exhausted (declined round {r})</span>"),
+            (None, Some(b), spent) => {
+                let used = spent.unwrap_or(0.0) / b.epsilon;
+                let class = if used >= NEARLY_SPENT { "warn" } else { "" };
+                format!(
+                    "<span class='{class}' data-budget='{}'>ε {} at δ {:e}: {:.0}% spent</span>",
+                    b.epsilon,
+                    b.epsilon,
+                    b.delta,
+                    100.0 * used
+                )
+            }
+            (None, None, _) => "<span class='muted'>not declared</span>".into(),
         };
         let last_update = match (&view.last_update_bytes, &view.last_update_at, s) {
             (Some(b), Some(at), _) => format!("{} at {}", bytes(*b), time_of(at)),
@@ -269,7 +280,12 @@ fn rounds_chart(history: &[RoundRecord]) -> String {
     svg
 }
 
-/// Epsilon spent per site, on one scale; sites without differential privacy are marked.
+/// The share of its budget past which a site's spend is shown as a warning (the alert
+/// rule's threshold in deploy/prometheus).
+const NEARLY_SPENT: f64 = 0.9;
+
+/// Epsilon spent per site against the budget it declared (a full bar is the budget spent);
+/// sites that declared none share one scale; sites without differential privacy are marked.
 fn privacy_chart(status: &StatusView, spend: &BTreeMap<String, SiteSpend>, budget_declined: &BTreeMap<String, u64>) -> String {
     const W: f64 = 540.0;
     const ROW: f64 = 26.0;
@@ -284,33 +300,44 @@ fn privacy_chart(status: &StatusView, spend: &BTreeMap<String, SiteSpend>, budge
     let scale = if most > 0.0 { most * 1.15 } else { 1.0 };
     let h = ROW * names.len().max(1) as f64 + 30.0;
     let bar_w = W - LABEL - 200.0;
+    let mut undeclared = false;
     let mut svg =
         format!("<svg id='privacy-chart' width='{W}' height='{h}' viewBox='0 0 {W} {h}' role='img' aria-label='epsilon spent per site'>");
     for (i, name) in names.iter().enumerate() {
         let y = 8.0 + ROW * i as f64;
         let s = spend.get(*name);
-        let (w, fill, text, eps) = match s {
-            Some(SiteSpend { epsilon: Some(e), .. }) => (bar_w * e / scale, "#d08a2c", format!("ε {e:.3}"), format!("{e}")),
-            Some(_) => (bar_w, "#bbbbbb", "unbounded".to_owned(), "inf".to_owned()),
-            None => (0.0, "#bbbbbb", "none".to_owned(), "0".to_owned()),
+        let budget = status.sites.iter().find(|v| v.site == **name).and_then(|v| v.budget);
+        let spent_colour = |share: f64| if share >= NEARLY_SPENT { "#c94040" } else { "#d08a2c" };
+        let (w, fill, text, eps) = match (s, budget) {
+            (Some(SiteSpend { epsilon: Some(e), .. }), Some(b)) => {
+                let share = e / b.epsilon;
+                (bar_w * share.min(1.0), spent_colour(share), format!("ε {e:.3} of {}", b.epsilon), format!("{e}"))
+            }
+            (Some(SiteSpend { epsilon: Some(e), .. }), None) => (bar_w * e / scale, "#d08a2c", format!("ε {e:.3}"), format!("{e}")),
+            (Some(_), _) => (bar_w, "#bbbbbb", "unbounded".to_owned(), "inf".to_owned()),
+            (None, Some(b)) => (0.0, "#bbbbbb", format!("none of {}", b.epsilon), "0".to_owned()),
+            (None, None) => (0.0, "#bbbbbb", "none".to_owned(), "0".to_owned()),
         };
-        let mark = if budget_declined.contains_key(*name) { " (budget exhausted)" } else { "" };
+        let mark = if budget_declined.contains_key(*name) { " (exhausted)" } else { "" };
+        undeclared |= budget.is_none();
         let _ = write!(
             svg,
-            "<g class='site' data-site='{site}' data-epsilon='{eps}'><text x='4' y='{ty:.1}' font-size='12'>{site}</text>\
+            "<g class='site' data-site='{site}' data-epsilon='{eps}' data-budget='{declared}'><text x='4' y='{ty:.1}' font-size='12'>{site}</text>\
              <rect x='{LABEL}' y='{y:.1}' width='{bar_w:.1}' height='16' fill='#f0f0f0'/>\
              <rect x='{LABEL}' y='{y:.1}' width='{w:.1}' height='16' fill='{fill}'/>\
              <text x='{tx:.1}' y='{ty:.1}' font-size='12'>{text}{mark}</text></g>",
             site = esc(name),
+            declared = budget.map_or(String::new(), |b| b.epsilon.to_string()),
             ty = y + 12.5,
             tx = LABEL + bar_w + 6.0,
         );
     }
     let _ = write!(
         svg,
-        "<text x='{LABEL}' y='{ly:.1}' font-size='10' fill='#555'>0</text><text x='{rx:.1}' y='{ly:.1}' font-size='10' fill='#555' text-anchor='end'>ε {scale:.2}</text></svg>",
+        "<text x='{LABEL}' y='{ly:.1}' font-size='10' fill='#555'>0</text><text x='{rx:.1}' y='{ly:.1}' font-size='10' fill='#555' text-anchor='end'>{right}</text></svg>",
         ly = h - 8.0,
         rx = LABEL + bar_w,
+        right = if undeclared { format!("ε {scale:.2}, or the budget where declared") } else { "the budget each site declared".into() },
     );
     svg
 }
@@ -404,6 +431,7 @@ pub use fedward_shared::html::escape as esc;
 #[cfg(test)]
 mod tests {
     use fedward_shared::history::SiteRecord;
+    use fedward_shared::wire::DeclaredBudget;
 
     use crate::server::SiteView;
 
@@ -457,6 +485,7 @@ mod tests {
                 site: "alpha".into(),
                 cert_expires: Some("2026-12-10T15:00:00Z".into()),
                 software: Some("fedward-agent 0.1.0".into()),
+                budget: Some(DeclaredBudget { epsilon: 1.6, delta: 1e-5 }),
                 ..SiteView::default()
             }],
             ..StatusView::default()
@@ -486,7 +515,9 @@ mod tests {
         assert!(page.contains("exhausted (declined round 2)"));
         assert!(page.contains("data-round='1' data-participants='2' data-outcome='completed'"));
         assert!(page.contains("data-round='2' data-participants='1' data-outcome='failed"));
-        assert!(page.contains("<g class='site' data-site='alpha' data-epsilon='1.5'>"));
+        assert!(page.contains("<g class='site' data-site='alpha' data-epsilon='1.5' data-budget='1.6'>"), "{page}");
+        assert!(page.contains("<span class='warn' data-budget='1.6'>ε 1.6 at δ 1e-5: 94% spent</span>"), "nearly spent is marked: {page}");
+        assert!(page.contains("ε 1.500 of 1.6"));
         assert_eq!(page.matches("class='accuracy'").count(), 1, "accuracy only where it was shared");
         assert!(!page.contains("http://") && !page.contains("https://"), "nothing fetched from elsewhere");
     }

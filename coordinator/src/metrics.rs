@@ -32,6 +32,8 @@ pub struct Scrape {
     pub spend: Vec<(String, Option<f64>, u64, u64)>,
     /// Per site: its certificate's expiry (unix time).
     pub certificate_expiry: Vec<(String, i64)>,
+    /// Per site: the epsilon budget its last hello declared (the site enforces it).
+    pub declared_budget: Vec<(String, f64)>,
 }
 
 /// A round's phases as the coordinator sees them.
@@ -91,6 +93,7 @@ pub struct CoordinatorMetrics {
     sites_enrolled: Gauge,
     paused: Gauge,
     epsilon_spent: Family<SiteLabel, Gauge<f64, AtomicU64>>,
+    epsilon_budget: Family<SiteLabel, Gauge<f64, AtomicU64>>,
     updates_in_ledger: Family<SiteLabel, Gauge>,
     last_round: Family<SiteLabel, Gauge>,
     certificate_expiry: Family<SiteLabel, Gauge>,
@@ -119,6 +122,7 @@ impl CoordinatorMetrics {
             sites_enrolled: Gauge::default(),
             paused: Gauge::default(),
             epsilon_spent: Family::default(),
+            epsilon_budget: Family::default(),
             updates_in_ledger: Family::default(),
             last_round: Family::default(),
             certificate_expiry: Family::default(),
@@ -146,6 +150,11 @@ impl CoordinatorMetrics {
             "epsilon_spent",
             "Each site's epsilon after its last accepted update, from the ledger (absent without DP)",
             m.epsilon_spent.clone(),
+        );
+        registry.register(
+            "epsilon_budget",
+            "The epsilon budget each site declared when it connected (the site enforces it; absent until declared)",
+            m.epsilon_budget.clone(),
         );
         registry.register("ledger_updates", "Updates the ledger records as accepted, per site", m.updates_in_ledger.clone());
         registry.register("site_last_round", "The round of each site's last accepted update, from the ledger", m.last_round.clone());
@@ -183,6 +192,9 @@ impl CoordinatorMetrics {
             self.updates_in_ledger.get_or_create(&site).set(gauge(*updates));
             self.last_round.get_or_create(&site).set(gauge(*last_round));
         }
+        for (site, budget) in &s.declared_budget {
+            self.epsilon_budget.get_or_create(&SiteLabel { site: site.clone() }).set(*budget);
+        }
         for (site, expiry) in &s.certificate_expiry {
             self.certificate_expiry.get_or_create(&SiteLabel { site: site.clone() }).set(*expiry);
         }
@@ -213,6 +225,7 @@ mod tests {
             paused: false,
             spend: vec![("alpha".into(), Some(1.5), 3, 3), ("beta".into(), None, 1, 1)],
             certificate_expiry: vec![("alpha".into(), 1_800_000_000)],
+            declared_budget: vec![("alpha".into(), 8.0)],
         };
         let text = m.render(&scrape);
         for line in [
@@ -223,6 +236,7 @@ mod tests {
             "fedward_coordinator_rounds{outcome=\"failed\"} 1",
             "fedward_coordinator_sites_connected 2",
             "fedward_coordinator_epsilon_spent{site=\"alpha\"} 1.5",
+            "fedward_coordinator_epsilon_budget{site=\"alpha\"} 8.0",
             "fedward_coordinator_certificate_expiry_timestamp_seconds{site=\"alpha\"} 1800000000",
             "fedward_coordinator_received_bytes_total ",
             "fedward_coordinator_site_last_round{site=\"beta\"} 1",

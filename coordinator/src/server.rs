@@ -134,6 +134,8 @@ pub struct SiteView {
     /// Tensor bytes of the last update whose bytes arrived, and when they did.
     pub last_update_bytes: Option<u64>,
     pub last_update_at: Option<String>,
+    /// The budget its last `Hello` declared (kept and enforced by the site alone).
+    pub budget: Option<wire::DeclaredBudget>,
 }
 
 enum ReadyReply {
@@ -162,6 +164,7 @@ enum Event {
         site: SiteId,
         /// What its `Hello` named (for the dashboard).
         software: String,
+        budget: Option<wire::DeclaredBudget>,
         reply: oneshot::Sender<Vec<AcceptedUpdate>>,
     },
     BeginUpdate {
@@ -693,7 +696,10 @@ fn note_site(seen: &mut BTreeMap<SiteId, SiteView>, ev: &Event) {
                 .and_then(|c| fedward_shared::pki::cert_info(c.as_ref()).ok())
                 .and_then(|i| i.not_after.format(&time::format_description::well_known::Rfc3339).ok());
         }
-        Event::Accepted { software, .. } => view.software = Some(software.clone()),
+        Event::Accepted { software, budget, .. } => {
+            view.software = Some(software.clone());
+            view.budget = *budget;
+        }
         Event::FinishUpdate { tensors, .. } => {
             view.last_update_bytes = Some(tensors.byte_len() as u64);
             view.last_update_at = Some(now.clone());
@@ -988,7 +994,11 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let status = ctx.shared.status.borrow().clone();
             info!(software = %hello.software, "hello");
             let (tx, rx) = oneshot::channel();
-            if events.send(Event::Accepted { site: ctx.site.clone(), software: hello.software.clone(), reply: tx }).await.is_err() {
+            if events
+                .send(Event::Accepted { site: ctx.site.clone(), software: hello.software.clone(), budget: hello.budget, reply: tx })
+                .await
+                .is_err()
+            {
                 return reply(send, &Message::Reject(gone())).await;
             }
             let Ok(accepted) = rx.await else { return reply(send, &Message::Reject(gone())).await };

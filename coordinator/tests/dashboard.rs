@@ -26,7 +26,7 @@ use fedward_shared::dp::{Accountant, Release};
 use fedward_shared::plan::PrivacyMode;
 use fedward_shared::wire::{Decline, DeclineReason, LocalMetrics, Message, PrivacyUsed, RoundOffer, UpdateHeader};
 
-use support::{delta_for, minilm_embedding_model, Consortium, CoordinatorProcess, HandSite};
+use support::{delta_for, minilm_embedding_model, Consortium, CoordinatorProcess, HandSite, HAND_BUDGET};
 
 const TOKEN: &str = "fwt_dashboard_viewer_token";
 const DELTA: f64 = 1e-5;
@@ -125,6 +125,11 @@ async fn the_dashboard_shows_the_federation_in_a_real_browser() -> Result<()> {
     for (row, e) in rows.iter().zip(&spent) {
         assert!(row["epsilon"].as_str().unwrap_or("").starts_with(&format!("{e:.3}")), "{row:#} vs {e}");
     }
+    // ... against the budget each site declared in its hello (gamma's shows as exhausted).
+    for (row, e) in rows[..2].iter().zip(&spent) {
+        let share = format!("ε {} at δ {:e}: {:.0}% spent", HAND_BUDGET.epsilon, HAND_BUDGET.delta, 100.0 * e / HAND_BUDGET.epsilon);
+        assert!(row["text"].as_str().unwrap_or("").contains(&share), "{row:#} vs {share}");
+    }
 
     // The rounds chart: two completed rounds of three and two sites, drawn to scale.
     let bars = page["bars"].as_array().context("bars")?;
@@ -137,9 +142,10 @@ async fn the_dashboard_shows_the_federation_in_a_real_browser() -> Result<()> {
     assert!(height(1) > 0.0 && (height(0) / height(1) - 1.5).abs() < 0.05, "bars 3:2 in height: {bars:?}");
     assert_eq!(page["accuracyDots"], 2, "the accuracy the sites shared, per round");
 
-    // The privacy chart: bars in proportion to each site's epsilon.
+    // The privacy chart: bars in proportion to each site's epsilon, against its budget.
     let privacy = page["privacy"].as_array().context("privacy")?;
     assert_eq!(privacy.len(), 3, "{page:#}");
+    assert!(privacy.iter().all(|p| p["budget"].as_str() == Some(&HAND_BUDGET.epsilon.to_string())), "{privacy:?}");
     let width = |i: usize| privacy[i]["width"].as_f64().unwrap_or(0.0);
     assert!(width(2) > 0.0 && (width(0) / width(2) - spent[0] / spent[2]).abs() < 0.05, "{privacy:?} vs {spent:?}");
 
@@ -294,7 +300,7 @@ impl Browser {
               bars: q('#rounds-chart g.round').map(g => ({round: +g.dataset.round, participants: +g.dataset.participants,
                 outcome: g.dataset.outcome, height: g.querySelector('rect').getBoundingClientRect().height})),
               accuracyDots: q('#rounds-chart circle.accuracy').length,
-              privacy: q('#privacy-chart g.site').map(g => ({site: g.dataset.site, epsilon: g.dataset.epsilon,
+              privacy: q('#privacy-chart g.site').map(g => ({site: g.dataset.site, epsilon: g.dataset.epsilon, budget: g.dataset.budget,
                 width: g.querySelectorAll('rect')[1].getBoundingClientRect().width})),
               rounds: q('#rounds tr[data-round]').map(r => ({round: +r.dataset.round,
                 participants: r.querySelector('.participants').textContent, text: r.innerText})),

@@ -160,7 +160,8 @@ async fn nothing_is_served_before_a_valid_hello() -> Result<()> {
         other => panic!("expected a reject, got {other:?}"),
     };
     refused(site.request(&Message::Ready(Ready { have_model: None })).await?, RejectCode::Malformed, "Hello first");
-    let hello = |software: String| Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software, capabilities: vec![] });
+    let hello =
+        |software: String| Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software, capabilities: vec![], budget: None });
     refused(site.request(&hello("x".repeat(10_000))).await?, RejectCode::Malformed, "at most 64");
     refused(site.request(&hello("agent\nforged log line".into())).await?, RejectCode::Malformed, "control characters");
     refused(site.request(&Message::Ready(Ready { have_model: None })).await?, RejectCode::Malformed, "Hello first");

@@ -198,6 +198,17 @@ pub struct Hello {
     /// printable characters (it is logged).
     pub software: String,
     pub capabilities: Vec<Capability>,
+    /// The budget the site keeps (its `[budget]`), for the consortium's dashboard. Only the
+    /// site enforces it: the coordinator shows it and never relies on it.
+    pub budget: Option<DeclaredBudget>,
+}
+
+/// A site's privacy budget as it declares it: at most `epsilon` at `delta`, over the
+/// federation's whole life.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeclaredBudget {
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 impl Hello {
@@ -208,6 +219,11 @@ impl Hello {
         }
         if self.software.chars().any(char::is_control) {
             return Err("the software name holds control characters".into());
+        }
+        if let Some(b) = self.budget {
+            if !(b.epsilon.is_finite() && b.epsilon > 0.0 && b.delta.is_finite() && b.delta > 0.0 && b.delta < 1.0) {
+                return Err(format!("the declared budget (epsilon {}, delta {}) is not a budget", b.epsilon, b.delta));
+            }
         }
         Ok(())
     }
@@ -633,10 +649,18 @@ mod tests {
 
     #[test]
     fn peer_text_is_bounded_before_it_is_logged_or_stored() {
-        let hello = |software: &str| Hello { protocol_version: PROTOCOL_VERSION, software: software.into(), capabilities: vec![] };
+        let hello =
+            |software: &str| Hello { protocol_version: PROTOCOL_VERSION, software: software.into(), capabilities: vec![], budget: None };
         assert!(hello("fedward-agent 0.1.0").check().is_ok());
         assert!(hello(&"x".repeat(MAX_SOFTWARE_LEN + 1)).check().unwrap_err().contains("at most 64"));
         assert!(hello("agent\nERROR forged log line").check().is_err());
+        let declared = |epsilon, delta| Hello { budget: Some(DeclaredBudget { epsilon, delta }), ..hello("a") }.check();
+        assert!(declared(8.0, 1e-5).is_ok());
+        for (epsilon, delta) in
+            [(f64::NAN, 1e-5), (f64::INFINITY, 1e-5), (0.0, 1e-5), (-1.0, 1e-5), (8.0, 0.0), (8.0, 1.0), (8.0, f64::NAN)]
+        {
+            assert!(declared(epsilon, delta).unwrap_err().contains("not a budget"), "{epsilon} {delta}");
+        }
         let long = Reject::new(RejectCode::UnknownTensor, format!("tensor {} is not trainable", "é".repeat(10_000)));
         assert!(long.message.len() <= MAX_REJECT_MESSAGE && long.message.ends_with('…'), "{}", long.message.len());
         assert_eq!(Reject::new(RejectCode::Malformed, "short").message, "short");
@@ -672,6 +696,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 software: "fedward-agent 0.1.0".into(),
                 capabilities: vec![Capability::ModelCache, Capability::RecordLevelDp],
+                budget: Some(DeclaredBudget { epsilon: 8.0, delta: 1e-5 }),
             }),
             Message::Welcome(Welcome {
                 site,

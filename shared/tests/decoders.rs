@@ -75,7 +75,8 @@ fn offer() -> Message {
 }
 
 fn frames() -> Vec<u8> {
-    let hello = Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software: "fedward".into(), capabilities: vec![] });
+    let hello =
+        Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software: "fedward".into(), capabilities: vec![], budget: None });
     let update = Message::Update(UpdateHeader {
         round: RoundId(3),
         num_examples: 1750,

@@ -452,12 +452,12 @@ async fn malformed_and_oversized_frames_get_a_clear_reject() {
     let Message::Reject(r) = exchange(&conn, &ack).await else { panic!("expected a reject") };
     assert!(r.code == RejectCode::Malformed && r.message.contains("Hello first"), "{r}");
     // The connection survived all of it.
-    let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "probe".into(), capabilities: vec![] };
+    let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "probe".into(), capabilities: vec![], budget: None };
     assert!(matches!(exchange(&conn, &wire::encode(&Message::Hello(hello)).unwrap()).await, Message::Welcome(_)));
     // A message a site never sends.
     let Message::Reject(r) = exchange(&conn, &ack).await else { panic!("expected a reject") };
     assert_eq!(r.code, RejectCode::UnexpectedMessage);
-    let old = wire::Hello { protocol_version: 99, software: "old".into(), capabilities: vec![] };
+    let old = wire::Hello { protocol_version: 99, software: "old".into(), capabilities: vec![], budget: None };
     let Message::Reject(r) = exchange(&conn, &wire::encode(&Message::Hello(old)).unwrap()).await else { panic!() };
     assert_eq!(r.code, RejectCode::UnsupportedVersion);
 }
@@ -671,7 +671,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         let _ = send.finish();
         fedward_net::read_message(&mut recv).await.unwrap()
     }
-    let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "cheat".into(), capabilities: vec![] };
+    let hello = wire::Hello { protocol_version: wire::PROTOCOL_VERSION, software: "cheat".into(), capabilities: vec![], budget: None };
     assert!(matches!(exchange(&conn, &Message::Hello(hello), None).await, Message::Welcome(_)));
     let ready = {
         let conn = conn.clone();

@@ -457,7 +457,7 @@ impl ManualSite {
         let endpoint = fedward_net::client_endpoint(addr, (*pki.site_tls(site)).clone(), &test_transport()).expect("endpoint");
         let conn = endpoint.connect(addr, SERVER_NAME).expect("connect").await.expect("handshake");
         let me = Self { endpoint, conn };
-        let hello = Hello { protocol_version: PROTOCOL_VERSION, software: "manual".into(), capabilities: vec![] };
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, software: "manual".into(), capabilities: vec![], budget: None };
         assert!(matches!(me.exchange(&Message::Hello(hello), None).await, Message::Welcome(_)), "welcomed");
         me
     }

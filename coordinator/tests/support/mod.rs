@@ -274,6 +274,9 @@ pub struct HandSite {
     pub conn: quinn::Connection,
 }
 
+/// The privacy budget every hand-driven site declares in its hello.
+pub const HAND_BUDGET: wire::DeclaredBudget = wire::DeclaredBudget { epsilon: 20.0, delta: 1e-5 };
+
 impl HandSite {
     /// Connects with `tls` and says hello, retrying a refused handshake (a busy gate) until
     /// it gets in or `attempts` run out.
@@ -284,7 +287,12 @@ impl HandSite {
             match endpoint.connect(addr, SERVER_NAME)?.await {
                 Ok(conn) => {
                     let me = Self { endpoint, conn };
-                    let hello = Hello { protocol_version: wire::PROTOCOL_VERSION, software: "hand".into(), capabilities: vec![] };
+                    let hello = Hello {
+                        protocol_version: wire::PROTOCOL_VERSION,
+                        software: "hand".into(),
+                        capabilities: vec![],
+                        budget: Some(HAND_BUDGET),
+                    };
                     match me.request(&Message::Hello(hello)).await? {
                         Message::Welcome(_) => return Ok(me),
                         other => bail!("not welcomed: {other:?}"),

@@ -1,0 +1,455 @@
+//! Bench (not a test): whole rounds with no training. The real `fedward-coordinator serve`
+//! runs as a process and each site is a real agent process (`bench_agent`, the agent
+//! crate's example: the production daemon with a trainer that returns a constant delta),
+//! over QUIC with mutual TLS on loopback. The model has all-MiniLM-L6-v2's tensor layout
+//! (every tensor trainable), at its own size (22.7M parameters) or scaled down to
+//! `--params` (the same tensor names, smaller dimensions).
+//!
+//! Each round is timed from the coordinator's first offer to its "round completed,
+//! checkpointed and sealed" (the timestamps of its JSON log); at each seal the bench reads
+//! every process's CPU time (`/proc/PID/stat`) and peak RSS (`VmHWM`, then reset through
+//! `clear_refs`, so each round's peak is its own). From the agents' logs it splits an
+//! agent's round into download and verification, the work before the trainer (model
+//! cache), the trainer, the work after it (privacy step, update cache, ledger fsync) and the
+//! upload to the `Ack`. `scripts/bench.sh round` runs it (and Flower beside it); prints a
+//! table, writes JSON to `--out` and the tensor layout to `--layout` (for the baseline).
+//!
+//! ```text
+//! round --agent-bin PATH [--params 22.7M] [--sites 8] [--rounds 5] [--out F] [--layout F]
+//! ```
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use fedward_shared::pki::{self, Validity};
+use fedward_shared::tensor::{Tensor, TensorSet};
+use fedward_shared::wire::SiteId;
+use support::{minilm_shaped_model, Consortium, SERVER_NAME};
+
+/// all-MiniLM-L6-v2's dimensions, which `--params` scales.
+const VOCAB: usize = 30522;
+const HIDDEN: usize = 384;
+const INTER: usize = 1536;
+const LAYERS: usize = 6;
+const POSITIONS: usize = 512;
+const LABELS: usize = 4;
+
+/// The model: MiniLM's own shapes at 22.7M parameters, otherwise the same names with a
+/// smaller hidden size (the largest of a few that leaves at least 40% to the vocabulary)
+/// and the vocabulary that brings the count to `params`.
+fn model(params: usize, rng: &mut impl Rng) -> TensorSet {
+    let minilm = minilm_shaped_model(rng);
+    if params.abs_diff(minilm.element_count()) < 100_000 {
+        return minilm;
+    }
+    let beside_vocab = |h: usize| LAYERS * (12 * h * h + 13 * h) + (h * h + h) + POSITIONS * h + 4 * h + LABELS * h + LABELS;
+    let hidden = [256, 192, 128, 96, 64, 32, 16].into_iter().find(|&h| beside_vocab(h) * 10 <= params * 6).unwrap_or(16);
+    let vocab = (params.saturating_sub(beside_vocab(hidden)) / hidden).max(1);
+    let scale = |d: usize| match d {
+        VOCAB => vocab,
+        HIDDEN => hidden,
+        INTER => 4 * hidden,
+        other => other,
+    };
+    minilm
+        .iter()
+        .map(|(name, t)| {
+            let shape: Vec<usize> = t.shape().iter().map(|&d| scale(d)).collect();
+            let n = shape.iter().product();
+            let data = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+            (name.to_owned(), Tensor::new(shape, data).expect("shape"))
+        })
+        .collect()
+}
+
+/// "22.7M", "1M", "500k", "1000000".
+fn parse_params(s: &str) -> Result<usize> {
+    let (num, mult) = match s.chars().last() {
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('k' | 'K') => (&s[..s.len() - 1], 1e3),
+        _ => (s, 1.0),
+    };
+    Ok((num.parse::<f64>().with_context(|| format!("--params {s}"))? * mult).round() as usize)
+}
+
+/// One line of a process's log, as it arrived.
+struct Line {
+    /// `None`: the coordinator; `Some(i)`: agent `i`.
+    from: Option<usize>,
+    text: String,
+}
+
+fn forward_lines(child: &mut Child, from: Option<usize>, tx: mpsc::Sender<Line>) -> Result<()> {
+    let stderr = child.stderr.take().context("stderr")?;
+    std::thread::spawn(move || {
+        for text in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(Line { from, text }).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A JSON log line: its time, message and fields.
+struct Event {
+    at: OffsetDateTime,
+    message: String,
+    fields: Value,
+    /// The `round` of the innermost span that has one.
+    span_round: Option<u64>,
+}
+
+fn parse_event(text: &str) -> Option<Event> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    let at = OffsetDateTime::parse(v.get("timestamp")?.as_str()?, &Rfc3339).ok()?;
+    let fields = v.get("fields")?.clone();
+    let message = fields.get("message")?.as_str()?.to_owned();
+    let span_round = v.get("span").and_then(|s| s.get("round")).and_then(|r| r.as_str()?.parse().ok());
+    Some(Event { at, message, fields, span_round })
+}
+
+fn secs_between(a: OffsetDateTime, b: OffsetDateTime) -> f64 {
+    (b - a).as_seconds_f64()
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak RSS since the last reset, in MiB, then resets it (`clear_refs` 5).
+fn take_peak_mib(pid: u32) -> f64 {
+    let peak = support::rss_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    peak
+}
+
+/// What one agent's log says of one round (timestamps).
+#[derive(Default, Clone)]
+struct AgentRound {
+    offered: Option<OffsetDateTime>,
+    model_verified: Option<OffsetDateTime>,
+    trainer_done: Option<OffsetDateTime>,
+    trainer_secs: Option<f64>,
+    recorded: Option<OffsetDateTime>,
+    acked: Option<OffsetDateTime>,
+}
+
+/// An agent's round split in phases (seconds).
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    download_verify: f64,
+    before_trainer: f64,
+    trainer: f64,
+    after_trainer: f64,
+    upload: f64,
+}
+
+impl Phases {
+    fn of(a: &AgentRound) -> Option<Self> {
+        let (offered, verified, done, trainer, recorded, acked) =
+            (a.offered?, a.model_verified?, a.trainer_done?, a.trainer_secs?, a.recorded?, a.acked?);
+        Some(Self {
+            download_verify: secs_between(offered, verified),
+            before_trainer: secs_between(verified, done) - trainer,
+            trainer,
+            after_trainer: secs_between(done, recorded),
+            upload: secs_between(recorded, acked),
+        })
+    }
+
+    /// The agent's own work in the round: neither the trainer nor a transfer.
+    fn non_training(&self) -> f64 {
+        self.before_trainer + self.after_trainer
+    }
+
+    fn mean(all: &[Self]) -> Self {
+        let n = all.len().max(1) as f64;
+        let sum = |f: fn(&Self) -> f64| all.iter().map(f).sum::<f64>() / n;
+        Self {
+            download_verify: sum(|p| p.download_verify),
+            before_trainer: sum(|p| p.before_trainer),
+            trainer: sum(|p| p.trainer),
+            after_trainer: sum(|p| p.after_trainer),
+            upload: sum(|p| p.upload),
+        }
+    }
+}
+
+struct RoundFigures {
+    round: u64,
+    secs: f64,
+    coordinator_cpu: f64,
+    coordinator_peak_mib: f64,
+    agents_cpu: f64,
+    agent_peak_mib: f64,
+    phases: Phases,
+    max_non_training: f64,
+}
+
+/// Writes a site's key and CA-signed certificate to `dir`.
+fn site_pki(consortium: &Consortium, site: &str, serial: u8, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let id = SiteId::new(site).context("site id")?;
+    let request = pki::site_request(&id)?;
+    let validity = Validity::days_from(OffsetDateTime::now_utc(), 1);
+    let cert = pki::sign_site_request(&consortium.ca, &request.csr_pem, &id, validity, [serial; 16])?;
+    std::fs::write(dir.join("ca.crt"), &consortium.ca.cert_pem)?;
+    std::fs::write(dir.join("site.crt"), cert)?;
+    fedward_shared::fsutil::write_private_new(&dir.join("site.key"), request.key_pem.as_bytes())?;
+    Ok(())
+}
+
+/// Kills the children left on drop (a failed run leaves no process behind).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Run {
+    params: usize,
+    tensors: usize,
+    sites: usize,
+    rounds: Vec<RoundFigures>,
+}
+
+fn run(agent_bin: &Path, params: usize, sites: usize, rounds: u64, layout: Option<&Path>) -> Result<Run> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let model = model(params, &mut rng);
+    let (params, tensors) = (model.element_count(), model.len());
+    if let Some(path) = layout {
+        let shapes: Vec<_> = model.iter().map(|(n, t)| serde_json::json!({ "name": n, "shape": t.shape() })).collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&shapes)?)?;
+    }
+    let names: Vec<String> = (0..sites).map(|i| format!("site-{i:03}")).collect();
+    let consortium = Consortium::new(&model, "all", &names, sites, rounds, "[aggregation]\nmax_update_norm = 1e9\n")?;
+    drop(model);
+    let (tx, rx) = mpsc::channel();
+    let mut children = Children(Vec::new());
+    let mut coordinator = Command::new(env!("CARGO_BIN_EXE_fedward-coordinator"))
+        .args(["serve", "--config"])
+        .arg(&consortium.config)
+        .env("FEDWARD_LOG", "info")
+        .env("FEDWARD_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    forward_lines(&mut coordinator, None, tx.clone())?;
+    let coordinator_pid = coordinator.id();
+    children.0.push(coordinator);
+    let listening = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx.recv_timeout(listening.saturating_duration_since(Instant::now())).context("the coordinator did not start")?;
+        if line.text.contains("listening for agents") {
+            break;
+        }
+    }
+    let mut agent_pids = Vec::new();
+    for (i, site) in names.iter().enumerate() {
+        let dir = consortium.dir.path().join("agents").join(site);
+        site_pki(&consortium, site, 3 + (i % 200) as u8, &dir)?;
+        let mut agent = Command::new(agent_bin)
+            .arg("--coordinator")
+            .arg(consortium.addr.to_string())
+            .args(["--server-name", SERVER_NAME, "--ca"])
+            .arg(dir.join("ca.crt"))
+            .arg("--cert")
+            .arg(dir.join("site.crt"))
+            .arg("--key")
+            .arg(dir.join("site.key"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("FEDWARD_LOG", "info")
+            .env("FEDWARD_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", agent_bin.display()))?;
+        forward_lines(&mut agent, Some(i), tx.clone())?;
+        agent_pids.push(agent.id());
+        children.0.push(agent);
+    }
+    drop(tx);
+
+    let mut offered: BTreeMap<u64, OffsetDateTime> = BTreeMap::new();
+    let mut sealed: Vec<(u64, OffsetDateTime, f64, f64, f64, f64)> = Vec::new();
+    let mut agent_rounds: BTreeMap<(usize, u64), AgentRound> = BTreeMap::new();
+    let (mut last_coordinator_cpu, mut last_agents_cpu) = (0.0, vec![0.0; sites]);
+    let mut agents_done = 0;
+    let deadline = Instant::now() + Duration::from_secs(60 * 60);
+    while agents_done < sites {
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("the run did not finish within an hour"),
+        };
+        let Some(ev) = parse_event(&line.text) else {
+            if line.text.contains("ERROR") || line.text.starts_with("error") {
+                eprintln!("{:?}: {}", line.from, line.text);
+            }
+            continue;
+        };
+        let field_round = || ev.fields.get("round").and_then(|r| r.as_u64().or_else(|| r.as_str()?.parse().ok()));
+        match line.from {
+            None => match ev.message.as_str() {
+                "round offered" => {
+                    if let Some(r) = field_round() {
+                        offered.entry(r).or_insert(ev.at);
+                    }
+                }
+                "round completed, checkpointed and sealed" => {
+                    let r = ev.span_round.context("a seal without its round")?;
+                    let c = cpu_secs(coordinator_pid);
+                    let agents: Vec<f64> = agent_pids.iter().map(|&p| cpu_secs(p)).collect();
+                    let agents_cpu: f64 = agents.iter().zip(&last_agents_cpu).map(|(a, b)| a - b).sum();
+                    let coordinator_peak = take_peak_mib(coordinator_pid);
+                    let agent_peak = agent_pids.iter().map(|&p| take_peak_mib(p)).fold(0.0, f64::max);
+                    sealed.push((r, ev.at, c - last_coordinator_cpu, coordinator_peak, agents_cpu, agent_peak));
+                    (last_coordinator_cpu, last_agents_cpu) = (c, agents);
+                }
+                m if m.starts_with("round failed") => bail!("a round failed: {}", line.text),
+                _ => {}
+            },
+            Some(i) => {
+                let Some(r) = ev.span_round.or_else(field_round) else {
+                    if ev.message == "federation finished" {
+                        agents_done += 1;
+                    }
+                    continue;
+                };
+                let a = agent_rounds.entry((i, r)).or_default();
+                match ev.message.as_str() {
+                    "round offered" => a.offered = Some(ev.at),
+                    "global model received and verified" => a.model_verified = Some(ev.at),
+                    "bench trainer done" => {
+                        a.trainer_done = Some(ev.at);
+                        a.trainer_secs = ev.fields.get("trainer_secs").and_then(Value::as_f64);
+                    }
+                    "release recorded in the ledger" => a.recorded = Some(ev.at),
+                    "update accepted" => a.acked = Some(ev.at),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if sealed.len() as u64 != rounds {
+        bail!("{} of {rounds} rounds were sealed", sealed.len());
+    }
+    let mut figures = Vec::new();
+    for (round, at, coordinator_cpu, coordinator_peak_mib, agents_cpu, agent_peak_mib) in sealed {
+        let start = *offered.get(&round).context("a sealed round that was never offered")?;
+        let phases: Vec<Phases> = (0..sites).filter_map(|i| agent_rounds.get(&(i, round)).and_then(Phases::of)).collect();
+        let max_non_training = phases.iter().map(Phases::non_training).fold(0.0, f64::max);
+        figures.push(RoundFigures {
+            round,
+            secs: secs_between(start, at),
+            coordinator_cpu,
+            coordinator_peak_mib,
+            agents_cpu,
+            agent_peak_mib,
+            phases: Phases::mean(&phases),
+            max_non_training,
+        });
+    }
+    Ok(Run { params, tensors, sites, rounds: figures })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+    let agent_bin: PathBuf = arg("--agent-bin").context("--agent-bin PATH (the agent crate's bench_agent example) is required")?.into();
+    let params = parse_params(&arg("--params").unwrap_or_else(|| "22.7M".into()))?;
+    let sites: usize = arg("--sites").unwrap_or_else(|| "8".into()).parse()?;
+    let rounds: u64 = arg("--rounds").unwrap_or_else(|| "5".into()).parse()?;
+    let layout = arg("--layout").map(PathBuf::from);
+    let r = run(&agent_bin, params, sites, rounds, layout.as_deref())?;
+    println!(
+        "fedward: {} parameters in {} tensors ({:.1} MiB), {} sites, {} rounds",
+        r.params,
+        r.tensors,
+        r.params as f64 * 4.0 / (1 << 20) as f64,
+        r.sites,
+        r.rounds.len()
+    );
+    println!("round  secs   coord-cpu-s coord-peak-MiB agents-cpu-s agent-peak-MiB | agent mean: download+verify before-trainer trainer after-trainer upload non-training(max)");
+    for f in &r.rounds {
+        let p = f.phases;
+        println!(
+            "{:>5} {:>6.3} {:>12.2} {:>14.0} {:>12.2} {:>14.0} | {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} ({:.3})",
+            f.round,
+            f.secs,
+            f.coordinator_cpu,
+            f.coordinator_peak_mib,
+            f.agents_cpu,
+            f.agent_peak_mib,
+            p.download_verify,
+            p.before_trainer,
+            p.trainer,
+            p.after_trainer,
+            p.upload,
+            p.non_training(),
+            f.max_non_training
+        );
+    }
+    if let Some(out) = arg("--out") {
+        let rounds: Vec<_> = r
+            .rounds
+            .iter()
+            .map(|f| {
+                let p = f.phases;
+                serde_json::json!({
+                    "round": f.round, "secs": f.secs,
+                    "coordinator_cpu_secs": f.coordinator_cpu, "coordinator_peak_rss_mib": f.coordinator_peak_mib,
+                    "agents_cpu_secs": f.agents_cpu, "agent_peak_rss_mib": f.agent_peak_mib,
+                    "agent_mean": {
+                        "download_verify_secs": p.download_verify, "before_trainer_secs": p.before_trainer,
+                        "trainer_secs": p.trainer, "after_trainer_secs": p.after_trainer, "upload_secs": p.upload,
+                        "non_training_secs": p.non_training(),
+                    },
+                    "agent_max_non_training_secs": f.max_non_training,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({
+            "system": "fedward", "params": r.params, "tensors": r.tensors, "sites": r.sites, "rounds": rounds,
+        });
+        std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
+    }
+    Ok(())
+}
