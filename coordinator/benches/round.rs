@@ -90,16 +90,19 @@ struct Line {
     /// `None`: the coordinator; `Some(i)`: agent `i`.
     from: Option<usize>,
     text: String,
+    /// The process closed its log (it exited); `text` is empty.
+    eof: bool,
 }
 
 fn forward_lines(child: &mut Child, from: Option<usize>, tx: mpsc::Sender<Line>) -> Result<()> {
     let stderr = child.stderr.take().context("stderr")?;
     std::thread::spawn(move || {
         for text in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(Line { from, text }).is_err() {
-                break;
+            if tx.send(Line { from, text, eof: false }).is_err() {
+                return;
             }
         }
+        let _ = tx.send(Line { from, text: String::new(), eof: true });
     });
     Ok(())
 }
@@ -118,7 +121,13 @@ fn parse_event(text: &str) -> Option<Event> {
     let at = OffsetDateTime::parse(v.get("timestamp")?.as_str()?, &Rfc3339).ok()?;
     let fields = v.get("fields")?.clone();
     let message = fields.get("message")?.as_str()?.to_owned();
-    let span_round = v.get("span").and_then(|s| s.get("round")).and_then(|r| r.as_str()?.parse().ok());
+    // The round's own span (the agent's `round`, the coordinator's `checkpoint`), not the
+    // agent's fetch of the final model after the last round.
+    let span_round = v
+        .get("span")
+        .filter(|s| matches!(s.get("name").and_then(Value::as_str), Some("round" | "checkpoint")))
+        .and_then(|s| s.get("round"))
+        .and_then(|r| r.as_str()?.parse().ok());
     Some(Event { at, message, fields, span_round })
 }
 
@@ -311,7 +320,9 @@ fn run(agent_bin: &Path, params: usize, sites: usize, rounds: u64, layout: Optio
     let mut sealed: Vec<(u64, OffsetDateTime, f64, f64, f64, f64)> = Vec::new();
     let mut agent_rounds: BTreeMap<(usize, u64), AgentRound> = BTreeMap::new();
     let (mut last_coordinator_cpu, mut last_agents_cpu) = (0.0, vec![0.0; sites]);
-    let mut agents_done = 0;
+    let (mut agents_done, mut finished) = (0, vec![false; sites]);
+    // Every log line to stderr (`FEDWARD_BENCH_ECHO=1`); warnings and errors always.
+    let echo = std::env::var_os("FEDWARD_BENCH_ECHO").is_some();
     let deadline = Instant::now() + Duration::from_secs(60 * 60);
     while agents_done < sites {
         let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -319,12 +330,23 @@ fn run(agent_bin: &Path, params: usize, sites: usize, rounds: u64, layout: Optio
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => bail!("the run did not finish within an hour"),
         };
-        let Some(ev) = parse_event(&line.text) else {
-            if line.text.contains("ERROR") || line.text.starts_with("error") {
-                eprintln!("{:?}: {}", line.from, line.text);
+        if line.eof {
+            match line.from {
+                Some(i) if !finished[i] => bail!("agent {i} exited before the federation finished"),
+                None if agents_done < sites => bail!("the coordinator exited before the agents finished"),
+                _ => continue,
             }
+        }
+        if echo || line.text.contains("\"level\":\"WARN\"") || line.text.contains("\"level\":\"ERROR\"") || !line.text.starts_with('{') {
+            let who = line.from.map_or("coordinator".to_owned(), |i| format!("agent {i}"));
+            eprintln!("{who}: {}", line.text);
+        }
+        let Some(ev) = parse_event(&line.text) else { continue };
+        if let (Some(i), "federation finished") = (line.from, ev.message.as_str()) {
+            finished[i] = true;
+            agents_done += 1;
             continue;
-        };
+        }
         let field_round = || ev.fields.get("round").and_then(|r| r.as_u64().or_else(|| r.as_str()?.parse().ok()));
         match line.from {
             None => match ev.message.as_str() {
@@ -347,12 +369,7 @@ fn run(agent_bin: &Path, params: usize, sites: usize, rounds: u64, layout: Optio
                 _ => {}
             },
             Some(i) => {
-                let Some(r) = ev.span_round.or_else(field_round) else {
-                    if ev.message == "federation finished" {
-                        agents_done += 1;
-                    }
-                    continue;
-                };
+                let Some(r) = ev.span_round.or_else(field_round) else { continue };
                 let a = agent_rounds.entry((i, r)).or_default();
                 match ev.message.as_str() {
                     "round offered" => a.offered = Some(ev.at),
