@@ -24,7 +24,9 @@ use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_models::{TrainContext, Trainer};
-use fedward_net::{client_endpoint, paced, read_message, read_tensors, within, write_message, write_tensors, ConnectionEnd, StreamError};
+use fedward_net::{
+    client_endpoint, paced, read_message, read_tensors, within, write_message, write_update_tensors, ConnectionEnd, StreamError,
+};
 use fedward_shared::config::{Pace, SiteBudget, Transport};
 use fedward_shared::dp::NoiseRng;
 use fedward_shared::failpoint;
@@ -39,7 +41,7 @@ use fedward_shared::wire::{
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
 use crate::outbox::ReleasedUpdate;
-use crate::privacy::{disclosed, privacy_used, privatize};
+use crate::privacy::{disclosed, privacy_used, privatize, quantize_update};
 use crate::session::{
     assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
     unrecorded_acceptances, CachedRelease, Decision, Prior,
@@ -560,6 +562,7 @@ async fn take_round(
     };
     let plan = offer.plan.clone();
     let round = offer.round;
+    let encoding = offer.update_encoding;
     // A fresh generator per round. Only tests seed it; production draws from the OS and
     // the seed is never stored or logged.
     let mut noise_rng = match opts.seed {
@@ -572,6 +575,9 @@ async fn take_round(
         let result = trainer.train(ctx, &model, &plan).map_err(|e| e.to_string()).and_then(|mut update| {
             let applied =
                 privatize(&plan.privacy, &approved, update.dp_steps, &mut update.delta, &mut noise_rng).map_err(|e| e.to_string())?;
+            // Quantized after the privacy step (post-processing: no privacy cost), in
+            // place: what is recorded, cached and sent is what the coordinator decodes.
+            quantize_update(&plan.privacy, encoding, &mut update.delta).map_err(|e| e.to_string())?;
             Ok((update, applied))
         });
         (trainer, result)
@@ -620,7 +626,14 @@ async fn take_round(
     }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
-    let header = UpdateHeader { round: offer.round, num_examples, metrics, tensors: update.delta.specs(), privacy: used };
+    let header = UpdateHeader {
+        round: offer.round,
+        num_examples,
+        metrics,
+        tensors: update.delta.specs(),
+        privacy: used,
+        encoding: offer.update_encoding,
+    };
     // The ledger records what was released: the count as sent.
     let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update.delta.digest(), now())
         .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
@@ -633,7 +646,7 @@ async fn take_round(
     }
     state.status.set(Phase::Uploading, None);
     send_update(conn, &opts.transport, &released.header, &released.delta).await?;
-    state.status.sent(offer.round.0, released.delta.byte_len());
+    state.status.sent(offer.round.0, wire::encoded_payload_bytes(&released.header.tensors, released.header.encoding));
     state.rounds_trained += 1;
     Ok(())
 }
@@ -758,7 +771,9 @@ async fn fetch_model(
 
 async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &UpdateHeader, delta: &TensorSet) -> Result<(), SessionEnd> {
     let specs = &header.tensors;
-    let mib = delta.byte_len() as f64 / (1 << 20) as f64;
+    // What travels: the update in its encoding.
+    let bytes = wire::encoded_payload_bytes(specs, header.encoding);
+    let mib = bytes as f64 / (1 << 20) as f64;
     let started = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| SessionEnd::Lost(format!("open stream: {e}")))?;
     let pace = Pace { allowance: transport.pace.allowance + transport.request_timeout, ..transport.pace };
@@ -774,8 +789,8 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
         failpoint::crash_point(failpoint::AGENT_UPLOAD);
         // Then the bytes, and the answer once the update is folded in and recorded in the
         // coordinator's ledger.
-        paced(pace, delta.byte_len(), "update upload", async {
-            write_tensors(&mut send, delta, specs).await?;
+        paced(pace, bytes, "update upload", async {
+            write_update_tensors(&mut send, delta, specs, header.encoding).await?;
             send.finish()?;
             read_message(&mut recv).await
         })
@@ -786,7 +801,7 @@ async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &U
             failpoint::crash_point(failpoint::AGENT_AFTER_ACK);
             let secs = started.elapsed().as_secs_f64();
             metrics().updates_sent.inc();
-            metrics().sent_bytes.inc_by(delta.byte_len() as u64);
+            metrics().sent_bytes.inc_by(bytes as u64);
             metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::upload }).observe(secs);
             info!(
                 tensors = specs.len(),

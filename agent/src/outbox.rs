@@ -153,6 +153,7 @@ mod tests {
             metrics: Some(LocalMetrics { train_loss: 0.5, ..Default::default() }),
             tensors: delta.specs(),
             privacy: PrivacyUsed::off(),
+            encoding: fedward_shared::codec::UpdateEncoding::F32,
         };
         let record = ReleaseRecord::new(
             fedward_shared::wire::SiteId::new("alpha").unwrap(),

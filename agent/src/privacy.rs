@@ -10,6 +10,7 @@
 //! already did (clipping is idempotent) and keeps the coordinator's norm check from
 //! rejecting it if a trainer forgot.
 
+use fedward_shared::codec::{CodecError, UpdateEncoding};
 use fedward_shared::dp::{clip_tensors, coarse_count, DpError, GaussianNoise, NoiseError, NoiseRng};
 use fedward_shared::plan::PrivacyMode;
 use fedward_shared::plan::PrivacyPlan;
@@ -27,6 +28,44 @@ pub enum PrivacyError {
     Clip(#[from] DpError),
     #[error("adding noise: {0}")]
     Noise(#[from] NoiseError),
+    #[error("encoding the update: {0}")]
+    Codec(#[from] CodecError),
+    #[error("the update cannot be quantized within its norm bound {bound}")]
+    QuantizedOverBound { bound: f64 },
+}
+
+/// Quantizes a private `delta` in place for `encoding`: post-processing of the release, so
+/// no privacy cost. Rounding to the nearest step can lengthen an update by a hair; where
+/// the plan bounds the update's norm exactly (record-level's `update_clip_norm`, which is
+/// also the coordinator's default bound), the update is shrunk before quantizing until the
+/// quantized update is within the bound, so a coordinator that refuses updates over it
+/// (`over_norm = "refuse"`) never refuses this one.
+pub fn quantize_update(plan: &PrivacyPlan, encoding: UpdateEncoding, delta: &mut TensorSet) -> Result<(), PrivacyError> {
+    if encoding == UpdateEncoding::F32 {
+        return Ok(());
+    }
+    let bound = match *plan {
+        PrivacyPlan::RecordLevel { update_clip_norm, .. } => Some(update_clip_norm),
+        PrivacyPlan::Off | PrivacyPlan::SiteLevel { .. } => None,
+    };
+    let original = bound.map(|_| delta.clone());
+    let quantize = |d: &mut TensorSet| d.iter_mut().try_for_each(|(name, t)| encoding.quantize(name, t));
+    quantize(delta)?;
+    let (Some(bound), Some(original)) = (bound, original) else { return Ok(()) };
+    let mut shrink = 1.0f64;
+    for _ in 0..8 {
+        let norm = delta.l2_norm();
+        if norm <= bound {
+            return Ok(());
+        }
+        shrink *= bound / norm * (1.0 - 1e-6);
+        *delta = original.clone();
+        for (_, t) in delta.iter_mut() {
+            t.data_mut().iter_mut().for_each(|v| *v = (f64::from(*v) * shrink) as f32);
+        }
+        quantize(delta)?;
+    }
+    Err(PrivacyError::QuantizedOverBound { bound })
 }
 
 /// What the agent did to an update, for its logs (norms only).
@@ -214,5 +253,28 @@ mod tests {
         let used = privacy_used(&site, &Approved { release: Release::site_level(4.0), ..a }, 1e-6);
         assert_eq!(used.release(), Release::site_level(4.0));
         assert_eq!(privacy_used(&PrivacyPlan::Off, &a, 1e-5), PrivacyUsed::off());
+    }
+
+    #[test]
+    fn a_quantized_record_level_update_stays_within_its_clip_norm() {
+        // 0.3 rounds up under int8 (to 0.30078125): an update clipped to exactly its bound
+        // would come out longer.
+        let mut delta = TensorSet::new();
+        delta.insert("w", Tensor::new(vec![4, 8], vec![0.3; 32]).unwrap());
+        let bound = delta.l2_norm();
+        let plan = PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.01, update_clip_norm: bound };
+        let mut plain = delta.clone();
+        quantize_update(&PrivacyPlan::Off, UpdateEncoding::Int8Row, &mut plain).unwrap();
+        assert!(plain.l2_norm() > bound, "the case this guards against");
+        for encoding in [UpdateEncoding::F16, UpdateEncoding::Int8Tensor, UpdateEncoding::Int8Row] {
+            let mut d = delta.clone();
+            quantize_update(&plan, encoding, &mut d).unwrap();
+            assert!(d.l2_norm() <= bound, "{encoding}: {} > {bound}", d.l2_norm());
+            // On the encoding's grid: quantizing again changes nothing.
+            let mut again = d.clone();
+            quantize_update(&PrivacyPlan::Off, encoding, &mut again).unwrap();
+            assert_eq!(again, d, "{encoding}");
+            assert!((d.l2_norm() - bound).abs() < 0.02 * bound, "{encoding}: shrunk no more than needed");
+        }
     }
 }

@@ -329,6 +329,7 @@ mod tests {
             policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: 1.0 },
             deadline_secs: 60,
             total_rounds: 3,
+            update_encoding: fedward_shared::codec::UpdateEncoding::F32,
         }
     }
 

@@ -799,6 +799,7 @@ fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: D
         policy: settings.policy,
         deadline_secs: left.as_secs().max(1),
         total_rounds: settings.total_rounds,
+        update_encoding: settings.aggregation.update_encoding,
     }
 }
 
@@ -810,6 +811,13 @@ fn all_finite(m: &LocalMetrics) -> bool {
 }
 
 fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) -> Result<(), Reject> {
+    let offered = settings.aggregation.update_encoding;
+    if h.encoding != offered {
+        return Err(Reject::new(
+            RejectCode::PolicyViolation,
+            format!("the update is encoded as {}; this round's offer asks for {offered}", h.encoding),
+        ));
+    }
     let trainable = &settings.plan.trainable_tensors;
     for spec in &h.tensors {
         if !trainable.contains(&spec.name) {
@@ -895,6 +903,7 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
 
 #[cfg(test)]
 mod tests {
+    use fedward_shared::codec::UpdateEncoding;
     use fedward_shared::config::OverNorm;
     use fedward_shared::plan::Trainable;
     use fedward_shared::tensor::Tensor;
@@ -953,6 +962,7 @@ mod tests {
             metrics: Some(LocalMetrics { train_loss: 1.0, ..Default::default() }),
             tensors: d.specs(),
             privacy: PrivacyUsed::off(),
+            encoding: UpdateEncoding::F32,
         }
     }
 
@@ -993,6 +1003,25 @@ mod tests {
         m.handle_ready(t0, site("b"));
         assert_eq!(offers(&drain(&mut m)), [(site("a"), RoundId(1)), (site("b"), RoundId(1))]);
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn the_offer_names_the_encoding_and_an_update_in_another_is_refused() {
+        let t0 = Instant::now();
+        let mut s = settings(1, 1);
+        s.aggregation.update_encoding = UpdateEncoding::Int8Row;
+        let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        let out = drain(&mut m);
+        assert!(matches!(&out[..], [Output::Offer { offer, .. }] if offer.update_encoding == UpdateEncoding::Int8Row));
+        let d = delta(0.5);
+        let plain = header(1, 10, &d);
+        let refused = m.begin_update(&site("a"), &plain).unwrap_err();
+        assert_eq!(refused.code, RejectCode::PolicyViolation);
+        assert!(refused.message.contains("encoded as f32") && refused.message.contains("asks for int8-row"), "{}", refused.message);
+        let h = UpdateHeader { encoding: UpdateEncoding::Int8Row, ..plain };
+        m.begin_update(&site("a"), &h).unwrap();
+        m.finish_update(t0, &site("a"), &h, d).unwrap();
     }
 
     #[test]

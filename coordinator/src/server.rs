@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use fedward_net::{paced, read_message, read_tensors, reply, within, write_message, StreamError};
+use fedward_net::{paced, read_message, read_update_tensors, reply, within, write_message, StreamError};
 use fedward_shared::config::{Admission, Transport};
 use fedward_shared::failpoint;
 use fedward_shared::pki::site_of_cert;
@@ -131,7 +131,7 @@ pub struct SiteView {
     pub software: Option<String>,
     /// RFC 3339: when the certificate of its last connection expires.
     pub cert_expires: Option<String>,
-    /// Tensor bytes of the last update whose bytes arrived, and when they did.
+    /// Bytes on the wire of the last update whose bytes arrived, and when they did.
     pub last_update_bytes: Option<u64>,
     pub last_update_at: Option<String>,
     /// The budget its last `Hello` declared (kept and enforced by the site alone).
@@ -700,8 +700,9 @@ fn note_site(seen: &mut BTreeMap<SiteId, SiteView>, ev: &Event) {
             view.software = Some(software.clone());
             view.budget = *budget;
         }
-        Event::FinishUpdate { tensors, .. } => {
-            view.last_update_bytes = Some(tensors.byte_len() as u64);
+        Event::FinishUpdate { header, .. } => {
+            // As it travelled (a quantized update is smaller than its values).
+            view.last_update_bytes = Some(wire::encoded_payload_bytes(&header.tensors, header.encoding) as u64);
             view.last_update_at = Some(now.clone());
         }
         _ => {}
@@ -1168,8 +1169,9 @@ async fn receive_update(
     write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
     failpoint::crash_point(failpoint::COORDINATOR_UPLOAD);
     let started = Instant::now();
-    let bytes = wire::declared_payload_bytes(&header.tensors, usize::MAX).unwrap_or(usize::MAX);
-    let transfer = paced(ctx.shared.transport.pace, bytes, "update upload", read_tensors(recv, &header.tensors));
+    // What travels: the header's tensors in its encoding (checked against the offer's).
+    let bytes = wire::encoded_payload_bytes(&header.tensors, header.encoding);
+    let transfer = paced(ctx.shared.transport.pace, bytes, "update upload", read_update_tensors(recv, &header.tensors, header.encoding));
     let received = tokio::select! {
         received = transfer => received,
         () = &mut round_over => {
@@ -1198,7 +1200,6 @@ async fn receive_update(
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    let bytes = tensors.byte_len();
     let mib = bytes as f64 / (1 << 20) as f64;
     let (tx, rx) = oneshot::channel();
     let ev = Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply: tx };

@@ -186,7 +186,14 @@ async fn send_update(site: &HandSite, accountant: &mut Accountant, offer: &Round
     let delta = delta_for(offer, value);
     let specs = delta.specs();
     let metrics = LocalMetrics { train_loss: 0.5, val_loss: None, val_accuracy: Some(accuracy), val_macro_f1: None, train_secs: 1.0 };
-    let header = UpdateHeader { round: offer.round, num_examples: 100, metrics: Some(metrics), tensors: specs.clone(), privacy };
+    let header = UpdateHeader {
+        round: offer.round,
+        num_examples: 100,
+        metrics: Some(metrics),
+        tensors: specs.clone(),
+        privacy,
+        encoding: fedward_shared::codec::UpdateEncoding::F32,
+    };
     let (mut send, mut recv) = site.conn.open_bi().await?;
     write_message(&mut send, &Message::Update(header)).await?;
     match read_message(&mut recv).await? {

@@ -494,17 +494,22 @@ impl Report {
 }
 
 /// Audits site ledgers and, optionally, the coordinator's, reconciling each site ledger's
-/// site against it. `generated_at` is the caller's clock, shown in the report.
+/// site against it. `generated_at` is the caller's clock, shown in the report; `auditing`
+/// hears each ledger's name as its audit starts (a command's progress).
 pub fn build_report(
     site_ledgers: &[(String, Vec<u8>)],
     coordinator: Option<(String, Vec<u8>)>,
     trusted: Option<&VerifyingKey>,
     delta: Option<f64>,
     generated_at: String,
+    auditing: &mut dyn FnMut(&str),
 ) -> Report {
-    let ledgers: Vec<NamedAudit> =
-        site_ledgers.iter().map(|(name, bytes)| NamedAudit { name: name.clone(), audit: audit_ledger(bytes, trusted, delta) }).collect();
-    let coordinator = coordinator.map(|(name, bytes)| NamedAudit { name, audit: audit_ledger(&bytes, trusted, delta) });
+    let mut audit_named = |name: &str, bytes: &[u8]| {
+        auditing(name);
+        NamedAudit { name: name.to_owned(), audit: audit_ledger(bytes, trusted, delta) }
+    };
+    let ledgers: Vec<NamedAudit> = site_ledgers.iter().map(|(name, bytes)| audit_named(name, bytes)).collect();
+    let coordinator = coordinator.map(|(name, bytes)| audit_named(&name, &bytes));
     let mut reconciliations = Vec::new();
     if let Some(c) = &coordinator {
         for l in &ledgers {
@@ -1042,13 +1047,16 @@ pub(crate) mod tests {
         let b = site_ledger("beta", 2);
         let c = coordinator_ledger(&[&a, &b], &key());
         let vk = key().verifying_key();
+        let mut audited = Vec::new();
         let report = build_report(
             &[("alpha.jsonl".into(), a.to_bytes()), ("beta.jsonl".into(), b.to_bytes())],
             Some(("coordinator.jsonl".into(), c.to_bytes())),
             Some(&vk),
             None,
             "2025-03-03T00:00:00Z".into(),
+            &mut |name| audited.push(name.to_owned()),
         );
+        assert_eq!(audited, ["alpha.jsonl", "beta.jsonl", "coordinator.jsonl"], "each ledger's audit is announced");
         assert!(report.passed);
         assert_eq!(report.reconciliations.len(), 2);
         let csv = render_csv(&report);
@@ -1067,7 +1075,7 @@ pub(crate) mod tests {
     #[test]
     fn html_escapes_names() {
         let a = site_ledger("alpha", 1);
-        let report = build_report(&[("<b>x</b>.jsonl".into(), a.to_bytes())], None, None, None, "now".into());
+        let report = build_report(&[("<b>x</b>.jsonl".into(), a.to_bytes())], None, None, None, "now".into(), &mut |_| {});
         let html = render_html(&report);
         assert!(html.contains("&lt;b&gt;x&lt;/b&gt;.jsonl") && !html.contains("<b>x</b>"));
     }

@@ -343,20 +343,39 @@ pub fn report(args: &ReportArgs, now: OffsetDateTime, out: &mut dyn Write) -> Re
         return Err(invalid("ledger", "give at least one site ledger"));
     }
     let key = public_key(args.public_key.as_deref())?;
-    let mut sites = Vec::with_capacity(args.ledger.len());
-    for path in &args.ledger {
-        sites.push((path.display().to_string(), fsutil::read(path)?));
-    }
-    let coordinator = match &args.coordinator_ledger {
-        Some(p) => Some((p.display().to_string(), fsutil::read(p)?)),
-        None => None,
+    // Reading and auditing each ledger, then writing the report: a bar on a terminal's
+    // stderr (long ledgers take a while), nothing when piped.
+    let steps = 2 * (args.ledger.len() + usize::from(args.coordinator_ledger.is_some())) + 1;
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps, {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut read = |path: &std::path::Path| -> Result<(String, Vec<u8>), CliError> {
+        bar.set_message(format!("reading {}", path.display()));
+        let bytes = fsutil::read(path)?;
+        bar.inc(1);
+        Ok((path.display().to_string(), bytes))
     };
+    let sites = args.ledger.iter().map(|p| read(p)).collect::<Result<Vec<_>, _>>()?;
+    let coordinator = args.coordinator_ledger.as_deref().map(&mut read).transpose()?;
     let generated_at = format_time(now).unwrap_or_else(|_| "unknown".into());
-    let report = audit::build_report(&sites, coordinator, key.as_ref(), delta, generated_at);
+    let mut audited = 0;
+    let report = audit::build_report(&sites, coordinator, key.as_ref(), delta, generated_at, &mut |name| {
+        // Each audit's start is the previous one's end.
+        bar.inc(u64::from(audited > 0));
+        audited += 1;
+        bar.set_message(format!("auditing {name}"));
+    });
+    bar.inc(1);
+    bar.set_message("writing the report");
     let html = args.out.join("report.html");
     fsutil::atomic_write(&html, audit::render_html(&report).as_bytes(), false)?;
     fsutil::atomic_write(&args.out.join("report.json"), audit::render_json(&report).as_bytes(), false)?;
     fsutil::atomic_write(&args.out.join("report.csv"), audit::render_csv(&report).as_bytes(), false)?;
+    bar.inc(1);
+    bar.finish_and_clear();
     for n in report.ledgers.iter().chain(&report.coordinator) {
         writeln!(out, "{}: {} ledger, {} entries, {} problems", n.name, n.audit.kind, n.audit.entries, n.audit.failures())?;
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::codec::UpdateEncoding;
 use crate::plan::{Optimizer, PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
 use crate::wire::{PrivacyPolicy, SiteId};
 
@@ -249,6 +250,9 @@ pub struct RawAggregation {
     pub max_update_norm: Option<f64>,
     /// What happens to an update above the bound: `clip` (scaled down to it) or `refuse`.
     pub over_norm: String,
+    /// How sites send their updates: `f32`, `f16`, `int8` (a scale per tensor) or
+    /// `int8-row` (a scale per row); quantized after the privacy step (`codec`).
+    pub update_encoding: String,
 }
 
 impl Default for RawAggregation {
@@ -260,6 +264,7 @@ impl Default for RawAggregation {
             max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
             max_update_norm: None,
             over_norm: "clip".into(),
+            update_encoding: "f32".into(),
         }
     }
 }
@@ -474,6 +479,8 @@ pub struct Aggregation {
     /// `None`: derived from the privacy plan once the model's size is known.
     pub max_update_norm: Option<f64>,
     pub over_norm: OverNorm,
+    /// What the offer asks sites to send their updates in.
+    pub update_encoding: UpdateEncoding,
 }
 
 impl Default for Aggregation {
@@ -484,6 +491,7 @@ impl Default for Aggregation {
             max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
             max_update_norm: None,
             over_norm: OverNorm::Clip,
+            update_encoding: UpdateEncoding::F32,
         }
     }
 }
@@ -528,7 +536,15 @@ impl Aggregation {
             }
             _ => {}
         }
-        Ok(Self { method, weighting, max_examples_per_site: raw.max_examples_per_site, max_update_norm: raw.max_update_norm, over_norm })
+        let update_encoding = raw.update_encoding.parse().map_err(|e| invalid("aggregation.update_encoding", e))?;
+        Ok(Self {
+            method,
+            weighting,
+            max_examples_per_site: raw.max_examples_per_site,
+            max_update_norm: raw.max_update_norm,
+            over_norm,
+            update_encoding,
+        })
     }
 }
 
@@ -1208,8 +1224,15 @@ name = "Hospital B"
                 max_examples_per_site: DEFAULT_MAX_EXAMPLES_PER_SITE,
                 max_update_norm: Some(3.5),
                 over_norm: OverNorm::Refuse,
+                update_encoding: UpdateEncoding::F32,
             }
         );
+        let with = |encoding: &str| {
+            CoordinatorConfig::parse(&format!("{COORD}\n[aggregation]\nupdate_encoding = \"{encoding}\"\n"), Path::new("/"))
+        };
+        assert_eq!(with("int8-row").unwrap().aggregation.update_encoding, UpdateEncoding::Int8Row);
+        let err = with("int4").unwrap_err().to_string();
+        assert!(err.starts_with("aggregation.update_encoding") && err.contains("f32, f16, int8, int8-row"), "{err}");
         let text = format!("{COORD}\n[ledger]\nsigning_key = \"keys/ledger.key\"\nfile = \"/var/log/fedward/ledger.jsonl\"\n");
         let c = CoordinatorConfig::parse(&text, Path::new("/srv/fedward")).unwrap();
         assert_eq!(c.ledger_key, Path::new("/srv/fedward/keys/ledger.key"));

@@ -1245,7 +1245,14 @@ mod tests {
             epsilon_after: 0.9,
             delta: 1e-5,
         };
-        let header = UpdateHeader { round: RoundId(3), num_examples: 500, metrics: None, tensors: update.specs(), privacy: used };
+        let header = UpdateHeader {
+            round: RoundId(3),
+            num_examples: 500,
+            metrics: None,
+            tensors: update.specs(),
+            privacy: used,
+            encoding: crate::codec::UpdateEncoding::F32,
+        };
         let mut site_l = Ledger::new();
         let release = ReleaseRecord::new(site(), RoundId(3), &used, 500, 0.0, update.digest(), T0).unwrap();
         site_l.append(Body::Release(release)).unwrap();

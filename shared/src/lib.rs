@@ -8,6 +8,7 @@ pub mod access;
 pub mod audit;
 pub mod checkpoint;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod dp;
 pub mod failpoint;

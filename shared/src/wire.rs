@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::UpdateEncoding;
 use crate::dp::Release;
 use crate::plan::{PrivacyMode, TrainingPlan};
 use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSpec};
@@ -29,7 +30,8 @@ pub const ALPN: &[u8] = b"fedward/1";
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
 /// metrics may be withheld and a decline carries only its reason code; 5: certificate
-/// renewal over the connection; 6: `Finished` carries the final model's manifest.
+/// renewal over the connection; 6: `Finished` carries the final model's manifest, `Hello` the
+/// site's declared budget, offers and update headers the update's encoding.
 pub const PROTOCOL_VERSION: u32 = 6;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
@@ -284,6 +286,8 @@ pub struct RoundOffer {
     /// Seconds left before the coordinator stops waiting for updates of this round.
     pub deadline_secs: u64,
     pub total_rounds: u64,
+    /// How the update's tensors are to be sent (quantized after the privacy step).
+    pub update_encoding: UpdateEncoding,
 }
 
 impl RoundOffer {
@@ -372,9 +376,12 @@ pub struct UpdateHeader {
     /// Local training figures; `None` (withheld) under a DP plan unless the site opts in
     /// (`share_metrics`): exact losses and accuracies are outside the DP guarantee.
     pub metrics: Option<LocalMetrics>,
-    /// The delta of every trainable tensor, in this order.
+    /// The delta of every trainable tensor, in this order. Digests are of the values as
+    /// decoded, whatever `encoding` carries them.
     pub tensors: Vec<TensorSpec>,
     pub privacy: PrivacyUsed,
+    /// How the tensors' bytes follow (the offer's `update_encoding`).
+    pub encoding: UpdateEncoding,
 }
 
 /// Why a site does not take part in a round.
@@ -612,6 +619,26 @@ pub enum TensorStreamError {
     DigestMismatch { name: String, declared: String, actual: String },
     #[error(transparent)]
     Tensor(#[from] TensorError),
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+}
+
+/// Bytes `specs` take on the wire in `encoding` (bound them with
+/// [`declared_payload_bytes`] first).
+pub fn encoded_payload_bytes(specs: &[TensorSpec], encoding: UpdateEncoding) -> usize {
+    specs.iter().map(|s| encoding.encoded_len(&s.shape)).sum()
+}
+
+/// Completes a tensor received in a quantized `encoding`: decodes its wire `bytes` into
+/// `t` (from [`alloc_tensor`]) and checks the declared digest, which is of the decoded
+/// values. Non-finite values (a lying scale) are left for the receiver's own policy.
+pub fn decode_tensor(spec: &TensorSpec, encoding: UpdateEncoding, bytes: &[u8], t: &mut Tensor) -> Result<(), TensorStreamError> {
+    encoding.decode(&spec.shape, bytes, t.data_mut())?;
+    let actual = t.digest();
+    if actual != spec.digest {
+        return Err(TensorStreamError::DigestMismatch { name: spec.name.clone(), declared: spec.digest.short(), actual: actual.short() });
+    }
+    Ok(())
 }
 
 /// A zeroed buffer for a declared tensor; the raw bytes are read straight into it via
@@ -714,6 +741,7 @@ mod tests {
                 policy: PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 0.8, max_clip_norm: 2.0 },
                 deadline_secs: 600,
                 total_rounds: 5,
+                update_encoding: UpdateEncoding::F32,
             }),
             Message::Finished(Finished { completed_rounds: 5, model_digest: digest, manifest: vec![] }),
             Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
@@ -725,6 +753,7 @@ mod tests {
                 metrics: Some(LocalMetrics { train_loss: 0.4, val_accuracy: Some(0.9), ..Default::default() }),
                 tensors: vec![spec()],
                 privacy: PrivacyUsed::off(),
+                encoding: UpdateEncoding::F32,
             }),
             Message::Decline(Decline { round: RoundId(3), reason: DeclineReason::BudgetExhausted }),
             Message::Ack(Ack { round: RoundId(3) }),

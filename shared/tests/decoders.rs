@@ -71,6 +71,7 @@ fn offer() -> Message {
         policy: wire::PrivacyPolicy { mode: fedward_shared::plan::PrivacyMode::RecordLevel, min_noise_multiplier: 1.0, max_clip_norm: 1.0 },
         deadline_secs: 600,
         total_rounds: 10,
+        update_encoding: fedward_shared::codec::UpdateEncoding::Int8Row,
     })
 }
 
@@ -83,6 +84,7 @@ fn frames() -> Vec<u8> {
         metrics: Default::default(),
         tensors: vec![TensorSpec { name: "classifier.weight".into(), shape: vec![4, 8], digest: Digest([7; 32]) }],
         privacy: PrivacyUsed::off(),
+        encoding: fedward_shared::codec::UpdateEncoding::Int8Row,
     });
     [hello, offer(), update].iter().flat_map(|m| wire::encode(m).unwrap()).collect()
 }

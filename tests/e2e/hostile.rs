@@ -23,6 +23,7 @@ fn update(offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Message {
         metrics: Default::default(),
         tensors: delta.specs(),
         privacy: wire::PrivacyUsed::off(),
+        encoding: fedward_shared::codec::UpdateEncoding::F32,
     })
 }
 
@@ -222,6 +223,7 @@ async fn an_agent_refuses_tensors_shaped_other_than_offered() {
                         policy: no_privacy().1,
                         deadline_secs: 60,
                         total_rounds: 1,
+                        update_encoding: fedward_shared::codec::UpdateEncoding::F32,
                     })
                 }
                 Message::ModelRequest(req) => {

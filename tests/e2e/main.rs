@@ -8,9 +8,11 @@ use std::time::Duration;
 use fedward_agent::daemon::{DaemonError, DaemonOutcome};
 use fedward_coordinator::server::RunOutcome;
 use fedward_coordinator::store::Store;
+use fedward_shared::codec::UpdateEncoding;
 use fedward_shared::ledger::Body;
 use fedward_shared::pki::Validity;
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan};
+use fedward_shared::tensor::TensorSet;
 use fedward_shared::wire::{self, Message, PrivacyPolicy, Ready, RejectCode};
 use fedward_tests::*;
 
@@ -72,6 +74,16 @@ async fn a_hundred_agents_complete_their_rounds() {
 /// compares it with the coordinator's last checkpoint (to f32 rounding: the coordinator
 /// sums in f32, in arrival order).
 fn assert_model_is_the_weighted_mean(state_dir: &std::path::Path, rounds: u64, logs: &[std::sync::Arc<std::sync::Mutex<Vec<Sent>>>]) {
+    assert_model_is_the_weighted_mean_of(state_dir, rounds, logs, UpdateEncoding::F32);
+}
+
+/// As [`assert_model_is_the_weighted_mean`], of the updates as `encoding` quantized them.
+fn assert_model_is_the_weighted_mean_of(
+    state_dir: &std::path::Path,
+    rounds: u64,
+    logs: &[std::sync::Arc<std::sync::Mutex<Vec<Sent>>>],
+    encoding: UpdateEncoding,
+) {
     let history = Store::open(state_dir).unwrap().state().unwrap().history.clone();
     let mut expected = tiny_global();
     for round in 1..=rounds {
@@ -89,7 +101,17 @@ fn assert_model_is_the_weighted_mean(state_dir: &std::path::Path, rounds: u64, l
             sealed.model_digest.clone().unwrap()
         };
         assert!(sent.iter().all(|s| s.global_digest == built), "round {round}");
-        let updates: Vec<(u64, &_)> = sent.iter().map(|s| (s.num_examples, &s.delta)).collect();
+        let quantized: Vec<(u64, TensorSet)> = sent
+            .iter()
+            .map(|s| {
+                let mut d = s.delta.clone();
+                for (name, t) in d.iter_mut() {
+                    encoding.quantize(name, t).unwrap();
+                }
+                (s.num_examples, d)
+            })
+            .collect();
+        let updates: Vec<(u64, &_)> = quantized.iter().map(|(n, d)| (*n, d)).collect();
         apply_weighted_mean(&mut expected, &updates);
     }
     let store = Store::open(state_dir).unwrap();
@@ -179,6 +201,45 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     let args = fedward_shared::cli::VerifyArgs { ledger: ledger_file, public_key: Some(public), delta: None, json: false };
     let mut out = Vec::new();
     assert!(fedward_shared::cli::verify(&args, &mut out).unwrap(), "{}", String::from_utf8_lossy(&out));
+}
+
+/// Under `update_encoding = "int8-row"` the sites send quantized deltas (a quarter of the
+/// bytes) and the global model is the weighted mean of exactly the quantized values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_updates_are_decoded_and_averaged_exactly() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 2, 2, vec!["alpha", "beta"]);
+    s.aggregation.update_encoding = UpdateEncoding::Int8Row;
+    let coord = CoordinatorHandle::start(&pki, s);
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (i, (site, value, examples)) in [("alpha", 0.3, 100), ("beta", -0.7, 300)].into_iter().enumerate() {
+        let (trainer, sent) = ScriptedTrainer::new(value, examples);
+        agents.push(spawn_agent(agent_options(coord.addr, pki.site_tls(site), &dir.path().join(format!("agent-{i}")), 0), trainer));
+        logs.push(sent);
+    }
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 2 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    assert_model_is_the_weighted_mean_of(&dir.path().join("coordinator"), 2, &logs, UpdateEncoding::Int8Row);
+    // Quantizing changed the values (so the check above is of the quantized ones) ...
+    let first = logs[0].lock().unwrap()[0].delta.clone();
+    let mut quantized = first.clone();
+    for (name, t) in quantized.iter_mut() {
+        UpdateEncoding::Int8Row.quantize(name, t).unwrap();
+    }
+    assert_ne!(quantized, first);
+    // ... and a byte per value plus a scale per row went over the wire.
+    let status: fedward_agent::status::DaemonStatus =
+        serde_json::from_slice(&std::fs::read(dir.path().join("agent-0/status.json")).unwrap()).unwrap();
+    let sent = status.last_update.unwrap().mib * (1 << 20) as f64;
+    let expected: usize =
+        first.iter().map(|(_, t)| t.len() + 4 * t.shape().first().copied().filter(|_| t.shape().len() > 1).unwrap_or(1)).sum();
+    assert_eq!(sent.round() as usize, expected, "of {} bytes in f32", first.byte_len());
+    assert!(expected < first.byte_len() / 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -700,8 +761,14 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         epsilon_after: 1.0,
         delta: 1e-5,
     };
-    let header =
-        wire::UpdateHeader { round: offer.round, num_examples: 1000, metrics: Default::default(), tensors: delta.specs(), privacy: used };
+    let header = wire::UpdateHeader {
+        round: offer.round,
+        num_examples: 1000,
+        metrics: Default::default(),
+        tensors: delta.specs(),
+        privacy: used,
+        encoding: fedward_shared::codec::UpdateEncoding::F32,
+    };
     let Message::Reject(r) = exchange(&conn, &Message::Update(header), Some(&delta)).await else { panic!("expected a reject") };
     assert_eq!(r.code, RejectCode::PolicyViolation);
     assert!(r.message.contains("noise multiplier 0.5 is below the consortium minimum 1"), "{}", r.message);

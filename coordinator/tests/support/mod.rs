@@ -340,7 +340,14 @@ impl HandSite {
     /// Sends `delta` as the round's update; returns the coordinator's answer.
     pub async fn send_update(&self, offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Result<Message> {
         let specs = delta.specs();
-        let header = UpdateHeader { round: offer.round, num_examples, metrics: None, tensors: specs.clone(), privacy: PrivacyUsed::off() };
+        let header = UpdateHeader {
+            round: offer.round,
+            num_examples,
+            metrics: None,
+            tensors: specs.clone(),
+            privacy: PrivacyUsed::off(),
+            encoding: fedward_shared::codec::UpdateEncoding::F32,
+        };
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_message(&mut send, &Message::Update(header)).await?;
         match read_message(&mut recv).await? {

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedward_shared::codec::UpdateEncoding;
 use fedward_shared::config::{Admission, Pace, Transport};
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{self, DecodeError, Message, TensorStreamError};
@@ -100,6 +101,51 @@ pub async fn read_tensors(recv: &mut quinn::RecvStream, specs: &[TensorSpec]) ->
         set.insert(spec.name.clone(), t);
     }
     Ok(set)
+}
+
+/// Reads an update's tensors sent in `encoding`: raw f32 straight into place
+/// ([`read_tensors`]), a quantized encoding one tensor's bytes at a time into a reused
+/// buffer, decoded into place; digests checked either way.
+pub async fn read_update_tensors(
+    recv: &mut quinn::RecvStream,
+    specs: &[TensorSpec],
+    encoding: UpdateEncoding,
+) -> Result<TensorSet, StreamError> {
+    if encoding == UpdateEncoding::F32 {
+        return read_tensors(recv, specs).await;
+    }
+    let mut set = TensorSet::new();
+    let mut bytes = Vec::new();
+    for spec in specs {
+        let mut t = wire::alloc_tensor(spec);
+        bytes.resize(encoding.encoded_len(&spec.shape), 0);
+        recv.read_exact(&mut bytes).await.map_err(finished_is_closed)?;
+        wire::decode_tensor(spec, encoding, &bytes, &mut t)?;
+        set.insert(spec.name.clone(), t);
+    }
+    Ok(set)
+}
+
+/// Writes an update's tensors in `encoding`, in the given order. The tensors must already
+/// hold what the encoding carries ([`UpdateEncoding::quantize`]) for the digests to match.
+pub async fn write_update_tensors(
+    send: &mut quinn::SendStream,
+    set: &TensorSet,
+    specs: &[TensorSpec],
+    encoding: UpdateEncoding,
+) -> Result<(), StreamError> {
+    if encoding == UpdateEncoding::F32 {
+        return write_tensors(send, set, specs).await;
+    }
+    let mut bytes = Vec::new();
+    for spec in specs {
+        if let Some(t) = set.get(&spec.name) {
+            bytes.clear();
+            encoding.encode(&spec.name, t, &mut bytes).map_err(TensorStreamError::from)?;
+            send.write_all(&bytes).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the named tensors' raw bytes in the given order (no copy on little-endian hosts).
