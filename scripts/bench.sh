@@ -27,6 +27,13 @@
 #   scripts/bench.sh triage     POST /v1/requests of the triage service, one at a time, beside
 #                               predict on the same notes (agent/benches/triage.rs; needs
 #                               scripts/fetch-models.sh)
+#   scripts/bench.sh onnx       predict samples/s on CPU against ONNX Runtime on the same exported
+#                               model and notes, same threads, interleaved (scripts/bench-onnx/:
+#                               the ONNX graph built from the exported weights, checked against
+#                               predict's probabilities; onnxruntime pinned in its requirements.txt,
+#                               installed into bench-out/onnx-venv). Options: --notes 1000
+#                               --threads 2 --rounds 2 (bench-out/onnx.json; needs
+#                               scripts/fetch-models.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-out
@@ -97,6 +104,19 @@ case "${1:-transfer}" in
     scripts/fetch-models.sh
     cargo bench --locked -p fedward-agent --bench triage -- --out "$out/triage.json"
     ;;
+  onnx)
+    scripts/fetch-models.sh
+    cargo build --release --locked -p fedward-agent
+    venv="$out/onnx-venv"
+    if [ ! -x "$venv/bin/python" ] || ! cmp -s scripts/bench-onnx/requirements.txt "$venv/requirements.txt"; then
+      rm -rf "$venv"
+      python3 -m venv "$venv"
+      "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/bench-onnx/requirements.txt
+      cp scripts/bench-onnx/requirements.txt "$venv/requirements.txt"
+    fi
+    "$venv/bin/python" scripts/bench-onnx/bench.py run --agent "${CARGO_TARGET_DIR:-target}/release/fedward-agent" \
+      --base models-data/all-MiniLM-L6-v2 --work "$out/onnx-work" --out "$out/onnx.json" "${@:2}"
+    ;;
   *)
-    echo "usage: scripts/bench.sh transfer|scale|fold|train|allocate|round|triage" >&2; exit 2 ;;
+    echo "usage: scripts/bench.sh transfer|scale|fold|train|allocate|round|triage|onnx" >&2; exit 2 ;;
 esac
