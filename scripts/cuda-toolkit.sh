@@ -72,16 +72,18 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 lib
   ln -sfn "$lib" "$root/lib/${lib%.so.*}.so"
 done
 
-# The driver stub, for linking only (never on LD_LIBRARY_PATH): one empty function per driver
-# entry point cudarc declares (read from the cudarc source this workspace locks).
+# The driver stub, for linking only: one function per driver entry point cudarc declares
+# (read from the cudarc source this workspace locks), each returning CUDA_ERROR_NO_DEVICE
+# (100). Never on LD_LIBRARY_PATH in use; put first, it makes a machine without a GPU look
+# like one whose driver finds no device (how the check's no-device path was tried here).
 stub="$root/lib/stubs/libcuda.so"
-if [ ! -f "$stub" ]; then
+if ! grep -qs 'return 100' "$root/lib/stubs/libcuda-stub.c"; then
   cudarc=$(cargo metadata --locked --format-version 1 --features fedward-models/cuda |
     python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))')
   src="$(dirname "$cudarc")/src/driver/sys/mod.rs"
   mkdir -p "$root/lib/stubs"
   grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$src" | awk '{print $4}' | sort -u |
-    awk '{print "void " $1 "(void) {}"}' >"$root/lib/stubs/libcuda-stub.c"
+    awk '{print "int " $1 "(void) { return 100; }"}' >"$root/lib/stubs/libcuda-stub.c"
   [ -s "$root/lib/stubs/libcuda-stub.c" ] || { echo "no driver functions found in $src" >&2; exit 1; }
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$root/lib/stubs/libcuda-stub.c"
   echo "built the link-time driver stub $stub ($(wc -l <"$root/lib/stubs/libcuda-stub.c") functions)" >&2

@@ -146,12 +146,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Err(e) => {
+            // The error says whether this build has the cuda feature (`train::device`).
             eprintln!("gpu-check: FAILED: no CUDA device: {e}");
-            if cfg!(feature = "cuda") {
-                eprintln!("gpu-check: this binary has the cuda feature: the NVIDIA driver (libcuda.so.1) or the GPU is missing");
-            } else {
-                eprintln!("gpu-check: this binary was built without the cuda feature: build it with scripts/gpu-check.sh");
-            }
             return ExitCode::from(2);
         }
     };

@@ -870,8 +870,14 @@ pub fn device(spec: &str) -> Result<Device, TrainError> {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .ok_or_else(|| TrainError::InvalidPlan(format!("device {s:?}: expected auto, cpu or cuda:N")))?;
-            Device::new_cuda(n)
-                .map_err(|e| TrainError::Backend(format!("cuda:{n} unavailable: {e} (was fedward built with --features cuda?)")))
+            // A build without the feature has no CUDA backend at all; one with it needs the
+            // NVIDIA driver's libcuda and a GPU (scripts/gpu-check.sh checks both).
+            let hint = if cfg!(feature = "cuda") {
+                "built with --features cuda: is the NVIDIA driver installed and a GPU present?"
+            } else {
+                "this build has no CUDA backend: build with --features cuda"
+            };
+            Device::new_cuda(n).map_err(|e| TrainError::Backend(format!("cuda:{n} unavailable: {e} ({hint})")))
         }
     }
 }
