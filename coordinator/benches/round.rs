@@ -333,7 +333,8 @@ fn run(agent_bin: &Path, params: usize, sites: usize, rounds: u64, layout: Optio
         if line.eof {
             match line.from {
                 Some(i) if !finished[i] => bail!("agent {i} exited before the federation finished"),
-                None if agents_done < sites => bail!("the coordinator exited before the agents finished"),
+                // It exits once the federation is over, possibly before the agents say so.
+                None if (sealed.len() as u64) < rounds => bail!("the coordinator exited after {} of {rounds} rounds", sealed.len()),
                 _ => continue,
             }
         }
