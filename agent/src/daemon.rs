@@ -33,7 +33,7 @@ use fedward_shared::failpoint;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
-use fedward_shared::tensor::{Digest, TensorSet, TensorSpec};
+use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
     self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundId, RoundOffer, SiteId,
     UpdateHeader, PROTOCOL_VERSION,
@@ -44,7 +44,7 @@ use crate::outbox::ReleasedUpdate;
 use crate::privacy::{disclosed, privacy_used, privatize, quantize_update};
 use crate::session::{
     assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
-    unrecorded_acceptances, CachedRelease, Decision, Prior,
+    unrecorded_acceptances, CachedModel, CachedRelease, Decision, Prior,
 };
 use crate::status::{Phase, StatusWriter};
 
@@ -158,6 +158,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
     let mut state = AgentState {
         trainer: Some(trainer),
         cache: load_cache(&opts),
+        cache_write: None,
         rounds_trained: 0,
         ledger: Some(ledger),
         released,
@@ -282,7 +283,9 @@ pub fn backoff(failures: u32, max: Duration, rng: &mut impl Rng) -> Duration {
 struct AgentState {
     /// Taken out while training runs on a blocking thread.
     trainer: Option<Box<dyn Trainer>>,
-    cache: Option<TensorSet>,
+    cache: Option<CachedModel>,
+    /// The cache file being written in the background, if any.
+    cache_write: Option<tokio::task::JoinHandle<()>>,
     rounds_trained: u64,
     /// Taken out while an append runs on a blocking thread.
     ledger: Option<LedgerFile>,
@@ -292,6 +295,17 @@ struct AgentState {
     last_train_secs: Option<f64>,
     /// What `fedward-agent status` reads.
     status: StatusWriter,
+}
+
+impl AgentState {
+    /// Waits for the background write of the model cache, if one is running.
+    async fn cache_written(&mut self) {
+        if let Some(write) = self.cache_write.take() {
+            if let Err(e) = write.await {
+                warn!(cause = %e, "the model cache's write failed");
+            }
+        }
+    }
 }
 
 /// Opens (and verifies) the site's ledger. A last line cut short by a crash is settled so
@@ -345,11 +359,11 @@ fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-fn load_cache(opts: &DaemonOptions) -> Option<TensorSet> {
+fn load_cache(opts: &DaemonOptions) -> Option<CachedModel> {
     let path = opts.state_dir.join(MODEL_CACHE);
     let bytes = std::fs::read(&path).ok()?;
     match TensorSet::from_safetensors(&bytes, false) {
-        Ok(set) => Some(set),
+        Ok(set) => Some(CachedModel::new(set)),
         Err(e) => {
             warn!(path = %path.display(), cause = %e, "ignoring an unreadable model cache");
             None
@@ -455,7 +469,7 @@ async fn serve(
         if renewal.installed {
             return SessionEnd::Renewed;
         }
-        let have_model = state.cache.as_ref().map(TensorSet::digest);
+        let have_model = state.cache.as_ref().map(|c| c.digest);
         state.status.round(None);
         state.status.set(Phase::Waiting, None);
         // While waiting for the next offer, the certificate is renewed when due; the wait
@@ -483,7 +497,7 @@ async fn serve(
                 // The hospital's service serves the cached model: it must be the one the
                 // federation ended with. A failed fetch ends the session as lost, and the
                 // reconnected agent hears `Finished` again and retries.
-                if state.cache.as_ref().map(TensorSet::digest) != Some(f.model_digest) {
+                if state.cache.as_ref().map(|c| c.digest) != Some(f.model_digest) {
                     state.status.set(Phase::Waiting, Some("fetching the final global model".into()));
                     let span = info_span!("final", round = f.completed_rounds);
                     if let Err(end) =
@@ -492,6 +506,7 @@ async fn serve(
                         return end;
                     }
                 }
+                state.cache_written().await;
                 return SessionEnd::Finished { completed_rounds: f.completed_rounds };
             }
             Ok(Message::Reject(r)) => return SessionEnd::Lost(format!("ready refused: {r}")),
@@ -626,6 +641,7 @@ async fn take_round(
     }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
+    // The update's tensors are hashed once, here; its digest is the manifest's.
     let header = UpdateHeader {
         round: offer.round,
         num_examples,
@@ -634,8 +650,9 @@ async fn take_round(
         privacy: used,
         encoding: offer.update_encoding,
     };
+    let update_digest = manifest_digest(&header.tensors);
     // The ledger records what was released: the count as sent.
-    let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update.delta.digest(), now())
+    let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update_digest, now())
         .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
     let released = ReleasedUpdate { model_digest: offer.model_digest, header, delta: update.delta, record };
     let released = record_release(opts, state, released).await?;
@@ -667,11 +684,11 @@ async fn record_release(opts: &DaemonOptions, state: &mut AgentState, released: 
     let (ledger, released, result) = joined.map_err(|e| SessionEnd::Fatal(format!("ledger thread panicked: {e}")))?;
     state.ledger = Some(ledger);
     result.map_err(SessionEnd::Fatal)?;
-    state.released =
-        Some(CachedRelease { round: released.header.round, model_digest: released.model_digest, update_digest: released.delta.digest() });
+    let update_digest = manifest_digest(&released.header.tensors);
+    state.released = Some(CachedRelease { round: released.header.round, model_digest: released.model_digest, update_digest });
     info!(
         epsilon_after = released.header.privacy.epsilon_after,
-        update = %released.delta.digest().short(),
+        update = %update_digest.short(),
         "release recorded in the ledger"
     );
     Ok(released)
@@ -708,7 +725,7 @@ async fn fetch_model(
     round: RoundId,
     digest: Digest,
     manifest: &[TensorSpec],
-) -> Result<TensorSet, SessionEnd> {
+) -> Result<Arc<TensorSet>, SessionEnd> {
     // What the offer declares is bounded before anything is requested or allocated.
     let model_bytes = wire::declared_payload_bytes(manifest, opts.max_model_bytes)
         .map_err(|e| SessionEnd::Lost(format!("the offered model is beyond this site's limit: {e}")))?;
@@ -756,17 +773,19 @@ async fn fetch_model(
         "global model received and verified"
     );
     if !names.is_empty() {
-        match model.to_safetensors(None) {
-            Ok(bytes) => {
-                if let Err(e) = fsutil::atomic_write(&opts.state_dir.join(MODEL_CACHE), &bytes, false) {
-                    warn!(cause = %e, "could not cache the global model");
-                }
+        // Written beside training, off the round's path (the triage service picks the file
+        // up when it lands); the next write, and the session's end, wait for this one.
+        state.cache_written().await;
+        let (set, path) = (model.set.clone(), opts.state_dir.join(MODEL_CACHE));
+        state.cache_write = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = fsutil::atomic_write_with(&path, false, |tmp| set.write_safetensors(tmp, None)) {
+                warn!(cause = %e, "could not cache the global model");
             }
-            Err(e) => warn!(cause = %e, "could not serialise the global model cache"),
-        }
+        }));
     }
-    state.cache = Some(model.clone());
-    Ok(model)
+    let set = model.set.clone();
+    state.cache = Some(model);
+    Ok(set)
 }
 
 async fn send_update(conn: &quinn::Connection, transport: &Transport, header: &UpdateHeader, delta: &TensorSet) -> Result<(), SessionEnd> {

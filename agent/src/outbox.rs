@@ -121,7 +121,10 @@ impl ReleasedUpdate {
     pub fn save(&self, state_dir: &Path) -> Result<(), OutboxError> {
         let bytes = self.encode()?;
         fsutil::atomic_write(&state_dir.join(RELEASED_UPDATE), &bytes, true)?;
-        fedward_shared::failpoint::keep_copy(&format!("{}.bin", self.delta.digest().to_hex()), &bytes);
+        if fedward_shared::failpoint::ENABLED {
+            let digest = fedward_shared::tensor::manifest_digest(&self.header.tensors);
+            fedward_shared::failpoint::keep_copy(&format!("{}.bin", digest.to_hex()), &bytes);
+        }
         Ok(())
     }
 

@@ -7,6 +7,8 @@
 //! its budget (epsilon at its delta, or its number of rounds), is declined here. The
 //! budget is checked against an [`Accountant`] rebuilt from the site's own ledger.
 
+use std::sync::Arc;
+
 use fedward_shared::config::SiteBudget;
 use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
@@ -230,13 +232,33 @@ pub fn fits_deadline(last_train_secs: Option<f64>, left_secs: f64) -> Result<(),
     }
 }
 
-/// The tensors of `manifest` that `cache` lacks or holds with another digest.
-pub fn tensors_to_fetch(manifest: &[TensorSpec], cache: Option<&TensorSet>) -> Vec<String> {
+/// The global model the agent holds, with the digests it was verified against: each
+/// tensor is hashed once, when it arrives (or when the cache is read at start-up), and
+/// never again while it stays unchanged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedModel {
+    /// Shared with the trainer and the background write of the cache file.
+    pub set: Arc<TensorSet>,
+    /// Name, shape and digest of every tensor, in name order.
+    pub specs: Vec<TensorSpec>,
+    /// The whole model's digest (`manifest_digest(&specs)`).
+    pub digest: Digest,
+}
+
+impl CachedModel {
+    /// Hashes `set` (a model read from disk).
+    pub fn new(set: TensorSet) -> Self {
+        let specs = set.specs();
+        Self { digest: manifest_digest(&specs), specs, set: Arc::new(set) }
+    }
+}
+
+/// The tensors of `manifest` that `cache` lacks or holds with another digest (no hashing:
+/// the cache knows its digests).
+pub fn tensors_to_fetch(manifest: &[TensorSpec], cache: Option<&CachedModel>) -> Vec<String> {
     manifest
         .iter()
-        .filter(|spec| {
-            cache.and_then(|c| c.get(&spec.name)).is_none_or(|t| t.shape() != spec.shape.as_slice() || t.digest() != spec.digest)
-        })
+        .filter(|spec| cache.and_then(|c| c.specs.iter().find(|s| s.name == spec.name)).is_none_or(|s| s != *spec))
         .map(|spec| spec.name.clone())
         .collect()
 }
@@ -246,8 +268,10 @@ pub fn tensors_to_fetch(manifest: &[TensorSpec], cache: Option<&TensorSet>) -> V
 pub enum AssembleError {
     #[error("tensor {0} of the offered model was neither cached nor received")]
     Missing(String),
-    #[error("assembled model has digest {actual}, the offer announced {expected}")]
+    #[error("the offered manifest digests to {actual}, the offer announced {expected}")]
     Digest { expected: Digest, actual: Digest },
+    #[error("the offered manifest is not in name order, each name once")]
+    Order,
 }
 
 /// Checks a `Tensors` reply against the request and the offer before anything is
@@ -279,28 +303,42 @@ pub fn check_tensors_reply(manifest: &[TensorSpec], requested: &[String], reply:
     Ok(())
 }
 
-/// Builds the round's global model from cached tensors that still match and the fetched
-/// ones, and checks it against the offer's digest.
+/// Builds the offered model from `fetched` (each tensor's digest already checked against
+/// the manifest as it arrived: `wire::finish_tensor`) and the cache's unchanged tensors
+/// (verified when they arrived). The manifest must be the offered model's: in name order,
+/// each name once, and digesting to `expected`. Nothing is hashed again.
 pub fn assemble(
     manifest: &[TensorSpec],
     expected: Digest,
-    cache: Option<TensorSet>,
+    cache: Option<CachedModel>,
     mut fetched: TensorSet,
-) -> Result<TensorSet, AssembleError> {
-    let mut cache = cache.unwrap_or_default();
-    let mut model = TensorSet::new();
-    for spec in manifest {
-        let t = fetched
-            .remove(&spec.name)
-            .or_else(|| cache.remove(&spec.name).filter(|t| t.digest() == spec.digest))
-            .ok_or_else(|| AssembleError::Missing(spec.name.clone()))?;
-        model.insert(spec.name.clone(), t);
-    }
-    let actual = model.digest();
+) -> Result<CachedModel, AssembleError> {
+    let actual = manifest_digest(manifest);
     if actual != expected {
         return Err(AssembleError::Digest { expected, actual });
     }
-    Ok(model)
+    if manifest.windows(2).any(|w| w[0].name >= w[1].name) {
+        return Err(AssembleError::Order);
+    }
+    let (mut cached, cached_specs) = match cache {
+        // The previous round's trainer and cache write have let go of it by now; if not,
+        // a copy.
+        Some(c) => (Arc::try_unwrap(c.set).unwrap_or_else(|shared| (*shared).clone()), c.specs),
+        None => (TensorSet::new(), Vec::new()),
+    };
+    let mut model = TensorSet::new();
+    for spec in manifest {
+        let t = match fetched.remove(&spec.name) {
+            Some(t) if t.shape() == spec.shape.as_slice() => t,
+            Some(_) => return Err(AssembleError::Missing(spec.name.clone())),
+            None => cached
+                .remove(&spec.name)
+                .filter(|_| cached_specs.iter().any(|s| s == spec))
+                .ok_or_else(|| AssembleError::Missing(spec.name.clone()))?,
+        };
+        model.insert(spec.name.clone(), t);
+    }
+    Ok(CachedModel { set: Arc::new(model), specs: manifest.to_vec(), digest: expected })
 }
 
 #[cfg(test)]
@@ -556,15 +594,23 @@ mod tests {
     fn only_changed_tensors_are_fetched_and_the_model_is_verified() {
         let old = model(1.0);
         let new = model(2.0);
+        let old = CachedModel::new(old);
         let fetch = tensors_to_fetch(&new.specs(), Some(&old));
         assert_eq!(fetch, ["classifier.weight"]);
         assert_eq!(tensors_to_fetch(&new.specs(), None).len(), 2);
         let fetched = new.subset(fetch.iter().map(String::as_str)).unwrap();
-        let assembled = assemble(&new.specs(), new.digest(), Some(old.clone()), fetched).unwrap();
-        assert_eq!(assembled, new);
-        // A tampered download fails the digest check.
-        let mut bad = new.subset(["classifier.weight"]).unwrap();
-        bad.get_mut("classifier.weight").unwrap().data_mut()[0] = 9.0;
-        assert!(assemble(&new.specs(), new.digest(), Some(old), bad).is_err());
+        let assembled = assemble(&new.specs(), new.digest(), Some(old.clone()), fetched.clone()).unwrap();
+        assert_eq!(*assembled.set, new);
+        assert_eq!((assembled.specs.clone(), assembled.digest), (new.specs(), new.digest()));
+        // The cached tensors the offer changed are not used in its place ...
+        assert!(matches!(assemble(&new.specs(), new.digest(), Some(old.clone()), TensorSet::new()), Err(AssembleError::Missing(_))));
+        // ... a manifest that is not the offered model's fails, as does one out of order.
+        let mut lying = new.specs();
+        lying[0].digest = Digest([7; 32]);
+        assert!(matches!(assemble(&lying, new.digest(), Some(old.clone()), fetched.clone()), Err(AssembleError::Digest { .. })));
+        let mut reversed = new.specs();
+        reversed.reverse();
+        let digest = manifest_digest(&reversed);
+        assert!(matches!(assemble(&reversed, digest, Some(old), fetched), Err(AssembleError::Order)));
     }
 }

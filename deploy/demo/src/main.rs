@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use fedward_models::io::load_dir;
 use fedward_models::text::read_jsonl;
 use fedward_models::train::EvalSet;
+use fedward_shared::codec::UpdateEncoding;
 use fedward_shared::config::DEFAULT_LABELS;
 use fedward_shared::dp::accountant::{plan_epsilon, plan_min_sigma, Plan};
 use fedward_shared::dp::dp_sgd_steps;
@@ -123,6 +124,11 @@ struct Args {
     /// their ask last: cutting at 64 drops the ask of about one note in twelve.
     #[arg(long, default_value_t = 128)]
     max_seq_len: u32,
+    /// How the sites send their updates: `f32`, `f16`, `int8` (a scale per tensor) or
+    /// `int8-row` (a scale per row), quantized after the privacy step. int8-row sends a
+    /// quarter of f32's bytes for the same accuracy on the default run (BENCHMARKS.md).
+    #[arg(long, default_value = "int8-row")]
+    update_encoding: UpdateEncoding,
     /// Skip the baselines and the allocation simulator, which needs a local-only model
     /// (faster; the report then has no comparison).
     #[arg(long)]
@@ -656,10 +662,10 @@ fn coordinator_config(
         // Without DP the coordinator needs its own bound on an update's norm: the demo's
         // honest `body:1` updates measured 7.8 to 10.7, so 50 never touches them and still
         // caps what one site could do.
-        None => "mode = \"off\"\n\n[aggregation]\nmax_update_norm = 50.0\n".to_owned(),
+        None => format!("mode = \"off\"\n\n[aggregation]\nmax_update_norm = 50.0\nupdate_encoding = \"{}\"\n", args.update_encoding),
         Some(d) => format!(
-            "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n",
-            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm
+            "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n\n[aggregation]\nupdate_encoding = \"{}\"\n",
+            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm, args.update_encoding
         ),
     };
     let mut sites = String::new();
