@@ -593,7 +593,10 @@ async fn take_round(
             // Quantized after the privacy step (post-processing: no privacy cost), in
             // place: what is recorded, cached and sent is what the coordinator decodes.
             quantize_update(&plan.privacy, encoding, &mut update.delta).map_err(|e| e.to_string())?;
-            Ok((update, applied))
+            // The update's tensors are hashed once, here, off the event loop; its digest
+            // is the manifest's.
+            let specs = update.delta.specs();
+            Ok((update, applied, specs))
         });
         (trainer, result)
     })
@@ -603,7 +606,7 @@ async fn take_round(
         Err(e) => return Err(SessionEnd::Fatal(format!("training thread panicked: {e}"))),
     };
     state.trainer = Some(trainer);
-    let (mut update, applied) = match result {
+    let (mut update, applied, specs) = match result {
         Ok(x) => x,
         Err(e) => {
             // Errors of the trainer and of `privatize` name no record and no value.
@@ -641,15 +644,7 @@ async fn take_round(
     }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
-    // The update's tensors are hashed once, here; its digest is the manifest's.
-    let header = UpdateHeader {
-        round: offer.round,
-        num_examples,
-        metrics,
-        tensors: update.delta.specs(),
-        privacy: used,
-        encoding: offer.update_encoding,
-    };
+    let header = UpdateHeader { round: offer.round, num_examples, metrics, tensors: specs, privacy: used, encoding: offer.update_encoding };
     let update_digest = manifest_digest(&header.tensors);
     // The ledger records what was released: the count as sent.
     let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update_digest, now())
