@@ -125,9 +125,10 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     max_seq_len: u32,
     /// How the sites send their updates: `f32`, `f16`, `int8` (a scale per tensor) or
-    /// `int8-row` (a scale per row), quantized after the privacy step. int8-row sends a
-    /// quarter of f32's bytes for the same accuracy on the default run (BENCHMARKS.md).
-    #[arg(long, default_value = "int8-row")]
+    /// `int8-row` (a scale per row), quantized after the privacy step. f16 halves the
+    /// bytes for the same accuracy on the default run; int8-row quarters them and cost 0.5
+    /// points there (BENCHMARKS.md).
+    #[arg(long, default_value = "f16")]
     update_encoding: UpdateEncoding,
     /// Skip the baselines and the allocation simulator, which needs a local-only model
     /// (faster; the report then has no comparison).
