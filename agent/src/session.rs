@@ -272,6 +272,8 @@ pub enum AssembleError {
     Digest { expected: Digest, actual: Digest },
     #[error("the offered manifest is not in name order, each name once")]
     Order,
+    #[error("tensor {name} arrived shaped {got:?}; the offer says {offered:?}")]
+    Shape { name: String, offered: Vec<usize>, got: Vec<usize> },
 }
 
 /// Checks a `Tensors` reply against the request and the offer before anything is
@@ -330,7 +332,7 @@ pub fn assemble(
     for spec in manifest {
         let t = match fetched.remove(&spec.name) {
             Some(t) if t.shape() == spec.shape.as_slice() => t,
-            Some(_) => return Err(AssembleError::Missing(spec.name.clone())),
+            Some(t) => return Err(AssembleError::Shape { name: spec.name.clone(), offered: spec.shape.clone(), got: t.shape().to_vec() }),
             None => cached
                 .remove(&spec.name)
                 .filter(|_| cached_specs.iter().any(|s| s == spec))
@@ -602,7 +604,12 @@ mod tests {
         let assembled = assemble(&new.specs(), new.digest(), Some(old.clone()), fetched.clone()).unwrap();
         assert_eq!(*assembled.set, new);
         assert_eq!((assembled.specs.clone(), assembled.digest), (new.specs(), new.digest()));
-        // The cached tensors the offer changed are not used in its place ...
+        // A download shaped other than offered is refused ...
+        let mut misshapen = fetched.clone();
+        misshapen.insert("classifier.weight", fedward_shared::tensor::Tensor::zeros(vec![1]));
+        let refused = assemble(&new.specs(), new.digest(), Some(old.clone()), misshapen).unwrap_err();
+        assert!(matches!(refused, AssembleError::Shape { .. }), "{refused}");
+        // ... the cached tensors the offer changed are not used in its place ...
         assert!(matches!(assemble(&new.specs(), new.digest(), Some(old.clone()), TensorSet::new()), Err(AssembleError::Missing(_))));
         // ... a manifest that is not the offered model's fails, as does one out of order.
         let mut lying = new.specs();
