@@ -446,9 +446,13 @@ async fn malformed_update_is_rejected_and_the_other_sites_round_completes() {
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new("e2e");
-    let coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 2, vec!["alpha", "beta", "broken"]));
+    let mut coord = CoordinatorHandle::start(&pki, spec(dir.path(), 1, 2, vec!["alpha", "beta", "broken"]));
     let (good_a, sent_a) = ScriptedTrainer::new(1.0, 100);
     let (good_b, sent_b) = ScriptedTrainer::new(3.0, 300);
+    // The good sites hold their training until the broken one has been offered the round
+    // too (a quorum of two may open it first; a late joiner is offered the open round), so
+    // its update is part of the round whichever site connects last.
+    let ((good_a, gate_a), (good_b, gate_b)) = (GatedTrainer::wrapping(good_a), GatedTrainer::wrapping(good_b));
     let (mut bad, _) = ScriptedTrainer::new(100.0, 1000);
     bad.poison = true;
     let handles = [
@@ -456,6 +460,9 @@ async fn malformed_update_is_rejected_and_the_other_sites_round_completes() {
         spawn_agent(agent_options(coord.addr, pki.site_tls("beta"), &dir.path().join("b"), 0), good_b),
         spawn_agent(agent_options(coord.addr, pki.site_tls("broken"), &dir.path().join("c"), 0), bad),
     ];
+    coord.status.wait_for(|s| s.offered == 3).await.expect("coordinator alive");
+    gate_a.open();
+    gate_b.open();
     for h in handles {
         assert!(matches!(h.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 1, .. }));
     }

@@ -366,12 +366,14 @@ pub struct Gate {
 
 impl GatedTrainer {
     pub fn new(value: f32, examples: u64) -> (Self, Gate) {
+        Self::wrapping(ScriptedTrainer::new(value, examples).0)
+    }
+
+    /// Gates `inner` (whose log of what it sent the caller may keep).
+    pub fn wrapping(inner: ScriptedTrainer) -> (Self, Gate) {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (open_tx, open_rx) = std::sync::mpsc::channel();
-        (
-            Self { inner: ScriptedTrainer::new(value, examples).0, started: started_tx, gate: open_rx },
-            Gate { started: started_rx, open: open_tx },
-        )
+        (Self { inner, started: started_tx, gate: open_rx }, Gate { started: started_rx, open: open_tx })
     }
 }
 
