@@ -76,12 +76,8 @@ enum Command {
         /// A JSONL file of {"text": ...} lines.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// Compute device: auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Tokens per note after truncation.
-        #[arg(long, default_value_t = 128)]
-        max_seq_len: usize,
+        #[command(flatten)]
+        inference: Inference,
     },
     /// Turn a global-model checkpoint (safetensors from the coordinator) into a model
     /// directory that transformers and `predict`/`eval` load.
@@ -111,12 +107,8 @@ enum Command {
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
-        /// Compute device: auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Tokens per note after truncation.
-        #[arg(long, default_value_t = 128)]
-        max_seq_len: usize,
+        #[command(flatten)]
+        inference: Inference,
     },
     /// Make or bring in the site's labelled notes.
     #[command(subcommand)]
@@ -164,7 +156,7 @@ fn run(command: Command) -> Result<ExitCode> {
             fedward_shared::cli::run_token(&cmd, &mut std::io::stdout(), &mut std::io::stderr())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Predict { model, text, input, device, max_seq_len } => {
+        Command::Predict { model, text, input, inference: Inference { device, max_seq_len } } => {
             let dev = fedward_models::train::device(&device)?;
             let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
             let texts = match (text, input) {
@@ -203,7 +195,7 @@ fn run(command: Command) -> Result<ExitCode> {
             println!("exported {} to {} (model {})", checkpoint.display(), out.display(), set.digest().short());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { model, data, json, device, max_seq_len } => {
+        Command::Eval { model, data, json, inference: Inference { device, max_seq_len } } => {
             let dev = fedward_models::train::device(&device)?;
             let (model, encoder) = fedward_models::io::load_trained_dir(&model, &dev)?;
             let examples = fedward_models::text::read_jsonl(&data, &model.labels)?;
@@ -314,6 +306,14 @@ struct SimulateArgs {
     /// Print the summary as JSON instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    inference: Inference,
+}
+
+/// Where a model runs and how much of each note it reads (`predict`, `eval`, `allocate
+/// simulate`).
+#[derive(clap::Args, Debug)]
+struct Inference {
     /// Compute device: auto, cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -341,7 +341,7 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
         .with_context(|| format!("reading the capacity {}", args.capacity.display()))?;
     capacity.validate().with_context(|| format!("invalid capacity {}", args.capacity.display()))?;
 
-    let dev = fedward_models::train::device(&args.device)?;
+    let dev = fedward_models::train::device(&args.inference.device)?;
     let (model, encoder) = fedward_models::io::load_trained_dir(&args.model, &dev)?;
     // Each of the model's labels as a kind; a label the engine does not know counts as `other`.
     let kinds: Vec<Kind> = model.labels.iter().map(|l| Kind::of_label(l)).collect();
@@ -357,7 +357,7 @@ fn allocate_simulate(args: SimulateArgs) -> Result<ExitCode> {
     let drawn: std::collections::BTreeSet<usize> = scenario.arrivals.iter().map(|a| a.note).collect();
     let texts: Vec<&str> = drawn.iter().map(|&i| examples[i].text.as_str()).collect();
     let started = std::time::Instant::now();
-    let probabilities = fedward_models::train::predict(&model, &encoder, &texts, args.max_seq_len)?;
+    let probabilities = fedward_models::train::predict(&model, &encoder, &texts, args.inference.max_seq_len)?;
     info!(notes = texts.len(), secs = format_args!("{:.1}", started.elapsed().as_secs_f64()), "notes classified");
     let order = [Kind::Doctor, Kind::Bed, Kind::Device, Kind::Other];
     for (&i, p) in drawn.iter().zip(&probabilities) {
