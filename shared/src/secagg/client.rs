@@ -40,6 +40,14 @@ impl std::fmt::Debug for SecAggClient {
     }
 }
 
+impl Drop for SecAggClient {
+    fn drop(&mut self) {
+        // The X25519 secrets zeroize themselves; the scalars are wiped here.
+        zeroize::Zeroize::zeroize(&mut self.mask_secret);
+        zeroize::Zeroize::zeroize(&mut self.self_mask);
+    }
+}
+
 enum State {
     Advertised,
     SharesSent(Group),

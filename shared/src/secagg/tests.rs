@@ -697,3 +697,55 @@ fn parameters_are_validated() {
     assert!(RoundSetup::new(RoundId(1), ok, 0).is_err());
     assert_ne!(RoundSetup::new(RoundId(1), ok, 3).unwrap().digest(), RoundSetup::new(RoundId(1), ok, 4).unwrap().digest());
 }
+
+#[test]
+fn a_coordinator_telling_two_stories_cannot_collect_both_share_kinds() {
+    // n = 10, t = 7. Every site sends its masked input, but the coordinator tells sites 0-4
+    // that site 9 dropped (asking for its mask-key shares) and sites 5-9 that it survived
+    // (asking for its self-mask shares), hoping to learn both and unmask site 9's input.
+    let n = 10;
+    let setup = RoundSetup::new(RoundId(12), params(7, 10, 7), 4).unwrap();
+    let c = consortium();
+    let (mut clients, keys, mut rng) = advertised(setup, n, 12);
+    let mut server = SecAggServer::new(setup).unwrap();
+    for k in &keys {
+        server.handle_keys(&k.site, k.clone()).unwrap();
+    }
+    let relayed_keys = server.close_keys().unwrap();
+    for cl in clients.iter_mut() {
+        let s = cl.receive_keys(&relayed_keys, now(), &mut rng).unwrap();
+        server.handle_shares(&s.from.clone(), s).unwrap();
+    }
+    let relayed = server.close_shares().unwrap();
+    for cl in clients.iter_mut() {
+        cl.receive_shares(&relayed[cl.site()]).unwrap();
+        cl.masked_input(&[5; 4]).unwrap();
+    }
+    let target = c.sites[9].site().clone();
+    let everyone: Vec<SiteId> = c.sites[..n].iter().map(|s| s.site().clone()).collect();
+    let story_dropped = UnmaskRequest {
+        round: setup.round,
+        survivors: everyone.iter().filter(|s| **s != target).cloned().collect(),
+        dropped: vec![target.clone()],
+    };
+    let story_survived = UnmaskRequest { round: setup.round, survivors: everyone.clone(), dropped: vec![] };
+    let mut b_shares = 0;
+    let mut s_shares = 0;
+    for (i, cl) in clients.iter_mut().enumerate() {
+        let story = if i < 5 { &story_dropped } else { &story_survived };
+        // Every site answers its story (the target was told it survived).
+        match cl.unmask(story) {
+            Ok(u) => {
+                b_shares += u.self_mask.iter().filter(|r| r.of == target).count();
+                s_shares += u.mask_key.iter().filter(|r| r.of == target).count();
+            }
+            Err(e) => panic!("{}: {e}", cl.site()),
+        }
+        // And no second story is answered.
+        assert!(cl.unmask(&story_survived).is_err());
+    }
+    // Each site revealed one kind for the target, so the two counts add up to at most the
+    // group (10), and with 2t > 10 at most one of them can reach t.
+    assert_eq!((b_shares, s_shares), (5, 5));
+    assert!(b_shares < 7 && s_shares < 7);
+}
