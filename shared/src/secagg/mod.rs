@@ -12,14 +12,19 @@
 //! input, U4 answered the unmasking request.
 //!
 //! 0. **Setup.** Every participant knows the same [`RoundSetup`]: round id, the validated
-//!    [`SecAggParams`] (threshold `t`, minimum sites, neighbours `k`, modulus `2^bits`) and
-//!    the vector length (the quantized update plus one weight coordinate, see [`quant`]).
+//!    [`SecAggParams`] (threshold `t`, minimum sites, neighbours `k`, modulus `2^bits`),
+//!    the vector length (the quantized update plus one weight coordinate, see [`quant`])
+//!    and a context hash binding it to the federation's round offer. A site must never
+//!    run two rounds with the same setup (its ledger knows which rounds it joined): keys
+//!    it advertised in a round where it dropped had their mask secret reconstructed.
 //! 1. **Advertise keys** ([`SecAggClient::advertise_keys`]). Each site draws two X25519
 //!    key pairs for this round only: `c` (to encrypt shares to its neighbours) and `s` (to
 //!    agree pairwise mask seeds). It signs (setup digest, site id, both public keys) with
 //!    its TLS certificate's ECDSA P-256 key and sends [`SignedKeys`] with its chain.
-//! 2. **Share keys** ([`SecAggClient::receive_keys`]). The coordinator relays all of U1's
-//!    [`SignedKeys`]. Every site verifies every entry: the chain leads to the consortium
+//! 2. **Share keys** ([`SecAggClient::receive_keys`]). The coordinator verifies each
+//!    site's keys as the sites will (so one site's bad keys leave that site out instead of
+//!    making every site abort) and relays all of U1's [`SignedKeys`]. Every site verifies
+//!    every entry again, trusting nothing the coordinator checked: the chain leads to the consortium
 //!    CA with the clientAuth purpose (the check the coordinator's TLS handshake makes), its
 //!    single DNS SAN is the site claimed ([`crate::pki::site_of_cert`]), the signature
 //!    verifies under the certificate's key, and its own entry is exactly what it sent. Any
@@ -175,6 +180,10 @@ pub struct RoundSetup {
     pub params: SecAggParams,
     /// Coordinates summed, the weight coordinate included.
     pub vector_len: usize,
+    /// Binds the round to its federation and offer (the shell passes a hash of the round
+    /// offer: federation, plan, base model), so keys signed for round `r` of one federation
+    /// do not verify in round `r` of another or of a restarted one. Zero until set.
+    pub context: [u8; 32],
 }
 
 impl RoundSetup {
@@ -184,7 +193,12 @@ impl RoundSetup {
         if vector_len == 0 || vector_len > MAX_VECTOR_LEN {
             return Err(SecAggError::Params(format!("vector length must be 1 to {MAX_VECTOR_LEN}, got {vector_len}")));
         }
-        Ok(Self { round, params, vector_len })
+        Ok(Self { round, params, vector_len, context: [0; 32] })
+    }
+
+    /// The same setup bound to `context` (see [`RoundSetup::context`]).
+    pub fn with_context(self, context: [u8; 32]) -> Self {
+        Self { context, ..self }
     }
 
     /// SHA-256 of everything in the setup: signed with each site's keys, so keys from
@@ -197,6 +211,7 @@ impl RoundSetup {
             h.update((v as u64).to_be_bytes());
         }
         h.update(self.params.modulus_bits.to_be_bytes());
+        h.update(self.context);
         h.finalize().into()
     }
 }

@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use curve25519_dalek::scalar::Scalar;
+use rustls_pki_types::UnixTime;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::client::scalar;
+use super::crypto::Trust;
 use super::shamir::{self, ShamirError};
 use super::{
     crypto, graph, EncryptedShare, EncryptedShares, MaskedInput, RelayedShares, RevealedShare, RoundSetup, SecAggError, ShareKind,
@@ -36,6 +38,7 @@ pub struct SecAggOutput {
 #[derive(Debug)]
 pub struct SecAggServer {
     setup: RoundSetup,
+    trust: Trust,
     step: Step,
     keys: BTreeMap<SiteId, SignedKeys>,
     /// Fixed when the key step closes.
@@ -48,10 +51,13 @@ pub struct SecAggServer {
 }
 
 impl SecAggServer {
-    pub fn new(setup: RoundSetup) -> Result<Self, SecAggError> {
+    /// The server of the round `setup`, checking sites' keys against `trust` (the
+    /// consortium CA).
+    pub fn new(setup: RoundSetup, trust: Trust) -> Result<Self, SecAggError> {
         setup.params.validate()?;
         Ok(Self {
             setup,
+            trust,
             step: Step::Keys,
             keys: BTreeMap::new(),
             index: BTreeMap::new(),
@@ -84,9 +90,10 @@ impl SecAggServer {
         }
     }
 
-    /// Step 1: `sender`'s signed keys. Sizes and identity are checked here; signatures and
-    /// certificates are checked by every site (the server is not trusted to).
-    pub fn handle_keys(&mut self, sender: &SiteId, msg: SignedKeys) -> Result<(), SecAggError> {
+    /// Step 1: `sender`'s signed keys, verified at `now` as every site will verify them
+    /// (sites do not trust the server to): a site with a bad certificate or signature is
+    /// left out here rather than making every site abort the round.
+    pub fn handle_keys(&mut self, sender: &SiteId, msg: SignedKeys, now: UnixTime) -> Result<(), SecAggError> {
         self.expect_step(Step::Keys, "keys after the key step closed")?;
         self.check_round(msg.round)?;
         if msg.site != *sender {
@@ -105,6 +112,7 @@ impl SecAggServer {
         if msg.signature.is_empty() || msg.signature.len() > MAX_SIGNATURE_LEN {
             return Err(malformed("signature of the wrong size"));
         }
+        self.trust.verify(&msg, &self.setup, now)?;
         self.keys.insert(sender.clone(), msg);
         Ok(())
     }

@@ -92,7 +92,7 @@ fn run_round(setup: RoundSetup, inputs: &[Vec<u64>], drops: &[Drop], seed: u64) 
 fn drive(setup: RoundSetup, inputs: &[Vec<u64>], drops: &[Drop], seed: u64, tr: &mut Transcript) -> Result<SecAggOutput, SecAggError> {
     let c = consortium();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut server = SecAggServer::new(setup)?;
+    let mut server = SecAggServer::new(setup, c.trust.clone())?;
     let mut clients: Vec<SecAggClient> = c.sites[..inputs.len()]
         .iter()
         .map(|cr| SecAggClient::new(setup, cr.clone(), c.trust.clone(), &mut rng))
@@ -100,7 +100,7 @@ fn drive(setup: RoundSetup, inputs: &[Vec<u64>], drops: &[Drop], seed: u64, tr: 
     for cl in &clients {
         let k = cl.advertise_keys();
         tr.keys.push(k.clone());
-        server.handle_keys(cl.site(), k)?;
+        server.handle_keys(cl.site(), k, now())?;
     }
     let keys = server.close_keys()?;
     for (cl, d) in clients.iter_mut().zip(drops) {
@@ -448,6 +448,12 @@ fn a_substituted_public_key_is_detected_and_the_sites_abort() {
     keys[1] = SignedKeys { round: setup.round, ..old_keys[1].clone() };
     assert_all_abort(&mut clients, &keys, &mut rng, &victim, "replayed round relabelled");
 
+    // ... or replays them from the same round of another federation (another context).
+    let (_, foreign, _) = advertised(setup.with_context([7; 32]), 3, 10);
+    let (mut clients, mut keys, mut rng) = advertised(setup, 3, 11);
+    keys[1] = foreign[1].clone();
+    assert_all_abort(&mut clients, &keys, &mut rng, &victim, "another federation's round");
+
     // An untouched list goes through.
     let (mut clients, keys, mut rng) = advertised(setup, 3, 8);
     for cl in &mut clients {
@@ -470,24 +476,36 @@ fn malformed_messages_get_typed_errors() {
     let (s0, s1, s2) = (c.sites[0].site().clone(), c.sites[1].site().clone(), c.sites[2].site().clone());
     let stranger = c.sites[5].site().clone();
     let (mut clients, keys, mut rng) = advertised(setup, 3, 1);
-    let mut server = SecAggServer::new(setup).unwrap();
+    let mut server = SecAggServer::new(setup, consortium().trust.clone()).unwrap();
 
     // Keys: wrong sender, wrong round, oversized fields, duplicates.
-    assert!(matches!(server.handle_keys(&s1, keys[0].clone()), Err(SecAggError::WrongSender { .. })));
-    assert!(matches!(server.handle_keys(&s0, SignedKeys { round: RoundId(9), ..keys[0].clone() }), Err(SecAggError::WrongRound { .. })));
+    assert!(matches!(server.handle_keys(&s1, keys[0].clone(), now()), Err(SecAggError::WrongSender { .. })));
     assert!(matches!(
-        server.handle_keys(&s0, SignedKeys { signature: vec![0; 500], ..keys[0].clone() }),
+        server.handle_keys(&s0, SignedKeys { round: RoundId(9), ..keys[0].clone() }, now()),
+        Err(SecAggError::WrongRound { .. })
+    ));
+    assert!(matches!(
+        server.handle_keys(&s0, SignedKeys { signature: vec![0; 500], ..keys[0].clone() }, now()),
         Err(SecAggError::Malformed { .. })
     ));
     assert!(matches!(
-        server.handle_keys(&s0, SignedKeys { cert_chain: vec![vec![0; 10]; 9], ..keys[0].clone() }),
+        server.handle_keys(&s0, SignedKeys { cert_chain: vec![vec![0; 10]; 9], ..keys[0].clone() }, now()),
         Err(SecAggError::Malformed { .. })
     ));
-    assert!(matches!(server.handle_keys(&s0, SignedKeys { cert_chain: vec![], ..keys[0].clone() }), Err(SecAggError::Malformed { .. })));
+    assert!(matches!(
+        server.handle_keys(&s0, SignedKeys { cert_chain: vec![], ..keys[0].clone() }, now()),
+        Err(SecAggError::Malformed { .. })
+    ));
+    // The server verifies as the sites will: a forged key or signature is refused.
+    assert!(matches!(server.handle_keys(&s0, SignedKeys { mask_pk: [9; 32], ..keys[0].clone() }, now()), Err(SecAggError::BadKeys { .. })));
+    assert!(matches!(
+        server.handle_keys(&s0, SignedKeys { signature: vec![1; 70], ..keys[0].clone() }, now()),
+        Err(SecAggError::BadKeys { .. })
+    ));
     for k in &keys {
-        server.handle_keys(&k.site, k.clone()).unwrap();
+        server.handle_keys(&k.site, k.clone(), now()).unwrap();
     }
-    assert!(matches!(server.handle_keys(&s0, keys[0].clone()), Err(SecAggError::Duplicate(_))));
+    assert!(matches!(server.handle_keys(&s0, keys[0].clone(), now()), Err(SecAggError::Duplicate(_))));
     assert!(matches!(server.close_shares(), Err(SecAggError::OutOfOrder(_))));
     // Sites refuse duplicated or truncated key lists.
     let mut dup = keys.clone();
@@ -497,9 +515,9 @@ fn malformed_messages_get_typed_errors() {
     assert!(matches!(clients2[0].receive_keys(&keys2[..2], now(), &mut rng2), Err(SecAggError::TooFewSites { step: Step::Keys, .. })));
     assert!(matches!(clients2[1].receive_keys(&keys2[1..], now(), &mut rng2), Err(SecAggError::TooFewSites { .. })));
     let (mut clients, keys, mut rng) = advertised(setup, 3, 3);
-    let mut server = SecAggServer::new(setup).unwrap();
+    let mut server = SecAggServer::new(setup, consortium().trust.clone()).unwrap();
     for k in &keys {
-        server.handle_keys(&k.site, k.clone()).unwrap();
+        server.handle_keys(&k.site, k.clone(), now()).unwrap();
     }
     let relayed_keys = server.close_keys().unwrap();
     let shares: Vec<EncryptedShares> = clients.iter_mut().map(|cl| cl.receive_keys(&relayed_keys, now(), &mut rng).unwrap()).collect();
@@ -604,9 +622,9 @@ fn malformed_messages_get_typed_errors() {
     ];
     for (k, (r, ok)) in refusals.into_iter().enumerate() {
         let (mut cls, ks, mut rr) = advertised(setup, 3, 40 + k as u64);
-        let mut srv = SecAggServer::new(setup).unwrap();
+        let mut srv = SecAggServer::new(setup, consortium().trust.clone()).unwrap();
         for kk in &ks {
-            srv.handle_keys(&kk.site, kk.clone()).unwrap();
+            srv.handle_keys(&kk.site, kk.clone(), now()).unwrap();
         }
         let rk = srv.close_keys().unwrap();
         for cl in cls.iter_mut() {
@@ -695,6 +713,8 @@ fn parameters_are_validated() {
         assert!(matches!(bad.validate(), Err(SecAggError::Params(_))), "{bad:?}");
     }
     assert!(RoundSetup::new(RoundId(1), ok, 0).is_err());
+    let setup = RoundSetup::new(RoundId(1), ok, 3).unwrap();
+    assert_ne!(setup.digest(), setup.with_context([1; 32]).digest());
     assert_ne!(RoundSetup::new(RoundId(1), ok, 3).unwrap().digest(), RoundSetup::new(RoundId(1), ok, 4).unwrap().digest());
 }
 
@@ -707,9 +727,9 @@ fn a_coordinator_telling_two_stories_cannot_collect_both_share_kinds() {
     let setup = RoundSetup::new(RoundId(12), params(7, 10, 7), 4).unwrap();
     let c = consortium();
     let (mut clients, keys, mut rng) = advertised(setup, n, 12);
-    let mut server = SecAggServer::new(setup).unwrap();
+    let mut server = SecAggServer::new(setup, consortium().trust.clone()).unwrap();
     for k in &keys {
-        server.handle_keys(&k.site, k.clone()).unwrap();
+        server.handle_keys(&k.site, k.clone(), now()).unwrap();
     }
     let relayed_keys = server.close_keys().unwrap();
     for cl in clients.iter_mut() {
@@ -748,4 +768,38 @@ fn a_coordinator_telling_two_stories_cannot_collect_both_share_kinds() {
     // group (10), and with 2t > 10 at most one of them can reach t.
     assert_eq!((b_shares, s_shares), (5, 5));
     assert!(b_shares < 7 && s_shares < 7);
+}
+
+#[test]
+fn a_site_with_bad_keys_is_left_out_and_the_round_goes_on() {
+    let setup = RoundSetup::new(RoundId(13), params(3, 4, 3), 3).unwrap();
+    let c = consortium();
+    let (mut clients, mut keys, mut rng) = advertised(setup, 4, 13);
+    keys[3].signature[10] ^= 1;
+    let mut server = SecAggServer::new(setup, c.trust.clone()).unwrap();
+    for k in &keys {
+        let r = server.handle_keys(&k.site, k.clone(), now());
+        assert_eq!(r.is_err(), k.site == keys[3].site, "{}", k.site);
+    }
+    let relayed_keys = server.close_keys().unwrap();
+    assert_eq!(relayed_keys.len(), 3);
+    clients.truncate(3);
+    for cl in clients.iter_mut() {
+        let s = cl.receive_keys(&relayed_keys, now(), &mut rng).unwrap();
+        server.handle_shares(&s.from.clone(), s).unwrap();
+    }
+    let relayed = server.close_shares().unwrap();
+    for (i, cl) in clients.iter_mut().enumerate() {
+        cl.receive_shares(&relayed[cl.site()]).unwrap();
+        let m = cl.masked_input(&[i as u64, 10, 1 << 31]).unwrap();
+        server.handle_masked_input(&m.from.clone(), m).unwrap();
+    }
+    let req = server.close_masked_inputs().unwrap();
+    for cl in clients.iter_mut() {
+        let u = cl.unmask(&req).unwrap();
+        server.handle_unmasking(&u.from.clone(), u).unwrap();
+    }
+    let out = server.finish().unwrap();
+    assert_eq!(out.sum, vec![3, 30, (3u64 << 31) & 0xffff_ffff]);
+    assert_eq!(out.survivors.len(), 3);
 }
