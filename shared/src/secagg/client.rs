@@ -71,7 +71,7 @@ struct Group {
 impl SecAggClient {
     /// Draws this round's key pairs and secrets.
     pub fn new<R: RngCore + CryptoRng>(setup: RoundSetup, creds: SiteCredentials, trust: Trust, rng: &mut R) -> Result<Self, SecAggError> {
-        setup.params.validate()?;
+        setup.validate()?;
         let mut c = [0u8; 32];
         rng.fill_bytes(&mut c);
         let cipher_sk = StaticSecret::from(c);

@@ -189,11 +189,19 @@ pub struct RoundSetup {
 impl RoundSetup {
     /// Validates the parameters and the vector length.
     pub fn new(round: RoundId, params: SecAggParams, vector_len: usize) -> Result<Self, SecAggError> {
-        params.validate()?;
-        if vector_len == 0 || vector_len > MAX_VECTOR_LEN {
-            return Err(SecAggError::Params(format!("vector length must be 1 to {MAX_VECTOR_LEN}, got {vector_len}")));
+        let setup = Self { round, params, vector_len, context: [0; 32] };
+        setup.validate()?;
+        Ok(setup)
+    }
+
+    /// Checks the parameters and the vector length (a setup that arrived by serde has not
+    /// been through [`RoundSetup::new`]; the client and server constructors call this).
+    pub fn validate(&self) -> Result<(), SecAggError> {
+        self.params.validate()?;
+        if self.vector_len == 0 || self.vector_len > MAX_VECTOR_LEN {
+            return Err(SecAggError::Params(format!("vector length must be 1 to {MAX_VECTOR_LEN}, got {}", self.vector_len)));
         }
-        Ok(Self { round, params, vector_len, context: [0; 32] })
+        Ok(())
     }
 
     /// The same setup bound to `context` (see [`RoundSetup::context`]).

@@ -54,7 +54,7 @@ impl SecAggServer {
     /// The server of the round `setup`, checking sites' keys against `trust` (the
     /// consortium CA).
     pub fn new(setup: RoundSetup, trust: Trust) -> Result<Self, SecAggError> {
-        setup.params.validate()?;
+        setup.validate()?;
         Ok(Self {
             setup,
             trust,
