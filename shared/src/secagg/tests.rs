@@ -922,3 +922,49 @@ fn mutated_messages_never_panic_and_never_change_the_sum() {
     // Most mutations still decode (they change values, not structure): the handlers did run.
     assert!(decoded > 150, "only {decoded} mutated messages decoded");
 }
+
+/// A rough cost figure, not a test: `FEDWARD_BENCH=1 cargo test -p fedward-shared --lib
+/// secagg_throughput -- --nocapture` (ten sites, threshold 7, a 1M-value vector, one site
+/// dropped before its masked input).
+#[test]
+fn secagg_throughput() {
+    if std::env::var_os("FEDWARD_BENCH").is_none() {
+        return;
+    }
+    let (n, len) = (10, 1 << 20);
+    let setup = RoundSetup::new(RoundId(15), params(7, 10, 7), len).unwrap();
+    let c = consortium();
+    let (mut clients, keys, mut rng) = advertised(setup, n, 15);
+    let mut server = SecAggServer::new(setup, c.trust.clone()).unwrap();
+    let t = std::time::Instant::now();
+    for k in &keys {
+        server.handle_keys(&k.site, k.clone(), now()).unwrap();
+    }
+    let rk = server.close_keys().unwrap();
+    for cl in clients.iter_mut() {
+        let s = cl.receive_keys(&rk, now(), &mut rng).unwrap();
+        server.handle_shares(&s.from.clone(), s).unwrap();
+    }
+    let relayed = server.close_shares().unwrap();
+    let setup_secs = t.elapsed().as_secs_f64();
+    let input = vec![7u64; len];
+    let t = std::time::Instant::now();
+    for cl in clients.iter_mut().take(n - 1) {
+        cl.receive_shares(&relayed[cl.site()]).unwrap();
+        let m = cl.masked_input(&input).unwrap();
+        server.handle_masked_input(&m.from.clone(), m).unwrap();
+    }
+    let mask_secs = t.elapsed().as_secs_f64() / (n - 1) as f64;
+    let req = server.close_masked_inputs().unwrap();
+    for cl in clients.iter_mut().take(n - 1) {
+        let u = cl.unmask(&req).unwrap();
+        server.handle_unmasking(&u.from.clone(), u).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let out = server.finish().unwrap();
+    let finish_secs = t.elapsed().as_secs_f64();
+    assert!(out.sum.iter().all(|&v| v == 63));
+    println!(
+        "secagg n={n} len={len}: keys and shares (all sites) {setup_secs:.3} s, masking per site {mask_secs:.3} s, unmasking at the server {finish_secs:.3} s"
+    );
+}
