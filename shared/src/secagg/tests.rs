@@ -816,7 +816,7 @@ fn mutate<T: serde::Serialize + serde::de::DeserializeOwned>(msg: &T, flips: usi
 }
 
 #[test]
-fn mutated_messages_never_panic_and_never_change_the_sum() {
+fn mutated_messages_never_panic_and_accepted_shares_keep_the_sum() {
     // One honest round of three sites, recorded; then each recorded message, with random
     // bytes changed, is fed to a server (or site) replayed to that step. Every handler must
     // return (an error or, if the change was harmless, success) without panicking, and a
