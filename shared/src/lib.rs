@@ -20,6 +20,7 @@ pub mod ledger_file;
 pub mod ledger_key;
 pub mod pki;
 pub mod plan;
+pub mod secagg;
 pub mod tensor;
 pub mod tls;
 pub mod wire;

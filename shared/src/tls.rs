@@ -127,9 +127,7 @@ pub fn check_certificate(m: &TlsMaterial<'_>, role: Role<'_>, now: rustls_pki_ty
     let (end_entity, intermediates) = chain.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
     match role {
         Role::Site => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(roots, provider()).build().map_err(|e| TlsError::Verifier(e.to_string()))?;
-            verifier.verify_client_cert(end_entity, intermediates, now)?;
+            site_cert_verifier(m.ca_pem)?.verify_client_cert(end_entity, intermediates, now)?;
         }
         Role::Coordinator { server_name } => {
             let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
@@ -141,6 +139,14 @@ pub fn check_certificate(m: &TlsMaterial<'_>, role: Role<'_>, now: rustls_pki_ty
         }
     }
     Ok(())
+}
+
+/// The check the coordinator's handshake makes of a site certificate (chains to the
+/// consortium CA, clientAuth purpose), for uses outside a handshake: `check-config` and the
+/// signatures of secure aggregation's per-round keys.
+pub fn site_cert_verifier(ca_pem: &[u8]) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(root_store(ca_pem)?);
+    WebPkiClientVerifier::builder_with_provider(roots, provider()).build().map_err(|e| TlsError::Verifier(e.to_string()))
 }
 
 fn root_store(ca_pem: &[u8]) -> Result<rustls::RootCertStore, TlsError> {
