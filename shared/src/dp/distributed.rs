@@ -201,10 +201,18 @@ impl DistributedParams {
     }
 }
 
-/// The per-site sigma (integer units) that gives central noise multiplier
-/// `noise_multiplier` when `min_honest` sites add it: `z C scale / sqrt(H)`.
+/// Per-site sigmas are rounded up to a multiple of this (integer units): see [`site_sigma_for`].
+pub const SITE_SIGMA_GRID: f64 = 1.0 / 256.0;
+
+/// The per-site sigma (integer units) that gives at least central noise multiplier
+/// `noise_multiplier` when `min_honest` sites add it: `z C scale / sqrt(H)`, rounded up to
+/// a multiple of [`SITE_SIGMA_GRID`]. The rounding adds a hair of noise (never removes
+/// any; the accountant uses the rounded value) and keeps `sigma^2` a rational with a
+/// denominator of at most `2^16`, so the exact sampler's big integers stay short.
 pub fn site_sigma_for(noise_multiplier: f64, clip_norm: f64, scale: f64, min_honest: u64) -> f64 {
-    noise_multiplier * clip_norm * scale / (min_honest as f64).sqrt()
+    let raw = noise_multiplier * clip_norm * scale / (min_honest as f64).sqrt();
+    // Multiplying and dividing by a power of two is exact; ceil only raises.
+    (raw / SITE_SIGMA_GRID).ceil() * SITE_SIGMA_GRID
 }
 
 /// Epsilon at `delta` after `rounds` rounds of `params`.
@@ -402,7 +410,7 @@ mod tests {
             let scale = 1e7;
             let p =
                 DistributedParams { sites: 10, min_honest: h, site_sigma: site_sigma_for(z, 1.0, scale, h), scale, dim: 1000, ..params() };
-            assert!((p.noise_multiplier() - z).abs() < 1e-12 * z);
+            assert!(p.noise_multiplier() >= z && p.noise_multiplier() - z < 1e-8 * z);
             let ours = distributed_epsilon(&p, 10, 1e-5).unwrap();
             let limit = continuous(p.central_std(), 1.0, 10, 1e-5);
             assert!(ours >= limit, "h {h}: {ours} below the continuous {limit}");
