@@ -40,12 +40,15 @@
 //!   one of its two neighbouring integers moves the vector by less than `sqrt(d)`, so
 //!   `Delta2 = x + sqrt(d)`. It holds whatever the quantizer does, as long as it rounds
 //!   each coordinate down or up.
-//! * [`Rounding::Conditional`]`{ beta }`: the conditional randomized rounding of KLS21:
+//! * [`Rounding::Conditional`]`{ beta }`: the conditional randomized rounding of KLS21
+//!   ([`quantize`] does it):
 //!   `Delta2^2 = min((x + sqrt(d))^2, x^2 + d / 4 + sqrt(2 ln(1 / beta)) (x + sqrt(d) / 2))`,
 //!   which holds only because the quantizer **re-rounds until** the rounded norm is at most
 //!   [`DistributedParams::l2_bound`] (it succeeds with probability at least `1 - beta` per
 //!   try). A quantizer that does not check must be accounted as deterministic.
 //!
+//! [`quantize`] scales, rounds and checks the rounded norm against the bound in exact
+//! integer arithmetic for either mode, so what a site sends has the sensitivity accounted.
 //! Both are inflated by a relative `1e-9` for the floating point of the scaling and of
 //! this computation; the per-order bound is rounded up by another relative `1e-10`.
 //!
@@ -56,6 +59,7 @@
 //! record-level accountant. For large sigma and scale the result approaches the continuous
 //! Gaussian's with noise std `sqrt(H) sigma / scale` in model units (tested).
 
+use super::discrete::NoiseSource;
 use super::rdp::{check_delta, orders, Rdp};
 use super::zcdp::MAX_ROUNDS;
 use super::DpError;
@@ -68,6 +72,8 @@ pub const MAX_DIM: u64 = 1 << 40;
 pub const MIN_SITE_SIGMA: f64 = 0.5;
 /// Largest per-site sigma (integer units): the sampler's limit.
 pub const MAX_SITE_SIGMA: f64 = (1u64 << 40) as f64;
+/// Largest `C scale`, the clipped norm in integer units.
+pub const MAX_SCALED_CLIP: f64 = (1u64 << 40) as f64;
 /// Relative precision of [`distributed_min_sigma`].
 pub const SITE_SIGMA_TOLERANCE: f64 = 1e-4;
 /// Relative inflation of the norm bound for floating-point error.
@@ -132,8 +138,10 @@ impl DistributedParams {
                 return Err(DpError::invalid("rounding beta", beta, "a number in (0, 1)"));
             }
         }
-        if !(self.clip_norm * self.scale).is_finite() {
-            return Err(DpError::invalid("clip norm x scale", self.clip_norm * self.scale, "a finite number"));
+        // Both are finite and positive by now. Keeps every rounded coordinate and squared
+        // norm far inside i64 and u128.
+        if self.clip_norm * self.scale > MAX_SCALED_CLIP {
+            return Err(DpError::invalid("clip norm x scale", self.clip_norm * self.scale, "at most 2^40 integer units"));
         }
         Ok(())
     }
@@ -198,6 +206,73 @@ impl DistributedParams {
             })
             .collect();
         Rdp::from_values(values).ok_or(DpError::invalid("rdp orders", 0.0, "one value per order"))
+    }
+}
+
+/// Tries of conditional randomized rounding before [`quantize`] gives up (each succeeds
+/// with probability at least `1 - beta`).
+pub const MAX_ROUNDING_TRIES: u32 = 1000;
+
+/// Why an update could not be quantized within the norm bound the accountant assumed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("value {value} at index {index} is not finite")]
+    NonFinite { index: usize, value: f32 },
+    #[error("update has {got} coordinates, the plan {expected}")]
+    Dimension { expected: u64, got: usize },
+    #[error("rounded update norm {norm} is above the bound {bound} (integer units): was the update clipped to C?")]
+    AboveBound { norm: f64, bound: f64 },
+    #[error("no rounding within the norm bound after {0} tries: was the update clipped to C?")]
+    TooManyTries(u32),
+    #[error(transparent)]
+    Dp(#[from] DpError),
+}
+
+/// Scales a clipped update by `params.scale` and rounds each coordinate to an integer
+/// randomly (down or up with the probabilities that make it unbiased), then checks the
+/// rounded norm against [`DistributedParams::l2_bound`] exactly (sum of squares in
+/// integers): under [`Rounding::Conditional`] it re-rounds until the norm is within the
+/// bound, under [`Rounding::Deterministic`] the bound holds for any clipped update, so a
+/// failure means the update was not clipped and is an error. Either way the vector it
+/// returns has the norm the accountant assumed. The rounding's randomness need not be
+/// secret (the privacy rests on the noise), but it comes from the caller's source.
+pub fn quantize(rng: &mut impl NoiseSource, update: &[f32], params: &DistributedParams) -> Result<Vec<i64>, QuantizeError> {
+    params.validate()?;
+    if update.len() as u64 != params.dim {
+        return Err(QuantizeError::Dimension { expected: params.dim, got: update.len() });
+    }
+    if let Some((index, &value)) = update.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(QuantizeError::NonFinite { index, value });
+    }
+    let bound = params.l2_bound();
+    // The largest squared norm within the bound, as an integer (bound^2 is below 2^104 for
+    // any valid parameters; the f64 floor is conservative by at most an ulp of slack).
+    let max_sq = (bound * bound).floor() as u128;
+    let scaled: Vec<f64> = update.iter().map(|&v| f64::from(v) * params.scale).collect();
+    let tries = match params.rounding {
+        Rounding::Deterministic => 1,
+        Rounding::Conditional { .. } => MAX_ROUNDING_TRIES,
+    };
+    let mut last_sq = 0u128;
+    for _ in 0..tries {
+        let rounded: Vec<i64> = scaled
+            .iter()
+            .map(|&x| {
+                let lo = x.floor();
+                // P(up) = x - floor(x) up to 2^-53: unbiased rounding (utility, not privacy).
+                let up = ((rng.next_u64() >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < x - lo;
+                lo as i64 + i64::from(up)
+            })
+            .collect();
+        let sq = rounded.iter().map(|&v| u128::from(v.unsigned_abs()).pow(2)).fold(0u128, u128::saturating_add);
+        if sq <= max_sq {
+            return Ok(rounded);
+        }
+        last_sq = sq;
+    }
+    match params.rounding {
+        Rounding::Deterministic => Err(QuantizeError::AboveBound { norm: (last_sq as f64).sqrt(), bound }),
+        Rounding::Conditional { .. } => Err(QuantizeError::TooManyTries(tries)),
     }
 }
 
@@ -593,5 +668,67 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn unit_update(dim: usize, norm: f64) -> Vec<f32> {
+        // A spread-out vector of L2 norm just under `norm`.
+        let raw: Vec<f64> = (0..dim).map(|i| ((i as f64) * 0.37).sin() + 0.1).collect();
+        let n = raw.iter().map(|v| v * v).sum::<f64>().sqrt();
+        raw.iter().map(|v| (v / n * norm * (1.0 - 1e-6)) as f32).collect()
+    }
+
+    /// Quantized updates are within the bound the accountant assumed, unbiased, and an
+    /// unclipped update is refused rather than rounded into a larger sensitivity.
+    #[test]
+    fn quantize_keeps_the_assumed_norm() {
+        let mut g = crate::dp::NoiseRng::from_seed_insecure([4; 32]);
+        let dim = 2000usize;
+        let update = unit_update(dim, 1.0);
+        for rounding in [Rounding::Deterministic, Rounding::Conditional { beta: (-0.5f64).exp() }] {
+            let p = DistributedParams { dim: dim as u64, scale: 64.0, rounding, ..params() };
+            let bound = p.l2_bound();
+            let mut mean = vec![0f64; dim];
+            for _ in 0..200 {
+                let q = quantize(&mut g, &update, &p).unwrap();
+                let norm = q.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                assert!(norm <= bound, "{rounding:?}: {norm} > {bound}");
+                for (m, &v) in mean.iter_mut().zip(&q) {
+                    *m += v as f64 / 200.0;
+                }
+            }
+            // Unbiased: the mean rounding error per coordinate is small (sd 0.5 / sqrt(200)).
+            let err = mean.iter().zip(&update).map(|(m, &u)| (m - f64::from(u) * 64.0).powi(2)).sum::<f64>() / dim as f64;
+            assert!(err < 0.01, "{rounding:?}: mean squared bias {err}");
+        }
+        // At this coarse scale conditional rounding's bound is far below the deterministic one.
+        let p = DistributedParams { dim: dim as u64, scale: 64.0, rounding: Rounding::Conditional { beta: 0.5 }, ..params() };
+        assert!(p.l2_bound() < DistributedParams { rounding: Rounding::Deterministic, ..p }.l2_bound() * 0.8);
+        // Not clipped: refused in both modes.
+        let big = unit_update(dim, 3.0);
+        let det = DistributedParams { dim: dim as u64, scale: 64.0, ..params() };
+        assert!(matches!(quantize(&mut g, &big, &det), Err(QuantizeError::AboveBound { .. })));
+        assert!(matches!(quantize(&mut g, &big, &p), Err(QuantizeError::TooManyTries(MAX_ROUNDING_TRIES))));
+        assert!(matches!(quantize(&mut g, &update[..10], &det), Err(QuantizeError::Dimension { .. })));
+        let mut nan = update.clone();
+        nan[3] = f32::NAN;
+        assert!(matches!(quantize(&mut g, &nan, &det), Err(QuantizeError::NonFinite { index: 3, .. })));
+    }
+
+    /// The honest sites' shares sum to noise of variance `H sigma^2`: the central std.
+    #[test]
+    fn shares_sum_to_the_central_noise() {
+        let p = DistributedParams { min_honest: 5, site_sigma: site_sigma_for(1.0, 1.0, 64.0, 5), scale: 64.0, ..params() };
+        let dg = crate::dp::DiscreteGaussian::new(p.site_sigma).unwrap();
+        let mut g = crate::dp::NoiseRng::from_seed_insecure([5; 32]);
+        let n = 20_000usize;
+        let mut sum = vec![0i64; n];
+        for _ in 0..p.min_honest {
+            dg.add_to(&mut g, &mut sum).unwrap();
+        }
+        let var = sum.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n as f64;
+        let want = 5.0 * p.site_sigma * p.site_sigma;
+        // Variance estimate sd: want * sqrt(2 / n) = 1%: 4 of them.
+        assert!((var / want - 1.0).abs() < 0.04, "{var} vs {want}");
+        assert!(((var.sqrt() / p.scale) - p.central_std()).abs() < 0.02 * p.central_std());
     }
 }

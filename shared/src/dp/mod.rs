@@ -49,8 +49,8 @@ pub use accountant::{
 pub use clip::{clip_slices, clip_tensors, Clipped};
 pub use discrete::{DiscreteGaussian, DiscreteNoiseError, NoiseSource};
 pub use distributed::{
-    distributed_epsilon, distributed_min_sigma, epsilon_for_releases, site_sigma_for, DistributedParams, DistributedRelease,
-    DistributedSigma, Rounding,
+    distributed_epsilon, distributed_min_sigma, epsilon_for_releases, quantize, site_sigma_for, DistributedParams, DistributedRelease,
+    DistributedSigma, QuantizeError, Rounding,
 };
 pub use noise::{GaussianNoise, NoiseError, NoiseRng};
 pub use rdp::Rdp;
