@@ -1494,4 +1494,32 @@ mod tests {
         assert_eq!("site-level".parse::<PlanMode>(), Ok(PlanMode::SiteLevel));
         assert!("central".parse::<PlanMode>().unwrap_err().contains("distributed"));
     }
+
+    /// The arguments as a binary parses them (`--noise-multiplier` is `--sigma`), and the
+    /// help names what the distributed mode needs.
+    #[cfg(feature = "cli")]
+    #[test]
+    fn distributed_arguments_parse_and_are_documented() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            privacy: PrivacyCommand,
+        }
+        let argv = "privacy epsilon --mode distributed --sites 10 --min-honest 7 --noise-multiplier 1.5 --scale 4096 --dim 56836 --rounding-beta 0.6 --rounds 10 --delta 1e-5";
+        let cli = Cli::try_parse_from(argv.split(' ')).unwrap();
+        let PrivacyCommand::Epsilon(a) = cli.privacy else { panic!("not epsilon") };
+        assert_eq!((a.sigma, a.plan.mode, a.plan.sites, a.plan.min_honest), (1.5, PlanMode::Distributed, Some(10), Some(7)));
+        assert_eq!((a.plan.scale, a.plan.dim, a.plan.modulus_bits, a.plan.rounding_beta), (Some(4096.0), Some(56_836), 32, Some(0.6)));
+        assert!(epsilon_answer(&a).is_ok());
+        let sigma =
+            "privacy sigma --mode distributed --sites 3 --min-honest 2 --scale 4096 --dim 1000 --target-epsilon 8 --rounds 10 --delta 1e-5";
+        assert!(matches!(Cli::try_parse_from(sigma.split(' ')).unwrap().privacy, PrivacyCommand::Sigma(_)));
+        assert!(Cli::try_parse_from("privacy epsilon --mode central --sigma 1 --rounds 1 --delta 1e-5".split(' ')).is_err());
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("epsilon").unwrap().render_long_help().to_string();
+        for needle in ["--min-honest", "--noise-multiplier", "--scale", "--dim", "--modulus-bits", "--rounding-beta", "distributed"] {
+            assert!(help.contains(needle), "{needle} missing from the help:\n{help}");
+        }
+    }
 }
