@@ -731,4 +731,49 @@ mod tests {
         assert!((var / want - 1.0).abs() < 0.04, "{var} vs {want}");
         assert!(((var.sqrt() / p.scale) - p.central_std()).abs() < 0.02 * p.central_std());
     }
+
+    #[derive(serde::Deserialize)]
+    struct RefCase {
+        sites: u64,
+        min_honest: u64,
+        site_sigma: f64,
+        scale: f64,
+        clip: f64,
+        dim: u64,
+        beta: Option<f64>,
+        rounds: u64,
+        delta: f64,
+        tau: f64,
+        l2_bound: f64,
+        epsilon: f64,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        cases: Vec<RefCase>,
+    }
+
+    /// Every case of `reference/distributed_reference.json` (50-digit mpmath, independent
+    /// code, no slack): tau and the norm bound agree, and our epsilon is at or above the
+    /// reference (never under-counted) by no more than the documented slack.
+    #[test]
+    fn agrees_with_the_mpmath_reference() {
+        let r: Reference = serde_json::from_str(include_str!("reference/distributed_reference.json")).unwrap();
+        assert!(r.cases.len() >= 8);
+        for c in &r.cases {
+            let p = DistributedParams {
+                sites: c.sites,
+                min_honest: c.min_honest,
+                site_sigma: c.site_sigma,
+                scale: c.scale,
+                clip_norm: c.clip,
+                dim: c.dim,
+                rounding: c.beta.map_or(Rounding::Deterministic, |beta| Rounding::Conditional { beta }),
+            };
+            assert!((p.tau() - c.tau).abs() <= 1e-13 * c.tau.max(1e-300), "tau {} vs {}", p.tau(), c.tau);
+            assert!(p.l2_bound() >= c.l2_bound && p.l2_bound() <= c.l2_bound * (1.0 + 2e-9), "{} vs {}", p.l2_bound(), c.l2_bound);
+            let eps = distributed_epsilon(&p, c.rounds, c.delta).unwrap();
+            assert!(eps >= c.epsilon && eps <= c.epsilon * (1.0 + 1e-8), "{p:?}: {eps} vs reference {}", c.epsilon);
+        }
+    }
 }
