@@ -133,6 +133,7 @@ pub enum PlanMode {
 }
 
 impl PlanMode {
+    /// The name `--mode` takes.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Off => "off",

@@ -23,7 +23,7 @@
 //!
 //! Every output is an integer whose distribution is exactly `N_Z(0, sigma^2)`, except in
 //! one event: a draw whose magnitude would not fit an `i64` (probability below
-//! `exp(-2^40)` for any allowed sigma) is rejected and redrawn, a total-variation distance
+//! `exp(-2^22)` for any allowed sigma) is rejected and redrawn, a total-variation distance
 //! far below anything delta could notice.
 //!
 //! # Sigma, exactly
@@ -260,7 +260,8 @@ fn bernoulli_exp_neg_unit(rng: &mut impl NoiseSource, a: u64, b: u64) -> bool {
         }
         k += 1;
     }
-    // Unreachable in practice (k near 2^64 / b): the probability is below 1 / (2^30)!.
+    // Unreachable in practice (k near 2^64 / b >= 2^22 for every b this module passes):
+    // the probability is below 1 / (2^22)!.
     k % 2 == 1
 }
 

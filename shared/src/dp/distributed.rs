@@ -106,6 +106,7 @@ pub struct DistributedParams {
     pub clip_norm: f64,
     /// Coordinates in an update.
     pub dim: u64,
+    /// How the scaled update is rounded: sets the norm bound `Delta2`.
     pub rounding: Rounding,
 }
 
@@ -245,7 +246,7 @@ pub fn quantize(rng: &mut impl NoiseSource, update: &[f32], params: &Distributed
         return Err(QuantizeError::NonFinite { index, value });
     }
     let bound = params.l2_bound();
-    // The largest squared norm within the bound, as an integer (bound^2 is below 2^104 for
+    // The largest squared norm within the bound, as an integer (bound^2 is below 2^83 for
     // any valid parameters; the f64 floor is conservative by at most an ulp of slack).
     let max_sq = (bound * bound).floor() as u128;
     let scaled: Vec<f64> = update.iter().map(|&v| f64::from(v) * params.scale).collect();
