@@ -1,5 +1,6 @@
 //! The auditor's and the planner's commands, shared by both binaries:
-//! `audit verify|reconcile|report` and `privacy epsilon|sigma`.
+//! `audit verify|reconcile|report` and `privacy epsilon|sigma` (record-level, site-level,
+//! and distributed DP under secure aggregation).
 //!
 //! The argument structs derive clap's `Subcommand`/`Args` only with the `cli` feature
 //! (both binaries enable it), so the commands are written once and `shared` builds without
@@ -19,6 +20,7 @@ use serde::Serialize;
 pub use time::OffsetDateTime;
 
 use crate::audit::{self, LedgerAudit};
+use crate::dp::distributed::{self, DistributedRelease};
 use crate::dp::{plan_epsilon, plan_min_sigma, zcdp, DpError, Plan};
 use crate::fsutil::{self, FsError};
 use crate::ledger::format_time;
@@ -120,14 +122,68 @@ pub enum PrivacyCommand {
     Sigma(SigmaArgs),
 }
 
+/// The mechanism a plan uses: a [`PrivacyMode`], or `distributed` (site-level DP whose
+/// noise is split among the sites under secure aggregation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanMode {
+    Off,
+    RecordLevel,
+    SiteLevel,
+    Distributed,
+}
+
+impl PlanMode {
+    /// The name `--mode` takes.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::RecordLevel => "record-level",
+            Self::SiteLevel => "site-level",
+            Self::Distributed => "distributed",
+        }
+    }
+}
+
+impl From<PrivacyMode> for PlanMode {
+    fn from(m: PrivacyMode) -> Self {
+        match m {
+            PrivacyMode::Off => Self::Off,
+            PrivacyMode::RecordLevel => Self::RecordLevel,
+            PrivacyMode::SiteLevel => Self::SiteLevel,
+        }
+    }
+}
+
+impl std::fmt::Display for PlanMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PlanMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "distributed" => Ok(Self::Distributed),
+            other => other
+                .parse::<PrivacyMode>()
+                .map(Self::from)
+                .map_err(|_| format!("unknown privacy mode {s:?}: expected off, record-level, site-level or distributed")),
+        }
+    }
+}
+
 /// The plan both `privacy` commands take.
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PlanArgs {
-    /// record-level (DP-SGD: one patient's record is protected) or site-level (DP-FedAvg:
-    /// a whole site's data is protected).
+    /// record-level (DP-SGD: one patient's record is protected), site-level (DP-FedAvg: a
+    /// whole site's data is protected, each site adds the full noise), or distributed
+    /// (site-level under secure aggregation: each site adds only a share of discrete
+    /// Gaussian noise and the coordinator sees only the sum; needs --sites, --min-honest,
+    /// --scale and --dim).
     #[cfg_attr(feature = "cli", arg(long))]
-    pub mode: PrivacyMode,
+    pub mode: PlanMode,
     /// Clipping norm C: sets the noise std (sigma * C), not epsilon.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1.0))]
     pub clip: f64,
@@ -144,8 +200,30 @@ pub struct PlanArgs {
     #[cfg_attr(feature = "cli", arg(long))]
     pub delta: f64,
     /// Site-level: also show the global model's guarantee when this many sites add noise.
+    /// Distributed: the sites whose inputs secure aggregation sums (each adds a share).
     #[cfg_attr(feature = "cli", arg(long))]
     pub sites: Option<u64>,
+    /// Distributed: how many of --sites are assumed to add their share honestly; only their
+    /// noise is counted (the others may add none or reveal theirs to the coordinator).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub min_honest: Option<u64>,
+    /// Distributed: fixed-point units per model unit (the quantizer's scale): a clipped
+    /// update of norm C becomes an integer vector of norm about C * scale.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub scale: Option<f64>,
+    /// Distributed: coordinates in an update (the rounding error and the
+    /// sum-of-discrete-Gaussians term both grow with it).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dim: Option<u64>,
+    /// Distributed: secure aggregation sums modulo 2^bits (recorded, checked for headroom;
+    /// wrapping is post-processing and does not change epsilon).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub modulus_bits: u32,
+    /// Distributed: account for conditional randomized rounding with failure probability
+    /// beta per try (the quantizer must re-round until the norm is within the bound);
+    /// without it, the deterministic bound C * scale + sqrt(dim), valid for any rounding.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub rounding_beta: Option<f64>,
     /// Print JSON (`{"epsilon": .., "delta": ..}` or `{"sigma": ..}` plus details).
     #[cfg_attr(feature = "cli", arg(long))]
     pub json: bool,
@@ -155,8 +233,10 @@ pub struct PlanArgs {
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct EpsilonArgs {
-    /// Noise multiplier sigma (noise std over clipping norm).
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Noise multiplier sigma (noise std over clipping norm). Distributed: the central
+    /// multiplier, the std of the honest sites' summed noise over C; each site adds
+    /// sigma * C / sqrt(min-honest).
+    #[cfg_attr(feature = "cli", arg(long, visible_alias = "noise-multiplier"))]
     pub sigma: f64,
     #[cfg_attr(feature = "cli", command(flatten))]
     pub plan: PlanArgs,
@@ -431,6 +511,38 @@ pub struct EpsilonAnswer {
     /// Site-level: total zCDP rho over all rounds.
     pub rho: Option<f64>,
     pub global_model: Option<GlobalModel>,
+    /// Distributed: the noise share and what the bound rests on.
+    pub distributed: Option<DistributedAnswer>,
+}
+
+/// The distributed-DP detail of a `privacy` answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DistributedAnswer {
+    pub sites: u64,
+    pub min_honest: u64,
+    /// Each site's discrete Gaussian sigma, in integer units.
+    pub site_sigma: f64,
+    /// The same in model units (`site_sigma / scale`).
+    pub site_std: f64,
+    pub scale: f64,
+    pub dim: u64,
+    pub modulus_bits: u32,
+    /// Conditional randomized rounding's beta; `None`: the deterministic norm bound.
+    pub rounding_beta: Option<f64>,
+    /// Largest L2 norm of one site's rounded update, integer units.
+    pub l2_bound: f64,
+    /// KLS21's tau (the sum of discrete Gaussians' distance from one).
+    pub tau: f64,
+    /// Std of the honest sites' summed noise, model units (`sqrt(min_honest) site_std`).
+    pub central_std: f64,
+    /// A bound on a coordinate of the sum, integer units (every site's whole norm in one
+    /// coordinate plus 10 std of the summed noise).
+    pub sum_bound: f64,
+    /// Whether `sum_bound` is below `2^(modulus_bits - 1)` (no wrap-around in a signed reading).
+    pub fits_modulus: bool,
+    /// For comparison: the per-site epsilon of site-level DP where every site adds noise of
+    /// the same multiplier in full (no secure aggregation).
+    pub site_level_epsilon: f64,
 }
 
 /// What `privacy sigma` computes.
@@ -447,6 +559,8 @@ pub struct SigmaAnswer {
     pub mode: String,
     pub rounds: u64,
     pub global_model: Option<GlobalModel>,
+    /// Distributed: the per-site share found and what the bound rests on.
+    pub distributed: Option<DistributedAnswer>,
 }
 
 /// Checks a plan's parameters and builds the accountant's [`Plan`] for noise `sigma`.
@@ -463,9 +577,20 @@ pub fn plan_of(args: &PlanArgs, sigma: f64) -> Result<Plan, CliError> {
     if args.rounds == 0 {
         return Err(invalid("rounds", "must be at least 1"));
     }
-    let (sampling_rate, steps_per_round) = match args.mode {
-        PrivacyMode::Off => return Err(invalid("mode", "off spends an unbounded epsilon; choose record-level or site-level")),
-        PrivacyMode::RecordLevel => {
+    let distributed_only = [
+        ("min-honest", args.min_honest.is_some()),
+        ("scale", args.scale.is_some()),
+        ("dim", args.dim.is_some()),
+        ("rounding-beta", args.rounding_beta.is_some()),
+    ];
+    if args.mode != PlanMode::Distributed {
+        if let Some((name, _)) = distributed_only.iter().find(|(_, given)| *given) {
+            return Err(invalid(name, format!("--{name} applies to distributed plans only")));
+        }
+    }
+    let (mode, sampling_rate, steps_per_round) = match args.mode {
+        PlanMode::Off => return Err(invalid("mode", "off spends an unbounded epsilon; choose record-level, site-level or distributed")),
+        PlanMode::RecordLevel => {
             let q = args.sampling_rate.ok_or_else(|| invalid("sampling-rate", "record-level needs --sampling-rate"))?;
             if !(q > 0.0 && q <= 1.0) {
                 return Err(invalid("sampling-rate", format!("{q} is outside (0, 1]")));
@@ -477,32 +602,43 @@ pub fn plan_of(args: &PlanArgs, sigma: f64) -> Result<Plan, CliError> {
             if args.sites.is_some() {
                 return Err(invalid("sites", "the global-model figure is for site-level plans"));
             }
-            (q, k)
+            (PrivacyMode::RecordLevel, q, k)
         }
-        PrivacyMode::SiteLevel => {
+        PlanMode::SiteLevel | PlanMode::Distributed => {
             if args.sampling_rate.is_some() || args.steps_per_round.is_some() {
                 return Err(invalid("sampling-rate", "--sampling-rate and --steps-per-round apply to record-level plans only"));
             }
             if args.sites == Some(0) {
                 return Err(invalid("sites", "must be at least 1"));
             }
-            (0.0, 1)
+            (PrivacyMode::SiteLevel, 0.0, 1)
         }
     };
-    Ok(Plan {
-        mode: args.mode,
-        noise_multiplier: sigma,
-        clip_norm: args.clip,
-        sampling_rate,
-        steps_per_round,
-        rounds: args.rounds,
-        delta: args.delta,
-    })
+    Ok(Plan { mode, noise_multiplier: sigma, clip_norm: args.clip, sampling_rate, steps_per_round, rounds: args.rounds, delta: args.delta })
 }
 
 /// `privacy epsilon`, computed.
 pub fn epsilon_answer(args: &EpsilonArgs) -> Result<EpsilonAnswer, CliError> {
     let plan = plan_of(&args.plan, args.sigma)?;
+    if args.plan.mode == PlanMode::Distributed {
+        let release = distributed_release(&args.plan, args.sigma)?;
+        let d = distributed_answer(&args.plan, &release, args.sigma)?;
+        return Ok(EpsilonAnswer {
+            epsilon: distributed::distributed_epsilon(&release.params(), plan.rounds, plan.delta)?,
+            delta: plan.delta,
+            mode: PlanMode::Distributed.to_string(),
+            sigma: args.sigma,
+            clip: plan.clip_norm,
+            noise_std: d.central_std,
+            rounds: plan.rounds,
+            sampling_rate: None,
+            steps_per_round: None,
+            total_steps: None,
+            rho: None,
+            global_model: None,
+            distributed: Some(d),
+        });
+    }
     let epsilon = plan_epsilon(&plan)?;
     let record = plan.mode == PrivacyMode::RecordLevel;
     Ok(EpsilonAnswer {
@@ -518,6 +654,7 @@ pub fn epsilon_answer(args: &EpsilonArgs) -> Result<EpsilonAnswer, CliError> {
         total_steps: record.then(|| plan.steps_per_round.saturating_mul(plan.rounds)),
         rho: if record { None } else { Some(zcdp::rho_for_rounds(&[(plan.noise_multiplier, plan.rounds)])?) },
         global_model: global_model(&args.plan, plan.noise_multiplier)?,
+        distributed: None,
     })
 }
 
@@ -529,6 +666,27 @@ pub fn sigma_answer(args: &SigmaArgs) -> Result<SigmaAnswer, CliError> {
     }
     // The plan's own sigma is ignored by the search; 1 only passes validation.
     let plan = plan_of(&args.plan, 1.0)?;
+    if args.plan.mode == PlanMode::Distributed {
+        let release = distributed_release(&args.plan, 1.0)?;
+        let found = distributed::distributed_min_sigma(&release.params(), plan.rounds, plan.delta, t)?;
+        // What a site adds: the share for the found multiplier on the sampler's grid (a hair
+        // more noise, so its epsilon is still within the target), which `privacy epsilon`
+        // at the same multiplier reproduces.
+        let site_sigma = distributed::site_sigma_for(found.noise_multiplier, plan.clip_norm, release.scale, release.min_honest);
+        let release = DistributedRelease { site_sigma, ..release };
+        return Ok(SigmaAnswer {
+            sigma: found.noise_multiplier,
+            epsilon: distributed::distributed_epsilon(&release.params(), plan.rounds, plan.delta)?,
+            target_epsilon: t,
+            delta: plan.delta,
+            tolerance: found.tolerance,
+            noise_std: found.central_std,
+            mode: PlanMode::Distributed.to_string(),
+            rounds: plan.rounds,
+            global_model: None,
+            distributed: Some(distributed_answer(&args.plan, &release, found.noise_multiplier)?),
+        });
+    }
     let found = plan_min_sigma(&plan, t)?;
     Ok(SigmaAnswer {
         sigma: found.noise_multiplier,
@@ -540,12 +698,82 @@ pub fn sigma_answer(args: &SigmaArgs) -> Result<SigmaAnswer, CliError> {
         mode: plan.mode.to_string(),
         rounds: plan.rounds,
         global_model: global_model(&args.plan, found.noise_multiplier)?,
+        distributed: None,
+    })
+}
+
+/// The release one round of a distributed plan makes at central noise multiplier `sigma`:
+/// each of the honest sites adds `sigma C scale / sqrt(min_honest)` integer units.
+pub fn distributed_release(args: &PlanArgs, sigma: f64) -> Result<DistributedRelease, CliError> {
+    let sites = args.sites.ok_or_else(|| invalid("sites", "distributed needs --sites (the sites summed)"))?;
+    let min_honest = args.min_honest.ok_or_else(|| invalid("min-honest", "distributed needs --min-honest (the sites assumed honest)"))?;
+    if min_honest == 0 || min_honest > sites {
+        return Err(invalid("min-honest", format!("{min_honest} must be between 1 and --sites ({sites})")));
+    }
+    let scale = args.scale.ok_or_else(|| invalid("scale", "distributed needs --scale (fixed-point units per model unit)"))?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(invalid("scale", format!("{scale} must be a finite number > 0")));
+    }
+    let dim = args.dim.ok_or_else(|| invalid("dim", "distributed needs --dim (coordinates in an update)"))?;
+    if dim == 0 {
+        return Err(invalid("dim", "must be at least 1"));
+    }
+    if !(1..=64).contains(&args.modulus_bits) {
+        return Err(invalid("modulus-bits", format!("{} is outside 1 to 64", args.modulus_bits)));
+    }
+    if let Some(beta) = args.rounding_beta {
+        if !(beta > 0.0 && beta < 1.0) {
+            return Err(invalid("rounding-beta", format!("{beta} is outside (0, 1)")));
+        }
+    }
+    let site_sigma = distributed::site_sigma_for(sigma, args.clip, scale, min_honest);
+    if !(distributed::MIN_SITE_SIGMA..=distributed::MAX_SITE_SIGMA).contains(&site_sigma) {
+        return Err(invalid(
+            "sigma",
+            format!("gives a per-site sigma of {site_sigma} integer units, outside [0.5, 2^40]: change --sigma or --scale"),
+        ));
+    }
+    let release = DistributedRelease {
+        site_sigma,
+        scale,
+        modulus_bits: args.modulus_bits,
+        sites,
+        min_honest,
+        clip_norm: args.clip,
+        dim,
+        rounding_beta: args.rounding_beta,
+    };
+    release.validate()?;
+    Ok(release)
+}
+
+fn distributed_answer(args: &PlanArgs, r: &DistributedRelease, sigma: f64) -> Result<DistributedAnswer, CliError> {
+    let p = r.params();
+    let l2_bound = p.l2_bound();
+    // A coordinate of the sum is at most every site's whole norm plus 10 std of the summed
+    // noise (exceeded with probability below 1e-23 per coordinate).
+    let sum_bound = r.sites as f64 * l2_bound + 10.0 * (r.sites as f64).sqrt() * r.site_sigma;
+    Ok(DistributedAnswer {
+        sites: r.sites,
+        min_honest: r.min_honest,
+        site_sigma: r.site_sigma,
+        site_std: r.site_sigma / r.scale,
+        scale: r.scale,
+        dim: r.dim,
+        modulus_bits: r.modulus_bits,
+        rounding_beta: r.rounding_beta,
+        l2_bound,
+        tau: p.tau(),
+        central_std: p.central_std(),
+        sum_bound,
+        fits_modulus: sum_bound < 2f64.powi(r.modulus_bits as i32 - 1),
+        site_level_epsilon: zcdp::epsilon_for_rounds(&[(sigma, args.rounds)], args.delta)?,
     })
 }
 
 fn global_model(args: &PlanArgs, sigma: f64) -> Result<Option<GlobalModel>, CliError> {
     match (args.mode, args.sites) {
-        (PrivacyMode::SiteLevel, Some(n)) => {
+        (PlanMode::SiteLevel, Some(n)) => {
             Ok(Some(GlobalModel { sites: n, epsilon: zcdp::global_model_epsilon(sigma, n, args.rounds, args.delta)?, delta: args.delta }))
         }
         _ => Ok(None),
@@ -561,6 +789,23 @@ pub fn run_privacy(cmd: &PrivacyCommand, out: &mut dyn Write) -> Result<(), CliE
                 writeln!(out, "{}", serde_json::to_string(&a).map_err(io::Error::other)?)?;
             } else {
                 write_plan(out, &a.mode, a.sigma, a.clip, &args.plan)?;
+                if let Some(d) = &a.distributed {
+                    write_distributed(out, d)?;
+                    writeln!(
+                        out,
+                        "epsilon: {} at delta {} (the sum's guarantee for each site, counting only the {} honest sites' noise)",
+                        fmt_f(a.epsilon),
+                        a.delta,
+                        d.min_honest
+                    )?;
+                    writeln!(
+                        out,
+                        "site-level at the same multiplier (every site adds sigma {} in full, no secure aggregation): epsilon per site {}",
+                        fmt_f(a.sigma),
+                        fmt_f(d.site_level_epsilon)
+                    )?;
+                    return Ok(());
+                }
                 writeln!(out, "epsilon per site: {} at delta {}", fmt_f(a.epsilon), a.delta)?;
                 if let Some(rho) = a.rho {
                     writeln!(out, "  (zCDP rho {} over {} rounds, converted with opendp)", fmt_f(rho), a.rounds)?;
@@ -584,6 +829,9 @@ pub fn run_privacy(cmd: &PrivacyCommand, out: &mut dyn Write) -> Result<(), CliE
                     a.delta
                 )?;
                 write_plan(out, &a.mode, a.sigma, args.plan.clip, &args.plan)?;
+                if let Some(d) = &a.distributed {
+                    write_distributed(out, d)?;
+                }
                 write_global(out, a.global_model.as_ref())?;
             }
         }
@@ -591,9 +839,44 @@ pub fn run_privacy(cmd: &PrivacyCommand, out: &mut dyn Write) -> Result<(), CliE
     Ok(())
 }
 
+fn write_distributed(out: &mut dyn Write, d: &DistributedAnswer) -> io::Result<()> {
+    writeln!(
+        out,
+        "each site adds discrete Gaussian noise of sigma {} integer units (std {} model units at scale {}); the {} honest sites' sum has std {}",
+        fmt_f(d.site_sigma),
+        fmt_f(d.site_std),
+        d.scale,
+        d.min_honest,
+        fmt_f(d.central_std)
+    )?;
+    let rounding = match d.rounding_beta {
+        Some(beta) => format!("conditional randomized rounding (beta {beta}; the quantizer must re-round above the bound)"),
+        None => "deterministic rounding bound".to_owned(),
+    };
+    writeln!(out, "dimension {}, {rounding}: one site's rounded norm <= {} units; tau {:.3e}", d.dim, fmt_f(d.l2_bound), d.tau)?;
+    if d.fits_modulus {
+        writeln!(out, "modulus 2^{}: a coordinate of the sum stays within {} units", d.modulus_bits, fmt_f(d.sum_bound))
+    } else {
+        writeln!(
+            out,
+            "warning: modulus 2^{} may wrap: a coordinate of the sum can reach {} units (no privacy cost, but the sum is wrong): raise --modulus-bits or lower --scale",
+            d.modulus_bits,
+            fmt_f(d.sum_bound)
+        )
+    }
+}
+
 fn write_plan(out: &mut dyn Write, mode: &str, sigma: f64, clip: f64, p: &PlanArgs) -> io::Result<()> {
     match p.mode {
-        PrivacyMode::RecordLevel => writeln!(
+        PlanMode::Distributed => writeln!(
+            out,
+            "distributed plan (secure aggregation; protects a whole site, replace-one-site adjacency, sensitivity 2C; distributed discrete Gaussian, Kairouz-Liu-Steinke 2021, RDP): central noise multiplier {}, clip {clip}, {} sites of which {} assumed honest, {} rounds",
+            fmt_f(sigma),
+            p.sites.unwrap_or_default(),
+            p.min_honest.unwrap_or_default(),
+            p.rounds
+        ),
+        PlanMode::RecordLevel => writeln!(
             out,
             "record-level plan (DP-SGD; protects one record, add/remove adjacency; RDP of the sampled Gaussian): sigma {}, clip {clip}, sampling rate {}, {} steps per round x {} rounds",
             fmt_f(sigma),
@@ -1005,19 +1288,36 @@ mod tests {
 
     fn record_plan() -> PlanArgs {
         PlanArgs {
-            mode: PrivacyMode::RecordLevel,
+            mode: PlanMode::RecordLevel,
             clip: 1.0,
             sampling_rate: Some(0.01),
             steps_per_round: Some(100),
             rounds: 100,
             delta: 1e-5,
             sites: None,
+            min_honest: None,
+            scale: None,
+            dim: None,
+            modulus_bits: 32,
+            rounding_beta: None,
             json: true,
         }
     }
 
+    fn distributed_plan() -> PlanArgs {
+        PlanArgs {
+            mode: PlanMode::Distributed,
+            sites: Some(10),
+            min_honest: Some(7),
+            scale: Some(256.0),
+            dim: Some(10_000),
+            rounds: 10,
+            ..site_plan()
+        }
+    }
+
     fn site_plan() -> PlanArgs {
-        PlanArgs { mode: PrivacyMode::SiteLevel, sampling_rate: None, steps_per_round: None, rounds: 50, sites: Some(10), ..record_plan() }
+        PlanArgs { mode: PlanMode::SiteLevel, sampling_rate: None, steps_per_round: None, rounds: 50, sites: Some(10), ..record_plan() }
     }
 
     /// Against dp-accounting 0.6 with its defaults (`dp/reference/rdp_reference.json`):
@@ -1094,7 +1394,7 @@ mod tests {
             (eps(1.0, PlanArgs { sites: Some(0), ..site_plan() }), "sites"),
             (eps(1.0, PlanArgs { sites: Some(3), ..record_plan() }), "sites"),
             (eps(1.0, PlanArgs { sampling_rate: Some(0.1), ..site_plan() }), "sampling-rate"),
-            (eps(1.0, PlanArgs { mode: PrivacyMode::Off, ..site_plan() }), "mode"),
+            (eps(1.0, PlanArgs { mode: PlanMode::Off, ..site_plan() }), "mode"),
         ];
         for (err, name) in cases {
             assert!(err.is_usage(), "{err}");
@@ -1104,5 +1404,123 @@ mod tests {
         assert!(err.to_string().contains("target-epsilon"), "{err}");
         let err = sigma_answer(&SigmaArgs { target_epsilon: 1e-9, plan: site_plan() }).unwrap_err();
         assert!(matches!(err, CliError::Dp(DpError::Unreachable { .. })) && !err.is_usage(), "{err}");
+    }
+
+    /// `privacy epsilon --mode distributed`: the figure is the accountant's, each site's
+    /// share is sigma C scale / sqrt(min_honest), and the text names the assumption.
+    #[test]
+    fn distributed_epsilon_and_its_rendering() {
+        let a = epsilon_answer(&EpsilonArgs { sigma: 1.0, plan: distributed_plan() }).unwrap();
+        let d = a.distributed.clone().unwrap();
+        // 256 / sqrt(7) = 96.7589, rounded up to a multiple of 1/256.
+        assert_eq!(d.site_sigma, 24_771.0 / 256.0);
+        let release = distributed_release(&distributed_plan(), 1.0).unwrap();
+        assert_eq!(a.epsilon, distributed::distributed_epsilon(&release.params(), 10, 1e-5).unwrap());
+        assert!(a.noise_std >= 1.0 && a.noise_std - 1.0 < 1e-4 && d.fits_modulus && a.global_model.is_none());
+        assert_eq!(d.site_level_epsilon, zcdp::epsilon_for_rounds(&[(1.0, 10)], 1e-5).unwrap());
+        // Rounding to a coarse grid (scale 256 against sqrt(dim) = 100) inflates the norm
+        // bound by 39% and costs against site-level at the same multiplier; a fine grid
+        // (scale 2^16) costs little.
+        assert!(a.epsilon > 1.3 * d.site_level_epsilon, "{} vs {}", a.epsilon, d.site_level_epsilon);
+        let fine = epsilon_answer(&EpsilonArgs { sigma: 1.0, plan: PlanArgs { scale: Some(65536.0), ..distributed_plan() } }).unwrap();
+        assert!(fine.epsilon > d.site_level_epsilon && fine.epsilon < 1.01 * d.site_level_epsilon, "{}", fine.epsilon);
+        let mut out = Vec::new();
+        run_privacy(&PrivacyCommand::Epsilon(EpsilonArgs { sigma: 1.0, plan: PlanArgs { json: false, ..distributed_plan() } }), &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for needle in [
+            "distributed plan (secure aggregation",
+            "10 sites of which 7 assumed honest",
+            "each site adds discrete Gaussian noise of sigma 96.7617 integer units",
+            "counting only the 7 honest sites' noise",
+            "site-level at the same multiplier",
+            "modulus 2^32",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        let mut out = Vec::new();
+        run_privacy(&PrivacyCommand::Epsilon(EpsilonArgs { sigma: 1.0, plan: distributed_plan() }), &mut out).unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(j["mode"], "distributed");
+        assert_eq!(j["epsilon"], a.epsilon);
+        assert_eq!(j["distributed"]["min_honest"], 7);
+        // A small modulus is flagged, not refused.
+        let tight = PlanArgs { modulus_bits: 12, json: false, ..distributed_plan() };
+        let mut out = Vec::new();
+        run_privacy(&PrivacyCommand::Epsilon(EpsilonArgs { sigma: 1.0, plan: tight }), &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("warning: modulus 2^12 may wrap"));
+    }
+
+    #[test]
+    fn distributed_sigma_is_the_per_site_share() {
+        let a = sigma_answer(&SigmaArgs { target_epsilon: 4.0, plan: distributed_plan() }).unwrap();
+        let d = a.distributed.clone().unwrap();
+        assert!(a.epsilon <= 4.0);
+        assert_eq!(d.site_sigma, distributed::site_sigma_for(a.sigma, 1.0, 256.0, 7));
+        let back = epsilon_answer(&EpsilonArgs { sigma: a.sigma, plan: distributed_plan() }).unwrap();
+        assert_eq!(back.epsilon, a.epsilon);
+        let mut out = Vec::new();
+        run_privacy(
+            &PrivacyCommand::Sigma(SigmaArgs { target_epsilon: 4.0, plan: PlanArgs { json: false, ..distributed_plan() } }),
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("smallest noise multiplier") && text.contains("each site adds discrete Gaussian noise"), "{text}");
+    }
+
+    #[test]
+    fn invalid_distributed_plans_are_explained() {
+        let eps = |plan: PlanArgs| epsilon_answer(&EpsilonArgs { sigma: 1.0, plan }).unwrap_err();
+        let cases = [
+            (eps(PlanArgs { min_honest: Some(11), ..distributed_plan() }), "min-honest"),
+            (eps(PlanArgs { min_honest: Some(0), ..distributed_plan() }), "min-honest"),
+            (eps(PlanArgs { min_honest: None, ..distributed_plan() }), "min-honest"),
+            (eps(PlanArgs { sites: None, ..distributed_plan() }), "sites"),
+            (eps(PlanArgs { sites: Some(0), ..distributed_plan() }), "sites"),
+            (eps(PlanArgs { scale: None, ..distributed_plan() }), "scale"),
+            (eps(PlanArgs { scale: Some(f64::NAN), ..distributed_plan() }), "scale"),
+            (eps(PlanArgs { dim: Some(0), ..distributed_plan() }), "dim"),
+            (eps(PlanArgs { modulus_bits: 65, ..distributed_plan() }), "modulus-bits"),
+            (eps(PlanArgs { rounding_beta: Some(0.0), ..distributed_plan() }), "rounding-beta"),
+            (eps(PlanArgs { scale: Some(1e-3), ..distributed_plan() }), "sigma"),
+            (eps(PlanArgs { min_honest: Some(3), ..site_plan() }), "min-honest"),
+            (eps(PlanArgs { dim: Some(3), ..record_plan() }), "dim"),
+        ];
+        for (err, name) in cases {
+            assert!(err.is_usage(), "{err}");
+            assert!(err.to_string().starts_with(&format!("invalid {name}")), "{name}: {err}");
+        }
+        assert_eq!("distributed".parse::<PlanMode>(), Ok(PlanMode::Distributed));
+        assert_eq!("site-level".parse::<PlanMode>(), Ok(PlanMode::SiteLevel));
+        assert!("central".parse::<PlanMode>().unwrap_err().contains("distributed"));
+    }
+
+    /// The arguments as a binary parses them (`--noise-multiplier` is `--sigma`), and the
+    /// help names what the distributed mode needs.
+    #[cfg(feature = "cli")]
+    #[test]
+    fn distributed_arguments_parse_and_are_documented() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            privacy: PrivacyCommand,
+        }
+        let argv = "privacy epsilon --mode distributed --sites 10 --min-honest 7 --noise-multiplier 1.5 --scale 4096 --dim 56836 --rounding-beta 0.6 --rounds 10 --delta 1e-5";
+        let cli = Cli::try_parse_from(argv.split(' ')).unwrap();
+        let PrivacyCommand::Epsilon(a) = cli.privacy else { panic!("not epsilon") };
+        assert_eq!((a.sigma, a.plan.mode, a.plan.sites, a.plan.min_honest), (1.5, PlanMode::Distributed, Some(10), Some(7)));
+        assert_eq!((a.plan.scale, a.plan.dim, a.plan.modulus_bits, a.plan.rounding_beta), (Some(4096.0), Some(56_836), 32, Some(0.6)));
+        assert!(epsilon_answer(&a).is_ok());
+        let sigma =
+            "privacy sigma --mode distributed --sites 3 --min-honest 2 --scale 4096 --dim 1000 --target-epsilon 8 --rounds 10 --delta 1e-5";
+        assert!(matches!(Cli::try_parse_from(sigma.split(' ')).unwrap().privacy, PrivacyCommand::Sigma(_)));
+        assert!(Cli::try_parse_from("privacy epsilon --mode central --sigma 1 --rounds 1 --delta 1e-5".split(' ')).is_err());
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("epsilon").unwrap().render_long_help().to_string();
+        for needle in ["--min-honest", "--noise-multiplier", "--scale", "--dim", "--modulus-bits", "--rounding-beta", "distributed"] {
+            assert!(help.contains(needle), "{needle} missing from the help:\n{help}");
+        }
     }
 }

@@ -12,6 +12,11 @@
 //!   of std `sigma * C` per coordinate. Adjacency replaces a site's entire dataset, so the
 //!   sensitivity is `2C` and one round is `2 / sigma^2`-zCDP. Accounted with opendp
 //!   ([`zcdp`]).
+//! * **distributed** (under secure aggregation): the site-level mechanism with the noise
+//!   split: each site adds exact discrete Gaussian noise in fixed-point units
+//!   ([`discrete`]) and only the sum over at least `min_honest` honest sites is counted;
+//!   accounted with the distributed discrete Gaussian bound of Kairouz, Liu, Steinke 2021
+//!   ([`distributed`]). Not yet a [`PrivacyMode`]: the ledger records it later.
 //!
 //! [`accountant`] puts both behind one entry point for the agent, the coordinator and the
 //! auditor: cumulative epsilon, the epsilon the next round *would* reach, a site
@@ -28,6 +33,8 @@
 
 pub mod accountant;
 pub mod clip;
+pub mod discrete;
+pub mod distributed;
 pub mod noise;
 pub mod rdp;
 pub mod sampling;
@@ -40,6 +47,11 @@ pub use accountant::{
     epsilon_after_round, plan_epsilon, plan_min_sigma, Accountant, Budget, BudgetError, Plan, Release, SigmaSearch, Spend,
 };
 pub use clip::{clip_slices, clip_tensors, Clipped};
+pub use discrete::{DiscreteGaussian, DiscreteNoiseError, NoiseSource};
+pub use distributed::{
+    distributed_epsilon, distributed_min_sigma, epsilon_for_releases, quantize, site_sigma_for, DistributedParams, DistributedRelease,
+    DistributedSigma, QuantizeError, Rounding,
+};
 pub use noise::{GaussianNoise, NoiseError, NoiseRng};
 pub use rdp::Rdp;
 pub use sampling::{dp_sgd_steps, poisson_sample};

@@ -84,6 +84,12 @@ impl Rdp {
         Self::sampled_gaussian(1.0, sigma)
     }
 
+    /// A curve from one value per entry of [`orders`] (another mechanism's bound, e.g. the
+    /// distributed discrete Gaussian's), `None` unless the lengths match.
+    pub(crate) fn from_values(values: Vec<f64>) -> Option<Self> {
+        (values.len() == orders().len()).then_some(Self { values })
+    }
+
     /// Adds `times` compositions of `other` (RDP adds order by order).
     pub fn compose(&mut self, other: &Rdp, times: u64) {
         if times == 0 {
