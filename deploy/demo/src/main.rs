@@ -7,7 +7,10 @@
 //! (`export`, checked with `eval`), then the allocation simulator (`allocate simulate`) on one
 //! hospital with the federated and with its local-only model. This driver only writes configs, watches the
 //! coordinator's state directory and scores each round's global model on the pooled test
-//! split (in-process, with the frozen prefix cached across rounds), then writes the report.
+//! split and on the hand-written evaluation set (in-process, with the frozen prefix cached
+//! across rounds), scores the exported model and the baselines on the hand-written set with
+//! `eval`, then writes the report. The hand-written set only measures: nothing trains, tunes
+//! or selects on it.
 //! `deploy/demo.sh` builds the binaries and fetches the weights first.
 
 use std::fmt::Write as _;
@@ -137,6 +140,15 @@ struct Args {
 }
 
 const SITES: [&str; 3] = ["trauma-centre", "rural-hospital", "childrens-hospital"];
+/// The hand-written evaluation set (`models/corpus/handwritten/`, checked by the corpus
+/// crate's tests): notes the generator never wrote, to show how far the generated test split
+/// flatters every model. Scored beside the pooled test split, never trained, tuned or
+/// selected on.
+const HANDWRITTEN_JSONL: &str = include_str!("../../../models/corpus/handwritten/notes.jsonl");
+/// The consortium's target on the hand-written set (issue 24): at least this accuracy, and
+/// within [`HANDWRITTEN_MAX_GAP`] of the same model's accuracy on the generated test split.
+const HANDWRITTEN_TARGET: f64 = 0.92;
+const HANDWRITTEN_MAX_GAP: f64 = 0.02;
 const DELTA: f64 = 1e-5;
 /// Marks a directory as the demo's own, so a re-run may replace it.
 const MARKER: &str = ".fedward-demo";
@@ -291,10 +303,13 @@ fn run(args: &Args) -> Result<()> {
         test_examples.extend(read_jsonl(&path, &labels)?);
     }
     fs::write(&pooled_test, pooled)?;
+    let handwritten = out.join("handwritten.jsonl");
+    fs::write(&handwritten, HANDWRITTEN_JSONL)?;
+    let handwritten_examples = read_jsonl(&handwritten, &labels)?;
     let train_sizes: Vec<usize> =
         SITES.iter().map(|site| read_jsonl(&data.join(site).join("train.jsonl"), &labels).map(|v| v.len())).collect::<Result<_, _>>()?;
 
-    let scorer = Scorer::new(&base, &labels, test_examples, args)?;
+    let scorer = Scorer::new(&base, &labels, test_examples, handwritten_examples, args)?;
     let mut scorer = scorer;
     let mut runs = Vec::new();
     let plain = federate(args, &tools, &out, &base, &data, &mut scorer, None)?;
@@ -320,6 +335,13 @@ fn run(args: &Args) -> Result<()> {
     )?)?;
     let exported_accuracy = eval["accuracy"].as_f64().unwrap_or(f64::NAN);
     println!("  {}: accuracy {exported_accuracy:.4} on the pooled test split", model_dir.display());
+    let exported_handwritten = eval_handwritten(args, &tools, &model_dir, &handwritten, "eval-model-handwritten")?;
+    println!(
+        "  {}: accuracy {:.4} on the hand-written set ({} notes)",
+        model_dir.display(),
+        exported_handwritten["accuracy"].as_f64().unwrap_or(f64::NAN),
+        exported_handwritten["support"]
+    );
     if let Some(dp) = runs.get(1) {
         tools.run(
             &tools.agent,
@@ -328,19 +350,36 @@ fn run(args: &Args) -> Result<()> {
         )?;
     }
 
-    let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &out, &base, &data)?) };
+    let baselines = if args.skip_baselines { None } else { Some(run_baselines(args, &tools, &out, &base, &data, &handwritten)?) };
     let allocation = match &baselines {
         Some(_) => Some(simulate_allocation(args, &tools, &out, &data, &labels)?),
         None => None,
     };
 
-    let report = Report::new(args, &runs, baselines.as_ref(), allocation.as_ref(), exported_accuracy, started.elapsed().as_secs_f64());
+    let exported = Exported { accuracy: exported_accuracy, handwritten: exported_handwritten };
+    let report = Report::new(args, &runs, baselines.as_ref(), allocation.as_ref(), &exported, started.elapsed().as_secs_f64());
     fs::write(out.join("report.json"), serde_json::to_string_pretty(&report.json)? + "\n")?;
     fs::write(out.join("report.html"), report.html())?;
     println!("{}", report.summary);
     println!("report: {} and {}", out.join("report.json").display(), out.join("report.html").display());
     println!("total {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `fedward-agent eval` of an exported model directory on the hand-written set: its JSON
+/// report (accuracy, macro-F1, per class, confusion matrix).
+fn eval_handwritten(args: &Args, tools: &Tools, model_dir: &Path, handwritten: &Path, log: &str) -> Result<Value> {
+    let max_seq_len = args.max_seq_len.to_string();
+    let job = ["eval", "--model", s(model_dir), "--data", s(handwritten), "--json", "--max-seq-len", &max_seq_len, "--device", "cpu"];
+    Ok(serde_json::from_str(&tools.run(&tools.agent, &job, log)?)?)
+}
+
+/// The exported final model's figures, from `eval`.
+struct Exported {
+    /// On the pooled test split.
+    accuracy: f64,
+    /// `eval`'s JSON report on the hand-written set.
+    handwritten: Value,
 }
 
 fn s(p: &Path) -> &str {
@@ -428,27 +467,63 @@ impl DpSettings {
     }
 }
 
-/// Scores global models on the pooled test split, caching the frozen prefix across rounds.
+/// Scores global models on the pooled test split and the hand-written set, caching the
+/// frozen prefix of both across rounds.
 struct Scorer {
     model: fedward_models::bert::BertClassifier,
     encoder: fedward_models::text::TextEncoder,
     test: EvalSet,
+    handwritten: EvalSet,
     trainable: Vec<String>,
     max_len: usize,
 }
 
+/// A model's figures on the two evaluation sets.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Scores {
+    /// On the pooled test split.
+    accuracy: f64,
+    macro_f1: f64,
+    /// On the hand-written set.
+    handwritten_accuracy: f64,
+    handwritten_macro_f1: f64,
+}
+
+impl Scores {
+    const NAN: Scores = Scores { accuracy: f64::NAN, macro_f1: f64::NAN, handwritten_accuracy: f64::NAN, handwritten_macro_f1: f64::NAN };
+}
+
 impl Scorer {
-    fn new(base: &Path, labels: &[String], test: Vec<fedward_models::text::Example>, args: &Args) -> Result<Self> {
+    fn new(
+        base: &Path,
+        labels: &[String],
+        test: Vec<fedward_models::text::Example>,
+        handwritten: Vec<fedward_models::text::Example>,
+        args: &Args,
+    ) -> Result<Self> {
         let (model, encoder) = load_dir(base, Some(labels), 0, &candle_core::Device::Cpu)?;
         let trainable = args.trainable.select(model.tensor_set()?.names());
-        Ok(Self { model, encoder, test: EvalSet::new(test), trainable, max_len: args.max_seq_len as usize })
+        Ok(Self {
+            model,
+            encoder,
+            test: EvalSet::new(test),
+            handwritten: EvalSet::new(handwritten),
+            trainable,
+            max_len: args.max_seq_len as usize,
+        })
     }
 
-    fn score(&mut self, checkpoint: &Path) -> Result<(f64, f64)> {
+    fn score(&mut self, checkpoint: &Path) -> Result<Scores> {
         let set = TensorSet::from_safetensors(&fs::read(checkpoint)?, false)?;
         self.model.load(&set)?;
-        let (_, report) = self.test.evaluate(&self.model, &self.encoder, &self.trainable, self.max_len)?;
-        Ok((report.accuracy, report.macro_f1))
+        let (_, test) = self.test.evaluate(&self.model, &self.encoder, &self.trainable, self.max_len)?;
+        let (_, hw) = self.handwritten.evaluate(&self.model, &self.encoder, &self.trainable, self.max_len)?;
+        Ok(Scores {
+            accuracy: test.accuracy,
+            macro_f1: test.macro_f1,
+            handwritten_accuracy: hw.accuracy,
+            handwritten_macro_f1: hw.macro_f1,
+        })
     }
 }
 
@@ -458,8 +533,8 @@ struct RoundRow {
     round: u64,
     sites: usize,
     mean_local_loss: Option<f64>,
-    accuracy: f64,
-    macro_f1: f64,
+    #[serde(flatten)]
+    scores: Scores,
     /// The largest epsilon any site reports having spent after this round.
     epsilon: Option<f64>,
     seconds: f64,
@@ -468,7 +543,7 @@ struct RoundRow {
 struct RunResult {
     name: &'static str,
     dp: Option<DpSettings>,
-    initial: (f64, f64),
+    initial: Scores,
     rounds: Vec<RoundRow>,
     final_checkpoint: PathBuf,
     seconds: f64,
@@ -538,42 +613,49 @@ fn federate(
 }
 
 /// Prints a row per completed round until the coordinator finishes, then waits for the agents.
-fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)], rounds: u32) -> Result<((f64, f64), Vec<RoundRow>, f64)> {
+fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)], rounds: u32) -> Result<(Scores, Vec<RoundRow>, f64)> {
     let started = Instant::now();
     let total = u64::from(rounds);
     let mut rows: Vec<RoundRow> = Vec::new();
     let mut initial = None;
     let mut last_note = Instant::now();
-    println!("  {:>5} {:>5} {:>10} {:>9} {:>9} {:>8} {:>8}", "round", "sites", "local loss", "accuracy", "macro-F1", "epsilon", "seconds");
+    println!(
+        "  {:>5} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "round", "sites", "local loss", "accuracy", "macro-F1", "hw acc", "hw F1", "epsilon", "seconds"
+    );
     loop {
         // The coordinator writes the checkpoint, then state.json, each atomically: a round
         // listed in state.json has its checkpoint on disk.
         if let Some(state) = saved_state(state_dir)? {
             if initial.is_none() {
-                let (acc, f1) = scorer.score(&state_dir.join(checkpoint_name(0)))?;
-                println!("  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>8} {:>8}", 0, "-", "-", acc, f1, "-", "-");
-                initial = Some((acc, f1));
+                let sc = scorer.score(&state_dir.join(checkpoint_name(0)))?;
+                println!(
+                    "  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>8} {:>8}",
+                    0, "-", "-", sc.accuracy, sc.macro_f1, sc.handwritten_accuracy, sc.handwritten_macro_f1, "-", "-"
+                );
+                initial = Some(sc);
             }
             let scored = rows.last().map_or(0, |r| r.round);
             for record in state.history.iter().filter(|r| r.model_digest.is_some() && r.round > scored) {
-                let (accuracy, macro_f1) = scorer.score(&state_dir.join(checkpoint_name(record.round)))?;
+                let scores = scorer.score(&state_dir.join(checkpoint_name(record.round)))?;
                 let epsilon = record.sites.iter().filter_map(|s| s.epsilon_after).reduce(f64::max);
                 let row = RoundRow {
                     round: record.round,
                     sites: record.sites.len(),
                     mean_local_loss: record.mean_train_loss,
-                    accuracy,
-                    macro_f1,
+                    scores,
                     epsilon,
                     seconds: record.duration_secs,
                 };
                 println!(
-                    "  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>8} {:>8.1}",
+                    "  {:>5} {:>5} {:>10} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>8} {:>8.1}",
                     row.round,
                     row.sites,
                     row.mean_local_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    row.accuracy,
-                    row.macro_f1,
+                    row.scores.accuracy,
+                    row.scores.macro_f1,
+                    row.scores.handwritten_accuracy,
+                    row.scores.handwritten_macro_f1,
                     row.epsilon.map_or("-".into(), |e| format!("{e:.3}")),
                     row.seconds
                 );
@@ -608,7 +690,7 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    Ok((initial.unwrap_or((f64::NAN, f64::NAN)), rows, started.elapsed().as_secs_f64()))
+    Ok((initial.unwrap_or(Scores::NAN), rows, started.elapsed().as_secs_f64()))
 }
 
 /// The coordinator's `state.json`, once it has written one (it writes it atomically).
@@ -772,13 +854,14 @@ status_listen = "off"
     )
 }
 
-/// The baselines' scores on the pooled test split.
+/// The baselines' scores: on the pooled test split (`test`), from `baseline all`, and on the
+/// hand-written set (`handwritten`), from `eval` of each saved model.
 struct Baselines {
     centralized: Value,
     local_only: Vec<Value>,
 }
 
-fn run_baselines(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path) -> Result<Baselines> {
+fn run_baselines(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Path, handwritten: &Path) -> Result<Baselines> {
     step("baselines: centralized (all sites' data pooled) and local-only (each site alone), same recipe and epochs");
     let epochs = (args.rounds * args.local_epochs).to_string();
     let lr = args.learning_rate.to_string();
@@ -818,17 +901,27 @@ fn run_baselines(args: &Args, tools: &Tools, out: &Path, base: &Path, data: &Pat
     let output = tools.run_long(&tools.agent, &job, "baselines")?;
     let mut results: Vec<Value> = serde_json::from_str(&output)?;
     ensure!(results.len() == SITES.len() + 1, "expected the centralized and {} local-only results, got {}", SITES.len(), results.len());
+    // Each saved model is scored on the hand-written set after it trained: the set plays
+    // no part in training or in choosing anything.
+    for r in &mut results {
+        let name = r["name"].as_str().unwrap_or("?").to_owned();
+        r["handwritten"] = eval_handwritten(args, tools, &save.join(&name), handwritten, &format!("eval-{name}-handwritten"))?;
+    }
     let local_only = results.split_off(1);
     let centralized = results.remove(0);
-    let score = |r: &Value, key: &str| r["test"][key].as_f64().unwrap_or(f64::NAN);
-    println!("  centralized: accuracy {:.4}, macro-F1 {:.4}", score(&centralized, "accuracy"), score(&centralized, "macro_f1"));
+    let score = |r: &Value, set: &str, key: &str| r[set][key].as_f64().unwrap_or(f64::NAN);
+    let line = |r: &Value| {
+        format!(
+            "accuracy {:.4}, macro-F1 {:.4}; hand-written: accuracy {:.4}, macro-F1 {:.4}",
+            score(r, "test", "accuracy"),
+            score(r, "test", "macro_f1"),
+            score(r, "handwritten", "accuracy"),
+            score(r, "handwritten", "macro_f1")
+        )
+    };
+    println!("  centralized: {}", line(&centralized));
     for r in &local_only {
-        println!(
-            "  local-only {}: accuracy {:.4}, macro-F1 {:.4}",
-            r["name"].as_str().unwrap_or("?"),
-            score(r, "accuracy"),
-            score(r, "macro_f1")
-        );
+        println!("  local-only {}: {}", r["name"].as_str().unwrap_or("?"), line(r));
     }
     Ok(Baselines { centralized, local_only })
 }
@@ -1074,56 +1167,91 @@ impl Report {
         runs: &[RunResult],
         baselines: Option<&Baselines>,
         allocation: Option<&Allocation>,
-        exported_accuracy: f64,
+        exported: &Exported,
         total_seconds: f64,
     ) -> Self {
         let run_json = |r: &RunResult| {
-            let last = r.rounds.last();
+            let last = r.rounds.last().map_or(Scores::NAN, |l| l.scores);
             json!({
                 "name": r.name,
                 "dp": r.dp,
-                "initial": {"accuracy": r.initial.0, "macro_f1": r.initial.1},
+                "initial": r.initial,
                 "rounds": r.rounds,
-                "final": {"accuracy": last.map(|l| l.accuracy), "macro_f1": last.map(|l| l.macro_f1), "epsilon": last.and_then(|l| l.epsilon)},
+                "final": {
+                    "accuracy": last.accuracy, "macro_f1": last.macro_f1,
+                    "handwritten_accuracy": last.handwritten_accuracy, "handwritten_macro_f1": last.handwritten_macro_f1,
+                    "epsilon": r.rounds.last().and_then(|l| l.epsilon),
+                },
                 "seconds": r.seconds,
             })
         };
         let plain = &runs[0];
-        let final_acc = plain.rounds.last().map_or(f64::NAN, |r| r.accuracy);
-        let final_f1 = plain.rounds.last().map_or(f64::NAN, |r| r.macro_f1);
+        let last = plain.rounds.last().map_or(Scores::NAN, |r| r.scores);
+        let (final_acc, final_f1) = (last.accuracy, last.macro_f1);
         let mut json = json!({
             "demo": {
                 "rounds": args.rounds, "local_epochs": args.local_epochs, "sites": SITES, "trainable": args.trainable.to_string(), "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "max_seq_len": args.max_seq_len, "seed": args.seed, "notes_per_site": args.notes_per_site, "seconds": total_seconds,
             },
             "rounds": plain.rounds,
-            "final": {"accuracy": final_acc, "macro_f1": final_f1, "exported_model_accuracy": exported_accuracy},
+            "final": {
+                "accuracy": final_acc, "macro_f1": final_f1, "exported_model_accuracy": exported.accuracy,
+                "handwritten_accuracy": last.handwritten_accuracy, "handwritten_macro_f1": last.handwritten_macro_f1,
+                "handwritten": exported.handwritten,
+            },
             "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
         });
-        let mut summary = String::from("\n== summary (pooled test split of all three hospitals)\n");
-        let _ = writeln!(summary, "  {:<28} {:>9} {:>9}", "model", "accuracy", "macro-F1");
-        let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", "federated (no DP)", final_acc, final_f1);
+        let mut summary =
+            String::from("\n== summary: pooled test split of all three hospitals (generated) | hand-written set (never trained on)\n");
+        let header = ["model", "accuracy", "macro-F1", "hw acc", "hw F1", "gap"];
+        let _ =
+            writeln!(summary, "  {:<28} {:>9} {:>9} {:>9} {:>9} {:>7}", header[0], header[1], header[2], header[3], header[4], header[5]);
+        let mut row = |name: &str, s: Scores| {
+            let gap = 100.0 * (s.accuracy - s.handwritten_accuracy);
+            let _ = writeln!(
+                summary,
+                "  {name:<28} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {gap:>7.2}",
+                s.accuracy, s.macro_f1, s.handwritten_accuracy, s.handwritten_macro_f1
+            );
+        };
+        row("federated (no DP)", last);
         let mut references = Vec::new();
         if let Some(dp) = runs.get(1) {
-            let (a, f) = dp.rounds.last().map_or((f64::NAN, f64::NAN), |r| (r.accuracy, r.macro_f1));
+            let d = dp.rounds.last().map_or(Scores::NAN, |r| r.scores);
             let eps = dp.rounds.last().and_then(|r| r.epsilon).map_or("?".into(), |e| format!("{e:.2}"));
-            let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", format!("federated (DP, eps {eps})"), a, f);
-            json["dp"] = json!({"accuracy": a, "macro_f1": f, "epsilon": dp.rounds.last().and_then(|r| r.epsilon), "delta": DELTA, "accuracy_drop": final_acc - a, "within_5_points_of_no_dp": final_acc - a <= 0.05});
+            row(&format!("federated (DP, eps {eps})"), d);
+            let a = d.accuracy;
+            json["dp"] = json!({
+                "accuracy": a, "macro_f1": d.macro_f1, "handwritten_accuracy": d.handwritten_accuracy, "handwritten_macro_f1": d.handwritten_macro_f1,
+                "epsilon": dp.rounds.last().and_then(|r| r.epsilon), "delta": DELTA, "accuracy_drop": final_acc - a, "within_5_points_of_no_dp": final_acc - a <= 0.05,
+            });
         }
         if let Some(b) = baselines {
-            let acc = |v: &Value| v["test"]["accuracy"].as_f64().unwrap_or(f64::NAN);
-            let f1 = |v: &Value| v["test"]["macro_f1"].as_f64().unwrap_or(f64::NAN);
-            let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", "centralized (pooled data)", acc(&b.centralized), f1(&b.centralized));
+            let num = |v: &Value, set: &str, key: &str| v[set][key].as_f64().unwrap_or(f64::NAN);
+            let scores = |v: &Value| Scores {
+                accuracy: num(v, "test", "accuracy"),
+                macro_f1: num(v, "test", "macro_f1"),
+                handwritten_accuracy: num(v, "handwritten", "accuracy"),
+                handwritten_macro_f1: num(v, "handwritten", "macro_f1"),
+            };
+            let acc = |v: &Value| num(v, "test", "accuracy");
+            let entry = |v: &Value| {
+                let s = scores(v);
+                json!({
+                    "accuracy": s.accuracy, "macro_f1": s.macro_f1, "train_examples": v["train_examples"],
+                    "handwritten_accuracy": s.handwritten_accuracy, "handwritten_macro_f1": s.handwritten_macro_f1, "handwritten": v["handwritten"],
+                })
+            };
+            row("centralized (pooled data)", scores(&b.centralized));
             references.push(("centralized".to_owned(), acc(&b.centralized)));
             let mut local = serde_json::Map::new();
             for r in &b.local_only {
                 let name = r["name"].as_str().unwrap_or("?").to_owned();
-                let _ = writeln!(summary, "  {:<28} {:>9.4} {:>9.4}", format!("local-only {name}"), acc(r), f1(r));
+                row(&format!("local-only {name}"), scores(r));
                 references.push((format!("local-only {name}"), acc(r)));
-                local.insert(name, json!({"accuracy": acc(r), "macro_f1": f1(r), "train_examples": r["train_examples"]}));
+                local.insert(name, entry(r));
             }
-            json["centralized"] =
-                json!({"accuracy": acc(&b.centralized), "macro_f1": f1(&b.centralized), "train_examples": b.centralized["train_examples"]});
+            json["centralized"] = entry(&b.centralized);
             let best_local = b.local_only.iter().map(acc).fold(f64::NEG_INFINITY, f64::max);
             let gap = acc(&b.centralized) - final_acc;
             // Accuracies are ratios of counts (810/900 - 828/900 is exactly 2 points but
@@ -1143,14 +1271,41 @@ impl Report {
             json["local_only"] = Value::Object(local);
             json["checks"] = checks;
         }
+        // The hand-written set: how far the generated test split flatters the federated
+        // model (the issue's target: at least 0.92 there, within 2 points of the test split).
+        let hw_gap = last.accuracy - last.handwritten_accuracy;
+        const HW_TOLERANCE: f64 = 1e-9;
+        json["handwritten"] = json!({
+            "path": "models/corpus/handwritten/notes.jsonl",
+            "notes": exported.handwritten["support"],
+            "federated_accuracy": last.handwritten_accuracy,
+            "federated_macro_f1": last.handwritten_macro_f1,
+            "federated_gap_to_test_split": hw_gap,
+            "checks": {
+                "federated_at_least_0_92": last.handwritten_accuracy >= HANDWRITTEN_TARGET - HW_TOLERANCE,
+                "within_2_points_of_test_split": hw_gap <= HANDWRITTEN_MAX_GAP + HW_TOLERANCE,
+            },
+        });
+        let _ = writeln!(
+            summary,
+            "  hand-written set ({} notes): federated {:.4}, {:+.2} points against its score on the generated test split (gap column: test minus hand-written, points)",
+            exported.handwritten["support"],
+            last.handwritten_accuracy,
+            -100.0 * hw_gap
+        );
         if let Some(a) = allocation {
             summary.push_str(&a.summary());
             json["allocation"] = a.json();
         }
-        let series = runs
-            .iter()
-            .map(|r| (r.name.to_owned(), std::iter::once(r.initial.0).chain(r.rounds.iter().map(|x| x.accuracy)).collect()))
-            .collect();
+        let mut series = Vec::new();
+        for r in runs {
+            series
+                .push((r.name.to_owned(), std::iter::once(r.initial.accuracy).chain(r.rounds.iter().map(|x| x.scores.accuracy)).collect()));
+            series.push((
+                format!("{}, hand-written", r.name),
+                std::iter::once(r.initial.handwritten_accuracy).chain(r.rounds.iter().map(|x| x.scores.handwritten_accuracy)).collect(),
+            ));
+        }
         let allocation_html = allocation.map(Allocation::html).unwrap_or_default();
         Self { json, summary, series, references, allocation_html }
     }
@@ -1164,13 +1319,15 @@ impl Report {
                     let num = |k: &str, digits: usize| r[k].as_f64().map_or("-".to_owned(), |x| format!("{x:.digits$}"));
                     let _ = writeln!(
                         rows,
-                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                         run["name"].as_str().unwrap_or(""),
                         r["round"],
                         r["sites"],
                         num("mean_local_loss", 4),
                         num("accuracy", 4),
                         num("macro_f1", 4),
+                        num("handwritten_accuracy", 4),
+                        num("handwritten_macro_f1", 4),
                         num("epsilon", 3),
                         num("seconds", 1)
                     );
@@ -1183,10 +1340,10 @@ impl Report {
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}}pre{{background:#f6f6f6;padding:1rem}}</style>
 </head><body>
 <h1>fedward demo: a federation of three hospitals</h1>
-<p>Global model accuracy on the pooled test split after each round, against the baselines.</p>
+<p>Global model accuracy after each round on the pooled test split (generated notes) and on the hand-written set (models/corpus/handwritten/: notes the generator never wrote, never trained, tuned or selected on), against the baselines on the test split.</p>
 {chart}
 <h2>Rounds</h2>
-<table><tr><th>run</th><th>round</th><th>sites</th><th>mean local loss</th><th>accuracy</th><th>macro-F1</th><th>epsilon</th><th>seconds</th></tr>
+<table><tr><th>run</th><th>round</th><th>sites</th><th>mean local loss</th><th>accuracy</th><th>macro-F1</th><th>hand-written accuracy</th><th>hand-written macro-F1</th><th>epsilon</th><th>seconds</th></tr>
 {rows}</table>
 {allocation}<h2>Summary</h2>
 <pre>{summary}</pre>
