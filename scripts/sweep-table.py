@@ -38,7 +38,6 @@ def main():
         centralized = figure(report, "centralized", "accuracy")
         local = [v.get("accuracy") for v in (report.get("local_only") or {}).values() if isinstance(v, dict)]
         local = [x for x in local if isinstance(x, (int, float))]
-        hand = report.get("handwritten") or {}
         rows.append({
             "seed": figure(report, "demo", "seed"),
             "federated": federated,
@@ -46,8 +45,8 @@ def main():
             "centralized": centralized,
             "best_local_only": max(local) if local else None,
             "gap_points": None if federated is None or centralized is None else 100 * (centralized - federated),
-            "handwritten_federated": figure(hand, "federated", "accuracy"),
-            "handwritten_centralized": figure(hand, "centralized", "accuracy"),
+            "handwritten_federated": figure(report, "handwritten", "federated_accuracy"),
+            "handwritten_centralized": figure(report, "centralized", "handwritten_accuracy"),
             "minutes": None if figure(report, "demo", "seconds") is None else figure(report, "demo", "seconds") / 60,
             "report": str(path),
         })
