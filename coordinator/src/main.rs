@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use fedward_coordinator::control::ControlState;
 use fedward_coordinator::ledger::CoordinatorLedger;
@@ -579,6 +579,9 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         state_mib = format_args!("{:.1}", (optimizer.moments() * trainable_params) as f64 * 4.0 / (1 << 20) as f64),
         "server optimizer"
     );
+    if optimizer.moments() > 0 && completed > 0 && !store.optimizer_state_path(completed).exists() {
+        warn!(round = completed, "no server optimizer state beside the current checkpoint: it starts afresh at the next round");
+    }
     let control = ControlState::load(&cfg.state_dir)?;
     let settings = Settings {
         total_rounds: cfg.rounds,
