@@ -636,7 +636,8 @@ async fn commit_and_seal(
     now: String,
 ) -> Result<(Committed, RoundSummary), ServerError> {
     let (committed, summary) = tokio::task::spawn_blocking(move || {
-        let committed = store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &optimizer, &summary, completed_rounds, &now);
+        let committed =
+            store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &optimizer, &summary, completed_rounds, &now);
         (committed, summary)
     })
     .await

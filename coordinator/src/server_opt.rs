@@ -146,7 +146,8 @@ pub fn step(optimizer: &ServerOptimizer, state: &mut ServerState, update: &mut T
                     *x = (learning_rate * f64::from(*m)) as f32;
                 }
             }
-            ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau } | ServerOptimizer::FedYogi { learning_rate, beta1, beta2, tau } => {
+            ServerOptimizer::FedAdam { learning_rate, beta1, beta2, tau }
+            | ServerOptimizer::FedYogi { learning_rate, beta1, beta2, tau } => {
                 shaped(&state.m)?;
                 shaped(&state.v)?;
                 let yogi = matches!(optimizer, ServerOptimizer::FedYogi { .. });
@@ -249,10 +250,7 @@ mod tests {
         let (out, state) = steps(yogi, &[&[2.0], &[0.5], &[0.5]]);
         // v: 0.25 - 0.25*4*sign(0.25 - 4) = 1.25; 1.25 - 0.25*0.25*sign(1.25 - 0.25) = 1.1875;
         // 1.1875 - 0.0625 = 1.125. m: 1, 0.75, 0.625.
-        close(
-            &out.concat(),
-            &[1.0 / (1.25f64.sqrt() + 0.5), 0.75 / (1.1875f64.sqrt() + 0.5), 0.625 / (1.125f64.sqrt() + 0.5)],
-        );
+        close(&out.concat(), &[1.0 / (1.25f64.sqrt() + 0.5), 0.75 / (1.1875f64.sqrt() + 0.5), 0.625 / (1.125f64.sqrt() + 0.5)]);
         close(state.v.get("w").unwrap().data(), &[1.125]);
         // sign(0) is 0: v = d^2 stays where it is.
         assert_eq!(sign(0.0), 0.0);

@@ -335,9 +335,10 @@ impl Store {
         let kept = if path.exists() {
             let file = ModelFile::open(&path)?;
             match file.metadata().get("optimizer").map(String::as_str) {
-                Some(name) if name == optimizer.name() => {
-                    Some(ServerState::from_file_set(file.load()?).map_err(|e| StoreError::Corrupt { path: path.clone(), detail: e.to_string() })?)
-                }
+                Some(name) if name == optimizer.name() => Some(
+                    ServerState::from_file_set(file.load()?)
+                        .map_err(|e| StoreError::Corrupt { path: path.clone(), detail: e.to_string() })?,
+                ),
                 other => {
                     tracing::warn!(round = last, kept = ?other, configured = optimizer.name(), "the server optimizer changed: its state starts afresh");
                     None
@@ -345,7 +346,11 @@ impl Store {
             }
         } else {
             if last > 0 {
-                tracing::warn!(round = last, optimizer = optimizer.name(), "no server optimizer state beside the checkpoint: it starts afresh");
+                tracing::warn!(
+                    round = last,
+                    optimizer = optimizer.name(),
+                    "no server optimizer state beside the checkpoint: it starts afresh"
+                );
             }
             None
         };
@@ -651,7 +656,8 @@ mod tests {
         let mut manifest = store.save_initial(&full_model(0.0)).unwrap();
         for r in 1..=7 {
             // Each round adds 1 to the trainable tensor.
-            let Committed::Saved { manifest: next, digest } = store.commit_round(&manifest, model(1.0), &FEDAVG, &summary(r), r, "t").unwrap()
+            let Committed::Saved { manifest: next, digest } =
+                store.commit_round(&manifest, model(1.0), &FEDAVG, &summary(r), r, "t").unwrap()
             else {
                 panic!("finite")
             };

@@ -1380,9 +1380,10 @@ mod tests {
         let term = |model: &BertClassifier| scalar(&prox.term(model).unwrap());
         let grads = prox.term(&model).unwrap().backward().unwrap();
         let h = 1e-2f32;
-        let probe: HashSet<String> = ["bert.encoder.layer.1.attention.self.query.weight.lora_a", "bert.encoder.layer.1.output.dense.weight.lora_b"]
-            .map(str::to_owned)
-            .into();
+        let probe: HashSet<String> =
+            ["bert.encoder.layer.1.attention.self.query.weight.lora_a", "bert.encoder.layer.1.output.dense.weight.lora_b"]
+                .map(str::to_owned)
+                .into();
         for var in model.vars_of(&probe).unwrap() {
             let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -1404,8 +1405,15 @@ mod tests {
         assert!(before_merge > 0.0);
         model.merge_adapters().unwrap();
         let merged = model.tensor_set().unwrap();
-        let change: f64 = merged.iter().map(|(n, t)| t.data().iter().zip(global.get(n).unwrap().data()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>()).sum();
-        assert!((before_merge - mu / 2.0 * change).abs() <= 1e-3 * before_merge, "term {before_merge}, merged change {}", mu / 2.0 * change);
+        let change: f64 = merged
+            .iter()
+            .map(|(n, t)| t.data().iter().zip(global.get(n).unwrap().data()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>())
+            .sum();
+        assert!(
+            (before_merge - mu / 2.0 * change).abs() <= 1e-3 * before_merge,
+            "term {before_merge}, merged change {}",
+            mu / 2.0 * change
+        );
     }
 
     /// The update's norm after one round from the tiny model, with `prox_mu` set.
@@ -1428,11 +1436,9 @@ mod tests {
             let (model, _) = tiny();
             let plan = plan(trainable, &model, 3);
             let (free, held) = (update_norm(plan.clone(), 0.0), update_norm(plan, 5.0));
-            eprintln!("{trainable}: free {free} held {held}");
             assert!(held < 0.9 * free, "{trainable}: with mu the update's norm is {held}, without {free}");
             let dp = record_level(self::plan(trainable, &model, 2), 0.5, 1.0, 0.25, 100.0);
             let (free, held) = (update_norm(dp.clone(), 0.0), update_norm(dp, 5.0));
-            eprintln!("{trainable} dp: free {free} held {held}");
             assert!(held < 0.9 * free, "{trainable}, DP-SGD: with mu the update's norm is {held}, without {free}");
         }
     }
@@ -1449,11 +1455,9 @@ mod tests {
         sgd.warmup_ratio = 0.0;
         sgd.max_grad_norm = 0.0;
         let (free, held) = (update_norm(sgd.clone(), 0.0), update_norm(sgd, 10.0));
-        eprintln!("sgd: free {free} held {held}");
         assert!(held < 0.1 * free, "SGD: with a huge mu the update's norm is {held}, without {free}");
         let adamw = plan(Trainable::TopLayers(1), &model, 10);
         let (free, held) = (update_norm(adamw.clone(), 0.0), update_norm(adamw, 1e4));
-        eprintln!("adamw: free {free} held {held}");
         assert!(held < 0.1 * free, "AdamW: with a huge mu the update's norm is {held}, without {free}");
     }
 

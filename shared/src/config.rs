@@ -631,11 +631,9 @@ impl std::fmt::Display for ServerOptimizer {
             Self::FedAvgM { learning_rate, momentum } => {
                 write!(f, "fedavgm (server learning rate {learning_rate}, momentum {momentum})")
             }
-            Self::FedAdam { learning_rate, beta1, beta2, tau } | Self::FedYogi { learning_rate, beta1, beta2, tau } => write!(
-                f,
-                "{} (server learning rate {learning_rate}, beta1 {beta1}, beta2 {beta2}, tau {tau})",
-                self.name()
-            ),
+            Self::FedAdam { learning_rate, beta1, beta2, tau } | Self::FedYogi { learning_rate, beta1, beta2, tau } => {
+                write!(f, "{} (server learning rate {learning_rate}, beta1 {beta1}, beta2 {beta2}, tau {tau})", self.name())
+            }
         }
     }
 }
