@@ -86,6 +86,7 @@ impl Recipe {
             trainable_tensors: self.trainable.select(tensor_names),
             seed: self.seed,
             privacy: PrivacyPlan::Off,
+            prox_mu: 0.0,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! fedward's coordinator: enrolment, federated rounds, FedAvg, checkpoints, dashboard.
 //!
-//! `round` and `aggregate` are the pure core; `server`, `store`, `ledger` and `admin` are
+//! `round`, `aggregate` and `server_opt` are the pure core; `server`, `store`, `ledger` and `admin` are
 //! the I/O shells around them.
 
 pub mod admin;
@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod renewal;
 pub mod round;
 pub mod server;
+pub mod server_opt;
 pub mod startup;
 pub mod store;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use fedward_coordinator::control::ControlState;
 use fedward_coordinator::ledger::CoordinatorLedger;
@@ -431,6 +431,12 @@ fn check_config(path: &Path) -> Result<ExitCode> {
         a.max_update_norm.map_or("from the privacy plan".to_owned(), |b| b.to_string()),
         a.over_norm
     );
+    println!(
+        "  server optimizer {} (state: {}x the trainable tensors, beside each checkpoint); FedProx mu {}",
+        a.server_optimizer,
+        a.server_optimizer.moments(),
+        cfg.plan.prox_mu
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -562,8 +568,20 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         tensors = plan.trainable_tensors.len(),
         parameters = trainable_params,
         update_mib = format_args!("{:.1}", trainable_params as f64 * 4.0 / (1 << 20) as f64),
+        prox_mu = plan.prox_mu,
         "training plan"
     );
+    // The optimiser's moments are in memory only while a checkpoint is written, beside the
+    // round's combined update: (1 + moments) x the trainable tensors then.
+    let optimizer = cfg.aggregation.server_optimizer;
+    info!(
+        server_optimizer = %optimizer,
+        state_mib = format_args!("{:.1}", (optimizer.moments() * trainable_params) as f64 * 4.0 / (1 << 20) as f64),
+        "server optimizer"
+    );
+    if optimizer.moments() > 0 && completed > 0 && !store.optimizer_state_path(completed).exists() {
+        warn!(round = completed, "no server optimizer state beside the current checkpoint: it starts afresh at the next round");
+    }
     let control = ControlState::load(&cfg.state_dir)?;
     let settings = Settings {
         total_rounds: cfg.rounds,

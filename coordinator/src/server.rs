@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use fedward_net::{paced, read_message, read_update_tensors, reply, within, write_message, StreamError};
-use fedward_shared::config::{Admission, Transport};
+use fedward_shared::config::{Admission, ServerOptimizer, Transport};
 use fedward_shared::failpoint;
 use fedward_shared::pki::site_of_cert;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
@@ -564,10 +564,11 @@ async fn drain_outputs(
                 let span = info_span!("checkpoint", round = %summary.round);
                 let (store, ledger, events) = (store.clone(), ledger.clone(), events.clone());
                 let (previous, now) = (machine.manifest().to_vec(), now_rfc3339());
+                let optimizer = machine.settings().aggregation.server_optimizer;
                 *checkpointing = Some(tokio::spawn(
                     async move {
                         let started = Instant::now();
-                        let done = commit_and_seal(store, ledger, previous, update, summary, completed_rounds, now).await;
+                        let done = commit_and_seal(store, ledger, previous, update, optimizer, summary, completed_rounds, now).await;
                         metrics().observe(MetricPhase::checkpoint, started.elapsed().as_secs_f64());
                         let _ = events.send(Event::Checkpointed(done)).await;
                     }
@@ -621,18 +622,22 @@ async fn open_model_file(
     Ok(model_file.insert(Arc::new(opened)).clone())
 }
 
-/// Writes a round's checkpoint on a blocking thread, then seals the round in the ledger.
+/// Writes a round's checkpoint (and the server optimiser's state) on a blocking thread,
+/// then seals the round in the ledger.
+#[allow(clippy::too_many_arguments)]
 async fn commit_and_seal(
     store: Arc<Mutex<Store>>,
     ledger: Arc<Mutex<CoordinatorLedger>>,
     previous: Vec<TensorSpec>,
     update: TensorSet,
+    optimizer: ServerOptimizer,
     summary: RoundSummary,
     completed_rounds: u64,
     now: String,
 ) -> Result<(Committed, RoundSummary), ServerError> {
     let (committed, summary) = tokio::task::spawn_blocking(move || {
-        let committed = store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &summary, completed_rounds, &now);
+        let committed =
+            store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &optimizer, &summary, completed_rounds, &now);
         (committed, summary)
     })
     .await

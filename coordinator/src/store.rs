@@ -1,10 +1,12 @@
 //! The coordinator's state directory: global model checkpoints and round history.
 //!
 //! Layout: `checkpoints/round-NNNNN.safetensors` (the global model after round N; round 0
-//! is the initial model) and `state.json` (completed rounds, the current checkpoint and its
-//! digest, the history of rounds). Each file is written atomically (temp file, fsync,
-//! rename, directory fsync) and the checkpoint before the state that points to it, so a
-//! crash at any moment leaves a consistent state to resume from.
+//! is the initial model), beside it `checkpoints/round-NNNNN.optimizer.safetensors` (the
+//! server optimiser's moments after round N, when it keeps any: `server_opt`), and
+//! `state.json` (completed rounds, the current checkpoint and its digest, the history of
+//! rounds). Each file is written atomically (temp file, fsync, rename, directory fsync),
+//! the optimiser state and the checkpoint before the state that points to them, so a crash
+//! at any moment leaves a consistent state to resume from, the optimiser's included.
 //!
 //! The global model is not kept in memory: a checkpoint is read tensor by tensor
 //! ([`ModelFile`]), to serve downloads and to write the next round's checkpoint from the
@@ -18,12 +20,14 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_names};
+use fedward_shared::config::ServerOptimizer;
 use fedward_shared::failpoint;
 use fedward_shared::fsutil::{self, FsError};
 use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
 use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, TensorSet, TensorSpec};
 
 use crate::round::{RoundFailure, RoundSummary};
+use crate::server_opt::{self, ServerState};
 
 /// The stateless-reset secret's file in the state directory.
 pub const RESET_KEY_FILE: &str = "reset.key";
@@ -51,6 +55,8 @@ pub struct ModelFile {
     path: PathBuf,
     /// Name -> shape, absolute byte offset, byte length.
     entries: BTreeMap<String, (Vec<usize>, u64, usize)>,
+    /// The header's string metadata (`__metadata__`).
+    metadata: HashMap<String, String>,
 }
 
 /// The largest safetensors header accepted (the safetensors crate's own limit).
@@ -86,7 +92,12 @@ impl ModelFile {
             let (start, end) = info.data_offsets;
             entries.insert(name, (info.shape.clone(), data_start + start as u64, end - start));
         }
-        Ok(Self { path: path.to_owned(), entries })
+        Ok(Self { path: path.to_owned(), entries, metadata: metadata.metadata().clone().unwrap_or_default() })
+    }
+
+    /// The header's string metadata (`round`, `format`, ...).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     pub fn path(&self) -> &Path {
@@ -223,19 +234,33 @@ impl Store {
     }
 
     /// Makes a completed round durable: the checkpoint after round `completed` (the
-    /// previous one, `previous`, plus the round's combined `update` of its trainable
-    /// tensors), then the state pointing to it. Memory: the update, which becomes the new
-    /// values in place, and one tensor at a time of the rest. A new model with
-    /// non-finite values is not written.
+    /// previous one, `previous`, plus the step `optimizer` makes of the round's combined
+    /// `update` of its trainable tensors), then the state pointing to it. A server
+    /// optimiser with moments reads them from beside the previous checkpoint and writes
+    /// the new ones beside this one, before the checkpoint. Memory: the update, which
+    /// becomes the new values in place, the optimiser's moments (0, 1 or 2 times the
+    /// update), and one tensor at a time of the rest. A new model (or optimiser state)
+    /// with non-finite values is not written.
     pub fn commit_round(
         &mut self,
         previous: &[TensorSpec],
         mut update: TensorSet,
+        optimizer: &ServerOptimizer,
         summary: &RoundSummary,
         completed: u64,
         now_rfc3339: &str,
     ) -> Result<Committed, StoreError> {
         let before = self.model_file(completed - 1)?;
+        let server_state = self.step_server_optimizer(optimizer, &mut update, completed)?;
+        if let Some(state) = &server_state {
+            for (kind, set) in [("m", &state.m), ("v", &state.v)] {
+                for (name, t) in set.iter() {
+                    if let Some((_, count)) = t.non_finite() {
+                        return Ok(Committed::NonFinite { tensor: format!("the server optimizer's {kind} of {name}"), count });
+                    }
+                }
+            }
+        }
         for (name, t) in update.iter_mut() {
             let old = before.read(name)?;
             if old.shape() != t.shape() {
@@ -259,6 +284,9 @@ impl Store {
             })
             .collect();
         let digest = manifest_digest(&manifest);
+        if let Some(state) = server_state {
+            self.write_optimizer_state(completed, optimizer, state)?;
+        }
         self.write_checkpoint_from(completed, &before, &update)?;
         failpoint::crash_point(failpoint::COORDINATOR_AFTER_CHECKPOINT);
         let mut state = self.state.clone().unwrap_or_else(|| SavedState {
@@ -275,6 +303,69 @@ impl Store {
         self.write_state(state)?;
         self.prune(completed);
         Ok(Committed::Saved { manifest, digest })
+    }
+
+    /// The server optimiser's state after `round`, if a file holds one (for tools and tests).
+    pub fn optimizer_state(&self, round: u64) -> Result<Option<ServerState>, StoreError> {
+        let path = self.optimizer_state_path(round);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let set = ModelFile::open(&path)?.load()?;
+        ServerState::from_file_set(set).map(Some).map_err(|e| StoreError::Corrupt { path, detail: e.to_string() })
+    }
+
+    /// Turns `update` into the step of round `completed` and returns the optimiser's new
+    /// state (`None` when it keeps none). The previous state is the one written beside the
+    /// previous checkpoint; none there (round 0, or an optimiser just switched on or
+    /// changed) means the initial state, said in the log after round 0.
+    fn step_server_optimizer(
+        &self,
+        optimizer: &ServerOptimizer,
+        update: &mut TensorSet,
+        completed: u64,
+    ) -> Result<Option<ServerState>, StoreError> {
+        if optimizer.moments() == 0 {
+            server_opt::step(optimizer, &mut ServerState::default(), update)
+                .map_err(|e| StoreError::Corrupt { path: self.dir.clone(), detail: e.to_string() })?;
+            return Ok(None);
+        }
+        let last = completed - 1;
+        let path = self.optimizer_state_path(last);
+        let kept = if path.exists() {
+            let file = ModelFile::open(&path)?;
+            match file.metadata().get("optimizer").map(String::as_str) {
+                Some(name) if name == optimizer.name() => Some(
+                    ServerState::from_file_set(file.load()?)
+                        .map_err(|e| StoreError::Corrupt { path: path.clone(), detail: e.to_string() })?,
+                ),
+                other => {
+                    tracing::warn!(round = last, kept = ?other, configured = optimizer.name(), "the server optimizer changed: its state starts afresh");
+                    None
+                }
+            }
+        } else {
+            if last > 0 {
+                tracing::warn!(
+                    round = last,
+                    optimizer = optimizer.name(),
+                    "no server optimizer state beside the checkpoint: it starts afresh"
+                );
+            }
+            None
+        };
+        let mut state = match kept {
+            Some(mut state) => {
+                let (added, dropped) = state.fill_missing(optimizer, update);
+                if !added.is_empty() || !dropped.is_empty() {
+                    tracing::warn!(?added, ?dropped, "the trainable tensors changed: the server optimizer's state follows them");
+                }
+                state
+            }
+            None => ServerState::initial(optimizer, update),
+        };
+        server_opt::step(optimizer, &mut state, update).map_err(|e| StoreError::Corrupt { path, detail: e.to_string() })?;
+        Ok(Some(state))
     }
 
     /// The secret that keys QUIC's stateless resets (`reset.key`, 0600): made once from
@@ -356,6 +447,22 @@ impl Store {
         self.dir.join(checkpoint_name(round))
     }
 
+    /// Path of the server optimiser's state after `round`, beside its checkpoint.
+    pub fn optimizer_state_path(&self, round: u64) -> PathBuf {
+        self.dir.join(format!("checkpoints/round-{round:05}.optimizer.safetensors"))
+    }
+
+    /// Writes the optimiser's state after `round`, 0600 like the checkpoints.
+    fn write_optimizer_state(&self, round: u64, optimizer: &ServerOptimizer, state: ServerState) -> Result<(), StoreError> {
+        let path = self.optimizer_state_path(round);
+        let mut metadata = checkpoint_metadata(round);
+        metadata.insert("format".to_owned(), "fedward-server-optimizer".to_owned());
+        metadata.insert("optimizer".to_owned(), optimizer.name().to_owned());
+        let set = state.into_file_set();
+        fsutil::atomic_write_with(&path, true, |tmp| set.write_safetensors(tmp, Some(metadata)))?;
+        Ok(())
+    }
+
     fn write_checkpoint(&self, round: u64, model: &TensorSet) -> Result<(), StoreError> {
         let path = self.checkpoint_path(round);
         fsutil::atomic_write_with(&path, true, |tmp| model.write_safetensors(tmp, Some(checkpoint_metadata(round))))?;
@@ -419,8 +526,10 @@ impl Store {
 
     fn prune(&self, latest: u64) {
         for round in 1..latest.saturating_sub(KEEP_CHECKPOINTS - 1) {
-            let path = self.checkpoint_path(round);
-            if path.exists() {
+            for path in [self.checkpoint_path(round), self.optimizer_state_path(round)] {
+                if !path.exists() {
+                    continue;
+                }
                 if let Err(e) = std::fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), cause = %e, "could not prune an old checkpoint");
                 }
@@ -511,6 +620,8 @@ mod tests {
 
     use super::*;
 
+    const FEDAVG: ServerOptimizer = ServerOptimizer::FedAvg { learning_rate: 1.0 };
+
     fn model(v: f32) -> TensorSet {
         let mut m = TensorSet::new();
         m.insert("classifier.weight", Tensor::new(vec![2], vec![v, v]).unwrap());
@@ -545,7 +656,8 @@ mod tests {
         let mut manifest = store.save_initial(&full_model(0.0)).unwrap();
         for r in 1..=7 {
             // Each round adds 1 to the trainable tensor.
-            let Committed::Saved { manifest: next, digest } = store.commit_round(&manifest, model(1.0), &summary(r), r, "t").unwrap()
+            let Committed::Saved { manifest: next, digest } =
+                store.commit_round(&manifest, model(1.0), &FEDAVG, &summary(r), r, "t").unwrap()
             else {
                 panic!("finite")
             };
@@ -565,13 +677,107 @@ mod tests {
         assert_eq!(TensorSet::from_safetensors(&bytes, false).unwrap(), full_model(7.0));
     }
 
+    /// Round `r`'s combined update in the resume tests: varies by round and coordinate.
+    fn update_of_round(r: u64) -> TensorSet {
+        let mut m = TensorSet::new();
+        let x = r as f32;
+        m.insert("classifier.weight", Tensor::new(vec![2], vec![0.1 * x - 0.25, 1.0 / (x + 1.0)]).unwrap());
+        m
+    }
+
+    /// Commits rounds `from..=to` with `optimizer`, starting from what the store holds.
+    fn run_rounds(dir: &Path, optimizer: &ServerOptimizer, from: u64, to: u64) {
+        let mut store = Store::open(dir).unwrap();
+        let (mut manifest, completed) = match store.current().unwrap() {
+            Some(current) => current,
+            None => (store.save_initial(&full_model(0.5)).unwrap(), 0),
+        };
+        assert_eq!(completed + 1, from);
+        for r in from..=to {
+            let Committed::Saved { manifest: next, .. } =
+                store.commit_round(&manifest, update_of_round(r), optimizer, &summary(r), r, "t").unwrap()
+            else {
+                panic!("finite")
+            };
+            manifest = next;
+        }
+    }
+
+    /// A coordinator stopped after round 3 and started again from its state directory
+    /// goes on exactly as one that never stopped: same optimiser state, same model, to
+    /// the bit.
+    #[test]
+    fn a_restart_resumes_the_server_optimizer_exactly() {
+        for optimizer in [
+            ServerOptimizer::FedAvgM { learning_rate: 0.7, momentum: 0.9 },
+            ServerOptimizer::FedAdam { learning_rate: 0.05, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+            ServerOptimizer::FedYogi { learning_rate: 0.05, beta1: 0.9, beta2: 0.99, tau: 1e-3 },
+        ] {
+            let whole = tempfile::tempdir().unwrap();
+            run_rounds(whole.path(), &optimizer, 1, 7);
+            let restarted = tempfile::tempdir().unwrap();
+            run_rounds(restarted.path(), &optimizer, 1, 3);
+            run_rounds(restarted.path(), &optimizer, 4, 7);
+            let (a, b) = (Store::open(whole.path()).unwrap(), Store::open(restarted.path()).unwrap());
+            // Every value to the bit (the files' JSON headers may list their metadata in
+            // another order).
+            let bits = |path: PathBuf| -> Vec<(String, Vec<u8>)> {
+                ModelFile::open(&path).unwrap().load().unwrap().iter().map(|(n, t)| (n.to_owned(), t.le_bytes().into_owned())).collect()
+            };
+            assert_eq!(bits(a.checkpoint_path(7)), bits(b.checkpoint_path(7)), "{optimizer}: same model");
+            assert_eq!(bits(a.optimizer_state_path(7)), bits(b.optimizer_state_path(7)), "{optimizer}: same state");
+            assert_eq!(a.state().unwrap().model_digest, b.state().unwrap().model_digest);
+            // The optimiser did something: the model is not checkpoint 0 plus the updates.
+            let plain = (1..=7).map(|r| update_of_round(r).get("classifier.weight").unwrap().data()[0]).sum::<f32>() + 0.5;
+            let got = a.load_current().unwrap().unwrap().0;
+            assert_ne!(got.get("classifier.weight").unwrap().data()[0], plain, "{optimizer}");
+            // Its state: the moments of the trainable tensor only, owner-only like the checkpoints.
+            let state = a.optimizer_state(7).unwrap().unwrap();
+            assert_eq!(state.m.names().collect::<Vec<_>>(), ["classifier.weight"]);
+            assert_eq!(state.v.len(), optimizer.moments() - 1);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(a.optimizer_state_path(7)).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{optimizer}");
+            }
+            // Pruned with the checkpoints.
+            assert!(!a.optimizer_state_path(1).exists() && a.optimizer_state_path(3).exists());
+            assert_eq!(a.checkpoint_rounds().unwrap(), [0, 3, 4, 5, 6, 7]);
+        }
+    }
+
+    /// FedAvgM over the store, by hand: the model after each round is the previous one
+    /// plus lr m, with m = mu m + d.
+    #[test]
+    fn fedavgm_moves_the_checkpointed_model_by_its_momentum() {
+        let dir = tempfile::tempdir().unwrap();
+        let optimizer = ServerOptimizer::FedAvgM { learning_rate: 0.5, momentum: 0.5 };
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut manifest = store.save_initial(&full_model(0.0)).unwrap();
+        // d = 1 each round: m = 1, 1.5, 1.75; the model moves by 0.5, 0.75, 0.875.
+        for (r, want) in [(1, 0.5), (2, 1.25), (3, 2.125)] {
+            let Committed::Saved { manifest: next, digest } =
+                store.commit_round(&manifest, model(1.0), &optimizer, &summary(r), r, "t").unwrap()
+            else {
+                panic!("finite")
+            };
+            assert_eq!(digest, full_model(want).digest(), "round {r}");
+            manifest = next;
+        }
+        // Plain FedAvg writes no optimiser state.
+        let plain = tempfile::tempdir().unwrap();
+        run_rounds(plain.path(), &FEDAVG, 1, 2);
+        assert!(!Store::open(plain.path()).unwrap().optimizer_state_path(2).exists());
+    }
+
     /// The coordinator never checkpoints or offers a model that overflowed.
     #[test]
     fn a_round_that_would_overflow_the_model_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         let manifest = store.save_initial(&full_model(f32::MAX)).unwrap();
-        let committed = store.commit_round(&manifest, model(f32::MAX), &summary(1), 1, "t").unwrap();
+        let committed = store.commit_round(&manifest, model(f32::MAX), &FEDAVG, &summary(1), 1, "t").unwrap();
         assert_eq!(committed, Committed::NonFinite { tensor: "classifier.weight".into(), count: 2 });
         assert!(!store.checkpoint_path(1).exists());
         assert_eq!(Store::open(dir.path()).unwrap().current().unwrap().unwrap().1, 0);

@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 trainable_tensors: trainable.select(names.names()),
                 seed: 1,
                 privacy: PrivacyPlan::Off,
+                prox_mu: 0.0,
             };
             let mut trainer = BertTrainer::new(model, encoder, notes(), None)?;
             let t = Instant::now();

@@ -329,6 +329,7 @@ fn time_epochs(
         trainable_tensors: trainable.select(weights.names()),
         seed: opts.seed,
         privacy: PrivacyPlan::Off,
+        prox_mu: 0.0,
     };
     let n = site.len() as f64;
     println!(

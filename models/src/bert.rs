@@ -322,6 +322,21 @@ impl BertClassifier {
         Ok(())
     }
 
+    /// The change each adapter makes to its weight, `scale B A`, in name order of the
+    /// weights, as tensors that carry gradients back to `A` and `B` (FedProx's term under
+    /// `lora:R` is over this merged change).
+    pub fn adapter_deltas(&self) -> Result<Vec<Tensor>> {
+        let mut weights: Vec<&String> = self.adapters.keys().collect();
+        weights.sort();
+        weights
+            .into_iter()
+            .map(|w| {
+                let adapter = &self.adapters[w];
+                Ok((adapter.b.as_tensor().matmul(adapter.a.as_tensor())? * ADAPTER_ALPHA_PER_RANK)?)
+            })
+            .collect()
+    }
+
     /// Whether every name in `trainable` can be trained through per-example copies
     /// ([`Mode::per_example`]): adapters, the classifier, and the bias and LayerNorm vectors
     /// of the encoder layers and the pooler (BitFit).

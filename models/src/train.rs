@@ -15,6 +15,13 @@
 //! per coordinate and divides by the *expected* batch size `q n`, then takes an AdamW step.
 //! No global-norm clipping there: per-example clipping is what bounds the sensitivity. The
 //! finished update is clipped to `update_clip_norm`.
+//!
+//! FedProx ([`TrainingPlan::prox_mu`] > 0): the proximal term `mu/2 ||w - w_global||^2`
+//! over the trainable parameters ([`Proximal`]) joins the loss of every step; under
+//! `lora:R` it is over the merged change `scale B A` of each adapted matrix (what the
+//! update holds) plus the classifier. It depends on no record, so under DP-SGD its
+//! gradient `mu (w - w_global)` is added to the noisy mean gradient after per-example
+//! clipping and noise, which it changes in nothing.
 
 use std::collections::HashSet;
 
@@ -394,6 +401,7 @@ fn train_loop(
     }
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
     let mut opt = optimizer(&vars, plan)?;
+    let prox = Proximal::new(model, trainable, plan.prox_mu)?;
     let n = data.examples.len();
     let batch_size = (plan.batch_size as usize).max(1);
     let steps_per_epoch = n.div_ceil(batch_size);
@@ -411,7 +419,10 @@ fn train_loop(
             let labels = Tensor::from_vec(labels, idx.len(), model.device())?;
             let logits = logits_for(model, data, idx, &mut Mode { trainable, dropout_rng: Some(&mut dropout_rng), per_example: None })?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let mut grads = loss.backward()?;
+            let mut grads = match &prox {
+                Some(prox) => (&loss + prox.term(model)?)?.backward()?,
+                None => loss.backward()?,
+            };
             if plan.max_grad_norm > 0.0 {
                 clip_grad_norm(&vars, &mut grads, plan.max_grad_norm)?;
             }
@@ -516,6 +527,7 @@ fn dp_sgd_loop(
     let noise = GaussianNoise::for_mechanism(dp.noise_multiplier, dp.clip_norm).map_err(|e| invalid(&e))?;
     let vars = prepare_training(model, encoder, data, trainable, plan)?;
     let mut opt = optimizer(&vars, plan)?;
+    let prox = Proximal::new(model, trainable, plan.prox_mu)?;
     // `vars_of` sorts by name: the names in the same order.
     let mut var_names: Vec<String> = trainable.iter().cloned().collect();
     var_names.sort();
@@ -567,7 +579,11 @@ fn dp_sgd_loop(
             }
         }
         empty_batches += u64::from(batch.is_empty());
-        let grads = noisy_mean_gradient(&vars, &sum, &noise, noise_rng, expected_batch)?;
+        let mut grads = noisy_mean_gradient(&vars, &sum, &noise, noise_rng, expected_batch)?;
+        if let Some(prox) = &prox {
+            // Data-independent: added after clipping and noise, it changes neither.
+            prox.add_gradient(model, &vars, &mut grads)?;
+        }
         opt.step(&grads)?;
         taken += 1;
     }
@@ -707,6 +723,74 @@ fn noisy_mean_gradient(
         grads.insert(v.as_tensor(), Tensor::from_vec(mean, v.shape(), &device)?.to_dtype(v.dtype())?);
     }
     Ok(grads)
+}
+
+/// FedProx's proximal term (Li et al. 2020) over one round's trainable parameters:
+/// `mu/2 (sum ||w - w_global||^2 + sum ||scale B A||^2)`, the first sum over the trained
+/// weights, each against its value when training began (the global model's), the second
+/// over the adapters (`lora:R`), whose merged change `scale B A` is the whole difference
+/// from the global weight (the adapted matrix itself does not train, and each round's
+/// adapters start with `B = 0`). Its gradient is `mu (w - w_global)` for a weight, and
+/// `mu scale^2 (B A) A^T` and `mu scale^2 B^T (B A)` for `B` and `A`.
+///
+/// A gradient term like any other: with SGD it is a stable pull towards the global model
+/// while `learning_rate * mu < 2` (at `learning_rate * mu = 1` each step starts again from
+/// the global model); AdamW normalises it with the rest of the gradient.
+struct Proximal {
+    mu: f64,
+    /// Each trained weight with a copy of its value when training began.
+    anchored: Vec<(candle_core::Var, Tensor)>,
+}
+
+impl Proximal {
+    /// The term for the plan's `mu`, or `None` when it is 0 (off).
+    fn new(model: &BertClassifier, trainable: &HashSet<String>, mu: f64) -> Result<Option<Self>, TrainError> {
+        if !(mu.is_finite() && mu >= 0.0) {
+            return Err(TrainError::InvalidPlan(format!("prox_mu {mu} is not a finite number >= 0")));
+        }
+        if mu == 0.0 {
+            return Ok(None);
+        }
+        let weights: HashSet<String> = trainable.iter().filter(|n| !n.ends_with(".lora_a") && !n.ends_with(".lora_b")).cloned().collect();
+        // A copy, not a view: the optimiser overwrites the weights' storage in place.
+        let mut anchored = Vec::new();
+        for var in model.vars_of(&weights)? {
+            let anchor = var.as_tensor().copy()?.detach();
+            anchored.push((var, anchor));
+        }
+        Ok(Some(Self { mu, anchored }))
+    }
+
+    /// The term's value, a scalar whose gradients reach the trained weights and adapters.
+    fn term(&self, model: &BertClassifier) -> Result<Tensor, TrainError> {
+        let mut total = Tensor::zeros((), DType::F32, model.device())?;
+        for (var, anchor) in &self.anchored {
+            total = (total + var.as_tensor().sub(anchor)?.sqr()?.sum_all()?.to_dtype(DType::F32)?)?;
+        }
+        for delta in model.adapter_deltas()? {
+            total = (total + delta.sqr()?.sum_all()?.to_dtype(DType::F32)?)?;
+        }
+        Ok((total * (self.mu / 2.0))?)
+    }
+
+    /// Adds the term's gradient to `grads` (for each of `vars`).
+    fn add_gradient(
+        &self,
+        model: &BertClassifier,
+        vars: &[candle_core::Var],
+        grads: &mut candle_core::backprop::GradStore,
+    ) -> Result<(), TrainError> {
+        let prox = self.term(model)?.backward()?;
+        for v in vars {
+            let Some(g) = prox.get(v.as_tensor()) else { continue };
+            let sum = match grads.remove(v.as_tensor()) {
+                Some(existing) => (existing + g)?,
+                None => g.clone(),
+            };
+            grads.insert(v.as_tensor(), sum);
+        }
+        Ok(())
+    }
 }
 
 /// Linear warm-up to `peak`, then linear decay to 0 at `total`.
@@ -946,6 +1030,7 @@ mod tests {
             trainable_tensors: trainable.select(names.names()),
             seed: 3,
             privacy: PrivacyPlan::Off,
+            prox_mu: 0.0,
         }
     }
 
@@ -1246,6 +1331,145 @@ mod tests {
         let plan = record_level(plan(Trainable::Head, &model, 1), 1.0, 1.0, 0.5, 1.0);
         let mut trainer = BertTrainer::new(model, encoder, separable(), None).unwrap();
         assert!(matches!(trainer.fit(&plan, 1), Err(TrainError::InvalidPlan(_))));
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        f64::from(t.to_scalar::<f32>().unwrap())
+    }
+
+    /// The proximal term and its gradient: by hand for weights (`mu/2 ||d||^2` and `mu d`),
+    /// against central finite differences for adapters, and equal to the term over the
+    /// merged change `scale B A` once the adapters are folded into the weights.
+    #[test]
+    fn proximal_term_and_gradient_match_hand_computation_and_finite_differences() {
+        let mu = 0.5;
+        let (model, _) = tiny();
+        let trainable: HashSet<String> = Trainable::TopBiases(1).select(model.tensor_set().unwrap().names()).into_iter().collect();
+        let prox = Proximal::new(&model, &trainable, mu).unwrap().unwrap();
+        assert_eq!(scalar(&prox.term(&model).unwrap()), 0.0, "no distance at the start");
+        let vars = model.vars_of(&trainable).unwrap();
+        let mut moved = Vec::new();
+        for (k, v) in vars.iter().enumerate() {
+            let d: Vec<f32> = (0..v.elem_count()).map(|i| 0.01 * ((i + k) % 7) as f32 - 0.03).collect();
+            v.set(&(v.as_tensor() + Tensor::from_vec(d.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+            moved.push(d);
+        }
+        let want = mu / 2.0 * moved.iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        let got = scalar(&prox.term(&model).unwrap());
+        assert!((got - want).abs() <= 1e-5 * want, "term {got}, by hand {want}");
+        let grads = prox.term(&model).unwrap().backward().unwrap();
+        for (v, d) in vars.iter().zip(&moved) {
+            let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (g, d) in g.iter().zip(d) {
+                // The distance is the moved weight minus its anchor, itself rounded to f32.
+                assert!((f64::from(*g) - mu * f64::from(*d)).abs() <= 1e-6, "gradient {g}, by hand {}", mu * f64::from(*d));
+            }
+        }
+
+        // Adapters: B made non-zero, as after some training.
+        let (mut model, _) = tiny();
+        let global = model.tensor_set().unwrap();
+        let plan = plan(Trainable::TopLora(2), &model, 1);
+        let names = begin_training(&mut model, &plan, 1).unwrap();
+        let prox = Proximal::new(&model, &names, mu).unwrap().unwrap();
+        let b_names: HashSet<String> = names.iter().filter(|n| n.ends_with(".lora_b")).cloned().collect();
+        for (k, b) in model.vars_of(&b_names).unwrap().iter().enumerate() {
+            let values: Vec<f32> = (0..b.elem_count()).map(|i| 0.05 * (((i * 3 + k) % 11) as f32 - 5.0)).collect();
+            b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let term = |model: &BertClassifier| scalar(&prox.term(model).unwrap());
+        let grads = prox.term(&model).unwrap().backward().unwrap();
+        let h = 1e-2f32;
+        let probe: HashSet<String> =
+            ["bert.encoder.layer.1.attention.self.query.weight.lora_a", "bert.encoder.layer.1.output.dense.weight.lora_b"]
+                .map(str::to_owned)
+                .into();
+        for var in model.vars_of(&probe).unwrap() {
+            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in [0, 1, base.len() / 2, base.len() - 1] {
+                let at = |x: f32| {
+                    let mut values = base.clone();
+                    values[i] = x;
+                    var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    term(&model)
+                };
+                let numeric = (at(base[i] + h) - at(base[i] - h)) / (2.0 * f64::from(h));
+                at(base[i]);
+                let a = f64::from(analytic[i]);
+                assert!((numeric - a).abs() <= 1e-3 * a.abs().max(1e-2), "coordinate {i}: analytic {a}, finite differences {numeric}");
+            }
+        }
+        // Over the merged change: the term equals mu/2 ||W - W_global||^2 after merging.
+        let before_merge = term(&model);
+        assert!(before_merge > 0.0);
+        model.merge_adapters().unwrap();
+        let merged = model.tensor_set().unwrap();
+        let change: f64 = merged
+            .iter()
+            .map(|(n, t)| t.data().iter().zip(global.get(n).unwrap().data()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>())
+            .sum();
+        assert!(
+            (before_merge - mu / 2.0 * change).abs() <= 1e-3 * before_merge,
+            "term {before_merge}, merged change {}",
+            mu / 2.0 * change
+        );
+    }
+
+    /// The update's norm after one round from the tiny model, with `prox_mu` set.
+    fn update_norm(mut plan: TrainingPlan, prox_mu: f64) -> f64 {
+        let (model, encoder) = tiny();
+        let global = model.tensor_set().unwrap();
+        plan.prox_mu = prox_mu;
+        let mut trainer = BertTrainer::new(model, encoder, separable(), None).unwrap();
+        let mut rng = NoiseRng::from_seed_insecure([3; 32]);
+        let update = trainer.train(TrainContext { round: RoundId(1), noise_rng: &mut rng }, &global, &plan).unwrap();
+        update.delta.l2_norm()
+    }
+
+    /// Same seed, same data: the proximal term keeps the trained weights nearer the global
+    /// ones, for every kind of plan, under DP-SGD too (same noise and samples, from the same
+    /// NoiseRng seed, and the same steps).
+    #[test]
+    fn fedprox_keeps_the_update_closer_to_the_global_model() {
+        for trainable in [Trainable::Head, Trainable::TopLayers(1), Trainable::TopBiases(1), Trainable::TopLora(2)] {
+            let (model, _) = tiny();
+            let plan = plan(trainable, &model, 3);
+            let (free, held) = (update_norm(plan.clone(), 0.0), update_norm(plan, 5.0));
+            assert!(held < 0.9 * free, "{trainable}: with mu the update's norm is {held}, without {free}");
+            let dp = record_level(self::plan(trainable, &model, 2), 0.5, 1.0, 0.25, 100.0);
+            let (free, held) = (update_norm(dp.clone(), 0.0), update_norm(dp, 5.0));
+            assert!(held < 0.9 * free, "{trainable}, DP-SGD: with mu the update's norm is {held}, without {free}");
+        }
+    }
+
+    /// With a huge mu nothing moves: SGD at `learning_rate * mu = 1` starts every step
+    /// again from the global model, so the update is one step's worth; AdamW's steps are
+    /// each about the learning rate, pulled back every time.
+    #[test]
+    fn a_huge_prox_mu_leaves_the_update_near_zero() {
+        let (model, _) = tiny();
+        let mut sgd = plan(Trainable::TopLayers(1), &model, 10);
+        sgd.optimizer = fedward_shared::plan::Optimizer::Sgd { momentum: 0.0 };
+        sgd.learning_rate = 0.1;
+        sgd.warmup_ratio = 0.0;
+        sgd.max_grad_norm = 0.0;
+        let (free, held) = (update_norm(sgd.clone(), 0.0), update_norm(sgd, 10.0));
+        assert!(held < 0.1 * free, "SGD: with a huge mu the update's norm is {held}, without {free}");
+        let adamw = plan(Trainable::TopLayers(1), &model, 10);
+        let (free, held) = (update_norm(adamw.clone(), 0.0), update_norm(adamw, 1e4));
+        assert!(held < 0.1 * free, "AdamW: with a huge mu the update's norm is {held}, without {free}");
+    }
+
+    #[test]
+    fn a_negative_or_infinite_prox_mu_is_refused() {
+        for mu in [-1.0, f64::INFINITY, f64::NAN] {
+            let (model, encoder) = tiny();
+            let mut plan = plan(Trainable::Head, &model, 1);
+            plan.prox_mu = mu;
+            let mut trainer = BertTrainer::new(model, encoder, separable(), None).unwrap();
+            assert!(matches!(trainer.fit(&plan, 1), Err(TrainError::InvalidPlan(_))), "{mu}");
+        }
     }
 
     #[test]

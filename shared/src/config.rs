@@ -253,6 +253,20 @@ pub struct RawAggregation {
     /// How sites send their updates: `f32`, `f16`, `int8` (a scale per tensor) or
     /// `int8-row` (a scale per row); quantized after the privacy step (`codec`).
     pub update_encoding: String,
+    /// How the round's combined update (the pseudo-gradient) moves the global model:
+    /// `fedavg`, `fedavgm` (server momentum), `fedadam` or `fedyogi` (Reddi et al. 2021).
+    pub server_optimizer: String,
+    /// The server's step size. Default 1 for `fedavg` and `fedavgm`; required for `fedadam`
+    /// and `fedyogi`, whose steps are about this large in every coordinate.
+    pub server_learning_rate: Option<f64>,
+    /// `fedavgm`: the momentum `mu` (default 0.9).
+    pub server_momentum: Option<f64>,
+    /// `fedadam`, `fedyogi`: decay of the first moment (default 0.9).
+    pub beta1: Option<f64>,
+    /// `fedadam`, `fedyogi`: decay of the second moment (default 0.99).
+    pub beta2: Option<f64>,
+    /// `fedadam`, `fedyogi`: the adaptivity (epsilon) `tau` (default 1e-3).
+    pub tau: Option<f64>,
 }
 
 impl Default for RawAggregation {
@@ -265,6 +279,12 @@ impl Default for RawAggregation {
             max_update_norm: None,
             over_norm: "clip".into(),
             update_encoding: "f32".into(),
+            server_optimizer: "fedavg".into(),
+            server_learning_rate: None,
+            server_momentum: None,
+            beta1: None,
+            beta2: None,
+            tau: None,
         }
     }
 }
@@ -360,6 +380,9 @@ pub struct RawTraining {
     pub max_seq_len: u32,
     pub trainable: String,
     pub seed: u64,
+    /// FedProx (Li et al. 2020): the weight `mu` of the proximal term `mu/2 ||w -
+    /// w_global||^2` each site adds to its local objective (0: off).
+    pub prox_mu: f64,
 }
 
 impl Default for RawTraining {
@@ -375,6 +398,7 @@ impl Default for RawTraining {
             max_seq_len: 128,
             trainable: "top:2".into(),
             seed: 0,
+            prox_mu: 0.0,
         }
     }
 }
@@ -470,6 +494,150 @@ pub enum OverNorm {
     Refuse,
 }
 
+/// How the coordinator turns a round's combined update `d` (the weighted mean delta, or
+/// the median or trimmed mean: the pseudo-gradient of Reddi et al. 2021, "Adaptive
+/// Federated Optimization") into the step `x += s` of the global model. Per coordinate:
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ServerOptimizer {
+    /// `s = lr d`: plain FedAvg at `lr = 1` (the default).
+    FedAvg { learning_rate: f64 },
+    /// Server momentum: `m = momentum m + d`, `s = lr m`.
+    FedAvgM { learning_rate: f64, momentum: f64 },
+    /// `m = b1 m + (1 - b1) d`, `v = b2 v + (1 - b2) d^2`, `s = lr m / (sqrt(v) + tau)`;
+    /// `m` starts at 0, `v` at `tau^2` (the paper's `v_{-1} >= tau^2`), no bias correction.
+    FedAdam { learning_rate: f64, beta1: f64, beta2: f64, tau: f64 },
+    /// As FedAdam with Yogi's second moment: `v = v - (1 - b2) d^2 sign(v - d^2)`.
+    FedYogi { learning_rate: f64, beta1: f64, beta2: f64, tau: f64 },
+}
+
+impl Default for ServerOptimizer {
+    fn default() -> Self {
+        Self::FedAvg { learning_rate: 1.0 }
+    }
+}
+
+impl ServerOptimizer {
+    /// The name as written in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::FedAvg { .. } => "fedavg",
+            Self::FedAvgM { .. } => "fedavgm",
+            Self::FedAdam { .. } => "fedadam",
+            Self::FedYogi { .. } => "fedyogi",
+        }
+    }
+
+    /// The server's step size.
+    pub fn learning_rate(&self) -> f64 {
+        match *self {
+            Self::FedAvg { learning_rate }
+            | Self::FedAvgM { learning_rate, .. }
+            | Self::FedAdam { learning_rate, .. }
+            | Self::FedYogi { learning_rate, .. } => learning_rate,
+        }
+    }
+
+    /// How many values of state it keeps per trainable value (checkpointed beside the
+    /// model): 0 (FedAvg), 1 (`m`) or 2 (`m` and `v`).
+    pub fn moments(&self) -> usize {
+        match self {
+            Self::FedAvg { .. } => 0,
+            Self::FedAvgM { .. } => 1,
+            Self::FedAdam { .. } | Self::FedYogi { .. } => 2,
+        }
+    }
+
+    /// Whether the step is the combined update itself (plain FedAvg at learning rate 1).
+    pub fn is_identity(&self) -> bool {
+        matches!(self, Self::FedAvg { learning_rate } if *learning_rate == 1.0)
+    }
+
+    /// Validates the `[aggregation]` keys of the server optimiser; a key the chosen
+    /// optimiser does not use is refused rather than silently ignored.
+    pub fn from_raw(raw: &RawAggregation) -> Result<Self, ConfigError> {
+        let unused = |field: &'static str, present: bool, name: &str| {
+            if present {
+                Err(invalid(field, format!("is not used by server_optimizer = {name:?}")))
+            } else {
+                Ok(())
+            }
+        };
+        let in_unit = |field: &'static str, v: Option<f64>, default: f64| match v.unwrap_or(default) {
+            x if (0.0..1.0).contains(&x) => Ok(x),
+            _ => Err(invalid(field, "must be in [0, 1)")),
+        };
+        let positive = |field: &'static str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(v)
+            } else {
+                Err(invalid(field, "must be a positive number"))
+            }
+        };
+        let name = raw.server_optimizer.as_str();
+        let adaptive = matches!(name, "fedadam" | "fedyogi");
+        let learning_rate = match (raw.server_learning_rate, adaptive) {
+            (Some(lr), _) => positive("aggregation.server_learning_rate", lr)?,
+            (None, false) => 1.0,
+            (None, true) => {
+                return Err(invalid(
+                    "aggregation.server_learning_rate",
+                    format!(
+                        "is required with server_optimizer = {name:?}: its step is about this large in every coordinate, whatever \
+                         the update's size (try 1e-3 to 1e-2 for fine-tuning)"
+                    ),
+                ))
+            }
+        };
+        if !adaptive {
+            unused("aggregation.beta1", raw.beta1.is_some(), name)?;
+            unused("aggregation.beta2", raw.beta2.is_some(), name)?;
+            unused("aggregation.tau", raw.tau.is_some(), name)?;
+        }
+        if name != "fedavgm" {
+            unused("aggregation.server_momentum", raw.server_momentum.is_some(), name)?;
+        }
+        let adam = || -> Result<(f64, f64, f64), ConfigError> {
+            Ok((
+                in_unit("aggregation.beta1", raw.beta1, 0.9)?,
+                in_unit("aggregation.beta2", raw.beta2, 0.99)?,
+                positive("aggregation.tau", raw.tau.unwrap_or(1e-3))?,
+            ))
+        };
+        Ok(match name {
+            "fedavg" => Self::FedAvg { learning_rate },
+            "fedavgm" => Self::FedAvgM { learning_rate, momentum: in_unit("aggregation.server_momentum", raw.server_momentum, 0.9)? },
+            "fedadam" => {
+                let (beta1, beta2, tau) = adam()?;
+                Self::FedAdam { learning_rate, beta1, beta2, tau }
+            }
+            "fedyogi" => {
+                let (beta1, beta2, tau) = adam()?;
+                Self::FedYogi { learning_rate, beta1, beta2, tau }
+            }
+            other => {
+                return Err(invalid(
+                    "aggregation.server_optimizer",
+                    format!("unknown server optimizer {other:?}: expected fedavg, fedavgm, fedadam or fedyogi"),
+                ))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for ServerOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::FedAvg { learning_rate } => write!(f, "fedavg (server learning rate {learning_rate})"),
+            Self::FedAvgM { learning_rate, momentum } => {
+                write!(f, "fedavgm (server learning rate {learning_rate}, momentum {momentum})")
+            }
+            Self::FedAdam { learning_rate, beta1, beta2, tau } | Self::FedYogi { learning_rate, beta1, beta2, tau } => {
+                write!(f, "{} (server learning rate {learning_rate}, beta1 {beta1}, beta2 {beta2}, tau {tau})", self.name())
+            }
+        }
+    }
+}
+
 /// The coordinator's own bounds on what one site's update can do.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Aggregation {
@@ -481,6 +649,8 @@ pub struct Aggregation {
     pub over_norm: OverNorm,
     /// What the offer asks sites to send their updates in.
     pub update_encoding: UpdateEncoding,
+    /// How the combined update moves the global model.
+    pub server_optimizer: ServerOptimizer,
 }
 
 impl Default for Aggregation {
@@ -492,6 +662,7 @@ impl Default for Aggregation {
             max_update_norm: None,
             over_norm: OverNorm::Clip,
             update_encoding: UpdateEncoding::F32,
+            server_optimizer: ServerOptimizer::default(),
         }
     }
 }
@@ -537,6 +708,7 @@ impl Aggregation {
             _ => {}
         }
         let update_encoding = raw.update_encoding.parse().map_err(|e| invalid("aggregation.update_encoding", e))?;
+        let server_optimizer = ServerOptimizer::from_raw(raw)?;
         Ok(Self {
             method,
             weighting,
@@ -544,6 +716,7 @@ impl Aggregation {
             max_update_norm: raw.max_update_norm,
             over_norm,
             update_encoding,
+            server_optimizer,
         })
     }
 }
@@ -762,6 +935,9 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
     if !(8..=512).contains(&t.max_seq_len) {
         return Err(invalid("training.max_seq_len", "must be between 8 and 512"));
     }
+    if !(t.prox_mu >= 0.0 && t.prox_mu.is_finite()) {
+        return Err(invalid("training.prox_mu", "must be a finite number >= 0 (0: no proximal term)"));
+    }
     let mode: PrivacyMode = p.mode.parse().map_err(|e: String| invalid("privacy.mode", e))?;
     let positive = |field: &'static str, v: f64| {
         if v > 0.0 && v.is_finite() {
@@ -819,6 +995,7 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
         trainable_tensors: Vec::new(),
         seed: t.seed,
         privacy,
+        prox_mu: t.prox_mu,
     };
     Ok((plan, policy))
 }
@@ -1225,6 +1402,7 @@ name = "Hospital B"
                 max_update_norm: Some(3.5),
                 over_norm: OverNorm::Refuse,
                 update_encoding: UpdateEncoding::F32,
+                server_optimizer: ServerOptimizer::FedAvg { learning_rate: 1.0 },
             }
         );
         let with = |encoding: &str| {
@@ -1263,11 +1441,63 @@ name = "Hospital B"
             (format!("{COORD}\n[aggregation]\nmax_update_norm = -1.0\n"), "aggregation.max_update_norm"),
             // Without DP the consortium must say how far one update may move the model.
             (COORD.replace("mode = \"site-level\"", "mode = \"off\""), "aggregation.max_update_norm"),
+            (format!("{COORD}\n[aggregation]\nserver_optimizer = \"adam\"\n"), "aggregation.server_optimizer"),
+            (format!("{COORD}\n[aggregation]\nserver_learning_rate = 0.0\n"), "aggregation.server_learning_rate"),
+            (format!("{COORD}\n[aggregation]\nserver_learning_rate = nan\n"), "aggregation.server_learning_rate"),
+            // The adaptive optimisers' step is about the learning rate whatever the update: no default.
+            (format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedadam\"\n"), "aggregation.server_learning_rate"),
+            (format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedavgm\"\nserver_momentum = 1.0\n"), "aggregation.server_momentum"),
+            (format!("{COORD}\n[aggregation]\nserver_momentum = 0.9\n"), "aggregation.server_momentum"),
+            (format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedavgm\"\ntau = 0.1\n"), "aggregation.tau"),
+            (
+                format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedyogi\"\nserver_learning_rate = 0.01\nbeta2 = -0.1\n"),
+                "aggregation.beta2",
+            ),
+            (
+                format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedadam\"\nserver_learning_rate = 0.01\ntau = 0.0\n"),
+                "aggregation.tau",
+            ),
+            (
+                format!("{COORD}\n[aggregation]\nserver_optimizer = \"fedadam\"\nserver_learning_rate = 0.01\nserver_momentum = 0.5\n"),
+                "aggregation.server_momentum",
+            ),
+            (COORD.replace("trainable = \"head\"", "trainable = \"head\"\nprox_mu = -1.0"), "training.prox_mu"),
+            (COORD.replace("trainable = \"head\"", "trainable = \"head\"\nprox_mu = inf"), "training.prox_mu"),
         ];
         for (text, field) in cases {
             let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();
             assert!(err.to_string().starts_with(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn server_optimizers_parse_with_their_defaults() {
+        let parse = |keys: &str| CoordinatorConfig::parse(&format!("{COORD}\n[aggregation]\n{keys}\n"), Path::new("/")).unwrap();
+        // The default changes nothing: FedAvg at server learning rate 1.
+        assert!(CoordinatorConfig::parse(COORD, Path::new("/")).unwrap().aggregation.server_optimizer.is_identity());
+        assert_eq!(parse("server_learning_rate = 0.5").aggregation.server_optimizer, ServerOptimizer::FedAvg { learning_rate: 0.5 });
+        assert_eq!(
+            parse("server_optimizer = \"fedavgm\"").aggregation.server_optimizer,
+            ServerOptimizer::FedAvgM { learning_rate: 1.0, momentum: 0.9 }
+        );
+        assert_eq!(
+            parse("server_optimizer = \"fedavgm\"\nserver_momentum = 0.5\nserver_learning_rate = 0.7").aggregation.server_optimizer,
+            ServerOptimizer::FedAvgM { learning_rate: 0.7, momentum: 0.5 }
+        );
+        assert_eq!(
+            parse("server_optimizer = \"fedadam\"\nserver_learning_rate = 0.01").aggregation.server_optimizer,
+            ServerOptimizer::FedAdam { learning_rate: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3 }
+        );
+        let yogi = parse("server_optimizer = \"fedyogi\"\nserver_learning_rate = 0.01\nbeta1 = 0\nbeta2 = 0.5\ntau = 1e-6");
+        assert_eq!(yogi.aggregation.server_optimizer, ServerOptimizer::FedYogi { learning_rate: 0.01, beta1: 0.0, beta2: 0.5, tau: 1e-6 });
+        assert_eq!(yogi.aggregation.server_optimizer.moments(), 2);
+        // With a robust method: the optimiser takes whatever combined update it produced.
+        let robust = parse("method = \"median\"\nserver_optimizer = \"fedavgm\"");
+        assert_eq!((robust.aggregation.method, robust.aggregation.server_optimizer.moments()), (AggregationMethod::Median, 1));
+        // FedProx: off unless set.
+        assert_eq!(CoordinatorConfig::parse(COORD, Path::new("/")).unwrap().plan.prox_mu, 0.0);
+        let c = CoordinatorConfig::parse(&COORD.replace("trainable = \"head\"", "trainable = \"head\"\nprox_mu = 0.01"), Path::new("/"));
+        assert_eq!(c.unwrap().plan.prox_mu, 0.01);
     }
 
     #[test]

@@ -262,12 +262,18 @@ pub struct TrainingPlan {
     pub seed: u64,
     /// The privacy mechanism every site applies.
     pub privacy: PrivacyPlan,
+    /// FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): the
+    /// weight `mu` of the proximal term `mu/2 ||w - w_global||^2` over the trainable
+    /// parameters (under `lora:R`, over the merged change the adapters make), added to the
+    /// local objective; 0 turns it off. Data-independent: under DP-SGD its gradient is added
+    /// after per-example clipping and noise, so it changes neither.
+    pub prox_mu: f64,
 }
 
 impl TrainingPlan {
     /// The smallest useful plan: `trainable_tensors` (chosen by `trainable`) train for one
     /// epoch of AdamW at 1e-3 in batches of 4, on notes cut at 16 tokens, without warm-up,
-    /// weight decay, gradient clipping or differential privacy, seed 1. For tests and dry
+    /// weight decay, gradient clipping, proximal term or differential privacy, seed 1. For tests and dry
     /// runs; set other fields with struct update syntax.
     pub fn minimal(trainable: Trainable, trainable_tensors: Vec<String>) -> Self {
         Self {
@@ -283,6 +289,7 @@ impl TrainingPlan {
             trainable_tensors,
             seed: 1,
             privacy: PrivacyPlan::Off,
+            prox_mu: 0.0,
         }
     }
 }

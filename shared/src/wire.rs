@@ -31,8 +31,9 @@ pub const ALPN: &[u8] = b"fedward/1";
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
 /// metrics may be withheld and a decline carries only its reason code; 5: certificate
 /// renewal over the connection; 6: `Finished` carries the final model's manifest, `Hello` the
-/// site's declared budget, offers and update headers the update's encoding.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// site's declared budget, offers and update headers the update's encoding; 7: the training
+/// plan carries FedProx's `prox_mu`.
+pub const PROTOCOL_VERSION: u32 = 7;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
@@ -712,6 +713,7 @@ mod tests {
             trainable_tensors: vec!["classifier.weight".into()],
             seed: 7,
             privacy: PrivacyPlan::RecordLevel { noise_multiplier: 1.1, clip_norm: 1.0, sampling_rate: 0.05, update_clip_norm: 5.0 },
+            prox_mu: 0.25,
         }
     }
 

@@ -9,6 +9,7 @@ use fedward_agent::daemon::{DaemonError, DaemonOutcome};
 use fedward_coordinator::server::RunOutcome;
 use fedward_coordinator::store::Store;
 use fedward_shared::codec::UpdateEncoding;
+use fedward_shared::config::ServerOptimizer;
 use fedward_shared::ledger::Body;
 use fedward_shared::pki::Validity;
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan};
@@ -123,6 +124,62 @@ fn assert_model_is_the_weighted_mean_of(
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}: {a} vs {b}");
         }
     }
+}
+
+/// A server optimiser between the sites' weighted mean and the model, through the real
+/// server: with FedAvgM each checkpoint is the previous one plus `lr m`, `m = mu m + mean`,
+/// recomputed here from what the agents sent; its state lies beside the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_momentum_moves_the_model_as_recomputed_from_the_updates() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let (lr, mu) = (0.5f64, 0.5f64);
+    let mut s = spec(dir.path(), 3, 2, vec!["alpha", "beta"]);
+    s.aggregation.server_optimizer = ServerOptimizer::FedAvgM { learning_rate: lr, momentum: mu };
+    let coord = CoordinatorHandle::start(&pki, s);
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (i, (site, value, examples)) in [("alpha", 1.0, 100), ("beta", -2.0, 300)].into_iter().enumerate() {
+        let (trainer, sent) = ScriptedTrainer::new(value, examples);
+        let opts = agent_options(coord.addr, pki.site_tls(site), &dir.path().join(format!("agent-{i}")), 0);
+        agents.push(spawn_agent(opts, trainer));
+        logs.push(sent);
+    }
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 3, rounds_trained: 3 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 3 });
+    let mut expected = tiny_global();
+    let mut momentum: Option<TensorSet> = None;
+    for round in 1..=3 {
+        let sent: Vec<Sent> = logs.iter().map(|l| l.lock().unwrap().iter().rfind(|s| s.round.0 == round).cloned().unwrap()).collect();
+        let mut mean = sent[0].delta.clone();
+        mean.iter_mut().for_each(|(_, t)| t.data_mut().fill(0.0));
+        apply_weighted_mean(&mut mean, &sent.iter().map(|s| (s.num_examples, &s.delta)).collect::<Vec<_>>());
+        let m = momentum.get_or_insert_with(|| {
+            let mut zero = mean.clone();
+            zero.iter_mut().for_each(|(_, t)| t.data_mut().fill(0.0));
+            zero
+        });
+        for (name, t) in m.iter_mut() {
+            let g = expected.get_mut(name).unwrap();
+            for ((m, d), w) in t.data_mut().iter_mut().zip(mean.get(name).unwrap().data()).zip(g.data_mut()) {
+                *m = (mu * f64::from(*m) + f64::from(*d)) as f32;
+                *w += (lr * f64::from(*m)) as f32;
+            }
+        }
+    }
+    let store = Store::open(&dir.path().join("coordinator")).unwrap();
+    let (model, completed) = store.load_current().unwrap().unwrap();
+    assert_eq!(completed, 3);
+    for (name, t) in model.iter() {
+        for (a, b) in t.data().iter().zip(expected.get(name).unwrap().data()) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+        }
+    }
+    let state = store.optimizer_state(3).unwrap().expect("the momentum is checkpointed");
+    assert_eq!(state.m.names().collect::<Vec<_>>(), momentum.unwrap().names().collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,6 +133,18 @@ struct Args {
     /// points there (BENCHMARKS.md).
     #[arg(long, default_value = "f16")]
     update_encoding: UpdateEncoding,
+    /// FedProx: the weight mu of the proximal term `mu/2 ||w - w_global||^2` every site
+    /// adds to its local loss, in both runs (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    prox_mu: f64,
+    /// How the coordinator applies each round's combined update, in both runs: `fedavg`,
+    /// `fedavgm` (server momentum 0.9), `fedadam` or `fedyogi` (docs/ADMIN.md).
+    #[arg(long, default_value = "fedavg")]
+    server_optimizer: String,
+    /// The server optimiser's learning rate [default: 1 for fedavg and fedavgm; fedadam and
+    /// fedyogi need one].
+    #[arg(long)]
+    server_learning_rate: Option<f64>,
     /// Skip the baselines and the allocation simulator, which needs a local-only model
     /// (faster; the report then has no comparison).
     #[arg(long)]
@@ -751,6 +763,10 @@ fn coordinator_config(
             d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm, args.update_encoding
         ),
     };
+    let mut server_optimizer = format!("server_optimizer = \"{}\"\n", args.server_optimizer);
+    if let Some(lr) = args.server_learning_rate {
+        let _ = writeln!(server_optimizer, "server_learning_rate = {lr:?}");
+    }
     let mut sites = String::new();
     for site in SITES {
         let _ = writeln!(sites, "[[sites]]\nid = \"{site}\"\n");
@@ -791,9 +807,10 @@ max_grad_norm = 1.0
 max_seq_len = {max_seq_len}
 trainable = "{trainable}"
 seed = {seed}
+prox_mu = {prox_mu:?}
 
 [privacy]
-{privacy}
+{privacy}{server_optimizer}
 {sites}"#,
         state = state_dir.display(),
         tokens = state_dir.with_file_name("admin-tokens").display(),
@@ -808,6 +825,7 @@ seed = {seed}
         max_seq_len = args.max_seq_len,
         trainable = dp.map_or(args.trainable, |d| d.trainable),
         seed = args.seed,
+        prox_mu = args.prox_mu,
     )
 }
 
