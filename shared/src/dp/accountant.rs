@@ -334,9 +334,23 @@ pub fn plan_min_sigma(plan: &Plan, target_epsilon: f64) -> Result<SigmaSearch, D
         tolerance: SIGMA_TOLERANCE,
         noise_std: sigma * plan.clip_norm,
     };
+    let (sigma, epsilon) = smallest_sufficient(eps, target_epsilon, (min, max), SIGMA_TOLERANCE)?;
+    Ok(found(sigma, epsilon))
+}
+
+/// The smallest sigma in `range` (within `tolerance`, relative) whose `eps(sigma)` is at
+/// most `target_epsilon`, with that epsilon: bisection on a log scale, for any `eps` that
+/// falls as sigma grows. It returns the upper end of the final bracket, a sigma that was
+/// evaluated and meets the target, so it errs on the safe side.
+pub(crate) fn smallest_sufficient(
+    eps: impl Fn(f64) -> Result<f64, DpError>,
+    target_epsilon: f64,
+    (min, max): (f64, f64),
+    tolerance: f64,
+) -> Result<(f64, f64), DpError> {
     let e_min = eps(min)?;
     if e_min <= target_epsilon {
-        return Ok(found(min, e_min));
+        return Ok((min, e_min));
     }
     // Bracket: eps(lo) > target >= eps(hi).
     let mut lo = min;
@@ -351,7 +365,7 @@ pub fn plan_min_sigma(plan: &Plan, target_epsilon: f64) -> Result<SigmaSearch, D
         }
         e_hi = eps(hi)?;
     }
-    while hi / lo > 1.0 + SIGMA_TOLERANCE {
+    while hi / lo > 1.0 + tolerance {
         let mid = (lo * hi).sqrt();
         let e_mid = eps(mid)?;
         if e_mid <= target_epsilon {
@@ -361,7 +375,7 @@ pub fn plan_min_sigma(plan: &Plan, target_epsilon: f64) -> Result<SigmaSearch, D
             lo = mid;
         }
     }
-    Ok(found(hi, e_hi))
+    Ok((hi, e_hi))
 }
 
 #[cfg(test)]

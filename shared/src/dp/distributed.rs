@@ -342,33 +342,9 @@ pub fn distributed_min_sigma(
             noise_multiplier: p.noise_multiplier(),
         }
     };
-    let e_min = eps(MIN_SITE_SIGMA)?;
-    if e_min <= target_epsilon {
-        return Ok(found(MIN_SITE_SIGMA, e_min));
-    }
-    // Bracket: eps(lo) > target >= eps(hi).
-    let mut lo = MIN_SITE_SIGMA;
-    let mut hi = 1.0;
-    let mut e_hi = eps(hi)?;
-    while e_hi.partial_cmp(&target_epsilon).is_none_or(|o| o == std::cmp::Ordering::Greater) {
-        lo = hi;
-        hi *= 2.0;
-        if hi > MAX_SITE_SIGMA {
-            return Err(DpError::Unreachable { target: target_epsilon, max: MAX_SITE_SIGMA });
-        }
-        e_hi = eps(hi)?;
-    }
-    while hi / lo > 1.0 + SITE_SIGMA_TOLERANCE {
-        let mid = (lo * hi).sqrt();
-        let e_mid = eps(mid)?;
-        if e_mid <= target_epsilon {
-            hi = mid;
-            e_hi = e_mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(found(hi, e_hi))
+    let (sigma, epsilon) =
+        super::accountant::smallest_sufficient(eps, target_epsilon, (MIN_SITE_SIGMA, MAX_SITE_SIGMA), SITE_SIGMA_TOLERANCE)?;
+    Ok(found(sigma, epsilon))
 }
 
 /// What one site records for one round under distributed DP: everything an auditor needs
