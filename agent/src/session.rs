@@ -370,6 +370,7 @@ mod tests {
             deadline_secs: 60,
             total_rounds: 3,
             update_encoding: fedward_shared::codec::UpdateEncoding::F32,
+            secure: None,
         }
     }
 

@@ -527,6 +527,14 @@ fn spawn_reloader(
 }
 
 async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> Result<ExitCode> {
+    if cfg.secure.is_some() {
+        // The round machine runs secure rounds; the server does not route their steps yet.
+        return Err(fedward_shared::config::ConfigError::Invalid {
+            field: "aggregation.method",
+            message: "\"secure\" is not served by this coordinator yet (issue 23: the server does not route the secure steps)".into(),
+        }
+        .into());
+    }
     let shutdown = fedward_net::shutdown_signal();
     // Installed before anything slow: SIGHUP's default action would end the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -575,6 +583,8 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         policy: cfg.policy,
         aggregation: cfg.aggregation,
         enrolled: control.enrolled(cfg.sites.iter().map(|s| s.id.clone())),
+        // Refused above until the server routes the secure steps.
+        secure: None,
     };
     // Each site's declared spend is held to what this ledger accepted from it.
     let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?;

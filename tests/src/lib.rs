@@ -197,6 +197,7 @@ impl CoordinatorHandle {
             policy: spec.policy,
             aggregation: spec.aggregation,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
+            secure: None,
         };
         let keys = spec.state_dir.join("keys");
         if !keys.join(SIGNING_KEY_FILE).exists() {
