@@ -1204,9 +1204,10 @@ impl RoundMachine {
         if let Err(reason) = check_secure_mean(&mean, &fixed, clip, out.survivors.len(), max_weight) {
             return self.fail_open_round(now, format!("secure aggregation: {reason}"));
         }
-        let trainable = &self.settings.plan.trainable_tensors;
         let mut update = TensorSet::new();
+        let mut misfit = None;
         let mut values = mean.values.into_iter();
+        let trainable = &self.settings.plan.trainable_tensors;
         for spec in self.manifest.iter().filter(|s| trainable.contains(&s.name)) {
             let data: Vec<f32> = values.by_ref().take(element_count(&spec.shape)).collect();
             match Tensor::new(spec.shape.clone(), data) {
@@ -1214,8 +1215,14 @@ impl RoundMachine {
                     update.insert(spec.name.clone(), t);
                 }
                 // The vector's length is the trainable values': the server checked each input.
-                Err(e) => return self.fail_open_round(now, format!("secure aggregation: the sum does not fit the model: {e}")),
+                Err(e) => {
+                    misfit = Some(e.to_string());
+                    break;
+                }
             }
+        }
+        if let Some(e) = misfit {
+            return self.fail_open_round(now, format!("secure aggregation: the sum does not fit the model: {e}"));
         }
         let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Waiting) else { return };
         let c = *c;
