@@ -418,6 +418,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         seed: Some(7),
         renewal: None,
         fail_after_ledger_write: false,
+        secagg: None,
     }
 }
 
