@@ -1406,7 +1406,8 @@ pub fn check_secure_mean(
     let mut sum_sq = 0.0f64;
     for &v in &mean.values {
         let v = f64::from(v);
-        if !(v.abs() <= coord_limit) {
+        // NaN fails too.
+        if v.is_nan() || v.abs() > coord_limit {
             return Err(format!("a coordinate of the mean is {v}, beyond the bound {clip}: a site sent a malformed input"));
         }
         sum_sq += v * v;

@@ -255,7 +255,7 @@ pub fn masked_values_digest(bytes: &[u8]) -> Digest {
 /// Masked values from their wire bytes (sized by [`MaskedInputHeader::payload_bytes`]),
 /// after checking the declared digest.
 pub fn masked_values_from_bytes(header: &MaskedInputHeader, bytes: &[u8]) -> Result<Vec<u64>, MaskedInputError> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(MaskedInputError::Ragged(bytes.len()));
     }
     let actual = masked_values_digest(bytes);
