@@ -41,8 +41,7 @@ use crate::secagg::{
 };
 use crate::tensor::{checked_element_count, element_count, Digest, Tensor, TensorError, TensorSpec};
 
-/// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
-pub const ALPN: &[u8] = b"fedward/1";
+pub use crate::ids::{RoundId, SiteId, SiteIdError, ALPN};
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
 /// metrics may be withheld and a decline carries only its reason code; 5: certificate
@@ -64,74 +63,6 @@ pub const CLOSE_NORMAL: u32 = 0;
 /// the site connects again: the newer connection wins. A live agent that receives it
 /// shares its site's identity with another agent, which no retry resolves.
 pub const CLOSE_REPLACED: u32 = 0x11;
-
-/// A consortium member's identity, taken from its certificate's DNS SAN.
-///
-/// Lowercase ASCII letters, digits and `-`, 1 to 63 characters, starting with a letter or
-/// digit: a valid DNS label, so it fits a certificate unchanged.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SiteId(String);
-
-/// A site id that is not a DNS label.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid site id {0:?}: use 1-63 lowercase letters, digits or '-', not starting with '-'")]
-pub struct SiteIdError(pub String);
-
-impl SiteId {
-    pub fn new(id: impl Into<String>) -> Result<Self, SiteIdError> {
-        let id = id.into();
-        let ok = !id.is_empty()
-            && id.len() <= 63
-            && !id.starts_with('-')
-            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(Self(id))
-        } else {
-            Err(SiteIdError(id))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SiteId {
-    type Error = SiteIdError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
-    }
-}
-
-impl From<SiteId> for String {
-    fn from(s: SiteId) -> Self {
-        s.0
-    }
-}
-
-impl std::str::FromStr for SiteId {
-    type Err = SiteIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-impl std::fmt::Display for SiteId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A federated round's number; round 1 is the first trained round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RoundId(pub u64);
-
-impl std::fmt::Display for RoundId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// Optional features a peer supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

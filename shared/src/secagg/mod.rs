@@ -96,7 +96,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::wire::{RoundId, SiteId};
+use crate::ids::{RoundId, SiteId};
 
 pub use client::SecAggClient;
 pub use crypto::{SiteCredentials, Trust};
