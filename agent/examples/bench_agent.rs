@@ -106,6 +106,7 @@ fn main() -> Result<()> {
         seed: None,
         renewal: None,
         fail_after_ledger_write: false,
+        secagg: None,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let trainer = Box::new(NoTraining { examples: args.examples });

@@ -13,6 +13,12 @@
 //! from a fresh OS-seeded [`NoiseRng`]; cache the update ([`ReleasedUpdate`], atomic write),
 //! append the release to the ledger (fsync); only then send. A crash anywhere before the
 //! append leaves nothing spent; after it, the restarted agent resends the same bytes.
+//!
+//! A secure round ([`review_secure`]) exchanges keys and shares before the model is
+//! fetched ([`secure_setup`]); after training and the privacy step the update is clipped
+//! to the offer's bound, encoded in fixed point and masked, the release appended to the
+//! ledger, and only then the masked input sent ([`secure_release`]). A secure round is
+//! never resent: one already in the ledger is declined.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,18 +39,19 @@ use fedward_shared::failpoint;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
+use fedward_shared::secagg::{SecAggClient, SiteCredentials, Trust, UnixTime};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, Message, ModelRequest, Ready, RoundId, RoundOffer, SiteId,
-    UpdateHeader, PROTOCOL_VERSION,
+    self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, MaskedInputHeader, Message, ModelRequest, Ready, RoundId, RoundOffer,
+    SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
 use crate::outbox::ReleasedUpdate;
 use crate::privacy::{disclosed, privacy_used, privatize, quantize_update};
 use crate::session::{
-    assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, tensors_to_fetch,
-    unrecorded_acceptances, CachedModel, CachedRelease, Decision, Prior,
+    assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, review_secure,
+    secure_input, tensors_to_fetch, unrecorded_acceptances, Approved, CachedModel, CachedRelease, Decision, Prior, SecureTerms,
 };
 use crate::status::{Phase, StatusWriter};
 
@@ -76,6 +83,16 @@ pub struct DaemonOptions {
     /// recorded an update and before it is sent. Always `false` in production.
     #[doc(hidden)]
     pub fail_after_ledger_write: bool,
+    /// What secure rounds need: the site's certificate and key (to sign its round keys)
+    /// and the CA (to check the other sites'). `None`: secure offers are declined.
+    pub secagg: Option<SecAggIdentity>,
+}
+
+/// A site's identity for secure aggregation, read from its TLS files at start.
+#[derive(Clone, Debug)]
+pub struct SecAggIdentity {
+    pub creds: SiteCredentials,
+    pub trust: Trust,
 }
 
 /// How a run ended.
@@ -542,6 +559,12 @@ async fn take_round(
     let ledger = state.ledger.as_ref().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?.ledger();
     match prior_release(&offer, last_release(ledger), state.released.as_ref()) {
         Prior::Fresh => {}
+        // A masked input cannot be sent again: another setup, other masks. The release
+        // stays counted; the round goes on without this site.
+        Prior::Resend | Prior::Unrecoverable if offer.secure.is_some() => {
+            let message = "this secure round's release is already in the ledger; a masked input is never sent twice";
+            return send_decline(conn, &opts.transport, &offer, DeclineReason::TrainingFailed, message.into()).await;
+        }
         Prior::Resend => return resend(conn, opts, &offer).await,
         Prior::Unrecoverable => {
             let message =
@@ -567,6 +590,23 @@ async fn take_round(
         steps = approved.release.steps,
         "round within the site's budget"
     );
+    let terms = match review_secure(&offer, opts.secagg.is_some()) {
+        Ok(t) => t,
+        Err(message) => return send_decline(conn, &opts.transport, &offer, DeclineReason::PlanUnacceptable, message).await,
+    };
+    // A secure round's keys and shares are exchanged now, before training; one client per
+    // round, dropped (secrets wiped) when the round ends for this site.
+    let mut secagg = None;
+    if let (Some(terms), Some(id)) = (&terms, &opts.secagg) {
+        match secure_setup(conn, opts, id, terms, rng).await {
+            Ok(x) => secagg = Some(x),
+            Err(SecureEnd::Abort(reason)) => {
+                warn!(%reason, "secure round aborted before training; nothing released");
+                return Ok(());
+            }
+            Err(SecureEnd::Session(end)) => return Err(end),
+        }
+    }
     let model = fetch_model(conn, opts, state, offer.round, offer.model_digest, &offer.manifest).await?;
     if let Err(message) = fits_deadline(state.last_train_secs, deadline.saturating_duration_since(Instant::now()).as_secs_f64()) {
         return send_decline(conn, &opts.transport, &offer, DeclineReason::DeadlineTooShort, message).await;
@@ -642,6 +682,23 @@ async fn take_round(
         warn!("the round's deadline passed during training; the update is discarded unrecorded (no privacy spent)");
         return Ok(());
     }
+    if let (Some(terms), Some((client, srng))) = (terms, secagg) {
+        return secure_release(
+            conn,
+            opts,
+            state,
+            site,
+            &offer,
+            &approved,
+            terms,
+            client,
+            srng,
+            update.delta,
+            update.num_examples,
+            &update.metrics,
+        )
+        .await;
+    }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
     let header = UpdateHeader { round: offer.round, num_examples, metrics, tensors: specs, privacy: used, encoding: offer.update_encoding };
@@ -660,6 +717,197 @@ async fn take_round(
     send_update(conn, &opts.transport, &released.header, &released.delta).await?;
     state.status.sent(offer.round.0, wire::encoded_payload_bytes(&released.header.tensors, released.header.encoding));
     state.rounds_trained += 1;
+    Ok(())
+}
+
+/// How a secure round ended early for this site.
+enum SecureEnd {
+    /// The round is aborted for this site (a `SecAggError`, or the coordinator refused a
+    /// step): logged, and the agent waits for the next offer.
+    Abort(String),
+    /// The connection ended.
+    Session(SessionEnd),
+}
+
+/// A secure step's request; the coordinator answers when the step closes, so the wait is
+/// the step's deadline plus the request timeout.
+async fn secure_request(conn: &quinn::Connection, msg: &Message, wait: Duration) -> Result<Message, SecureEnd> {
+    match request(conn, msg, Some(wait)).await {
+        Ok(Message::Reject(r)) => Err(SecureEnd::Abort(format!("the coordinator refused the {}: {r}", msg.kind()))),
+        Ok(m) => Ok(m),
+        Err(e) => Err(SecureEnd::Session(stream_failure(conn, e))),
+    }
+}
+
+/// Secure round, steps 1 and 2: this round's keys advertised, every relayed key checked,
+/// shares sent and the neighbours' shares received. Returns the client and the generator
+/// it draws from (OS-seeded; seeded only in tests).
+async fn secure_setup(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    id: &SecAggIdentity,
+    terms: &SecureTerms,
+    rng: &mut rand_chacha::ChaCha20Rng,
+) -> Result<(SecAggClient, rand_chacha::ChaCha20Rng), SecureEnd> {
+    let abort = |e: fedward_shared::secagg::SecAggError| SecureEnd::Abort(e.to_string());
+    let mut srng = match opts.seed {
+        Some(_) => rand_chacha::ChaCha20Rng::seed_from_u64(rng.random()),
+        None => rand_chacha::ChaCha20Rng::try_from_os_rng().map_err(|e| SecureEnd::Session(SessionEnd::Lost(e.to_string())))?,
+    };
+    let mut client = SecAggClient::new(terms.setup, id.creds.clone(), id.trust.clone(), &mut srng).map_err(abort)?;
+    let wait = terms.step_deadline + opts.transport.request_timeout;
+    let keys = match secure_request(conn, &Message::SecAggKeys(client.advertise_keys()), wait).await? {
+        Message::SecAggRelayedKeys(k) => k,
+        other => return Err(SecureEnd::Session(SessionEnd::Lost(format!("unexpected answer to secure keys: {}", other.kind())))),
+    };
+    let shares = client.receive_keys(&keys.keys, UnixTime::now(), &mut srng).map_err(abort)?;
+    let relayed = match secure_request(conn, &Message::SecAggShares(shares), wait).await? {
+        Message::SecAggRelayedShares(r) => r,
+        other => return Err(SecureEnd::Session(SessionEnd::Lost(format!("unexpected answer to secure shares: {}", other.kind())))),
+    };
+    client.receive_shares(&relayed).map_err(abort)?;
+    info!(sites = keys.keys.len(), "secure round keys and shares exchanged");
+    Ok((client, srng))
+}
+
+/// Secure round, steps 3 and 4, after training and the privacy step: the update clipped
+/// to the offer's bound, encoded in fixed point and masked (on a blocking thread); the
+/// release recorded in the ledger (fsync) before the masked input, which is what leaves
+/// the site, is sent; then the unmasking shares. Any `SecAggError` aborts the round for
+/// this site with its reason logged (it names sites and steps, never a value).
+#[allow(clippy::too_many_arguments)]
+async fn secure_release(
+    conn: &quinn::Connection,
+    opts: &DaemonOptions,
+    state: &mut AgentState,
+    site: &SiteId,
+    offer: &RoundOffer,
+    approved: &Approved,
+    terms: SecureTerms,
+    mut client: SecAggClient,
+    mut srng: rand_chacha::ChaCha20Rng,
+    delta: TensorSet,
+    examples: u64,
+    local: &wire::LocalMetrics,
+) -> Result<(), SessionEnd> {
+    let used = privacy_used(&offer.plan.privacy, approved, opts.budget.delta);
+    // The weight travels inside the sum: the count as it would be disclosed.
+    let (weight, _) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, examples, local);
+    let input = match secure_input(offer, &delta, terms.clip) {
+        Ok(x) => x,
+        Err(e) => {
+            error!(cause = %e, "secure round aborted: the update does not fit the offer");
+            return Ok(());
+        }
+    };
+    drop(delta);
+    let masked = tokio::task::spawn_blocking(move || {
+        let result = terms.fixed.encode(&input, weight.max(1), &mut srng).and_then(|encoded| client.masked_input(&encoded));
+        (client, srng, result)
+    })
+    .await;
+    let (mut client, _srng, masked) = masked.map_err(|e| SessionEnd::Fatal(format!("masking thread panicked: {e}")))?;
+    let masked = match masked {
+        Ok(m) => m,
+        Err(e) => {
+            error!(cause = %e, "secure round aborted while masking; nothing released");
+            return Ok(());
+        }
+    };
+    let bytes = wire::masked_values_bytes(&masked.values);
+    let digest = wire::masked_values_digest(&bytes);
+    let header = MaskedInputHeader { round: offer.round, values: masked.values.len() as u64, digest, privacy: used };
+    drop(masked);
+    // The release is durable before the masked input leaves. No cached copy: a secure
+    // round is never resent.
+    let record = ReleaseRecord::new(site.clone(), offer.round, &used, weight, approved.epsilon_before, digest, now())
+        .map_err(|e| SessionEnd::Fatal(format!("ledger record: {e}")))?;
+    record_ledger_only(state, record).await?;
+    failpoint::crash_point(failpoint::AGENT_AFTER_LEDGER_APPEND);
+    if opts.fail_after_ledger_write {
+        warn!("test fault: stopping after the ledger write, before sending");
+        return Err(SessionEnd::Fault(offer.round.0));
+    }
+    state.status.set(Phase::Uploading, None);
+    // The answer (the unmasking request) comes when the input step closes, by the round's
+    // deadline at the latest.
+    let wait = Duration::from_secs(offer.deadline_secs) + terms.step_deadline + opts.transport.request_timeout;
+    let answer = match send_masked(conn, &opts.transport, wait, &header, &bytes).await {
+        Ok(m) => m,
+        Err(e) => return Err(stream_failure(conn, e)),
+    };
+    let request = match answer {
+        Message::SecAggUnmask(req) => req,
+        Message::Reject(r) => {
+            error!(code = %r.code, reason = %r.message, "masked input refused by the coordinator");
+            return Ok(());
+        }
+        other => return Err(SessionEnd::Lost(format!("unexpected answer to a masked input: {}", other.kind()))),
+    };
+    state.status.sent(offer.round.0, bytes.len());
+    state.rounds_trained += 1;
+    let shares = match client.unmask(&request) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(cause = %e, "secure round aborted at unmasking");
+            return Ok(());
+        }
+    };
+    match secure_request(conn, &Message::SecAggUnmasking(shares), terms.step_deadline + opts.transport.request_timeout).await {
+        Ok(Message::Ack(_)) => {
+            info!(survivors = request.survivors.len(), dropped = request.dropped.len(), "secure round: unmasking shares sent");
+            Ok(())
+        }
+        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to unmasking shares: {}", other.kind()))),
+        Err(SecureEnd::Abort(reason)) => {
+            warn!(%reason, "secure round: unmasking shares refused");
+            Ok(())
+        }
+        Err(SecureEnd::Session(end)) => Err(end),
+    }
+}
+
+/// A masked input: header, `Proceed`, the raw values at the minimum rate, then the answer
+/// the coordinator holds until the input step closes.
+async fn send_masked(
+    conn: &quinn::Connection,
+    transport: &Transport,
+    wait: Duration,
+    header: &MaskedInputHeader,
+    bytes: &[u8],
+) -> Result<Message, StreamError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let pace = Pace { allowance: transport.pace.allowance + transport.request_timeout, ..transport.pace };
+    let exchange = async {
+        write_message(&mut send, &Message::SecAggMasked(header.clone())).await?;
+        match read_message(&mut recv).await? {
+            Message::Proceed(_) => {}
+            other => return Ok(other),
+        }
+        paced(pace, bytes.len(), "masked input upload", async {
+            send.write_all(bytes).await?;
+            send.finish()?;
+            Ok(())
+        })
+        .await?;
+        read_message(&mut recv).await
+    };
+    within(wait, "masked input", exchange).await
+}
+
+/// Appends a secure round's release to the ledger (fsync) on a blocking thread; a failure
+/// stops the agent, as for any release.
+async fn record_ledger_only(state: &mut AgentState, record: ReleaseRecord) -> Result<(), SessionEnd> {
+    let mut ledger = state.ledger.take().ok_or_else(|| SessionEnd::Fatal("ledger unavailable".into()))?;
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = ledger.append(Body::Release(record)).map(|_| ()).map_err(|e| format!("recording the release: {e}"));
+        (ledger, result)
+    })
+    .await;
+    let (ledger, result) = joined.map_err(|e| SessionEnd::Fatal(format!("ledger thread panicked: {e}")))?;
+    state.ledger = Some(ledger);
+    result.map_err(SessionEnd::Fatal)?;
+    info!("secure release recorded in the ledger");
     Ok(())
 }
 

@@ -675,6 +675,24 @@ fn client_tls(cfg: &AgentConfig) -> Result<rustls::ClientConfig> {
     .context("building the TLS configuration")
 }
 
+/// The site's identity for secure rounds, from its TLS files (already read once for the
+/// client config): `None`, with a warning, when the key is not the ECDSA P-256 key secure
+/// aggregation signs with; secure offers are then declined.
+fn secagg_identity(tls: &fedward_shared::config::TlsPaths) -> Option<fedward_agent::daemon::SecAggIdentity> {
+    let read = || -> Result<fedward_agent::daemon::SecAggIdentity> {
+        let creds = fedward_shared::secagg::SiteCredentials::from_pem(&fsutil::read(&tls.cert)?, &fsutil::read_private_key(&tls.key)?)?;
+        let trust = fedward_shared::secagg::Trust::from_ca_pem(&fsutil::read(&tls.ca_cert)?)?;
+        Ok(fedward_agent::daemon::SecAggIdentity { creds, trust })
+    };
+    match read() {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(cause = %format!("{e:#}"), "secure aggregation unavailable: secure rounds will be declined");
+            None
+        }
+    }
+}
+
 async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
     let shutdown = fedward_net::shutdown_signal();
     if fedward_agent::renew::finish_interrupted_install(&cfg.tls.cert, &cfg.tls.key)? {
@@ -704,6 +722,7 @@ async fn run_daemon(cfg: AgentConfig) -> Result<ExitCode> {
             None
         },
         fail_after_ledger_write: false,
+        secagg: secagg_identity(&cfg.tls),
     };
     if let Some(addr) = cfg.status_listen {
         tokio::spawn(fedward_agent::endpoint::serve_status(addr, Arc::new(cfg.clone())));

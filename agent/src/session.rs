@@ -13,6 +13,7 @@ use fedward_shared::config::SiteBudget;
 use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::plan::PrivacyPlan;
+use fedward_shared::secagg::{FixedPoint, RoundSetup};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{AcceptedUpdate, DeclineReason, RoundId, RoundOffer, SiteId};
 
@@ -115,6 +116,63 @@ fn clip_problem(plan: &PrivacyPlan) -> Option<String> {
             bad("clip norm", clip_norm).or_else(|| bad("update clip norm", update_clip_norm))
         }
     }
+}
+
+/// What a site takes part in a secure round under, from its offer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecureTerms {
+    /// The round's setup: used for one `SecAggClient` only, never again.
+    pub setup: RoundSetup,
+    /// The fixed-point encoding of the update.
+    pub fixed: FixedPoint,
+    /// The L2 bound the site clips its (private) update to before encoding it.
+    pub clip: f32,
+    /// How long each short step may take.
+    pub step_deadline: std::time::Duration,
+}
+
+/// Reviews an offer's secure aggregation: `Ok(None)` for a round in the clear; the terms
+/// when the site can honour them (`can_secure`: it holds its certificate's key and the
+/// CA to check the other sites' keys with) and the offer is consistent with itself
+/// ([`fedward_shared::wire::SecureRound::check`]); else why it is declined (the plan is
+/// unacceptable).
+pub fn review_secure(offer: &RoundOffer, can_secure: bool) -> Result<Option<SecureTerms>, String> {
+    let Some(secure) = &offer.secure else { return Ok(None) };
+    if !can_secure {
+        return Err("the round is secure and this agent has no secure aggregation identity".into());
+    }
+    let fixed = secure.check(offer).map_err(|e| format!("the secure round cannot be honoured: {e}"))?;
+    Ok(Some(SecureTerms {
+        setup: secure.setup,
+        fixed,
+        clip: secure.clip,
+        step_deadline: std::time::Duration::from_secs(secure.step_deadline_secs.clamp(1, 3600)),
+    }))
+}
+
+/// The update as a secure round sums it: the offer's trainable tensors in the offer's
+/// order, flattened, scaled down to L2 norm `clip` when above it (an honest site's
+/// update never exceeds the bound the coordinator can no longer enforce).
+pub fn secure_input(offer: &RoundOffer, delta: &TensorSet, clip: f32) -> Result<Vec<f32>, String> {
+    let mut out = Vec::new();
+    for spec in offer.trainable_specs() {
+        let t = delta.get(&spec.name).ok_or_else(|| format!("the update lacks tensor {}", spec.name))?;
+        if t.shape() != spec.shape.as_slice() {
+            return Err(format!("update shape mismatch for {}: expected {:?}, got {:?}", spec.name, spec.shape, t.shape()));
+        }
+        out.extend_from_slice(t.data());
+    }
+    let norm = out.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    if !norm.is_finite() {
+        return Err("the update holds a non-finite value".into());
+    }
+    if norm > f64::from(clip) {
+        let scale = f64::from(clip) / norm;
+        for v in &mut out {
+            *v = (f64::from(*v) * scale) as f32;
+        }
+    }
+    Ok(out)
 }
 
 /// The update the agent recorded and cached last: enough to recognise its round.
@@ -370,7 +428,39 @@ mod tests {
             deadline_secs: 60,
             total_rounds: 3,
             update_encoding: fedward_shared::codec::UpdateEncoding::F32,
+            secure: None,
         }
+    }
+
+    #[test]
+    fn a_secure_offer_is_taken_only_when_it_can_be_honoured() {
+        use fedward_shared::secagg::SecAggParams;
+        use fedward_shared::wire::SecureRound;
+        let mut o = offer(PrivacyPlan::Off);
+        assert_eq!(review_secure(&o, false), Ok(None), "a round in the clear needs nothing");
+        let params = SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 };
+        let context = SecureRound::context(o.round, 1, &o.model_digest, 1.0, 100, 3);
+        o.secure = Some(SecureRound {
+            setup: RoundSetup::new(o.round, params, 3).unwrap().with_context(context),
+            attempt: 1,
+            clip: 1.0,
+            max_weight: 100,
+            max_sites: 3,
+            step_deadline_secs: 30,
+        });
+        let terms = review_secure(&o, true).unwrap().unwrap();
+        assert_eq!((terms.clip, terms.step_deadline.as_secs()), (1.0, 30));
+        assert!(review_secure(&o, false).unwrap_err().contains("no secure aggregation identity"));
+        // A context that is not this offer's (another model, say) is refused.
+        let mut other = o.clone();
+        other.model_digest = Digest([9; 32]);
+        assert!(review_secure(&other, true).unwrap_err().contains("context"));
+        // The input: the trainable tensor flattened, clipped to the bound.
+        let mut delta = TensorSet::new();
+        delta.insert("classifier.weight", Tensor::new(vec![2], vec![3.0, 4.0]).unwrap());
+        let x = secure_input(&o, &delta, terms.clip).unwrap();
+        assert!((x[0] - 0.6).abs() < 1e-6 && (x[1] - 0.8).abs() < 1e-6, "{x:?}");
+        assert!(secure_input(&o, &TensorSet::new(), 1.0).unwrap_err().contains("lacks"));
     }
 
     fn budget(require_dp: bool, max_rounds: Option<u64>) -> SiteBudget {

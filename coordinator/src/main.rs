@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use fedward_coordinator::control::ControlState;
 use fedward_coordinator::ledger::CoordinatorLedger;
-use fedward_coordinator::round::{RoundMachine, Settings};
+use fedward_coordinator::round::{RoundMachine, SecureSettings, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::startup;
 use fedward_coordinator::store::{load_initial_model, Store};
@@ -583,6 +583,22 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         warn!(round = completed, "no server optimizer state beside the current checkpoint: it starts afresh at the next round");
     }
     let control = ControlState::load(&cfg.state_dir)?;
+    // Secure aggregation: sites' signed keys must chain to the consortium CA.
+    let secure = match &cfg.secure {
+        Some(sa) => {
+            let ca_pem = std::fs::read(&cfg.tls.ca_cert).with_context(|| format!("reading {}", cfg.tls.ca_cert.display()))?;
+            let trust = fedward_shared::secagg::Trust::from_ca_pem(&ca_pem).context("the CA certificate for secure aggregation")?;
+            info!(
+                threshold = sa.params.threshold,
+                min_sites = sa.params.min_sites,
+                neighbours = sa.params.neighbours,
+                modulus_bits = sa.params.modulus_bits,
+                "secure aggregation: the coordinator learns only each round's sum"
+            );
+            Some(SecureSettings { params: sa.params, step_deadline: sa.step_deadline, trust })
+        }
+        None => None,
+    };
     let settings = Settings {
         total_rounds: cfg.rounds,
         min_sites: cfg.min_sites,
@@ -593,6 +609,7 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
         policy: cfg.policy,
         aggregation: cfg.aggregation,
         enrolled: control.enrolled(cfg.sites.iter().map(|s| s.id.clone())),
+        secure,
     };
     // Each site's declared spend is held to what this ledger accepted from it.
     let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?;

@@ -11,6 +11,48 @@
 //! The machine holds no model, only its manifest: the shell keeps the checkpoints and
 //! writes each new one from the last and the round's combined update (so the coordinator
 //! never holds a whole model beside the running sum and the updates being received).
+//!
+//! # Secure rounds
+//!
+//! Under `[aggregation] method = "secure"` ([`Settings::secure`]) a round's offer carries
+//! a [`SecureRound`] and the round runs `shared::secagg`'s four steps instead of taking
+//! updates, with a [`SecAggServer`] inside the round:
+//!
+//! 1. **keys**, from the offer until every offered site sent its signed keys (or
+//!    declined, or left) or the step deadline: the keys are relayed to every sender
+//!    ([`Output::SecAggReply`] answers each site's waiting stream);
+//! 2. **shares**, likewise (step deadline), relayed to each site;
+//! 3. **masked inputs**, due by the round's deadline (sites train between the shares and
+//!    their input): [`RoundMachine::begin_masked`] checks the header (size, privacy
+//!    policy, declared spend) before the bytes, [`RoundMachine::finish_masked`] takes the
+//!    values and emits [`Output::Accepted`] (the ledger records the release); the
+//!    unmasking request goes to every sender when the step closes;
+//! 4. **unmasking** (step deadline): each survivor's shares are answered at once; at the
+//!    close the sum is unmasked, decoded ([`FixedPoint::decode_mean`]) into the round's
+//!    mean delta and checkpointed like a FedAvg round ([`Output::Checkpoint`], with
+//!    [`Checkpoint::secure`] naming who was summed and who dropped).
+//!
+//! A site that leaves before its masked input is simply absent from the sum (its mask
+//! key is reconstructed from its neighbours' shares); any step closing with too few sites,
+//! or too few shares, fails the round with [`SecAggError`]'s reason and nothing else: no
+//! partial sum leaves the machine.
+//!
+//! **What the coordinator's bound means here.** The coordinator never sees one update,
+//! so it can neither clip nor refuse one. An honest site clips its update to the bound `C`
+//! ([`RoundMachine::update_bound`], the offer's `clip`) and the fixed-point encoding
+//! clamps each coordinate to `[-C, C]` (times its weight). A site that lies is not held
+//! by either: an enrolled site, with its own certificate, can send any vector modulo
+//! `2^bits` and any weight, and the coordinator cannot tell which site did. What is still
+//! checked is the decoded result ([`check_secure_mean`]): the total weight must lie
+//! between the number of survivors and that times `max_weight`, and the mean must be
+//! what honest sites can produce (every coordinate within `C`, L2 norm within `C`, both
+//! up to the encoding's error); otherwise the round fails. So one malicious site can
+//! still (a) move the round's mean anywhere within that ball, whatever its share of the
+//! weight (under FedAvg in the clear its pull is bounded by its weight's share), (b) make
+//! any round fail (denial of service, which the retry limit turns into a stopped
+//! federation), and (c) do so unseen: nothing names the culprit. Range proofs (each
+//! masked input proven to encode a vector of norm at most `C`) would close (a); they are
+//! not implemented.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,10 +61,14 @@ use std::time::{Duration, Instant};
 use fedward_shared::config::{Aggregation, Weighting};
 use fedward_shared::dp::{Accountant, Release};
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
-use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
+use fedward_shared::secagg::{
+    EncryptedShares, FixedPoint, MaskedInput, RoundSetup, SecAggError, SecAggParams, SecAggServer, SignedKeys, Step, Trust, UnixTime,
+    UnmaskingShares,
+};
+use fedward_shared::tensor::{element_count, manifest_digest, Digest, Tensor, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    AcceptedUpdate, Ack, Decline, DeclineReason, Finished, LocalMetrics, PrivacyPolicy, PrivacyUsed, Reject, RejectCode, RoundId,
-    RoundOffer, SiteId, UpdateHeader,
+    AcceptedUpdate, Ack, Decline, DeclineReason, Finished, LocalMetrics, MaskedInputHeader, Message, PrivacyPolicy, PrivacyUsed, Reject,
+    RejectCode, RelayedKeys, RoundId, RoundOffer, SecureRound, SiteId, UpdateHeader,
 };
 
 use crate::aggregate::{Aggregator, FoldJob, Folded, Layout};
@@ -42,6 +88,18 @@ pub struct Settings {
     /// The coordinator's own bounds on each update and how updates are combined.
     pub aggregation: Aggregation,
     pub enrolled: BTreeSet<SiteId>,
+    /// Secure aggregation: every round runs `shared::secagg` (see the module docs).
+    pub secure: Option<SecureSettings>,
+}
+
+/// A federation's secure aggregation settings.
+#[derive(Clone, Debug)]
+pub struct SecureSettings {
+    pub params: SecAggParams,
+    /// The keys, shares and unmasking steps each wait this long.
+    pub step_deadline: Duration,
+    /// The consortium CA the sites' signed keys must chain to.
+    pub trust: Trust,
 }
 
 /// One site's accepted contribution to a round.
@@ -88,6 +146,23 @@ pub struct Checkpoint {
     pub completed_rounds: u64,
     pub update: TensorSet,
     pub summary: RoundSummary,
+    /// A secure round: who was summed and who dropped (the summary's contributions carry
+    /// no per-site weight or norm: the coordinator never saw them).
+    pub secure: Option<SecureOutcome>,
+}
+
+/// Who took part in a secure round's sum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecureOutcome {
+    /// Sites whose masked input is in the sum.
+    pub summed: Vec<SiteId>,
+    /// Sites that shared their keys and left before their masked input: absent from the
+    /// sum, their masks removed with their neighbours' shares.
+    pub dropped: Vec<SiteId>,
+    /// Sites that advertised keys and sent no shares.
+    pub dropped_before_shares: Vec<SiteId>,
+    /// The sum of the summed sites' clamped weights (all the coordinator learns of them).
+    pub total_weight: u64,
 }
 
 /// A round that could not be completed.
@@ -111,6 +186,14 @@ pub enum Output {
     Accepted {
         round: RoundId,
         contribution: Contribution,
+    },
+    /// A secure round's answer to the site's stream waiting on the step it sent
+    /// (`SecAggRelayedKeys`, `SecAggRelayedShares`, `SecAggUnmask`), or a `Reject` when
+    /// the step failed or the site was left out.
+    SecAggReply {
+        to: SiteId,
+        round: RoundId,
+        msg: Box<Message>,
     },
     /// Send this offer to the site's waiting `Ready` stream.
     Offer {
@@ -176,6 +259,28 @@ struct Collecting {
     contributions: Vec<Contribution>,
     declined: Vec<(SiteId, DeclineReason)>,
     rejected: Vec<(SiteId, Reject)>,
+    /// A secure round's state; `None` for rounds in the clear.
+    secure: Option<Box<Secure>>,
+}
+
+/// A secure round's progress.
+#[derive(Debug)]
+struct Secure {
+    /// `None` once the round finished or failed.
+    server: Option<SecAggServer>,
+    offer: SecureRound,
+    fixed: FixedPoint,
+    step: Step,
+    step_deadline: Instant,
+    /// Sites that may still send this step's message.
+    expected: BTreeSet<SiteId>,
+    /// Sites whose message of this step was taken; for the first three steps their
+    /// streams wait for the step's close.
+    sent: BTreeSet<SiteId>,
+    /// Masked inputs whose bytes are arriving.
+    uploading: BTreeSet<SiteId>,
+    /// What each sender declared with its masked input.
+    inputs: BTreeMap<SiteId, (PrivacyUsed, Digest)>,
 }
 
 /// A closed round whose checkpoint the shell is writing: what a failure would report.
@@ -255,6 +360,8 @@ pub enum SettingsError {
     NoUpdateBound,
     #[error("the ledger's accepted updates cannot be accounted: {0}")]
     Ledger(String),
+    #[error("secure aggregation: {0}")]
+    Secure(SecAggError),
 }
 
 /// The L2 bound every update is held to: `configured`, else what the privacy plan implies
@@ -289,6 +396,17 @@ impl RoundMachine {
             .sum();
         let update_bound = update_bound(settings.aggregation.max_update_norm, &settings.plan.privacy, trainable_values)
             .ok_or(SettingsError::NoUpdateBound)?;
+        if let Some(secure) = &settings.secure {
+            // Everything a round's setup needs, checked once here.
+            let vector_len = FixedPoint::encoded_len(trainable_values);
+            RoundSetup::new(RoundId(1), secure.params, vector_len).map_err(SettingsError::Secure)?;
+            fixed_point(&settings, update_bound).map_err(SettingsError::Secure)?;
+            if vector_len.saturating_mul(8) > settings.max_update_bytes.saturating_mul(2) {
+                return Err(SettingsError::Secure(SecAggError::Params(format!(
+                    "a masked input of {vector_len} values exceeds twice the update size limit"
+                ))));
+            }
+        }
         let digest = manifest_digest(&manifest);
         let phase = if completed >= settings.total_rounds { Phase::Done { stopped: None } } else { Phase::Waiting };
         Ok(Self {
@@ -410,7 +528,7 @@ impl RoundMachine {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Collecting(c) if !c.closing => Some(c.deadline),
+            Phase::Collecting(c) if !c.closing => Some(c.secure.as_ref().map_or(c.deadline, |s| s.step_deadline)),
             _ => None,
         }
     }
@@ -423,13 +541,24 @@ impl RoundMachine {
                 self.outputs.push_back(Output::Finished { to: site, finished });
                 return;
             }
-            Phase::Collecting(c) if now < c.deadline && matches!(c.status.get(&site), None | Some(SiteStatus::Gone)) => {
+            Phase::Collecting(c)
+                if now < c.deadline
+                    && matches!(c.status.get(&site), None | Some(SiteStatus::Gone))
+                    // A secure round takes new sites only while it collects keys.
+                    && c.secure.as_ref().is_none_or(|s| {
+                        s.step == Step::Keys && !s.sent.contains(&site)
+                    }) =>
+            {
                 // A late joiner, or a site whose connection dropped before it answered, still
                 // has time for this round: a reconnected site resends the update it already
                 // released instead of training and spending again next round.
                 c.status.remove(&site);
                 c.offered.insert(site.clone());
-                let offer = offer(&self.settings, c.round, &self.manifest, self.digest, c.deadline - now);
+                if let Some(s) = &mut c.secure {
+                    s.expected.insert(site.clone());
+                }
+                let secure = c.secure.as_ref().map(|s| s.offer.clone());
+                let offer = offer(&self.settings, c.round, &self.manifest, self.digest, c.deadline - now, secure);
                 self.outputs.push_back(Output::Offer { to: site, offer });
                 return;
             }
@@ -443,6 +572,15 @@ impl RoundMachine {
     pub fn handle_disconnected(&mut self, now: Instant, site: &SiteId) {
         self.ready.remove(site);
         if let Phase::Collecting(c) = &mut self.phase {
+            if let Some(s) = &mut c.secure {
+                if c.offered.contains(site) && !matches!(c.status.get(site), Some(SiteStatus::Declined | SiteStatus::Rejected)) {
+                    c.status.insert(site.clone(), SiteStatus::Gone);
+                    s.expected.remove(site);
+                    s.uploading.remove(site);
+                    self.maybe_advance(now);
+                }
+                return;
+            }
             let open = c.offered.contains(site) && matches!(c.status.get(site), None | Some(SiteStatus::Uploading));
             if open {
                 c.status.insert(site.clone(), SiteStatus::Gone);
@@ -456,6 +594,12 @@ impl RoundMachine {
     /// [`abort_update`](Self::abort_update).
     pub fn begin_update(&mut self, site: &SiteId, header: &UpdateHeader) -> Result<(), Reject> {
         let c = self.collecting_for(site, header.round)?;
+        if c.secure.is_some() {
+            return Err(Reject::new(
+                RejectCode::PolicyViolation,
+                format!("round {} is summed under secure aggregation: no update is taken in the clear", header.round),
+            ));
+        }
         match c.status.get(site) {
             None => {}
             Some(SiteStatus::Uploading) => {
@@ -464,7 +608,7 @@ impl RoundMachine {
             Some(_) => return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already answered round {}", header.round))),
         }
         check_header(&self.settings, &self.manifest, header)?;
-        check_declared_spend(self.spent.get(site), header)?;
+        check_declared_spend(self.spent.get(site), header.round, manifest_digest(&header.tensors), &header.privacy)?;
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Uploading);
         }
@@ -585,6 +729,11 @@ impl RoundMachine {
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Declined);
             c.declined.push((site.clone(), decline.reason));
+            if let Some(s) = &mut c.secure {
+                // Whatever step it reached: a site that shared keys is now a dropout.
+                s.expected.remove(site);
+                s.uploading.remove(site);
+            }
         }
         self.maybe_close(now);
         Ok(Ack { round: decline.round })
@@ -593,6 +742,12 @@ impl RoundMachine {
     /// Time has passed; closes the round at its deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Phase::Collecting(c) = &mut self.phase {
+            if let Some(s) = &c.secure {
+                if now >= s.step_deadline {
+                    self.close_step(now);
+                }
+                return;
+            }
             if now >= c.deadline {
                 if c.status.values().any(|s| *s == SiteStatus::Folding) {
                     // Folds are quick and bounded by the upload slots: wait for them.
@@ -636,8 +791,23 @@ impl RoundMachine {
             Layout::new(self.manifest.iter().filter(|s| trainable.contains(&s.name)).map(|s| (s.name.as_str(), s.shape.as_slice())));
         let agg = Arc::new(Mutex::new(Aggregator::with_layout(self.settings.aggregation.method, layout.clone())));
         let offered = std::mem::take(&mut self.ready);
+        let secure = match self.secure_round(now, round, &offered) {
+            Ok(s) => s,
+            Err(e) => {
+                // Checked in `new`; should it happen, the round fails like any other.
+                self.fail_round(now, round, format!("secure aggregation: {e}"), Vec::new(), Vec::new(), offered.into_iter().collect());
+                return;
+            }
+        };
         for site in &offered {
-            let offer = offer(&self.settings, round, &self.manifest, self.digest, self.settings.round_deadline);
+            let offer = offer(
+                &self.settings,
+                round,
+                &self.manifest,
+                self.digest,
+                self.settings.round_deadline,
+                secure.as_ref().map(|s| s.offer.clone()),
+            );
             self.outputs.push_back(Output::Offer { to: site.clone(), offer });
         }
         self.phase = Phase::Collecting(Box::new(Collecting {
@@ -652,10 +822,15 @@ impl RoundMachine {
             contributions: Vec::new(),
             declined: Vec::new(),
             rejected: Vec::new(),
+            secure,
         }));
     }
 
     fn maybe_close(&mut self, now: Instant) {
+        if matches!(&self.phase, Phase::Collecting(c) if c.secure.is_some()) {
+            self.maybe_advance(now);
+            return;
+        }
         let all_answered = match &self.phase {
             Phase::Collecting(c) if c.closing => !c.status.values().any(|s| *s == SiteStatus::Folding),
             Phase::Collecting(c) => {
@@ -725,6 +900,7 @@ impl RoundMachine {
         self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
             completed_rounds: self.completed + 1,
             update,
+            secure: None,
             summary: RoundSummary {
                 round: c.round,
                 attempt,
@@ -774,6 +950,355 @@ impl RoundMachine {
         self.after_round(now);
     }
 
+    // ------------------------------------------------------------------------------
+    // Secure rounds (see the module docs).
+
+    /// The secure state of a round about to start, `None` for a round in the clear.
+    fn secure_round(&self, now: Instant, round: RoundId, offered: &BTreeSet<SiteId>) -> Result<Option<Box<Secure>>, SecAggError> {
+        let Some(cfg) = &self.settings.secure else { return Ok(None) };
+        let fixed = fixed_point(&self.settings, self.update_bound)?;
+        let attempt = self.failed_attempts + 1;
+        let clip = self.update_bound as f32;
+        let max_weight = max_weight(&self.settings.aggregation);
+        let max_sites = max_sites(&self.settings);
+        let vector_len = FixedPoint::encoded_len(self.trainable_values());
+        let context = SecureRound::context(round, attempt, &self.digest, clip, max_weight, max_sites);
+        let setup = RoundSetup::new(round, cfg.params, vector_len)?.with_context(context);
+        let server = SecAggServer::new(setup, cfg.trust.clone())?;
+        let offer = SecureRound { setup, attempt, clip, max_weight, max_sites, step_deadline_secs: cfg.step_deadline.as_secs().max(1) };
+        Ok(Some(Box::new(Secure {
+            server: Some(server),
+            offer,
+            fixed,
+            step: Step::Keys,
+            step_deadline: now + cfg.step_deadline,
+            expected: offered.clone(),
+            sent: BTreeSet::new(),
+            uploading: BTreeSet::new(),
+            inputs: BTreeMap::new(),
+        })))
+    }
+
+    fn trainable_values(&self) -> usize {
+        let trainable = &self.settings.plan.trainable_tensors;
+        self.manifest.iter().filter(|s| trainable.contains(&s.name)).map(|s| element_count(&s.shape)).sum()
+    }
+
+    /// The open secure round, if `site` may send `step`'s message for `round` now.
+    fn secure_for(&mut self, site: &SiteId, round: RoundId, step: Step) -> Result<&mut Collecting, Reject> {
+        self.collecting_for(site, round)?;
+        let Phase::Collecting(c) = &mut self.phase else {
+            return Err(Reject::new(RejectCode::StaleRound, format!("round {round} is not open")));
+        };
+        let Some(s) = &c.secure else {
+            return Err(Reject::new(RejectCode::PolicyViolation, format!("round {round} is not summed under secure aggregation")));
+        };
+        if s.step != step {
+            return Err(Reject::new(RejectCode::SecureAggregation, format!("the {step} step is not open: round {round} is at {}", s.step)));
+        }
+        if s.sent.contains(site) || s.uploading.contains(site) {
+            return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already sent its {step} message")));
+        }
+        if !s.expected.contains(site) {
+            return Err(Reject::new(RejectCode::SecureAggregation, format!("this site takes no part in the {step} step of round {round}")));
+        }
+        Ok(c)
+    }
+
+    /// Secure round, step 1: `site`'s signed keys, checked at the wall-clock time `wall`
+    /// as every site will check them. A site whose keys are refused is left out of the
+    /// round; the round goes on without it. The site's stream waits for the step's
+    /// [`Output::SecAggReply`].
+    pub fn handle_secagg_keys(&mut self, now: Instant, wall: UnixTime, site: &SiteId, keys: SignedKeys) -> Result<(), Reject> {
+        let c = self.secure_for(site, keys.round, Step::Keys)?;
+        let result = match c.secure.as_mut().and_then(|s| s.server.as_mut()) {
+            Some(server) => server.handle_keys(site, keys, wall),
+            None => Err(SecAggError::Aborted),
+        };
+        self.secure_taken(now, site, result)
+    }
+
+    /// Secure round, step 2: `site`'s encrypted shares (one per neighbour).
+    pub fn handle_secagg_shares(&mut self, now: Instant, site: &SiteId, shares: EncryptedShares) -> Result<(), Reject> {
+        let c = self.secure_for(site, shares.round, Step::Shares)?;
+        let result = match c.secure.as_mut().and_then(|s| s.server.as_mut()) {
+            Some(server) => server.handle_shares(site, shares),
+            None => Err(SecAggError::Aborted),
+        };
+        self.secure_taken(now, site, result)
+    }
+
+    /// What came of a site's message: taken (its stream waits for the step's close) or
+    /// refused (the site is left out of the round).
+    fn secure_taken(&mut self, now: Instant, site: &SiteId, result: Result<(), SecAggError>) -> Result<(), Reject> {
+        let Phase::Collecting(c) = &mut self.phase else { return Err(Reject::new(RejectCode::StaleRound, "the round closed")) };
+        match result {
+            Ok(()) => {
+                if let Some(s) = &mut c.secure {
+                    s.sent.insert(site.clone());
+                }
+                self.maybe_advance(now);
+                Ok(())
+            }
+            Err(e) => {
+                let reject = Reject::new(RejectCode::SecureAggregation, e.to_string());
+                leave_out(c, site, reject.clone());
+                self.maybe_advance(now);
+                Err(reject)
+            }
+        }
+    }
+
+    /// Secure round, step 3: checks a masked input's header before its bytes arrive (the
+    /// step, the declared size against the round's vector, the privacy policy, the
+    /// declared spend) and returns how many bytes follow. The site's slot is held until
+    /// [`finish_masked`](Self::finish_masked) or [`abort_masked`](Self::abort_masked).
+    pub fn begin_masked(&mut self, site: &SiteId, header: &MaskedInputHeader) -> Result<usize, Reject> {
+        check_policy(&self.settings.policy, &header.privacy)?;
+        check_declared_spend(self.spent.get(site), header.round, header.digest, &header.privacy)?;
+        let max_bytes = self.settings.max_update_bytes.saturating_mul(2);
+        let c = self.secure_for(site, header.round, Step::MaskedInput)?;
+        let Some(s) = &mut c.secure else { return Err(Reject::new(RejectCode::StaleRound, "the round closed")) };
+        let bytes =
+            header.payload_bytes(s.offer.setup.vector_len, max_bytes).map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
+        s.uploading.insert(site.clone());
+        Ok(bytes)
+    }
+
+    /// The masked input's transfer broke off: the site may send it again before the step
+    /// closes.
+    pub fn abort_masked(&mut self, now: Instant, site: &SiteId) {
+        if let Phase::Collecting(c) = &mut self.phase {
+            if let Some(s) = &mut c.secure {
+                s.uploading.remove(site);
+            }
+        }
+        self.maybe_advance(now);
+    }
+
+    /// The masked input's values arrived (their digest checked by the shell): into the
+    /// round's [`SecAggServer`]. Emits [`Output::Accepted`], for the ledger, before the
+    /// step's replies. The site's stream then waits for the unmasking request.
+    pub fn finish_masked(&mut self, now: Instant, site: &SiteId, header: &MaskedInputHeader, values: Vec<u64>) -> Result<(), Reject> {
+        let stale = || {
+            Reject::new(
+                RejectCode::StaleRound,
+                format!("the masked input step of round {} closed while the input was arriving", header.round),
+            )
+        };
+        let c = match &mut self.phase {
+            Phase::Collecting(c) if c.round == header.round => c,
+            _ => return Err(stale()),
+        };
+        let Some(s) = c.secure.as_mut().filter(|s| s.step == Step::MaskedInput && s.uploading.contains(site)) else { return Err(stale()) };
+        s.uploading.remove(site);
+        let input = MaskedInput { round: header.round, from: site.clone(), values };
+        let result = match s.server.as_mut() {
+            Some(server) => server.handle_masked_input(site, input),
+            None => Err(SecAggError::Aborted),
+        };
+        if let Err(e) = result {
+            let reject = Reject::new(RejectCode::SecureAggregation, e.to_string());
+            leave_out(c, site, reject.clone());
+            self.maybe_advance(now);
+            return Err(reject);
+        }
+        s.sent.insert(site.clone());
+        s.inputs.insert(site.clone(), (header.privacy, header.digest));
+        let contribution = secure_contribution(site, &header.privacy, header.digest);
+        if header.privacy.mode != PrivacyMode::Off {
+            // Checked against this same accountant in `begin_masked`, so it records.
+            let _ = self.spent.entry(site.clone()).or_default().count(header.round, header.digest, &header.privacy.release());
+        }
+        self.outputs.push_back(Output::Accepted { round: header.round, contribution });
+        self.maybe_advance(now);
+        Ok(())
+    }
+
+    /// Secure round, step 4: `site`'s revealed shares, answered at once.
+    pub fn handle_secagg_unmasking(&mut self, now: Instant, site: &SiteId, msg: UnmaskingShares) -> Result<Ack, Reject> {
+        let round = msg.round;
+        let c = self.secure_for(site, round, Step::Unmasking)?;
+        let result = match c.secure.as_mut().and_then(|s| s.server.as_mut()) {
+            Some(server) => server.handle_unmasking(site, msg),
+            None => Err(SecAggError::Aborted),
+        };
+        self.secure_taken(now, site, result).map(|()| Ack { round })
+    }
+
+    /// Closes the secure step once every site that may still send has sent.
+    fn maybe_advance(&mut self, now: Instant) {
+        let done = matches!(&self.phase, Phase::Collecting(c) if c.secure.as_ref().is_some_and(|s| {
+            s.uploading.is_empty() && s.expected.iter().all(|x| s.sent.contains(x))
+        }));
+        if done {
+            self.close_step(now);
+        }
+    }
+
+    /// Ends the secure step (all sent, or its deadline): the replies every sender waits
+    /// for and the next step, or the round's failure.
+    fn close_step(&mut self, now: Instant) {
+        let step_deadline = self.settings.secure.as_ref().map_or(Duration::ZERO, |x| x.step_deadline);
+        let Phase::Collecting(c) = &mut self.phase else { return };
+        let round = c.round;
+        let Some(s) = c.secure.as_mut() else { return };
+        if s.step == Step::Unmasking {
+            self.finish_secure(now);
+            return;
+        }
+        let Some(server) = s.server.as_mut() else { return };
+        let replies: Result<Vec<(SiteId, Message)>, SecAggError> = match s.step {
+            Step::Keys => server.close_keys().map(|keys| {
+                let msg = Message::SecAggRelayedKeys(RelayedKeys { round, keys });
+                s.sent.iter().map(|to| (to.clone(), msg.clone())).collect()
+            }),
+            Step::Shares => server.close_shares().map(|m| m.into_iter().map(|(to, r)| (to, Message::SecAggRelayedShares(r))).collect()),
+            Step::MaskedInput | Step::Unmasking => {
+                server.close_masked_inputs().map(|req| s.sent.iter().map(|to| (to.clone(), Message::SecAggUnmask(req.clone()))).collect())
+            }
+        };
+        match replies {
+            Ok(replies) => {
+                // The next step's participants: this step's senders still in the round.
+                let status = &c.status;
+                s.expected = s.sent.iter().filter(|x| status.get(*x).is_none()).cloned().collect();
+                s.sent.clear();
+                s.uploading.clear();
+                s.step = match s.step {
+                    Step::Keys => Step::Shares,
+                    Step::Shares => Step::MaskedInput,
+                    Step::MaskedInput | Step::Unmasking => Step::Unmasking,
+                };
+                // Sites train between the shares and their masked input: that step runs
+                // to the round's deadline.
+                s.step_deadline = if s.step == Step::MaskedInput { c.deadline.max(now + step_deadline) } else { now + step_deadline };
+                for (to, msg) in replies {
+                    self.outputs.push_back(Output::SecAggReply { to, round, msg: Box::new(msg) });
+                }
+                // Every site may have left meanwhile: the next step closes at once.
+                self.maybe_advance(now);
+            }
+            Err(e) => {
+                let reject = Message::Reject(Reject::new(RejectCode::SecureAggregation, format!("round {round} failed: {e}")));
+                for to in &s.sent {
+                    self.outputs.push_back(Output::SecAggReply { to: to.clone(), round, msg: Box::new(reject.clone()) });
+                }
+                self.fail_open_round(now, format!("secure aggregation: {e}"));
+            }
+        }
+    }
+
+    /// The unmasking step closed: the sum unmasked, decoded and checked, and checkpointed
+    /// like a FedAvg round; or the round fails with nothing of the sum revealed.
+    fn finish_secure(&mut self, now: Instant) {
+        let Phase::Collecting(c) = &mut self.phase else { return };
+        let Some(s) = c.secure.as_mut() else { return };
+        let Some(server) = s.server.take() else { return };
+        let (fixed, clip, max_weight) = (s.fixed, s.offer.clip, s.offer.max_weight);
+        let result = server.finish().and_then(|out| fixed.decode_mean(&out.sum).map(|mean| (out, mean)));
+        let (out, mean) = match result {
+            Ok(x) => x,
+            Err(e) => return self.fail_open_round(now, format!("secure aggregation: {e}")),
+        };
+        if let Err(reason) = check_secure_mean(&mean, &fixed, clip, out.survivors.len(), max_weight) {
+            return self.fail_open_round(now, format!("secure aggregation: {reason}"));
+        }
+        let mut update = TensorSet::new();
+        let mut misfit = None;
+        let mut values = mean.values.into_iter();
+        let trainable = &self.settings.plan.trainable_tensors;
+        for spec in self.manifest.iter().filter(|s| trainable.contains(&s.name)) {
+            let data: Vec<f32> = values.by_ref().take(element_count(&spec.shape)).collect();
+            match Tensor::new(spec.shape.clone(), data) {
+                Ok(t) => {
+                    update.insert(spec.name.clone(), t);
+                }
+                // The vector's length is the trainable values': the server checked each input.
+                Err(e) => {
+                    misfit = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(e) = misfit {
+            return self.fail_open_round(now, format!("secure aggregation: the sum does not fit the model: {e}"));
+        }
+        let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Waiting) else { return };
+        let c = *c;
+        let inputs = c.secure.map(|s| s.inputs).unwrap_or_default();
+        let contributions: Vec<Contribution> = out
+            .survivors
+            .iter()
+            .filter_map(|site| inputs.get(site).map(|(privacy, digest)| secure_contribution(site, privacy, *digest)))
+            .collect();
+        let summed: BTreeSet<&SiteId> = out.survivors.iter().collect();
+        let missed: Vec<SiteId> = c
+            .offered
+            .iter()
+            .filter(|x| !summed.contains(x) && !matches!(c.status.get(*x), Some(SiteStatus::Declined | SiteStatus::Rejected)))
+            .cloned()
+            .collect();
+        let attempt = self.failed_attempts + 1;
+        self.phase = Phase::Checkpointing(Box::new(Committing {
+            round: c.round,
+            attempt,
+            declined: c.declined.clone(),
+            rejected: c.rejected.clone(),
+            missed: missed.clone(),
+        }));
+        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
+            completed_rounds: self.completed + 1,
+            update,
+            secure: Some(SecureOutcome {
+                summed: out.survivors,
+                dropped: out.dropped,
+                dropped_before_shares: out.dropped_before_shares,
+                total_weight: mean.total_weight,
+            }),
+            summary: RoundSummary {
+                round: c.round,
+                attempt,
+                contributions,
+                declined: c.declined,
+                rejected: c.rejected,
+                missed,
+                mean_train_loss: None,
+                duration: now.saturating_duration_since(c.started),
+            },
+        })));
+    }
+
+    /// Fails the open round with `reason` (a retry follows, or the federation stops).
+    fn fail_open_round(&mut self, now: Instant, reason: String) {
+        let Phase::Collecting(c) = std::mem::replace(&mut self.phase, Phase::Waiting) else { return };
+        let c = *c;
+        let missed: Vec<SiteId> =
+            c.offered.iter().filter(|x| !matches!(c.status.get(*x), Some(SiteStatus::Declined | SiteStatus::Rejected))).cloned().collect();
+        self.fail_round(now, c.round, reason, c.rejected, c.declined, missed);
+    }
+
+    fn fail_round(
+        &mut self,
+        now: Instant,
+        round: RoundId,
+        reason: String,
+        rejected: Vec<(SiteId, Reject)>,
+        declined: Vec<(SiteId, DeclineReason)>,
+        missed: Vec<SiteId>,
+    ) {
+        let attempt = self.failed_attempts + 1;
+        self.failed_attempts += 1;
+        let gave_up = self.failed_attempts >= self.settings.max_attempts;
+        if gave_up {
+            self.phase = Phase::Done { stopped: Some(format!("round {round} failed {} times: {reason}", self.failed_attempts)) };
+        } else {
+            self.phase = Phase::Waiting;
+        }
+        self.outputs.push_back(Output::RoundFailed(RoundFailure { round, attempt, reason, rejected, declined, missed, gave_up }));
+        self.after_round(now);
+    }
+
     fn finished(&self) -> Finished {
         Finished { completed_rounds: self.completed, model_digest: self.digest, manifest: self.manifest.clone() }
     }
@@ -790,7 +1315,14 @@ impl RoundMachine {
     }
 }
 
-fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: Digest, left: Duration) -> RoundOffer {
+fn offer(
+    settings: &Settings,
+    round: RoundId,
+    manifest: &[TensorSpec],
+    digest: Digest,
+    left: Duration,
+    secure: Option<SecureRound>,
+) -> RoundOffer {
     RoundOffer {
         round,
         model_digest: digest,
@@ -800,7 +1332,91 @@ fn offer(settings: &Settings, round: RoundId, manifest: &[TensorSpec], digest: D
         deadline_secs: left.as_secs().max(1),
         total_rounds: settings.total_rounds,
         update_encoding: settings.aggregation.update_encoding,
+        secure,
     }
+}
+
+/// A site refused at a secure step takes no further part in the round.
+fn leave_out(c: &mut Collecting, site: &SiteId, reject: Reject) {
+    c.status.insert(site.clone(), SiteStatus::Rejected);
+    c.rejected.push((site.clone(), reject));
+    if let Some(s) = &mut c.secure {
+        s.expected.remove(site);
+        s.uploading.remove(site);
+    }
+}
+
+/// A secure round's contribution: the coordinator knows no site's weight, norm or
+/// metrics, only the release it declared and the digest of its masked input.
+fn secure_contribution(site: &SiteId, privacy: &PrivacyUsed, digest: Digest) -> Contribution {
+    Contribution {
+        site: site.clone(),
+        num_examples: 0,
+        weight: 0,
+        update_norm: 0.0,
+        scale: 1.0,
+        metrics: None,
+        privacy: *privacy,
+        update_digest: digest,
+    }
+}
+
+/// The most one site's weight counts in a secure sum.
+fn max_weight(aggregation: &Aggregation) -> u64 {
+    match aggregation.weighting {
+        Weighting::Examples => aggregation.max_examples_per_site,
+        Weighting::Equal => 1,
+    }
+}
+
+/// The most sites a secure sum can hold: the enrolled ones.
+fn max_sites(settings: &Settings) -> u32 {
+    settings.enrolled.len().clamp(1, fedward_shared::secagg::MAX_SITES) as u32
+}
+
+/// The fixed-point encoding of a secure round: updates clipped to `bound`.
+fn fixed_point(settings: &Settings, bound: f64) -> Result<FixedPoint, SecAggError> {
+    let params = settings.secure.as_ref().map(|s| s.params).ok_or_else(|| SecAggError::Params("not a secure federation".into()))?;
+    FixedPoint::new(params.modulus_bits, bound as f32, max_weight(&settings.aggregation), max_sites(settings) as usize)
+}
+
+/// The decoded mean of a secure round against what honest sites can produce: each sent
+/// an update of L2 norm at most `clip` weighted by 1 to `max_weight`, so the total weight
+/// lies between `n_summed` and `n_summed * max_weight`, and the weighted mean has every
+/// coordinate and its L2 norm within `clip`, up to the encoding's error. A sum outside
+/// these was made by a site that did not follow the protocol; the coordinator cannot say
+/// which, and fails the round.
+pub fn check_secure_mean(
+    mean: &fedward_shared::secagg::WeightedMean,
+    fixed: &FixedPoint,
+    clip: f32,
+    n_summed: usize,
+    max_weight: u64,
+) -> Result<(), String> {
+    let n = n_summed as u64;
+    if mean.total_weight < n || mean.total_weight > n.saturating_mul(max_weight) {
+        return Err(format!(
+            "the summed weight {} is impossible for {n} sites weighing 1 to {max_weight} each: a site sent a malformed input",
+            mean.total_weight
+        ));
+    }
+    let err = fixed.mean_error_bound(n_summed, mean.total_weight);
+    // The f32 rounding of each value (relative 2^-24) on top of the encoding's error.
+    let coord_limit = f64::from(clip) * (1.0 + 1e-6) + err;
+    let mut sum_sq = 0.0f64;
+    for &v in &mean.values {
+        let v = f64::from(v);
+        // NaN fails too.
+        if v.is_nan() || v.abs() > coord_limit {
+            return Err(format!("a coordinate of the mean is {v}, beyond the bound {clip}: a site sent a malformed input"));
+        }
+        sum_sq += v * v;
+    }
+    let norm_limit = f64::from(clip) * (1.0 + 1e-6) + err * (mean.values.len() as f64).sqrt();
+    if sum_sq.sqrt() > norm_limit {
+        return Err(format!("the mean's L2 norm is {:.6}, beyond the bound {clip}: a site sent a malformed input", sum_sq.sqrt()));
+    }
+    Ok(())
 }
 
 /// Everything that can be checked before the bytes arrive.
@@ -846,16 +1462,14 @@ fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) 
 /// it (plus this update, unless it was counted already). A site that declares less has
 /// lost or reset its ledger, or lies: its spend cannot start over, so the update is refused
 /// with both figures.
-fn check_declared_spend(spent: Option<&SiteSpend>, h: &UpdateHeader) -> Result<(), Reject> {
-    let used = &h.privacy;
+fn check_declared_spend(spent: Option<&SiteSpend>, round: RoundId, digest: Digest, used: &PrivacyUsed) -> Result<(), Reject> {
     if used.mode == PrivacyMode::Off {
         return Ok(());
     }
     let violation = |m: String| Err(Reject::new(RejectCode::PolicyViolation, m));
     let empty = SiteSpend::default();
     let spent = spent.unwrap_or(&empty);
-    let digest = manifest_digest(&h.tensors);
-    let counted = if spent.counted.contains(&(h.round, digest)) {
+    let counted = if spent.counted.contains(&(round, digest)) {
         spent.accountant.epsilon(used.delta)
     } else {
         spent.accountant.epsilon_after(&used.release(), used.delta)
@@ -946,6 +1560,7 @@ mod tests {
             policy: PrivacyPolicy { mode: PrivacyMode::Off, min_noise_multiplier: 0.0, max_clip_norm: f64::INFINITY },
             aggregation: Aggregation { max_update_norm: Some(100.0), ..Aggregation::default() },
             enrolled: ["a", "b", "c"].into_iter().map(site).collect(),
+            secure: None,
         }
     }
 
@@ -1464,7 +2079,7 @@ mod tests {
         // same spend and is not counted again.
         let spent = &m.spent[&site("a")];
         assert_eq!((spent.accountant.releases(), spent.counted.len()), (3, 3));
-        assert!(check_declared_spend(Some(spent), &h).is_ok());
+        assert!(check_declared_spend(Some(spent), h.round, manifest_digest(&h.tensors), &h.privacy).is_ok());
     }
 
     #[test]
@@ -1473,5 +2088,323 @@ mod tests {
         let mut m = RoundMachine::new(settings(1, 1), manifest(), 1).unwrap();
         m.handle_ready(t0, site("a"));
         assert!(matches!(&drain(&mut m)[..], [Output::Finished { finished, .. }] if finished.completed_rounds == 1));
+    }
+
+    /// Secure rounds: three sites with real certificates, the machine driven with the
+    /// sites' own `SecAggClient`s, seeded.
+    mod secure {
+        use std::sync::OnceLock;
+
+        use fedward_shared::pki::{self, Validity};
+        use fedward_shared::secagg::{RelayedShares, SecAggClient, SiteCredentials, UnmaskRequest};
+        use fedward_shared::wire::{masked_values_bytes, masked_values_digest};
+        use rand_chacha::rand_core::SeedableRng;
+        use rand_chacha::ChaCha20Rng;
+        use time::OffsetDateTime;
+
+        use super::*;
+
+        const T0: i64 = 1_780_000_000;
+
+        fn wall() -> UnixTime {
+            UnixTime::since_unix_epoch(Duration::from_secs(T0 as u64 + 3600))
+        }
+
+        /// A CA and sites a, b, c, made once per test binary.
+        fn consortium() -> &'static (Trust, Vec<SiteCredentials>) {
+            static C: OnceLock<(Trust, Vec<SiteCredentials>)> = OnceLock::new();
+            C.get_or_init(|| {
+                let start = OffsetDateTime::from_unix_timestamp(T0).unwrap();
+                let ca = pki::create_ca("test", Validity::days_from(start, 30), [1; 16]).unwrap();
+                let trust = Trust::from_ca_pem(ca.cert_pem.as_bytes()).unwrap();
+                let sites = ["a", "b", "c"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        let id = site(name);
+                        let req = pki::site_request(&id).unwrap();
+                        let cert =
+                            pki::sign_site_request(&ca, &req.csr_pem, &id, Validity::days_from(start, 30), [i as u8 + 2; 16]).unwrap();
+                        SiteCredentials::from_pem(cert.as_bytes(), req.key_pem.as_bytes()).unwrap()
+                    })
+                    .collect();
+                (trust, sites)
+            })
+        }
+
+        fn secure_settings() -> Settings {
+            let (trust, _) = consortium();
+            Settings {
+                secure: Some(SecureSettings {
+                    params: SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 },
+                    step_deadline: Duration::from_secs(30),
+                    trust: trust.clone(),
+                }),
+                ..settings(3, 2)
+            }
+        }
+
+        /// One site's side: its client and what it trains.
+        struct Site {
+            id: SiteId,
+            client: SecAggClient,
+            update: Vec<f32>,
+            weight: u64,
+        }
+
+        fn secure_offer(outs: &[Output], to: &str) -> RoundOffer {
+            outs.iter()
+                .find_map(|o| match o {
+                    Output::Offer { to: t, offer } if t.as_str() == to => Some(offer.clone()),
+                    _ => None,
+                })
+                .expect("an offer")
+        }
+
+        fn replies(outs: &[Output]) -> BTreeMap<SiteId, Message> {
+            outs.iter()
+                .filter_map(|o| match o {
+                    Output::SecAggReply { to, msg, .. } => Some((to.clone(), (**msg).clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Starts a secure round with a, b, c and runs keys and shares; returns the sites
+        /// (with their shares received) and the encoding.
+        fn through_shares(m: &mut RoundMachine, t0: Instant, rng: &mut ChaCha20Rng) -> (Vec<Site>, FixedPoint) {
+            for s in ["a", "b", "c"] {
+                m.handle_ready(t0, site(s));
+            }
+            let outs = drain(m);
+            let (_, creds) = consortium();
+            let mut sites = Vec::new();
+            let mut fixed = None;
+            for (i, cred) in creds.iter().enumerate() {
+                let offer = secure_offer(&outs, cred.site().as_str());
+                let secure = offer.secure.clone().expect("a secure offer");
+                // The site checks the offer against itself before it takes part.
+                fixed = Some(secure.check(&offer).unwrap());
+                let client = SecAggClient::new(secure.setup, cred.clone(), consortium().0.clone(), rng).unwrap();
+                let update = vec![0.1 * (i as f32 + 1.0), -0.2, 0.05 * i as f32, 0.3];
+                sites.push(Site { id: cred.site().clone(), client, update, weight: 10 * (i as u64 + 1) });
+            }
+            for s in &sites {
+                m.handle_secagg_keys(t0, wall(), &s.id, s.client.advertise_keys()).unwrap();
+            }
+            let relayed = replies(&drain(m));
+            assert_eq!(relayed.len(), 3, "every sender gets the relayed keys");
+            for s in &mut sites {
+                let Message::SecAggRelayedKeys(keys) = &relayed[&s.id] else { panic!("{:?}", relayed[&s.id].kind()) };
+                let shares = s.client.receive_keys(&keys.keys, wall(), rng).unwrap();
+                m.handle_secagg_shares(t0, &s.id, shares).unwrap();
+            }
+            let relayed = replies(&drain(m));
+            for s in &mut sites {
+                let Message::SecAggRelayedShares(r) = &relayed[&s.id] else { panic!("{:?}", relayed[&s.id].kind()) };
+                let r: &RelayedShares = r;
+                s.client.receive_shares(r).unwrap();
+            }
+            (sites, fixed.unwrap())
+        }
+
+        fn send_masked(m: &mut RoundMachine, t: Instant, s: &mut Site, fixed: &FixedPoint, rng: &mut ChaCha20Rng) -> MaskedInputHeader {
+            let input = fixed.encode(&s.update, s.weight, rng).unwrap();
+            let masked = s.client.masked_input(&input).unwrap();
+            let bytes = masked_values_bytes(&masked.values);
+            let header = MaskedInputHeader {
+                round: masked.round,
+                values: masked.values.len() as u64,
+                digest: masked_values_digest(&bytes),
+                privacy: PrivacyUsed::off(),
+            };
+            assert_eq!(m.begin_masked(&s.id, &header).unwrap(), bytes.len());
+            m.finish_masked(t, &s.id, &header, masked.values).unwrap();
+            header
+        }
+
+        fn unmask_request(outs: &[Output], to: &SiteId) -> UnmaskRequest {
+            match replies(outs).remove(to) {
+                Some(Message::SecAggUnmask(req)) => req,
+                other => panic!("no unmask request for {to}: {other:?}"),
+            }
+        }
+
+        fn weighted_mean(sites: &[&Site]) -> Vec<f32> {
+            let total: u64 = sites.iter().map(|s| s.weight).sum();
+            (0..4).map(|i| (sites.iter().map(|s| f64::from(s.update[i]) * s.weight as f64).sum::<f64>() / total as f64) as f32).collect()
+        }
+
+        fn assert_close(got: &TensorSet, want: &[f32], bound: f64) {
+            let got = got.get("classifier.weight").expect("the trainable tensor").data();
+            for (g, w) in got.iter().zip(want) {
+                assert!(f64::from((g - w).abs()) <= bound + 1e-6, "got {got:?}, want {want:?}");
+            }
+        }
+
+        #[test]
+        fn a_site_leaving_after_its_masked_input_is_still_summed() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(7);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            let (mut sites, fixed) = through_shares(&mut m, t0, &mut rng);
+            assert!(matches!(m.begin_update(&site("a"), &header(1, 5, &delta(0.1))), Err(r) if r.code == RejectCode::PolicyViolation));
+            for s in &mut sites {
+                send_masked(&mut m, t0, s, &fixed, &mut rng);
+            }
+            let outs = drain(&mut m);
+            // Each input was recorded for the ledger, with no weight or norm: none is known.
+            let accepted: Vec<_> = outs.iter().filter_map(|o| matches!(o, Output::Accepted { .. }).then_some(())).collect();
+            assert_eq!(accepted.len(), 3);
+            let req = unmask_request(&outs, &site("a"));
+            assert_eq!(req.survivors.len(), 3);
+            // c leaves now: its input is in the sum, its self-mask comes from a and b.
+            m.handle_disconnected(t0, &site("c"));
+            for s in sites.iter_mut().take(2) {
+                let shares = s.client.unmask(&req).unwrap();
+                m.handle_secagg_unmasking(t0, &s.id, shares).unwrap();
+            }
+            let outs = drain(&mut m);
+            let cp = checkpoint(&outs).expect("the round completes");
+            let secure = cp.secure.as_ref().expect("a secure outcome");
+            assert_eq!(secure.summed, ["a", "b", "c"].map(site));
+            assert!(secure.dropped.is_empty());
+            assert_eq!(secure.total_weight, 60);
+            let all: Vec<&Site> = sites.iter().collect();
+            assert_close(&cp.update, &weighted_mean(&all), fixed.mean_error_bound(3, 60));
+            assert_eq!(cp.summary.contributions.len(), 3);
+            assert!(cp.summary.contributions.iter().all(|k| k.weight == 0 && k.metrics.is_none()));
+            // Checkpointed like any round: the next one is offered after the report.
+            m.handle_checkpointed(t0, Ok(manifest()));
+            assert_eq!(m.completed_rounds(), 1);
+        }
+
+        #[test]
+        fn a_site_leaving_before_its_masked_input_is_absent_from_the_sum() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(8);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            let (mut sites, fixed) = through_shares(&mut m, t0, &mut rng);
+            m.handle_disconnected(t0, &site("c"));
+            for s in sites.iter_mut().take(2) {
+                send_masked(&mut m, t0, s, &fixed, &mut rng);
+            }
+            let outs = drain(&mut m);
+            let req = unmask_request(&outs, &site("b"));
+            assert_eq!((req.survivors.len(), req.dropped.clone()), (2, vec![site("c")]));
+            for s in sites.iter_mut().take(2) {
+                let shares = s.client.unmask(&req).unwrap();
+                assert_eq!(m.handle_secagg_unmasking(t0, &s.id, shares).unwrap(), Ack { round: RoundId(1) });
+            }
+            let outs = drain(&mut m);
+            let cp = checkpoint(&outs).expect("the round completes");
+            let secure = cp.secure.as_ref().unwrap();
+            assert_eq!((secure.summed.clone(), secure.dropped.clone()), (vec![site("a"), site("b")], vec![site("c")]));
+            assert_eq!(cp.summary.missed, vec![site("c")]);
+            let two: Vec<&Site> = sites.iter().take(2).collect();
+            assert_close(&cp.update, &weighted_mean(&two), fixed.mean_error_bound(2, 30));
+        }
+
+        #[test]
+        fn too_few_masked_inputs_fail_the_round_with_the_reason_and_no_sum() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(9);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            let (mut sites, fixed) = through_shares(&mut m, t0, &mut rng);
+            send_masked(&mut m, t0, &mut sites[0], &fixed, &mut rng);
+            drain(&mut m);
+            // b and c never send theirs: at the round's deadline the step closes.
+            assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+            m.handle_timeout(t0 + Duration::from_secs(60));
+            let outs = drain(&mut m);
+            assert!(checkpoint(&outs).is_none());
+            let failure = outs
+                .iter()
+                .find_map(|o| match o {
+                    Output::RoundFailed(f) => Some(f.clone()),
+                    _ => None,
+                })
+                .expect("the round fails");
+            assert!(failure.reason.contains("too few sites at masked input: 1, need 2"), "{}", failure.reason);
+            // The one waiting site hears why; nothing else leaves the machine.
+            match replies(&outs).remove(&site("a")) {
+                Some(Message::Reject(r)) => assert_eq!(r.code, RejectCode::SecureAggregation),
+                other => panic!("{other:?}"),
+            }
+            assert!(outs.iter().all(|o| matches!(o, Output::RoundFailed(_) | Output::SecAggReply { .. })));
+        }
+
+        #[test]
+        fn the_key_step_closes_at_its_deadline_without_the_silent_site() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(10);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            for s in ["a", "b", "c"] {
+                m.handle_ready(t0, site(s));
+            }
+            let outs = drain(&mut m);
+            let (trust, creds) = consortium();
+            for cred in &creds[..2] {
+                let secure = secure_offer(&outs, cred.site().as_str()).secure.unwrap();
+                let client = SecAggClient::new(secure.setup, cred.clone(), trust.clone(), &mut rng).unwrap();
+                m.handle_secagg_keys(t0, wall(), cred.site(), client.advertise_keys()).unwrap();
+            }
+            assert!(drain(&mut m).is_empty(), "c may still send");
+            assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+            m.handle_timeout(t0 + Duration::from_secs(30));
+            let relayed = replies(&drain(&mut m));
+            assert_eq!(relayed.keys().cloned().collect::<Vec<_>>(), vec![site("a"), site("b")]);
+            assert!(matches!(&relayed[&site("a")], Message::SecAggRelayedKeys(k) if k.keys.len() == 2));
+            // Too late for c now.
+            let late =
+                SecAggClient::new(secure_offer(&outs, "c").secure.unwrap().setup, creds[2].clone(), trust.clone(), &mut rng).unwrap();
+            let refused = m.handle_secagg_keys(t0, wall(), &site("c"), late.advertise_keys()).unwrap_err();
+            assert_eq!(refused.code, RejectCode::SecureAggregation);
+        }
+
+        #[test]
+        fn a_sum_no_honest_sites_can_make_fails_the_round() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(11);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            let (mut sites, fixed) = through_shares(&mut m, t0, &mut rng);
+            send_masked(&mut m, t0, &mut sites[0], &fixed, &mut rng);
+            send_masked(&mut m, t0, &mut sites[1], &fixed, &mut rng);
+            // c lies: a huge first coordinate, far beyond the clip, with weight 1.
+            let c = &mut sites[2];
+            let mut input = vec![0u64; 5];
+            input[0] = 1 << 46;
+            input[4] = 1;
+            let masked = c.client.masked_input(&input).unwrap();
+            let bytes = masked_values_bytes(&masked.values);
+            let header =
+                MaskedInputHeader { round: RoundId(1), values: 5, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
+            m.begin_masked(&c.id, &header).unwrap();
+            m.finish_masked(t0, &c.id, &header, masked.values).unwrap();
+            let req = unmask_request(&drain(&mut m), &site("a"));
+            for s in &mut sites {
+                let shares = s.client.unmask(&req).unwrap();
+                m.handle_secagg_unmasking(t0, &s.id, shares).unwrap();
+            }
+            let outs = drain(&mut m);
+            assert!(checkpoint(&outs).is_none());
+            let reason = outs.iter().find_map(|o| match o {
+                Output::RoundFailed(f) => Some(f.reason.clone()),
+                _ => None,
+            });
+            assert!(reason.as_deref().is_some_and(|r| r.contains("malformed input")), "{reason:?}");
+        }
+
+        #[test]
+        fn a_masked_input_of_the_wrong_size_is_refused_before_its_bytes() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(12);
+            let mut m = RoundMachine::new(secure_settings(), manifest(), 0).unwrap();
+            through_shares(&mut m, t0, &mut rng);
+            let header = MaskedInputHeader { round: RoundId(1), values: 1 << 40, digest: Digest([0; 32]), privacy: PrivacyUsed::off() };
+            assert_eq!(m.begin_masked(&site("a"), &header).unwrap_err().code, RejectCode::TooLarge);
+            let header = MaskedInputHeader { values: 5, round: RoundId(2), ..header };
+            assert_eq!(m.begin_masked(&site("a"), &header).unwrap_err().code, RejectCode::StaleRound);
+        }
     }
 }

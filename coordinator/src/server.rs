@@ -26,10 +26,11 @@ use fedward_net::{paced, read_message, read_update_tensors, reply, within, write
 use fedward_shared::config::{Admission, ServerOptimizer, Transport};
 use fedward_shared::failpoint;
 use fedward_shared::pki::site_of_cert;
+use fedward_shared::secagg::{EncryptedShares, SignedKeys, UnixTime, UnmaskingShares};
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, AcceptedUpdate, Ack, Decline, Finished, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId, UpdateHeader, Welcome,
-    PROTOCOL_VERSION,
+    self, AcceptedUpdate, Ack, Decline, Finished, MaskedInputHeader, Message, Reject, RejectCode, RoundId, RoundOffer, SiteId,
+    UpdateHeader, Welcome, PROTOCOL_VERSION,
 };
 
 use crate::aggregate::{FoldJob, Folded};
@@ -201,7 +202,42 @@ enum Event {
         decline: Decline,
         reply: oneshot::Sender<Result<Ack, Reject>>,
     },
+    /// A secure round's keys, shares or unmasking shares. Keys and shares are answered
+    /// when their step closes (`Output::SecAggReply`), unmasking shares at once.
+    SecAgg {
+        site: SiteId,
+        msg: SecAggIn,
+        reply: oneshot::Sender<Message>,
+    },
+    /// A masked input's header, checked before its bytes: how many bytes follow.
+    BeginMasked {
+        site: SiteId,
+        header: MaskedInputHeader,
+        reply: oneshot::Sender<Result<usize, Reject>>,
+    },
+    AbortMasked {
+        site: SiteId,
+    },
+    /// A masked input's values arrived (digest checked); answered with the unmasking
+    /// request when the input step closes.
+    FinishMasked {
+        site: SiteId,
+        header: MaskedInputHeader,
+        values: Vec<u64>,
+        reply: oneshot::Sender<Message>,
+    },
 }
+
+/// A secure round's step messages that arrive whole in one frame.
+#[derive(Debug)]
+enum SecAggIn {
+    Keys(SignedKeys),
+    Shares(EncryptedShares),
+    Unmasking(UnmaskingShares),
+}
+
+/// Streams waiting for the close of the secure step they sent, by site.
+type SecAggWaiting = HashMap<SiteId, oneshot::Sender<Message>>;
 
 /// Who may connect, as the coordinator's config and CA say at a (re)load: `serve` builds
 /// one at start and one on each SIGHUP.
@@ -280,6 +316,7 @@ pub async fn run(
         return Err(e);
     }
     let mut pending_acks = PendingAcks::new();
+    let mut secagg_waiting = SecAggWaiting::new();
     // The current checkpoint, opened for downloads once per model; connections hold it
     // weakly, so replacing it ends the downloads of a closed round.
     let mut model_file: Option<Arc<ModelFile>> = None;
@@ -326,7 +363,7 @@ pub async fn run(
                 }
                 ev => {
                     note_site(&mut seen, &ev);
-                    handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks)
+                    handle_event(&mut machine, ev, &mut connections, &mut waiting, &mut pending_acks, &mut secagg_waiting)
                 }
             },
             Some(Command { op, reply }) = commands.recv() => {
@@ -416,6 +453,7 @@ pub async fn run(
             &mut model_file,
             &mut waiting,
             &mut pending_acks,
+            &mut secagg_waiting,
             &connections,
             &shared.events,
             &mut checkpointing,
@@ -468,6 +506,7 @@ fn handle_event(
     connections: &mut HashMap<SiteId, (usize, quinn::Connection)>,
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
     pending_acks: &mut PendingAcks,
+    secagg_waiting: &mut SecAggWaiting,
 ) {
     let now = Instant::now();
     match ev {
@@ -481,6 +520,7 @@ fn handle_event(
             if connections.get(&site).is_some_and(|(id, _)| *id == conn_id) {
                 connections.remove(&site);
                 waiting.remove(&site);
+                secagg_waiting.remove(&site);
                 machine.handle_disconnected(now, &site);
                 info!(site = %site, "site disconnected");
             }
@@ -512,6 +552,41 @@ fn handle_event(
         Event::Decline { site, decline, reply } => {
             let _ = reply.send(machine.handle_decline(now, &site, &decline));
         }
+        Event::SecAgg { site, msg, reply } => {
+            // The wall clock only for the certificates' validity; the machine keeps its
+            // deadlines on `now`.
+            let held = match msg {
+                SecAggIn::Keys(keys) => machine.handle_secagg_keys(now, UnixTime::now(), &site, keys),
+                SecAggIn::Shares(shares) => machine.handle_secagg_shares(now, &site, shares),
+                SecAggIn::Unmasking(shares) => {
+                    let _ = reply.send(answer_message(machine.handle_secagg_unmasking(now, &site, shares)));
+                    return;
+                }
+            };
+            match held {
+                // Answered by the step's `Output::SecAggReply`, drained after this event.
+                Ok(()) => {
+                    secagg_waiting.insert(site, reply);
+                }
+                Err(reject) => {
+                    warn!(site = %site, code = %reject.code, reason = %reject.message, "secure aggregation message refused");
+                    let _ = reply.send(Message::Reject(reject));
+                }
+            }
+        }
+        Event::BeginMasked { site, header, reply } => {
+            let _ = reply.send(machine.begin_masked(&site, &header));
+        }
+        Event::AbortMasked { site } => machine.abort_masked(now, &site),
+        Event::FinishMasked { site, header, values, reply } => match machine.finish_masked(now, &site, &header, values) {
+            Ok(()) => {
+                secagg_waiting.insert(site, reply);
+            }
+            Err(reject) => {
+                warn!(site = %site, code = %reject.code, reason = %reject.message, "masked input refused");
+                let _ = reply.send(Message::Reject(reject));
+            }
+        },
         // Handled by the loop itself (it ends the run on a failure).
         Event::Checkpointed(_) => {}
     }
@@ -542,6 +617,7 @@ async fn drain_outputs(
     model_file: &mut Option<Arc<ModelFile>>,
     waiting: &mut HashMap<SiteId, oneshot::Sender<ReadyReply>>,
     pending_acks: &mut PendingAcks,
+    secagg_waiting: &mut SecAggWaiting,
     connections: &HashMap<SiteId, (usize, quinn::Connection)>,
     events: &mpsc::Sender<Event>,
     checkpointing: &mut Option<tokio::task::JoinHandle<()>>,
@@ -560,7 +636,18 @@ async fn drain_outputs(
                 // Written and sealed by a task of its own, so message handling goes on
                 // meanwhile; the machine makes no further output (no offer) until the loop
                 // reports the outcome (`Event::Checkpointed`).
-                let Checkpoint { completed_rounds, update, summary } = *cp;
+                let Checkpoint { completed_rounds, update, summary, secure } = *cp;
+                // Who was summed and who dropped is logged; the ledger does not record it
+                // apart yet (issue 23, item 4).
+                if let Some(o) = &secure {
+                    info!(
+                        round = %summary.round,
+                        summed = o.summed.len(),
+                        dropped = o.dropped.len(),
+                        dropped_before_shares = o.dropped_before_shares.len(),
+                        "secure round unmasked"
+                    );
+                }
                 let span = info_span!("checkpoint", round = %summary.round);
                 let (store, ledger, events) = (store.clone(), ledger.clone(), events.clone());
                 let (previous, now) = (machine.manifest().to_vec(), now_rfc3339());
@@ -593,6 +680,13 @@ async fn drain_outputs(
                 let delivered = waiting.remove(&to).is_some_and(|tx| tx.send(ReadyReply::Offer(Box::new(offer), model)).is_ok());
                 if !delivered && !connections.contains_key(&to) {
                     machine.handle_disconnected(Instant::now(), &to);
+                }
+            }
+            Output::SecAggReply { to, round, msg } => {
+                // A site that left meanwhile has no stream waiting: nothing to answer.
+                if let Some(tx) = secagg_waiting.remove(&to) {
+                    debug!(site = %to, round = %round, reply = msg.kind(), "secure step answered");
+                    let _ = tx.send(*msg);
                 }
             }
             Output::Finished { to, finished } => {
@@ -690,7 +784,11 @@ fn note_site(seen: &mut BTreeMap<SiteId, SiteView>, ev: &Event) {
         | Event::RejectUpdate { site, .. }
         | Event::FinishUpdate { site, .. }
         | Event::Folded { site, .. }
-        | Event::Decline { site, .. } => site,
+        | Event::Decline { site, .. }
+        | Event::SecAgg { site, .. }
+        | Event::BeginMasked { site, .. }
+        | Event::AbortMasked { site }
+        | Event::FinishMasked { site, .. } => site,
         Event::Checkpointed(_) => return,
     };
     let now = now_rfc3339();
@@ -1123,6 +1221,22 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             let span = info_span!("update", round = %header.round);
             receive_update(ctx, header, send, recv).instrument(span).await
         }
+        Message::SecAggKeys(keys) => {
+            let round = keys.round;
+            secagg_step(ctx, round, SecAggIn::Keys(keys), send).instrument(info_span!("secagg-keys", round = %round)).await
+        }
+        Message::SecAggShares(shares) => {
+            let round = shares.round;
+            secagg_step(ctx, round, SecAggIn::Shares(shares), send).instrument(info_span!("secagg-shares", round = %round)).await
+        }
+        Message::SecAggUnmasking(shares) => {
+            let round = shares.round;
+            secagg_step(ctx, round, SecAggIn::Unmasking(shares), send).instrument(info_span!("secagg-unmasking", round = %round)).await
+        }
+        Message::SecAggMasked(header) => {
+            let span = info_span!("secagg-masked", round = %header.round);
+            receive_masked(ctx, header, send, recv).instrument(span).await
+        }
         Message::Decline(decline) => {
             info!(round = %decline.round, reason = ?decline.reason, "site declined the round: {}", decline.reason);
             let (tx, rx) = oneshot::channel();
@@ -1254,6 +1368,102 @@ async fn receive_update(
         Err(r) => warn!(code = %r.code, reason = %r.message, "update refused"),
     }
     reply(send, &answer_message(answer)).await
+}
+
+/// A secure step's message to the round machine; the answer comes when the step closes
+/// (bounded by the step's deadline in the machine) or, for unmasking shares, at once. The
+/// round closing ends the wait.
+async fn secagg_step(ctx: &StreamCtx, round: RoundId, msg: SecAggIn, send: &mut quinn::SendStream) -> Result<(), StreamError> {
+    let gone = || Message::Reject(Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down"));
+    let (tx, rx) = oneshot::channel();
+    if ctx.shared.events.send(Event::SecAgg { site: ctx.site.clone(), msg, reply: tx }).await.is_err() {
+        return reply(send, &gone()).await;
+    }
+    let answer = tokio::select! {
+        answer = rx => answer.unwrap_or_else(|_| gone()),
+        () = round_closed(ctx.shared.status.clone(), round) => {
+            Message::Reject(Reject::new(RejectCode::StaleRound, format!("round {round} closed")))
+        }
+    };
+    reply(send, &answer).await
+}
+
+/// A masked input: the header admitted first (one per site, its size checked against the
+/// round's vector), then an upload slot, `Proceed`, the raw little-endian values at the
+/// minimum rate (digest checked), and the answer held until the input step closes.
+async fn receive_masked(
+    ctx: &StreamCtx,
+    header: MaskedInputHeader,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let events = &ctx.shared.events;
+    let site = &ctx.site;
+    let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
+    let closed = || Reject::new(RejectCode::StaleRound, format!("round {} closed while the masked input was arriving", header.round));
+    let (tx, rx) = oneshot::channel();
+    let ev = Event::BeginMasked { site: site.clone(), header: header.clone(), reply: tx };
+    let admitted = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let bytes = match admitted {
+        Ok(bytes) => bytes,
+        Err(reject) => {
+            warn!(code = %reject.code, reason = %reject.message, "masked input refused");
+            let _ = recv.stop(0u32.into());
+            return reply(send, &Message::Reject(reject)).await;
+        }
+    };
+    let round_over = round_closed(ctx.shared.status.clone(), header.round);
+    tokio::pin!(round_over);
+    let permit = tokio::select! {
+        permit = ctx.shared.uploads.acquire() => permit,
+        () = &mut round_over => {
+            let _ = recv.stop(0u32.into());
+            return reply(send, &Message::Reject(closed())).await;
+        }
+    };
+    let Ok(permit) = permit else { return reply(send, &Message::Reject(gone())).await };
+    write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
+    // Admitted: `bytes` is the round's vector (at most twice the update limit).
+    let mut buf = vec![0u8; bytes];
+    let transfer = paced(ctx.shared.transport.pace, bytes, "masked input upload", async {
+        recv.read_exact(&mut buf).await?;
+        Ok(())
+    });
+    let received = tokio::select! {
+        received = transfer => received,
+        () = &mut round_over => {
+            let _ = recv.stop(0u32.into());
+            return reply(send, &Message::Reject(closed())).await;
+        }
+    };
+    drop(permit);
+    if let Err(e) = received {
+        warn!(cause = %e, "masked input transfer broke off");
+        let _ = events.send(Event::AbortMasked { site: site.clone() }).await;
+        return Err(e);
+    }
+    let values = match wire::masked_values_from_bytes(&header, &buf) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = events.send(Event::AbortMasked { site: site.clone() }).await;
+            let reject = Reject::new(RejectCode::DigestMismatch, e.to_string());
+            warn!(code = %reject.code, reason = %reject.message, "masked input refused");
+            return reply(send, &Message::Reject(reject)).await;
+        }
+    };
+    drop(buf);
+    metrics().received_bytes.inc_by(bytes as u64);
+    info!(values = values.len(), "masked input received");
+    let (tx, rx) = oneshot::channel();
+    let ev = Event::FinishMasked { site: site.clone(), header: header.clone(), values, reply: tx };
+    if events.send(ev).await.is_err() {
+        return reply(send, &Message::Reject(gone())).await;
+    }
+    let answer = tokio::select! {
+        answer = rx => answer.unwrap_or_else(|_| Message::Reject(gone())),
+        () = &mut round_over => Message::Reject(closed()),
+    };
+    reply(send, &answer).await
 }
 
 /// Streams the named tensors' bytes from the checkpoint file, a chunk at a time.

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::codec::UpdateEncoding;
 use crate::plan::{Optimizer, PrivacyMode, PrivacyPlan, Trainable, TrainingPlan};
+use crate::secagg::SecAggParams;
 use crate::wire::{PrivacyPolicy, SiteId};
 
 /// A configuration that cannot be used, with what to fix.
@@ -70,6 +71,8 @@ pub struct RawCoordinatorConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     pub renewal: Option<RawRenewal>,
+    /// Required by, and only allowed with, `[aggregation] method = "secure"`.
+    pub secure_aggregation: Option<RawSecureAggregation>,
 }
 
 /// The online issuing CA that renews site certificates (`pki init` makes it; the root key
@@ -287,6 +290,34 @@ impl Default for RawAggregation {
             tau: None,
         }
     }
+}
+
+/// `[secure_aggregation]`: the parameters of a secure round (`shared::secagg`). Its own
+/// section, so `[aggregation]` keeps only the method's name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecureAggregation {
+    /// Shares needed to unmask (`t`), within each site's group of `neighbours + 1`: more
+    /// than half of the group.
+    pub threshold: usize,
+    /// Fewest sites that must advertise keys for a secure round to go on.
+    pub min_sites: usize,
+    /// Neighbours per site (even); default: every site is every site's neighbour.
+    pub neighbours: Option<usize>,
+    /// The sum is computed modulo `2^modulus_bits` (16 to 64).
+    #[serde(default = "default_modulus_bits")]
+    pub modulus_bits: u32,
+    /// How long each short step (keys, shares, unmasking) waits for the sites.
+    #[serde(default = "default_step_deadline")]
+    pub step_deadline: String,
+}
+
+fn default_modulus_bits() -> u32 {
+    64
+}
+
+fn default_step_deadline() -> String {
+    "60s".into()
 }
 
 /// The default clamp on one site's FedAvg weight: a large hospital's labelled notes.
@@ -671,7 +702,9 @@ impl Aggregation {
     /// Validates `[aggregation]` against the privacy mode it bounds.
     pub fn from_raw(raw: &RawAggregation, mode: PrivacyMode) -> Result<Self, ConfigError> {
         let method = match raw.method.as_str() {
-            "fedavg" => AggregationMethod::FedAvg,
+            // A secure round's result is the weighted mean of a secure sum, FedAvg's mean;
+            // its parameters are `[secure_aggregation]` (`CoordinatorConfig::secure`).
+            "fedavg" | "secure" => AggregationMethod::FedAvg,
             "median" => AggregationMethod::Median,
             "trimmed-mean" => {
                 if !(raw.trim_fraction > 0.0 && raw.trim_fraction < 0.5) {
@@ -680,7 +713,10 @@ impl Aggregation {
                 AggregationMethod::TrimmedMean { trim_fraction: raw.trim_fraction }
             }
             other => {
-                return Err(invalid("aggregation.method", format!("unknown method {other:?}: expected fedavg, median or trimmed-mean")))
+                return Err(invalid(
+                    "aggregation.method",
+                    format!("unknown method {other:?}: expected fedavg, median, trimmed-mean or secure"),
+                ))
             }
         };
         let weighting = match raw.weighting.as_str() {
@@ -718,6 +754,83 @@ impl Aggregation {
             update_encoding,
             server_optimizer,
         })
+    }
+}
+
+/// Secure aggregation (`[aggregation] method = "secure"`): the coordinator learns only the
+/// sum of the round's updates (`shared::secagg`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecureAggregation {
+    /// Validated by [`SecAggParams::validate`]; `neighbours` resolved against the enrolled
+    /// sites.
+    pub params: SecAggParams,
+    /// Each short step's deadline (keys, shares, unmasking); the masked inputs are due by
+    /// the round's deadline, since sites train between the shares and their input.
+    pub step_deadline: Duration,
+}
+
+impl SecureAggregation {
+    /// Validates `[secure_aggregation]` for `enrolled` sites and a round quorum of
+    /// `min_sites`, beside the `[aggregation]` it goes with.
+    pub fn from_raw(
+        raw: &RawSecureAggregation,
+        aggregation: &RawAggregation,
+        enrolled: usize,
+        min_sites: usize,
+    ) -> Result<Self, ConfigError> {
+        // The fields are checked one by one first, so each error names its own field.
+        if raw.threshold < 2 {
+            return Err(invalid("secure_aggregation.threshold", format!("must be at least 2, got {}", raw.threshold)));
+        }
+        if raw.threshold > enrolled {
+            return Err(invalid("secure_aggregation.threshold", format!("{} exceeds the {enrolled} enrolled sites", raw.threshold)));
+        }
+        if raw.min_sites < raw.threshold || raw.min_sites > enrolled {
+            return Err(invalid(
+                "secure_aggregation.min_sites",
+                format!("must be from the threshold {} to the {enrolled} enrolled sites, got {}", raw.threshold, raw.min_sites),
+            ));
+        }
+        if min_sites < raw.min_sites {
+            return Err(invalid(
+                "federation.min_sites",
+                format!(
+                    "{min_sites} is below secure_aggregation.min_sites {}: a round offered to fewer sites could never complete",
+                    raw.min_sites
+                ),
+            ));
+        }
+        if !(16..=64).contains(&raw.modulus_bits) {
+            return Err(invalid("secure_aggregation.modulus_bits", format!("must be 16 to 64, got {}", raw.modulus_bits)));
+        }
+        // The complete graph: every other site a neighbour (an even count, at least 2).
+        let complete = (enrolled.saturating_sub(1).div_ceil(2) * 2).max(2);
+        let neighbours = raw.neighbours.unwrap_or(complete);
+        let params = SecAggParams { threshold: raw.threshold, min_sites: raw.min_sites, neighbours, modulus_bits: raw.modulus_bits };
+        if let Err(e) = params.validate() {
+            let field = if raw.neighbours.is_some() && (neighbours < 2 || neighbours % 2 == 1 || neighbours >= crate::secagg::MAX_SITES) {
+                "secure_aggregation.neighbours"
+            } else {
+                "secure_aggregation.threshold"
+            };
+            return Err(invalid(field, e.to_string()));
+        }
+        let step_deadline = parse_duration("secure_aggregation.step_deadline", &raw.step_deadline)?;
+        if step_deadline.is_zero() {
+            return Err(invalid("secure_aggregation.step_deadline", "must be positive"));
+        }
+        // The coordinator sees no single update: it can neither refuse nor clip one, and a
+        // masked input is a vector of integers, not an encoded update.
+        if aggregation.over_norm != "clip" {
+            return Err(invalid(
+                "aggregation.over_norm",
+                "must be \"clip\" under secure aggregation: sites clip their own updates to the bound, the coordinator never sees one",
+            ));
+        }
+        if aggregation.update_encoding != "f32" {
+            return Err(invalid("aggregation.update_encoding", "does not apply under secure aggregation: sites send masked integers"));
+        }
+        Ok(Self { params, step_deadline })
     }
 }
 
@@ -766,6 +879,9 @@ pub struct CoordinatorConfig {
     pub policy: PrivacyPolicy,
     /// How updates are bounded and combined.
     pub aggregation: Aggregation,
+    /// `Some` under `[aggregation] method = "secure"` (then `aggregation.method` is FedAvg:
+    /// the weighted mean of the secure sum).
+    pub secure: Option<SecureAggregation>,
     pub transport: Transport,
     pub admission: Admission,
     pub sites: Vec<Site>,
@@ -823,6 +939,19 @@ impl CoordinatorConfig {
         let labels = validate_labels(raw.model.labels)?;
         let (plan, policy) = training_plan(&raw.training, &raw.privacy)?;
         let aggregation = Aggregation::from_raw(&raw.aggregation, policy.mode)?;
+        let secure = match (&raw.secure_aggregation, raw.aggregation.method == "secure") {
+            (Some(s), true) => Some(SecureAggregation::from_raw(s, &raw.aggregation, sites.len(), raw.federation.min_sites)?),
+            (None, true) => {
+                return Err(invalid(
+                    "secure_aggregation",
+                    "method = \"secure\" needs a [secure_aggregation] section (threshold, min_sites)",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(invalid("secure_aggregation", "applies only with [aggregation] method = \"secure\""));
+            }
+            (None, false) => None,
+        };
         let transport = Transport::from_raw(&raw.transport)?;
         if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
             return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
@@ -900,6 +1029,7 @@ impl CoordinatorConfig {
             plan,
             policy,
             aggregation,
+            secure,
             transport,
             admission,
             sites,
@@ -1498,6 +1628,54 @@ name = "Hospital B"
         assert_eq!(CoordinatorConfig::parse(COORD, Path::new("/")).unwrap().plan.prox_mu, 0.0);
         let c = CoordinatorConfig::parse(&COORD.replace("trainable = \"head\"", "trainable = \"head\"\nprox_mu = 0.01"), Path::new("/"));
         assert_eq!(c.unwrap().plan.prox_mu, 0.01);
+    }
+
+    #[test]
+    fn secure_aggregation_has_its_own_section_and_named_errors() {
+        let secure = |section: &str| format!("{COORD}\n[aggregation]\nmethod = \"secure\"\n[secure_aggregation]\n{section}\n");
+        let c = CoordinatorConfig::parse(&secure("threshold = 2\nmin_sites = 2"), Path::new("/")).unwrap();
+        assert_eq!(c.aggregation.method, AggregationMethod::FedAvg, "the mean of the secure sum");
+        let s = c.secure.expect("secure");
+        assert_eq!(s.params, SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 64 });
+        assert_eq!(s.step_deadline, Duration::from_secs(60));
+        let c =
+            CoordinatorConfig::parse(&secure("threshold = 2\nmin_sites = 2\nmodulus_bits = 40\nstep_deadline = \"2m\""), Path::new("/"))
+                .unwrap();
+        assert_eq!(c.secure.as_ref().map(|s| (s.params.modulus_bits, s.step_deadline)), Some((40, Duration::from_secs(120))));
+        assert!(CoordinatorConfig::parse(COORD, Path::new("/")).unwrap().secure.is_none());
+        let cases = [
+            (format!("{COORD}\n[aggregation]\nmethod = \"secure\"\n"), "secure_aggregation"),
+            (format!("{COORD}\n[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n"), "secure_aggregation"),
+            (secure("threshold = 1\nmin_sites = 2"), "secure_aggregation.threshold"),
+            (secure("threshold = 3\nmin_sites = 3"), "secure_aggregation.threshold"),
+            (secure("threshold = 2\nmin_sites = 1"), "secure_aggregation.min_sites"),
+            (secure("threshold = 2\nmin_sites = 2\nneighbours = 3"), "secure_aggregation.neighbours"),
+            (secure("threshold = 2\nmin_sites = 2\nneighbours = 4"), "secure_aggregation.threshold"),
+            (secure("threshold = 2\nmin_sites = 2\nmodulus_bits = 8"), "secure_aggregation.modulus_bits"),
+            (secure("threshold = 2\nmin_sites = 2\nstep_deadline = \"soon\""), "secure_aggregation.step_deadline"),
+            (
+                COORD.replace("min_sites = 2", "min_sites = 1")
+                    + "\n[aggregation]\nmethod = \"secure\"\n[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n",
+                "federation.min_sites",
+            ),
+            (
+                secure("threshold = 2\nmin_sites = 2").replace("method = \"secure\"", "method = \"secure\"\nover_norm = \"refuse\""),
+                "aggregation.over_norm",
+            ),
+            (
+                secure("threshold = 2\nmin_sites = 2").replace("method = \"secure\"", "method = \"secure\"\nupdate_encoding = \"int8\""),
+                "aggregation.update_encoding",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
+        // Unknown fields are refused.
+        assert!(matches!(
+            CoordinatorConfig::parse(&secure("threshold = 2\nmin_sites = 2\nk = 2"), Path::new("/")),
+            Err(ConfigError::Toml(_))
+        ));
     }
 
     #[test]

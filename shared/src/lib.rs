@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod history;
 pub mod html;
+pub mod ids;
 pub mod ledger;
 pub mod ledger_file;
 pub mod ledger_key;

@@ -15,7 +15,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-use crate::wire::SiteId;
+use crate::ids::SiteId;
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::wire::ALPN;
+use crate::ids::ALPN;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +196,8 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
+    use crate::ids::SiteId;
     use crate::pki::{self, Validity};
-    use crate::wire::SiteId;
 
     fn now() -> rustls_pki_types::UnixTime {
         rustls_pki_types::UnixTime::now()

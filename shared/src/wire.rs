@@ -12,6 +12,18 @@
 //! | `ModelRequest`                       | `Tensors` followed by raw tensor bytes, or `Reject` |
 //! | `Update`, then after `Proceed` the raw tensor bytes | `Proceed`, then `Ack`; or `Reject` |
 //! | `Decline`                            | `Ack`                                        |
+//! | `SecAggKeys` (secure rounds, below)  | `SecAggRelayedKeys` when the key step closes, or `Reject` |
+//! | `SecAggShares`                       | `SecAggRelayedShares` when the share step closes, or `Reject` |
+//! | `SecAggMasked`, then after `Proceed` the raw masked values | `Proceed`, then `SecAggUnmask` when the input step closes, or `Reject` |
+//! | `SecAggUnmasking`                    | `Ack` or `Reject`                            |
+//!
+//! A secure round (its offer's `secure` is set, see [`SecureRound`] and
+//! [`crate::secagg`]) replaces `Update` by four exchanges, each a stream the agent opens
+//! and whose answer the coordinator holds until the step closes (every site answered, or
+//! the step's deadline): keys (right after the offer is accepted), shares, then, after
+//! training, the masked input, and the unmasking shares. A masked input's values, like
+//! tensors, never travel inside a frame: [`MaskedInputHeader`] declares how many, then
+//! as many little-endian `u64` follow.
 //!
 //! Tensors never travel inside a frame: a frame declares them ([`TensorSpec`]: name,
 //! shape, blake3 digest) and the raw little-endian f32 bytes follow, tensor after tensor
@@ -23,16 +35,20 @@ use serde::{Deserialize, Serialize};
 use crate::codec::UpdateEncoding;
 use crate::dp::Release;
 use crate::plan::{PrivacyMode, TrainingPlan};
-use crate::tensor::{checked_element_count, Digest, Tensor, TensorError, TensorSpec};
+use crate::secagg::{
+    EncryptedShares, FixedPoint, RelayedShares, RoundSetup, SecAggError, SignedKeys, UnmaskRequest, UnmaskingShares, MAX_SITES,
+    MAX_VECTOR_LEN,
+};
+use crate::tensor::{checked_element_count, element_count, Digest, Tensor, TensorError, TensorSpec};
 
-/// ALPN protocol id; a peer speaking anything else fails the TLS handshake.
-pub const ALPN: &[u8] = b"fedward/1";
+pub use crate::ids::{RoundId, SiteId, SiteIdError, ALPN};
 /// Version carried in `Hello`; the coordinator refuses any other. 2: `Proceed` before an
 /// update's bytes; 3: `Welcome` lists the updates accepted from the site; 4: an update's
 /// metrics may be withheld and a decline carries only its reason code; 5: certificate
 /// renewal over the connection; 6: `Finished` carries the final model's manifest, `Hello` the
 /// site's declared budget, offers and update headers the update's encoding; 7: the training
-/// plan carries FedProx's `prox_mu`.
+/// plan carries FedProx's `prox_mu`, and secure aggregation (`RoundOffer::secure` and the
+/// `SecAgg*` messages).
 pub const PROTOCOL_VERSION: u32 = 7;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
@@ -48,74 +64,6 @@ pub const CLOSE_NORMAL: u32 = 0;
 /// the site connects again: the newer connection wins. A live agent that receives it
 /// shares its site's identity with another agent, which no retry resolves.
 pub const CLOSE_REPLACED: u32 = 0x11;
-
-/// A consortium member's identity, taken from its certificate's DNS SAN.
-///
-/// Lowercase ASCII letters, digits and `-`, 1 to 63 characters, starting with a letter or
-/// digit: a valid DNS label, so it fits a certificate unchanged.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SiteId(String);
-
-/// A site id that is not a DNS label.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid site id {0:?}: use 1-63 lowercase letters, digits or '-', not starting with '-'")]
-pub struct SiteIdError(pub String);
-
-impl SiteId {
-    pub fn new(id: impl Into<String>) -> Result<Self, SiteIdError> {
-        let id = id.into();
-        let ok = !id.is_empty()
-            && id.len() <= 63
-            && !id.starts_with('-')
-            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if ok {
-            Ok(Self(id))
-        } else {
-            Err(SiteIdError(id))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SiteId {
-    type Error = SiteIdError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
-    }
-}
-
-impl From<SiteId> for String {
-    fn from(s: SiteId) -> Self {
-        s.0
-    }
-}
-
-impl std::str::FromStr for SiteId {
-    type Err = SiteIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-impl std::fmt::Display for SiteId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A federated round's number; round 1 is the first trained round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RoundId(pub u64);
-
-impl std::fmt::Display for RoundId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// Optional features a peer supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +98,171 @@ pub enum Message {
     Renew(RenewRequest),
     /// The coordinator's answer to [`Message::Renew`].
     Renewed(Renewed),
+    /// Secure round, step 1: the site's signed public keys for the round.
+    SecAggKeys(SignedKeys),
+    /// The answer to `SecAggKeys` once the key step closes: every site's signed keys.
+    SecAggRelayedKeys(RelayedKeys),
+    /// Step 2: the site's shares, encrypted to each neighbour.
+    SecAggShares(EncryptedShares),
+    /// The answer to `SecAggShares` once the share step closes: the shares addressed to
+    /// this site.
+    SecAggRelayedShares(RelayedShares),
+    /// Step 3: a masked input's header; after `Proceed` its values follow as raw bytes.
+    SecAggMasked(MaskedInputHeader),
+    /// The answer to `SecAggMasked` once the input step closes: who survived and who
+    /// dropped.
+    SecAggUnmask(UnmaskRequest),
+    /// Step 4: the site's revealed shares; answered by `Ack`.
+    SecAggUnmasking(UnmaskingShares),
+}
+
+/// The signed keys of every site of a secure round's first step, relayed to each of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayedKeys {
+    pub round: RoundId,
+    /// At most [`MAX_SITES`] entries (the frame limit bounds them further: about 300 sites
+    /// with 2 KiB certificate chains).
+    pub keys: Vec<SignedKeys>,
+}
+
+/// A masked input's header: `values` little-endian `u64`s follow (after `Proceed`), each
+/// below `2^modulus_bits`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaskedInputHeader {
+    pub round: RoundId,
+    /// How many values follow: the round's `vector_len`, checked before any allocation.
+    pub values: u64,
+    /// blake3 of the values' bytes as sent, checked on receipt (the update digest the
+    /// ledgers record for this release).
+    pub digest: Digest,
+    /// The DP parameters the site used for the update inside the mask: public
+    /// parameters, accounted like an update header's.
+    pub privacy: PrivacyUsed,
+}
+
+/// Why a masked input's declared size was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskedInputError {
+    #[error("masked input declares {got} values; this round sums {expected}")]
+    Length { expected: usize, got: u64 },
+    #[error("masked input of {values} values exceeds the {max}-byte limit")]
+    TooLarge { values: u64, max: usize },
+    #[error("masked input digest mismatch (declared {declared}, received {actual})")]
+    DigestMismatch { declared: String, actual: String },
+    #[error("{0} masked input bytes are not whole u64 values")]
+    Ragged(usize),
+}
+
+impl MaskedInputHeader {
+    /// The bytes that follow, checked against the round's vector length and `max_bytes`
+    /// before anything is allocated for them.
+    pub fn payload_bytes(&self, expected_len: usize, max_bytes: usize) -> Result<usize, MaskedInputError> {
+        if self.values != expected_len as u64 {
+            return Err(MaskedInputError::Length { expected: expected_len, got: self.values });
+        }
+        let bytes = usize::try_from(self.values)
+            .ok()
+            .filter(|&n| n <= MAX_VECTOR_LEN)
+            .and_then(|n| n.checked_mul(8))
+            .filter(|&b| b <= max_bytes)
+            .ok_or(MaskedInputError::TooLarge { values: self.values, max: max_bytes })?;
+        Ok(bytes)
+    }
+}
+
+/// The wire bytes of masked values: little-endian `u64`s.
+pub fn masked_values_bytes(values: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 8);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The digest a [`MaskedInputHeader`] declares for these bytes.
+pub fn masked_values_digest(bytes: &[u8]) -> Digest {
+    Digest(*blake3::hash(bytes).as_bytes())
+}
+
+/// Masked values from their wire bytes (sized by [`MaskedInputHeader::payload_bytes`]),
+/// after checking the declared digest.
+pub fn masked_values_from_bytes(header: &MaskedInputHeader, bytes: &[u8]) -> Result<Vec<u64>, MaskedInputError> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(MaskedInputError::Ragged(bytes.len()));
+    }
+    let actual = masked_values_digest(bytes);
+    if actual != header.digest {
+        return Err(MaskedInputError::DigestMismatch { declared: header.digest.short(), actual: actual.short() });
+    }
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+}
+
+/// How a secure round runs, as its offer states it: every participant builds the same
+/// [`RoundSetup`] and [`FixedPoint`] from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecureRound {
+    /// Round, parameters, vector length (the trainable values plus the weight) and the
+    /// context ([`SecureRound::context`]).
+    pub setup: RoundSetup,
+    /// Which try at this round (from 1): a retried round gets another context, so keys
+    /// signed for one try never verify in another.
+    pub attempt: u32,
+    /// The L2 bound every site clips its update to; each coordinate is also clamped to it
+    /// by the fixed-point encoding.
+    pub clip: f32,
+    /// The most one site's example count weighs (1 under equal weighting).
+    pub max_weight: u64,
+    /// The most sites that can be summed (the enrolled sites): the encoding's scale makes
+    /// a sum of that many unable to wrap.
+    pub max_sites: u32,
+    /// Seconds each short step (keys, shares, unmasking) waits for the sites.
+    pub step_deadline_secs: u64,
+}
+
+impl SecureRound {
+    /// What binds a round's keys to its offer: SHA-256 of the round, the try, the model it
+    /// starts from and the encoding. Every site computes it from the offer itself.
+    pub fn context(round: RoundId, attempt: u32, model_digest: &Digest, clip: f32, max_weight: u64, max_sites: u32) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"fedward-secagg-offer-v1");
+        h.update(round.0.to_be_bytes());
+        h.update(attempt.to_be_bytes());
+        h.update(model_digest.0);
+        h.update(clip.to_bits().to_be_bytes());
+        h.update(max_weight.to_be_bytes());
+        h.update(max_sites.to_be_bytes());
+        h.finalize().into()
+    }
+
+    /// The fixed-point encoding the offer states.
+    pub fn fixed_point(&self) -> Result<FixedPoint, SecAggError> {
+        FixedPoint::new(self.setup.params.modulus_bits, self.clip, self.max_weight, self.max_sites as usize)
+    }
+
+    /// What a site checks of a secure offer before it takes part: the setup valid and for
+    /// this round, the vector as long as the trainable tensors plus the weight, the context
+    /// its own computation from the offer, and an encoding that exists. Returns the
+    /// encoding.
+    pub fn check(&self, offer: &RoundOffer) -> Result<FixedPoint, SecAggError> {
+        let bad = |m: String| Err(SecAggError::Params(m));
+        self.setup.validate()?;
+        if self.setup.round != offer.round {
+            return bad(format!("secure setup for round {}, offered round {}", self.setup.round, offer.round));
+        }
+        if self.max_sites == 0 || self.max_sites as usize > MAX_SITES {
+            return bad(format!("max_sites must be 1 to {MAX_SITES}, got {}", self.max_sites));
+        }
+        let len = offer.trainable_specs().try_fold(0usize, |acc, s| acc.checked_add(element_count(&s.shape)));
+        if len.map(FixedPoint::encoded_len) != Some(self.setup.vector_len) {
+            return bad(format!("secure setup sums {} values; the offered plan trains {len:?} (plus the weight)", self.setup.vector_len));
+        }
+        let context = Self::context(offer.round, self.attempt, &offer.model_digest, self.clip, self.max_weight, self.max_sites);
+        if context != self.setup.context {
+            return bad("the secure setup's context is not this offer's".into());
+        }
+        self.fixed_point()
+    }
 }
 
 /// A site's request for a new certificate, sent over its authenticated connection before
@@ -189,6 +302,13 @@ impl Message {
             Self::Proceed(_) => "proceed",
             Self::Renew(_) => "renew",
             Self::Renewed(_) => "renewed",
+            Self::SecAggKeys(_) => "secagg-keys",
+            Self::SecAggRelayedKeys(_) => "secagg-relayed-keys",
+            Self::SecAggShares(_) => "secagg-shares",
+            Self::SecAggRelayedShares(_) => "secagg-relayed-shares",
+            Self::SecAggMasked(_) => "secagg-masked",
+            Self::SecAggUnmask(_) => "secagg-unmask",
+            Self::SecAggUnmasking(_) => "secagg-unmasking",
         }
     }
 }
@@ -289,6 +409,9 @@ pub struct RoundOffer {
     pub total_rounds: u64,
     /// How the update's tensors are to be sent (quantized after the privacy step).
     pub update_encoding: UpdateEncoding,
+    /// Set when the round is summed under secure aggregation: the site sends no `Update`
+    /// but the four `SecAgg*` steps, and refuses the round if it cannot honour this.
+    pub secure: Option<SecureRound>,
 }
 
 impl RoundOffer {
@@ -452,6 +575,8 @@ pub enum RejectCode {
     /// This coordinator issues no certificates (no `[renewal]` issuing CA), or the request
     /// could not be signed.
     RenewalUnavailable,
+    /// A secure aggregation message was refused, or the secure round failed.
+    SecureAggregation,
 }
 
 impl std::fmt::Display for RejectCode {
@@ -477,6 +602,7 @@ impl std::fmt::Display for RejectCode {
             Self::NormTooLarge => "norm-too-large",
             Self::TooSlow => "too-slow",
             Self::RenewalUnavailable => "renewal-unavailable",
+            Self::SecureAggregation => "secure-aggregation",
         };
         f.write_str(s)
     }
@@ -673,6 +799,7 @@ pub fn finish_tensor(spec: &TensorSpec, t: &mut Tensor) -> Result<(), TensorStre
 mod tests {
     use super::*;
     use crate::plan::{PrivacyPlan, Trainable};
+    use crate::secagg::{EncryptedShare, RevealedShare, SecAggParams};
     use crate::tensor::TensorSet;
 
     #[test]
@@ -728,7 +855,7 @@ mod tests {
                 budget: Some(DeclaredBudget { epsilon: 8.0, delta: 1e-5 }),
             }),
             Message::Welcome(Welcome {
-                site,
+                site: site.clone(),
                 protocol_version: 1,
                 completed_rounds: 2,
                 total_rounds: 5,
@@ -744,7 +871,9 @@ mod tests {
                 deadline_secs: 600,
                 total_rounds: 5,
                 update_encoding: UpdateEncoding::F32,
+                secure: None,
             }),
+            Message::RoundOffer(secure_offer()),
             Message::Finished(Finished { completed_rounds: 5, model_digest: digest, manifest: vec![] }),
             Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
             Message::Tensors(vec![spec()]),
@@ -760,7 +889,107 @@ mod tests {
             Message::Decline(Decline { round: RoundId(3), reason: DeclineReason::BudgetExhausted }),
             Message::Ack(Ack { round: RoundId(3) }),
             Message::Reject(Reject::new(RejectCode::StaleRound, "update for round 2, round 3 is open")),
+            Message::SecAggKeys(keys()),
+            Message::SecAggRelayedKeys(RelayedKeys { round: RoundId(3), keys: vec![keys(), keys()] }),
+            Message::SecAggShares(EncryptedShares { round: RoundId(3), from: site.clone(), shares: vec![share()] }),
+            Message::SecAggRelayedShares(RelayedShares { round: RoundId(3), to: site.clone(), shares: vec![share()] }),
+            Message::SecAggMasked(MaskedInputHeader {
+                round: RoundId(3),
+                values: 5,
+                digest: masked_values_digest(&masked_values_bytes(&[1, 2, 3, 4, 5])),
+                privacy: PrivacyUsed::off(),
+            }),
+            Message::SecAggUnmask(UnmaskRequest { round: RoundId(3), survivors: vec![site.clone()], dropped: vec![] }),
+            Message::SecAggUnmasking(UnmaskingShares {
+                round: RoundId(3),
+                from: site.clone(),
+                self_mask: vec![RevealedShare { of: site, share: [7; 32] }],
+                mask_key: vec![],
+            }),
         ]
+    }
+
+    fn keys() -> SignedKeys {
+        SignedKeys {
+            round: RoundId(3),
+            site: SiteId::new("st-marys").unwrap(),
+            cipher_pk: [1; 32],
+            mask_pk: [2; 32],
+            cert_chain: vec![vec![0x30; 600], vec![0x30; 500]],
+            signature: vec![9; 71],
+        }
+    }
+
+    fn share() -> EncryptedShare {
+        EncryptedShare {
+            from: SiteId::new("st-marys").unwrap(),
+            to: SiteId::new("st-johns").unwrap(),
+            ciphertext: vec![5; crate::secagg::SHARE_CIPHERTEXT_LEN],
+        }
+    }
+
+    /// A secure offer as the coordinator makes it: 4 trainable values plus the weight.
+    fn secure_offer() -> RoundOffer {
+        let digest = spec().digest;
+        let params = SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 };
+        let context = SecureRound::context(RoundId(3), 1, &digest, 5.0, 1000, 3);
+        RoundOffer {
+            round: RoundId(3),
+            model_digest: digest,
+            manifest: vec![spec()],
+            plan: plan(),
+            policy: PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 0.8, max_clip_norm: 2.0 },
+            deadline_secs: 600,
+            total_rounds: 5,
+            update_encoding: UpdateEncoding::F32,
+            secure: Some(SecureRound {
+                setup: RoundSetup::new(RoundId(3), params, 5).unwrap().with_context(context),
+                attempt: 1,
+                clip: 5.0,
+                max_weight: 1000,
+                max_sites: 3,
+                step_deadline_secs: 60,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_site_checks_a_secure_offer_against_the_offer_itself() {
+        let offer = secure_offer();
+        let secure = offer.secure.clone().unwrap();
+        assert!(secure.check(&offer).is_ok());
+        let refused = |f: &dyn Fn(&mut SecureRound)| {
+            let mut s = secure.clone();
+            f(&mut s);
+            s.check(&offer).unwrap_err().to_string()
+        };
+        // Another try, another model or another encoding: another context.
+        assert!(refused(&|s| s.attempt = 2).contains("context"));
+        assert!(refused(&|s| s.clip = 6.0).contains("context"));
+        assert!(refused(&|s| s.setup.vector_len = 4).contains("sums 4 values"));
+        assert!(refused(&|s| s.setup.round = RoundId(2)).contains("round"));
+        assert!(refused(&|s| s.setup.params.threshold = 1).contains("threshold"));
+        assert!(refused(&|s| s.max_sites = 0).contains("max_sites"));
+        let mut other = offer.clone();
+        other.model_digest = Digest([0; 32]);
+        assert!(secure.check(&other).unwrap_err().to_string().contains("context"));
+    }
+
+    #[test]
+    fn masked_input_sizes_are_checked_before_allocation() {
+        let values = [1u64, 2, 3, u64::MAX];
+        let bytes = masked_values_bytes(&values);
+        let header = MaskedInputHeader { round: RoundId(1), values: 4, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
+        assert_eq!(header.payload_bytes(4, 32).unwrap(), 32);
+        assert!(matches!(header.payload_bytes(5, 1 << 20), Err(MaskedInputError::Length { expected: 5, got: 4 })));
+        assert!(matches!(header.payload_bytes(4, 31), Err(MaskedInputError::TooLarge { .. })));
+        let huge = MaskedInputHeader { values: u64::MAX, ..header.clone() };
+        assert!(huge.payload_bytes(usize::MAX, usize::MAX).is_err());
+        assert_eq!(masked_values_from_bytes(&header, &bytes).unwrap(), values);
+        let mut bad = bytes.clone();
+        bad[3] ^= 1;
+        assert!(matches!(masked_values_from_bytes(&header, &bad), Err(MaskedInputError::DigestMismatch { .. })));
+        assert!(matches!(masked_values_from_bytes(&header, &bytes[..31]), Err(MaskedInputError::Ragged(31))));
     }
 
     #[test]

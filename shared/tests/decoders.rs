@@ -18,6 +18,10 @@ use proptest::test_runner::Config;
 use fedward_shared::config::{AgentConfig, CoordinatorConfig};
 use fedward_shared::ledger::{self, Body, Ledger, ReleaseRecord};
 use fedward_shared::plan::{PrivacyPlan, Trainable, TrainingPlan};
+use fedward_shared::secagg::{
+    self, EncryptedShare, EncryptedShares, RelayedShares, RevealedShare, RoundSetup, SecAggParams, SignedKeys, UnmaskRequest,
+    UnmaskingShares,
+};
 use fedward_shared::tensor::{Digest, Tensor, TensorSet, TensorSpec};
 use fedward_shared::wire::{self, Hello, Message, PrivacyUsed, RoundId, RoundOffer, SiteId, UpdateHeader};
 use fedward_shared::{audit, ledger_key, pki};
@@ -72,7 +76,54 @@ fn offer() -> Message {
         deadline_secs: 600,
         total_rounds: 10,
         update_encoding: fedward_shared::codec::UpdateEncoding::Int8Row,
+        secure: None,
     })
+}
+
+/// A secure offer and one frame of each secure aggregation step.
+fn secure_frames() -> Vec<Message> {
+    let Message::RoundOffer(mut offer) = offer() else { unreachable!() };
+    let params = SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 };
+    let context = wire::SecureRound::context(RoundId(3), 1, &offer.model_digest, 5.0, 1000, 3);
+    offer.secure = Some(wire::SecureRound {
+        setup: RoundSetup::new(RoundId(3), params, 37).unwrap().with_context(context),
+        attempt: 1,
+        clip: 5.0,
+        max_weight: 1000,
+        max_sites: 3,
+        step_deadline_secs: 60,
+    });
+    let site = SiteId::new("st-marys").unwrap();
+    let other = SiteId::new("st-johns").unwrap();
+    let keys = SignedKeys {
+        round: RoundId(3),
+        site: site.clone(),
+        cipher_pk: [1; 32],
+        mask_pk: [2; 32],
+        cert_chain: vec![vec![0x30; 300]],
+        signature: vec![9; 71],
+    };
+    let share = EncryptedShare { from: site.clone(), to: other.clone(), ciphertext: vec![5; secagg::SHARE_CIPHERTEXT_LEN] };
+    vec![
+        Message::RoundOffer(offer),
+        Message::SecAggKeys(keys.clone()),
+        Message::SecAggRelayedKeys(wire::RelayedKeys { round: RoundId(3), keys: vec![keys] }),
+        Message::SecAggShares(EncryptedShares { round: RoundId(3), from: site.clone(), shares: vec![share.clone()] }),
+        Message::SecAggRelayedShares(RelayedShares { round: RoundId(3), to: other.clone(), shares: vec![share] }),
+        Message::SecAggMasked(wire::MaskedInputHeader {
+            round: RoundId(3),
+            values: 37,
+            digest: Digest([3; 32]),
+            privacy: PrivacyUsed::off(),
+        }),
+        Message::SecAggUnmask(UnmaskRequest { round: RoundId(3), survivors: vec![site.clone()], dropped: vec![other] }),
+        Message::SecAggUnmasking(UnmaskingShares {
+            round: RoundId(3),
+            from: site.clone(),
+            self_mask: vec![RevealedShare { of: site, share: [7; 32] }],
+            mask_key: vec![],
+        }),
+    ]
 }
 
 fn frames() -> Vec<u8> {
@@ -86,7 +137,7 @@ fn frames() -> Vec<u8> {
         privacy: PrivacyUsed::off(),
         encoding: fedward_shared::codec::UpdateEncoding::Int8Row,
     });
-    [hello, offer(), update].iter().flat_map(|m| wire::encode(m).unwrap()).collect()
+    [hello, offer(), update].into_iter().chain(secure_frames()).flat_map(|m| wire::encode(&m).unwrap()).collect()
 }
 
 /// Decodes every frame in `buf` the way a stream reader would.
@@ -183,6 +234,19 @@ proptest! {
     }
 
     #[test]
+    fn masked_inputs_are_bounded_before_allocation(values in any::<u64>(), expected in 0usize..1 << 20, tail in bytes(256)) {
+        let header = wire::MaskedInputHeader { round: RoundId(1), values, digest: Digest([0; 32]), privacy: PrivacyUsed::off() };
+        let limit = 1 << 20;
+        if let Ok(n) = header.payload_bytes(expected, limit) {
+            prop_assert!(n <= limit && n == expected * 8);
+        }
+        // Whatever bytes arrive, decoding refuses or gives whole values.
+        if let Ok(v) = wire::masked_values_from_bytes(&header, &tail) {
+            prop_assert_eq!(v.len() * 8, tail.len());
+        }
+    }
+
+    #[test]
     fn checkpoints_from_arbitrary_and_damaged_bytes(b in prop_oneof![bytes(2048), mutated(safetensors_bytes())]) {
         let _ = TensorSet::from_safetensors(&b, false);
         let _ = TensorSet::from_safetensors(&b, true);
@@ -236,7 +300,7 @@ fn the_valid_starting_points_decode() {
         buf = &buf[used..];
         n += 1;
     }
-    assert_eq!(n, 3);
+    assert_eq!(n, 3 + secure_frames().len());
     assert_eq!(TensorSet::from_safetensors(&safetensors_bytes(), false).unwrap().len(), 2);
     assert!(ledger::verify(&ledger_bytes(), None).is_clean());
     CoordinatorConfig::parse(COORDINATOR_TOML, Path::new("/")).unwrap();

@@ -224,6 +224,7 @@ async fn an_agent_refuses_tensors_shaped_other_than_offered() {
                         deadline_secs: 60,
                         total_rounds: 1,
                         update_encoding: fedward_shared::codec::UpdateEncoding::F32,
+                        secure: None,
                     })
                 }
                 Message::ModelRequest(req) => {

@@ -34,6 +34,7 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         admission: Default::default(),
         max_concurrent_uploads: 2,
         renewal: None,
+        secure: None,
     }
 }
 
@@ -258,6 +259,85 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
     let args = fedward_shared::cli::VerifyArgs { ledger: ledger_file, public_key: Some(public), delta: None, json: false };
     let mut out = Vec::new();
     assert!(fedward_shared::cli::verify(&args, &mut out).unwrap(), "{}", String::from_utf8_lossy(&out));
+}
+
+/// Secure aggregation over real QUIC: three sites, threshold 2. Round 1 sums all three;
+/// in round 2 gamma's agent is killed once it has trained (after its keys and shares, before
+/// its masked input), and the round completes with alpha and beta, gamma's masks removed
+/// with their shares. The model is the weighted mean of what was summed, to the
+/// fixed-point encoding's precision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_rounds_sum_the_sites_and_survive_an_agent_killed_mid_round() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    // Every round starts with all three (quorum 3); threshold 2 lets one drop.
+    let mut s = spec(dir.path(), 2, 3, vec!["alpha", "beta", "gamma"]);
+    s.secure = Some(fedward_coordinator::round::SecureSettings {
+        params: fedward_shared::secagg::SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 },
+        step_deadline: Duration::from_secs(10),
+        trust: pki.secagg_trust(),
+    });
+    let coord = CoordinatorHandle::start(&pki, s);
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (i, (site, value, examples)) in [("alpha", 0.1, 100), ("beta", -0.2, 300), ("gamma", 0.05, 600)].into_iter().enumerate() {
+        let (trainer, sent) = ScriptedTrainer::new(value, examples);
+        let (tls, identity) = pki.site_secure(site);
+        let mut opts = agent_options(coord.addr, tls, &dir.path().join(format!("agent-{i}")), 0);
+        opts.secagg = Some(identity);
+        // Each site its own seeded stream (keys, masks, shares).
+        opts.seed = Some(100 + i as u64);
+        agents.push(spawn_agent(opts, trainer));
+        logs.push(sent);
+    }
+    // gamma's agent dies once it has trained round 2: after its keys and shares, and
+    // (almost always) before its masked input leaves.
+    let gamma = agents.pop().unwrap();
+    let gamma_log = logs[2].clone();
+    let watcher = tokio::spawn(async move {
+        while !gamma.is_finished() {
+            if gamma_log.lock().unwrap().iter().any(|s| s.round.0 == 2) {
+                gamma.abort();
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    });
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 2 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    assert!(watcher.await.unwrap(), "gamma was killed in round 2");
+    // The reference: each round's weighted mean of the sites whose masked input was summed.
+    let store = Store::open(&dir.path().join("coordinator")).unwrap();
+    let history = store.state().unwrap().history.clone();
+    let mut expected = tiny_global();
+    for round in 1..=2u64 {
+        let record = history.iter().find(|r| r.round == round && r.model_digest.is_some()).expect("the round completed");
+        let summed: Vec<&str> = record.sites.iter().map(|s| s.site.as_str()).collect();
+        // Round 1 sums all three; round 2 at least the two survivors (gamma too, in the
+        // rare case its masked input left before it was killed).
+        let expect: &[&str] = if round == 1 { &["alpha", "beta", "gamma"] } else { &["alpha", "beta"] };
+        assert!(expect.iter().all(|s| summed.contains(s)), "round {round}: {summed:?}");
+        let sent: Vec<Sent> = ["alpha", "beta", "gamma"]
+            .iter()
+            .zip(&logs)
+            .filter(|(site, _)| summed.contains(site))
+            .map(|(_, l)| l.lock().unwrap().iter().rfind(|s| s.round.0 == round).cloned().expect("sent"))
+            .collect();
+        let updates: Vec<(u64, &TensorSet)> = sent.iter().map(|s| (s.num_examples, &s.delta)).collect();
+        apply_weighted_mean(&mut expected, &updates);
+    }
+    let (model, completed) = store.load_current().unwrap().unwrap();
+    assert_eq!(completed, 2);
+    for (name, t) in model.iter() {
+        let e = expected.get(name).unwrap();
+        for (a, b) in t.data().iter().zip(e.data()) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+        }
+    }
 }
 
 /// Under `update_encoding = "int8-row"` the sites send quantized deltas (a quarter of the

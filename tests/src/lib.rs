@@ -88,6 +88,23 @@ impl TestPki {
     pub fn site_tls(&self, site: &str) -> Arc<rustls::ClientConfig> {
         self.site_tls_with(site, Validity::days_from(now(), 2), self)
     }
+
+    /// A site's TLS config and its secure aggregation identity, from one certificate.
+    pub fn site_secure(&self, site: &str) -> (Arc<rustls::ClientConfig>, fedward_agent::daemon::SecAggIdentity) {
+        let id = SiteId::new(site).expect("site id");
+        let req = pki::site_request(&id).expect("csr");
+        let cert = pki::sign_site_request(&self.ca, &req.csr_pem, &id, Validity::days_from(now(), 2), serial(3)).expect("sign");
+        let material = TlsMaterial { ca_pem: self.ca.cert_pem.as_bytes(), cert_pem: cert.as_bytes(), key_pem: req.key_pem.as_bytes() };
+        let tls = Arc::new(tls::client_config(&material).expect("client tls"));
+        let creds = fedward_shared::secagg::SiteCredentials::from_pem(cert.as_bytes(), req.key_pem.as_bytes()).expect("credentials");
+        let trust = self.secagg_trust();
+        (tls, fedward_agent::daemon::SecAggIdentity { creds, trust })
+    }
+
+    /// What the consortium's sites and coordinator check secure aggregation keys against.
+    pub fn secagg_trust(&self) -> fedward_shared::secagg::Trust {
+        fedward_shared::secagg::Trust::from_ca_pem(self.ca.cert_pem.as_bytes()).expect("trust")
+    }
 }
 
 /// A small model with BERT-style names: only `classifier.*` trains under `Trainable::Head`.
@@ -135,6 +152,8 @@ pub struct CoordinatorSpec {
     pub max_concurrent_uploads: usize,
     /// The issuing CA that renews site certificates, if any.
     pub renewal: Option<Arc<fedward_coordinator::renewal::Issuer>>,
+    /// Secure aggregation, if the rounds run it.
+    pub secure: Option<fedward_coordinator::round::SecureSettings>,
 }
 
 /// Short timeouts, so a test sees a dead peer quickly, with room for a loaded machine.
@@ -197,6 +216,7 @@ impl CoordinatorHandle {
             policy: spec.policy,
             aggregation: spec.aggregation,
             enrolled: spec.sites.iter().map(|s| SiteId::new(*s).expect("site")).collect::<BTreeSet<_>>(),
+            secure: spec.secure.clone(),
         };
         let keys = spec.state_dir.join("keys");
         if !keys.join(SIGNING_KEY_FILE).exists() {
@@ -417,6 +437,7 @@ pub fn agent_options(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, state_dir
         seed: Some(7),
         renewal: None,
         fail_after_ledger_write: false,
+        secagg: None,
     }
 }
 

@@ -13,7 +13,7 @@ use super::{
     graph, shamir, EncryptedShare, EncryptedShares, MaskedInput, RelayedShares, RevealedShare, RoundSetup, SecAggError, SignedKeys, Step,
     UnmaskRequest, UnmaskingShares, MAX_SITES, SHARE_CIPHERTEXT_LEN,
 };
-use crate::wire::SiteId;
+use crate::ids::SiteId;
 
 /// One site's secure aggregation state for one round.
 ///

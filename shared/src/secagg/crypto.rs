@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use sha2::Sha256;
 
 use super::{RoundSetup, SecAggError, SignedKeys, MAX_CERT_LEN, MAX_CHAIN_LEN, MAX_SIGNATURE_LEN};
-use crate::wire::SiteId;
+use crate::ids::SiteId;
 
 /// HKDF salt: separates these keys from any other use of the same secrets.
 const KDF_SALT: &[u8] = b"fedward-secagg-v1";

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
 use super::RoundSetup;
-use crate::wire::SiteId;
+use crate::ids::SiteId;
 
 /// Each site's neighbours (never itself), for the sorted, distinct `sites`. Symmetric:
 /// `v` is `u`'s neighbour exactly when `u` is `v`'s. Every participant computes the same
@@ -49,8 +49,8 @@ pub fn neighbours(setup: &RoundSetup, sites: &[SiteId]) -> BTreeMap<SiteId, BTre
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::RoundId;
     use crate::secagg::SecAggParams;
-    use crate::wire::RoundId;
 
     fn sites(n: usize) -> Vec<SiteId> {
         let mut v: Vec<SiteId> = (0..n).map(|i| SiteId::new(format!("site-{i:03}")).unwrap()).collect();

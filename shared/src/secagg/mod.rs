@@ -96,11 +96,13 @@ mod tests;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::wire::{RoundId, SiteId};
+use crate::ids::{RoundId, SiteId};
 
 pub use client::SecAggClient;
 pub use crypto::{SiteCredentials, Trust};
 pub use quant::{FixedPoint, WeightedMean};
+/// The wall-clock time certificates are checked at (the caller reads the clock).
+pub use rustls_pki_types::UnixTime;
 pub use server::{SecAggOutput, SecAggServer};
 
 /// Most sites one round may hold: bounds every list a peer sends.

@@ -19,7 +19,7 @@ use super::{
     crypto, graph, EncryptedShare, EncryptedShares, MaskedInput, RelayedShares, RevealedShare, RoundSetup, SecAggError, ShareKind,
     SignedKeys, Step, UnmaskRequest, UnmaskingShares, MAX_CERT_LEN, MAX_CHAIN_LEN, MAX_SIGNATURE_LEN, MAX_SITES, SHARE_CIPHERTEXT_LEN,
 };
-use crate::wire::SiteId;
+use crate::ids::SiteId;
 
 /// The result of a round: the sum of the survivors' inputs and who took part.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl SecAggServer {
         }
     }
 
-    fn check_round(&self, round: crate::wire::RoundId) -> Result<(), SecAggError> {
+    fn check_round(&self, round: crate::ids::RoundId) -> Result<(), SecAggError> {
         if round == self.setup.round {
             Ok(())
         } else {

@@ -10,8 +10,8 @@ use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
 
 use super::*;
+use crate::ids::RoundId;
 use crate::pki::{self, CertifiedKey, Validity};
-use crate::wire::RoundId;
 
 const T0: i64 = 1_780_000_000;
 
