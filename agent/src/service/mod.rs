@@ -196,8 +196,11 @@ async fn reload_if_newer(state: &AppState, source: &ModelSource, device: &candle
     }
     match tokio::task::block_in_place(|| source.load(device)) {
         Ok(loaded) => {
-            info!(model = %loaded.version, "serving a new model");
+            // Installed before it is announced: whoever reads the line (an operator, the
+            // reload test) can rely on the new model answering.
+            let version = loaded.version.clone();
             *state.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
+            info!(model = %version, "serving a new model");
         }
         Err(e) => error!(cause = format!("{e:#}"), "could not load the model; still serving the previous one"),
     }
