@@ -585,10 +585,14 @@ fn prefixed(r: &mut Renderer<'_>, p: f64, bank: Bank, mut block: Vec<Part>) -> V
 fn story(r: &mut Renderer<'_>, p: f64) -> Vec<Part> {
     let mut out = Vec::new();
     if r.chance(p) {
-        out.push(part(r.bank(STORY), 1));
+        let first = r.bank(STORY);
         if r.chance(0.5) {
-            out.push(part(r.bank(STORY), 1));
+            let second = r.bank(STORY);
+            if second != first {
+                out.push(part(second, 1));
+            }
         }
+        out.insert(0, part(first, 1));
     }
     out
 }
