@@ -87,6 +87,16 @@ pub(super) const ASK_LABEL: [Bank; 4] = [
         "{could|can} you {come and|} {r/v|review|see} {pt|<ref>}{ please|}?",
         "are you able to {come and see|review} {<ref>|pt} {soon|asap|}?",
         "{would you mind reviewing|would you be able to see|could you see} {<ref>|pt} {when free|asap}?",
+        "<who> to <loc> {pls|please|asap|}",
+        "<who> {pls|please} - <loc>",
+        "<teamm> {pls|please}: {<loc>|<ref>}",
+        "<who> {needed|wanted} {at|in} <loc>",
+        "{need|needs} <who> {here|on the ward|at the bedside} {now|asap|}",
+        "{can|could} <who> {call|ring} {the ward|back} {re <ref>|}?",
+        "{pls|please} {call|ring|bleep} <who> {re <ref>|}",
+        "<who> {to advise|for advice} {re <ref>|on management|}",
+        "{over to|for} <who> {pls|please}",
+        "{attending|resident|hospitalist|intern} {pls|please} {- <loc>|}",
     ],
     // bed
     &[
@@ -582,7 +592,6 @@ pub(super) const TAIL: Bank = &[
     "{bloods|U&E|VBG} in {the morning|6h|am}",
     "{will|we'll} {hand over|update} {to nights|at handover|the day team}",
     "{thanks|thank you} {in advance|}",
-    "{escalate|call back} if {worse|NEWS2 rises|concerned}",
 ];
 
 /// Numbered plan lines around the ask: "Plan: 1) ... 2) <ask> 3) ...".

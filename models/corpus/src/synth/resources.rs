@@ -2607,7 +2607,7 @@ static RESOURCES: [Resource; 74] = [
             "{still no|no} {report|result} {for|on} {the CT|the chest film|the biopsy|cultures} {- pls chase|, can someone chase|}",
             "{chase|chasing} {histology|the biopsy|culture|sensitivities} {result|results} {pls|please|today}",
             "{awaiting|waiting on} {the formal report|the radiology report|the result} {- pls chase|before d/c}",
-            "{can|could} {someone|you} {ring|call} {radiology|micro|the lab} {for|about} the {report|result}?",
+            "{report|result} {still|} {outstanding|pending} - {pls|please} {chase|follow up} {with radiology|with micro|with the lab}",
         ],
         reasons: &["{needed for d/c|holding up d/c}", "{scan done <dur> ago|sent <dur> ago}", "{plan depends on it|decides abx}"],
         child_reasons: NONE,
