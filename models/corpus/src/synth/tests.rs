@@ -509,7 +509,15 @@ fn bed_negations_and_bed_locations_stay_out_of_bed_notes() {
     cfg.notes_per_site = 400;
     cfg.hard_share = Some(1.0);
     let c = generate(&cfg).unwrap();
-    let neg = ["not asking for a bed", "not a bed issue", "not a bed problem", "not a bed question", "not after a bed", "not looking for a bed", "isn't after a bed"];
+    let neg = [
+        "not asking for a bed",
+        "not a bed issue",
+        "not a bed problem",
+        "not a bed question",
+        "not after a bed",
+        "not looking for a bed",
+        "isn't after a bed",
+    ];
     let negated: Vec<&Example> = c.examples().filter(|e| neg.iter().any(|n| e.text.to_lowercase().contains(n))).collect();
     assert!(negated.iter().all(|e| e.label != Label::Bed), "{:?}", negated.iter().find(|e| e.label == Label::Bed));
     let doctor = negated.iter().filter(|e| e.label == Label::Doctor).count();
@@ -541,7 +549,8 @@ fn devices_in_place_are_distractors_in_other_labels() {
 fn some_asks_sit_in_the_middle_of_a_plan() {
     let c = corpus(31, SynthConfig::all_style_sites(), 500, 1.0);
     for l in Label::ALL {
-        let n = c.examples().filter(|e| e.label == l && e.text.contains(" 1) ") && e.text.contains(" 2) ") && e.text.contains(" 3) ")).count();
+        let n =
+            c.examples().filter(|e| e.label == l && e.text.contains(" 1) ") && e.text.contains(" 2) ") && e.text.contains(" 3) ")).count();
         assert!(n >= 3, "{l}: {n} numbered plans");
     }
     let long = c.examples().filter(|e| compose::words(&e.text) >= 20).count() as f64 / c.examples().count() as f64;
