@@ -59,6 +59,14 @@ struct Args {
     /// The per-site privacy budget of the DP run.
     #[arg(long, default_value_t = 8.0)]
     epsilon: f64,
+    /// The DP run's mechanism: `record-level` (DP-SGD at each site: a record's presence),
+    /// `site-level` (each site clips its update to --dp-update-clip-norm and adds the whole
+    /// Gaussian noise: a hospital's presence), or `distributed` (site-level adjacency under
+    /// secure aggregation, threshold 2 of 3: each site adds a discrete Gaussian share so
+    /// that any 2 honest sites' shares carry the whole noise; docs/PRIVACY.md). The two
+    /// site-level mechanisms train --dp-trainable with the run without DP's optimiser.
+    #[arg(long, default_value = "record-level")]
+    dp_mode: PrivacyMode,
     /// Rounds of the DP run [default: --rounds]. At a fixed epsilon each extra round costs
     /// a little more noise per step but keeps paying when sites hold many records: with
     /// 10,000 notes per site, 40 rounds brought the DP model within 5 points of the run
@@ -430,6 +438,8 @@ fn prepare_out_dir(out: &Path) -> Result<PathBuf> {
 /// Parameters of the record-level DP run.
 #[derive(Clone, Copy, Debug, Serialize)]
 struct DpSettings {
+    #[serde(serialize_with = "as_string")]
+    mode: PrivacyMode,
     noise_multiplier: f64,
     clip_norm: f64,
     sampling_rate: f64,
@@ -453,6 +463,50 @@ impl DpSettings {
     /// The smallest noise that keeps the smallest site within `--epsilon` over all rounds
     /// (a bigger site samples at the same rate, so it spends the same).
     fn for_budget(args: &Args, min_train: usize) -> Result<Self> {
+        match args.dp_mode {
+            PrivacyMode::RecordLevel => Self::record_level(args, min_train),
+            PrivacyMode::SiteLevel | PrivacyMode::Distributed => Self::site_level(args),
+            PrivacyMode::Off => bail!("--dp-mode off: leave out --dp for a run without DP"),
+        }
+    }
+
+    /// Site-level adjacency, one Gaussian release per round. The distributed share's
+    /// epsilon is the distributed accountant's, within 0.1% of this one at the demo's
+    /// settings (its integer rounding): the central multiplier is raised 1% to cover it,
+    /// and each agent's ledger records the exact figure.
+    fn site_level(args: &Args) -> Result<Self> {
+        let rounds = args.dp_rounds.unwrap_or(args.rounds);
+        let mut plan = Plan {
+            mode: PrivacyMode::SiteLevel,
+            noise_multiplier: 1.0,
+            clip_norm: args.dp_update_clip_norm,
+            sampling_rate: 0.0,
+            steps_per_round: 1,
+            rounds: u64::from(rounds),
+            delta: DELTA,
+        };
+        plan.noise_multiplier = plan_min_sigma(&plan, args.epsilon * 0.98)?.noise_multiplier;
+        let planned_epsilon = plan_epsilon(&plan)?;
+        if args.dp_mode == PrivacyMode::Distributed {
+            plan.noise_multiplier *= 1.01;
+        }
+        Ok(Self {
+            mode: args.dp_mode,
+            noise_multiplier: plan.noise_multiplier,
+            clip_norm: plan.clip_norm,
+            sampling_rate: 0.0,
+            update_clip_norm: plan.clip_norm,
+            steps_per_round: 0,
+            rounds,
+            planned_epsilon,
+            trainable: args.dp_trainable,
+            optimizer: Optimizer::AdamW,
+            learning_rate: args.learning_rate,
+            local_epochs: args.local_epochs,
+        })
+    }
+
+    fn record_level(args: &Args, min_train: usize) -> Result<Self> {
         let sampling_rate = (f64::from(args.dp_batch_size) / min_train as f64).min(1.0);
         // What each agent's DP-SGD will take: local epochs / q steps a round.
         let steps_per_round = dp_sgd_steps(args.dp_local_epochs, sampling_rate)?;
@@ -470,6 +524,7 @@ impl DpSettings {
         plan.noise_multiplier = plan_min_sigma(&plan, args.epsilon * 0.98)?.noise_multiplier;
         let planned_epsilon = plan_epsilon(&plan)?;
         Ok(Self {
+            mode: PrivacyMode::RecordLevel,
             noise_multiplier: plan.noise_multiplier,
             clip_norm: plan.clip_norm,
             sampling_rate,
@@ -593,6 +648,18 @@ fn federate(
             SITES.len(),
             args.rounds,
             args.trainable
+        )),
+        Some(d) if d.mode != PrivacyMode::RecordLevel => step(&format!(
+            "federation with {} DP{}, training {} with {}: clip {} on each site's update, central noise multiplier {:.3}{}, {} rounds; planned epsilon {:.2} at delta {DELTA} per site",
+            d.mode,
+            if d.mode == PrivacyMode::Distributed { " under secure aggregation" } else { secure },
+            d.trainable,
+            d.optimizer,
+            d.clip_norm,
+            d.noise_multiplier,
+            if d.mode == PrivacyMode::Distributed { " (a share at each site; any 2 honest sites carry it)" } else { " (added in full by every site)" },
+            d.rounds,
+            d.planned_epsilon
         )),
         Some(d) => step(&format!(
             "federation with record-level DP{secure}, training {} with {}: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round, {} rounds, learning rate {}; planned epsilon {:.2} at delta {DELTA} per site",
@@ -774,7 +841,16 @@ fn coordinator_config(
 ) -> String {
     let ca = out.join("pki/consortium");
     // Masked sums are of fixed-point f32 values: secure aggregation takes no other encoding.
-    let (method, encoding, secure) = if args.secure {
+    let distributed = dp.is_some_and(|d| d.mode == PrivacyMode::Distributed);
+    let (method, encoding, secure) = if distributed {
+        // Every site weighs 1: a share scaled by its example count has that much more
+        // sensitivity (docs/PRIVACY.md).
+        (
+            "method = \"secure\"\nweighting = \"equal\"\n",
+            UpdateEncoding::F32,
+            "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n",
+        )
+    } else if args.secure {
         ("method = \"secure\"\n", UpdateEncoding::F32, "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n")
     } else {
         ("", args.update_encoding, "")
@@ -784,6 +860,15 @@ fn coordinator_config(
         // honest `body:1` updates measured 7.8 to 10.7, so 50 never touches them and still
         // caps what one site could do.
         None => format!("mode = \"off\"\n\n[aggregation]\n{method}max_update_norm = 50.0\nupdate_encoding = \"{encoding}\"\n"),
+        Some(d) if d.mode != PrivacyMode::RecordLevel => format!(
+            "mode = \"{}\"\nnoise_multiplier = {}\nclip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n{}\n[aggregation]\n{method}update_encoding = \"{encoding}\"\n",
+            d.mode,
+            d.noise_multiplier,
+            d.clip_norm,
+            d.noise_multiplier,
+            d.clip_norm,
+            if distributed { "min_honest = 2\n" } else { "" }
+        ),
         Some(d) => format!(
             "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n\n[aggregation]\n{method}update_encoding = \"{encoding}\"\n",
             d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm
