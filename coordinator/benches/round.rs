@@ -15,8 +15,9 @@
 //! table, writes JSON to `--out` and the tensor layout to `--layout` (for the baseline).
 //!
 //! `--params body:K` (or any trainable spec but `all`) takes instead MiniLM's tensors that
-//! the spec trains, at their own shapes, every one of them trainable: a demo round's update
-//! and, after round 1 (when a site's cache holds the frozen tensors), its download.
+//! the spec trains, at their own shapes, offered with that spec (plus the classifier and a
+//! one-word embedding, frozen, which the coordinator needs): a demo round's update and,
+//! after round 1 (a site's cache then holds the frozen tensors), its download.
 //!
 //! `--aggregation secure` runs secure aggregation (`[aggregation] method = "secure"`):
 //! `--threshold`, `--neighbours` and `--secure-min-sites` default to what a deployment of
@@ -94,12 +95,21 @@ enum ModelSpec {
     Trained(Trainable),
 }
 
-/// MiniLM's tensors that `spec` trains, at their own shapes.
+/// MiniLM's tensors that `spec` trains, at their own shapes, beside the few frozen ones
+/// the coordinator needs to start (the classifier, and the word embeddings with one word:
+/// they give it the hidden size). Offered with `spec` as the plan's trainable set.
 fn trained_part(spec: &Trainable, rng: &mut impl Rng) -> TensorSet {
     let minilm = minilm_shaped_model(rng);
     let names: Vec<&str> = minilm.iter().map(|(n, _)| n).collect();
     let keep = spec.select(names.iter().copied());
-    minilm.iter().filter(|(n, _)| keep.iter().any(|k| k == n)).map(|(n, t)| (n.to_owned(), t.clone())).collect()
+    let mut set: TensorSet = minilm
+        .iter()
+        .filter(|(n, _)| n.starts_with("classifier.") || keep.iter().any(|k| k == n))
+        .map(|(n, t)| (n.to_owned(), t.clone()))
+        .collect();
+    let word = minilm.get("bert.embeddings.word_embeddings.weight").expect("MiniLM's layout has word embeddings");
+    set.insert("bert.embeddings.word_embeddings.weight", Tensor::new(vec![1, HIDDEN], word.data()[..HIDDEN].to_vec()).expect("shape"));
+    set
 }
 
 fn parse_model(s: &str) -> Result<ModelSpec> {
@@ -351,9 +361,9 @@ struct Run {
 
 fn run(agent_bin: &Path, spec: &ModelSpec, sites: usize, rounds: u64, layout: Option<&Path>, secure: Option<SecureSettings>) -> Result<Run> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    let model = match spec {
-        ModelSpec::Params(p) => model(*p, &mut rng),
-        ModelSpec::Trained(t) => trained_part(t, &mut rng),
+    let (model, trainable) = match spec {
+        ModelSpec::Params(p) => (model(*p, &mut rng), "all".to_owned()),
+        ModelSpec::Trained(t) => (trained_part(t, &mut rng), t.to_string()),
     };
     let (params, tensors) = (model.element_count(), model.len());
     if let Some(path) = layout {
@@ -367,7 +377,7 @@ fn run(agent_bin: &Path, spec: &ModelSpec, sites: usize, rounds: u64, layout: Op
         None => "[aggregation]\nmax_update_norm = 50\n".to_owned(),
         Some(s) => format!("[aggregation]\nmethod = \"secure\"\nmax_update_norm = 50\n{}", s.toml()),
     };
-    let consortium = Consortium::new(&model, "all", &names, sites, rounds, &extra)?;
+    let consortium = Consortium::new(&model, &trainable, &names, sites, rounds, &extra)?;
     drop(model);
     let (tx, rx) = mpsc::channel();
     let mut children = Children(Vec::new());
@@ -387,6 +397,12 @@ fn run(agent_bin: &Path, spec: &ModelSpec, sites: usize, rounds: u64, layout: Op
         let line = rx.recv_timeout(listening.saturating_duration_since(Instant::now())).context("the coordinator did not start")?;
         if line.text.contains("listening for agents") {
             break;
+        }
+        if line.eof {
+            bail!("the coordinator exited before it listened");
+        }
+        if line.text.contains("\"level\":\"WARN\"") || line.text.contains("\"level\":\"ERROR\"") || !line.text.starts_with('{') {
+            eprintln!("coordinator: {}", line.text);
         }
     }
     let mut agent_pids = Vec::new();
