@@ -819,7 +819,7 @@ async fn secure_release(
             return Ok(());
         }
     };
-    let bytes = wire::masked_values_bytes(&masked.values);
+    let bytes = wire::masked_values_bytes(&masked.values, wire::masked_value_width(terms.setup.params.modulus_bits));
     let digest = wire::masked_values_digest(&bytes);
     let header = MaskedInputHeader { round: offer.round, values: masked.values.len() as u64, digest, privacy: used };
     drop(masked);

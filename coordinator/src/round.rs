@@ -1059,8 +1059,10 @@ impl RoundMachine {
         let max_bytes = self.settings.max_update_bytes.saturating_mul(2);
         let c = self.secure_for(site, header.round, Step::MaskedInput)?;
         let Some(s) = &mut c.secure else { return Err(Reject::new(RejectCode::StaleRound, "the round closed")) };
-        let bytes =
-            header.payload_bytes(s.offer.setup.vector_len, max_bytes).map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
+        let width = fedward_shared::wire::masked_value_width(s.offer.setup.params.modulus_bits);
+        let bytes = header
+            .payload_bytes(s.offer.setup.vector_len, width, max_bytes)
+            .map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
         s.uploading.insert(site.clone());
         Ok(bytes)
     }
@@ -2211,7 +2213,7 @@ mod tests {
         fn send_masked(m: &mut RoundMachine, t: Instant, s: &mut Site, fixed: &FixedPoint, rng: &mut ChaCha20Rng) -> MaskedInputHeader {
             let input = fixed.encode(&s.update, s.weight, rng).unwrap();
             let masked = s.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values);
+            let bytes = masked_values_bytes(&masked.values, 8);
             let header = MaskedInputHeader {
                 round: masked.round,
                 values: masked.values.len() as u64,
@@ -2376,7 +2378,7 @@ mod tests {
             input[0] = 1 << 46;
             input[4] = 1;
             let masked = c.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values);
+            let bytes = masked_values_bytes(&masked.values, 8);
             let header =
                 MaskedInputHeader { round: RoundId(1), values: 5, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
             m.begin_masked(&c.id, &header).unwrap();

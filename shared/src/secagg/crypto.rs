@@ -58,10 +58,20 @@ pub fn share_key(dh: &[u8; 32], setup: &RoundSetup, from: &SiteId, to: &SiteId) 
 /// Adds `sign * PRG(seed)` to `acc` modulo `2^64` (the caller reduces to `2^bits`): one
 /// ChaCha20 word per coordinate, uniform modulo any power of two.
 pub fn add_mask(acc: &mut [u64], seed: [u8; 32], negate: bool) {
+    /// Words of keystream drawn at once: 4 KiB, a few ChaCha blocks.
+    const CHUNK: usize = 512;
     let mut prg = ChaCha20Rng::from_seed(seed);
-    for a in acc.iter_mut() {
-        let m = prg.next_u64();
-        *a = if negate { a.wrapping_sub(m) } else { a.wrapping_add(m) };
+    // The keystream a chunk at a time: the same words in the same order as one `next_u64`
+    // per coordinate (the generator's bytes are its words, little-endian), without a call
+    // and a buffer check per word, and a loop the compiler vectorises.
+    let mut buf = [0u8; 8 * CHUNK];
+    for chunk in acc.chunks_mut(CHUNK) {
+        let bytes = &mut buf[..8 * chunk.len()];
+        prg.fill_bytes(bytes);
+        for (a, m) in chunk.iter_mut().zip(bytes.chunks_exact(8)) {
+            let m = u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]);
+            *a = if negate { a.wrapping_sub(m) } else { a.wrapping_add(m) };
+        }
     }
 }
 

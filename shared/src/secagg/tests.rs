@@ -968,3 +968,26 @@ fn secagg_throughput() {
         "secagg n={n} len={len}: keys and shares (all sites) {setup_secs:.3} s, masking per site {mask_secs:.3} s, unmasking at the server {finish_secs:.3} s"
     );
 }
+
+#[test]
+fn a_mask_is_the_keystream_one_word_per_coordinate_whatever_the_length() {
+    // `add_mask` draws the keystream a chunk at a time; the masks must stay what the
+    // protocol states, one ChaCha20 `next_u64` per coordinate, across chunk boundaries.
+    let seed = [7u8; 32];
+    for len in [0, 1, 511, 512, 513, 1500] {
+        let start: Vec<u64> = (0..len as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        for negate in [false, true] {
+            let mut prg = ChaCha20Rng::from_seed(seed);
+            let want: Vec<u64> = start
+                .iter()
+                .map(|a| {
+                    let m = prg.next_u64();
+                    if negate { a.wrapping_sub(m) } else { a.wrapping_add(m) }
+                })
+                .collect();
+            let mut got = start.clone();
+            crypto::add_mask(&mut got, seed, negate);
+            assert_eq!(got, want, "length {len}, negate {negate}");
+        }
+    }
+}
