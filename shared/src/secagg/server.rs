@@ -313,10 +313,12 @@ impl SecAggServer {
                 }
             }
         }
+        // Every mask to remove, expanded together at the end (`add_masks`).
+        let mut masks = Vec::new();
         for u in &self.masked {
             let points = b_points.get(u).map(Vec::as_slice).unwrap_or(&[]);
             let b = recover(u, ShareKind::SelfMask, points, t)?;
-            crypto::add_mask(&mut sum, crypto::self_mask_seed(&b.to_bytes(), &self.setup, u), true);
+            masks.push((crypto::self_mask_seed(&b.to_bytes(), &self.setup, u), true));
         }
         let dropped: Vec<SiteId> = self.shares.keys().filter(|u| !self.masked.contains(*u)).cloned().collect();
         for v in &dropped {
@@ -331,9 +333,10 @@ impl SecAggServer {
             for w in self.graph[v].iter().filter(|w| self.masked.contains(*w)) {
                 let dh = sk.diffie_hellman(&PublicKey::from(self.keys[w].mask_pk));
                 let seed = crypto::pairwise_seed(dh.as_bytes(), &self.setup, v, w);
-                crypto::add_mask(&mut sum, seed, v > w);
+                masks.push((seed, v > w));
             }
         }
+        crypto::add_masks(&mut sum, &masks);
         for s in sum.iter_mut() {
             *s &= mask;
         }
