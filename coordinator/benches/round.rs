@@ -367,7 +367,14 @@ struct Run {
     rounds: Vec<RoundFigures>,
 }
 
-fn run(agent_bin: &Path, spec: &ModelSpec, sites: usize, rounds: u64, layout: Option<&Path>, secure: Option<SecureSettings>) -> Result<Run> {
+fn run(
+    agent_bin: &Path,
+    spec: &ModelSpec,
+    sites: usize,
+    rounds: u64,
+    layout: Option<&Path>,
+    secure: Option<SecureSettings>,
+) -> Result<Run> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let (model, trainable) = match spec {
         ModelSpec::Params(p) => (model(*p, &mut rng), "all".to_owned()),
@@ -662,9 +669,11 @@ fn main() -> Result<()> {
                 })
             })
             .collect();
-        let secure = r.secure.map(|s| serde_json::json!({
-            "threshold": s.threshold, "neighbours": s.neighbours, "min_sites": s.min_sites, "modulus_bits": s.modulus_bits,
-        }));
+        let secure = r.secure.map(|s| {
+            serde_json::json!({
+                "threshold": s.threshold, "neighbours": s.neighbours, "min_sites": s.min_sites, "modulus_bits": s.modulus_bits,
+            })
+        });
         let json = serde_json::json!({
             "system": "fedward", "aggregation": if secure.is_some() { "secure" } else { "plain" }, "secure": secure,
             "params": r.params, "tensors": r.tensors, "sites": r.sites, "rounds": rounds,
