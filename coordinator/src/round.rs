@@ -2099,7 +2099,8 @@ mod tests {
 
         use fedward_shared::pki::{self, Validity};
         use fedward_shared::secagg::{RelayedShares, SecAggClient, SiteCredentials, UnmaskRequest};
-        use fedward_shared::wire::{masked_values_bytes, masked_values_digest};
+        // The rounds here are modulo 2^48 (`setup` below): 6 bytes a masked value.
+        use fedward_shared::wire::{masked_value_width, masked_values_bytes, masked_values_digest};
         use rand_chacha::rand_core::SeedableRng;
         use rand_chacha::ChaCha20Rng;
         use time::OffsetDateTime;
@@ -2213,7 +2214,7 @@ mod tests {
         fn send_masked(m: &mut RoundMachine, t: Instant, s: &mut Site, fixed: &FixedPoint, rng: &mut ChaCha20Rng) -> MaskedInputHeader {
             let input = fixed.encode(&s.update, s.weight, rng).unwrap();
             let masked = s.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values, 8);
+            let bytes = masked_values_bytes(&masked.values, masked_value_width(48));
             let header = MaskedInputHeader {
                 round: masked.round,
                 values: masked.values.len() as u64,
@@ -2378,7 +2379,7 @@ mod tests {
             input[0] = 1 << 46;
             input[4] = 1;
             let masked = c.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values, 8);
+            let bytes = masked_values_bytes(&masked.values, masked_value_width(48));
             let header =
                 MaskedInputHeader { round: RoundId(1), values: 5, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
             m.begin_masked(&c.id, &header).unwrap();
