@@ -304,9 +304,9 @@ impl SecureSettings {
     /// `3 log2 n` at 50 sites); the threshold two thirds of a group (rounded up, so more
     /// than half as the config requires); a round starts with two thirds of the sites.
     /// The modulus `2^48`: with the default weight clamp (100,000 examples) and the bound
-    /// of 50, the fixed-point error of the mean stays below `2e-9` per coordinate at 50
-    /// sites (`FixedPoint::mean_error_bound`), a few times an f32 mean's own rounding, and
-    /// a masked value crosses in 6 bytes instead of the default `2^64`'s 8.
+    /// of 50, the fixed-point error of the mean stays below `1.9e-9` per coordinate at 50
+    /// sites of 1,000 examples (`FixedPoint::mean_error_bound`), about `3e-7` of a demo
+    /// update's typical coordinate, and a masked value crosses in 6 bytes, not 8.
     fn for_sites(n: usize) -> Self {
         let neighbours = (n > 17).then_some(16);
         let group = neighbours.map_or(n, |k| k + 1);
