@@ -45,6 +45,7 @@ fail() { echo "check-guides: $*" >&2; exit 1; }
 python3 -c 'import sys; assert sys.version_info >= (3, 8)' 2>/dev/null || fail "needs python3 (3.8+)"
 [ -f models-data/all-MiniLM-L6-v2/model.safetensors ] || fail "needs the base model: scripts/fetch-models.sh"
 bin_dir=${FEDWARD_BIN_DIR:-$root/target/debug}
+bin_dir=$(cd "$bin_dir" 2>/dev/null && pwd || echo "$bin_dir")  # relative to the caller, not the scratch directory
 for b in fedward-agent fedward-coordinator; do
   [ -x "$bin_dir/$b" ] || fail "no $bin_dir/$b: cargo build -p fedward-agent -p fedward-coordinator (or set FEDWARD_BIN_DIR)"
 done

@@ -39,7 +39,8 @@ use fedward_shared::failpoint;
 use fedward_shared::fsutil;
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::ledger_file::{self, Fragment, LedgerFile, TailRepair};
-use fedward_shared::secagg::{SecAggClient, SiteCredentials, Trust, UnixTime};
+use fedward_shared::plan::PrivacyPlan;
+use fedward_shared::secagg::{SecAggClient, SecAggError, SiteCredentials, Trust, UnixTime};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
     self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, MaskedInputHeader, Message, ModelRequest, Ready, RoundId, RoundOffer,
@@ -48,12 +49,16 @@ use fedward_shared::wire::{
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
 use crate::outbox::ReleasedUpdate;
-use crate::privacy::{disclosed, privacy_used, privatize, quantize_update};
+use crate::privacy::{disclosed, distributed_input, privacy_used, privatize, quantize_update};
 use crate::session::{
     assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, review_secure,
     secure_input, tensors_to_fetch, unrecorded_acceptances, Approved, CachedModel, CachedRelease, Decision, Prior, SecureTerms,
 };
 use crate::status::{Phase, StatusWriter};
+
+/// The most threads that sample a distributed DP noise share at once (the exact sampler
+/// is single-threaded; see [`distributed_input`]).
+const MAX_NOISE_THREADS: usize = 8;
 
 /// How the daemon connects and behaves.
 #[derive(Clone, Debug)]
@@ -798,7 +803,14 @@ async fn secure_release(
     let used = privacy_used(&offer.plan.privacy, approved, opts.budget.delta);
     // The weight travels inside the sum: the count as it would be disclosed.
     let (weight, _) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, examples, local);
-    let input = match secure_input(offer, &delta, terms.clip) {
+    // Under distributed DP the update is clipped to the plan's norm (the offer's bound
+    // leaves room for the noise) and noised as integers below.
+    let share = approved.release.distributed;
+    let clip = match offer.plan.privacy {
+        PrivacyPlan::Distributed { clip_norm, .. } => terms.clip.min(clip_norm as f32),
+        _ => terms.clip,
+    };
+    let input = match secure_input(offer, &delta, clip) {
         Ok(x) => x,
         Err(e) => {
             error!(cause = %e, "secure round aborted: the update does not fit the offer");
@@ -806,8 +818,30 @@ async fn secure_release(
         }
     };
     drop(delta);
+    // One noise generator per sampling thread, each seeded from the OS on its own (seeded
+    // from the round's generator only in tests); the seeds are never stored or logged.
+    let noise_rngs = match share {
+        None => Vec::new(),
+        Some(_) => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_NOISE_THREADS);
+            let mut rngs = Vec::with_capacity(threads);
+            for _ in 0..threads {
+                rngs.push(match opts.seed {
+                    Some(_) => rand_chacha::ChaCha20Rng::seed_from_u64(srng.random()),
+                    None => rand_chacha::ChaCha20Rng::try_from_os_rng().map_err(|e| SessionEnd::Lost(e.to_string()))?,
+                });
+            }
+            rngs
+        }
+    };
     let masked = tokio::task::spawn_blocking(move || {
-        let result = terms.fixed.encode(&input, weight.max(1), &mut srng).and_then(|encoded| client.masked_input(&encoded));
+        let encoded = match &share {
+            Some(share) => {
+                distributed_input(&terms.fixed, share, &input, &mut srng, noise_rngs).map_err(|e| SecAggError::Input(e.to_string()))
+            }
+            None => terms.fixed.encode(&input, weight.max(1), &mut srng),
+        };
+        let result = encoded.and_then(|encoded| client.masked_input(&encoded));
         (client, srng, result)
     })
     .await;

@@ -62,9 +62,9 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
     if let Some(problem) = clip_problem(&plan.privacy) {
         return decline(DeclineReason::PlanUnacceptable, problem);
     }
-    let release = match Release::planned(&plan.privacy, plan.local_epochs) {
+    let release = match planned_release(offer) {
         Ok(r) => r,
-        Err(e) => return decline(DeclineReason::PlanUnacceptable, format!("invalid privacy plan: {e}")),
+        Err(message) => return decline(DeclineReason::PlanUnacceptable, message),
     };
     let site_budget = match Budget::new(budget.max_epsilon, budget.delta, budget.max_rounds) {
         Ok(b) => b,
@@ -105,13 +105,35 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
     Decision::Train(approved)
 }
 
+/// The release one round of `offer` makes, for the budget check: the plan's; under
+/// distributed DP the noise share the secure round implies
+/// ([`fedward_shared::wire::SecureRound::distributed_release`]), whose epsilon is the
+/// distributed accountant's. A distributed plan offered without secure aggregation is
+/// refused: the coordinator would see this site's share of the noise alone.
+pub fn planned_release(offer: &RoundOffer) -> Result<Release, String> {
+    let plan = &offer.plan;
+    let PrivacyPlan::Distributed { noise_multiplier, .. } = plan.privacy else {
+        return Release::planned(&plan.privacy, plan.local_epochs).map_err(|e| format!("invalid privacy plan: {e}"));
+    };
+    let Some(secure) = &offer.secure else {
+        return Err("distributed DP offered without secure aggregation: the coordinator would see this site's noise share alone".into());
+    };
+    let share = secure
+        .distributed_release(&plan.privacy)
+        .map_err(|e| format!("invalid privacy plan: {e}"))?
+        .ok_or_else(|| "invalid privacy plan: no distributed noise share".to_string())?;
+    let release = Release::distributed(noise_multiplier, share);
+    release.validate().map_err(|e| format!("invalid privacy plan: {e}"))?;
+    Ok(release)
+}
+
 /// Clipping norms must be finite and positive, or the noise scale means nothing.
 fn clip_problem(plan: &PrivacyPlan) -> Option<String> {
     let bad =
         |name: &str, v: f64| (!(v.is_finite() && v > 0.0)).then(|| format!("invalid privacy plan: {name} {v} is not a finite number > 0"));
     match *plan {
         PrivacyPlan::Off => None,
-        PrivacyPlan::SiteLevel { clip_norm, .. } => bad("clip norm", clip_norm),
+        PrivacyPlan::SiteLevel { clip_norm, .. } | PrivacyPlan::Distributed { clip_norm, .. } => bad("clip norm", clip_norm),
         PrivacyPlan::RecordLevel { clip_norm, update_clip_norm, .. } => {
             bad("clip norm", clip_norm).or_else(|| bad("update clip norm", update_clip_norm))
         }

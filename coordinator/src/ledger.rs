@@ -19,12 +19,12 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use fedward_shared::dp::Release;
-use fedward_shared::ledger::{key_id, AcceptedRecord, Body, Entry, Ledger, LedgerError};
+use fedward_shared::ledger::{key_id, AcceptedRecord, Body, Entry, Ledger, LedgerError, SecureRoundRecord};
 use fedward_shared::ledger_file::{repair_cut_tail, Fragment, LedgerFile, LedgerFileError, TailRepair};
 use fedward_shared::tensor::Digest;
 use fedward_shared::wire::{RoundId, SiteId};
 
-use crate::round::Contribution;
+use crate::round::{Contribution, SecureOutcome};
 
 /// Why the ledger could not be opened or appended to.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +137,32 @@ impl CoordinatorLedger {
         Ok(Some(self.file.append(Body::Accepted(record))?))
     }
 
+    /// Records who a completed secure round summed and who dropped, durably: after the
+    /// round's checkpoint, before its seal (which then covers it).
+    pub fn record_secure_round(
+        &mut self,
+        round: RoundId,
+        attempt: u32,
+        outcome: &SecureOutcome,
+        now: OffsetDateTime,
+    ) -> Result<Entry, CoordinatorLedgerError> {
+        let mut summed = outcome.summed.clone();
+        summed.sort();
+        // A site that left before its shares took no part in the sum either.
+        let mut dropped: Vec<SiteId> = outcome.dropped.iter().chain(&outcome.dropped_before_shares).cloned().collect();
+        dropped.sort();
+        dropped.dedup();
+        let record = SecureRoundRecord {
+            round,
+            attempt,
+            summed,
+            dropped,
+            total_weight: outcome.total_weight,
+            time: fedward_shared::ledger::format_time(now)?,
+        };
+        Ok(self.file.append(Body::SecureRound(record))?)
+    }
+
     /// Seals the chain head for a completed round, durably.
     pub fn seal(&mut self, round: RoundId, now: OffsetDateTime) -> Result<Entry, CoordinatorLedgerError> {
         let entry = self.file.ledger().prepare_seal(round, &self.key, now)?;
@@ -157,6 +183,7 @@ impl CoordinatorLedger {
                 Body::Seal(s) if s.round >= round => return Ok(None),
                 Body::Seal(_) => break,
                 Body::Accepted(a) if a.round == round => tail_has_round = true,
+                Body::SecureRound(r) if r.round == round => tail_has_round = true,
                 _ => {}
             }
         }
@@ -233,6 +260,30 @@ mod tests {
         let report = verify(&std::fs::read(&path).unwrap(), Some(&key().verifying_key()));
         assert!(report.is_clean(), "{:?}", report.problems);
         assert_eq!((report.seals_verified, report.unsealed_tail), (2, 0));
+    }
+
+    /// A secure round's record lists the summed and the dropped sites (those gone before
+    /// their shares too) in id order, survives a reopen, and the seal covers it.
+    #[test]
+    fn a_secure_round_records_who_was_summed_and_who_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.jsonl");
+        let mut l = CoordinatorLedger::open(&path, key()).unwrap();
+        let s = |x: &str| SiteId::new(x).unwrap();
+        let outcome =
+            SecureOutcome { summed: vec![s("c"), s("a")], dropped: vec![s("d")], dropped_before_shares: vec![s("b")], total_weight: 2 };
+        l.record_accepted(RoundId(1), &contribution("a"), T).unwrap();
+        l.record_secure_round(RoundId(1), 2, &outcome, T).unwrap();
+        l.seal(RoundId(1), T).unwrap();
+        drop(l);
+        let l = CoordinatorLedger::open(&path, key()).unwrap();
+        let Body::SecureRound(r) = &l.ledger().entries()[1].body else { panic!("{:?}", l.ledger().entries()[1]) };
+        assert_eq!((r.round, r.attempt, r.total_weight), (RoundId(1), 2, 2));
+        assert_eq!(r.summed, vec![s("a"), s("c")]);
+        assert_eq!(r.dropped, vec![s("b"), s("d")]);
+        let report = verify(&std::fs::read(&path).unwrap(), Some(&key().verifying_key()));
+        assert!(report.is_clean(), "{:?}", report.problems);
+        assert_eq!((report.seals_verified, report.unsealed_tail), (1, 0));
     }
 
     #[test]

@@ -367,13 +367,16 @@ pub enum SettingsError {
 /// The L2 bound every update is held to: `configured`, else what the privacy plan implies
 /// for an honest update of `trainable_values` values. Record-level: the update clip norm
 /// (DP-SGD's noise is inside the steps, and the finished update is clipped). Site-level:
-/// the clip norm `C` plus what the noise `N(0, (sigma C)^2 I_d)` can add, `sigma C (sqrt(d)
-/// + 10)`, which a Gaussian vector's norm exceeds with probability below `exp(-50)`.
+/// the clip norm `C` plus what the noise `N(0, (sigma C)^2 I_d)` can add,
+/// `sigma C (sqrt(d) + 10)`, which a Gaussian vector's norm exceeds with probability below
+/// `exp(-50)`. Distributed: the same (one site's share has std `sigma C / sqrt(min_honest)` at most
+/// `sigma C`, so a noised update stays within it, and so does the mean of several), which
+/// also sizes the secure sum so that noised updates cannot wrap.
 pub fn update_bound(configured: Option<f64>, privacy: &PrivacyPlan, trainable_values: usize) -> Option<f64> {
     configured.or(match *privacy {
         PrivacyPlan::Off => None,
         PrivacyPlan::RecordLevel { update_clip_norm, .. } => Some(update_clip_norm),
-        PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => {
+        PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } | PrivacyPlan::Distributed { noise_multiplier, clip_norm, .. } => {
             Some(clip_norm * (1.0 + noise_multiplier * ((trainable_values as f64).sqrt() + 10.0)))
         }
     })
@@ -890,28 +893,31 @@ impl RoundMachine {
         let Some(update) = agg.finish() else { unreachable!("accepted updates were added") };
         let mut contributions = c.contributions;
         contributions.sort_by(|a, b| a.site.cmp(&b.site));
-        self.phase = Phase::Checkpointing(Box::new(Committing {
+        let summary = RoundSummary {
             round: c.round,
             attempt,
-            declined: c.declined.clone(),
-            rejected: c.rejected.clone(),
-            missed: missed.clone(),
+            contributions,
+            declined: c.declined,
+            rejected: c.rejected,
+            missed,
+            mean_train_loss,
+            duration: now.saturating_duration_since(c.started),
+        };
+        self.begin_checkpoint(update, summary, None);
+    }
+
+    /// Closes a round that produced `update`: the machine waits for the shell to write
+    /// the checkpoint (`handle_checkpointed`), which it asks for with `Output::Checkpoint`.
+    /// FedAvg and secure rounds end here alike.
+    fn begin_checkpoint(&mut self, update: TensorSet, summary: RoundSummary, secure: Option<SecureOutcome>) {
+        self.phase = Phase::Checkpointing(Box::new(Committing {
+            round: summary.round,
+            attempt: summary.attempt,
+            declined: summary.declined.clone(),
+            rejected: summary.rejected.clone(),
+            missed: summary.missed.clone(),
         }));
-        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
-            completed_rounds: self.completed + 1,
-            update,
-            secure: None,
-            summary: RoundSummary {
-                round: c.round,
-                attempt,
-                contributions,
-                declined: c.declined,
-                rejected: c.rejected,
-                missed,
-                mean_train_loss,
-                duration: now.saturating_duration_since(c.started),
-            },
-        })));
+        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint { completed_rounds: self.completed + 1, update, secure, summary })));
     }
 
     /// The shell wrote the round's checkpoint (`Ok`, with the new model's manifest) or
@@ -1057,8 +1063,18 @@ impl RoundMachine {
         check_policy(&self.settings.policy, &header.privacy)?;
         check_declared_spend(self.spent.get(site), header.round, header.digest, &header.privacy)?;
         let max_bytes = self.settings.max_update_bytes.saturating_mul(2);
+        let plan = self.settings.plan.privacy;
         let c = self.secure_for(site, header.round, Step::MaskedInput)?;
         let Some(s) = &mut c.secure else { return Err(Reject::new(RejectCode::StaleRound, "the round closed")) };
+        // Distributed DP: the share a site declares is the one the offer implies, or the
+        // epsilon it and the ledgers record is not the round's.
+        let expected = s.offer.distributed_release(&plan).map_err(|e| Reject::new(RejectCode::PolicyViolation, e.to_string()))?;
+        if header.privacy.distributed.map(|d| d.release()) != expected {
+            return Err(Reject::new(
+                RejectCode::PolicyViolation,
+                "the declared distributed noise share is not the one this round's offer implies",
+            ));
+        }
         let width = fedward_shared::wire::masked_value_width(s.offer.setup.params.modulus_bits);
         let bytes = header
             .payload_bytes(s.offer.setup.vector_len, width, max_bytes)
@@ -1142,12 +1158,27 @@ impl RoundMachine {
     /// for and the next step, or the round's failure.
     fn close_step(&mut self, now: Instant) {
         let step_deadline = self.settings.secure.as_ref().map_or(Duration::ZERO, |x| x.step_deadline);
+        let min_honest = match self.settings.plan.privacy {
+            PrivacyPlan::Distributed { min_honest, .. } => min_honest,
+            _ => 0,
+        };
         let Phase::Collecting(c) = &mut self.phase else { return };
         let round = c.round;
         let Some(s) = c.secure.as_mut() else { return };
         if s.step == Step::Unmasking {
             self.finish_secure(now);
             return;
+        }
+        // Distributed DP counts the noise of `min_honest` summed sites: fewer masked inputs
+        // are not unmasked at all (the configuration keeps the threshold above it, so only
+        // a bug gets here; `finish_secure` checks the survivors again).
+        if s.step == Step::MaskedInput && (s.sent.len() as u64) < min_honest {
+            let reason = format!("distributed DP: {} masked inputs, fewer than min_honest {min_honest}", s.sent.len());
+            let reject = Message::Reject(Reject::new(RejectCode::SecureAggregation, format!("round {round} failed: {reason}")));
+            for to in &s.sent {
+                self.outputs.push_back(Output::SecAggReply { to: to.clone(), round, msg: Box::new(reject.clone()) });
+            }
+            return self.fail_open_round(now, reason);
         }
         let Some(server) = s.server.as_mut() else { return };
         let replies: Result<Vec<(SiteId, Message)>, SecAggError> = match s.step {
@@ -1206,6 +1237,15 @@ impl RoundMachine {
         if let Err(reason) = check_secure_mean(&mean, &fixed, clip, out.survivors.len(), max_weight) {
             return self.fail_open_round(now, format!("secure aggregation: {reason}"));
         }
+        // Distributed DP counts the noise of `min_honest` summed sites; a smaller sum (the
+        // configuration keeps the threshold above it, so only a bug gets here) is not
+        // released.
+        if let PrivacyPlan::Distributed { min_honest, .. } = self.settings.plan.privacy {
+            if (out.survivors.len() as u64) < min_honest {
+                let n = out.survivors.len();
+                return self.fail_open_round(now, format!("distributed DP: {n} sites summed, fewer than min_honest {min_honest}"));
+            }
+        }
         let mut update = TensorSet::new();
         let mut misfit = None;
         let mut values = mean.values.into_iter();
@@ -1241,34 +1281,23 @@ impl RoundMachine {
             .filter(|x| !summed.contains(x) && !matches!(c.status.get(*x), Some(SiteStatus::Declined | SiteStatus::Rejected)))
             .cloned()
             .collect();
-        let attempt = self.failed_attempts + 1;
-        self.phase = Phase::Checkpointing(Box::new(Committing {
+        let summary = RoundSummary {
             round: c.round,
-            attempt,
-            declined: c.declined.clone(),
-            rejected: c.rejected.clone(),
-            missed: missed.clone(),
-        }));
-        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
-            completed_rounds: self.completed + 1,
-            update,
-            secure: Some(SecureOutcome {
-                summed: out.survivors,
-                dropped: out.dropped,
-                dropped_before_shares: out.dropped_before_shares,
-                total_weight: mean.total_weight,
-            }),
-            summary: RoundSummary {
-                round: c.round,
-                attempt,
-                contributions,
-                declined: c.declined,
-                rejected: c.rejected,
-                missed,
-                mean_train_loss: None,
-                duration: now.saturating_duration_since(c.started),
-            },
-        })));
+            attempt: self.failed_attempts + 1,
+            contributions,
+            declined: c.declined,
+            rejected: c.rejected,
+            missed,
+            mean_train_loss: None,
+            duration: now.saturating_duration_since(c.started),
+        };
+        let outcome = SecureOutcome {
+            summed: out.survivors,
+            dropped: out.dropped,
+            dropped_before_shares: out.dropped_before_shares,
+            total_weight: mean.total_weight,
+        };
+        self.begin_checkpoint(update, summary, Some(outcome));
     }
 
     /// Fails the open round with `reason` (a retry follows, or the federation stops).
@@ -1513,6 +1542,13 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
     }
     if used.mode == PrivacyMode::RecordLevel && !(used.sampling_rate > 0.0 && used.sampling_rate <= 1.0) {
         return violation(format!("sampling rate {} is outside (0, 1]", used.sampling_rate));
+    }
+    if (used.mode == PrivacyMode::Distributed) != used.distributed.is_some() {
+        return violation(format!(
+            "a {} release {} a distributed noise share",
+            used.mode,
+            if used.distributed.is_some() { "declares" } else { "lacks" }
+        ));
     }
     Ok(())
 }
@@ -1894,6 +1930,7 @@ mod tests {
             update_clip_norm: 0.0,
             epsilon_after: 1.0,
             delta: 1e-5,
+            distributed: None,
         };
         assert!(check_policy(&policy, &used).is_ok());
         used.noise_multiplier = 0.99;
@@ -2068,6 +2105,7 @@ mod tests {
             update_clip_norm: 100.0,
             epsilon_after: epsilon(1),
             delta: 1e-5,
+            distributed: None,
         };
         let refused = m.begin_update(&site("a"), &h).unwrap_err();
         assert_eq!(refused.code, RejectCode::PolicyViolation);
@@ -2153,6 +2191,8 @@ mod tests {
             client: SecAggClient,
             update: Vec<f32>,
             weight: u64,
+            /// The round as its offer states it.
+            secure: SecureRound,
         }
 
         fn secure_offer(outs: &[Output], to: &str) -> RoundOffer {
@@ -2190,7 +2230,7 @@ mod tests {
                 fixed = Some(secure.check(&offer).unwrap());
                 let client = SecAggClient::new(secure.setup, cred.clone(), consortium().0.clone(), rng).unwrap();
                 let update = vec![0.1 * (i as f32 + 1.0), -0.2, 0.05 * i as f32, 0.3];
-                sites.push(Site { id: cred.site().clone(), client, update, weight: 10 * (i as u64 + 1) });
+                sites.push(Site { id: cred.site().clone(), client, update, weight: 10 * (i as u64 + 1), secure });
             }
             for s in &sites {
                 m.handle_secagg_keys(t0, wall(), &s.id, s.client.advertise_keys()).unwrap();
@@ -2280,6 +2320,145 @@ mod tests {
             // Checkpointed like any round: the next one is offered after the report.
             m.handle_checkpointed(t0, Ok(manifest()));
             assert_eq!(m.completed_rounds(), 1);
+        }
+
+        /// A machine for a distributed round of a, b, c (`min_honest` given) through the
+        /// shares, and the share the offer implies.
+        fn distributed_round(
+            min_honest: u64,
+            t0: Instant,
+            rng: &mut ChaCha20Rng,
+        ) -> (RoundMachine, Vec<Site>, FixedPoint, fedward_shared::dp::DistributedRelease) {
+            let plan = PrivacyPlan::Distributed { noise_multiplier: 1.0, clip_norm: 0.5, min_honest };
+            let mut s = secure_settings();
+            s.plan.privacy = plan;
+            s.policy = PrivacyPolicy { mode: PrivacyMode::Distributed, min_noise_multiplier: 1.0, max_clip_norm: 0.5 };
+            s.aggregation.weighting = Weighting::Equal;
+            s.aggregation.max_update_norm = None;
+            let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+            let (sites, fixed) = through_shares(&mut m, t0, rng);
+            let share = sites[0].secure.distributed_release(&plan).unwrap().expect("a share");
+            (m, sites, fixed, share)
+        }
+
+        /// What a site declares with a distributed input carrying `share`.
+        fn distributed_used(
+            share: Option<fedward_shared::dp::DistributedRelease>,
+            counted: &fedward_shared::dp::DistributedRelease,
+        ) -> PrivacyUsed {
+            let release = Release::distributed(1.0, *counted);
+            PrivacyUsed {
+                mode: PrivacyMode::Distributed,
+                noise_multiplier: 1.0,
+                clip_norm: 0.5,
+                sampling_rate: 0.0,
+                steps: 1,
+                update_clip_norm: 0.0,
+                epsilon_after: fedward_shared::dp::Accountant::new().epsilon_after(&release, 1e-5).unwrap(),
+                delta: 1e-5,
+                distributed: share.map(Into::into),
+            }
+        }
+
+        /// A site's update quantized, noised with its share and masked, as the agent does
+        /// it; the header declares `privacy`.
+        fn noised_input(
+            s: &mut Site,
+            fixed: &FixedPoint,
+            share: &fedward_shared::dp::DistributedRelease,
+            rng: &mut ChaCha20Rng,
+        ) -> (Vec<u64>, Digest) {
+            let mut q = fedward_shared::dp::distributed::quantize(rng, &s.update, &share.params()).unwrap();
+            fedward_shared::dp::DiscreteGaussian::new(share.site_sigma).unwrap().add_to(rng, &mut q).unwrap();
+            let masked = s.client.masked_input(&fixed.encode_units(&q, share.scale).unwrap()).unwrap();
+            let digest = masked_values_digest(&masked_values_bytes(&masked.values, masked_value_width(48)));
+            (masked.values, digest)
+        }
+
+        fn send_noised(
+            m: &mut RoundMachine,
+            t: Instant,
+            s: &mut Site,
+            fixed: &FixedPoint,
+            share: &fedward_shared::dp::DistributedRelease,
+            rng: &mut ChaCha20Rng,
+        ) {
+            let (values, digest) = noised_input(s, fixed, share, rng);
+            let header = MaskedInputHeader {
+                round: RoundId(1),
+                values: values.len() as u64,
+                digest,
+                privacy: distributed_used(Some(*share), share),
+            };
+            m.begin_masked(&s.id, &header).unwrap();
+            m.finish_masked(t, &s.id, &header, values).unwrap();
+        }
+
+        /// Distributed DP: a masked input must declare the noise share the offer implies
+        /// (none, or a smaller one, is refused), and the sum of noised inputs, well beyond
+        /// the clip norm in each coordinate's noise, is released: the mean of the sites'
+        /// updates (equal weights) plus the honest shares' noise over the sites.
+        #[test]
+        fn a_distributed_round_takes_only_the_offers_noise_share_and_releases_the_noised_sum() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(9);
+            let (mut m, mut sites, fixed, share) = distributed_round(2, t0, &mut rng);
+            let (values, digest) = noised_input(&mut sites[0], &fixed, &share, &mut rng);
+            let smaller = fedward_shared::dp::DistributedRelease { site_sigma: share.site_sigma / 2.0, ..share };
+            for bad in [distributed_used(None, &share), distributed_used(Some(smaller), &share)] {
+                let header = MaskedInputHeader { round: RoundId(1), values: values.len() as u64, digest, privacy: bad };
+                let err = m.begin_masked(&sites[0].id, &header).unwrap_err();
+                assert_eq!(err.code, RejectCode::PolicyViolation, "{err:?}");
+            }
+            let header = MaskedInputHeader {
+                round: RoundId(1),
+                values: values.len() as u64,
+                digest,
+                privacy: distributed_used(Some(share), &share),
+            };
+            m.begin_masked(&sites[0].id, &header).unwrap();
+            m.finish_masked(t0, &sites[0].id, &header, values).unwrap();
+            for s in sites.iter_mut().skip(1) {
+                send_noised(&mut m, t0, s, &fixed, &share, &mut rng);
+            }
+            let req = unmask_request(&drain(&mut m), &site("a"));
+            for s in &mut sites {
+                let shares = s.client.unmask(&req).unwrap();
+                m.handle_secagg_unmasking(t0, &s.id, shares).unwrap();
+            }
+            let outs = drain(&mut m);
+            let cp = checkpoint(&outs).unwrap_or_else(|| panic!("the noised sum is released: {outs:?}"));
+            assert_eq!(cp.secure.as_ref().unwrap().total_weight, 3, "equal weights: the sites summed");
+            // Each coordinate's noise over the mean: sqrt(3) shares of std sigma C / sqrt(2), over 3.
+            let std = 0.5 * (3.0f64 / 2.0).sqrt() / 3.0;
+            let all: Vec<&Site> = sites.iter().collect();
+            let mean: Vec<f32> = (0..4).map(|i| all.iter().map(|s| s.update[i]).sum::<f32>() / 3.0).collect();
+            assert_close(&cp.update, &mean, 6.0 * std);
+        }
+
+        /// A sum of fewer sites than the honest ones the shares assume is not released,
+        /// whatever the threshold allowed (the configuration refuses such a plan; this is
+        /// the machine's own check).
+        #[test]
+        fn a_distributed_sum_of_fewer_than_min_honest_sites_is_not_released() {
+            let t0 = Instant::now();
+            let mut rng = ChaCha20Rng::seed_from_u64(10);
+            let (mut m, mut sites, fixed, share) = distributed_round(3, t0, &mut rng);
+            m.handle_disconnected(t0, &site("c"));
+            for s in sites.iter_mut().take(2) {
+                send_noised(&mut m, t0, s, &fixed, &share, &mut rng);
+            }
+            // Both inputs in, c gone: the step closes without asking anyone to unmask.
+            let outs = drain(&mut m);
+            assert!(checkpoint(&outs).is_none(), "{outs:?}");
+            assert!(!outs.iter().any(|o| matches!(o, Output::SecAggReply { msg, .. } if matches!(**msg, Message::SecAggUnmask(_)))));
+            // The waiting sites hear why.
+            assert!(matches!(replies(&outs).remove(&site("a")), Some(Message::Reject(r)) if r.code == RejectCode::SecureAggregation));
+            let reason = outs.iter().find_map(|o| match o {
+                Output::RoundFailed(f) => Some(f.reason.clone()),
+                _ => None,
+            });
+            assert!(reason.as_deref().is_some_and(|r| r.contains("fewer than min_honest 3")), "{reason:?}");
         }
 
         #[test]

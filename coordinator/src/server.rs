@@ -37,7 +37,7 @@ use crate::aggregate::{FoldJob, Folded};
 use crate::gate::{Gate, Verdict};
 use crate::ledger::{CoordinatorLedger, CoordinatorLedgerError};
 use crate::metrics::{metrics, CodeLabel, Phase as MetricPhase};
-use crate::round::{Checkpoint, Output, PhaseView, RoundMachine, RoundSummary};
+use crate::round::{Checkpoint, Output, PhaseView, RoundMachine, RoundSummary, SecureOutcome};
 use crate::store::{Committed, ModelFile, Store, StoreError};
 
 /// Fatal coordinator errors (a site's misbehaviour is never one).
@@ -637,8 +637,8 @@ async fn drain_outputs(
                 // meanwhile; the machine makes no further output (no offer) until the loop
                 // reports the outcome (`Event::Checkpointed`).
                 let Checkpoint { completed_rounds, update, summary, secure } = *cp;
-                // Who was summed and who dropped is logged; the ledger does not record it
-                // apart yet (issue 23, item 4).
+                // Who was summed and who dropped is logged, and recorded in the ledger
+                // before the round's seal (`commit_and_seal`).
                 if let Some(o) = &secure {
                     info!(
                         round = %summary.round,
@@ -655,7 +655,8 @@ async fn drain_outputs(
                 *checkpointing = Some(tokio::spawn(
                     async move {
                         let started = Instant::now();
-                        let done = commit_and_seal(store, ledger, previous, update, optimizer, summary, completed_rounds, now).await;
+                        let done =
+                            commit_and_seal(store, ledger, previous, update, optimizer, summary, secure, completed_rounds, now).await;
                         metrics().observe(MetricPhase::checkpoint, started.elapsed().as_secs_f64());
                         let _ = events.send(Event::Checkpointed(done)).await;
                     }
@@ -717,7 +718,7 @@ async fn open_model_file(
 }
 
 /// Writes a round's checkpoint (and the server optimiser's state) on a blocking thread,
-/// then seals the round in the ledger.
+/// then (a secure round: records who was summed) seals the round in the ledger.
 #[allow(clippy::too_many_arguments)]
 async fn commit_and_seal(
     store: Arc<Mutex<Store>>,
@@ -726,6 +727,7 @@ async fn commit_and_seal(
     update: TensorSet,
     optimizer: ServerOptimizer,
     summary: RoundSummary,
+    secure: Option<SecureOutcome>,
     completed_rounds: u64,
     now: String,
 ) -> Result<(Committed, RoundSummary), ServerError> {
@@ -739,8 +741,14 @@ async fn commit_and_seal(
     let committed = committed?;
     if let Committed::Saved { .. } = &committed {
         failpoint::crash_point(failpoint::COORDINATOR_BEFORE_SEAL);
-        let round = summary.round;
-        with_ledger(&ledger, move |l| l.seal(round, now_utc()).map(|_| ())).await?;
+        let (round, attempt) = (summary.round, summary.attempt);
+        with_ledger(&ledger, move |l| {
+            if let Some(outcome) = &secure {
+                l.record_secure_round(round, attempt, outcome, now_utc())?;
+            }
+            l.seal(round, now_utc()).map(|_| ())
+        })
+        .await?;
     }
     Ok((committed, summary))
 }
@@ -1271,21 +1279,9 @@ async fn receive_update(
         let _ = recv.stop(0u32.into());
         return reply(send, &Message::Reject(reject)).await;
     }
-    // Bounds memory: at most this many updates are received at once, whatever the sites
-    // do. Closing the round gives up the wait and the transfer alike.
     let round_over = round_closed(ctx.shared.status.clone(), header.round);
     tokio::pin!(round_over);
-    let permit = tokio::select! {
-        permit = ctx.shared.uploads.acquire() => permit,
-        () = &mut round_over => {
-            let _ = recv.stop(0u32.into());
-            return reply(send, &Message::Reject(closed())).await;
-        }
-    };
-    let Ok(_permit) = permit else { return reply(send, &Message::Reject(gone())).await };
-    // Only now may the site send its bytes: a site waiting for a slot has nothing
-    // buffered here.
-    write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
+    let Some(_permit) = upload_slot(ctx, header.round, round_over.as_mut(), &closed, send, recv).await? else { return Ok(()) };
     failpoint::crash_point(failpoint::COORDINATOR_UPLOAD);
     let started = Instant::now();
     // What travels: the header's tensors in its encoding (checked against the offer's).
@@ -1414,15 +1410,7 @@ async fn receive_masked(
     };
     let round_over = round_closed(ctx.shared.status.clone(), header.round);
     tokio::pin!(round_over);
-    let permit = tokio::select! {
-        permit = ctx.shared.uploads.acquire() => permit,
-        () = &mut round_over => {
-            let _ = recv.stop(0u32.into());
-            return reply(send, &Message::Reject(closed())).await;
-        }
-    };
-    let Ok(permit) = permit else { return reply(send, &Message::Reject(gone())).await };
-    write_message(send, &Message::Proceed(Ack { round: header.round })).await?;
+    let Some(permit) = upload_slot(ctx, header.round, round_over.as_mut(), &closed, send, recv).await? else { return Ok(()) };
     // Admitted: `bytes` is the round's vector (at most twice the update limit).
     let mut buf = vec![0u8; bytes];
     let transfer = paced(ctx.shared.transport.pace, bytes, "masked input upload", async {
@@ -1493,6 +1481,36 @@ async fn send_from_file(send: &mut quinn::SendStream, model: &ModelFile, specs: 
 }
 
 /// Resolves once `round` is no longer the open round (or the server is gone).
+/// An upload slot for an admitted update or masked input, then `Proceed`: only now may
+/// the site send its bytes, so a site waiting for a slot has nothing buffered here. The
+/// slots bound memory: at most this many uploads are received at once, whatever the sites
+/// do. `None` when the site was answered instead (the round closed while it waited, or the
+/// coordinator is shutting down); closing the round (`round_over`) also gives up the
+/// transfer that follows, in the caller.
+async fn upload_slot<'a>(
+    ctx: &'a StreamCtx,
+    round: RoundId,
+    round_over: std::pin::Pin<&mut impl Future<Output = ()>>,
+    closed: &impl Fn() -> Reject,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, StreamError> {
+    let permit = tokio::select! {
+        permit = ctx.shared.uploads.acquire() => permit,
+        () = round_over => {
+            let _ = recv.stop(0u32.into());
+            reply(send, &Message::Reject(closed())).await?;
+            return Ok(None);
+        }
+    };
+    let Ok(permit) = permit else {
+        reply(send, &Message::Reject(Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down"))).await?;
+        return Ok(None);
+    };
+    write_message(send, &Message::Proceed(Ack { round })).await?;
+    Ok(Some(permit))
+}
+
 async fn round_closed(mut status: watch::Receiver<StatusView>, round: RoundId) {
     let _ = status.wait_for(|s| s.open_round != Some(round.0)).await;
 }

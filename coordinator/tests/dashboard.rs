@@ -181,6 +181,7 @@ async fn send_update(site: &HandSite, accountant: &mut Accountant, offer: &Round
         update_clip_norm: 1.0,
         epsilon_after: accountant.epsilon_after(&release, DELTA)?,
         delta: DELTA,
+        distributed: None,
     };
     accountant.record(&release)?;
     let delta = delta_for(offer, value);

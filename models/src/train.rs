@@ -230,8 +230,9 @@ impl Trainer for BertTrainer {
                 info!(steps = run.steps, sampled = run.sampled, empty_batches = run.empty_batches, "dp-sgd steps taken");
                 (run.mean_loss, run.steps, Some(update_clip_norm))
             }
-            PrivacyPlan::Off | PrivacyPlan::SiteLevel { .. } => {
-                // Site-level DP clips and noises the finished update, outside the trainer.
+            PrivacyPlan::Off | PrivacyPlan::SiteLevel { .. } | PrivacyPlan::Distributed { .. } => {
+                // Site-level and distributed DP clip and noise the finished update, outside
+                // the trainer.
                 (train_loop(&mut self.model, &self.encoder, &mut self.train, &trainable, plan, ctx.round.0)?, 0, None)
             }
         };

@@ -446,6 +446,9 @@ fn mismatch_finding(m: &Mismatch) -> Finding {
         Mismatch::DigestMismatch { .. } => "digest-mismatch",
         Mismatch::ParameterMismatch { .. } => "parameter-mismatch",
         Mismatch::DuplicateRound { .. } => "duplicate-round",
+        Mismatch::NotSummed { .. } => "not-summed",
+        Mismatch::SummedWithoutInput { .. } => "summed-without-input",
+        Mismatch::TooFewSummed { .. } => "too-few-summed",
     };
     match m {
         // A release the coordinator did not take: rejected, late, or cut off by a crash
@@ -454,6 +457,9 @@ fn mismatch_finding(m: &Mismatch) -> Finding {
         Mismatch::NotAccepted { .. } => {
             Finding::warn(code, format!("{m} (rejected, late or cut off? it still counts against the site's budget)"))
         }
+        // A masked input that was sent and not summed (the site dropped after sending):
+        // the same over-count.
+        Mismatch::NotSummed { .. } => Finding::warn(code, format!("{m} (it dropped? it still counts against the site's budget)")),
         _ => Finding::fail(code, None, m.to_string()),
     }
 }
@@ -925,6 +931,7 @@ pub(crate) mod tests {
                 update_clip_norm: 1.0,
                 epsilon_after: after,
                 delta: 1e-5,
+                distributed: None,
             };
             ledger
                 .append(Body::Release(ReleaseRecord {

@@ -150,6 +150,7 @@ impl From<PrivacyMode> for PlanMode {
             PrivacyMode::Off => Self::Off,
             PrivacyMode::RecordLevel => Self::RecordLevel,
             PrivacyMode::SiteLevel => Self::SiteLevel,
+            PrivacyMode::Distributed => Self::Distributed,
         }
     }
 }

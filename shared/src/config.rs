@@ -446,6 +446,9 @@ pub struct RawPrivacy {
     pub min_noise_multiplier: Option<f64>,
     /// Policy: the largest clipping norm accepted in an update.
     pub max_clip_norm: Option<f64>,
+    /// `mode = "distributed"` only: how many of a round's summed sites are assumed honest;
+    /// their noise shares together carry the full `noise_multiplier`.
+    pub min_honest: Option<u64>,
 }
 
 impl Default for RawPrivacy {
@@ -458,6 +461,7 @@ impl Default for RawPrivacy {
             update_clip_norm: 10.0,
             min_noise_multiplier: None,
             max_clip_norm: None,
+            min_honest: None,
         }
     }
 }
@@ -952,6 +956,7 @@ impl CoordinatorConfig {
             }
             (None, false) => None,
         };
+        check_distributed(&plan.privacy, secure.as_ref(), aggregation.weighting)?;
         let transport = Transport::from_raw(&raw.transport)?;
         if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
             return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
@@ -1040,6 +1045,37 @@ impl CoordinatorConfig {
     }
 }
 
+/// Distributed DP needs a secure sum (the coordinator must never see one site's share), at
+/// least `min_honest` sites in every sum (`min_honest <= secure_aggregation.threshold`, the
+/// fewest survivors that can be unmasked, itself at most `min_sites`), and equal weights (an
+/// update scaled by its example count would have that much more sensitivity).
+fn check_distributed(plan: &PrivacyPlan, secure: Option<&SecureAggregation>, weighting: Weighting) -> Result<(), ConfigError> {
+    let PrivacyPlan::Distributed { min_honest, .. } = *plan else { return Ok(()) };
+    let Some(secure) = secure else {
+        return Err(invalid(
+            "privacy.mode",
+            "\"distributed\" needs [aggregation] method = \"secure\": without it the coordinator sees each site's share",
+        ));
+    };
+    let threshold = secure.params.threshold as u64;
+    if min_honest > threshold {
+        return Err(invalid(
+            "privacy.min_honest",
+            format!(
+                "{min_honest} exceeds secure_aggregation.threshold {threshold}: a round may be summed over {threshold} sites (min_sites {})",
+                secure.params.min_sites
+            ),
+        ));
+    }
+    if weighting != Weighting::Equal {
+        return Err(invalid(
+            "aggregation.weighting",
+            "must be \"equal\" with privacy.mode = \"distributed\": a share weighted by its example count has that much more sensitivity",
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the offered plan and the acceptance policy from the `[training]` and
 /// `[privacy]` tables.
 pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, PrivacyPolicy), ConfigError> {
@@ -1094,12 +1130,25 @@ pub fn training_plan(t: &RawTraining, p: &RawPrivacy) -> Result<(TrainingPlan, P
             noise_multiplier: positive("privacy.noise_multiplier", p.noise_multiplier)?,
             clip_norm: positive("privacy.clip_norm", p.clip_norm)?,
         },
+        // Checked against `[secure_aggregation]` by `check_distributed`.
+        PrivacyMode::Distributed => PrivacyPlan::Distributed {
+            noise_multiplier: positive("privacy.noise_multiplier", p.noise_multiplier)?,
+            clip_norm: positive("privacy.clip_norm", p.clip_norm)?,
+            min_honest: match p.min_honest {
+                Some(h) if h >= 1 => h,
+                Some(_) => return Err(invalid("privacy.min_honest", "must be at least 1")),
+                None => return Err(invalid("privacy.min_honest", "is required with mode = \"distributed\": the sites assumed honest")),
+            },
+        },
     };
+    if p.min_honest.is_some() && mode != PrivacyMode::Distributed {
+        return Err(invalid("privacy.min_honest", "applies only to mode = \"distributed\""));
+    }
     let (sigma, clip) = match privacy {
         PrivacyPlan::Off => (0.0, f64::INFINITY),
-        PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, .. } | PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => {
-            (noise_multiplier, clip_norm)
-        }
+        PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, .. }
+        | PrivacyPlan::SiteLevel { noise_multiplier, clip_norm }
+        | PrivacyPlan::Distributed { noise_multiplier, clip_norm, .. } => (noise_multiplier, clip_norm),
     };
     let policy = PrivacyPolicy {
         mode,
@@ -1676,6 +1725,35 @@ name = "Hospital B"
             CoordinatorConfig::parse(&secure("threshold = 2\nmin_sites = 2\nk = 2"), Path::new("/")),
             Err(ConfigError::Toml(_))
         ));
+    }
+
+    #[test]
+    fn distributed_dp_needs_a_secure_sum_equal_weights_and_enough_honest_sites() {
+        // Three sites, a secure sum of at least 2 (threshold 2), equal weights.
+        let three = format!("{COORD}\n[[sites]]\nid = \"c\"\n");
+        let cfg = |privacy: &str, aggregation: &str, secure: Option<&str>| {
+            let text = three.replace("mode = \"site-level\"", privacy);
+            let section = secure.map_or(String::new(), |s| format!("[secure_aggregation]\n{s}\n"));
+            format!("{text}\n[aggregation]\n{aggregation}\n{section}")
+        };
+        let dist = "mode = \"distributed\"\nmin_honest = 2";
+        let (secure_equal, sa) = ("method = \"secure\"\nweighting = \"equal\"", Some("threshold = 2\nmin_sites = 2"));
+        let c = CoordinatorConfig::parse(&cfg(dist, secure_equal, sa), Path::new("/")).unwrap();
+        assert_eq!(c.plan.privacy, PrivacyPlan::Distributed { noise_multiplier: 1.2, clip_norm: 0.5, min_honest: 2 });
+        assert_eq!(c.policy.mode, PrivacyMode::Distributed);
+        let cases = [
+            (cfg("mode = \"distributed\"", secure_equal, sa), "privacy.min_honest"),
+            (cfg("mode = \"distributed\"\nmin_honest = 0", secure_equal, sa), "privacy.min_honest"),
+            (cfg("mode = \"site-level\"\nmin_honest = 2", secure_equal, sa), "privacy.min_honest"),
+            (cfg(dist, "weighting = \"equal\"", None), "privacy.mode"),
+            // A sum may be unmasked with `threshold` sites: fewer than min_honest = 3.
+            (cfg("mode = \"distributed\"\nmin_honest = 3", secure_equal, sa), "privacy.min_honest"),
+            (cfg(dist, "method = \"secure\"", sa), "aggregation.weighting"),
+        ];
+        for (text, field) in cases {
+            let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -67,16 +67,30 @@ pub fn remove_temp_files(dir: &Path) -> Result<Vec<PathBuf>, FsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
         Err(error) => return Err(FsError::Io { path: dir.to_owned(), error }),
     };
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_temp_name(&name) {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(io_err(&path))?;
+        if is_temp_name(&entry.file_name().to_string_lossy()) {
+            found.push(entry.path());
+        }
+    }
+    for path in found {
+        if remove_if_present(&path)? {
             removed.push(path);
         }
     }
     Ok(removed)
+}
+
+/// Removes `path`; one already gone is not an error (a writer finishing its rename between
+/// the listing and the removal: an agent's test restarts it in the process whose aborted
+/// run still has a cache write on a blocking thread, and it stopped with ENOENT).
+fn remove_if_present(path: &Path) -> Result<bool, FsError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(FsError::Io { path: path.to_owned(), error }),
+    }
 }
 
 /// `.NAME.tmp-PID`, the names [`atomic_write`] and [`atomic_write_with`] write to.
@@ -224,6 +238,20 @@ mod tests {
         assert_eq!(removed, [".round-00004.safetensors.tmp-9", ".state.json.tmp-123"]);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 4);
         assert!(remove_temp_files(&dir.path().join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_leftover_that_vanishes_before_its_removal_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let leftover = dir.path().join(".model.safetensors.tmp-123");
+        fs::write(&leftover, b"half").unwrap();
+        fs::write(dir.path().join("model.safetensors"), b"whole").unwrap();
+        assert!(remove_if_present(&leftover).unwrap());
+        // Its writer renamed it between the listing and the removal.
+        assert!(!remove_if_present(&leftover).unwrap());
+        fs::write(&leftover, b"half").unwrap();
+        assert_eq!(remove_temp_files(dir.path()).unwrap(), vec![leftover]);
+        assert!(dir.path().join("model.safetensors").exists(), "only temp names are removed");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use time::OffsetDateTime;
 use crate::dp::{Accountant, Release};
 use crate::plan::PrivacyMode;
 use crate::tensor::Digest;
-use crate::wire::{PrivacyUsed, RoundId, SiteId, UpdateHeader};
+use crate::wire::{DistributedShare, PrivacyUsed, RoundId, SiteId, UpdateHeader};
 
 /// Domain tag hashed in front of every entry.
 const HASH_TAG: &[u8] = b"fedward-ledger-v1\n";
@@ -117,6 +117,9 @@ impl Entry {
 pub enum Body {
     Release(ReleaseRecord),
     Accepted(AcceptedRecord),
+    /// A secure round's sum (coordinator): who was in it. Absent from ledgers written
+    /// before it existed, whose secure rounds reconcile as before.
+    SecureRound(SecureRoundRecord),
     Seal(SealRecord),
 }
 
@@ -159,6 +162,13 @@ impl Body {
                 not_nan("epsilon after", a.privacy.epsilon_after)?;
                 time(&a.time)
             }
+            Body::SecureRound(r) => {
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(site) = r.summed.iter().chain(&r.dropped).find(|s| !seen.insert(*s)) {
+                    return Err(LedgerError::InvalidBody(format!("site {site} is listed twice in a secure round")));
+                }
+                time(&r.time)
+            }
             Body::Seal(s) => time(&s.time),
         }
     }
@@ -168,6 +178,7 @@ impl Body {
         match self {
             Body::Release(_) => "release",
             Body::Accepted(_) => "accepted",
+            Body::SecureRound(_) => "secure-round",
             Body::Seal(_) => "seal",
         }
     }
@@ -191,6 +202,10 @@ pub struct Privacy {
     #[serde(with = "finite_or_inf")]
     pub epsilon_after: f64,
     pub delta: f64,
+    /// Distributed DP: the noise share the site added and its quantization (absent in
+    /// other modes, and in ledgers written before distributed DP, which read as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedShare>,
 }
 
 impl From<PrivacyUsed> for Privacy {
@@ -204,6 +219,7 @@ impl From<PrivacyUsed> for Privacy {
             update_clip_norm: p.update_clip_norm,
             epsilon_after: p.epsilon_after,
             delta: p.delta,
+            distributed: p.distributed,
         }
     }
 }
@@ -211,7 +227,13 @@ impl From<PrivacyUsed> for Privacy {
 impl Privacy {
     /// The accountant's view of this release.
     pub fn release(&self) -> Release {
-        Release { mode: self.mode, noise_multiplier: self.noise_multiplier, sampling_rate: self.sampling_rate, steps: self.steps }
+        Release {
+            mode: self.mode,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: self.sampling_rate,
+            steps: self.steps,
+            distributed: self.distributed.map(|d| d.release()),
+        }
     }
 }
 
@@ -280,6 +302,27 @@ impl AcceptedRecord {
             time: format_time(now)?,
         })
     }
+}
+
+/// The coordinator's record of a completed secure round, appended after its checkpoint
+/// and before its seal: whose masked inputs were summed and whose were not. Each
+/// summed site also has its `accepted` entry (the masked input's digest and declared
+/// privacy, `examples` 0: the coordinator never learns a site's count).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureRoundRecord {
+    pub round: RoundId,
+    /// The attempt of the round that completed.
+    pub attempt: u32,
+    /// Sites whose masked inputs are in the sum, in id order.
+    pub summed: Vec<SiteId>,
+    /// Sites that shared keys (and shares) and whose masked inputs are not in the sum:
+    /// they dropped, and their masks were removed.
+    pub dropped: Vec<SiteId>,
+    /// The summed (clamped) example weights: all the coordinator learns of the counts
+    /// (under `weighting = "equal"`, and so under distributed DP, the number of sites).
+    pub total_weight: u64,
+    pub time: String,
 }
 
 /// The coordinator's signature over the chain head at the end of a round.
@@ -796,6 +839,16 @@ pub enum Mismatch {
     ParameterMismatch { round: RoundId, field: &'static str, site: String, coordinator: String },
     /// One side has several entries for the round.
     DuplicateRound { round: RoundId, side: &'static str },
+    /// Secure round: the site released a masked input that the coordinator's record of
+    /// the round does not list as summed (it dropped, or it was left out; it still counts
+    /// against the site's budget).
+    NotSummed { round: RoundId, digest: Digest },
+    /// Secure round: the coordinator lists the site as summed without an accepted masked
+    /// input from it.
+    SummedWithoutInput { round: RoundId },
+    /// Distributed DP: fewer sites were summed than the honest sites the site's noise
+    /// share assumed, so the recorded epsilon does not hold.
+    TooFewSummed { round: RoundId, summed: u64, min_honest: u64 },
 }
 
 impl fmt::Display for Mismatch {
@@ -814,6 +867,15 @@ impl fmt::Display for Mismatch {
                 write!(f, "round {round}: {field} is {site} at the site but {coordinator} at the coordinator")
             }
             Self::DuplicateRound { round, side } => write!(f, "round {round}: several {side} entries"),
+            Self::NotSummed { round, digest } => {
+                write!(f, "round {round}: site released masked input {} the coordinator did not sum", digest.short())
+            }
+            Self::SummedWithoutInput { round } => {
+                write!(f, "round {round}: the coordinator records the site as summed without accepting its masked input")
+            }
+            Self::TooFewSummed { round, summed, min_honest } => {
+                write!(f, "round {round}: {summed} sites summed, below the {min_honest} honest sites the noise share assumed")
+            }
         }
     }
 }
@@ -828,7 +890,20 @@ pub struct ReconcileReport {
 
 /// Matches `site`'s releases against the updates the coordinator accepted from it, by
 /// round and digest, then compares the declared parameters field by field.
+///
+/// A round the coordinator records as secure ([`SecureRoundRecord`]) is matched against
+/// that record too: the site's masked input must be listed as summed (else
+/// [`Mismatch::NotSummed`]), the coordinator cannot hold the site's example count (it is
+/// inside the sum, so `examples` is not compared), and under distributed DP at least the
+/// `min_honest` sites the site's noise share assumed must have been summed. The last
+/// record of a round counts (a round is completed once).
 pub fn reconcile(site: &SiteId, site_entries: &[Entry], coordinator_entries: &[Entry]) -> ReconcileReport {
+    let mut secure: BTreeMap<RoundId, &SecureRoundRecord> = BTreeMap::new();
+    for e in coordinator_entries {
+        if let Body::SecureRound(r) = &e.body {
+            secure.insert(r.round, r);
+        }
+    }
     let mut releases: BTreeMap<RoundId, Vec<&ReleaseRecord>> = BTreeMap::new();
     for e in site_entries {
         if let Body::Release(r) = &e.body {
@@ -857,10 +932,26 @@ pub fn reconcile(site: &SiteId, site_entries: &[Entry], coordinator_entries: &[E
             report.mismatches.push(Mismatch::DuplicateRound { round, side: "coordinator accepted" });
         }
         let unique = r.len() == 1 && a.len() == 1;
+        let sum = secure.get(&round).copied();
+        let summed = sum.is_some_and(|s| s.summed.contains(site));
+        if summed && a.is_empty() {
+            report.mismatches.push(Mismatch::SummedWithoutInput { round });
+        }
         match (r.first(), a.first()) {
             (Some(r), Some(a)) if r.update_digest == a.update_digest => {
                 let before = report.mismatches.len();
-                compare_params(round, r, a, &mut report.mismatches);
+                compare_params(round, r, a, sum.is_none(), &mut report.mismatches);
+                if let Some(sum) = sum {
+                    if !summed {
+                        report.mismatches.push(Mismatch::NotSummed { round, digest: r.update_digest });
+                    }
+                    if let Some(d) = r.privacy.distributed {
+                        let n = sum.summed.len() as u64;
+                        if n < d.min_honest {
+                            report.mismatches.push(Mismatch::TooFewSummed { round, summed: n, min_honest: d.min_honest });
+                        }
+                    }
+                }
                 if report.mismatches.len() == before && unique {
                     report.matched += 1;
                 }
@@ -876,7 +967,9 @@ pub fn reconcile(site: &SiteId, site_entries: &[Entry], coordinator_entries: &[E
     report
 }
 
-fn compare_params(round: RoundId, r: &ReleaseRecord, a: &AcceptedRecord, out: &mut Vec<Mismatch>) {
+/// Compares what both sides recorded; `examples` only where the coordinator saw the count
+/// (not in a secure round, where it is inside the sum).
+fn compare_params(round: RoundId, r: &ReleaseRecord, a: &AcceptedRecord, examples: bool, out: &mut Vec<Mismatch>) {
     let mut field = |name: &'static str, site: String, coordinator: String| {
         if site != coordinator {
             out.push(Mismatch::ParameterMismatch { round, field: name, site, coordinator });
@@ -891,7 +984,10 @@ fn compare_params(round: RoundId, r: &ReleaseRecord, a: &AcceptedRecord, out: &m
     field("update clip norm", s.update_clip_norm.to_string(), c.update_clip_norm.to_string());
     field("epsilon after", s.epsilon_after.to_string(), c.epsilon_after.to_string());
     field("delta", s.delta.to_string(), c.delta.to_string());
-    field("examples", r.examples.to_string(), a.examples.to_string());
+    field("distributed noise share", format!("{:?}", s.distributed), format!("{:?}", c.distributed));
+    if examples {
+        field("examples", r.examples.to_string(), a.examples.to_string());
+    }
 }
 
 fn hash_of(seq: u64, prev_hash: &EntryHash, body: &Body) -> EntryHash {
@@ -1004,6 +1100,7 @@ mod tests {
                         update_clip_norm: 5.0,
                         epsilon_after: after,
                         delta,
+                        distributed: None,
                     },
                     examples: 12_000,
                     epsilon_before: before,
@@ -1244,6 +1341,7 @@ mod tests {
             update_clip_norm: 1.0,
             epsilon_after: 0.9,
             delta: 1e-5,
+            distributed: None,
         };
         let header = UpdateHeader {
             round: RoundId(3),
@@ -1331,6 +1429,141 @@ mod tests {
         lying.append(claims).unwrap();
         let findings = audit_releases(lying.entries()).findings;
         assert!(matches!(findings[..], [AuditFinding { kind: AuditKind::UnderCounted { .. }, .. }]), "{findings:?}");
+    }
+
+    fn share() -> DistributedShare {
+        DistributedShare {
+            site_sigma: 2000.0,
+            scale: 1024.0,
+            modulus_bits: 64,
+            sites: 3,
+            min_honest: 2,
+            clip_norm: 1.0,
+            dim: 1000,
+            rounding_beta: None,
+        }
+    }
+
+    /// A site's ledger of `n` distributed DP rounds (epsilons from the accountant), and the
+    /// coordinator's of the same secure rounds as it writes them: the masked input
+    /// accepted (its count unknown: 0), the round's sum (this site and `other`), a seal.
+    fn secure_ledgers(n: u64) -> (Ledger, Ledger) {
+        let (mut site_l, mut coord) = (Ledger::new(), Ledger::new());
+        let mut acc = Accountant::new();
+        let delta = 1e-5;
+        let other = SiteId::new("haukeland").unwrap();
+        for round in 1..=n {
+            let release = Release::distributed(1.0, share().release());
+            let before = acc.epsilon(delta).unwrap();
+            acc.record(&release).unwrap();
+            let privacy = Privacy {
+                mode: PrivacyMode::Distributed,
+                noise_multiplier: 1.0,
+                clip_norm: 1.0,
+                sampling_rate: 0.0,
+                steps: 1,
+                update_clip_norm: 0.0,
+                epsilon_after: acc.epsilon(delta).unwrap(),
+                delta,
+                distributed: Some(share()),
+            };
+            let time = format_time(T0).unwrap();
+            let (round, update_digest) = (RoundId(round), digest(round));
+            site_l
+                .append(Body::Release(ReleaseRecord {
+                    site: site(),
+                    round,
+                    privacy,
+                    examples: 1200,
+                    epsilon_before: before,
+                    update_digest,
+                    time: time.clone(),
+                }))
+                .unwrap();
+            coord
+                .append(Body::Accepted(AcceptedRecord { site: site(), round, privacy, examples: 0, update_digest, time: time.clone() }))
+                .unwrap();
+            coord
+                .append(Body::SecureRound(SecureRoundRecord {
+                    round,
+                    attempt: 1,
+                    summed: vec![other.clone(), site()],
+                    dropped: vec![],
+                    total_weight: 2,
+                    time,
+                }))
+                .unwrap();
+            let seal = coord.prepare_seal(round, &key(), T0).unwrap();
+            coord.push(seal).unwrap();
+        }
+        (site_l, coord)
+    }
+
+    /// A secure round reconciles per site: the site's masked input is the one the
+    /// coordinator accepted and summed; its count, which the coordinator never sees, is
+    /// not compared (it used to be, against the coordinator's 0: every secure round failed).
+    #[test]
+    fn a_secure_round_reconciles_per_site() {
+        let (site_l, coord) = secure_ledgers(3);
+        let report = reconcile(&site(), site_l.entries(), coord.entries());
+        assert_eq!(report, ReconcileReport { matched: 3, mismatches: vec![] });
+        // The audit recomputes the distributed epsilon from the recorded share.
+        let audit = audit_releases(site_l.entries());
+        assert!(audit.findings.is_empty(), "{:?}", audit.findings);
+        let expected = crate::dp::distributed::epsilon_for_releases(&[share().release(); 3], 1e-5).unwrap();
+        assert!((audit.final_epsilon.unwrap().0 - expected).abs() <= 1e-12 * expected, "{:?} vs {expected}", audit.final_epsilon);
+        assert!(audit_accepted(coord.entries(), &site()).findings.is_empty());
+        // The JSON line reads back the same, and a ledger without the new fields still reads.
+        let line = site_l.entries()[0].to_line();
+        assert_eq!(serde_json::from_slice::<Entry>(&line).unwrap(), site_l.entries()[0]);
+        let old = site_ledger(1);
+        assert!(!String::from_utf8(old.to_bytes()).unwrap().contains("distributed"));
+    }
+
+    /// Tampered secure rounds: the site left out of the sum it sent to, a sum below the
+    /// honest sites its share assumed, a declared share that is not the site's, a sum
+    /// that names the site without its input, and an under-stated distributed epsilon.
+    #[test]
+    fn a_tampered_secure_round_does_not_reconcile() {
+        let (site_l, coord) = secure_ledgers(4);
+        let mut c = Ledger::new();
+        for e in coord.entries() {
+            let mut body = e.body.clone();
+            match &mut body {
+                Body::SecureRound(r) if r.round == RoundId(1) => r.summed.retain(|s| s != &site()),
+                Body::SecureRound(r) if r.round == RoundId(2) => r.summed.retain(|s| s == &site()),
+                Body::Accepted(a) if a.round == RoundId(3) => {
+                    a.privacy.distributed = Some(DistributedShare { site_sigma: 1000.0, ..share() })
+                }
+                Body::Accepted(a) if a.round == RoundId(4) => continue,
+                Body::Seal(_) => continue,
+                _ => {}
+            }
+            c.append(body).unwrap();
+        }
+        let report = reconcile(&site(), site_l.entries(), c.entries());
+        assert_eq!(report.matched, 0, "{report:?}");
+        let m = &report.mismatches;
+        assert!(m.contains(&Mismatch::NotSummed { round: RoundId(1), digest: digest(1) }), "{m:?}");
+        assert!(m.contains(&Mismatch::TooFewSummed { round: RoundId(2), summed: 1, min_honest: 2 }), "{m:?}");
+        assert!(
+            m.iter().any(|x| matches!(x, Mismatch::ParameterMismatch { round: RoundId(3), field: "distributed noise share", .. })),
+            "{m:?}"
+        );
+        assert!(m.contains(&Mismatch::SummedWithoutInput { round: RoundId(4) }), "{m:?}");
+        assert!(m.contains(&Mismatch::NotAccepted { round: RoundId(4), digest: digest(4) }), "{m:?}");
+        // A site ledger that under-states the distributed epsilon.
+        let mut lying = Ledger::new();
+        for e in site_l.entries() {
+            let mut body = e.body.clone();
+            if let Body::Release(r) = &mut body {
+                r.privacy.epsilon_after *= 0.5;
+                r.epsilon_before *= 0.5;
+            }
+            lying.append(body).unwrap();
+        }
+        let findings = audit_releases(lying.entries()).findings;
+        assert!(findings.iter().any(|f| matches!(f.kind, AuditKind::UnderCounted { .. })), "{findings:?}");
     }
 
     #[test]

@@ -237,6 +237,7 @@ mod tests {
                 update_clip_norm: 1.0,
                 epsilon_after: round as f64,
                 delta: 1e-5,
+                distributed: None,
             },
             examples: 10,
             epsilon_before: round as f64 - 1.0,

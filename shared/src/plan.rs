@@ -175,6 +175,9 @@ pub enum PrivacyMode {
     Off,
     RecordLevel,
     SiteLevel,
+    /// Site-level adjacency, the noise split among the sites of a secure round (protocol 7;
+    /// appended last so the other variants keep their encoding).
+    Distributed,
 }
 
 impl PrivacyMode {
@@ -183,6 +186,7 @@ impl PrivacyMode {
             Self::Off => "off",
             Self::RecordLevel => "record-level",
             Self::SiteLevel => "site-level",
+            Self::Distributed => "distributed",
         }
     }
 }
@@ -200,7 +204,8 @@ impl FromStr for PrivacyMode {
             "off" => Ok(Self::Off),
             "record-level" => Ok(Self::RecordLevel),
             "site-level" => Ok(Self::SiteLevel),
-            _ => Err(format!("unknown privacy mode {s:?}: expected off, record-level or site-level")),
+            "distributed" => Ok(Self::Distributed),
+            _ => Err(format!("unknown privacy mode {s:?}: expected off, record-level, site-level or distributed")),
         }
     }
 }
@@ -217,6 +222,12 @@ pub enum PrivacyPlan {
     /// DP-FedAvg style: the update is clipped to `clip_norm` and Gaussian noise of std
     /// `noise_multiplier * clip_norm` is added to each coordinate.
     SiteLevel { noise_multiplier: f64, clip_norm: f64 },
+    /// Distributed DP under secure aggregation (site-level adjacency): each site clips its
+    /// update to `clip_norm`, quantizes it and adds integer discrete Gaussian noise whose
+    /// sum over any `min_honest` sites has std at least `noise_multiplier * clip_norm`
+    /// (`dp::distributed`); the coordinator sees only the sum. Offered only with a
+    /// `RoundOffer::secure`.
+    Distributed { noise_multiplier: f64, clip_norm: f64, min_honest: u64 },
 }
 
 impl PrivacyPlan {
@@ -226,6 +237,7 @@ impl PrivacyPlan {
             Self::Off => PrivacyMode::Off,
             Self::RecordLevel { .. } => PrivacyMode::RecordLevel,
             Self::SiteLevel { .. } => PrivacyMode::SiteLevel,
+            Self::Distributed { .. } => PrivacyMode::Distributed,
         }
     }
 

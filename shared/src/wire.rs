@@ -34,8 +34,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::UpdateEncoding;
-use crate::dp::Release;
-use crate::plan::{PrivacyMode, TrainingPlan};
+use crate::dp::{site_sigma_for, DistributedRelease, Release};
+use crate::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use crate::secagg::{
     EncryptedShares, FixedPoint, RelayedShares, RoundSetup, SecAggError, SignedKeys, UnmaskRequest, UnmaskingShares, MAX_SITES,
     MAX_VECTOR_LEN,
@@ -256,6 +256,30 @@ impl SecureRound {
         h.update(max_weight.to_be_bytes());
         h.update(max_sites.to_be_bytes());
         h.finalize().into()
+    }
+
+    /// Under a distributed plan, the noise share every site adds and how it quantizes,
+    /// the same at each site and computed from the offer alone: units
+    /// [`FixedPoint::noise_units`], the per-site sigma [`site_sigma_for`] (the variance split
+    /// so that `min_honest` shares carry the plan's noise multiplier), the deterministic
+    /// rounding bound, `max_sites` as the sites. `None` under any other plan.
+    pub fn distributed_release(&self, plan: &PrivacyPlan) -> Result<Option<DistributedRelease>, SecAggError> {
+        let PrivacyPlan::Distributed { noise_multiplier, clip_norm, min_honest } = *plan else { return Ok(None) };
+        let fixed = self.fixed_point()?;
+        let dim = self.setup.vector_len.saturating_sub(1) as u64;
+        let units = fixed.noise_units(clip_norm, dim);
+        let release = DistributedRelease {
+            site_sigma: site_sigma_for(noise_multiplier, clip_norm, units, min_honest),
+            scale: units,
+            modulus_bits: self.setup.params.modulus_bits,
+            sites: u64::from(self.max_sites),
+            min_honest,
+            clip_norm,
+            dim,
+            rounding_beta: None,
+        };
+        release.validate().map_err(|e| SecAggError::Params(format!("the distributed noise share: {e}")))?;
+        Ok(Some(release))
     }
 
     /// The fixed-point encoding the offer states.
@@ -490,12 +514,21 @@ pub struct PrivacyUsed {
     /// The site's cumulative epsilon at `delta` after this release.
     pub epsilon_after: f64,
     pub delta: f64,
+    /// Distributed DP only: the noise share the site added and how it quantized (what
+    /// the epsilon is computed from). `None` in every other mode.
+    pub distributed: Option<DistributedShare>,
 }
 
 impl PrivacyUsed {
     /// The release this update declares, for an accountant.
     pub fn release(&self) -> Release {
-        Release { mode: self.mode, noise_multiplier: self.noise_multiplier, sampling_rate: self.sampling_rate, steps: self.steps }
+        Release {
+            mode: self.mode,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: self.sampling_rate,
+            steps: self.steps,
+            distributed: self.distributed.map(|d| d.release()),
+        }
     }
 
     /// What an update without differential privacy declares.
@@ -509,6 +542,62 @@ impl PrivacyUsed {
             update_clip_norm: 0.0,
             epsilon_after: f64::INFINITY,
             delta: 0.0,
+            distributed: None,
+        }
+    }
+}
+
+/// One site's share of distributed DP noise in one round, as declared on the wire and
+/// recorded in both ledgers: [`DistributedRelease`]'s fields, from which an auditor
+/// recomputes the round's epsilon.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedShare {
+    /// Std of the site's discrete Gaussian noise per coordinate, in integer units.
+    pub site_sigma: f64,
+    /// Integer units per model unit.
+    pub scale: f64,
+    /// The secure sum's modulus, `2^modulus_bits`.
+    pub modulus_bits: u32,
+    /// Sites in the round when the site added its share (the setup's).
+    pub sites: u64,
+    /// Sites assumed honest: only their noise is counted.
+    pub min_honest: u64,
+    /// The L2 bound the update was clipped to, model units.
+    pub clip_norm: f64,
+    /// Coordinates in the update.
+    pub dim: u64,
+    /// Conditional randomized rounding's `beta`; `None`: the deterministic bound.
+    pub rounding_beta: Option<f64>,
+}
+
+impl DistributedShare {
+    /// The accountant's view.
+    pub fn release(&self) -> DistributedRelease {
+        DistributedRelease {
+            site_sigma: self.site_sigma,
+            scale: self.scale,
+            modulus_bits: self.modulus_bits,
+            sites: self.sites,
+            min_honest: self.min_honest,
+            clip_norm: self.clip_norm,
+            dim: self.dim,
+            rounding_beta: self.rounding_beta,
+        }
+    }
+}
+
+impl From<DistributedRelease> for DistributedShare {
+    fn from(r: DistributedRelease) -> Self {
+        Self {
+            site_sigma: r.site_sigma,
+            scale: r.scale,
+            modulus_bits: r.modulus_bits,
+            sites: r.sites,
+            min_honest: r.min_honest,
+            clip_norm: r.clip_norm,
+            dim: r.dim,
+            rounding_beta: r.rounding_beta,
         }
     }
 }
@@ -974,6 +1063,31 @@ mod tests {
                 step_deadline_secs: 60,
             }),
         }
+    }
+
+    /// The noise share a distributed plan implies splits the variance among the honest
+    /// sites: `min_honest` shares carry at least the plan's sigma C (in the share's units)
+    /// and no more than the grid's rounding adds; the units divide the sum's scale by a
+    /// power of two and keep rounding small against the clip.
+    #[test]
+    fn a_distributed_plan_splits_the_noise_variance_among_the_honest_sites() {
+        let secure = secure_offer().secure.unwrap();
+        assert_eq!(secure.distributed_release(&plan().privacy).unwrap(), None);
+        for (z, c, h) in [(1.0, 0.5, 1), (0.7, 1.0, 2), (2.5, 3.0, 3)] {
+            let plan = PrivacyPlan::Distributed { noise_multiplier: z, clip_norm: c, min_honest: h };
+            let r = secure.distributed_release(&plan).unwrap().unwrap();
+            let full = z * c * r.scale;
+            let summed = r.site_sigma * (h as f64).sqrt();
+            assert!(summed >= full && summed <= full + (h as f64).sqrt() * crate::dp::distributed::SITE_SIGMA_GRID, "{r:?}");
+            assert!(r.params().noise_multiplier() >= z);
+            let ratio = secure.fixed_point().unwrap().scale() / r.scale;
+            assert!(ratio >= 1.0 && (ratio as u64).is_power_of_two(), "{ratio}");
+            assert_eq!((r.dim, r.sites, r.min_honest, r.modulus_bits, r.rounding_beta), (4, 3, h, 48, None));
+            assert!(c * r.scale >= 1024.0 * 2.0 && c * r.scale < 4096.0, "sqrt(4) = 2: {r:?}");
+        }
+        // More honest sites than the round may sum is not a valid share.
+        let plan = PrivacyPlan::Distributed { noise_multiplier: 1.0, clip_norm: 1.0, min_honest: 4 };
+        assert!(secure.distributed_release(&plan).is_err());
     }
 
     #[test]

@@ -160,6 +160,7 @@ fn ledger_bytes() -> Vec<u8> {
         update_clip_norm: 5.0,
         epsilon_after: 1.2,
         delta: 1e-5,
+        distributed: None,
     };
     for round in 1..=3 {
         let r = ReleaseRecord::new(site.clone(), RoundId(round), &used, 1750, 0.5, Digest([round as u8; 32]), now).unwrap();

@@ -246,6 +246,7 @@ async fn three_agents_two_rounds_global_model_is_the_weighted_mean() {
             }
             Body::Seal(s) => kinds.push(format!("seal {}", s.round)),
             Body::Release(_) => panic!("a release in the coordinator's ledger"),
+            Body::SecureRound(_) => panic!("a secure-round entry for a round in the clear"),
         }
     }
     let (round1, round2) = kinds.split_at(4);
@@ -346,6 +347,99 @@ async fn secure_rounds_sum_the_sites_and_survive_an_agent_killed_mid_round() {
         for (a, b) in t.data().iter().zip(e.data()) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name}: {a} vs {b}");
         }
+    }
+    // The coordinator's ledger records each secure round's sum, and every site's ledger
+    // reconciles with it: alpha and beta were summed in both rounds, gamma in round 1
+    // (killed while training round 2, it released nothing more).
+    let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+    let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+    let coord_bytes = std::fs::read(&ledger_file).unwrap();
+    let sums: Vec<(u64, Vec<String>, Vec<String>, u64)> = fedward_shared::ledger::verify(&coord_bytes, Some(&key))
+        .entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::SecureRound(r) => Some((
+                r.round.0,
+                r.summed.iter().map(|s| s.to_string()).collect(),
+                r.dropped.iter().map(|s| s.to_string()).collect(),
+                r.total_weight,
+            )),
+            _ => None,
+        })
+        .collect();
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(sums, vec![(1, names(&["alpha", "beta", "gamma"]), vec![], 1000), (2, names(&["alpha", "beta"]), names(&["gamma"]), 400)]);
+    for (i, (site, rounds)) in [("alpha", 2), ("beta", 2), ("gamma", 1)].into_iter().enumerate() {
+        let site_bytes = std::fs::read(dir.path().join(format!("agent-{i}")).join(fedward_agent::daemon::LEDGER)).unwrap();
+        let id = wire::SiteId::new(site).unwrap();
+        let r = fedward_shared::audit::reconcile_ledgers(&id, &site_bytes, &coord_bytes, Some(&key));
+        assert_eq!(r.matched, rounds, "{site}: {:?}", r.mismatches);
+        assert!(r.mismatches.is_empty() && r.passed(), "{site}: {:?}", r.mismatches);
+    }
+}
+
+/// Distributed DP over real QUIC: each site clips, quantizes and adds its discrete
+/// Gaussian share before masking, records the share and the distributed epsilon in its
+/// ledger before the masked input leaves, and every ledger audits and reconciles; the
+/// coordinator learns the number of sites summed (equal weights), no count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_dp_rounds_record_each_sites_noise_share_and_reconcile() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let mut s = spec(dir.path(), 2, 3, vec!["alpha", "beta", "gamma"]);
+    s.privacy = PrivacyPlan::Distributed { noise_multiplier: 1.0, clip_norm: 0.5, min_honest: 2 };
+    s.policy = PrivacyPolicy { mode: PrivacyMode::Distributed, min_noise_multiplier: 1.0, max_clip_norm: 0.5 };
+    s.aggregation.weighting = fedward_shared::config::Weighting::Equal;
+    s.secure = Some(fedward_coordinator::round::SecureSettings {
+        params: fedward_shared::secagg::SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 64 },
+        step_deadline: Duration::from_secs(10),
+        trust: pki.secagg_trust(),
+    });
+    let coord = CoordinatorHandle::start(&pki, s);
+    let mut agents = Vec::new();
+    for (i, site) in ["alpha", "beta", "gamma"].into_iter().enumerate() {
+        let (trainer, _sent) = ScriptedTrainer::new(0.1 * (i as f32 + 1.0), 100 * (i as u64 + 1));
+        let (tls, identity) = pki.site_secure(site);
+        let mut opts = agent_options(coord.addr, tls, &dir.path().join(site), 0);
+        opts.secagg = Some(identity);
+        opts.seed = Some(200 + i as u64);
+        opts.budget.max_epsilon = 1e3;
+        opts.budget.require_dp = true;
+        agents.push(spawn_agent(opts, trainer));
+    }
+    for a in agents {
+        assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 2, rounds_trained: 2 });
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 2 });
+    let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+    let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+    let coord_bytes = std::fs::read(&ledger_file).unwrap();
+    let weights: Vec<u64> = fedward_shared::ledger::verify(&coord_bytes, Some(&key))
+        .entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::SecureRound(r) => Some(r.total_weight),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(weights, vec![3, 3], "equal weights: the sites summed, no count");
+    for site in ["alpha", "beta", "gamma"] {
+        let releases = site_releases(&dir.path().join(site));
+        assert_eq!(releases.len(), 2);
+        for r in &releases {
+            assert_eq!(r.privacy.mode, PrivacyMode::Distributed);
+            let share = r.privacy.distributed.expect("the noise share is recorded");
+            assert_eq!((share.min_honest, share.clip_norm, share.modulus_bits), (2, 0.5, 64));
+            // Two honest shares carry the plan's sigma C (in the share's units).
+            assert!(share.site_sigma * 2f64.sqrt() >= 0.5 * share.scale);
+        }
+        let site_bytes = std::fs::read(dir.path().join(site).join(fedward_agent::daemon::LEDGER)).unwrap();
+        let audit = fedward_shared::audit::audit_ledger(&site_bytes, None, None);
+        assert!(audit.passed(), "{site}: {:?}", audit.findings);
+        let r = fedward_shared::audit::reconcile_ledgers(&wire::SiteId::new(site).unwrap(), &site_bytes, &coord_bytes, Some(&key));
+        assert_eq!(r.matched, 2, "{site}: {:?}", r.mismatches);
+        assert!(r.mismatches.is_empty() && r.passed(), "{site}: {:?}", r.mismatches);
     }
 }
 
@@ -913,6 +1007,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         update_clip_norm: 0.05,
         epsilon_after: 1.0,
         delta: 1e-5,
+        distributed: None,
     };
     let header = wire::UpdateHeader {
         round: offer.round,

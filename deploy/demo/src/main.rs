@@ -145,6 +145,12 @@ struct Args {
     /// fedyogi need one].
     #[arg(long)]
     server_learning_rate: Option<f64>,
+    /// Both runs under secure aggregation (SecAgg+, `[aggregation] method = "secure"`): the
+    /// coordinator receives only masked updates and learns their example-weighted sum; a
+    /// round needs 2 of the 3 hospitals (threshold 2). Updates then travel as f32 values
+    /// under fixed-point masks, whatever --update-encoding says (docs/ADMIN.md).
+    #[arg(long)]
+    secure: bool,
     /// Skip the baselines and the allocation simulator, which needs a local-only model
     /// (faster; the report then has no comparison).
     #[arg(long)]
@@ -580,10 +586,16 @@ fn federate(
     let planned_rounds = rounds_of(args, dp.as_ref());
     let dir = out.join("runs").join(name);
     fs::create_dir_all(&dir)?;
+    let secure = if args.secure { " under secure aggregation (the coordinator sees only the sum)" } else { "" };
     match &dp {
-        None => step(&format!("federation without DP: a coordinator and {} agents, {} rounds, training {}", SITES.len(), args.rounds, args.trainable)),
+        None => step(&format!(
+            "federation without DP{secure}: a coordinator and {} agents, {} rounds, training {}",
+            SITES.len(),
+            args.rounds,
+            args.trainable
+        )),
         Some(d) => step(&format!(
-            "federation with record-level DP, training {} with {}: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round, {} rounds, learning rate {}; planned epsilon {:.2} at delta {DELTA} per site",
+            "federation with record-level DP{secure}, training {} with {}: sigma {:.3}, clip {}, sampling rate {:.4}, {} steps a round, {} rounds, learning rate {}; planned epsilon {:.2} at delta {DELTA} per site",
             d.trainable, d.optimizer, d.noise_multiplier, d.clip_norm, d.sampling_rate, d.steps_per_round, d.rounds, d.learning_rate, d.planned_epsilon
         )),
     }
@@ -636,6 +648,16 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
         "round", "sites", "local loss", "accuracy", "macro-F1", "hw acc", "hw F1", "epsilon", "seconds"
     );
     loop {
+        // Exits are seen before the state is read: a coordinator writes its last state
+        // before it exits, so the rounds scored below are all it completed, even when its
+        // last rounds took less time than scoring one (short runs did, and were reported
+        // as an early exit).
+        let mut exited = Vec::new();
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                exited.push((name.clone(), status));
+            }
+        }
         // The coordinator writes the checkpoint, then state.json, each atomically: a round
         // listed in state.json has its checkpoint on disk.
         if let Some(state) = saved_state(state_dir)? {
@@ -675,10 +697,8 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
                 last_note = Instant::now();
             }
         }
-        for (name, child) in children.iter_mut() {
-            if let Some(status) = child.try_wait()? {
-                check_exit(name, status, rows.len() as u64 == total)?;
-            }
+        for (name, status) in exited {
+            check_exit(&name, status, rows.len() as u64 == total)?;
         }
         if rows.len() as u64 >= total {
             break;
@@ -753,14 +773,20 @@ fn coordinator_config(
     dp: Option<&DpSettings>,
 ) -> String {
     let ca = out.join("pki/consortium");
+    // Masked sums are of fixed-point f32 values: secure aggregation takes no other encoding.
+    let (method, encoding, secure) = if args.secure {
+        ("method = \"secure\"\n", UpdateEncoding::F32, "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n")
+    } else {
+        ("", args.update_encoding, "")
+    };
     let privacy = match dp {
         // Without DP the coordinator needs its own bound on an update's norm: the demo's
         // honest `body:1` updates measured 7.8 to 10.7, so 50 never touches them and still
         // caps what one site could do.
-        None => format!("mode = \"off\"\n\n[aggregation]\nmax_update_norm = 50.0\nupdate_encoding = \"{}\"\n", args.update_encoding),
+        None => format!("mode = \"off\"\n\n[aggregation]\n{method}max_update_norm = 50.0\nupdate_encoding = \"{encoding}\"\n"),
         Some(d) => format!(
-            "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n\n[aggregation]\nupdate_encoding = \"{}\"\n",
-            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm, args.update_encoding
+            "mode = \"record-level\"\nnoise_multiplier = {}\nclip_norm = {}\nsampling_rate = {}\nupdate_clip_norm = {}\nmin_noise_multiplier = {}\nmax_clip_norm = {}\n\n[aggregation]\n{method}update_encoding = \"{encoding}\"\n",
+            d.noise_multiplier, d.clip_norm, d.sampling_rate, d.update_clip_norm, d.noise_multiplier, d.clip_norm
         ),
     };
     let mut server_optimizer = format!("server_optimizer = \"{}\"\n", args.server_optimizer);
@@ -811,7 +837,7 @@ prox_mu = {prox_mu:?}
 
 [privacy]
 {privacy}{server_optimizer}
-{sites}"#,
+{secure}{sites}"#,
         state = state_dir.display(),
         tokens = state_dir.with_file_name("admin-tokens").display(),
         ca = ca.display(),
@@ -1210,6 +1236,7 @@ impl Report {
             "demo": {
                 "rounds": args.rounds, "local_epochs": args.local_epochs, "sites": SITES, "trainable": args.trainable.to_string(), "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "max_seq_len": args.max_seq_len, "seed": args.seed, "notes_per_site": args.notes_per_site, "seconds": total_seconds,
+                "aggregation": if args.secure { "secure" } else { "fedavg" },
             },
             "rounds": plain.rounds,
             "final": {

@@ -13,6 +13,7 @@
 
 use crate::plan::{PrivacyMode, PrivacyPlan};
 
+use super::distributed::DistributedRelease;
 use super::rdp::{check_delta, check_noise_multiplier, check_sampling_rate, Rdp};
 use super::sampling::dp_sgd_steps;
 use super::{zcdp, DpError};
@@ -27,27 +28,39 @@ pub struct Release {
     pub sampling_rate: f64,
     /// Record-level: noisy DP-SGD steps in the round. Ignored otherwise.
     pub steps: u64,
+    /// Distributed: the round's full parameters (the noise share, the quantization, the
+    /// honest sites counted); the epsilon is theirs, `noise_multiplier` only says what the
+    /// plan asked for. `None` in every other mode.
+    pub distributed: Option<DistributedRelease>,
 }
 
 impl Release {
     /// A round of DP-SGD: `steps` steps at sampling rate `q` and noise multiplier `sigma`.
     pub fn record_level(noise_multiplier: f64, sampling_rate: f64, steps: u64) -> Self {
-        Self { mode: PrivacyMode::RecordLevel, noise_multiplier, sampling_rate, steps }
+        Self { mode: PrivacyMode::RecordLevel, noise_multiplier, sampling_rate, steps, distributed: None }
     }
 
     /// A round of DP-FedAvg with noise multiplier `sigma`.
     pub fn site_level(noise_multiplier: f64) -> Self {
-        Self { mode: PrivacyMode::SiteLevel, noise_multiplier, sampling_rate: 0.0, steps: 1 }
+        Self { mode: PrivacyMode::SiteLevel, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: None }
     }
 
     /// A round without differential privacy.
     pub fn off() -> Self {
-        Self { mode: PrivacyMode::Off, noise_multiplier: 0.0, sampling_rate: 0.0, steps: 0 }
+        Self { mode: PrivacyMode::Off, noise_multiplier: 0.0, sampling_rate: 0.0, steps: 0, distributed: None }
+    }
+
+    /// A round of distributed DP under secure aggregation: `noise_multiplier` is the
+    /// plan's central one, `release` what the site adds and how it quantizes.
+    pub fn distributed(noise_multiplier: f64, release: DistributedRelease) -> Self {
+        Self { mode: PrivacyMode::Distributed, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: Some(release) }
     }
 
     /// The release one round under `plan` makes, for the accountant: what a site checks
     /// against its budget before it trains. Record-level rounds take
-    /// [`dp_sgd_steps`]`(local_epochs, q)` noisy steps.
+    /// [`dp_sgd_steps`]`(local_epochs, q)` noisy steps. A distributed plan's release depends
+    /// on the secure round too (its scale, the update's dimension): see
+    /// [`Release::distributed`]; here it is an error.
     pub fn planned(plan: &PrivacyPlan, local_epochs: u32) -> Result<Self, DpError> {
         let release = match *plan {
             PrivacyPlan::Off => Self::off(),
@@ -55,6 +68,9 @@ impl Release {
                 Self::record_level(noise_multiplier, sampling_rate, dp_sgd_steps(local_epochs, sampling_rate)?)
             }
             PrivacyPlan::SiteLevel { noise_multiplier, .. } => Self::site_level(noise_multiplier),
+            PrivacyPlan::Distributed { noise_multiplier, .. } => {
+                return Err(DpError::invalid("distributed plan", noise_multiplier, "a secure round's parameters (Release::distributed)"))
+            }
         };
         release.validate()?;
         Ok(release)
@@ -69,6 +85,10 @@ impl Release {
                 check_noise_multiplier(self.noise_multiplier)?;
                 check_sampling_rate(self.sampling_rate)
             }
+            PrivacyMode::Distributed => match &self.distributed {
+                Some(d) => d.validate(),
+                None => Err(DpError::invalid("distributed release", 0.0, "its noise share and quantization parameters")),
+            },
         }
     }
 }
@@ -85,6 +105,8 @@ pub struct Accountant {
     /// One-step sampled-Gaussian curves by `(q, sigma)` bits: auditors replay many rounds
     /// with the same parameters.
     curves: Vec<((u64, u64), Rdp)>,
+    /// Distributed rounds' curves by their parameters, for the same reason.
+    distributed_curves: Vec<(DistributedRelease, Rdp)>,
 }
 
 impl Accountant {
@@ -121,6 +143,20 @@ impl Accountant {
                 }
                 self.mode = Some(PrivacyMode::SiteLevel);
             }
+            PrivacyMode::Distributed => {
+                // `validate` made sure it is there.
+                let Some(d) = release.distributed else { unreachable!("validated") };
+                let curve = match self.distributed_curves.iter().find(|(k, _)| *k == d) {
+                    Some((_, c)) => c.clone(),
+                    None => {
+                        let c = d.rdp()?;
+                        self.distributed_curves.push((d, c.clone()));
+                        c
+                    }
+                };
+                self.rdp.compose(&curve, 1);
+                self.mode = Some(PrivacyMode::Distributed);
+            }
         }
         self.releases += 1;
         Ok(())
@@ -134,7 +170,8 @@ impl Accountant {
         }
         match self.mode {
             None => Ok(0.0),
-            Some(PrivacyMode::RecordLevel) => Ok(self.rdp.epsilon(delta)?.0),
+            // Both compose as RDP on the same grid (one mode per accountant).
+            Some(PrivacyMode::RecordLevel | PrivacyMode::Distributed) => Ok(self.rdp.epsilon(delta)?.0),
             Some(PrivacyMode::SiteLevel) => zcdp::epsilon_for_rounds(&self.site_rounds, delta),
             Some(PrivacyMode::Off) => Ok(f64::INFINITY),
         }
@@ -263,6 +300,8 @@ impl Plan {
             PrivacyMode::RecordLevel => Release::record_level(noise_multiplier, self.sampling_rate, self.steps_per_round),
             PrivacyMode::SiteLevel => Release::site_level(noise_multiplier),
             PrivacyMode::Off => Release::off(),
+            // Refused by `validate`: the calculator's distributed mode is `dp::distributed`'s.
+            PrivacyMode::Distributed => Release { mode: PrivacyMode::Distributed, ..Release::site_level(noise_multiplier) },
         }
     }
 }
@@ -285,6 +324,7 @@ fn epsilon_with_sigma(plan: &Plan, sigma: f64) -> Result<f64, DpError> {
     match plan.mode {
         PrivacyMode::Off => Ok(f64::INFINITY),
         PrivacyMode::SiteLevel => zcdp::epsilon_for_rounds(&[(sigma, plan.rounds)], plan.delta),
+        PrivacyMode::Distributed => unreachable!("release.validate refuses a distributed plan without its parameters"),
         PrivacyMode::RecordLevel => {
             let one = Rdp::sampled_gaussian(plan.sampling_rate, sigma)?;
             let mut total = Rdp::zero();
@@ -381,6 +421,43 @@ pub(crate) fn smallest_sufficient(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn share(site_sigma: f64) -> DistributedRelease {
+        DistributedRelease {
+            site_sigma,
+            scale: 4096.0,
+            modulus_bits: 64,
+            sites: 3,
+            min_honest: 2,
+            clip_norm: 1.0,
+            dim: 10_000,
+            rounding_beta: None,
+        }
+    }
+
+    /// Distributed releases compose as the distributed accountant's RDP, the budget check
+    /// uses that epsilon (refusing the round that would pass it), a release without its
+    /// parameters is refused, and a site-level ledger does not silently mix with them.
+    #[test]
+    fn distributed_releases_spend_the_distributed_accountants_epsilon() {
+        let (delta, r) = (1e-5, Release::distributed(1.0, share(3000.0)));
+        let mut acc = Accountant::new();
+        for _ in 0..3 {
+            acc.record(&r).unwrap();
+        }
+        let expected = super::super::distributed::epsilon_for_releases(&[share(3000.0); 3], delta).unwrap();
+        assert!((acc.epsilon(delta).unwrap() - expected).abs() <= 1e-12 * expected);
+        let fourth = acc.epsilon_after(&r, delta).unwrap();
+        assert!(fourth > expected);
+        let budget = Budget::new(fourth, delta, None).unwrap();
+        assert_eq!(budget.check(&acc, &r).unwrap().epsilon_after, fourth);
+        let tight = Budget::new(fourth * (1.0 - 1e-9), delta, None).unwrap();
+        assert!(matches!(tight.check(&acc, &r), Err(BudgetError::Exceeded { .. })));
+        let bare = Release { distributed: None, ..r };
+        assert!(acc.clone().record(&bare).is_err());
+        assert!(matches!(acc.clone().record(&Release::site_level(1.0)), Err(DpError::ModeMismatch { .. })));
+        assert!(Release::planned(&PrivacyPlan::Distributed { noise_multiplier: 1.0, clip_norm: 1.0, min_honest: 2 }, 1).is_err());
+    }
 
     #[test]
     fn a_plan_names_the_release_it_makes() {

@@ -115,6 +115,43 @@ impl FixedPoint {
         Ok(out)
     }
 
+    /// Distributed DP's units (`dp::distributed`): the integer units per model unit a site
+    /// quantizes and noises its update in, for updates of `dim` values clipped to
+    /// `clip_norm`. The smallest power of two `u` with `clip_norm * u >= 2^10 sqrt(dim)`,
+    /// so that rounding adds at most `2^-10` to the accounted norm bound `clip_norm * u +
+    /// sqrt(dim)`, and at most [`Self::scale`], so that an integer in these units is one in
+    /// the sum's units times the power of two `scale / u` ([`Self::encode_units`]). Both
+    /// sides compute it from the offer.
+    pub fn noise_units(&self, clip_norm: f64, dim: u64) -> f64 {
+        let target = 1024.0 * (dim.max(1) as f64).sqrt() / clip_norm;
+        let mut u = 1.0f64;
+        while u < target && u < self.scale {
+            u *= 2.0;
+        }
+        while u > target * 2.0 && u > 2f64.powi(-60) {
+            u /= 2.0;
+        }
+        u.min(self.scale)
+    }
+
+    /// Encodes an update already quantized (and noised) in `units` integer units per model
+    /// unit ([`Self::noise_units`]) at weight 1: each value times `scale / units`, modulo
+    /// `2^bits` (wrapping is the sum's own arithmetic). Distributed DP weighs every site
+    /// equally, so the sum's weight is the number of sites summed.
+    pub fn encode_units(&self, values: &[i64], units: f64) -> Result<Vec<u64>, SecAggError> {
+        let ratio = self.scale / units;
+        if !(ratio >= 1.0 && ratio <= 2f64.powi(62) && ratio.fract() == 0.0 && (ratio as u64).is_power_of_two()) {
+            return Err(SecAggError::Params(format!("units {units} do not divide the scale {} by a power of two", self.scale)));
+        }
+        // Clamped to the encoding's bound like `encode` (post-processing of the noised
+        // value), so a sum of `max_sites` inputs cannot wrap whatever the noise drew.
+        let limit = (f64::from(self.clip) * self.scale).floor() as i128;
+        let (factor, mask) = (i128::from(ratio as u64), self.mask());
+        let mut out: Vec<u64> = values.iter().map(|&v| ((i128::from(v) * factor).clamp(-limit, limit) as i64 as u64) & mask).collect();
+        out.push(1);
+        Ok(out)
+    }
+
     /// The weighted mean from a secure sum of `encoded_len(len)` values.
     pub fn decode_mean(&self, sum: &[u64]) -> Result<WeightedMean, SecAggError> {
         let (&w, values) = sum.split_last().ok_or_else(|| SecAggError::Input("empty sum".into()))?;
@@ -159,6 +196,28 @@ mod tests {
     use rand_chacha::ChaCha20Rng;
 
     use super::*;
+
+    /// Distributed DP's integers go into the sum exactly (times the power of two between
+    /// the units and the scale), negative values and the clamp included, at weight 1.
+    #[test]
+    fn integers_in_noise_units_sum_exactly() {
+        let fp = FixedPoint::new(32, 1.0, 1, 3).unwrap();
+        let units = fp.noise_units(1.0, 4);
+        assert!(units >= 2048.0 && units <= fp.scale(), "{units} {}", fp.scale());
+        let ratio = fp.scale() / units;
+        let a = fp.encode_units(&[3, -5, 0, 7], units).unwrap();
+        let b = fp.encode_units(&[-1, -1, 2, 0], units).unwrap();
+        let sum: Vec<u64> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y) & 0xffff_ffff).collect();
+        let mean = fp.decode_mean(&sum).unwrap();
+        assert_eq!(mean.total_weight, 2);
+        let expected = [2.0, -6.0, 2.0, 7.0].map(|v: f64| (v * ratio / (fp.scale() * 2.0)) as f32);
+        assert_eq!(mean.values, expected);
+        // A value beyond the encoding's bound is clamped to it: no wrap, whatever was drawn.
+        let huge = fp.encode_units(&[i64::MAX / 4], units).unwrap();
+        assert_eq!(fp.signed(huge[0]), (fp.scale()).floor() as i128);
+        assert!(fp.encode_units(&[1], units * 3.0).is_err(), "not a power of two apart");
+        assert!(fp.encode_units(&[1], fp.scale() * 2.0).is_err(), "finer than the sum");
+    }
 
     #[test]
     fn the_worst_case_sum_does_not_wrap() {

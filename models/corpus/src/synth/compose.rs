@@ -21,7 +21,7 @@ use super::{HardCase, Label};
 
 pub(super) const MIN_WORDS: usize = 5;
 /// Device resources that are booked as slots rather than brought to the bedside.
-const SLOT_KEYS: &[&str] = &["dialysis", "ct", "mri", "ultrasound", "xray", "eeg"];
+const SLOT_KEYS: &[&str] = &["dialysis", "ct", "mri", "ultrasound", "xray", "eeg", "ambulatory_monitoring"];
 /// Device resources that a patient takes home; their discharge-planning notes may say "MFFD".
 const HOME_DEVICE_KEYS: &[&str] = &["o2_concentrator", "hoist", "feeding_pump", "syringe_driver", "pressure_mattress", "wound_vac"];
 pub(super) const MAX_WORDS: usize = 60;
@@ -249,9 +249,15 @@ fn draw_plan(rng: &mut ChaCha8Rng, site: &SiteProfile, label: Label, spec: Spec,
     let focus_of = |rng: &mut ChaCha8Rng, r: &'static Resource| Focus { res: r, team: team_for(rng, site, r, spec, nt) };
     let weights: [f64; 4] = if label == Label::Doctor { [0.3, 0.3, 0.18, 0.22] } else { [0.38, 0.37, 0.25, 0.0] };
     match pick_weighted(rng, &weights) {
-        0 => pick_other(rng, site, label, spec, |_| true).map(|r| Plan::Negation(focus_of(rng, r))),
+        0 => {
+            // "bed" is often the only resource noun of a short note that asks for something else:
+            // a third of other labels' negations deny a bed.
+            let bed_only = label != Label::Bed && rng.random::<f64>() < 0.35;
+            pick_other(rng, site, label, spec, |r| !bed_only || r.label == Label::Bed).map(|r| Plan::Negation(focus_of(rng, r)))
+        }
         1 => {
-            if label != Label::Bed && rng.random::<f64>() < 0.3 {
+            let location_share = if label == Label::Doctor { 0.45 } else { 0.3 };
+            if label != Label::Bed && rng.random::<f64>() < location_share {
                 return Some(Plan::Location);
             }
             pick_other(rng, site, label, spec, |r| !r.mentions.is_empty()).map(|r| Plan::Mention(focus_of(rng, r)))
@@ -422,7 +428,9 @@ fn primary_ask(r: &mut Renderer<'_>, nt: NoteType) -> String {
                 Label::Doctor => (0.42, 0.38),
                 _ => (0.45, 0.28),
             };
-            if y < own {
+            if label != Label::Doctor && label != Label::Bed && r.chance(0.06) {
+                ASK_AT_PLACE
+            } else if y < own {
                 res.asks
             } else if y < own + lab {
                 if label == Label::Device && SLOT_KEYS.contains(&res.key) {
@@ -468,7 +476,10 @@ fn ask_block(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Par
     match plan {
         Some(Plan::Negation(f2)) => {
             let f2 = *f2;
-            let neg = if r.chance(0.6) && !f2.res.negations.is_empty() {
+            let neg = if f2.res.label == Label::Bed && r.chance(0.45) {
+                let t = pick_str(r.rng, NEG_BED);
+                r.render_with(f2, t)
+            } else if r.chance(0.6) && !f2.res.negations.is_empty() {
                 let t = pick_str(r.rng, f2.res.negations);
                 r.render_with(f2, t)
             } else {
@@ -534,7 +545,10 @@ fn distractor(r: &mut Renderer<'_>, plan: Option<&Plan>) -> Option<Part> {
     match plan {
         Some(Plan::Mention(f2)) => {
             let f2 = *f2;
+            let in_place = f2.res.label == Label::Device && r.chance(0.35);
             let bank = match (r.chance(0.7), f2.res.label) {
+                _ if in_place && SLOT_KEYS.contains(&f2.res.key) => MENTION_BOOKED,
+                _ if in_place => MENTION_IN_PLACE,
                 (true, _) => f2.res.mentions,
                 (false, Label::Bed) => MENTION_GENERIC,
                 (false, _) if r.chance(0.5) => MENTION_HAD,
@@ -543,7 +557,10 @@ fn distractor(r: &mut Renderer<'_>, plan: Option<&Plan>) -> Option<Part> {
             let t = pick_str(r.rng, bank);
             Some(kept(r.render_with(f2, t)))
         }
-        Some(Plan::Location) => Some(kept(r.bank(MENTION_LOCATION))),
+        Some(Plan::Location) => {
+            let bank = if r.chance(0.5) { MENTION_BED_LOCATION } else { MENTION_LOCATION };
+            Some(kept(r.bank(bank)))
+        }
         _ => None,
     }
 }
@@ -564,6 +581,36 @@ fn prefixed(r: &mut Renderer<'_>, p: f64, bank: Bank, mut block: Vec<Part>) -> V
     block
 }
 
+/// One or two story sentences that name no resource, for the longer notes (chance `p`).
+fn story(r: &mut Renderer<'_>, p: f64) -> Vec<Part> {
+    let mut out = Vec::new();
+    if r.chance(p) {
+        let first = r.bank(STORY);
+        if r.chance(0.5) {
+            let second = r.bank(STORY);
+            if second != first {
+                out.push(part(second, 1));
+            }
+        }
+        out.insert(0, part(first, 1));
+    }
+    out
+}
+
+/// What the note says after its ask, so the ask sits in the middle (chance `p`).
+fn tail(r: &mut Renderer<'_>, p: f64) -> Option<Part> {
+    opt(r, p, TAIL, 1)
+}
+
+/// The ask as the middle line of a numbered plan: "Plan: 1) ... 2) <ask> 3) ...".
+fn plan_list(r: &mut Renderer<'_>, block: Vec<Part>) -> Vec<Part> {
+    let head = pick_str(r.rng, PLAN_LIST);
+    let before = r.bank(TAIL);
+    let after = r.bank(TAIL);
+    let ask: Vec<&str> = block.iter().map(|p| p.text.trim()).filter(|t| !t.is_empty()).collect();
+    vec![kept(format!("{head} 1) {before} 2) {} 3) {after}", ask.join("; ")))]
+}
+
 fn layout(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Part> {
     let mut out: Vec<Part> = Vec::new();
     match nt {
@@ -577,9 +624,11 @@ fn layout(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Part> 
             ctx.extend(opt_tpl(r, 0.3, &hx, 1));
             ctx.extend(opt_tpl(r, 0.25, "<find>", 2));
             ctx.extend(opt_tpl(r, 0.4, "<reason>", 4));
+            ctx.extend(story(r, 0.25));
             ctx.extend(site_context(r));
             out.extend(with_distractor(r, ctx, plan));
             out.extend(ask_block(r, nt, plan));
+            out.extend(tail(r, 0.2));
             out.extend(opt(r, 0.12, SIGN_OFFS, 0));
         }
         NoteType::WardRound => {
@@ -591,10 +640,16 @@ fn layout(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Part> 
             ctx.extend(opt_tpl(r, 0.35, "<find>", 2));
             ctx.extend(opt_tpl(r, 0.2, "<vitals>", 1));
             ctx.extend(opt_tpl(r, 0.3, "<reason>", 3));
+            ctx.extend(story(r, 0.3));
             ctx.extend(site_context(r));
             out.extend(with_distractor(r, ctx, plan));
             let block = ask_block(r, nt, plan);
-            out.extend(prefixed(r, 0.55, PLAN_PREFIX, block));
+            if r.chance(0.2) {
+                out.extend(plan_list(r, block));
+            } else {
+                out.extend(prefixed(r, 0.55, PLAN_PREFIX, block));
+                out.extend(tail(r, 0.3));
+            }
             out.extend(opt(r, 0.08, SIGN_OFFS, 0));
         }
         NoteType::NurseNote => {
@@ -606,9 +661,11 @@ fn layout(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Part> 
             ctx.extend(opt_tpl(r, 0.55, "<vitals>", 3));
             ctx.extend(opt_tpl(r, 0.35, "<reason>", 4));
             ctx.extend(opt_tpl(r, 0.2, "<dx>", 1));
+            ctx.extend(story(r, 0.3));
             ctx.extend(site_context(r));
             out.extend(with_distractor(r, ctx, plan));
             out.extend(ask_block(r, nt, plan));
+            out.extend(tail(r, 0.3));
             out.extend(opt(r, 0.35, SIGN_OFFS, 0));
         }
         NoteType::OrderComment => {
@@ -642,10 +699,16 @@ fn layout(r: &mut Renderer<'_>, nt: NoteType, plan: Option<&Plan>) -> Vec<Part> 
             ctx.extend(opt(r, 0.5, HANDOVER_STATUS, 2));
             ctx.extend(opt_tpl(r, 0.3, "<vitals>", 2));
             ctx.extend(opt_tpl(r, 0.3, "<reason>", 3));
+            ctx.extend(story(r, 0.2));
             ctx.extend(site_context(r));
             out.extend(with_distractor(r, ctx, plan));
             let block = ask_block(r, nt, plan);
-            out.extend(prefixed(r, 0.65, HANDOVER_JOBS, block));
+            if r.chance(0.15) {
+                out.extend(plan_list(r, block));
+            } else {
+                out.extend(prefixed(r, 0.65, HANDOVER_JOBS, block));
+                out.extend(tail(r, 0.25));
+            }
         }
         NoteType::BedManager => {
             if r.chance(0.85) {

@@ -87,6 +87,16 @@ pub(super) const ASK_LABEL: [Bank; 4] = [
         "{could|can} you {come and|} {r/v|review|see} {pt|<ref>}{ please|}?",
         "are you able to {come and see|review} {<ref>|pt} {soon|asap|}?",
         "{would you mind reviewing|would you be able to see|could you see} {<ref>|pt} {when free|asap}?",
+        "<who> to <loc> {pls|please|asap|}",
+        "<who> {pls|please} - <loc>",
+        "<teamm> {pls|please}: {<loc>|<ref>}",
+        "<who> {needed|wanted} {at|in} <loc>",
+        "{need|needs} <who> {here|on the ward|at the bedside} {now|asap|}",
+        "{can|could} <who> {call|ring} {the ward|back} {re <ref>|}?",
+        "{pls|please} {call|ring|bleep} <who> {re <ref>|}",
+        "<who> {to advise|for advice} {re <ref>|on management|}",
+        "{over to|for} <who> {pls|please}",
+        "{attending|resident|hospitalist|intern} {pls|please} {- <loc>|}",
     ],
     // bed
     &[
@@ -514,3 +524,79 @@ pub(super) const DP_MAIN: Bank = &[
     "{Adm|admitted} {with|for} <dx> - {resolved|treated|improving}",
     "<pt> {recovering|recovered} from <dx>",
 ];
+
+/// Negations that name only "a bed" or admission, for the notes where that word is the only
+/// resource noun and the ask is for something else ("not a bed question, needs the reg").
+pub(super) const NEG_BED: Bank = &[
+    "not asking for a bed {yet|at this stage|right now|}",
+    "not a bed {issue|problem|question} {really|}",
+    "{doesn't|does not} need a bed {as such|yet|}",
+    "{bed|admission} {not the issue|not the question} {here|}",
+    "{no|not for a} bed {yet|for now|at present}",
+    "{isn't|not} {after|looking for} a bed",
+    "{won't|will not} need a bed {if this works|tonight|}",
+    "{stays|staying} in {the same bed|this bed|<loc>} {for now|}",
+];
+
+/// A bed number or bay as where the patient lies, in notes that ask for something else.
+pub(super) const MENTION_BED_LOCATION: Bank = &[
+    "bed <n>",
+    "<ward> bed <n>",
+    "{in|on} bed <n> {on <ward>|}",
+    "{pt|lady|man|patient} in bed <n>",
+    "bay <n> bed <n>",
+    "{the|our} {pt|patient} in bed <n>",
+    "{side room|SR} <n> on <ward>",
+    "bed <n> {again|-}",
+];
+
+/// A device already running or fitted: present, so not asked for.
+pub(super) const MENTION_IN_PLACE: Bank = &[
+    "{already on|on} <r> {since <time>|overnight|from ED|}",
+    "<r> {in situ|running|up and running|in place|already set up} {since <time>|from earlier|}",
+    "{has|has got} <ar> {already|on the ward|at the bedside}",
+    "<r> {working fine|no issues} {overnight|today|}",
+];
+
+/// A slot already booked or done: present, so not asked for.
+pub(super) const MENTION_BOOKED: Bank = &[
+    "<r> {already booked|booked} for {tomorrow|the morning|Monday|this afternoon}",
+    "<r> {already done|done} {- awaiting report|, report pending|<dur> ago}",
+    "{has had|had} <r> {yesterday|overnight|in ED}",
+];
+
+/// Sentences of a clinical story that name no resource: what makes a long note long.
+pub(super) const STORY: Bank = &[
+    "{was|had been} {well until|fine until} {<dur> ago|last night|the weekend}",
+    "{lives alone|lives with {wife|husband|daughter}|lives in a care home}{,| -} {independent|mobile with a stick|needs help with washing}",
+    "{no|nil} {recent travel|sick contacts|recent abx}",
+    "{takes|on} <drug> {at home|regularly|}",
+    "{saw|seen by} {GP|the practice nurse} {<dur> ago|last week} {- abx given|- no better|}",
+    "{eating|drinking} {less|poorly} {for <dur>|since Friday|}",
+    "{bloods|VBG} {sent|taken} {at <time>|on arrival}",
+    "{analgesia|paracetamol|oramorph} given {at <time>|with some effect|}",
+    "{family|NOK|<parent>} {aware|updated|at bedside}",
+    "{obs|NEWS2|PEWS} {rechecked|repeated} {at <time>|- no change}",
+    "{on arrival|at handover} {alert|drowsy but rousable|comfortable at rest}",
+    "{catheterised|cannulated} {in ED|on arrival|earlier}",
+];
+
+/// What a note goes on to say after its ask: later steps that ask for nothing.
+pub(super) const TAIL: Bank = &[
+    "{family|NOK|<parent>} updated {by phone|at bedside|}",
+    "{repeat|recheck} obs in {1h|30 mins|4h}",
+    "{keep|continue} NBM {for now|until seen|}",
+    "will reassess {after|in} {an hour|the morning|the next obs}",
+    "{fluid balance|FB chart|stool chart} {started|to continue}",
+    "{safety-netted|safety netting given|aware of plan}",
+    "{bloods|U&E|VBG} in {the morning|6h|am}",
+    "{will|we'll} {hand over|update} {to nights|at handover|the day team}",
+    "{thanks|thank you} {in advance|}",
+];
+
+/// Numbered plan lines around the ask: "Plan: 1) ... 2) <ask> 3) ...".
+pub(super) const PLAN_LIST: Bank = &["Plan:", "Plan -", "Imp/plan:", "To do:", "Jobs:", "P:"];
+
+/// Asks that end in where the patient is ("ECG pls bed 4", "frame for bay 2").
+pub(super) const ASK_AT_PLACE: Bank =
+    &["<r> {pls|please|} <loc>", "<r> for <loc> {pls|please|}", "<loc>{:| -} <r> {pls|please|needed}", "<r> to <loc> {pls|asap|}"];
