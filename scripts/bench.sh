@@ -23,7 +23,14 @@
 #                               --sites 8 --rounds 5 --repeat 2, and --baseline flower: Flower's
 #                               deployment engine (pinned in scripts/bench-round/requirements.txt,
 #                               installed into bench-out/flower-venv) over the same tensor layout,
-#                               interleaved with fedward, and the ratio (bench-out/round.json)
+#                               interleaved with fedward, and the ratio (bench-out/round.json).
+#                               --aggregation plain|secure|both: secure aggregation, or both
+#                               interleaved (plain, secure, plain, ...) with the ratio secure/plain
+#                               of round time, bytes at the coordinator and CPU; --sites 3,10,50
+#                               runs each size in turn; --profile dev builds the dev profile with
+#                               the workspace crates at opt-level 3 instead of a release build.
+#                               Issue 23's figures: scripts/bench.sh round --params body:1
+#                               --sites 3,10,50 --rounds 4 --repeat 2 --aggregation both --profile dev
 #   scripts/bench.sh triage     POST /v1/requests of the triage service, one at a time, beside
 #                               predict on the same notes (agent/benches/triage.rs; needs
 #                               scripts/fetch-models.sh)
@@ -58,7 +65,7 @@ case "${1:-transfer}" in
     "${CARGO_TARGET_DIR:-target}/debug/examples/allocate_bench" --out "$out/allocate.json" "${@:2}"
     ;;
   round)
-    params=22.7M sites=8 rounds=5 repeat=2 baseline=
+    params=22.7M sites=8 rounds=5 repeat=2 baseline= aggregation=plain profile=release
     shift
     while [ $# -gt 0 ]; do
       case "$1" in
@@ -67,13 +74,37 @@ case "${1:-transfer}" in
         --rounds) rounds=$2 ;;
         --repeat) repeat=$2 ;;
         --baseline) baseline=$2 ;;
-        *) echo "usage: scripts/bench.sh round [--params P] [--sites C] [--rounds R] [--repeat N] [--baseline flower]" >&2; exit 2 ;;
+        --aggregation) aggregation=$2 ;;
+        --profile) profile=$2 ;;
+        *) echo "usage: scripts/bench.sh round [--params P] [--sites C[,C...]] [--rounds R] [--repeat N] [--baseline flower]" \
+             "[--aggregation plain|secure|both] [--profile release|dev]" >&2; exit 2 ;;
       esac
       shift 2
     done
-    cargo build --release --locked -p fedward-agent --example bench_agent
-    cargo bench --locked -p fedward-coordinator --bench round --no-run
-    target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+    case "$aggregation" in
+      plain|secure) aggs=("$aggregation") ;;
+      both) aggs=(plain secure) ;;
+      *) echo "unknown aggregation: $aggregation (plain, secure, both)" >&2; exit 2 ;;
+    esac
+    target="${CARGO_TARGET_DIR:-target}"
+    case "$profile" in
+      release)
+        cargo build --release --locked -p fedward-agent --example bench_agent
+        bench=(cargo bench --locked -q -p fedward-coordinator --bench round)
+        agent_bin="$target/release/examples/bench_agent"
+        ;;
+      dev)
+        # The dev profile with the workspace's crates at opt-level 3 too (its dependencies
+        # already are): no second build of every dependency, which a release build is.
+        export CARGO_PROFILE_DEV_OPT_LEVEL=3
+        cargo build --locked -p fedward-agent --example bench_agent
+        bench=(cargo bench --profile dev --locked -q -p fedward-coordinator --bench round)
+        agent_bin="$target/debug/examples/bench_agent"
+        ;;
+      *) echo "unknown profile: $profile (release, dev)" >&2; exit 2 ;;
+    esac
+    "${bench[@]}" --no-run
+    agent_bin="$(cd "$(dirname "$agent_bin")" && pwd)/$(basename "$agent_bin")"
     if [ "$baseline" = flower ]; then
       venv="$out/flower-venv"
       if [ ! -x "$venv/bin/flower-superlink" ]; then
@@ -83,22 +114,27 @@ case "${1:-transfer}" in
     elif [ -n "$baseline" ]; then
       echo "unknown baseline: $baseline (flower)" >&2; exit 2
     fi
-    tag="round-$params-${sites}sites"
-    rm -f "$out/$tag"-*.json
-    runs=()
-    # Interleaved, so that both systems see the same machine: fedward, Flower, fedward, ...
-    for i in $(seq 1 "$repeat"); do
-      cargo bench --locked -q -p fedward-coordinator --bench round -- --agent-bin "$target/release/examples/bench_agent" \
-        --params "$params" --sites "$sites" --rounds "$rounds" --out "$out/$tag-fedward-$i.json" --layout "$out/$tag-layout.json"
-      runs+=("$out/$tag-fedward-$i.json")
-      if [ "$baseline" = flower ]; then
-        "$venv/bin/python" scripts/bench-round/run_flower.py --layout "$out/$tag-layout.json" --sites "$sites" \
-          --rounds "$rounds" --out "$out/$tag-flower-$i.json" --work "$out/flower-work"
-        runs+=("$out/$tag-flower-$i.json")
-      fi
+    for n in ${sites//,/ }; do
+      tag="round-${params//:/}-${n}sites"
+      rm -f "$out/$tag"-*.json
+      runs=()
+      # Interleaved, so that every configuration sees the same machine: fedward plain,
+      # fedward secure, Flower, then again.
+      for i in $(seq 1 "$repeat"); do
+        for agg in "${aggs[@]}"; do
+          "${bench[@]}" -- --agent-bin "$agent_bin" --params "$params" --sites "$n" --rounds "$rounds" \
+            --aggregation "$agg" --out "$out/$tag-fedward-$agg-$i.json" --layout "$out/$tag-layout.json"
+          runs+=("$out/$tag-fedward-$agg-$i.json")
+        done
+        if [ "$baseline" = flower ]; then
+          "$venv/bin/python" scripts/bench-round/run_flower.py --layout "$out/$tag-layout.json" --sites "$n" \
+            --rounds "$rounds" --out "$out/$tag-flower-$i.json" --work "$out/flower-work"
+          runs+=("$out/$tag-flower-$i.json")
+        fi
+      done
+      python3 scripts/bench-round/report.py --out "$out/$tag.json" "${runs[@]}"
+      cp "$out/$tag.json" "$out/round.json"
     done
-    python3 scripts/bench-round/report.py --out "$out/$tag.json" "${runs[@]}"
-    cp "$out/$tag.json" "$out/round.json"
     ;;
   triage)
     scripts/fetch-models.sh

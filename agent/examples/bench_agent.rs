@@ -7,7 +7,9 @@
 //!
 //! It logs like the real agent (`FEDWARD_LOG`, `FEDWARD_LOG_FORMAT=json`), and once per
 //! round a `bench trainer done` event with the trainer's own seconds, so the bench can
-//! tell the agent's non-training time from the trainer's.
+//! tell the agent's non-training time from the trainer's. Like the real agent it takes
+//! part in secure rounds (its certificate's key signs its round keys) when the
+//! coordinator's offer says so.
 //!
 //! ```text
 //! bench_agent --coordinator 127.0.0.1:PORT --server-name NAME --ca ca.crt --cert site.crt \
@@ -20,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use fedward_agent::daemon::{self, DaemonOptions, DaemonOutcome};
+use fedward_agent::daemon::{self, DaemonOptions, DaemonOutcome, SecAggIdentity};
 use fedward_models::{LocalUpdate, TrainContext, TrainError, Trainer};
 use fedward_shared::config::{SiteBudget, Transport};
 use fedward_shared::plan::TrainingPlan;
+use fedward_shared::secagg::{SiteCredentials, Trust};
 use fedward_shared::tensor::{Tensor, TensorSet};
 use fedward_shared::tls::{self, TlsMaterial};
 use fedward_shared::wire::LocalMetrics;
@@ -85,11 +88,9 @@ fn parse_args() -> Result<Args> {
 fn main() -> Result<()> {
     fedward_shared::cli::init_tracing();
     let args = parse_args()?;
-    let tls = tls::client_config(&TlsMaterial {
-        ca_pem: &std::fs::read(&args.ca)?,
-        cert_pem: &std::fs::read(&args.cert)?,
-        key_pem: &std::fs::read(&args.key)?,
-    })?;
+    let (ca_pem, cert_pem, key_pem) = (std::fs::read(&args.ca)?, std::fs::read(&args.cert)?, std::fs::read(&args.key)?);
+    let tls = tls::client_config(&TlsMaterial { ca_pem: &ca_pem, cert_pem: &cert_pem, key_pem: &key_pem })?;
+    let secagg = SecAggIdentity { creds: SiteCredentials::from_pem(&cert_pem, &key_pem)?, trust: Trust::from_ca_pem(&ca_pem)? };
     // The production agent's settings, except the trainer and a budget that asks for no DP
     // (the bench's coordinator runs without it).
     let opts = DaemonOptions {
@@ -106,7 +107,7 @@ fn main() -> Result<()> {
         seed: None,
         renewal: None,
         fail_after_ledger_write: false,
-        secagg: None,
+        secagg: Some(secagg),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let trainer = Box::new(NoTraining { examples: args.examples });

@@ -537,11 +537,16 @@ async fn serve(
         };
         state.status.round(Some(offer.round.0));
         state.status.set(Phase::Training, None);
+        let round = offer.round;
         let span = info_span!("round", round = %offer.round);
         let result = take_round(conn, opts, state, rng, site, offer).instrument(span).await;
         if let Err(end) = result {
             return end;
         }
+        // The connection's UDP payload bytes so far, both ways (QUIC headers, ACKs and
+        // retransmissions included): what the round cost on the wire, by difference.
+        let stats = conn.stats();
+        info!(round = round.0, sent_bytes = stats.udp_tx.bytes, received_bytes = stats.udp_rx.bytes, "round done: connection totals");
     }
 }
 
@@ -848,7 +853,7 @@ async fn secure_release(
             return Ok(());
         }
     };
-    let bytes = wire::masked_values_bytes(&masked.values);
+    let bytes = wire::masked_values_bytes(&masked.values, wire::masked_value_width(terms.setup.params.modulus_bits));
     let digest = wire::masked_values_digest(&bytes);
     let header = MaskedInputHeader { round: offer.round, values: masked.values.len() as u64, digest, privacy: used };
     drop(masked);

@@ -1075,8 +1075,10 @@ impl RoundMachine {
                 "the declared distributed noise share is not the one this round's offer implies",
             ));
         }
-        let bytes =
-            header.payload_bytes(s.offer.setup.vector_len, max_bytes).map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
+        let width = fedward_shared::wire::masked_value_width(s.offer.setup.params.modulus_bits);
+        let bytes = header
+            .payload_bytes(s.offer.setup.vector_len, width, max_bytes)
+            .map_err(|e| Reject::new(RejectCode::TooLarge, e.to_string()))?;
         s.uploading.insert(site.clone());
         Ok(bytes)
     }
@@ -2135,7 +2137,8 @@ mod tests {
 
         use fedward_shared::pki::{self, Validity};
         use fedward_shared::secagg::{RelayedShares, SecAggClient, SiteCredentials, UnmaskRequest};
-        use fedward_shared::wire::{masked_values_bytes, masked_values_digest};
+        // The rounds here are modulo 2^48 (`setup` below): 6 bytes a masked value.
+        use fedward_shared::wire::{masked_value_width, masked_values_bytes, masked_values_digest};
         use rand_chacha::rand_core::SeedableRng;
         use rand_chacha::ChaCha20Rng;
         use time::OffsetDateTime;
@@ -2251,7 +2254,7 @@ mod tests {
         fn send_masked(m: &mut RoundMachine, t: Instant, s: &mut Site, fixed: &FixedPoint, rng: &mut ChaCha20Rng) -> MaskedInputHeader {
             let input = fixed.encode(&s.update, s.weight, rng).unwrap();
             let masked = s.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values);
+            let bytes = masked_values_bytes(&masked.values, masked_value_width(48));
             let header = MaskedInputHeader {
                 round: masked.round,
                 values: masked.values.len() as u64,
@@ -2368,7 +2371,7 @@ mod tests {
             let mut q = fedward_shared::dp::distributed::quantize(rng, &s.update, &share.params()).unwrap();
             fedward_shared::dp::DiscreteGaussian::new(share.site_sigma).unwrap().add_to(rng, &mut q).unwrap();
             let masked = s.client.masked_input(&fixed.encode_units(&q, share.scale).unwrap()).unwrap();
-            let digest = masked_values_digest(&masked_values_bytes(&masked.values));
+            let digest = masked_values_digest(&masked_values_bytes(&masked.values, masked_value_width(48)));
             (masked.values, digest)
         }
 
@@ -2555,7 +2558,7 @@ mod tests {
             input[0] = 1 << 46;
             input[4] = 1;
             let masked = c.client.masked_input(&input).unwrap();
-            let bytes = masked_values_bytes(&masked.values);
+            let bytes = masked_values_bytes(&masked.values, masked_value_width(48));
             let header =
                 MaskedInputHeader { round: RoundId(1), values: 5, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
             m.begin_masked(&c.id, &header).unwrap();

@@ -1430,7 +1430,10 @@ async fn receive_masked(
         let _ = events.send(Event::AbortMasked { site: site.clone() }).await;
         return Err(e);
     }
-    let values = match wire::masked_values_from_bytes(&header, &buf) {
+    // `begin_masked` sized the payload at the round's width: `values` (at least one) of
+    // equal size.
+    let width = bytes / usize::try_from(header.values).unwrap_or(usize::MAX).max(1);
+    let values = match wire::masked_values_from_bytes(&header, width, &buf) {
         Ok(v) => v,
         Err(e) => {
             let _ = events.send(Event::AbortMasked { site: site.clone() }).await;

@@ -23,7 +23,8 @@
 //! the step's deadline): keys (right after the offer is accepted), shares, then, after
 //! training, the masked input, and the unmasking shares. A masked input's values, like
 //! tensors, never travel inside a frame: [`MaskedInputHeader`] declares how many, then
-//! as many little-endian `u64` follow.
+//! as many little-endian integers follow, each in the fewest whole bytes that hold the
+//! round's modulus ([`masked_value_width`]: 8 bytes at `2^64`, 6 at `2^48`).
 //!
 //! Tensors never travel inside a frame: a frame declares them ([`TensorSpec`]: name,
 //! shape, blake3 digest) and the raw little-endian f32 bytes follow, tensor after tensor
@@ -129,8 +130,8 @@ pub struct RelayedKeys {
     pub keys: Vec<SignedKeys>,
 }
 
-/// A masked input's header: `values` little-endian `u64`s follow (after `Proceed`), each
-/// below `2^modulus_bits`.
+/// A masked input's header: `values` little-endian integers follow (after `Proceed`), each
+/// below `2^modulus_bits` and [`masked_value_width`] bytes long.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MaskedInputHeader {
     pub round: RoundId,
@@ -153,32 +154,42 @@ pub enum MaskedInputError {
     TooLarge { values: u64, max: usize },
     #[error("masked input digest mismatch (declared {declared}, received {actual})")]
     DigestMismatch { declared: String, actual: String },
-    #[error("{0} masked input bytes are not whole u64 values")]
+    #[error("{0} masked input bytes are not whole values")]
     Ragged(usize),
 }
 
 impl MaskedInputHeader {
-    /// The bytes that follow, checked against the round's vector length and `max_bytes`
-    /// before anything is allocated for them.
-    pub fn payload_bytes(&self, expected_len: usize, max_bytes: usize) -> Result<usize, MaskedInputError> {
+    /// The bytes that follow, `width` bytes a value ([`masked_value_width`] of the round's
+    /// modulus), checked against the round's vector length and `max_bytes` before anything
+    /// is allocated for them.
+    pub fn payload_bytes(&self, expected_len: usize, width: usize, max_bytes: usize) -> Result<usize, MaskedInputError> {
         if self.values != expected_len as u64 {
             return Err(MaskedInputError::Length { expected: expected_len, got: self.values });
         }
         let bytes = usize::try_from(self.values)
             .ok()
             .filter(|&n| n <= MAX_VECTOR_LEN)
-            .and_then(|n| n.checked_mul(8))
+            .and_then(|n| n.checked_mul(width.clamp(1, 8)))
             .filter(|&b| b <= max_bytes)
             .ok_or(MaskedInputError::TooLarge { values: self.values, max: max_bytes })?;
         Ok(bytes)
     }
 }
 
-/// The wire bytes of masked values: little-endian `u64`s.
-pub fn masked_values_bytes(values: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 8);
+/// Bytes one masked value takes on the wire modulo `2^modulus_bits`: the fewest whole
+/// bytes that hold `2^modulus_bits - 1` (1 to 8). A value's bits above the modulus cannot
+/// travel, so the width costs nothing; the receiver still checks each value is below it.
+pub fn masked_value_width(modulus_bits: u32) -> usize {
+    modulus_bits.div_ceil(8).clamp(1, 8) as usize
+}
+
+/// The wire bytes of masked values: each little-endian in its first `width` bytes
+/// ([`masked_value_width`]; the values must be below `2^(8 width)`).
+pub fn masked_values_bytes(values: &[u64], width: usize) -> Vec<u8> {
+    let width = width.clamp(1, 8);
+    let mut out = Vec::with_capacity(values.len() * width);
     for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
+        out.extend_from_slice(&v.to_le_bytes()[..width]);
     }
     out
 }
@@ -188,17 +199,25 @@ pub fn masked_values_digest(bytes: &[u8]) -> Digest {
     Digest(*blake3::hash(bytes).as_bytes())
 }
 
-/// Masked values from their wire bytes (sized by [`MaskedInputHeader::payload_bytes`]),
-/// after checking the declared digest.
-pub fn masked_values_from_bytes(header: &MaskedInputHeader, bytes: &[u8]) -> Result<Vec<u64>, MaskedInputError> {
-    if !bytes.len().is_multiple_of(8) {
+/// Masked values from their wire bytes, `width` bytes each (sized by
+/// [`MaskedInputHeader::payload_bytes`]), after checking the declared digest.
+pub fn masked_values_from_bytes(header: &MaskedInputHeader, width: usize, bytes: &[u8]) -> Result<Vec<u64>, MaskedInputError> {
+    let width = width.clamp(1, 8);
+    if !bytes.len().is_multiple_of(width) {
         return Err(MaskedInputError::Ragged(bytes.len()));
     }
     let actual = masked_values_digest(bytes);
     if actual != header.digest {
         return Err(MaskedInputError::DigestMismatch { declared: header.digest.short(), actual: actual.short() });
     }
-    Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+    Ok(bytes
+        .chunks_exact(width)
+        .map(|c| {
+            let mut v = [0u8; 8];
+            v[..width].copy_from_slice(c);
+            u64::from_le_bytes(v)
+        })
+        .collect())
 }
 
 /// How a secure round runs, as its offer states it: every participant builds the same
@@ -989,7 +1008,7 @@ mod tests {
             Message::SecAggMasked(MaskedInputHeader {
                 round: RoundId(3),
                 values: 5,
-                digest: masked_values_digest(&masked_values_bytes(&[1, 2, 3, 4, 5])),
+                digest: masked_values_digest(&masked_values_bytes(&[1, 2, 3, 4, 5], 8)),
                 privacy: PrivacyUsed::off(),
             }),
             Message::SecAggUnmask(UnmaskRequest { round: RoundId(3), survivors: vec![site.clone()], dropped: vec![] }),
@@ -1096,18 +1115,35 @@ mod tests {
     #[test]
     fn masked_input_sizes_are_checked_before_allocation() {
         let values = [1u64, 2, 3, u64::MAX];
-        let bytes = masked_values_bytes(&values);
+        let bytes = masked_values_bytes(&values, 8);
         let header = MaskedInputHeader { round: RoundId(1), values: 4, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
-        assert_eq!(header.payload_bytes(4, 32).unwrap(), 32);
-        assert!(matches!(header.payload_bytes(5, 1 << 20), Err(MaskedInputError::Length { expected: 5, got: 4 })));
-        assert!(matches!(header.payload_bytes(4, 31), Err(MaskedInputError::TooLarge { .. })));
+        assert_eq!(header.payload_bytes(4, 8, 32).unwrap(), 32);
+        assert_eq!(header.payload_bytes(4, 6, 24).unwrap(), 24);
+        assert!(matches!(header.payload_bytes(5, 8, 1 << 20), Err(MaskedInputError::Length { expected: 5, got: 4 })));
+        assert!(matches!(header.payload_bytes(4, 8, 31), Err(MaskedInputError::TooLarge { .. })));
         let huge = MaskedInputHeader { values: u64::MAX, ..header.clone() };
-        assert!(huge.payload_bytes(usize::MAX, usize::MAX).is_err());
-        assert_eq!(masked_values_from_bytes(&header, &bytes).unwrap(), values);
+        assert!(huge.payload_bytes(usize::MAX, 8, usize::MAX).is_err());
+        assert_eq!(masked_values_from_bytes(&header, 8, &bytes).unwrap(), values);
         let mut bad = bytes.clone();
         bad[3] ^= 1;
-        assert!(matches!(masked_values_from_bytes(&header, &bad), Err(MaskedInputError::DigestMismatch { .. })));
-        assert!(matches!(masked_values_from_bytes(&header, &bytes[..31]), Err(MaskedInputError::Ragged(31))));
+        assert!(matches!(masked_values_from_bytes(&header, 8, &bad), Err(MaskedInputError::DigestMismatch { .. })));
+        assert!(matches!(masked_values_from_bytes(&header, 8, &bytes[..31]), Err(MaskedInputError::Ragged(31))));
+    }
+
+    #[test]
+    fn masked_values_take_the_fewest_bytes_their_modulus_needs() {
+        assert_eq!([16, 17, 40, 44, 48, 63, 64].map(masked_value_width), [2, 3, 5, 6, 6, 8, 8]);
+        // Every value below 2^44, the largest included, crosses in 6 bytes and comes back.
+        let values = [0u64, 1, 0x0ABC_DEF0_1234, (1 << 44) - 1, 1 << 43];
+        let width = masked_value_width(44);
+        let bytes = masked_values_bytes(&values, width);
+        assert_eq!(bytes.len(), values.len() * 6);
+        assert_eq!(&bytes[..6], &[0; 6]);
+        assert_eq!(&bytes[12..18], &0x0ABC_DEF0_1234u64.to_le_bytes()[..6]);
+        let header = MaskedInputHeader { round: RoundId(1), values: 5, digest: masked_values_digest(&bytes), privacy: PrivacyUsed::off() };
+        assert_eq!(header.payload_bytes(5, width, 1 << 20).unwrap(), 30);
+        assert_eq!(masked_values_from_bytes(&header, width, &bytes).unwrap(), values);
+        assert!(matches!(masked_values_from_bytes(&header, width, &bytes[..29]), Err(MaskedInputError::Ragged(29))));
     }
 
     #[test]

@@ -235,15 +235,21 @@ proptest! {
     }
 
     #[test]
-    fn masked_inputs_are_bounded_before_allocation(values in any::<u64>(), expected in 0usize..1 << 20, tail in bytes(256)) {
+    fn masked_inputs_are_bounded_before_allocation(
+        values in any::<u64>(),
+        expected in 0usize..1 << 20,
+        bits in 16u32..=64,
+        tail in bytes(256),
+    ) {
         let header = wire::MaskedInputHeader { round: RoundId(1), values, digest: Digest([0; 32]), privacy: PrivacyUsed::off() };
         let limit = 1 << 20;
-        if let Ok(n) = header.payload_bytes(expected, limit) {
-            prop_assert!(n <= limit && n == expected * 8);
+        let width = wire::masked_value_width(bits);
+        if let Ok(n) = header.payload_bytes(expected, width, limit) {
+            prop_assert!(n <= limit && n == expected * width);
         }
         // Whatever bytes arrive, decoding refuses or gives whole values.
-        if let Ok(v) = wire::masked_values_from_bytes(&header, &tail) {
-            prop_assert_eq!(v.len() * 8, tail.len());
+        if let Ok(v) = wire::masked_values_from_bytes(&header, width, &tail) {
+            prop_assert_eq!(v.len() * width, tail.len());
         }
     }
 

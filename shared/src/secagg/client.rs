@@ -271,8 +271,7 @@ impl SecAggClient {
         if input.iter().any(|&v| v & !mask != 0) {
             return self.fail(SecAggError::Input(format!("a value is not below 2^{}", self.setup.params.modulus_bits)));
         }
-        let mut values = input.to_vec();
-        crypto::add_mask(&mut values, crypto::self_mask_seed(&self.self_mask.to_bytes(), &self.setup, self.site()), false);
+        let mut masks = vec![(crypto::self_mask_seed(&self.self_mask.to_bytes(), &self.setup, self.site()), false)];
         for v in received.keys() {
             let keys = &group.neighbours[v];
             let dh = self.mask_sk.diffie_hellman(&PublicKey::from(keys.mask_pk));
@@ -281,7 +280,12 @@ impl SecAggClient {
             }
             let seed = crypto::pairwise_seed(dh.as_bytes(), &self.setup, self.site(), v);
             // + for a larger neighbour, - for a smaller one: each pair cancels in the sum.
-            crypto::add_mask(&mut values, seed, v < self.site());
+            masks.push((seed, v < self.site()));
+        }
+        let mut values = input.to_vec();
+        crypto::add_masks(&mut values, &masks);
+        for (seed, _) in &mut masks {
+            zeroize::Zeroize::zeroize(seed);
         }
         for v in values.iter_mut() {
             *v &= mask;

@@ -59,10 +59,64 @@ pub fn share_key(dh: &[u8; 32], setup: &RoundSetup, from: &SiteId, to: &SiteId) 
 /// ChaCha20 word per coordinate, uniform modulo any power of two.
 pub fn add_mask(acc: &mut [u64], seed: [u8; 32], negate: bool) {
     let mut prg = ChaCha20Rng::from_seed(seed);
+    apply(acc, &mut prg, negate);
+}
+
+/// Adds every `(seed, negate)` mask to `acc`, each exactly as [`add_mask`] would: a block
+/// of coordinates at a time for all the masks (so the block stays in cache instead of
+/// `acc` streaming through memory once per mask), the blocks spread over the machine's
+/// cores (each thread seeks every generator to its first coordinate).
+pub fn add_masks(acc: &mut [u64], masks: &[([u8; 32], bool)]) {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    add_masks_on(acc, masks, cores);
+}
+
+/// Coordinates masked together: 128 KiB of `acc`, which stays in a core's cache.
+const MASK_BLOCK: usize = 1 << 14;
+
+/// [`add_masks`] on at most `threads` threads.
+fn add_masks_on(acc: &mut [u64], masks: &[([u8; 32], bool)], threads: usize) {
+    let threads = threads.clamp(1, acc.len().div_ceil(MASK_BLOCK).max(1));
+    if threads == 1 {
+        mask_range(acc, 0, masks);
+        return;
+    }
+    let per_thread = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (i, part) in acc.chunks_mut(per_thread).enumerate() {
+            scope.spawn(move || mask_range(part, i * per_thread, masks));
+        }
+    });
+}
+
+/// The masks' words for coordinates `start..start + part.len()`, added to `part`.
+fn mask_range(part: &mut [u64], start: usize, masks: &[([u8; 32], bool)]) {
+    let mut prgs: Vec<(ChaCha20Rng, bool)> = masks
+        .iter()
+        .map(|(seed, negate)| {
+            let mut prg = ChaCha20Rng::from_seed(*seed);
+            // Two 32-bit words per coordinate.
+            prg.set_word_pos(2 * start as u128);
+            (prg, *negate)
+        })
+        .collect();
+    for block in part.chunks_mut(MASK_BLOCK) {
+        for (prg, negate) in &mut prgs {
+            apply(block, prg, *negate);
+        }
+    }
+}
+
+fn apply(acc: &mut [u64], prg: &mut ChaCha20Rng, negate: bool) {
     for a in acc.iter_mut() {
         let m = prg.next_u64();
         *a = if negate { a.wrapping_sub(m) } else { a.wrapping_add(m) };
     }
+}
+
+#[cfg(test)]
+pub(super) fn add_masks_with_threads(acc: &mut [u64], masks: &[([u8; 32], bool)], threads: usize) {
+    add_masks_on(acc, masks, threads);
 }
 
 fn aad(setup: &RoundSetup, from: &SiteId, to: &SiteId) -> Vec<u8> {

@@ -45,7 +45,11 @@ pub struct SecAggServer {
     index: BTreeMap<SiteId, u32>,
     graph: BTreeMap<SiteId, BTreeSet<SiteId>>,
     shares: BTreeMap<SiteId, EncryptedShares>,
-    masked: BTreeMap<SiteId, Vec<u64>>,
+    /// Sites whose masked input is in `sum` (U3 once the step closes).
+    masked: BTreeSet<SiteId>,
+    /// The masked inputs received so far, summed modulo `2^64` as they arrive: one vector
+    /// held, however many sites (empty until the first).
+    sum: Vec<u64>,
     request: Option<UnmaskRequest>,
     unmasking: BTreeMap<SiteId, UnmaskingShares>,
 }
@@ -63,7 +67,8 @@ impl SecAggServer {
             index: BTreeMap::new(),
             graph: BTreeMap::new(),
             shares: BTreeMap::new(),
-            masked: BTreeMap::new(),
+            masked: BTreeSet::new(),
+            sum: Vec::new(),
             request: None,
             unmasking: BTreeMap::new(),
         })
@@ -210,7 +215,7 @@ impl SecAggServer {
         if msg.from != *sender {
             return Err(SecAggError::WrongSender { sender: sender.clone(), claimed: msg.from });
         }
-        if self.masked.contains_key(sender) {
+        if self.masked.contains(sender) {
             return Err(SecAggError::Duplicate(sender.clone()));
         }
         if msg.values.len() != self.setup.vector_len {
@@ -226,7 +231,14 @@ impl SecAggServer {
                 problem: format!("a value is not below 2^{}", self.setup.params.modulus_bits),
             });
         }
-        self.masked.insert(sender.clone(), msg.values);
+        if self.sum.is_empty() {
+            self.sum = msg.values;
+        } else {
+            for (s, v) in self.sum.iter_mut().zip(&msg.values) {
+                *s = s.wrapping_add(*v);
+            }
+        }
+        self.masked.insert(sender.clone());
         Ok(())
     }
 
@@ -240,15 +252,15 @@ impl SecAggServer {
             return Err(SecAggError::TooFewSites { step: Step::MaskedInput, have: self.masked.len(), need: t });
         }
         for u in self.shares.keys() {
-            let have = self.graph[u].iter().filter(|v| self.masked.contains_key(*v)).count() + usize::from(self.masked.contains_key(u));
+            let have = self.graph[u].iter().filter(|v| self.masked.contains(*v)).count() + usize::from(self.masked.contains(u));
             if have < t {
                 return Err(SecAggError::TooFewSites { step: Step::MaskedInput, have, need: t });
             }
         }
         let req = UnmaskRequest {
             round: self.setup.round,
-            survivors: self.masked.keys().cloned().collect(),
-            dropped: self.shares.keys().filter(|u| !self.masked.contains_key(*u)).cloned().collect(),
+            survivors: self.masked.iter().cloned().collect(),
+            dropped: self.shares.keys().filter(|u| !self.masked.contains(*u)).cloned().collect(),
         };
         self.request = Some(req.clone());
         self.step = Step::Unmasking;
@@ -259,7 +271,7 @@ impl SecAggServer {
     pub fn handle_unmasking(&mut self, sender: &SiteId, msg: UnmaskingShares) -> Result<(), SecAggError> {
         self.expect_step(Step::Unmasking, "unmasking shares outside their step")?;
         self.check_round(msg.round)?;
-        if !self.masked.contains_key(sender) {
+        if !self.masked.contains(sender) {
             return Err(SecAggError::UnknownSite(sender.clone()));
         }
         if msg.from != *sender {
@@ -271,8 +283,8 @@ impl SecAggServer {
         // What the sender holds: shares from its neighbours in U2, and its own.
         let held: BTreeSet<&SiteId> =
             self.graph[sender].iter().filter(|v| self.shares.contains_key(*v)).chain(std::iter::once(sender)).collect();
-        let want_b: BTreeSet<&SiteId> = held.iter().copied().filter(|v| self.masked.contains_key(*v)).collect();
-        let want_s: BTreeSet<&SiteId> = held.iter().copied().filter(|v| !self.masked.contains_key(*v)).collect();
+        let want_b: BTreeSet<&SiteId> = held.iter().copied().filter(|v| self.masked.contains(*v)).collect();
+        let want_s: BTreeSet<&SiteId> = held.iter().copied().filter(|v| !self.masked.contains(*v)).collect();
         check_revealed(sender, &msg.self_mask, &want_b)?;
         check_revealed(sender, &msg.mask_key, &want_s)?;
         self.unmasking.insert(sender.clone(), msg);
@@ -285,12 +297,8 @@ impl SecAggServer {
         self.expect_step(Step::Unmasking, "finish")?;
         let t = self.setup.params.threshold;
         let mask = self.setup.params.modulus_mask();
-        let mut sum = vec![0u64; self.setup.vector_len];
-        for y in self.masked.values() {
-            for (s, v) in sum.iter_mut().zip(y) {
-                *s = s.wrapping_add(*v);
-            }
-        }
+        // At least `t >= 2` inputs arrived (`close_masked_inputs`), so `sum` is whole.
+        let mut sum = self.sum;
         // Shares by whose secret they are, in responder order.
         let mut b_points: BTreeMap<&SiteId, Vec<(u32, Scalar)>> = BTreeMap::new();
         let mut s_points: BTreeMap<&SiteId, Vec<(u32, Scalar)>> = BTreeMap::new();
@@ -305,12 +313,14 @@ impl SecAggServer {
                 }
             }
         }
-        for u in self.masked.keys() {
+        // Every mask to remove, expanded together at the end (`add_masks`).
+        let mut masks = Vec::new();
+        for u in &self.masked {
             let points = b_points.get(u).map(Vec::as_slice).unwrap_or(&[]);
             let b = recover(u, ShareKind::SelfMask, points, t)?;
-            crypto::add_mask(&mut sum, crypto::self_mask_seed(&b.to_bytes(), &self.setup, u), true);
+            masks.push((crypto::self_mask_seed(&b.to_bytes(), &self.setup, u), true));
         }
-        let dropped: Vec<SiteId> = self.shares.keys().filter(|u| !self.masked.contains_key(*u)).cloned().collect();
+        let dropped: Vec<SiteId> = self.shares.keys().filter(|u| !self.masked.contains(*u)).cloned().collect();
         for v in &dropped {
             let points = s_points.get(v).map(Vec::as_slice).unwrap_or(&[]);
             let s = recover(v, ShareKind::MaskKey, points, t)?;
@@ -320,18 +330,19 @@ impl SecAggServer {
             }
             // Remove the masks v's surviving neighbours added for it: w added +PRG for a
             // larger v and -PRG for a smaller one.
-            for w in self.graph[v].iter().filter(|w| self.masked.contains_key(*w)) {
+            for w in self.graph[v].iter().filter(|w| self.masked.contains(*w)) {
                 let dh = sk.diffie_hellman(&PublicKey::from(self.keys[w].mask_pk));
                 let seed = crypto::pairwise_seed(dh.as_bytes(), &self.setup, v, w);
-                crypto::add_mask(&mut sum, seed, v > w);
+                masks.push((seed, v > w));
             }
         }
+        crypto::add_masks(&mut sum, &masks);
         for s in sum.iter_mut() {
             *s &= mask;
         }
         Ok(SecAggOutput {
             sum,
-            survivors: self.masked.keys().cloned().collect(),
+            survivors: self.masked.iter().cloned().collect(),
             dropped,
             dropped_before_shares: self.keys.keys().filter(|u| !self.shares.contains_key(*u)).cloned().collect(),
         })

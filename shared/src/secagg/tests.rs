@@ -968,3 +968,30 @@ fn secagg_throughput() {
         "secagg n={n} len={len}: keys and shares (all sites) {setup_secs:.3} s, masking per site {mask_secs:.3} s, unmasking at the server {finish_secs:.3} s"
     );
 }
+
+#[test]
+fn masks_applied_together_on_threads_are_the_masks_applied_one_by_one() {
+    // `add_masks` seeks each generator to its thread's first coordinate and interleaves
+    // the masks block by block; the sum must be exactly one `add_mask` per seed.
+    let masks: Vec<([u8; 32], bool)> = (0..4u8).map(|i| ([i + 1; 32], i % 2 == 1)).collect();
+    for len in [0, 1, 16_383, 16_385, 50_001] {
+        let start: Vec<u64> = (0..len as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let mut want = start.clone();
+        for (seed, negate) in &masks {
+            crypto::add_mask(&mut want, *seed, *negate);
+        }
+        for threads in [1, 2, 3] {
+            let mut got = start.clone();
+            crypto::add_masks_with_threads(&mut got, &masks, threads);
+            assert_eq!(got, want, "length {len}, {threads} threads");
+        }
+        let mut got = start.clone();
+        crypto::add_masks(&mut got, &masks);
+        assert_eq!(got, want, "length {len}, the machine's cores");
+    }
+    // And one mask is one ChaCha20 word per coordinate.
+    let mut one = vec![5u64; 3];
+    crypto::add_mask(&mut one, [9; 32], false);
+    let mut prg = ChaCha20Rng::from_seed([9; 32]);
+    assert_eq!(one, (0..3).map(|_| 5u64.wrapping_add(prg.next_u64())).collect::<Vec<_>>());
+}
