@@ -175,7 +175,7 @@ pub enum PrivacyMode {
     Off,
     RecordLevel,
     SiteLevel,
-    /// Site-level adjacency, the noise split among the sites of a secure round (protocol 7;
+    /// Site-level adjacency, the noise split among the sites of a secure round (protocol 8;
     /// appended last so the other variants keep their encoding).
     Distributed,
 }

@@ -49,8 +49,9 @@ pub use crate::ids::{RoundId, SiteId, SiteIdError, ALPN};
 /// renewal over the connection; 6: `Finished` carries the final model's manifest, `Hello` the
 /// site's declared budget, offers and update headers the update's encoding; 7: the training
 /// plan carries FedProx's `prox_mu`, and secure aggregation (`RoundOffer::secure` and the
-/// `SecAgg*` messages).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// `SecAgg*` messages); 8: distributed DP (`PrivacyMode::Distributed`, the noise share in
+/// `PrivacyUsed`) and masked values in the fewest bytes their modulus needs.
+pub const PROTOCOL_VERSION: u32 = 8;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
