@@ -43,8 +43,8 @@ use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::secagg::{SecAggClient, SecAggError, SiteCredentials, Trust, UnixTime};
 use fedward_shared::tensor::{manifest_digest, Digest, TensorSet, TensorSpec};
 use fedward_shared::wire::{
-    self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, MaskedInputHeader, Message, ModelRequest, Ready, RoundId, RoundOffer,
-    SiteId, UpdateHeader, PROTOCOL_VERSION,
+    self, Capability, DeclaredBudget, Decline, DeclineReason, Hello, MaskedInputHeader, Message, ModelRequest, Ready, RejectCode, RoundId,
+    RoundOffer, SiteId, UpdateHeader, PROTOCOL_VERSION,
 };
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
@@ -892,17 +892,24 @@ async fn secure_release(
             return Ok(());
         }
     };
-    match secure_request(conn, &Message::SecAggUnmasking(shares), terms.step_deadline + opts.transport.request_timeout).await {
+    let wait = terms.step_deadline + opts.transport.request_timeout;
+    match self::request(conn, &Message::SecAggUnmasking(shares), Some(wait)).await {
         Ok(Message::Ack(_)) => {
             info!(survivors = request.survivors.len(), dropped = request.dropped.len(), "secure round: unmasking shares sent");
             Ok(())
         }
-        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to unmasking shares: {}", other.kind()))),
-        Err(SecureEnd::Abort(reason)) => {
-            warn!(%reason, "secure round: unmasking shares refused");
+        // The coordinator unmasks as soon as enough sites' shares are in: later ones find
+        // the round closed. Nothing went wrong, so nothing for the person on call.
+        Ok(Message::Reject(r)) if r.code == RejectCode::StaleRound => {
+            info!("secure round: the sum was unmasked with other sites' shares before these arrived");
             Ok(())
         }
-        Err(SecureEnd::Session(end)) => Err(end),
+        Ok(Message::Reject(r)) => {
+            warn!(reason = %r, "secure round: unmasking shares refused");
+            Ok(())
+        }
+        Ok(other) => Err(SessionEnd::Lost(format!("unexpected answer to unmasking shares: {}", other.kind()))),
+        Err(e) => Err(stream_failure(conn, e)),
     }
 }
 

@@ -845,11 +845,7 @@ fn coordinator_config(
     let (method, encoding, secure) = if distributed {
         // Every site weighs 1: a share scaled by its example count has that much more
         // sensitivity (docs/PRIVACY.md).
-        (
-            "method = \"secure\"\nweighting = \"equal\"\n",
-            UpdateEncoding::F32,
-            "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n",
-        )
+        ("method = \"secure\"\nweighting = \"equal\"\n", UpdateEncoding::F32, "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n")
     } else if args.secure {
         ("method = \"secure\"\n", UpdateEncoding::F32, "[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n\n")
     } else {
