@@ -186,7 +186,7 @@ pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> Priv
             update_clip_norm: 0.0,
             epsilon_after: approved.epsilon_after,
             delta,
-            distributed: r.distributed.map(Into::into),
+            distributed: r.distributed,
         },
         PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, sampling_rate, update_clip_norm } => PrivacyUsed {
             mode: PrivacyMode::RecordLevel,

@@ -1069,7 +1069,7 @@ impl RoundMachine {
         // Distributed DP: the share a site declares is the one the offer implies, or the
         // epsilon it and the ledgers record is not the round's.
         let expected = s.offer.distributed_release(&plan).map_err(|e| Reject::new(RejectCode::PolicyViolation, e.to_string()))?;
-        if header.privacy.distributed.map(|d| d.release()) != expected {
+        if header.privacy.distributed != expected {
             return Err(Reject::new(
                 RejectCode::PolicyViolation,
                 "the declared distributed noise share is not the one this round's offer implies",

@@ -39,7 +39,7 @@ use time::OffsetDateTime;
 use crate::dp::{Accountant, Release};
 use crate::plan::PrivacyMode;
 use crate::tensor::Digest;
-use crate::wire::{DistributedShare, PrivacyUsed, RoundId, SiteId, UpdateHeader};
+use crate::wire::{PrivacyUsed, RoundId, SiteId, UpdateHeader};
 
 /// Domain tag hashed in front of every entry.
 const HASH_TAG: &[u8] = b"fedward-ledger-v1\n";
@@ -205,7 +205,7 @@ pub struct Privacy {
     /// Distributed DP: the noise share the site added and its quantization (absent in
     /// other modes, and in ledgers written before distributed DP, which read as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distributed: Option<DistributedShare>,
+    pub distributed: Option<crate::dp::DistributedRelease>,
 }
 
 impl From<PrivacyUsed> for Privacy {
@@ -232,7 +232,7 @@ impl Privacy {
             noise_multiplier: self.noise_multiplier,
             sampling_rate: self.sampling_rate,
             steps: self.steps,
-            distributed: self.distributed.map(|d| d.release()),
+            distributed: self.distributed,
         }
     }
 }
@@ -1431,8 +1431,8 @@ mod tests {
         assert!(matches!(findings[..], [AuditFinding { kind: AuditKind::UnderCounted { .. }, .. }]), "{findings:?}");
     }
 
-    fn share() -> DistributedShare {
-        DistributedShare {
+    fn share() -> crate::dp::DistributedRelease {
+        crate::dp::DistributedRelease {
             site_sigma: 2000.0,
             scale: 1024.0,
             modulus_bits: 64,
@@ -1453,7 +1453,7 @@ mod tests {
         let delta = 1e-5;
         let other = SiteId::new("haukeland").unwrap();
         for round in 1..=n {
-            let release = Release::distributed(1.0, share().release());
+            let release = Release::distributed(1.0, share());
             let before = acc.epsilon(delta).unwrap();
             acc.record(&release).unwrap();
             let privacy = Privacy {
@@ -1510,7 +1510,7 @@ mod tests {
         // The audit recomputes the distributed epsilon from the recorded share.
         let audit = audit_releases(site_l.entries());
         assert!(audit.findings.is_empty(), "{:?}", audit.findings);
-        let expected = crate::dp::distributed::epsilon_for_releases(&[share().release(); 3], 1e-5).unwrap();
+        let expected = crate::dp::distributed::epsilon_for_releases(&[share(); 3], 1e-5).unwrap();
         assert!((audit.final_epsilon.unwrap().0 - expected).abs() <= 1e-12 * expected, "{:?} vs {expected}", audit.final_epsilon);
         assert!(audit_accepted(coord.entries(), &site()).findings.is_empty());
         // The JSON line reads back the same, and a ledger without the new fields still reads.
@@ -1533,7 +1533,7 @@ mod tests {
                 Body::SecureRound(r) if r.round == RoundId(1) => r.summed.retain(|s| s != &site()),
                 Body::SecureRound(r) if r.round == RoundId(2) => r.summed.retain(|s| s == &site()),
                 Body::Accepted(a) if a.round == RoundId(3) => {
-                    a.privacy.distributed = Some(DistributedShare { site_sigma: 1000.0, ..share() })
+                    a.privacy.distributed = Some(crate::dp::DistributedRelease { site_sigma: 1000.0, ..share() })
                 }
                 Body::Accepted(a) if a.round == RoundId(4) => continue,
                 Body::Seal(_) => continue,

@@ -517,7 +517,7 @@ pub struct PrivacyUsed {
     pub delta: f64,
     /// Distributed DP only: the noise share the site added and how it quantized (what
     /// the epsilon is computed from). `None` in every other mode.
-    pub distributed: Option<DistributedShare>,
+    pub distributed: Option<DistributedRelease>,
 }
 
 impl PrivacyUsed {
@@ -528,7 +528,7 @@ impl PrivacyUsed {
             noise_multiplier: self.noise_multiplier,
             sampling_rate: self.sampling_rate,
             steps: self.steps,
-            distributed: self.distributed.map(|d| d.release()),
+            distributed: self.distributed,
         }
     }
 
@@ -544,61 +544,6 @@ impl PrivacyUsed {
             epsilon_after: f64::INFINITY,
             delta: 0.0,
             distributed: None,
-        }
-    }
-}
-
-/// One site's share of distributed DP noise in one round, as declared on the wire and
-/// recorded in both ledgers: [`DistributedRelease`]'s fields, from which an auditor
-/// recomputes the round's epsilon.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistributedShare {
-    /// Std of the site's discrete Gaussian noise per coordinate, in integer units.
-    pub site_sigma: f64,
-    /// Integer units per model unit.
-    pub scale: f64,
-    /// The secure sum's modulus, `2^modulus_bits`.
-    pub modulus_bits: u32,
-    /// Sites in the round when the site added its share (the setup's).
-    pub sites: u64,
-    /// Sites assumed honest: only their noise is counted.
-    pub min_honest: u64,
-    /// The L2 bound the update was clipped to, model units.
-    pub clip_norm: f64,
-    /// Coordinates in the update.
-    pub dim: u64,
-    /// Conditional randomized rounding's `beta`; `None`: the deterministic bound.
-    pub rounding_beta: Option<f64>,
-}
-
-impl DistributedShare {
-    /// The accountant's view.
-    pub fn release(&self) -> DistributedRelease {
-        DistributedRelease {
-            site_sigma: self.site_sigma,
-            scale: self.scale,
-            modulus_bits: self.modulus_bits,
-            sites: self.sites,
-            min_honest: self.min_honest,
-            clip_norm: self.clip_norm,
-            dim: self.dim,
-            rounding_beta: self.rounding_beta,
-        }
-    }
-}
-
-impl From<DistributedRelease> for DistributedShare {
-    fn from(r: DistributedRelease) -> Self {
-        Self {
-            site_sigma: r.site_sigma,
-            scale: r.scale,
-            modulus_bits: r.modulus_bits,
-            sites: r.sites,
-            min_honest: r.min_honest,
-            clip_norm: r.clip_norm,
-            dim: r.dim,
-            rounding_beta: r.rounding_beta,
         }
     }
 }

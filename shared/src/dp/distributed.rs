@@ -349,7 +349,9 @@ pub fn distributed_min_sigma(
 
 /// What one site records for one round under distributed DP: everything an auditor needs
 /// to recompute the round's privacy bound. Rounds compose with [`epsilon_for_releases`].
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Declared on the wire (`PrivacyUsed::distributed`) and recorded in both ledgers as is.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DistributedRelease {
     /// The site's own noise share: discrete Gaussian sigma in integer units.
     pub site_sigma: f64,
