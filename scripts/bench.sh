@@ -30,7 +30,9 @@
 #                               runs each size in turn; --profile dev builds the dev profile with
 #                               the workspace crates at opt-level 3 instead of a release build.
 #                               Issue 23's figures: scripts/bench.sh round --params body:1
-#                               --sites 3,10,50 --rounds 4 --repeat 2 --aggregation both --profile dev
+#                               --sites 3,10,50 --rounds 4 --repeat 2 --aggregation both --profile dev;
+#                               --train-secs S makes each agent wait S seconds where it would
+#                               train (a stand-in for local training on the site's own machine)
 #   scripts/bench.sh triage     POST /v1/requests of the triage service, one at a time, beside
 #                               predict on the same notes (agent/benches/triage.rs; needs
 #                               scripts/fetch-models.sh)
@@ -76,8 +78,9 @@ case "${1:-transfer}" in
         --baseline) baseline=$2 ;;
         --aggregation) aggregation=$2 ;;
         --profile) profile=$2 ;;
+        --train-secs) export FEDWARD_BENCH_TRAIN_SECS=$2 ;;
         *) echo "usage: scripts/bench.sh round [--params P] [--sites C[,C...]] [--rounds R] [--repeat N] [--baseline flower]" \
-             "[--aggregation plain|secure|both] [--profile release|dev]" >&2; exit 2 ;;
+             "[--aggregation plain|secure|both] [--profile release|dev] [--train-secs S]" >&2; exit 2 ;;
       esac
       shift 2
     done

@@ -35,14 +35,20 @@ use fedward_shared::wire::LocalMetrics;
 /// coordinator's norm bound is never what decides.
 const DELTA: f32 = 1e-4;
 
-/// Returns `DELTA` for every value of every trainable tensor, filled at once.
+/// Returns `DELTA` for every value of every trainable tensor, filled at once, after
+/// `train_secs` of waiting (`FEDWARD_BENCH_TRAIN_SECS`, default 0): a stand-in for a site's
+/// local training on its own machine, so that a round's protocol overhead can be set
+/// against a round that trains. A wait, not work: on the bench's one machine, sites
+/// computing at once would share its cores, where hospitals each have their own.
 struct NoTraining {
     examples: u64,
+    train_secs: f64,
 }
 
 impl Trainer for NoTraining {
     fn train(&mut self, ctx: TrainContext<'_>, global: &TensorSet, plan: &TrainingPlan) -> Result<LocalUpdate, TrainError> {
         let started = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(self.train_secs));
         let mut delta = TensorSet::new();
         for name in &plan.trainable_tensors {
             let g = global.get(name).ok_or_else(|| TrainError::ModelMismatch(name.clone()))?;
@@ -110,7 +116,11 @@ fn main() -> Result<()> {
         secagg: Some(secagg),
     };
     let runtime = tokio::runtime::Runtime::new()?;
-    let trainer = Box::new(NoTraining { examples: args.examples });
+    let train_secs = match std::env::var("FEDWARD_BENCH_TRAIN_SECS") {
+        Ok(v) => v.parse().context("FEDWARD_BENCH_TRAIN_SECS")?,
+        Err(_) => 0.0,
+    };
+    let trainer = Box::new(NoTraining { examples: args.examples, train_secs });
     match runtime.block_on(async { daemon::run(opts, trainer, fedward_net::shutdown_signal()).await })? {
         DaemonOutcome::Finished { .. } => Ok(()),
         DaemonOutcome::Shutdown => bail!("stopped before the federation finished"),
