@@ -93,7 +93,8 @@ pub struct DaemonOptions {
     pub secagg: Option<SecAggIdentity>,
 }
 
-/// A site's identity for secure aggregation, read from its TLS files at start.
+/// A site's identity for secure aggregation, read from its TLS files at start and again
+/// when its certificate is renewed.
 #[derive(Clone, Debug)]
 pub struct SecAggIdentity {
     pub creds: SiteCredentials,
@@ -186,6 +187,7 @@ pub async fn run(opts: DaemonOptions, trainer: Box<dyn Trainer>, shutdown: impl 
         released,
         last_train_secs: None,
         status: StatusWriter::new(&opts.state_dir, &opts.coordinator_addr),
+        secagg: opts.secagg.clone(),
     };
     info!(status = %opts.state_dir.join(crate::state_dir::STATUS_FILE).display(), "agent state ready");
     let mut failures = 0u32;
@@ -233,9 +235,14 @@ async fn run_sessions(
                 Ok(s) => Err(format!("the renewed certificate names {s}, not {site}")),
                 Err(e) => Err(e),
             });
+            let rebuilt = rebuilt.and_then(|t| match &state.secagg {
+                Some(_) => reload_secagg(files).map(|id| (t, Some(id))),
+                None => Ok((t, None)),
+            });
             match rebuilt {
-                Ok(t) => {
+                Ok((t, secagg)) => {
                     *tls = Arc::new(t);
+                    state.secagg = secagg;
                     *renewal = RenewalState::default();
                     info!("the next connection presents the renewed certificate");
                 }
@@ -317,6 +324,10 @@ struct AgentState {
     last_train_secs: Option<f64>,
     /// What `fedward-agent status` reads.
     status: StatusWriter,
+    /// Signs this site's secure-round keys: `opts.secagg` until the certificate is renewed,
+    /// then the renewed one (signed with the old one, the keys would fail every other
+    /// site's check once it expired).
+    secagg: Option<SecAggIdentity>,
 }
 
 impl AgentState {
@@ -600,14 +611,14 @@ async fn take_round(
         steps = approved.release.steps,
         "round within the site's budget"
     );
-    let terms = match review_secure(&offer, opts.secagg.is_some()) {
+    let terms = match review_secure(&offer, state.secagg.is_some()) {
         Ok(t) => t,
         Err(message) => return send_decline(conn, &opts.transport, &offer, DeclineReason::PlanUnacceptable, message).await,
     };
     // A secure round's keys and shares are exchanged now, before training; one client per
     // round, dropped (secrets wiped) when the round ends for this site.
     let mut secagg = None;
-    if let (Some(terms), Some(id)) = (&terms, &opts.secagg) {
+    if let (Some(terms), Some(id)) = (&terms, &state.secagg) {
         match secure_setup(conn, opts, id, terms, rng).await {
             Ok(x) => secagg = Some(x),
             Err(SecureEnd::Abort(reason)) => {
@@ -1245,6 +1256,15 @@ fn reload_tls(files: &crate::renew::RenewalFiles) -> Result<rustls::ClientConfig
     let key = fsutil::read_private_key(&files.key).map_err(|e| e.to_string())?;
     fedward_shared::tls::client_config(&fedward_shared::tls::TlsMaterial { ca_pem: &files.ca_pem, cert_pem: &cert, key_pem: &key })
         .map_err(|e| e.to_string())
+}
+
+/// The secure-aggregation identity from the (renewed) files.
+fn reload_secagg(files: &crate::renew::RenewalFiles) -> Result<SecAggIdentity, String> {
+    let cert = fsutil::read(&files.cert).map_err(|e| e.to_string())?;
+    let key = fsutil::read_private_key(&files.key).map_err(|e| e.to_string())?;
+    let creds = SiteCredentials::from_pem(&cert, &key).map_err(|e| format!("secure aggregation's signing key: {e}"))?;
+    let trust = Trust::from_ca_pem(&files.ca_pem).map_err(|e| format!("secure aggregation's trust anchor: {e}"))?;
+    Ok(SecAggIdentity { creds, trust })
 }
 
 /// The certificate this agent presents (the one its TLS configuration would send), DER.

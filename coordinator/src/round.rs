@@ -2356,7 +2356,7 @@ mod tests {
                 update_clip_norm: 0.0,
                 epsilon_after: fedward_shared::dp::Accountant::new().epsilon_after(&release, 1e-5).unwrap(),
                 delta: 1e-5,
-                distributed: share.map(Into::into),
+                distributed: share,
             }
         }
 
