@@ -166,28 +166,21 @@ pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> Priv
     let r = &approved.release;
     match *plan {
         PrivacyPlan::Off => PrivacyUsed::off(),
-        PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } => PrivacyUsed {
-            mode: PrivacyMode::SiteLevel,
-            noise_multiplier,
-            clip_norm,
-            sampling_rate: 0.0,
-            steps: r.steps,
-            update_clip_norm: 0.0,
-            epsilon_after: approved.epsilon_after,
-            delta,
-            distributed: None,
-        },
-        PrivacyPlan::Distributed { noise_multiplier, clip_norm, .. } => PrivacyUsed {
-            mode: PrivacyMode::Distributed,
-            noise_multiplier,
-            clip_norm,
-            sampling_rate: 0.0,
-            steps: r.steps,
-            update_clip_norm: 0.0,
-            epsilon_after: approved.epsilon_after,
-            delta,
-            distributed: r.distributed,
-        },
+        // Site-level adjacency, whole or split into shares (the release then carries the
+        // site's share; a site-level release carries none).
+        PrivacyPlan::SiteLevel { noise_multiplier, clip_norm } | PrivacyPlan::Distributed { noise_multiplier, clip_norm, .. } => {
+            PrivacyUsed {
+                mode: plan.mode(),
+                noise_multiplier,
+                clip_norm,
+                sampling_rate: 0.0,
+                steps: r.steps,
+                update_clip_norm: 0.0,
+                epsilon_after: approved.epsilon_after,
+                delta,
+                distributed: r.distributed,
+            }
+        }
         PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, sampling_rate, update_clip_norm } => PrivacyUsed {
             mode: PrivacyMode::RecordLevel,
             noise_multiplier,
