@@ -1247,9 +1247,7 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
         }
         Message::Decline(decline) => {
             info!(round = %decline.round, reason = ?decline.reason, "site declined the round: {}", decline.reason);
-            let (tx, rx) = oneshot::channel();
-            let ev = Event::Decline { site: ctx.site.clone(), decline, reply: tx };
-            let answer = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+            let answer = ask(events, |reply| Event::Decline { site: ctx.site.clone(), decline, reply }).await;
             reply(send, &answer_message(answer)).await
         }
         other => {
@@ -1257,6 +1255,17 @@ async fn dispatch(ctx: &StreamCtx, msg: Message, send: &mut quinn::SendStream, r
             reply(send, &Message::Reject(r)).await
         }
     }
+}
+
+/// Hands a request to the event loop (`event` wraps the reply channel) and waits for its
+/// answer; a loop that has stopped answers that the coordinator is shutting down.
+async fn ask<T>(events: &mpsc::Sender<Event>, event: impl FnOnce(oneshot::Sender<Result<T, Reject>>) -> Event) -> Result<T, Reject> {
+    let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
+    let (tx, rx) = oneshot::channel();
+    if events.send(event(tx)).await.is_err() {
+        return Err(gone());
+    }
+    rx.await.unwrap_or_else(|_| Err(gone()))
 }
 
 async fn receive_update(
@@ -1271,9 +1280,7 @@ async fn receive_update(
     let closed = || Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round));
     // Admission first (one upload per site, checked from the header alone), so a site
     // that is refused never holds an upload slot.
-    let (tx, rx) = oneshot::channel();
-    let ev = Event::BeginUpdate { site: site.clone(), header: header.clone(), reply: tx };
-    let admitted = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let admitted = ask(events, |reply| Event::BeginUpdate { site: site.clone(), header: header.clone(), reply }).await;
     if let Err(reject) = admitted {
         warn!(code = %reject.code, reason = %reject.message, "update refused");
         let _ = recv.stop(0u32.into());
@@ -1316,9 +1323,7 @@ async fn receive_update(
     };
     let secs = started.elapsed().as_secs_f64();
     let mib = bytes as f64 / (1 << 20) as f64;
-    let (tx, rx) = oneshot::channel();
-    let ev = Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply: tx };
-    let job = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let job = ask(events, |reply| Event::FinishUpdate { site: site.clone(), header: header.clone(), tensors, reply }).await;
     let answer = match job {
         Ok(job) => {
             // The check and fold run on a blocking thread, so the event loop goes on
@@ -1397,9 +1402,7 @@ async fn receive_masked(
     let site = &ctx.site;
     let gone = || Reject::new(RejectCode::ShuttingDown, "coordinator is shutting down");
     let closed = || Reject::new(RejectCode::StaleRound, format!("round {} closed while the masked input was arriving", header.round));
-    let (tx, rx) = oneshot::channel();
-    let ev = Event::BeginMasked { site: site.clone(), header: header.clone(), reply: tx };
-    let admitted = if events.send(ev).await.is_ok() { rx.await.unwrap_or_else(|_| Err(gone())) } else { Err(gone()) };
+    let admitted = ask(events, |reply| Event::BeginMasked { site: site.clone(), header: header.clone(), reply }).await;
     let bytes = match admitted {
         Ok(bytes) => bytes,
         Err(reject) => {
