@@ -680,7 +680,7 @@ fn federate(
         children.push(("coordinator".into(), tools.spawn(&tools.coordinator, &["serve", "--config", s(&coordinator_toml)], &log, None)?));
         for site in SITES {
             let toml = dir.join(format!("{site}.toml"));
-            fs::write(&toml, agent_config(out, base, data, &dir, site, quic_port, dp.is_some()))?;
+            fs::write(&toml, agent_config(out, base, data, &dir, site, quic_port, dp.is_some(), args.epsilon))?;
             children.push((
                 site.to_owned(),
                 tools.spawn(&tools.agent, &["run", "--config", s(&toml)], &format!("{name}-{site}"), Some(threads_per_agent))?,
@@ -936,7 +936,10 @@ prox_mu = {prox_mu:?}
     )
 }
 
-fn agent_config(out: &Path, base: &Path, data: &Path, run_dir: &Path, site: &str, port: u16, dp: bool) -> String {
+/// Each agent's own budget is `--epsilon`, the one the DP run's noise is planned for (a
+/// little under it): a site never spends more than it allows, whatever the plan says.
+#[allow(clippy::too_many_arguments)]
+fn agent_config(out: &Path, base: &Path, data: &Path, run_dir: &Path, site: &str, port: u16, dp: bool, max_epsilon: f64) -> String {
     let pki = out.join("pki").join(site);
     let site_data = data.join(site);
     format!(
@@ -959,7 +962,7 @@ base = "{base}"
 labels = ["doctor", "bed", "device", "other"]
 
 [budget]
-max_epsilon = 8.0
+max_epsilon = {max_epsilon:?}
 delta = 1e-5
 require_dp = {dp}
 
