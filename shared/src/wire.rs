@@ -920,17 +920,7 @@ mod tests {
                 accepted: vec![AcceptedUpdate { round: RoundId(1), update_digest: digest }],
             }),
             Message::Ready(Ready { have_model: Some(digest) }),
-            Message::RoundOffer(RoundOffer {
-                round: RoundId(3),
-                model_digest: digest,
-                manifest: vec![spec()],
-                plan: plan(),
-                policy: PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 0.8, max_clip_norm: 2.0 },
-                deadline_secs: 600,
-                total_rounds: 5,
-                update_encoding: UpdateEncoding::F32,
-                secure: None,
-            }),
+            Message::RoundOffer(offer()),
             Message::RoundOffer(secure_offer()),
             Message::Finished(Finished { completed_rounds: 5, model_digest: digest, manifest: vec![] }),
             Message::ModelRequest(ModelRequest { round: RoundId(3), names: vec!["a".into(), "b".into()] }),
@@ -987,19 +977,27 @@ mod tests {
     }
 
     /// A secure offer as the coordinator makes it: 4 trainable values plus the weight.
-    fn secure_offer() -> RoundOffer {
-        let digest = spec().digest;
-        let params = SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 };
-        let context = SecureRound::context(RoundId(3), 1, &digest, 5.0, 1000, 3);
+    /// Round 3 of 5 offering `spec()` under `plan()`.
+    fn offer() -> RoundOffer {
         RoundOffer {
             round: RoundId(3),
-            model_digest: digest,
+            model_digest: spec().digest,
             manifest: vec![spec()],
             plan: plan(),
             policy: PrivacyPolicy { mode: PrivacyMode::RecordLevel, min_noise_multiplier: 0.8, max_clip_norm: 2.0 },
             deadline_secs: 600,
             total_rounds: 5,
             update_encoding: UpdateEncoding::F32,
+            secure: None,
+        }
+    }
+
+    /// [`offer`] under secure aggregation.
+    fn secure_offer() -> RoundOffer {
+        let digest = spec().digest;
+        let params = SecAggParams { threshold: 2, min_sites: 2, neighbours: 2, modulus_bits: 48 };
+        let context = SecureRound::context(RoundId(3), 1, &digest, 5.0, 1000, 3);
+        RoundOffer {
             secure: Some(SecureRound {
                 setup: RoundSetup::new(RoundId(3), params, 5).unwrap().with_context(context),
                 attempt: 1,
@@ -1008,6 +1006,7 @@ mod tests {
                 max_sites: 3,
                 step_deadline_secs: 60,
             }),
+            ..offer()
         }
     }
 
