@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use fedward_models::{TrainContext, Trainer};
+use fedward_models::{LocalUpdate, TrainContext, Trainer};
 use fedward_net::{
     client_endpoint, paced, read_message, read_tensors, within, write_message, write_update_tensors, ConnectionEnd, StreamError,
 };
@@ -49,7 +49,7 @@ use fedward_shared::wire::{
 
 use crate::metrics::{metrics, Phase as MetricPhase, PhaseLabel, ReasonLabel};
 use crate::outbox::ReleasedUpdate;
-use crate::privacy::{disclosed, distributed_input, privacy_used, privatize, quantize_update};
+use crate::privacy::{disclosed, distributed_input, privacy_used, privatize, quantize_update, release_score, Applied};
 use crate::session::{
     assemble, certificate_warning, check_tensors_reply, check_welcome_site, fits_deadline, prior_release, review_offer, review_secure,
     secure_input, tensors_to_fetch, unrecorded_acceptances, Approved, CachedModel, CachedRelease, Decision, Prior, SecureTerms,
@@ -600,7 +600,8 @@ async fn take_round(
             return send_decline(conn, &opts.transport, &offer, DeclineReason::BudgetExhausted, message).await;
         }
     };
-    let approved = match review_offer(&offer, &opts.budget, &spent) {
+    let can_score = state.trainer.as_ref().is_some_and(|t| t.can_score());
+    let approved = match review_offer(&offer, &opts.budget, &spent, can_score) {
         Decision::Train(a) => a,
         Decision::Decline { reason, message } => return send_decline(conn, &opts.transport, &offer, reason, message).await,
     };
@@ -647,8 +648,30 @@ async fn take_round(
     };
     let started = Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
-        let ctx = TrainContext { round, noise_rng: &mut noise_rng };
-        let result = trainer.train(ctx, &model, &plan).map_err(|e| e.to_string()).and_then(|mut update| {
+        let result = (|| {
+            // Model selection: the offered model is scored before training changes it.
+            let score = match approved.release.score {
+                Some(release) => match trainer.score(&model, &plan).map_err(|e| e.to_string())? {
+                    Some((correct, examples)) => {
+                        Some(release_score(&plan.privacy, release, correct, examples, &mut noise_rng).map_err(|e| e.to_string())?)
+                    }
+                    None => return Err("the site has no validation split to score the model with".to_string()),
+                },
+                None => None,
+            };
+            if !approved.release.has_update() {
+                // The final scoring round: nothing trains, nothing but the score leaves.
+                let update = LocalUpdate {
+                    delta: TensorSet::default(),
+                    num_examples: trainer.num_examples(),
+                    metrics: wire::LocalMetrics::default(),
+                    dp_steps: 0,
+                };
+                let applied = Applied { norm_before: 0.0, norm_clipped: 0.0, noise_std: 0.0 };
+                return Ok((update, applied, Vec::new(), score));
+            }
+            let ctx = TrainContext { round, noise_rng: &mut noise_rng };
+            let mut update = trainer.train(ctx, &model, &plan).map_err(|e| e.to_string())?;
             let applied =
                 privatize(&plan.privacy, &approved, update.dp_steps, &mut update.delta, &mut noise_rng).map_err(|e| e.to_string())?;
             // Quantized after the privacy step (post-processing: no privacy cost), in
@@ -657,8 +680,8 @@ async fn take_round(
             // The update's tensors are hashed once, here, off the event loop; its digest
             // is the manifest's.
             let specs = update.delta.specs();
-            Ok((update, applied, specs))
-        });
+            Ok((update, applied, specs, score))
+        })();
         (trainer, result)
     })
     .await;
@@ -667,7 +690,7 @@ async fn take_round(
         Err(e) => return Err(SessionEnd::Fatal(format!("training thread panicked: {e}"))),
     };
     state.trainer = Some(trainer);
-    let (mut update, applied, specs) = match result {
+    let (mut update, applied, specs, score) = match result {
         Ok(x) => x,
         Err(e) => {
             // Errors of the trainer and of `privatize` name no record and no value.
@@ -676,19 +699,13 @@ async fn take_round(
         }
     };
     update.metrics.train_secs = started.elapsed().as_secs_f64();
-    metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::train }).observe(update.metrics.train_secs);
-    state.last_train_secs = Some(update.metrics.train_secs);
-    info!(
-        examples = update.num_examples,
-        train_loss = format_args!("{:.4}", update.metrics.train_loss),
-        val_accuracy = ?update.metrics.val_accuracy,
-        secs = format_args!("{:.1}", update.metrics.train_secs),
-        dp_steps = update.dp_steps,
-        norm_before = format_args!("{:.4}", applied.norm_before),
-        norm_clipped = format_args!("{:.4}", applied.norm_clipped),
-        noise_std = applied.noise_std,
-        "local training done"
-    );
+    if !approved.release.has_update() {
+        info!(secs = format_args!("{:.1}", update.metrics.train_secs), "scoring round: the last model scored, nothing trained");
+    } else {
+        metrics().phase_seconds.get_or_create(&PhaseLabel { phase: MetricPhase::train }).observe(update.metrics.train_secs);
+        state.last_train_secs = Some(update.metrics.train_secs);
+        log_training(&update, &applied);
+    }
     // Privacy is spent when the release is recorded, so nothing is recorded for an update
     // that can never be sent: the connection ended for good while it trained (replaced by
     // another agent, refused), or the round's deadline has passed (the offer's whole
@@ -722,7 +739,9 @@ async fn take_round(
     }
     let used = privacy_used(&offer.plan.privacy, &approved, opts.budget.delta);
     let (num_examples, metrics) = disclosed(&offer.plan.privacy, opts.budget.share_metrics, update.num_examples, &update.metrics);
-    let header = UpdateHeader { round: offer.round, num_examples, metrics, tensors: specs, privacy: used, encoding: offer.update_encoding };
+    let metrics = metrics.filter(|_| approved.release.has_update());
+    let header =
+        UpdateHeader { round: offer.round, num_examples, metrics, tensors: specs, privacy: used, encoding: offer.update_encoding, score };
     let update_digest = manifest_digest(&header.tensors);
     // The ledger records what was released: the count as sent.
     let record = ReleaseRecord::new(site.clone(), offer.round, &used, num_examples, approved.epsilon_before, update_digest, now())
@@ -739,6 +758,21 @@ async fn take_round(
     state.status.sent(offer.round.0, wire::encoded_payload_bytes(&released.header.tensors, released.header.encoding));
     state.rounds_trained += 1;
     Ok(())
+}
+
+/// The round's training, in the site's log (norms and aggregate figures only).
+fn log_training(update: &LocalUpdate, applied: &Applied) {
+    info!(
+        examples = update.num_examples,
+        train_loss = format_args!("{:.4}", update.metrics.train_loss),
+        val_accuracy = ?update.metrics.val_accuracy,
+        secs = format_args!("{:.1}", update.metrics.train_secs),
+        dp_steps = update.dp_steps,
+        norm_before = format_args!("{:.4}", applied.norm_before),
+        norm_clipped = format_args!("{:.4}", applied.norm_clipped),
+        noise_std = applied.noise_std,
+        "local training done"
+    );
 }
 
 /// How a secure round ended early for this site.

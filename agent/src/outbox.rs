@@ -190,6 +190,7 @@ mod tests {
         delta.insert("classifier.weight", Tensor::new(vec![2, 3], vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0]).unwrap());
         delta.insert("classifier.bias", Tensor::new(vec![2], vec![0.25, -0.5]).unwrap());
         let header = UpdateHeader {
+            score: None,
             round: RoundId(4),
             num_examples: 120,
             metrics: Some(LocalMetrics { train_loss: 0.5, ..Default::default() }),

@@ -14,13 +14,13 @@ use fedward_shared::codec::{CodecError, UpdateEncoding};
 use fedward_shared::dp::distributed::{quantize, QuantizeError};
 use fedward_shared::dp::{
     clip_tensors, coarse_count, DiscreteGaussian, DiscreteNoiseError, DistributedRelease, DpError, GaussianNoise, NoiseError, NoiseRng,
-    NoiseSource,
+    NoiseSource, ScoreRelease,
 };
 use fedward_shared::plan::PrivacyMode;
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::secagg::FixedPoint;
 use fedward_shared::tensor::TensorSet;
-use fedward_shared::wire::{LocalMetrics, PrivacyUsed};
+use fedward_shared::wire::{LocalMetrics, PrivacyUsed, ValidationScore};
 use rand_chacha::ChaCha20Rng;
 
 use crate::session::Approved;
@@ -162,7 +162,42 @@ pub fn disclosed(plan: &PrivacyPlan, share_metrics: bool, num_examples: u64, met
     }
 }
 
+/// Model selection: the site's score of the offered model (`correct` of `examples` on its
+/// validation split) as it may leave under `plan` (see [`ScoreRelease`] for the
+/// sensitivities). Without DP the exact figures. Record-level: the count plus Gaussian noise
+/// of std `z` and the coarsened example count. Site-level: the accuracy plus noise of std
+/// `z`, sent as a count out of the coarsened examples (post-processing). The noise comes
+/// from the round's CSPRNG, like the update's.
+pub fn release_score(
+    plan: &PrivacyPlan,
+    release: ScoreRelease,
+    correct: u64,
+    examples: u64,
+    rng: &mut NoiseRng,
+) -> Result<ValidationScore, PrivacyError> {
+    let noised = |value: f64, rng: &mut NoiseRng| -> Result<f64, PrivacyError> {
+        let mut v = [value as f32];
+        GaussianNoise::new(release.noise_multiplier)?.add_to(rng, &mut v)?;
+        Ok(f64::from(v[0]))
+    };
+    Ok(match plan {
+        PrivacyPlan::Off => ValidationScore { correct: correct as f64, examples },
+        PrivacyPlan::RecordLevel { .. } => ValidationScore { correct: noised(correct as f64, rng)?, examples: coarse_count(examples) },
+        PrivacyPlan::SiteLevel { .. } | PrivacyPlan::Distributed { .. } => {
+            let accuracy = if examples == 0 { 0.0 } else { correct as f64 / examples as f64 };
+            let shown = coarse_count(examples);
+            ValidationScore { correct: noised(accuracy, rng)? * shown as f64, examples: shown }
+        }
+    })
+}
+
 pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> PrivacyUsed {
+    let r = &approved.release;
+    let used = privacy_used_by_update(plan, approved, delta);
+    PrivacyUsed { score: r.score, ..used }
+}
+
+fn privacy_used_by_update(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> PrivacyUsed {
     let r = &approved.release;
     match *plan {
         PrivacyPlan::Off => PrivacyUsed::off(),
@@ -179,6 +214,7 @@ pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> Priv
                 epsilon_after: approved.epsilon_after,
                 delta,
                 distributed: r.distributed,
+                score: None,
             }
         }
         PrivacyPlan::RecordLevel { noise_multiplier, clip_norm, sampling_rate, update_clip_norm } => PrivacyUsed {
@@ -191,6 +227,7 @@ pub fn privacy_used(plan: &PrivacyPlan, approved: &Approved, delta: f64) -> Priv
             epsilon_after: approved.epsilon_after,
             delta,
             distributed: None,
+            score: None,
         },
     }
 }
@@ -262,6 +299,39 @@ mod tests {
         set.insert("a.weight", Tensor::new(vec![half], (0..half).map(|i| scale * ((i % 7) as f32 - 3.0)).collect()).unwrap());
         set.insert("b.bias", Tensor::new(vec![n - half], (0..n - half).map(|i| scale * (i % 3) as f32).collect()).unwrap());
         set
+    }
+
+    /// A score leaves exact without DP; under record-level DP as a noised count (std z)
+    /// of the coarsened examples; under site-level DP as a noised accuracy (std z) times
+    /// the coarsened examples. Over many draws the noise has the std the accountant
+    /// assumes and no bias.
+    #[test]
+    fn a_score_is_noised_with_the_std_its_release_declares() {
+        let release = ScoreRelease { noise_multiplier: 2.0, alone: false };
+        let mut rng = NoiseRng::from_seed_insecure([7; 32]);
+        let exact = release_score(&PrivacyPlan::Off, release, 83, 97, &mut rng).unwrap();
+        assert_eq!(exact, ValidationScore { correct: 83.0, examples: 97 });
+        let record = PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.1, update_clip_norm: 1.0 };
+        let site = PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: 1.0 };
+        let n = 4000;
+        for (plan, centre, std) in [(record, 83.0, 2.0), (site, 83.0 / 97.0, 2.0)] {
+            let draws: Vec<f64> = (0..n)
+                .map(|_| {
+                    let s = release_score(&plan, release, 83, 97, &mut rng).unwrap();
+                    assert_eq!(s.examples, 100, "coarsened");
+                    if matches!(plan, PrivacyPlan::SiteLevel { .. }) {
+                        s.correct / 100.0
+                    } else {
+                        s.correct
+                    }
+                })
+                .collect();
+            let mean = draws.iter().sum::<f64>() / n as f64;
+            let sd = (draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+            // Five standard errors.
+            assert!((mean - centre).abs() < 5.0 * std / (n as f64).sqrt(), "{plan:?}: mean {mean}");
+            assert!((sd / std - 1.0).abs() < 0.06, "{plan:?}: sd {sd}");
+        }
     }
 
     /// The logged norm is the clipping norm up to rounding, whatever the tensors' lengths
@@ -441,6 +511,7 @@ mod tests {
         assert_eq!(
             used,
             PrivacyUsed {
+                score: None,
                 mode: PrivacyMode::RecordLevel,
                 noise_multiplier: 1.1,
                 clip_norm: 0.5,

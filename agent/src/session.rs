@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use fedward_shared::config::SiteBudget;
-use fedward_shared::dp::{Accountant, Budget, BudgetError, Release};
+use fedward_shared::dp::{Accountant, Budget, BudgetError, Release, ScoreRelease};
 use fedward_shared::ledger::{Body, Ledger, ReleaseRecord};
 use fedward_shared::plan::PrivacyPlan;
 use fedward_shared::secagg::{FixedPoint, RoundSetup};
@@ -44,14 +44,16 @@ fn decline(reason: DeclineReason, message: impl Into<String>) -> Decision {
 }
 
 /// Reviews an offer against the site's own rules. `spent` is the accountant of every
-/// release in the site's ledger.
+/// release in the site's ledger; `can_score` says whether the site has a validation split
+/// to score the offered model with, when the offer asks (model selection: the score is
+/// part of the release, [`with_score`]).
 ///
 /// A DP plan is allowed exactly when the epsilon after the round is at most
 /// `max_epsilon` at the site's `delta` ([`Budget::check`]) and the round count stays within
 /// `max_rounds`. A plan without DP is allowed only where the site opted in
 /// (`require_dp = false`), and still counts against `max_rounds`; after it the site's
 /// epsilon is unbounded, so every later DP round is declined.
-pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant) -> Decision {
+pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant, can_score: bool) -> Decision {
     let plan = &offer.plan;
     if budget.require_dp && plan.privacy == PrivacyPlan::Off {
         return decline(
@@ -62,7 +64,7 @@ pub fn review_offer(offer: &RoundOffer, budget: &SiteBudget, spent: &Accountant)
     if let Some(problem) = clip_problem(&plan.privacy) {
         return decline(DeclineReason::PlanUnacceptable, problem);
     }
-    let release = match planned_release(offer) {
+    let release = match planned_release(offer).and_then(|r| with_score(offer, can_score, r)) {
         Ok(r) => r,
         Err(message) => return decline(DeclineReason::PlanUnacceptable, message),
     };
@@ -124,6 +126,28 @@ pub fn planned_release(offer: &RoundOffer) -> Result<Release, String> {
         .ok_or_else(|| "invalid privacy plan: no distributed noise share".to_string())?;
     let release = Release::distributed(noise_multiplier, share);
     release.validate().map_err(|e| format!("invalid privacy plan: {e}"))?;
+    Ok(release)
+}
+
+/// The round's release with the score the offer asks for (model selection), when the
+/// site can score: noised with the offer's multiplier under a DP plan, exact without one;
+/// alone (no update counted) in the final scoring round, which a site without a
+/// validation split declines. No score is released in a secure round, where it would be
+/// the only thing in the clear.
+pub fn with_score(offer: &RoundOffer, can_score: bool, release: Release) -> Result<Release, String> {
+    let Some(scoring) = offer.scoring else { return Ok(release) };
+    if offer.secure.is_some() {
+        return Err("the offer asks for a score of the model in a secure round, where it would leave in the clear".into());
+    }
+    if !can_score {
+        if scoring.only {
+            return Err("this round only scores the last model, and the site has no validation split".into());
+        }
+        return Ok(release);
+    }
+    let noise_multiplier = if release.mode == fedward_shared::plan::PrivacyMode::Off { 0.0 } else { scoring.noise_multiplier };
+    let release = release.with_score(Some(ScoreRelease { noise_multiplier, alone: scoring.only }));
+    release.validate().map_err(|e| format!("invalid score release: {e}"))?;
     Ok(release)
 }
 
@@ -442,6 +466,7 @@ mod tests {
     fn offer(privacy: PrivacyPlan) -> RoundOffer {
         let m = model(1.0);
         RoundOffer {
+            scoring: None,
             round: RoundId(1),
             model_digest: m.digest(),
             manifest: m.specs(),
@@ -548,23 +573,50 @@ mod tests {
         assert!(err.contains("100 s to train") && err.contains("110 s are left"), "{err}");
     }
 
+    /// Model selection: the score the offer asks for is part of the release the budget
+    /// checks (noised under a DP plan, exact without); a site without a validation split
+    /// trains without scoring, and declines the round that only scores.
+    #[test]
+    fn a_score_asked_for_is_counted_in_the_budget_check() {
+        use fedward_shared::wire::Scoring;
+        let scoring = |only| Some(Scoring { noise_multiplier: 10.0, only });
+        let mut o = offer(SITE);
+        o.scoring = scoring(false);
+        let plain = approved(&review_offer(&offer(SITE), &budget(true, None), &Accountant::new(), true));
+        let a = approved(&review_offer(&o, &budget(true, None), &Accountant::new(), true));
+        assert_eq!(a.release.score, Some(ScoreRelease { noise_multiplier: 10.0, alone: false }));
+        assert!(a.epsilon_after > plain.epsilon_after, "the score costs privacy: {} vs {}", a.epsilon_after, plain.epsilon_after);
+        let unscored = approved(&review_offer(&o, &budget(true, None), &Accountant::new(), false));
+        assert_eq!(unscored.release, plain.release, "no validation split: no score, no cost");
+        o.scoring = scoring(true);
+        let alone = approved(&review_offer(&o, &budget(true, None), &Accountant::new(), true));
+        assert_eq!(alone.release.score, Some(ScoreRelease { noise_multiplier: 10.0, alone: true }));
+        assert!(alone.epsilon_after < plain.epsilon_after, "only the score: {}", alone.epsilon_after);
+        assert_eq!(declined(&review_offer(&o, &budget(true, None), &Accountant::new(), false)), DeclineReason::PlanUnacceptable);
+        // Without DP the score is exact.
+        let mut off = offer(PrivacyPlan::Off);
+        off.scoring = scoring(false);
+        let a = approved(&review_offer(&off, &budget(false, None), &Accountant::new(), true));
+        assert_eq!(a.release.score, Some(ScoreRelease { noise_multiplier: 0.0, alone: false }));
+    }
+
     #[test]
     fn a_site_that_requires_dp_declines_a_plan_without_it() {
-        let d = review_offer(&offer(PrivacyPlan::Off), &budget(true, None), &Accountant::new());
+        let d = review_offer(&offer(PrivacyPlan::Off), &budget(true, None), &Accountant::new(), false);
         assert_eq!(declined(&d), DeclineReason::PlanUnacceptable);
-        let a = approved(&review_offer(&offer(PrivacyPlan::Off), &budget(false, None), &Accountant::new()));
+        let a = approved(&review_offer(&offer(PrivacyPlan::Off), &budget(false, None), &Accountant::new(), false));
         assert_eq!(a.release, Release::off());
         assert_eq!((a.epsilon_before, a.epsilon_after), (0.0, f64::INFINITY));
     }
 
     #[test]
     fn dp_plans_are_approved_with_the_spend_they_imply() {
-        let a = approved(&review_offer(&offer(SITE), &budget(true, None), &Accountant::new()));
+        let a = approved(&review_offer(&offer(SITE), &budget(true, None), &Accountant::new(), false));
         assert_eq!(a.release, Release::site_level(4.0));
         assert_eq!(a.epsilon_before, 0.0);
         assert_eq!(a.epsilon_after, Accountant::new().epsilon_after(&Release::site_level(4.0), 1e-5).unwrap());
         // Record-level: round(local_epochs / q) = 20 steps.
-        let a = approved(&review_offer(&offer(RECORD), &budget(true, None), &Accountant::new()));
+        let a = approved(&review_offer(&offer(RECORD), &budget(true, None), &Accountant::new(), false));
         assert_eq!(a.release, Release::record_level(1.0, 0.05, 20));
         assert!(a.epsilon_after > 0.0 && a.epsilon_after <= 8.0, "{a:?}");
     }
@@ -578,11 +630,11 @@ mod tests {
             let acc = spent(&[release, release]);
             let after_three = acc.epsilon_after(&release, 1e-5).unwrap();
             let at = SiteBudget { max_epsilon: after_three, delta: 1e-5, max_rounds: None, require_dp: true, share_metrics: false };
-            let a = approved(&review_offer(&offer(plan), &at, &acc));
+            let a = approved(&review_offer(&offer(plan), &at, &acc, false));
             assert_eq!(a.epsilon_after, after_three);
             assert_eq!(a.epsilon_before, acc.epsilon(1e-5).unwrap());
             let below = SiteBudget { max_epsilon: f64::from_bits(after_three.to_bits() - 1), ..at };
-            let d = review_offer(&offer(plan), &below, &acc);
+            let d = review_offer(&offer(plan), &below, &acc, false);
             assert_eq!(declined(&d), DeclineReason::BudgetExhausted, "{}", plan.mode_name());
             let Decision::Decline { message, .. } = d else { unreachable!() };
             assert!(message.contains("above the budget"), "{message}");
@@ -594,8 +646,8 @@ mod tests {
         for plan in [PrivacyPlan::Off, SITE] {
             let release = Release::planned(&plan, 1).unwrap();
             let b = SiteBudget { max_epsilon: 1e6, ..budget(false, Some(2)) };
-            approved(&review_offer(&offer(plan), &b, &spent(&[release])));
-            let d = review_offer(&offer(plan), &b, &spent(&[release, release]));
+            approved(&review_offer(&offer(plan), &b, &spent(&[release]), false));
+            let d = review_offer(&offer(plan), &b, &spent(&[release, release]), false);
             assert_eq!(declined(&d), DeclineReason::BudgetExhausted, "{}", plan.mode_name());
         }
     }
@@ -605,9 +657,9 @@ mod tests {
     #[test]
     fn earlier_releases_constrain_later_plans() {
         let after_off = spent(&[Release::off()]);
-        assert_eq!(declined(&review_offer(&offer(SITE), &budget(false, None), &after_off)), DeclineReason::BudgetExhausted);
+        assert_eq!(declined(&review_offer(&offer(SITE), &budget(false, None), &after_off, false)), DeclineReason::BudgetExhausted);
         let after_site = spent(&[Release::site_level(4.0)]);
-        assert_eq!(declined(&review_offer(&offer(RECORD), &budget(true, None), &after_site)), DeclineReason::PlanUnacceptable);
+        assert_eq!(declined(&review_offer(&offer(RECORD), &budget(true, None), &after_site, false)), DeclineReason::PlanUnacceptable);
     }
 
     #[test]
@@ -619,7 +671,7 @@ mod tests {
             PrivacyPlan::RecordLevel { noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0.5, update_clip_norm: -1.0 },
             PrivacyPlan::RecordLevel { noise_multiplier: f64::NAN, clip_norm: 1.0, sampling_rate: 0.5, update_clip_norm: 1.0 },
         ] {
-            let d = review_offer(&offer(plan), &budget(true, None), &Accountant::new());
+            let d = review_offer(&offer(plan), &budget(true, None), &Accountant::new(), false);
             assert_eq!(declined(&d), DeclineReason::PlanUnacceptable, "{plan:?}");
         }
     }
@@ -628,7 +680,7 @@ mod tests {
     fn a_manifest_that_does_not_match_its_digest_is_declined() {
         let mut o = offer(PrivacyPlan::Off);
         o.model_digest = model(2.0).digest();
-        assert_eq!(declined(&review_offer(&o, &budget(false, None), &Accountant::new())), DeclineReason::ModelMismatch);
+        assert_eq!(declined(&review_offer(&o, &budget(false, None), &Accountant::new(), false)), DeclineReason::ModelMismatch);
     }
 
     fn release_record(round: u64, update: Digest) -> ReleaseRecord {

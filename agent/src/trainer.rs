@@ -126,6 +126,14 @@ impl Trainer for SiteTrainer {
     fn num_examples(&self) -> u64 {
         self.inner.num_examples()
     }
+
+    fn can_score(&self) -> bool {
+        self.inner.can_score()
+    }
+
+    fn score(&mut self, global: &TensorSet, plan: &TrainingPlan) -> Result<Option<(u64, u64)>, TrainError> {
+        self.inner.score(global, plan)
+    }
 }
 
 #[cfg(test)]

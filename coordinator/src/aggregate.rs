@@ -172,13 +172,22 @@ pub struct FoldJob {
     bound: f64,
     over: OverNorm,
     update: TensorSet,
+    /// The final scoring round of model selection: the header (its score) is all there
+    /// is, nothing is folded.
+    score_only: bool,
 }
 
 impl FoldJob {
     /// A job for `agg`, whose layout is `layout` (passed in so that making a job never
     /// waits for the lock a running fold holds).
     pub fn new(agg: Arc<Mutex<Aggregator>>, layout: Layout, weight: u64, bound: f64, over: OverNorm, update: TensorSet) -> Self {
-        Self { agg, layout, weight, bound, over, update }
+        Self { agg, layout, weight, bound, over, update, score_only: false }
+    }
+
+    /// The job of an update that carries only a score (model selection's final round):
+    /// it takes nothing.
+    pub fn score_only(agg: Arc<Mutex<Aggregator>>, layout: Layout) -> Self {
+        Self { agg, layout, weight: 0, bound: 0.0, over: OverNorm::Refuse, update: TensorSet::default(), score_only: true }
     }
 
     /// Checks the update (outside the lock: other sites' folds go on), bounds it and
@@ -190,6 +199,9 @@ impl FoldJob {
     /// [`run`](Self::run), handing back the update's buffers when a running sum took it
     /// (to be released or reused by the caller, outside the fold).
     pub fn run_returning(self) -> (Result<Folded, Reject>, Option<TensorSet>) {
+        if self.score_only {
+            return (Ok(Folded { update_norm: 0.0, scale: 1.0 }), None);
+        }
         let checked = match self.layout.check(self.weight, self.update) {
             Ok(c) => c,
             Err(r) => return (Err(r), None),

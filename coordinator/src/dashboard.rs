@@ -467,6 +467,8 @@ mod tests {
             missed: vec![],
             mean_train_loss: None,
             model_digest: None,
+            scored: None,
+            selected: None,
         }
     }
 

@@ -213,6 +213,7 @@ mod tests {
 
     fn contribution(site: &str) -> Contribution {
         Contribution {
+            score: None,
             site: SiteId::new(site).unwrap(),
             num_examples: 10,
             weight: 10,

@@ -68,7 +68,7 @@ use fedward_shared::secagg::{
 use fedward_shared::tensor::{element_count, manifest_digest, Digest, Tensor, TensorSet, TensorSpec};
 use fedward_shared::wire::{
     AcceptedUpdate, Ack, Decline, DeclineReason, Finished, LocalMetrics, MaskedInputHeader, Message, PrivacyPolicy, PrivacyUsed, Reject,
-    RejectCode, RelayedKeys, RoundId, RoundOffer, SecureRound, SiteId, UpdateHeader,
+    RejectCode, RelayedKeys, RoundId, RoundOffer, Scoring, SecureRound, SiteId, UpdateHeader, ValidationScore,
 };
 
 use crate::aggregate::{Aggregator, FoldJob, Folded, Layout};
@@ -90,6 +90,39 @@ pub struct Settings {
     pub enrolled: BTreeSet<SiteId>,
     /// Secure aggregation: every round runs `shared::secagg` (see the module docs).
     pub secure: Option<SecureSettings>,
+    /// Federated model selection (see [`SelectionSettings`]); `None`: the last round's
+    /// model is the federation's result.
+    pub selection: Option<SelectionSettings>,
+}
+
+/// Federated model selection: every offer asks each site to score the offered model on its
+/// own validation split; after the `total_rounds` training rounds one more round only
+/// scores the last model, and its "checkpoint" is the best of the last `candidates` models
+/// by the example-weighted validation figure (the latest on a tie, the last model when none
+/// was scored). That model is what `Finished` hands out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelectionSettings {
+    /// A score's noise multiplier under a DP plan (what the offer asks for).
+    pub noise_multiplier: f64,
+    /// How many of the latest global models are candidates (the checkpoints the store keeps).
+    pub candidates: u64,
+}
+
+/// The sites' scores of one global model, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScoreTally {
+    /// Correct answers, summed as the sites sent them (noised under DP), each clamped to
+    /// `[0, examples]`.
+    pub correct: f64,
+    pub examples: u64,
+    pub sites: u32,
+}
+
+impl ScoreTally {
+    /// The example-weighted validation accuracy.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.examples > 0).then(|| self.correct / self.examples as f64)
+    }
 }
 
 /// A federation's secure aggregation settings.
@@ -118,6 +151,8 @@ pub struct Contribution {
     /// The site's local figures, when it shared them (never under a DP plan unless the
     /// site opted in) and they were finite.
     pub metrics: Option<LocalMetrics>,
+    /// Its score of the offered model (model selection), as sent.
+    pub score: Option<ValidationScore>,
     pub privacy: PrivacyUsed,
     /// Digest of the update's tensor manifest (names, shapes, tensor digests).
     pub update_digest: Digest,
@@ -136,6 +171,12 @@ pub struct RoundSummary {
     /// Weighted mean of the training loss of the sites that shared it.
     pub mean_train_loss: Option<f64>,
     pub duration: Duration,
+    /// Model selection: the sites' scores of the model this round was offered (that of
+    /// the round before), when any site sent one.
+    pub scored: Option<(u64, ScoreTally)>,
+    /// The final scoring round: the round whose model was selected (and is checkpointed
+    /// again as this round's).
+    pub selected: Option<u64>,
 }
 
 /// A round's outcome to be made durable before anything else happens: the checkpoint
@@ -149,6 +190,9 @@ pub struct Checkpoint {
     /// A secure round: who was summed and who dropped (the summary's contributions carry
     /// no per-site weight or norm: the coordinator never saw them).
     pub secure: Option<SecureOutcome>,
+    /// The final scoring round: the checkpoint is a copy of this earlier round's model
+    /// (`update` is empty).
+    pub select: Option<u64>,
 }
 
 /// Who took part in a secure round's sum.
@@ -336,6 +380,8 @@ pub struct RoundMachine {
     spent: BTreeMap<SiteId, SiteSpend>,
     /// An admin paused the federation: no round starts by itself (the open one finishes).
     paused: bool,
+    /// Model selection: the scores of each global model (by the round that made it).
+    scores: BTreeMap<u64, ScoreTally>,
 }
 
 /// Why an admin's "next round now" was not done.
@@ -411,7 +457,8 @@ impl RoundMachine {
             }
         }
         let digest = manifest_digest(&manifest);
-        let phase = if completed >= settings.total_rounds { Phase::Done { stopped: None } } else { Phase::Waiting };
+        let planned = settings.total_rounds + u64::from(settings.selection.is_some());
+        let phase = if completed >= planned { Phase::Done { stopped: None } } else { Phase::Waiting };
         Ok(Self {
             settings,
             update_bound,
@@ -424,7 +471,47 @@ impl RoundMachine {
             outputs: VecDeque::new(),
             spent: BTreeMap::new(),
             paused: false,
+            scores: BTreeMap::new(),
         })
+    }
+
+    /// Rounds the federation runs: the training rounds, and the final scoring round under
+    /// model selection.
+    pub fn planned_rounds(&self) -> u64 {
+        self.settings.total_rounds + u64::from(self.settings.selection.is_some())
+    }
+
+    /// Whether `round` is the final scoring round (model selection): sites train nothing.
+    pub fn is_scoring_round(&self, round: RoundId) -> bool {
+        self.settings.selection.is_some() && round.0 == self.settings.total_rounds + 1
+    }
+
+    /// The scores recorded before a restart (from the saved history): model round and tally.
+    pub fn with_scores(mut self, scores: impl IntoIterator<Item = (u64, ScoreTally)>) -> Self {
+        self.scores.extend(scores);
+        self
+    }
+
+    /// The sites' scores of each global model so far, by the round that made it.
+    pub fn scores(&self) -> &BTreeMap<u64, ScoreTally> {
+        &self.scores
+    }
+
+    /// The model selection would pick now, among the candidates up to model `last`: the
+    /// best example-weighted accuracy among the last `candidates` models that were scored
+    /// (the latest on a tie), else `last`.
+    pub fn best_model(&self, last: u64) -> u64 {
+        let Some(sel) = self.settings.selection else { return last };
+        let first = last.saturating_sub(sel.candidates.saturating_sub(1));
+        let mut best: Option<(u64, f64)> = None;
+        for (&round, tally) in self.scores.range(first..=last) {
+            if let Some(acc) = tally.accuracy() {
+                if best.is_none_or(|(_, b)| acc >= b) {
+                    best = Some((round, acc));
+                }
+            }
+        }
+        best.map_or(last, |(r, _)| r)
     }
 
     pub fn is_paused(&self) -> bool {
@@ -610,7 +697,7 @@ impl RoundMachine {
             }
             Some(_) => return Err(Reject::new(RejectCode::DuplicateUpdate, format!("this site already answered round {}", header.round))),
         }
-        check_header(&self.settings, &self.manifest, header)?;
+        check_header(&self.settings, &self.manifest, header, self.is_scoring_round(header.round))?;
         check_declared_spend(self.spent.get(site), header.round, manifest_digest(&header.tensors), &header.privacy)?;
         if let Phase::Collecting(c) = &mut self.phase {
             c.status.insert(site.clone(), SiteStatus::Uploading);
@@ -657,11 +744,15 @@ impl RoundMachine {
     /// `max_examples_per_site` (or 1 under equal weighting).
     pub fn start_fold(&mut self, site: &SiteId, header: &UpdateHeader, tensors: TensorSet) -> Result<FoldJob, Reject> {
         let weight = self.weight_of(header);
+        let scoring_only = self.is_scoring_round(header.round);
         let c = match &mut self.phase {
             Phase::Collecting(c) if c.round == header.round && !c.closing && c.status.get(site) == Some(&SiteStatus::Uploading) => c,
             _ => return Err(Reject::new(RejectCode::StaleRound, format!("round {} closed while the update was arriving", header.round))),
         };
         c.status.insert(site.clone(), SiteStatus::Folding);
+        if scoring_only {
+            return Ok(FoldJob::score_only(c.agg.clone(), c.layout.clone()));
+        }
         Ok(FoldJob::new(c.agg.clone(), c.layout.clone(), weight, self.update_bound, self.settings.aggregation.over_norm, tensors))
     }
 
@@ -689,6 +780,7 @@ impl RoundMachine {
                     update_norm,
                     scale,
                     metrics: header.metrics.clone().filter(all_finite),
+                    score: header.score,
                     privacy: header.privacy,
                     update_digest: manifest_digest(&header.tensors),
                 };
@@ -886,11 +978,18 @@ impl RoundMachine {
             c.contributions.iter().filter_map(|k| k.metrics.as_ref().map(|m| (m.train_loss, k.weight as f64))).collect();
         let shared_weight: f64 = shared.iter().map(|(_, w)| w).sum();
         let mean_train_loss = (shared_weight > 0.0).then(|| shared.iter().map(|(l, w)| l * w).sum::<f64>() / shared_weight);
-        // At least `min_sites` >= 1 updates were added, so the combined update exists.
-        // No fold is out (the round waits for them), so the sums are whole; a late job
-        // finds the aggregation closed.
+        let scored = self.tally_scores(c.round, &c.contributions);
+        // At least `min_sites` >= 1 updates were added, so the combined update exists
+        // (unless this is the scoring round, which combines none). No fold is out (the
+        // round waits for them), so the sums are whole; a late job finds the aggregation
+        // closed.
         let agg = c.agg.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(update) = agg.finish() else { unreachable!("accepted updates were added") };
+        let (update, selected) = if self.is_scoring_round(c.round) {
+            (TensorSet::default(), Some(self.best_model(self.completed)))
+        } else {
+            let Some(update) = agg.finish() else { unreachable!("accepted updates were added") };
+            (update, None)
+        };
         let mut contributions = c.contributions;
         contributions.sort_by(|a, b| a.site.cmp(&b.site));
         let summary = RoundSummary {
@@ -902,8 +1001,31 @@ impl RoundMachine {
             missed,
             mean_train_loss,
             duration: now.saturating_duration_since(c.started),
+            scored,
+            selected,
         };
         self.begin_checkpoint(update, summary, None);
+    }
+
+    /// Records the scores a completed round's sites sent of the model it offered (that of
+    /// the round before); a retried round's scores replace an earlier attempt's. Each
+    /// site's count is clamped to `[0, examples]` (noise can push it out; a lying site
+    /// cannot claim more than all right), and its examples to `max_examples_per_site`.
+    fn tally_scores(&mut self, round: RoundId, contributions: &[Contribution]) -> Option<(u64, ScoreTally)> {
+        let cap = self.settings.aggregation.max_examples_per_site;
+        let mut tally = ScoreTally::default();
+        for score in contributions.iter().filter_map(|c| c.score) {
+            let examples = score.examples.min(cap);
+            tally.correct += score.correct.clamp(0.0, examples as f64);
+            tally.examples += examples;
+            tally.sites += 1;
+        }
+        if tally.sites == 0 {
+            return None;
+        }
+        let model = round.0 - 1;
+        self.scores.insert(model, tally);
+        Some((model, tally))
     }
 
     /// Closes a round that produced `update`: the machine waits for the shell to write
@@ -917,7 +1039,14 @@ impl RoundMachine {
             rejected: summary.rejected.clone(),
             missed: summary.missed.clone(),
         }));
-        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint { completed_rounds: self.completed + 1, update, secure, summary })));
+        let select = summary.selected;
+        self.outputs.push_back(Output::Checkpoint(Box::new(Checkpoint {
+            completed_rounds: self.completed + 1,
+            update,
+            secure,
+            summary,
+            select,
+        })));
     }
 
     /// The shell wrote the round's checkpoint (`Ok`, with the new model's manifest) or
@@ -931,7 +1060,7 @@ impl RoundMachine {
                 self.manifest = manifest;
                 self.completed += 1;
                 self.failed_attempts = 0;
-                if self.completed >= self.settings.total_rounds {
+                if self.completed >= self.planned_rounds() {
                     self.phase = Phase::Done { stopped: None };
                 }
             }
@@ -1282,6 +1411,8 @@ impl RoundMachine {
             .cloned()
             .collect();
         let summary = RoundSummary {
+            scored: None,
+            selected: None,
             round: c.round,
             attempt: self.failed_attempts + 1,
             contributions,
@@ -1361,9 +1492,10 @@ fn offer(
         plan: settings.plan.clone(),
         policy: settings.policy,
         deadline_secs: left.as_secs().max(1),
-        total_rounds: settings.total_rounds,
+        total_rounds: settings.total_rounds + u64::from(settings.selection.is_some()),
         update_encoding: settings.aggregation.update_encoding,
         secure,
+        scoring: settings.selection.map(|s| Scoring { noise_multiplier: s.noise_multiplier, only: round.0 == settings.total_rounds + 1 }),
     }
 }
 
@@ -1387,6 +1519,7 @@ fn secure_contribution(site: &SiteId, privacy: &PrivacyUsed, digest: Digest) -> 
         update_norm: 0.0,
         scale: 1.0,
         metrics: None,
+        score: None,
         privacy: *privacy,
         update_digest: digest,
     }
@@ -1457,7 +1590,17 @@ fn all_finite(m: &LocalMetrics) -> bool {
     [Some(m.train_loss), m.val_loss, m.val_accuracy, m.val_macro_f1, Some(m.train_secs)].iter().flatten().all(|x| x.is_finite())
 }
 
-fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) -> Result<(), Reject> {
+fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader, scoring_only: bool) -> Result<(), Reject> {
+    check_score(settings, h, scoring_only)?;
+    if scoring_only {
+        if !h.tensors.is_empty() {
+            return Err(Reject::new(RejectCode::PolicyViolation, format!("round {} only scores the last model: send no tensors", h.round)));
+        }
+        if h.num_examples > crate::aggregate::MAX_EXAMPLES {
+            return Err(Reject::new(RejectCode::InvalidWeight, format!("invalid number of examples {}", h.num_examples)));
+        }
+        return check_policy(&settings.policy, &h.privacy);
+    }
     let offered = settings.aggregation.update_encoding;
     if h.encoding != offered {
         return Err(Reject::new(
@@ -1487,6 +1630,54 @@ fn check_header(settings: &Settings, manifest: &[TensorSpec], h: &UpdateHeader) 
         return Err(Reject::new(RejectCode::InvalidWeight, format!("invalid number of examples {}", h.num_examples)));
     }
     check_policy(&settings.policy, &h.privacy)
+}
+
+/// A site's score against what the offer asked: none unless selection is on; under it a
+/// score with a finite count and a plausible number of examples, declared as released
+/// (alone in the scoring round, where it is all a site sends) with at least the offered
+/// noise under a DP plan.
+fn check_score(settings: &Settings, h: &UpdateHeader, scoring_only: bool) -> Result<(), Reject> {
+    let violation = |m: String| Err(Reject::new(RejectCode::PolicyViolation, m));
+    let Some(selection) = settings.selection else {
+        if h.score.is_some() || h.privacy.score.is_some() {
+            return violation("this federation asks for no score of the global model".into());
+        }
+        return Ok(());
+    };
+    let Some(score) = h.score else {
+        if scoring_only {
+            return violation(format!("round {} only scores the last model and the update carries no score", h.round));
+        }
+        if h.privacy.score.is_some() {
+            return violation("the update declares a score release but carries no score".into());
+        }
+        return Ok(());
+    };
+    if !score.correct.is_finite() {
+        return Err(Reject::new(RejectCode::NonFinite, format!("the score's count is {}", score.correct)));
+    }
+    if score.examples == 0 || score.examples > crate::aggregate::MAX_EXAMPLES {
+        return Err(Reject::new(RejectCode::InvalidWeight, format!("invalid number of scored examples {}", score.examples)));
+    }
+    let Some(released) = h.privacy.score else {
+        return violation("the update carries a score but declares no score release".into());
+    };
+    if released.alone != scoring_only {
+        return violation(format!(
+            "the score release is declared {}, but this round {}",
+            if released.alone { "alone" } else { "beside an update" },
+            if scoring_only { "only scores" } else { "trains" }
+        ));
+    }
+    if settings.policy.mode != PrivacyMode::Off
+        && (released.noise_multiplier.is_nan() || released.noise_multiplier < selection.noise_multiplier)
+    {
+        return violation(format!(
+            "the score's noise multiplier {} is below the offered {}",
+            released.noise_multiplier, selection.noise_multiplier
+        ));
+    }
+    Ok(())
 }
 
 /// A site's declared cumulative epsilon against what the coordinator itself accepted from
@@ -1557,6 +1748,7 @@ pub fn check_policy(policy: &PrivacyPolicy, used: &PrivacyUsed) -> Result<(), Re
 mod tests {
     use fedward_shared::codec::UpdateEncoding;
     use fedward_shared::config::OverNorm;
+    use fedward_shared::dp::ScoreRelease;
     use fedward_shared::plan::Trainable;
     use fedward_shared::tensor::Tensor;
 
@@ -1589,6 +1781,7 @@ mod tests {
 
     fn settings(min_sites: usize, rounds: u64) -> Settings {
         Settings {
+            selection: None,
             total_rounds: rounds,
             min_sites,
             round_deadline: Duration::from_secs(60),
@@ -1610,6 +1803,7 @@ mod tests {
 
     fn header(round: u64, n: u64, d: &TensorSet) -> UpdateHeader {
         UpdateHeader {
+            score: None,
             round: RoundId(round),
             num_examples: n,
             metrics: Some(LocalMetrics { train_loss: 1.0, ..Default::default() }),
@@ -1644,6 +1838,98 @@ mod tests {
         let h = header(round, n, &d);
         m.begin_update(&site(s), &h)?;
         m.finish_update(now, &site(s), &h, d)
+    }
+
+    /// A scored update: `correct` of `examples` right on the site's validation split.
+    fn scored(round: u64, n: u64, d: &TensorSet, correct: f64, examples: u64, alone: bool) -> UpdateHeader {
+        let mut h = header(round, n, d);
+        h.score = Some(ValidationScore { correct, examples });
+        h.privacy.score = Some(ScoreRelease { noise_multiplier: 0.0, alone });
+        h
+    }
+
+    /// Model selection, three rounds and the scoring round: each round's offer asks for a
+    /// score of the model it offers, the fourth trains nothing, and its checkpoint is the
+    /// model the sites scored best (here round 2's, example-weighted: a large site's
+    /// poor score outweighs a small site's good one).
+    #[test]
+    fn selection_scores_each_offered_model_and_the_last_round_picks_the_best() {
+        let t0 = Instant::now();
+        let mut s = settings(2, 3);
+        s.selection = Some(SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
+        let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+        assert_eq!(m.planned_rounds(), 4);
+        // (a's correct of 100, b's correct of 10) for models 0, 1, 2, 3.
+        let figures = [(50.0, 5.0), (70.0, 9.0), (90.0, 1.0), (80.0, 10.0)];
+        let mut model = global();
+        for (round, (a, b)) in (1..=4u64).zip(figures) {
+            m.handle_ready(t0, site("a"));
+            m.handle_ready(t0, site("b"));
+            let outs = drain(&mut m);
+            let only = round == 4;
+            for o in &outs {
+                let Output::Offer { offer, .. } = o else { continue };
+                assert_eq!(offer.scoring, Some(Scoring { noise_multiplier: 0.0, only }), "round {round}");
+                assert_eq!(offer.total_rounds, 4);
+            }
+            let d = if only { TensorSet::new() } else { delta(1.0) };
+            for (name, correct, examples) in [("a", a, 100), ("b", b, 10)] {
+                let h = scored(round, 10, &d, correct, examples, only);
+                m.begin_update(&site(name), &h).unwrap();
+                m.finish_update(t0, &site(name), &h, d.clone()).unwrap();
+            }
+            let outs = drain(&mut m);
+            let cp = checkpoint(&outs).expect("a checkpoint");
+            let tally = cp.summary.scored.expect("scores").1;
+            assert_eq!((cp.summary.scored.unwrap().0, tally.examples, tally.sites), (round - 1, 110, 2));
+            assert!((tally.correct - (a + b)).abs() < 1e-9);
+            if only {
+                assert_eq!((cp.select, cp.summary.selected), (Some(2), Some(2)));
+                assert!(cp.update.is_empty(), "the scoring round combines no update");
+            } else {
+                assert_eq!(cp.select, None);
+            }
+            model = commit(&mut m, &outs, &model);
+        }
+        assert!(m.is_done());
+        assert_eq!(m.best_model(3), 2);
+    }
+
+    /// What a lying or careless site sends under selection is refused before its bytes:
+    /// tensors in the scoring round, no score there, a non-finite count, a score release
+    /// declared beside the update in the scoring round; and without selection, any score.
+    #[test]
+    fn selection_refuses_scores_that_do_not_fit_the_offer() {
+        let t0 = Instant::now();
+        let mut s = settings(1, 1);
+        s.selection = Some(SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
+        let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+        m.handle_ready(t0, site("a"));
+        drain(&mut m);
+        let code = |m: &mut RoundMachine, h: &UpdateHeader| m.begin_update(&site("a"), h).unwrap_err().code;
+        let d = delta(1.0);
+        assert_eq!(code(&mut m, &scored(1, 10, &d, f64::NAN, 10, false)), RejectCode::NonFinite);
+        assert_eq!(code(&mut m, &scored(1, 10, &d, 5.0, 0, false)), RejectCode::InvalidWeight);
+        assert_eq!(code(&mut m, &scored(1, 10, &d, 5.0, 10, true)), RejectCode::PolicyViolation);
+        let mut undeclared = scored(1, 10, &d, 5.0, 10, false);
+        undeclared.privacy.score = None;
+        assert_eq!(code(&mut m, &undeclared), RejectCode::PolicyViolation);
+        // A score that claims more right than it scored counts as all right, no more.
+        let h = scored(1, 10, &d, 1e9, 10, false);
+        m.begin_update(&site("a"), &h).unwrap();
+        m.finish_update(t0, &site("a"), &h, d.clone()).unwrap();
+        let outs = drain(&mut m);
+        assert_eq!(checkpoint(&outs).unwrap().summary.scored.unwrap().1.correct, 10.0);
+        commit(&mut m, &outs, &global());
+        m.handle_ready(t0, site("a"));
+        drain(&mut m);
+        assert_eq!(code(&mut m, &scored(2, 10, &d, 5.0, 10, true)), RejectCode::PolicyViolation, "tensors in the scoring round");
+        assert_eq!(code(&mut m, &header(2, 10, &TensorSet::new())), RejectCode::PolicyViolation, "no score in the scoring round");
+        // Without selection a score is refused.
+        let mut plain = RoundMachine::new(settings(1, 1), manifest(), 0).unwrap();
+        plain.handle_ready(t0, site("a"));
+        drain(&mut plain);
+        assert_eq!(code(&mut plain, &scored(1, 10, &d, 5.0, 10, false)), RejectCode::PolicyViolation);
     }
 
     #[test]
@@ -1922,6 +2208,7 @@ mod tests {
     fn policy_violations_are_rejected() {
         let policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 2.0 };
         let mut used = PrivacyUsed {
+            score: None,
             mode: PrivacyMode::SiteLevel,
             noise_multiplier: 1.0,
             clip_norm: 2.0,
@@ -2097,6 +2384,7 @@ mod tests {
         let d = delta(0.1);
         let mut h = header(3, 10, &d);
         h.privacy = PrivacyUsed {
+            score: None,
             mode: PrivacyMode::RecordLevel,
             noise_multiplier: 1.0,
             clip_norm: 1.0,
@@ -2348,6 +2636,7 @@ mod tests {
         ) -> PrivacyUsed {
             let release = Release::distributed(1.0, *counted);
             PrivacyUsed {
+                score: None,
                 mode: PrivacyMode::Distributed,
                 noise_multiplier: 1.0,
                 clip_norm: 0.5,

@@ -336,7 +336,7 @@ pub async fn run(
     publish(&status_tx, &machine, &connections, &enrolled, &seen);
     info!(
         completed = machine.completed_rounds(),
-        total = machine.settings().total_rounds,
+        total = machine.planned_rounds(),
         model = %machine.model_digest().short(),
         "federation ready"
     );
@@ -636,7 +636,7 @@ async fn drain_outputs(
                 // Written and sealed by a task of its own, so message handling goes on
                 // meanwhile; the machine makes no further output (no offer) until the loop
                 // reports the outcome (`Event::Checkpointed`).
-                let Checkpoint { completed_rounds, update, summary, secure } = *cp;
+                let Checkpoint { completed_rounds, update, summary, secure, select } = *cp;
                 // Who was summed and who dropped is logged, and recorded in the ledger
                 // before the round's seal (`commit_and_seal`).
                 if let Some(o) = &secure {
@@ -656,7 +656,8 @@ async fn drain_outputs(
                     async move {
                         let started = Instant::now();
                         let done =
-                            commit_and_seal(store, ledger, previous, update, optimizer, summary, secure, completed_rounds, now).await;
+                            commit_and_seal(store, ledger, previous, update, optimizer, summary, secure, select, completed_rounds, now)
+                                .await;
                         metrics().observe(MetricPhase::checkpoint, started.elapsed().as_secs_f64());
                         let _ = events.send(Event::Checkpointed(done)).await;
                     }
@@ -728,12 +729,16 @@ async fn commit_and_seal(
     optimizer: ServerOptimizer,
     summary: RoundSummary,
     secure: Option<SecureOutcome>,
+    select: Option<u64>,
     completed_rounds: u64,
     now: String,
 ) -> Result<(Committed, RoundSummary), ServerError> {
     let (committed, summary) = tokio::task::spawn_blocking(move || {
-        let committed =
-            store.lock().unwrap_or_else(|p| p.into_inner()).commit_round(&previous, update, &optimizer, &summary, completed_rounds, &now);
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let committed = match select {
+            Some(round) => store.commit_selection(round, &summary, completed_rounds, &now),
+            None => store.commit_round(&previous, update, &optimizer, &summary, completed_rounds, &now),
+        };
         (committed, summary)
     })
     .await
@@ -769,6 +774,17 @@ fn checkpointed(machine: &mut RoundMachine, model_file: &mut Option<Arc<ModelFil
                 model = %digest.short(),
                 "round completed, checkpointed and sealed"
             );
+            if let Some((model_round, t)) = &s.scored {
+                info!(
+                    model_round,
+                    sites = t.sites,
+                    accuracy = t.accuracy().map_or("none".into(), |a| format!("{a:.4}")),
+                    "sites scored the model of round {model_round}"
+                );
+            }
+            if let Some(selected) = s.selected {
+                info!(selected, "model selection: the federation's model is that of round {selected}");
+            }
             metrics().observe(MetricPhase::round, s.duration.as_secs_f64());
             *model_file = None;
             machine.handle_checkpointed(Instant::now(), Ok(manifest));
@@ -845,7 +861,7 @@ fn publish(
         paused: machine.is_paused(),
         open_round,
         completed_rounds: machine.completed_rounds(),
-        total_rounds: machine.settings().total_rounds,
+        total_rounds: machine.planned_rounds(),
         connected,
         enrolled: enrolled.iter().map(ToString::to_string).collect(),
         model_digest: machine.model_digest().to_hex(),

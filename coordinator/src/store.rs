@@ -23,7 +23,7 @@ use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_name
 use fedward_shared::config::ServerOptimizer;
 use fedward_shared::failpoint;
 use fedward_shared::fsutil::{self, FsError};
-use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
+use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, ScoreRecord, SiteRecord, STATE_FILE};
 use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, TensorSet, TensorSpec};
 
 use crate::round::{RoundFailure, RoundSummary};
@@ -288,6 +288,31 @@ impl Store {
             self.write_optimizer_state(completed, optimizer, state)?;
         }
         self.write_checkpoint_from(completed, &before, &update)?;
+        self.record_round(summary, completed, digest, now_rfc3339)?;
+        Ok(Committed::Saved { manifest, digest })
+    }
+
+    /// Model selection's final round: the checkpoint after `completed` is a copy of the
+    /// model after round `selected` (kept: the candidates are the checkpoints not yet
+    /// pruned), so every tool that reads the latest checkpoint reads the selected model.
+    pub fn commit_selection(
+        &mut self,
+        selected: u64,
+        summary: &RoundSummary,
+        completed: u64,
+        now_rfc3339: &str,
+    ) -> Result<Committed, StoreError> {
+        let source = self.model_file(selected)?;
+        let manifest = source.manifest()?;
+        let digest = manifest_digest(&manifest);
+        self.write_checkpoint_from(completed, &source, &TensorSet::default())?;
+        self.record_round(summary, completed, digest, now_rfc3339)?;
+        Ok(Committed::Saved { manifest, digest })
+    }
+
+    /// The round's checkpoint is written: `state.json` now names it, with the round's
+    /// record, and the oldest checkpoints go.
+    fn record_round(&mut self, summary: &RoundSummary, completed: u64, digest: Digest, now_rfc3339: &str) -> Result<(), StoreError> {
         failpoint::crash_point(failpoint::COORDINATOR_AFTER_CHECKPOINT);
         let mut state = self.state.clone().unwrap_or_else(|| SavedState {
             format: 1,
@@ -302,7 +327,7 @@ impl Store {
         state.history.push(record_of_summary(summary, digest, now_rfc3339));
         self.write_state(state)?;
         self.prune(completed);
-        Ok(Committed::Saved { manifest, digest })
+        Ok(())
     }
 
     /// The server optimiser's state after `round`, if a file holds one (for tools and tests).
@@ -438,6 +463,8 @@ impl Store {
             missed: f.missed.iter().map(ToString::to_string).collect(),
             mean_train_loss: None,
             model_digest: None,
+            scored: None,
+            selected: None,
         });
         self.write_state(state)
     }
@@ -551,6 +578,8 @@ fn note_record(round: u64, text: &str, now_rfc3339: &str) -> RoundRecord {
         missed: Vec::new(),
         mean_train_loss: None,
         model_digest: None,
+        scored: None,
+        selected: None,
     }
 }
 
@@ -589,6 +618,8 @@ fn record_of_summary(s: &RoundSummary, model_digest: Digest, now_rfc3339: &str) 
         missed: s.missed.iter().map(ToString::to_string).collect(),
         mean_train_loss: s.mean_train_loss,
         model_digest: Some(model_digest.to_hex()),
+        scored: s.scored.map(|(model_round, t)| ScoreRecord { model_round, correct: t.correct, examples: t.examples, sites: t.sites }),
+        selected: s.selected,
     }
 }
 
@@ -630,6 +661,8 @@ mod tests {
 
     fn summary(round: u64) -> RoundSummary {
         RoundSummary {
+            scored: None,
+            selected: None,
             round: RoundId(round),
             attempt: 1,
             contributions: Vec::new(),

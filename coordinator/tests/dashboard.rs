@@ -173,6 +173,7 @@ fn scrape(admin: SocketAddr) -> Result<String> {
 async fn send_update(site: &HandSite, accountant: &mut Accountant, offer: &RoundOffer, value: f32, accuracy: f64) -> Result<Message> {
     let release = Release::site_level(SIGMA);
     let privacy = PrivacyUsed {
+        score: None,
         mode: PrivacyMode::SiteLevel,
         noise_multiplier: SIGMA,
         clip_norm: 1.0,
@@ -188,6 +189,7 @@ async fn send_update(site: &HandSite, accountant: &mut Accountant, offer: &Round
     let specs = delta.specs();
     let metrics = LocalMetrics { train_loss: 0.5, val_loss: None, val_accuracy: Some(accuracy), val_macro_f1: None, train_secs: 1.0 };
     let header = UpdateHeader {
+        score: None,
         round: offer.round,
         num_examples: 100,
         metrics: Some(metrics),

@@ -265,6 +265,20 @@ impl Trainer for BertTrainer {
     fn num_examples(&self) -> u64 {
         self.train.examples.len() as u64
     }
+
+    fn can_score(&self) -> bool {
+        self.validation.is_some()
+    }
+
+    fn score(&mut self, global: &TensorSet, plan: &TrainingPlan) -> Result<Option<(u64, u64)>, TrainError> {
+        if self.validation.is_none() {
+            return Ok(None);
+        }
+        self.model.load(global)?;
+        let Some((_, report)) = self.evaluate_validation(plan)? else { return Ok(None) };
+        let correct: usize = report.confusion_matrix.iter().enumerate().map(|(i, row)| row.get(i).copied().unwrap_or(0)).sum();
+        Ok(Some((correct as u64, report.support as u64)))
+    }
 }
 
 /// The tensors that train this round: the plan's, or for `lora:R` fresh adapters on the

@@ -53,4 +53,17 @@ pub trait Trainer: Send {
 
     /// Number of local training examples (for planning the privacy spend).
     fn num_examples(&self) -> u64;
+
+    /// Whether [`score`](Self::score) can score a model (the site has a validation split).
+    fn can_score(&self) -> bool {
+        false
+    }
+
+    /// Federated model selection: scores `global` on the site's validation split, as
+    /// `(correct, examples)`; `None` without a validation split. What leaves the site is
+    /// decided by the agent's privacy step, never here.
+    fn score(&mut self, global: &TensorSet, plan: &TrainingPlan) -> Result<Option<(u64, u64)>, TrainError> {
+        let _ = (global, plan);
+        Ok(None)
+    }
 }

@@ -923,6 +923,7 @@ pub(crate) mod tests {
             acc.record(&Release::site_level(4.0)).unwrap();
             let after = acc.epsilon(1e-5).unwrap();
             let privacy = Privacy {
+                score: None,
                 mode: PrivacyMode::SiteLevel,
                 noise_multiplier: 4.0,
                 clip_norm: 1.0,

@@ -73,6 +73,79 @@ pub struct RawCoordinatorConfig {
     pub renewal: Option<RawRenewal>,
     /// Required by, and only allowed with, `[aggregation] method = "secure"`.
     pub secure_aggregation: Option<RawSecureAggregation>,
+    #[serde(default)]
+    pub selection: RawSelection,
+}
+
+/// Federated model selection: which global model is the federation's result.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSelection {
+    /// `"last"` (the default: the last round's model) or `"best"`: each site scores every
+    /// global model on its own validation split as it is offered, one final round only
+    /// scores the last, and the best of the kept models by the example-weighted figure is
+    /// the result.
+    #[serde(default = "default_selection_model")]
+    pub model: String,
+    /// Under a DP plan, the noise std of each score over its sensitivity (required then;
+    /// each score is counted in the site's budget).
+    pub noise_multiplier: Option<f64>,
+}
+
+fn default_selection_model() -> String {
+    "last".into()
+}
+
+impl Default for RawSelection {
+    /// No `[selection]` section: the last round's model.
+    fn default() -> Self {
+        Self { model: default_selection_model(), noise_multiplier: None }
+    }
+}
+
+/// `[selection] model = "best"`: how sites' scores are released.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Selection {
+    /// The score's noise multiplier under a DP plan; 0 without DP.
+    pub noise_multiplier: f64,
+}
+
+impl Selection {
+    fn from_raw(raw: &RawSelection, mode: PrivacyMode, secure: bool) -> Result<Option<Self>, ConfigError> {
+        match raw.model.as_str() {
+            "last" => {
+                if raw.noise_multiplier.is_some() {
+                    return Err(invalid("selection.noise_multiplier", "applies only with model = \"best\""));
+                }
+                return Ok(None);
+            }
+            "best" => {}
+            other => return Err(invalid("selection.model", format!("{other:?}: expected \"last\" or \"best\""))),
+        }
+        if secure {
+            return Err(invalid(
+                "selection.model",
+                "\"best\" needs each site's score in the clear, which secure aggregation does not send; use \"last\"",
+            ));
+        }
+        let noise_multiplier = match (mode, raw.noise_multiplier) {
+            (PrivacyMode::Off, None) => 0.0,
+            (PrivacyMode::Off, Some(_)) => {
+                return Err(invalid("selection.noise_multiplier", "applies only under a DP plan: without one, scores are exact"))
+            }
+            (_, None) => {
+                return Err(invalid(
+                    "selection.noise_multiplier",
+                    "required under a DP plan: each site's score is noised with it and counted in its budget",
+                ))
+            }
+            (_, Some(z)) if !(z.is_finite() && z > 0.0) => {
+                return Err(invalid("selection.noise_multiplier", format!("{z} is not a positive number")))
+            }
+            (_, Some(z)) => z,
+        };
+        Ok(Some(Self { noise_multiplier }))
+    }
 }
 
 /// The online issuing CA that renews site certificates (`pki init` makes it; the root key
@@ -895,6 +968,8 @@ pub struct CoordinatorConfig {
     pub ledger_file: PathBuf,
     /// Site certificate renewal, when the consortium runs an issuing CA here.
     pub renewal: Option<Renewal>,
+    /// `Some` under `[selection] model = "best"`.
+    pub selection: Option<Selection>,
 }
 
 impl CoordinatorConfig {
@@ -957,6 +1032,7 @@ impl CoordinatorConfig {
             (None, false) => None,
         };
         check_distributed(&plan.privacy, secure.as_ref(), aggregation.weighting)?;
+        let selection = Selection::from_raw(&raw.selection, policy.mode, secure.is_some())?;
         let transport = Transport::from_raw(&raw.transport)?;
         if raw.server.max_handshakes == 0 || raw.server.max_handshakes_per_ip == 0 {
             return Err(invalid("server.max_handshakes", "max_handshakes and max_handshakes_per_ip must be at least 1"));
@@ -1041,6 +1117,7 @@ impl CoordinatorConfig {
             ledger_key,
             ledger_file,
             renewal,
+            selection,
         })
     }
 }
@@ -1749,6 +1826,35 @@ name = "Hospital B"
             // A sum may be unmasked with `threshold` sites: fewer than min_honest = 3.
             (cfg("mode = \"distributed\"\nmin_honest = 3", secure_equal, sa), "privacy.min_honest"),
             (cfg(dist, "method = \"secure\"", sa), "aggregation.weighting"),
+        ];
+        for (text, field) in cases {
+            let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn model_selection_needs_score_noise_under_dp_and_no_secure_sum() {
+        // COORD runs site-level DP.
+        let with = |section: &str| format!("{COORD}\n[selection]\n{section}\n");
+        let c = CoordinatorConfig::parse(&with("model = \"best\"\nnoise_multiplier = 8.0"), Path::new("/")).unwrap();
+        assert_eq!(c.selection, Some(Selection { noise_multiplier: 8.0 }));
+        assert_eq!(CoordinatorConfig::parse(COORD, Path::new("/")).unwrap().selection, None);
+        let off = COORD.replace("mode = \"site-level\"", "mode = \"off\"");
+        let c = CoordinatorConfig::parse(
+            &format!("{off}\n[aggregation]\nmax_update_norm = 5.0\n[selection]\nmodel = \"best\"\n"),
+            Path::new("/"),
+        );
+        assert_eq!(c.unwrap().selection, Some(Selection { noise_multiplier: 0.0 }));
+        let cases = [
+            (with("model = \"best\""), "selection.noise_multiplier"),
+            (with("model = \"best\"\nnoise_multiplier = 0.0"), "selection.noise_multiplier"),
+            (with("model = \"last\"\nnoise_multiplier = 8.0"), "selection.noise_multiplier"),
+            (with("model = \"newest\""), "selection.model"),
+            (
+                format!("{COORD}\n[aggregation]\nmethod = \"secure\"\n[secure_aggregation]\nthreshold = 2\nmin_sites = 2\n[selection]\nmodel = \"best\"\nnoise_multiplier = 8.0\n"),
+                "selection.model",
+            ),
         ];
         for (text, field) in cases {
             let err = CoordinatorConfig::parse(&text, Path::new("/")).unwrap_err();

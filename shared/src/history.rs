@@ -58,6 +58,40 @@ pub struct RoundRecord {
     pub missed: Vec<String>,
     pub mean_train_loss: Option<f64>,
     pub model_digest: Option<String>,
+    /// Model selection: the sites' scores of the model this round was offered (the
+    /// previous round's). Absent when none was sent, and in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scored: Option<ScoreRecord>,
+    /// Model selection's final scoring round: the round whose model was selected (this
+    /// round's checkpoint is a copy of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected: Option<u64>,
+}
+
+/// The sites' scores of one global model on their validation splits, summed.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRecord {
+    /// The round whose global model was scored (0: the initial model).
+    pub model_round: u64,
+    /// Correct answers as the sites sent them (noised under a DP plan), each clamped to
+    /// its examples.
+    pub correct: f64,
+    pub examples: u64,
+    pub sites: u32,
+}
+
+impl ScoreRecord {
+    /// The example-weighted validation accuracy.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.examples > 0).then(|| self.correct / self.examples as f64)
+    }
+}
+
+impl SavedState {
+    /// The round whose model the federation selected, when model selection ran to its end.
+    pub fn selected(&self) -> Option<u64> {
+        self.history.iter().rev().find_map(|r| r.selected)
+    }
 }
 
 /// `state.json`.

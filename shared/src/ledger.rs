@@ -206,6 +206,10 @@ pub struct Privacy {
     /// other modes, and in ledgers written before distributed DP, which read as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distributed: Option<crate::dp::DistributedRelease>,
+    /// The score of a global model released in the round (federated model selection),
+    /// counted in `epsilon_after`. Absent when none was, and in older ledgers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<crate::dp::ScoreRelease>,
 }
 
 impl From<PrivacyUsed> for Privacy {
@@ -220,6 +224,7 @@ impl From<PrivacyUsed> for Privacy {
             epsilon_after: p.epsilon_after,
             delta: p.delta,
             distributed: p.distributed,
+            score: p.score,
         }
     }
 }
@@ -233,6 +238,7 @@ impl Privacy {
             sampling_rate: self.sampling_rate,
             steps: self.steps,
             distributed: self.distributed,
+            score: self.score,
         }
     }
 }
@@ -985,6 +991,7 @@ fn compare_params(round: RoundId, r: &ReleaseRecord, a: &AcceptedRecord, example
     field("epsilon after", s.epsilon_after.to_string(), c.epsilon_after.to_string());
     field("delta", s.delta.to_string(), c.delta.to_string());
     field("distributed noise share", format!("{:?}", s.distributed), format!("{:?}", c.distributed));
+    field("score release", format!("{:?}", s.score), format!("{:?}", c.score));
     if examples {
         field("examples", r.examples.to_string(), a.examples.to_string());
     }
@@ -1092,6 +1099,7 @@ mod tests {
                     site: site(),
                     round: RoundId(round),
                     privacy: Privacy {
+                        score: None,
                         mode: PrivacyMode::RecordLevel,
                         noise_multiplier: 1.1,
                         clip_norm: 1.0,
@@ -1333,6 +1341,7 @@ mod tests {
         update.insert("classifier.weight", Tensor::new(vec![2, 2], vec![0.1, 0.2, 0.3, 0.4]).unwrap());
         update.insert("classifier.bias", Tensor::new(vec![2], vec![0.0, -0.5]).unwrap());
         let used = PrivacyUsed {
+            score: None,
             mode: PrivacyMode::SiteLevel,
             noise_multiplier: 1.5,
             clip_norm: 1.0,
@@ -1344,6 +1353,7 @@ mod tests {
             distributed: None,
         };
         let header = UpdateHeader {
+            score: None,
             round: RoundId(3),
             num_examples: 500,
             metrics: None,
@@ -1457,6 +1467,7 @@ mod tests {
             let before = acc.epsilon(delta).unwrap();
             acc.record(&release).unwrap();
             let privacy = Privacy {
+                score: None,
                 mode: PrivacyMode::Distributed,
                 noise_multiplier: 1.0,
                 clip_norm: 1.0,

@@ -229,6 +229,7 @@ mod tests {
             site: SiteId::new("st-olav").unwrap(),
             round: RoundId(round),
             privacy: Privacy {
+                score: None,
                 mode: PrivacyMode::SiteLevel,
                 noise_multiplier: 1.0,
                 clip_norm: 1.0,

@@ -34,7 +34,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::UpdateEncoding;
-use crate::dp::{site_sigma_for, DistributedRelease, Release};
+use crate::dp::{site_sigma_for, DistributedRelease, Release, ScoreRelease};
 use crate::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use crate::secagg::{
     EncryptedShares, FixedPoint, RelayedShares, RoundSetup, SecAggError, SignedKeys, UnmaskRequest, UnmaskingShares, MAX_SITES,
@@ -51,7 +51,7 @@ pub use crate::ids::{RoundId, SiteId, SiteIdError, ALPN};
 /// plan carries FedProx's `prox_mu`, and secure aggregation (`RoundOffer::secure` and the
 /// `SecAgg*` messages); 8: distributed DP (`PrivacyMode::Distributed`, the noise share in
 /// `PrivacyUsed`) and masked values in the fewest bytes their modulus needs.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// The longest software name a `Hello` may carry.
 pub const MAX_SOFTWARE_LEN: usize = 64;
 /// Hard limit on one control frame's payload.
@@ -460,6 +460,29 @@ pub struct RoundOffer {
     /// Set when the round is summed under secure aggregation: the site sends no `Update`
     /// but the four `SecAgg*` steps, and refuses the round if it cannot honour this.
     pub secure: Option<SecureRound>,
+    /// Federated model selection (protocol 9): the site scores the offered model on its own
+    /// validation split and sends the score in its update header ([`UpdateHeader::score`]).
+    pub scoring: Option<Scoring>,
+}
+
+/// What an offer asks of a site's score of the offered model.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scoring {
+    /// Under a DP plan: the score's noise std over its sensitivity (see
+    /// [`crate::dp::ScoreRelease`]); ignored under `off`.
+    pub noise_multiplier: f64,
+    /// The federation's final scoring round: the site trains nothing and sends a header
+    /// with no tensors, only its score of the last global model.
+    pub only: bool,
+}
+
+/// A site's score of the offered global model on its validation split: the number it got
+/// right (noised under a DP plan, so possibly fractional or out of range) out of
+/// `examples` (coarsened under a DP plan, like [`UpdateHeader::num_examples`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValidationScore {
+    pub correct: f64,
+    pub examples: u64,
 }
 
 impl RoundOffer {
@@ -518,6 +541,9 @@ pub struct PrivacyUsed {
     /// Distributed DP only: the noise share the site added and how it quantized (what
     /// the epsilon is computed from). `None` in every other mode.
     pub distributed: Option<DistributedRelease>,
+    /// The score of the offered model released with the update (counted in
+    /// `epsilon_after`), if any.
+    pub score: Option<ScoreRelease>,
 }
 
 impl PrivacyUsed {
@@ -529,6 +555,7 @@ impl PrivacyUsed {
             sampling_rate: self.sampling_rate,
             steps: self.steps,
             distributed: self.distributed,
+            score: self.score,
         }
     }
 
@@ -544,6 +571,7 @@ impl PrivacyUsed {
             epsilon_after: f64::INFINITY,
             delta: 0.0,
             distributed: None,
+            score: None,
         }
     }
 }
@@ -564,6 +592,9 @@ pub struct UpdateHeader {
     pub privacy: PrivacyUsed,
     /// How the tensors' bytes follow (the offer's `update_encoding`).
     pub encoding: UpdateEncoding,
+    /// The site's score of the offered model, when the offer asked for one and the site
+    /// has a validation split.
+    pub score: Option<ValidationScore>,
 }
 
 /// Why a site does not take part in a round.
@@ -927,6 +958,7 @@ mod tests {
             Message::Tensors(vec![spec()]),
             Message::Proceed(Ack { round: RoundId(3) }),
             Message::Update(UpdateHeader {
+                score: None,
                 round: RoundId(3),
                 num_examples: 412,
                 metrics: Some(LocalMetrics { train_loss: 0.4, val_accuracy: Some(0.9), ..Default::default() }),
@@ -980,6 +1012,7 @@ mod tests {
     /// Round 3 of 5 offering `spec()` under `plan()`.
     fn offer() -> RoundOffer {
         RoundOffer {
+            scoring: None,
             round: RoundId(3),
             model_digest: spec().digest,
             manifest: vec![spec()],

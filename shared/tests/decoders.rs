@@ -65,6 +65,7 @@ fn offer() -> Message {
     model.insert("classifier.weight", Tensor::new(vec![4, 8], vec![0.5; 32]).unwrap());
     model.insert("classifier.bias", Tensor::new(vec![4], vec![0.0; 4]).unwrap());
     Message::RoundOffer(RoundOffer {
+        scoring: None,
         round: RoundId(3),
         model_digest: model.digest(),
         manifest: model.specs(),
@@ -130,6 +131,7 @@ fn frames() -> Vec<u8> {
     let hello =
         Message::Hello(Hello { protocol_version: wire::PROTOCOL_VERSION, software: "fedward".into(), capabilities: vec![], budget: None });
     let update = Message::Update(UpdateHeader {
+        score: None,
         round: RoundId(3),
         num_examples: 1750,
         metrics: Default::default(),
@@ -152,6 +154,7 @@ fn ledger_bytes() -> Vec<u8> {
     let now = time::macros::datetime!(2026-12-01 10:00 UTC);
     let site = SiteId::new("st-marys").unwrap();
     let used = PrivacyUsed {
+        score: None,
         mode: fedward_shared::plan::PrivacyMode::RecordLevel,
         noise_multiplier: 1.1,
         clip_norm: 1.0,

@@ -18,6 +18,7 @@ use crate::spec;
 
 fn update(offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Message {
     Message::Update(UpdateHeader {
+        score: None,
         round: offer.round,
         num_examples,
         metrics: Default::default(),
@@ -216,6 +217,7 @@ async fn an_agent_refuses_tensors_shaped_other_than_offered() {
                 Message::Ready(_) => {
                     let manifest = model.specs();
                     Message::RoundOffer(RoundOffer {
+                        scoring: None,
                         round: wire::RoundId(1),
                         model_digest: manifest_digest(&manifest),
                         manifest,

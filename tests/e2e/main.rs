@@ -35,6 +35,7 @@ fn spec(dir: &std::path::Path, rounds: u64, min_sites: usize, sites: Vec<&'stati
         max_concurrent_uploads: 2,
         renewal: None,
         secure: None,
+        selection: None,
     }
 }
 
@@ -441,6 +442,88 @@ async fn distributed_dp_rounds_record_each_sites_noise_share_and_reconcile() {
         assert_eq!(r.matched, 2, "{site}: {:?}", r.mismatches);
         assert!(r.mismatches.is_empty() && r.passed(), "{site}: {:?}", r.mismatches);
     }
+}
+
+/// Federated model selection over QUIC: each site scores every offered model, a last
+/// round only scores, and the federation ends with the model the sites scored best
+/// (example-weighted): round 1's here, which both the coordinator's last checkpoint and
+/// the model every agent leaves with are. Under site-level DP each score is noised and
+/// counted in the release the site records before it sends, and both ledgers reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_federation_ends_with_the_model_its_sites_scored_best() {
+    init_logging();
+    for dp in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new("e2e");
+        let mut s = spec(dir.path(), 3, 2, vec!["alpha", "beta"]);
+        let noise_multiplier = if dp { 4.0 } else { 0.0 };
+        if dp {
+            s.privacy = PrivacyPlan::SiteLevel { noise_multiplier: 1.0, clip_norm: 5.0 };
+            s.policy = PrivacyPolicy { mode: PrivacyMode::SiteLevel, min_noise_multiplier: 1.0, max_clip_norm: 5.0 };
+        }
+        s.selection = Some(fedward_coordinator::round::SelectionSettings { noise_multiplier, candidates: 5 });
+        let coord = CoordinatorHandle::start(&pki, s);
+        // Validation scores of models 0..=3: model 1 is best for the large site, whose
+        // examples outweigh the small one's (which prefers model 3).
+        let scores = [[(500, 1000), (900, 1000), (800, 1000), (800, 1000)], [(10, 100), (20, 100), (30, 100), (90, 100)]];
+        let mut agents = Vec::new();
+        for (i, site) in ["alpha", "beta"].into_iter().enumerate() {
+            let (mut trainer, _sent) = ScriptedTrainer::new(0.1 * (i as f32 + 1.0), 100);
+            trainer.scores = scores[i].into_iter().collect();
+            let mut opts = agent_options(coord.addr, pki.site_tls(site), &dir.path().join(site), 0);
+            opts.seed = Some(300 + i as u64);
+            opts.budget.max_epsilon = 1e4;
+            opts.budget.require_dp = dp;
+            agents.push(spawn_agent(opts, trainer));
+        }
+        for a in agents {
+            assert_eq!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 4, rounds_trained: 4 }, "dp {dp}");
+        }
+        assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 4 });
+        let store = Store::open(&dir.path().join("coordinator")).unwrap();
+        let state = store.state().unwrap().clone();
+        let scored: Vec<(u64, u32)> = state.history.iter().filter_map(|r| r.scored).map(|t| (t.model_round, t.sites)).collect();
+        assert_eq!(scored, [(0, 2), (1, 2), (2, 2), (3, 2)], "dp {dp}");
+        let final_model = store.model_file(4).unwrap().manifest().unwrap();
+        if !dp {
+            assert_eq!(state.selected(), Some(1));
+            let accuracy = state.history[1].scored.unwrap().accuracy().unwrap();
+            assert!((accuracy - 920.0 / 1100.0).abs() < 1e-12, "{accuracy}");
+            assert_eq!(final_model, store.model_file(1).unwrap().manifest().unwrap(), "round 4's checkpoint is round 1's model");
+        }
+        let selected = state.selected().expect("a model is selected");
+        assert_eq!(fedward_shared::tensor::manifest_digest(&final_model).to_hex(), state.model_digest);
+        assert_eq!(final_model, store.model_file(selected).unwrap().manifest().unwrap());
+        let (ledger_file, public) = ledger_paths(&dir.path().join("coordinator"));
+        let key = fedward_shared::ledger_key::read_public_key(&public).unwrap();
+        let coord_bytes = std::fs::read(&ledger_file).unwrap();
+        for site in ["alpha", "beta"] {
+            let releases = site_releases(&dir.path().join(site));
+            let alone: Vec<bool> = releases.iter().map(|r| r.privacy.score.expect("every release scores").alone).collect();
+            assert_eq!(alone, [false, false, false, true], "{site}");
+            if dp {
+                assert!(releases.iter().all(|r| r.privacy.score.unwrap().noise_multiplier == 4.0));
+                // Three rounds of DP-FedAvg at sigma 1 and four scores, as one accountant
+                // recomputes it from the parameters.
+                let mut acc = fedward_shared::dp::Accountant::new();
+                for r in &releases {
+                    acc.record(&r.privacy.release()).unwrap();
+                }
+                let expected = acc.epsilon(r_delta(&releases)).unwrap();
+                assert_eq!(releases[3].privacy.epsilon_after, expected, "{site}");
+            }
+            let site_bytes = std::fs::read(dir.path().join(site).join(fedward_agent::daemon::LEDGER)).unwrap();
+            let audit = fedward_shared::audit::audit_ledger(&site_bytes, None, None);
+            assert!(audit.passed(), "{site}: {:?}", audit.findings);
+            let r = fedward_shared::audit::reconcile_ledgers(&wire::SiteId::new(site).unwrap(), &site_bytes, &coord_bytes, Some(&key));
+            assert_eq!(r.matched, 4, "{site}: {:?}", r.mismatches);
+            assert!(r.mismatches.is_empty() && r.passed(), "{site}: {:?}", r.mismatches);
+        }
+    }
+}
+
+fn r_delta(releases: &[fedward_shared::ledger::ReleaseRecord]) -> f64 {
+    releases[0].privacy.delta
 }
 
 /// Under `update_encoding = "int8-row"` the sites send quantized deltas (a quarter of the
@@ -999,6 +1082,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         delta.insert(spec.name.clone(), fedward_shared::tensor::Tensor::zeros(spec.shape.clone()));
     }
     let used = wire::PrivacyUsed {
+        score: None,
         mode: PrivacyMode::RecordLevel,
         noise_multiplier: 0.5,
         clip_norm: 1.0,
@@ -1010,6 +1094,7 @@ async fn an_update_with_too_little_noise_is_rejected_and_the_round_completes_wit
         distributed: None,
     };
     let header = wire::UpdateHeader {
+        score: None,
         round: offer.round,
         num_examples: 1000,
         metrics: Default::default(),

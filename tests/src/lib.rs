@@ -154,6 +154,8 @@ pub struct CoordinatorSpec {
     pub renewal: Option<Arc<fedward_coordinator::renewal::Issuer>>,
     /// Secure aggregation, if the rounds run it.
     pub secure: Option<fedward_coordinator::round::SecureSettings>,
+    /// Federated model selection, if the federation selects its model.
+    pub selection: Option<fedward_coordinator::round::SelectionSettings>,
 }
 
 /// Short timeouts, so a test sees a dead peer quickly, with room for a loaded machine.
@@ -207,6 +209,7 @@ impl CoordinatorHandle {
         let mut plan = head_plan(&tiny_global());
         plan.privacy = spec.privacy;
         let settings = Settings {
+            selection: spec.selection,
             total_rounds: spec.rounds,
             min_sites: spec.min_sites,
             round_deadline: spec.deadline,
@@ -322,12 +325,15 @@ pub struct ScriptedTrainer {
     /// Put a NaN into every update (a broken site).
     pub poison: bool,
     pub sent: Arc<Mutex<Vec<Sent>>>,
+    /// Model selection: `(correct, examples)` of its validation split for each model it is
+    /// asked to score, in order (none: the site has no validation split).
+    pub scores: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl ScriptedTrainer {
     pub fn new(value: f32, examples: u64) -> (Self, Arc<Mutex<Vec<Sent>>>) {
         let sent = Arc::new(Mutex::new(Vec::new()));
-        (Self { value, examples, poison: false, sent: sent.clone() }, sent)
+        (Self { value, examples, poison: false, sent: sent.clone(), scores: Default::default() }, sent)
     }
 }
 
@@ -367,6 +373,14 @@ impl Trainer for ScriptedTrainer {
 
     fn num_examples(&self) -> u64 {
         self.examples
+    }
+
+    fn can_score(&self) -> bool {
+        !self.scores.is_empty()
+    }
+
+    fn score(&mut self, _global: &TensorSet, _plan: &TrainingPlan) -> Result<Option<(u64, u64)>, TrainError> {
+        Ok(self.scores.pop_front())
     }
 }
 

@@ -341,6 +341,7 @@ impl HandSite {
     pub async fn send_update(&self, offer: &RoundOffer, delta: &TensorSet, num_examples: u64) -> Result<Message> {
         let specs = delta.specs();
         let header = UpdateHeader {
+            score: None,
             round: offer.round,
             num_examples,
             metrics: None,

@@ -159,6 +159,13 @@ struct Args {
     /// under fixed-point masks, whatever --update-encoding says (docs/ADMIN.md).
     #[arg(long)]
     secure: bool,
+    /// Which model the run without DP ends with: `best` (federated model selection: each
+    /// hospital scores every global model on its own validation split, one final round
+    /// scores the last, and the best of the last 5 by the example-weighted figure is the
+    /// result) or `last` (the last round's). Not under --secure (a score would leave in the
+    /// clear), and never in the DP run, whose budget is planned for training alone.
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    select: String,
     /// Skip the baselines and the allocation simulator, which needs a local-only model
     /// (faster; the report then has no comparison).
     #[arg(long)]
@@ -620,11 +627,18 @@ struct RunResult {
     rounds: Vec<RoundRow>,
     final_checkpoint: PathBuf,
     seconds: f64,
+    /// Model selection: the round whose model the run ended with.
+    selected: Option<u64>,
 }
 
 /// The rounds of a federation: the DP run may have its own (`--dp-rounds`).
 fn rounds_of(args: &Args, dp: Option<&DpSettings>) -> u32 {
     dp.map_or(args.rounds, |d| d.rounds)
+}
+
+/// Whether the run selects its model by the sites' validation scores (`--select best`).
+fn selects(args: &Args, dp: Option<&DpSettings>) -> bool {
+    args.select == "best" && dp.is_none() && !args.secure
 }
 
 /// Runs one federation: coordinator and agents as processes, watched until they finish.
@@ -638,7 +652,8 @@ fn federate(
     dp: Option<DpSettings>,
 ) -> Result<RunResult> {
     let name = if dp.is_some() { "dp" } else { "plain" };
-    let planned_rounds = rounds_of(args, dp.as_ref());
+    // Model selection adds a last round in which the sites only score the last model.
+    let planned_rounds = rounds_of(args, dp.as_ref()) + u32::from(selects(args, dp.as_ref()));
     let dir = out.join("runs").join(name);
     fs::create_dir_all(&dir)?;
     let secure = if args.secure { " under secure aggregation (the coordinator sees only the sum)" } else { "" };
@@ -700,7 +715,21 @@ fn federate(
     }
     let (initial, rounds, seconds) = result?;
     let final_checkpoint = state_dir.join(checkpoint_name(u64::from(planned_rounds)));
-    Ok(RunResult { name, dp, initial, rounds, final_checkpoint, seconds })
+    let selected = saved_state(&state_dir)?.and_then(|st| {
+        let scored: Vec<String> = st
+            .history
+            .iter()
+            .filter_map(|r| r.scored)
+            .filter_map(|t| Some(format!("{} {:.4}", t.model_round, t.accuracy()?)))
+            .collect();
+        let selected = st.selected()?;
+        println!(
+            "  model selection: the hospitals' validation accuracy by round (example-weighted) {}; the federation's model is round {selected}'s",
+            scored.join(", ")
+        );
+        Some(selected)
+    });
+    Ok(RunResult { name, dp, initial, rounds, final_checkpoint, seconds, selected })
 }
 
 /// Prints a row per completed round until the coordinator finishes, then waits for the agents.
@@ -875,6 +904,9 @@ fn coordinator_config(
         let _ = writeln!(server_optimizer, "server_learning_rate = {lr:?}");
     }
     let mut sites = String::new();
+    if selects(args, dp) {
+        sites.push_str("[selection]\nmodel = \"best\"\n\n");
+    }
     for site in SITES {
         let _ = writeln!(sites, "[[sites]]\nid = \"{site}\"\n");
     }
@@ -1309,6 +1341,7 @@ impl Report {
                     "accuracy": last.accuracy, "macro_f1": last.macro_f1,
                     "handwritten_accuracy": last.handwritten_accuracy, "handwritten_macro_f1": last.handwritten_macro_f1,
                     "epsilon": r.rounds.last().and_then(|l| l.epsilon),
+                    "selected_round": r.selected,
                 },
                 "seconds": r.seconds,
             })
@@ -1327,6 +1360,7 @@ impl Report {
                 "accuracy": final_acc, "macro_f1": final_f1, "exported_model_accuracy": exported.accuracy,
                 "handwritten_accuracy": last.handwritten_accuracy, "handwritten_macro_f1": last.handwritten_macro_f1,
                 "handwritten": exported.handwritten,
+                "selected_round": plain.selected,
             },
             "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
         });

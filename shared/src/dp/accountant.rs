@@ -32,28 +32,52 @@ pub struct Release {
     /// honest sites counted); the epsilon is theirs, `noise_multiplier` only says what the
     /// plan asked for. `None` in every other mode.
     pub distributed: Option<DistributedRelease>,
+    /// The site also released its score of the offered global model (federated model
+    /// selection); `None` when it did not.
+    pub score: Option<ScoreRelease>,
+}
+
+/// A site's score of a global model on its own validation split, released beside its
+/// update (or alone, in the federation's final scoring round) for federated model
+/// selection. Under a DP plan it is the Gaussian mechanism, accounted with the round:
+///
+/// * record-level (add/remove one record): the count of correct answers, sensitivity 1,
+///   noise std `noise_multiplier`: RDP `alpha / (2 z^2)`;
+/// * site-level (replace the site's data): the accuracy, sensitivity 1, noise std
+///   `noise_multiplier`: `1 / (2 z^2)`-zCDP, which is one DP-FedAvg round at sigma `2 z`.
+///
+/// Under `off` nothing is noised or counted. Distributed rounds release no score (their
+/// updates are only summed; the coordinator refuses the combination).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRelease {
+    /// Noise std over the score's sensitivity (0 under `off`).
+    pub noise_multiplier: f64,
+    /// The round released the score alone: the site trained nothing and sent no update,
+    /// so only the score is counted.
+    pub alone: bool,
 }
 
 impl Release {
     /// A round of DP-SGD: `steps` steps at sampling rate `q` and noise multiplier `sigma`.
     pub fn record_level(noise_multiplier: f64, sampling_rate: f64, steps: u64) -> Self {
-        Self { mode: PrivacyMode::RecordLevel, noise_multiplier, sampling_rate, steps, distributed: None }
+        Self { mode: PrivacyMode::RecordLevel, noise_multiplier, sampling_rate, steps, distributed: None, score: None }
     }
 
     /// A round of DP-FedAvg with noise multiplier `sigma`.
     pub fn site_level(noise_multiplier: f64) -> Self {
-        Self { mode: PrivacyMode::SiteLevel, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: None }
+        Self { mode: PrivacyMode::SiteLevel, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: None, score: None }
     }
 
     /// A round without differential privacy.
     pub fn off() -> Self {
-        Self { mode: PrivacyMode::Off, noise_multiplier: 0.0, sampling_rate: 0.0, steps: 0, distributed: None }
+        Self { mode: PrivacyMode::Off, noise_multiplier: 0.0, sampling_rate: 0.0, steps: 0, distributed: None, score: None }
     }
 
     /// A round of distributed DP under secure aggregation: `noise_multiplier` is the
     /// plan's central one, `release` what the site adds and how it quantizes.
     pub fn distributed(noise_multiplier: f64, release: DistributedRelease) -> Self {
-        Self { mode: PrivacyMode::Distributed, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: Some(release) }
+        Self { mode: PrivacyMode::Distributed, noise_multiplier, sampling_rate: 0.0, steps: 1, distributed: Some(release), score: None }
     }
 
     /// The release one round under `plan` makes, for the accountant: what a site checks
@@ -76,8 +100,27 @@ impl Release {
         Ok(release)
     }
 
+    /// This release with `score` released beside (or, `alone`, instead of) the update.
+    pub fn with_score(self, score: Option<ScoreRelease>) -> Self {
+        Self { score, ..self }
+    }
+
+    /// Whether the round released an update (a score released alone is not one).
+    pub fn has_update(&self) -> bool {
+        !self.score.is_some_and(|s| s.alone)
+    }
+
     /// Checks the parameters the mode uses.
     pub fn validate(&self) -> Result<(), DpError> {
+        if let Some(score) = self.score {
+            match self.mode {
+                PrivacyMode::Off => {}
+                PrivacyMode::RecordLevel | PrivacyMode::SiteLevel => check_noise_multiplier(score.noise_multiplier)?,
+                PrivacyMode::Distributed => {
+                    return Err(DpError::invalid("score noise multiplier", score.noise_multiplier, "no score under distributed DP"))
+                }
+            }
+        }
         match self.mode {
             PrivacyMode::Off => Ok(()),
             PrivacyMode::SiteLevel => check_noise_multiplier(self.noise_multiplier),
@@ -128,18 +171,29 @@ impl Accountant {
     pub fn record(&mut self, release: &Release) -> Result<(), DpError> {
         release.validate()?;
         self.check_mode(release.mode)?;
+        let update = release.has_update();
         match release.mode {
             PrivacyMode::Off => self.unbounded = true,
             PrivacyMode::RecordLevel => {
-                let curve = self.curve(release.sampling_rate, release.noise_multiplier)?;
-                self.rdp.compose(&curve, release.steps);
+                if update {
+                    let curve = self.curve(release.sampling_rate, release.noise_multiplier)?;
+                    self.rdp.compose(&curve, release.steps);
+                }
+                if let Some(score) = release.score {
+                    // The plain Gaussian mechanism on a count of sensitivity 1.
+                    let curve = self.curve(1.0, score.noise_multiplier)?;
+                    self.rdp.compose(&curve, 1);
+                }
                 self.mode = Some(PrivacyMode::RecordLevel);
             }
             PrivacyMode::SiteLevel => {
-                let sigma = release.noise_multiplier;
-                match self.site_rounds.iter_mut().find(|(s, _)| s.to_bits() == sigma.to_bits()) {
-                    Some((_, n)) => *n += 1,
-                    None => self.site_rounds.push((sigma, 1)),
+                if update {
+                    self.add_site_round(release.noise_multiplier);
+                }
+                if let Some(score) = release.score {
+                    // Accuracy (sensitivity 1) with noise std z is 1/(2 z^2)-zCDP, which is
+                    // a DP-FedAvg round (2/sigma^2) at sigma = 2 z.
+                    self.add_site_round(2.0 * score.noise_multiplier);
                 }
                 self.mode = Some(PrivacyMode::SiteLevel);
             }
@@ -182,6 +236,13 @@ impl Accountant {
         let mut after = self.clone();
         after.record(next)?;
         after.epsilon(delta)
+    }
+
+    fn add_site_round(&mut self, sigma: f64) {
+        match self.site_rounds.iter_mut().find(|(s, _)| s.to_bits() == sigma.to_bits()) {
+            Some((_, n)) => *n += 1,
+            None => self.site_rounds.push((sigma, 1)),
+        }
     }
 
     fn check_mode(&self, mode: PrivacyMode) -> Result<(), DpError> {
@@ -438,6 +499,35 @@ mod tests {
     /// Distributed releases compose as the distributed accountant's RDP, the budget check
     /// uses that epsilon (refusing the round that would pass it), a release without its
     /// parameters is refused, and a site-level ledger does not silently mix with them.
+    /// A score of the global model is the Gaussian mechanism, counted with the round:
+    /// record-level on a count (sensitivity 1), site-level on the accuracy (one DP-FedAvg
+    /// round at sigma 2z). Released alone, only the score counts.
+    #[test]
+    fn a_released_score_is_counted_beside_or_instead_of_the_update() {
+        let delta = 1e-5;
+        let score = |alone| Some(ScoreRelease { noise_multiplier: 20.0, alone });
+        let eps = |releases: &[Release]| {
+            let mut acc = Accountant::new();
+            releases.iter().for_each(|r| acc.record(r).unwrap());
+            acc.epsilon(delta).unwrap()
+        };
+        let dp_sgd = Release::record_level(1.1, 0.01, 100);
+        let mut expected = Rdp::sampled_gaussian(0.01, 1.1).unwrap();
+        expected.compose(&Rdp::sampled_gaussian(0.01, 1.1).unwrap(), 99);
+        expected.compose(&Rdp::gaussian(20.0).unwrap(), 1);
+        assert_eq!(eps(&[dp_sgd.with_score(score(false))]), expected.epsilon(delta).unwrap().0);
+        assert!(eps(&[dp_sgd.with_score(score(false))]) > eps(&[dp_sgd]));
+        let alone = Release { steps: 0, ..dp_sgd }.with_score(score(true));
+        assert_eq!(eps(&[alone]), Rdp::gaussian(20.0).unwrap().epsilon(delta).unwrap().0);
+        // Site-level: the score is a round at sigma 2z.
+        let fedavg = Release::site_level(1.0);
+        assert_eq!(eps(&[fedavg.with_score(score(false))]), eps(&[fedavg, Release::site_level(40.0)]));
+        assert_eq!(eps(&[fedavg.with_score(score(true))]), eps(&[Release::site_level(40.0)]));
+        // No score under distributed DP, and never a score without noise under a DP plan.
+        assert!(Release::site_level(1.0).with_score(Some(ScoreRelease { noise_multiplier: 0.0, alone: false })).validate().is_err());
+        assert!(Release::off().with_score(Some(ScoreRelease { noise_multiplier: 0.0, alone: true })).validate().is_ok());
+    }
+
     #[test]
     fn distributed_releases_spend_the_distributed_accountants_epsilon() {
         let (delta, r) = (1e-5, Release::distributed(1.0, share(3000.0)));

@@ -44,7 +44,7 @@ mod exact;
 mod special;
 
 pub use accountant::{
-    epsilon_after_round, plan_epsilon, plan_min_sigma, Accountant, Budget, BudgetError, Plan, Release, SigmaSearch, Spend,
+    epsilon_after_round, plan_epsilon, plan_min_sigma, Accountant, Budget, BudgetError, Plan, Release, ScoreRelease, SigmaSearch, Spend,
 };
 pub use clip::{clip_slices, clip_tensors, Clipped};
 pub use discrete::{DiscreteGaussian, DiscreteNoiseError, NoiseSource};
