@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use fedward_coordinator::control::ControlState;
 use fedward_coordinator::ledger::CoordinatorLedger;
-use fedward_coordinator::round::{RoundMachine, ScoreTally, SecureSettings, SelectionSettings, Settings};
+use fedward_coordinator::round::{RoundMachine, SecureSettings, SelectionSettings, Settings};
 use fedward_coordinator::server::{self, RunOutcome, ServerOptions, StatusView};
 use fedward_coordinator::startup;
 use fedward_coordinator::store::{load_initial_model, Store};
@@ -614,19 +614,10 @@ async fn serve(cfg: CoordinatorConfig, config_path: PathBuf, recover: bool) -> R
             .selection
             .map(|s| SelectionSettings { noise_multiplier: s.noise_multiplier, candidates: fedward_coordinator::store::KEEP_CHECKPOINTS }),
     };
-    // The scores of models made before a restart are in the saved history.
-    let scores: Vec<(u64, ScoreTally)> = store
-        .state()
-        .map(|st| {
-            st.history
-                .iter()
-                .filter_map(|r| r.scored)
-                .map(|t| (t.model_round, ScoreTally { correct: t.correct, examples: t.examples, sites: t.sites }))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Each site's declared spend is held to what this ledger accepted from it.
-    let machine = RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?.with_scores(scores);
+    // Each site's declared spend is held to what this ledger accepted from it; the scores
+    // of models made before a restart are in the saved history.
+    let machine =
+        RoundMachine::new(settings, manifest, completed)?.with_accepted(ledger.accepted())?.with_scores(startup::saved_scores(&store));
     info!(
         method = %cfg.aggregation.method,
         update_bound = machine.update_bound(),

@@ -764,6 +764,46 @@ async fn killed_coordinator_restarts_resumes_at_the_right_round_and_finishes() {
     assert_eq!(seals, [1, 2, 3]);
 }
 
+/// Model selection across a coordinator restart: the scores of the models made before it
+/// (kept in `state.json`) still count, so the model the sites scored best before the kill
+/// (round 1's) is the one the federation ends with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_selects_among_the_models_scored_before_it_stopped() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new("e2e");
+    let sites = vec!["alpha", "beta"];
+    let selection = Some(fedward_coordinator::round::SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
+    let mut s = spec(dir.path(), 3, 2, sites.clone());
+    s.selection = selection;
+    let mut coord = CoordinatorHandle::start(&pki, s);
+    let addr = coord.addr;
+    let mut agents = Vec::new();
+    for (i, site) in sites.iter().enumerate() {
+        let (mut trainer, _) = ScriptedTrainer::new(1.0 + i as f32, 50);
+        // Model 0, model 1 (the best), then every later model alike, however many times a
+        // redone round asks.
+        trainer.scores = [(10, 100), (90, 100)].into_iter().chain(std::iter::repeat_n((20, 100), 10)).collect();
+        agents.push(spawn_agent(agent_options(addr, pki.site_tls(site), &dir.path().join(format!("a{i}")), 0), trainer));
+    }
+    coord.wait_completed(2).await;
+    coord.kill().await;
+    let resumed_from = Store::open(&dir.path().join("coordinator")).unwrap().state().unwrap().completed_rounds;
+    assert!((2..4).contains(&resumed_from), "killed after model 1 was scored and before the selection: {resumed_from}");
+    let mut respec = spec(dir.path(), 3, 2, sites);
+    respec.addr = addr;
+    respec.selection = selection;
+    let coord = CoordinatorHandle::start(&pki, respec);
+    for a in agents {
+        assert!(matches!(a.await.unwrap().unwrap(), DaemonOutcome::Finished { completed_rounds: 4, .. }));
+    }
+    assert_eq!(coord.outcome().await, RunOutcome::Completed { rounds: 4 });
+    let store = Store::open(&dir.path().join("coordinator")).unwrap();
+    let state = store.state().unwrap();
+    assert_eq!(state.selected(), Some(1));
+    assert_eq!(store.model_file(4).unwrap().manifest().unwrap(), store.model_file(1).unwrap().manifest().unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_update_is_rejected_and_the_other_sites_round_completes() {
     init_logging();

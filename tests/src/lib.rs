@@ -229,7 +229,11 @@ impl CoordinatorHandle {
         let ledger = CoordinatorLedger::open(&ledger_paths(&spec.state_dir).0, key).expect("ledger");
         let (manifest, completed) = fedward_coordinator::startup::open(&mut store, &ledger, false, "now", || Ok(tiny_global()))
             .expect("state agrees with the ledger");
-        let machine = RoundMachine::new(settings, manifest, completed).expect("machine").with_accepted(ledger.accepted()).expect("spend");
+        let machine = RoundMachine::new(settings, manifest, completed)
+            .expect("machine")
+            .with_accepted(ledger.accepted())
+            .expect("spend")
+            .with_scores(fedward_coordinator::startup::saved_scores(&store));
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let reset_secret = store.reset_secret().expect("reset secret");
         let tls = pki.server_tls();

@@ -789,6 +789,9 @@ fn watch(state_dir: &Path, scorer: &mut Scorer, children: &mut [(String, Child)]
                     row.epsilon.map_or("-".into(), |e| format!("{e:.3}")),
                     row.seconds
                 );
+                if let Some(selected) = record.selected {
+                    println!("        (round {} trained nothing: the sites scored round {}'s model; this is round {selected}'s, the best they scored)", record.round, record.round - 1);
+                }
                 rows.push(row);
                 last_note = Instant::now();
             }
