@@ -152,6 +152,18 @@ pub fn open(
     Ok(current)
 }
 
+/// Model selection: the sites' scores of the models made before a restart, from the saved
+/// history (model round and tally), so a restarted coordinator selects among them too.
+pub fn saved_scores(store: &Store) -> Vec<(u64, ScoreTally)> {
+    store.state().map_or_else(Vec::new, |st| {
+        st.history
+            .iter()
+            .filter_map(|r| r.scored)
+            .map(|t| (t.model_round, ScoreTally { correct: t.correct, examples: t.examples, sites: t.sites }))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,16 +214,4 @@ mod tests {
             Inconsistent::LedgerAhead { completed: 1, sealed: 2 }
         );
     }
-}
-
-/// Model selection: the sites' scores of the models made before a restart, from the saved
-/// history (model round and tally), so a restarted coordinator selects among them too.
-pub fn saved_scores(store: &Store) -> Vec<(u64, ScoreTally)> {
-    store.state().map_or_else(Vec::new, |st| {
-        st.history
-            .iter()
-            .filter_map(|r| r.scored)
-            .map(|t| (t.model_round, ScoreTally { correct: t.correct, examples: t.examples, sites: t.sites }))
-            .collect()
-    })
 }
