@@ -356,7 +356,7 @@ fn rounds_table(history: &[RoundRecord]) -> String {
         let _ = write!(
             rows,
             "<tr data-round='{round}'><td>{round}{attempt}</td><td class='{cls}'>{outcome}</td><td class='participants' data-count='{n}'>{n}: {names}</td>\
-             <td>{secs:.1} s</td><td>{acc}</td><td>{loss}</td><td>{failures}</td><td>{finished}</td></tr>",
+             <td>{secs:.1} s</td><td>{acc}</td><td>{loss}</td><td class='selection'>{selection}</td><td>{failures}</td><td>{finished}</td></tr>",
             round = r.round,
             attempt = if r.attempt > 1 { format!(" (attempt {})", r.attempt) } else { String::new() },
             cls = if r.outcome == "completed" { "on" } else { "fail" },
@@ -366,14 +366,33 @@ fn rounds_table(history: &[RoundRecord]) -> String {
             secs = r.duration_secs,
             acc = mean_accuracy(r).map_or("<span class='muted'>withheld</span>".into(), |a| format!("{a:.3}")),
             loss = r.mean_train_loss.map_or("<span class='muted'>withheld</span>".into(), |l| format!("{l:.4}")),
+            selection = selection_cell(r),
             failures = if failures.is_empty() { "<span class='muted'>none</span>".into() } else { failures.join("<br>") },
             finished = esc(&time_of(&r.finished_at)),
         );
     }
     format!(
         "<table id='rounds'><tr><th>round</th><th>outcome</th><th>participants</th><th>duration</th><th>accuracy</th>\
-         <th>mean train loss</th><th>failures</th><th>finished</th></tr>{rows}</table>"
+         <th>mean train loss</th><th>model selection</th><th>failures</th><th>finished</th></tr>{rows}</table>"
     )
+}
+
+/// Model selection in a round: the sites' score of the model it offered, and in the final
+/// scoring round the model selected.
+fn selection_cell(r: &RoundRecord) -> String {
+    let mut parts = Vec::new();
+    if let Some(t) = &r.scored {
+        let acc = t.accuracy().map_or("-".into(), |a| format!("{a:.3}"));
+        parts.push(format!("round {}'s model scored {acc} by {} sites", t.model_round, t.sites));
+    }
+    if let Some(k) = r.selected {
+        parts.push(format!("<b data-selected='{k}'>selected: round {k}'s model</b>"));
+    }
+    if parts.is_empty() {
+        "<span class='muted'>-</span>".into()
+    } else {
+        parts.join("<br>")
+    }
 }
 
 /// The examples-weighted mean of the validation accuracy the round's sites shared.
@@ -495,7 +514,10 @@ mod tests {
         let mut failed = record(2, &["alpha"], None);
         failed.outcome = "failed: only 1 of the 2 sites needed sent a valid update".into();
         failed.declined = vec![("beta".into(), format!("BudgetExhausted: {}", DeclineReason::BudgetExhausted))];
-        let history = vec![record(1, &["alpha", "beta"], Some(0.8)), failed];
+        let mut scoring = record(3, &["alpha"], None);
+        scoring.scored = Some(fedward_shared::history::ScoreRecord { model_round: 2, correct: 90.0, examples: 120, sites: 2 });
+        scoring.selected = Some(1);
+        let history = vec![record(1, &["alpha", "beta"], Some(0.8)), failed, scoring];
         let mut spend = BTreeMap::new();
         spend.insert(
             "alpha".to_owned(),
@@ -521,6 +543,7 @@ mod tests {
         assert!(page.contains("<span class='warn' data-budget='1.6'>ε 1.6 at δ 1e-5: 94% spent</span>"), "nearly spent is marked: {page}");
         assert!(page.contains("ε 1.500 of 1.6"));
         assert_eq!(page.matches("class='accuracy'").count(), 1, "accuracy only where it was shared");
+        assert!(page.contains("round 2's model scored 0.750 by 2 sites<br><b data-selected='1'>selected: round 1's model</b>"), "{page}");
         assert!(!page.contains("http://") && !page.contains("https://"), "nothing fetched from elsewhere");
     }
 }
