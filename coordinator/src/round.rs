@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use fedward_shared::config::{Aggregation, Weighting};
 use fedward_shared::dp::{Accountant, Release};
+use fedward_shared::history::ScoreRecord;
 use fedward_shared::plan::{PrivacyMode, PrivacyPlan, TrainingPlan};
 use fedward_shared::secagg::{
     EncryptedShares, FixedPoint, MaskedInput, RoundSetup, SecAggError, SecAggParams, SecAggServer, SignedKeys, Step, Trust, UnixTime,
@@ -106,23 +107,6 @@ pub struct SelectionSettings {
     pub noise_multiplier: f64,
     /// How many of the latest global models are candidates (the checkpoints the store keeps).
     pub candidates: u64,
-}
-
-/// The sites' scores of one global model, summed.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ScoreTally {
-    /// Correct answers, summed as the sites sent them (noised under DP), each clamped to
-    /// `[0, examples]`.
-    pub correct: f64,
-    pub examples: u64,
-    pub sites: u32,
-}
-
-impl ScoreTally {
-    /// The example-weighted validation accuracy.
-    pub fn accuracy(&self) -> Option<f64> {
-        (self.examples > 0).then(|| self.correct / self.examples as f64)
-    }
 }
 
 /// A federation's secure aggregation settings.
@@ -173,7 +157,7 @@ pub struct RoundSummary {
     pub duration: Duration,
     /// Model selection: the sites' scores of the model this round was offered (that of
     /// the round before), when any site sent one.
-    pub scored: Option<(u64, ScoreTally)>,
+    pub scored: Option<ScoreRecord>,
     /// The final scoring round: the round whose model was selected (and is checkpointed
     /// again as this round's).
     pub selected: Option<u64>,
@@ -381,7 +365,7 @@ pub struct RoundMachine {
     /// An admin paused the federation: no round starts by itself (the open one finishes).
     paused: bool,
     /// Model selection: the scores of each global model (by the round that made it).
-    scores: BTreeMap<u64, ScoreTally>,
+    scores: BTreeMap<u64, ScoreRecord>,
 }
 
 /// Why an admin's "next round now" was not done.
@@ -486,14 +470,14 @@ impl RoundMachine {
         self.settings.selection.is_some() && round.0 == self.settings.total_rounds + 1
     }
 
-    /// The scores recorded before a restart (from the saved history): model round and tally.
-    pub fn with_scores(mut self, scores: impl IntoIterator<Item = (u64, ScoreTally)>) -> Self {
-        self.scores.extend(scores);
+    /// The scores recorded before a restart (from the saved history).
+    pub fn with_scores(mut self, scores: impl IntoIterator<Item = ScoreRecord>) -> Self {
+        self.scores.extend(scores.into_iter().map(|r| (r.model_round, r)));
         self
     }
 
     /// The sites' scores of each global model so far, by the round that made it.
-    pub fn scores(&self) -> &BTreeMap<u64, ScoreTally> {
+    pub fn scores(&self) -> &BTreeMap<u64, ScoreRecord> {
         &self.scores
     }
 
@@ -1011,9 +995,9 @@ impl RoundMachine {
     /// the round before); a retried round's scores replace an earlier attempt's. Each
     /// site's count is clamped to `[0, examples]` (noise can push it out; a lying site
     /// cannot claim more than all right), and its examples to `max_examples_per_site`.
-    fn tally_scores(&mut self, round: RoundId, contributions: &[Contribution]) -> Option<(u64, ScoreTally)> {
+    fn tally_scores(&mut self, round: RoundId, contributions: &[Contribution]) -> Option<ScoreRecord> {
         let cap = self.settings.aggregation.max_examples_per_site;
-        let mut tally = ScoreTally::default();
+        let mut tally = ScoreRecord { model_round: round.0 - 1, correct: 0.0, examples: 0, sites: 0 };
         for score in contributions.iter().filter_map(|c| c.score) {
             let examples = score.examples.min(cap);
             tally.correct += score.correct.clamp(0.0, examples as f64);
@@ -1023,9 +1007,8 @@ impl RoundMachine {
         if tally.sites == 0 {
             return None;
         }
-        let model = round.0 - 1;
-        self.scores.insert(model, tally);
-        Some((model, tally))
+        self.scores.insert(tally.model_round, tally);
+        Some(tally)
     }
 
     /// Closes a round that produced `update`: the machine waits for the shell to write
@@ -1880,8 +1863,8 @@ mod tests {
             }
             let outs = drain(&mut m);
             let cp = checkpoint(&outs).expect("a checkpoint");
-            let tally = cp.summary.scored.expect("scores").1;
-            assert_eq!((cp.summary.scored.unwrap().0, tally.examples, tally.sites), (round - 1, 110, 2));
+            let tally = cp.summary.scored.expect("scores");
+            assert_eq!((tally.model_round, tally.examples, tally.sites), (round - 1, 110, 2));
             assert!((tally.correct - (a + b)).abs() < 1e-9);
             if only {
                 assert_eq!((cp.select, cp.summary.selected), (Some(2), Some(2)));
@@ -1919,7 +1902,7 @@ mod tests {
         m.begin_update(&site("a"), &h).unwrap();
         m.finish_update(t0, &site("a"), &h, d.clone()).unwrap();
         let outs = drain(&mut m);
-        assert_eq!(checkpoint(&outs).unwrap().summary.scored.unwrap().1.correct, 10.0);
+        assert_eq!(checkpoint(&outs).unwrap().summary.scored.unwrap().correct, 10.0);
         commit(&mut m, &outs, &global());
         m.handle_ready(t0, site("a"));
         drain(&mut m);

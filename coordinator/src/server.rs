@@ -774,7 +774,8 @@ fn checkpointed(machine: &mut RoundMachine, model_file: &mut Option<Arc<ModelFil
                 model = %digest.short(),
                 "round completed, checkpointed and sealed"
             );
-            if let Some((model_round, t)) = &s.scored {
+            if let Some(t) = &s.scored {
+                let model_round = t.model_round;
                 info!(
                     model_round,
                     sites = t.sites,

@@ -8,11 +8,11 @@
 //!
 //! [`plan`] is pure; [`open`] is the shell that gathers the facts and carries it out.
 
+use fedward_shared::history::ScoreRecord;
 use fedward_shared::tensor::{TensorSet, TensorSpec};
 use fedward_shared::wire::RoundId;
 
 use crate::ledger::CoordinatorLedger;
-use crate::round::ScoreTally;
 use crate::store::{Store, StoreError};
 
 /// What the state directory and the ledger hold.
@@ -154,14 +154,8 @@ pub fn open(
 
 /// Model selection: the sites' scores of the models made before a restart, from the saved
 /// history (model round and tally), so a restarted coordinator selects among them too.
-pub fn saved_scores(store: &Store) -> Vec<(u64, ScoreTally)> {
-    store.state().map_or_else(Vec::new, |st| {
-        st.history
-            .iter()
-            .filter_map(|r| r.scored)
-            .map(|t| (t.model_round, ScoreTally { correct: t.correct, examples: t.examples, sites: t.sites }))
-            .collect()
-    })
+pub fn saved_scores(store: &Store) -> Vec<ScoreRecord> {
+    store.state().map_or_else(Vec::new, |st| st.history.iter().filter_map(|r| r.scored).collect())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use fedward_shared::checkpoint::{ensure_classification_head, normalise_bert_name
 use fedward_shared::config::ServerOptimizer;
 use fedward_shared::failpoint;
 use fedward_shared::fsutil::{self, FsError};
-use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, ScoreRecord, SiteRecord, STATE_FILE};
+use fedward_shared::history::{checkpoint_name, RoundRecord, SavedState, SiteRecord, STATE_FILE};
 use fedward_shared::tensor::{manifest_digest, Digest, Tensor, TensorError, TensorSet, TensorSpec};
 
 use crate::round::{RoundFailure, RoundSummary};
@@ -618,7 +618,7 @@ fn record_of_summary(s: &RoundSummary, model_digest: Digest, now_rfc3339: &str) 
         missed: s.missed.iter().map(ToString::to_string).collect(),
         mean_train_loss: s.mean_train_loss,
         model_digest: Some(model_digest.to_hex()),
-        scored: s.scored.map(|(model_round, t)| ScoreRecord { model_round, correct: t.correct, examples: t.examples, sites: t.sites }),
+        scored: s.scored,
         selected: s.selected,
     }
 }
