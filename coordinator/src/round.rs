@@ -96,6 +96,19 @@ pub struct Settings {
     pub selection: Option<SelectionSettings>,
 }
 
+impl Settings {
+    /// Rounds the federation runs: the training rounds, and the final scoring round under
+    /// model selection.
+    pub fn planned_rounds(&self) -> u64 {
+        self.total_rounds + u64::from(self.selection.is_some())
+    }
+
+    /// Whether `round` is the final scoring round (model selection): sites train nothing.
+    pub fn is_scoring_round(&self, round: RoundId) -> bool {
+        self.selection.is_some() && round.0 == self.total_rounds + 1
+    }
+}
+
 /// Federated model selection: every offer asks each site to score the offered model on its
 /// own validation split; after the `total_rounds` training rounds one more round only
 /// scores the last model, and its "checkpoint" is the best of the last `candidates` models
@@ -441,8 +454,7 @@ impl RoundMachine {
             }
         }
         let digest = manifest_digest(&manifest);
-        let planned = settings.total_rounds + u64::from(settings.selection.is_some());
-        let phase = if completed >= planned { Phase::Done { stopped: None } } else { Phase::Waiting };
+        let phase = if completed >= settings.planned_rounds() { Phase::Done { stopped: None } } else { Phase::Waiting };
         Ok(Self {
             settings,
             update_bound,
@@ -459,26 +471,19 @@ impl RoundMachine {
         })
     }
 
-    /// Rounds the federation runs: the training rounds, and the final scoring round under
-    /// model selection.
+    /// Rounds the federation runs (see [`Settings::planned_rounds`]).
     pub fn planned_rounds(&self) -> u64 {
-        self.settings.total_rounds + u64::from(self.settings.selection.is_some())
+        self.settings.planned_rounds()
     }
 
-    /// Whether `round` is the final scoring round (model selection): sites train nothing.
-    pub fn is_scoring_round(&self, round: RoundId) -> bool {
-        self.settings.selection.is_some() && round.0 == self.settings.total_rounds + 1
+    fn is_scoring_round(&self, round: RoundId) -> bool {
+        self.settings.is_scoring_round(round)
     }
 
     /// The scores recorded before a restart (from the saved history).
     pub fn with_scores(mut self, scores: impl IntoIterator<Item = ScoreRecord>) -> Self {
         self.scores.extend(scores.into_iter().map(|r| (r.model_round, r)));
         self
-    }
-
-    /// The sites' scores of each global model so far, by the round that made it.
-    pub fn scores(&self) -> &BTreeMap<u64, ScoreRecord> {
-        &self.scores
     }
 
     /// The model selection would pick now, among the candidates up to model `last`: the
@@ -1475,10 +1480,10 @@ fn offer(
         plan: settings.plan.clone(),
         policy: settings.policy,
         deadline_secs: left.as_secs().max(1),
-        total_rounds: settings.total_rounds + u64::from(settings.selection.is_some()),
+        total_rounds: settings.planned_rounds(),
         update_encoding: settings.aggregation.update_encoding,
         secure,
-        scoring: settings.selection.map(|s| Scoring { noise_multiplier: s.noise_multiplier, only: round.0 == settings.total_rounds + 1 }),
+        scoring: settings.selection.map(|s| Scoring { noise_multiplier: s.noise_multiplier, only: settings.is_scoring_round(round) }),
     }
 }
 
@@ -1823,6 +1828,13 @@ mod tests {
         m.finish_update(now, &site(s), &h, d)
     }
 
+    /// A machine that selects its model, exact scores, 5 candidates.
+    fn selecting(min_sites: usize, rounds: u64) -> RoundMachine {
+        let mut s = settings(min_sites, rounds);
+        s.selection = Some(SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
+        RoundMachine::new(s, manifest(), 0).unwrap()
+    }
+
     /// A scored update: `correct` of `examples` right on the site's validation split.
     fn scored(round: u64, n: u64, d: &TensorSet, correct: f64, examples: u64, alone: bool) -> UpdateHeader {
         let mut h = header(round, n, d);
@@ -1838,9 +1850,7 @@ mod tests {
     #[test]
     fn selection_scores_each_offered_model_and_the_last_round_picks_the_best() {
         let t0 = Instant::now();
-        let mut s = settings(2, 3);
-        s.selection = Some(SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
-        let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+        let mut m = selecting(2, 3);
         assert_eq!(m.planned_rounds(), 4);
         // (a's correct of 100, b's correct of 10) for models 0, 1, 2, 3.
         let figures = [(50.0, 5.0), (70.0, 9.0), (90.0, 1.0), (80.0, 10.0)];
@@ -1884,9 +1894,7 @@ mod tests {
     #[test]
     fn selection_refuses_scores_that_do_not_fit_the_offer() {
         let t0 = Instant::now();
-        let mut s = settings(1, 1);
-        s.selection = Some(SelectionSettings { noise_multiplier: 0.0, candidates: 5 });
-        let mut m = RoundMachine::new(s, manifest(), 0).unwrap();
+        let mut m = selecting(1, 1);
         m.handle_ready(t0, site("a"));
         drain(&mut m);
         let code = |m: &mut RoundMachine, h: &UpdateHeader| m.begin_update(&site("a"), h).unwrap_err().code;
